@@ -1,0 +1,68 @@
+//! `finhub-sidecar check`: validate a configuration and every file it names, and say what is
+//! wrong with file and key. Prints nothing secret.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::config::Config;
+use crate::tls::ClientTls;
+
+/// Checks `path`, writing a report to `out`; returns whether the configuration is usable.
+pub fn check(path: &Path, out: &mut dyn Write) -> std::io::Result<bool> {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                writeln!(out, "error: {e}")?;
+            }
+            writeln!(
+                out,
+                "{}: {} problem(s) found",
+                path.display(),
+                errors.0.len()
+            )?;
+            return Ok(false);
+        }
+    };
+    let tls = match ClientTls::load(&config) {
+        Ok(t) => t,
+        Err(e) => {
+            let p = e.path();
+            let key = if config.upstream.ca_file.as_deref() == Some(p) {
+                "upstream.ca_file"
+            } else if config.client_cert.as_ref().is_some_and(|c| c.key_file == p) {
+                "client_cert.key_file"
+            } else {
+                "client_cert.cert_file"
+            };
+            writeln!(out, "error: {}: {key}: {e}", path.display())?;
+            return Ok(false);
+        }
+    };
+    writeln!(out, "config:      {}", path.display())?;
+    writeln!(out, "listener:    {}", config.listen)?;
+    writeln!(out, "admin:       {}", config.admin_listen)?;
+    writeln!(
+        out,
+        "upstream:    https://{}:{} ({})",
+        config.upstream.host, config.upstream.port, config.auth.environment
+    )?;
+    let ids: Vec<&str> = config.tenants.iter().map(|t| t.id.as_str()).collect();
+    writeln!(
+        out,
+        "tenants:     {} (default {})",
+        ids.join(", "),
+        config.default_tenant().id
+    )?;
+    match &tls.identity {
+        Some(id) => {
+            writeln!(out, "client cert: subject {}", id.subject)?;
+            writeln!(out, "             issuer {}", id.issuer)?;
+            writeln!(out, "             serial {}", id.serial_hex)?;
+            writeln!(out, "             not after {} (unix)", id.not_after_unix)?;
+        }
+        None => writeln!(out, "client cert: none (mTLS off)")?,
+    }
+    writeln!(out, "ok")?;
+    Ok(true)
+}

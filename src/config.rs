@@ -1,0 +1,1057 @@
+//! Configuration: TOML file structs, converted once into typed values.
+//!
+//! Two layers, as in River: the `File*` structs mirror `proxy.toml` exactly (`deny_unknown_fields`,
+//! a doc comment on every key), and [`Config::load`] converts them into [`Config`], whose fields
+//! are already typed (`SocketAddr`, `IpNet`, `Duration`, `HeaderValue`, [`Secret`]). Nothing
+//! downstream re-parses a string. Every error names the file and the dotted key.
+//!
+//! Secrets are never taken inline: a secret key either names a file (`password_file`) or holds
+//! exactly one `${ENV_VAR}` reference (`password = "${FINHUB_PASSWORD}"`).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::HeaderValue;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+// ---------------------------------------------------------------------------------------------
+// Public API: the typed configuration
+// ---------------------------------------------------------------------------------------------
+
+/// The sidecar's whole configuration, validated and typed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this configuration came from (for messages).
+    pub file: PathBuf,
+    /// Where apps send plain HTTP.
+    pub listen: SocketAddr,
+    /// Worker threads of the proxy service.
+    pub threads: usize,
+    /// Admin listener (health, readiness, metrics).
+    pub admin_listen: SocketAddr,
+    /// The FinHub upstream.
+    pub upstream: UpstreamConfig,
+    /// Client certificate presented to FinHub; `None` only outside production.
+    pub client_cert: Option<ClientCertFiles>,
+    /// How the sidecar logs in.
+    pub auth: AuthConfig,
+    /// Tenants, in file order.
+    pub tenants: Vec<TenantConfig>,
+    /// Index into `tenants` used when a request names no tenant.
+    pub default_tenant: usize,
+    /// Request policy.
+    pub policy: PolicyConfig,
+    /// Values of the compliance headers the sidecar sets.
+    pub headers: HeaderConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// The FinHub upstream, resolved from `upstream.base_url`.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Host name (or IP literal) of the base URL, lower case.
+    pub host: String,
+    /// TCP port of the base URL (443 unless given).
+    pub port: u16,
+    /// `Host` header value sent upstream (`host` or `host:port`).
+    pub host_header: HeaderValue,
+    /// Optional CA bundle that verifies FinHub's server certificate (system roots otherwise).
+    pub ca_file: Option<PathBuf>,
+    /// TCP + TLS connect timeout.
+    pub connect_timeout: Duration,
+    /// Timeout waiting for each read from FinHub.
+    pub read_timeout: Duration,
+    /// Timeout for each write to FinHub.
+    pub write_timeout: Duration,
+    /// Idle pooled connections are closed after this long.
+    pub idle_timeout: Duration,
+    /// Keep-alive pool size (connections kept per worker).
+    pub pool_size: usize,
+    /// How often DNS for `host` is re-resolved in the background.
+    pub dns_refresh: Duration,
+    /// Host names an absolute-form (`HTTP_PROXY`) request may name, lower case, no port.
+    pub allowed_hosts: Vec<String>,
+}
+
+/// Client certificate and key files (PEM).
+#[derive(Debug, Clone)]
+pub struct ClientCertFiles {
+    /// Certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// Private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// How often the files are re-read.
+    pub reload_interval: Duration,
+    /// Warn when the certificate expires within this window.
+    pub expiry_warning: Duration,
+}
+
+/// FinHub environment; selects the login flavour and how strict the checks are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// Playground: sandbox token endpoint, client credentials in the body, mTLS optional.
+    Playground,
+    /// Sandbox: as playground.
+    Sandbox,
+    /// Integration: `/api/v2/auth/token`, no client credentials in the body.
+    Integration,
+    /// Production: `/api/v2/auth/token` over mandatory mTLS, strict checks.
+    Production,
+}
+
+impl Environment {
+    /// Whether this environment uses the sandbox token endpoint and body.
+    pub fn is_sandbox_flavour(self) -> bool {
+        matches!(self, Environment::Playground | Environment::Sandbox)
+    }
+
+    /// Default login path (protocol notes §2.2–2.4).
+    pub fn default_login_path(self) -> &'static str {
+        if self.is_sandbox_flavour() {
+            "/api/v2/auth/sandbox/token"
+        } else {
+            "/api/v2/auth/token"
+        }
+    }
+
+    /// Whether client credentials (`customerId`, `customerSecret`) go in the login body (A9).
+    pub fn sends_client_credentials(self) -> bool {
+        !matches!(self, Environment::Integration)
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Environment::Playground => "playground",
+            Environment::Sandbox => "sandbox",
+            Environment::Integration => "integration",
+            Environment::Production => "production",
+        })
+    }
+}
+
+/// Login and session settings.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Which FinHub environment this is.
+    pub environment: Environment,
+    /// Login endpoint path.
+    pub login_path: String,
+    /// Refresh endpoint path.
+    pub refresh_path: String,
+    /// `accountType` sent verbatim (A11).
+    pub account_type: String,
+    /// `grantType` for the `/api/v2/auth/token` flavour.
+    pub grant_type: String,
+    /// Fraction of the token lifetime after which it is renewed (A4).
+    pub refresh_at: f64,
+    /// Timeout of one login or refresh call.
+    pub request_timeout: Duration,
+}
+
+/// One tenant the sidecar holds a session for.
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    /// FinHub tenant id, sent byte-exact as `X-Tenant-ID` (A16).
+    pub id: String,
+    /// `id` as a header value, built once.
+    pub id_header: HeaderValue,
+    /// Login user name.
+    pub username: String,
+    /// Login password.
+    pub password: Secret,
+    /// Client id (`customerId` / `customerKey`), if this environment sends it.
+    pub customer_id: Option<String>,
+    /// Client secret, if this environment sends it.
+    pub customer_secret: Option<Secret>,
+}
+
+/// Request policy.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    /// TCP peers allowed to use the proxy.
+    pub allowed_clients: Vec<IpNet>,
+}
+
+/// Values of headers the sidecar sets on FinHub calls.
+#[derive(Debug, Clone)]
+pub struct HeaderConfig {
+    /// IP sent as `X-Forwarded-For` (the originating server's IP, §8).
+    pub origin_ip: IpAddr,
+    /// `User-Agent` used when the app sends none (and on login).
+    pub user_agent: HeaderValue,
+    /// `sec-ch-ua-platform` value.
+    pub platform: HeaderValue,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (default; for log shippers).
+    Json,
+    /// Human-readable lines for a terminal.
+    Text,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Output format.
+    pub format: LogFormat,
+    /// `tracing` filter directive, e.g. `info` or `finhub_sidecar=debug`; `RUST_LOG` wins.
+    pub level: String,
+}
+
+/// One thing wrong with the configuration: which file, which key, what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {key}: {message}", file.display())]
+pub struct ConfigError {
+    /// The configuration file (or the file a key names, for file-content errors).
+    pub file: PathBuf,
+    /// Dotted key, e.g. `upstream.base_url` or `tenants[0].password_file`.
+    pub key: String,
+    /// What is wrong, never containing a secret.
+    pub message: String,
+}
+
+/// Everything wrong with a configuration (at least one entry).
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and converts `path`, reading every secret file it names.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_path_buf(),
+                key: "(file)".into(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        Self::from_toml(path, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses TOML text as if read from `path`; `env` looks up `${VAR}` references.
+    pub fn from_toml(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let file: FileConfig = parse_file(path, text).map_err(|e| ConfigErrors(vec![e]))?;
+        let mut cx = Convert {
+            file: path.to_path_buf(),
+            base_dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
+            env,
+            errors: Vec::new(),
+        };
+        let config = cx.config(file);
+        match config {
+            Some(c) if cx.errors.is_empty() => Ok(c),
+            _ => Err(ConfigErrors(cx.errors)),
+        }
+    }
+
+    /// The tenant used when a request names none.
+    pub fn default_tenant(&self) -> &TenantConfig {
+        &self.tenants[self.default_tenant]
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// File layer: mirrors proxy.toml
+// ---------------------------------------------------------------------------------------------
+
+/// `proxy.toml`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// `[listener]`: where apps connect.
+    #[serde(default)]
+    listener: FileListener,
+    /// `[admin]`: health, readiness and metrics listener.
+    #[serde(default)]
+    admin: FileAdmin,
+    /// `[upstream]`: the FinHub API.
+    upstream: FileUpstream,
+    /// `[client_cert]`: mTLS identity presented to FinHub.
+    client_cert: Option<FileClientCert>,
+    /// `[auth]`: login flavour and session settings.
+    auth: FileAuth,
+    /// `[[tenants]]`: one session is kept per tenant.
+    #[serde(default)]
+    tenants: Vec<FileTenant>,
+    /// `[policy]`: who may use the proxy.
+    #[serde(default)]
+    policy: FilePolicy,
+    /// `[headers]`: compliance header values.
+    #[serde(default)]
+    headers: FileHeaders,
+    /// `[log]`: log format and level.
+    #[serde(default)]
+    log: FileLog,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileListener {
+    /// Listen address for app traffic; default `127.0.0.1:8080`.
+    address: Option<String>,
+    /// Proxy worker threads; default 2.
+    threads: Option<usize>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    /// Admin listen address; default `127.0.0.1:9901`.
+    address: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    /// FinHub base URL, `https://host[:port]`, no path.
+    base_url: String,
+    /// PEM CA bundle that signs FinHub's server certificate; system roots when absent.
+    ca_file: Option<PathBuf>,
+    /// TCP+TLS connect timeout, e.g. `"5s"`; default 5 s.
+    connect_timeout: Option<String>,
+    /// Per-read timeout; default 30 s. Expiry gives the app a 504.
+    read_timeout: Option<String>,
+    /// Per-write timeout; default 30 s.
+    write_timeout: Option<String>,
+    /// Idle keep-alive connections close after this; default 60 s.
+    idle_timeout: Option<String>,
+    /// Keep-alive pool size; default 128.
+    pool_size: Option<usize>,
+    /// DNS re-resolution interval; default 30 s.
+    dns_refresh: Option<String>,
+    /// Extra host names apps may name in absolute-form requests (the base URL host is always allowed).
+    #[serde(default)]
+    extra_hosts: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileClientCert {
+    /// PEM certificate chain, leaf first.
+    cert_file: PathBuf,
+    /// PEM private key matching the leaf.
+    key_file: PathBuf,
+    /// How often the files are re-read for rotation; default 5 s.
+    reload_interval: Option<String>,
+    /// Log a warning when the certificate expires within this window; default 7 days.
+    expiry_warning: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuth {
+    /// `playground`, `sandbox`, `integration` or `production`.
+    environment: Environment,
+    /// Login path; default per environment.
+    login_path: Option<String>,
+    /// Refresh path; default `/api/v2/auth/token/refresh`.
+    refresh_path: Option<String>,
+    /// `accountType` sent verbatim; default `B2B`.
+    account_type: Option<String>,
+    /// `grantType`; default `password`.
+    grant_type: Option<String>,
+    /// Renew after this fraction of the lifetime; default 0.92, range 0.5–0.97.
+    refresh_at: Option<f64>,
+    /// Timeout for one login/refresh call; default 10 s.
+    request_timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTenant {
+    /// FinHub tenant id (`X-Tenant-ID`), opaque and case-sensitive.
+    id: String,
+    /// Use this tenant for requests without `X-Tenant-ID`; default: the first tenant.
+    #[serde(default)]
+    default: bool,
+    /// Login user name.
+    username: String,
+    /// Password as a `${ENV_VAR}` reference.
+    password: Option<String>,
+    /// File holding the password (trailing newline ignored).
+    password_file: Option<PathBuf>,
+    /// Client id (`customerId`); not a secret.
+    customer_id: Option<String>,
+    /// Client secret as a `${ENV_VAR}` reference.
+    customer_secret: Option<String>,
+    /// File holding the client secret.
+    customer_secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FilePolicy {
+    /// CIDRs allowed to use the proxy (TCP peer address); default loopback only.
+    allowed_clients: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileHeaders {
+    /// Originating IP sent as `X-Forwarded-For`, e.g. `"${POD_IP}"`; default 127.0.0.1 (not in production).
+    origin_ip: Option<String>,
+    /// Default `User-Agent`; default `finhub-sidecar/<version>`.
+    user_agent: Option<String>,
+    /// `sec-ch-ua-platform`; default `Linux`.
+    platform: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    /// `json` (default) or `text`.
+    format: Option<LogFormat>,
+    /// Filter directive; default `info`. `RUST_LOG` overrides it.
+    level: Option<String>,
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        key: "(syntax)".into(),
+        message: one_line(&e.to_string()),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        ConfigError {
+            file: path.to_path_buf(),
+            key: if key == "." {
+                "(top level)".into()
+            } else {
+                key
+            },
+            message: one_line(&e.into_inner().to_string()),
+        }
+    })
+}
+
+fn one_line(s: &str) -> String {
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Conversion: file structs -> typed config, collecting every error
+// ---------------------------------------------------------------------------------------------
+
+struct Convert<'a> {
+    file: PathBuf,
+    base_dir: PathBuf,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    errors: Vec<ConfigError>,
+}
+
+impl Convert<'_> {
+    fn err(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.clone(),
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, f: FileConfig) -> Option<Config> {
+        let listen = self.addr(
+            "listener.address",
+            f.listener.address.as_deref(),
+            "127.0.0.1:8080",
+        );
+        let threads = f.listener.threads.unwrap_or(2);
+        if threads == 0 || threads > 256 {
+            self.err("listener.threads", "must be between 1 and 256");
+        }
+        let admin_listen = self.addr(
+            "admin.address",
+            f.admin.address.as_deref(),
+            "127.0.0.1:9901",
+        );
+        let auth = self.auth(f.auth);
+        let upstream = self.upstream(f.upstream);
+        let client_cert = f.client_cert.map(|c| ClientCertFiles {
+            cert_file: self.path(c.cert_file),
+            key_file: self.path(c.key_file),
+            reload_interval: self.duration(
+                "client_cert.reload_interval",
+                c.reload_interval.as_deref(),
+                secs(5),
+            ),
+            expiry_warning: self.duration(
+                "client_cert.expiry_warning",
+                c.expiry_warning.as_deref(),
+                secs(7 * 86_400),
+            ),
+        });
+        if client_cert.is_none()
+            && auth.as_ref().map(|a| a.environment) == Some(Environment::Production)
+        {
+            self.err(
+                "client_cert",
+                "production requires a client certificate (mTLS is mandatory)",
+            );
+        }
+        let (tenants, default_tenant) =
+            self.tenants(f.tenants, auth.as_ref().map(|a| a.environment));
+        let policy = self.policy(f.policy);
+        let headers = self.headers(f.headers, auth.as_ref().map(|a| a.environment));
+        let log = LogConfig {
+            format: f.log.format.unwrap_or(LogFormat::Json),
+            level: f.log.level.unwrap_or_else(|| "info".into()),
+        };
+        Some(Config {
+            file: self.file.clone(),
+            listen: listen?,
+            threads,
+            admin_listen: admin_listen?,
+            upstream: upstream?,
+            client_cert,
+            auth: auth?,
+            tenants,
+            default_tenant,
+            policy: policy?,
+            headers: headers?,
+            log,
+        })
+    }
+
+    fn path(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            p
+        } else {
+            self.base_dir.join(p)
+        }
+    }
+
+    fn addr(&mut self, key: &str, value: Option<&str>, default: &str) -> Option<SocketAddr> {
+        let v = value.unwrap_or(default);
+        match v.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(key, format!("`{v}` is not an IP:port socket address"));
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(v) => match humantime::parse_duration(v) {
+                Ok(d) if !d.is_zero() => d,
+                Ok(_) => {
+                    self.err(key, "must be greater than zero");
+                    default
+                }
+                Err(e) => {
+                    self.err(
+                        key,
+                        format!("`{v}` is not a duration like \"5s\" or \"250ms\": {e}"),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn upstream(&mut self, u: FileUpstream) -> Option<UpstreamConfig> {
+        let parsed = parse_base_url(&u.base_url).map_err(|m| self.err("upstream.base_url", m));
+        let connect_timeout = self.duration(
+            "upstream.connect_timeout",
+            u.connect_timeout.as_deref(),
+            secs(5),
+        );
+        let read_timeout =
+            self.duration("upstream.read_timeout", u.read_timeout.as_deref(), secs(30));
+        let write_timeout = self.duration(
+            "upstream.write_timeout",
+            u.write_timeout.as_deref(),
+            secs(30),
+        );
+        let idle_timeout =
+            self.duration("upstream.idle_timeout", u.idle_timeout.as_deref(), secs(60));
+        let dns_refresh = self.duration("upstream.dns_refresh", u.dns_refresh.as_deref(), secs(30));
+        let pool_size = u.pool_size.unwrap_or(128);
+        if pool_size == 0 {
+            self.err("upstream.pool_size", "must be at least 1");
+        }
+        let mut extra = Vec::new();
+        for (i, h) in u.extra_hosts.iter().enumerate() {
+            let h = h.trim().to_ascii_lowercase();
+            if h.is_empty() || h.contains(['/', ':', '@', ' ']) {
+                self.err(
+                    format!("upstream.extra_hosts[{i}]"),
+                    format!("`{h}` is not a bare host name"),
+                );
+            } else {
+                extra.push(h);
+            }
+        }
+        let ca_file = u.ca_file.map(|p| self.path(p));
+        let (host, port) = parsed.ok()?;
+        let host_header = if port == 443 {
+            host.clone()
+        } else {
+            format!("{host}:{port}")
+        };
+        let host_header = HeaderValue::from_str(&host_header).ok()?;
+        let mut allowed_hosts = vec![host.clone()];
+        allowed_hosts.extend(extra);
+        Some(UpstreamConfig {
+            host,
+            port,
+            host_header,
+            ca_file,
+            connect_timeout,
+            read_timeout,
+            write_timeout,
+            idle_timeout,
+            pool_size,
+            dns_refresh,
+            allowed_hosts,
+        })
+    }
+
+    fn auth(&mut self, a: FileAuth) -> Option<AuthConfig> {
+        let env = a.environment;
+        let login_path = a
+            .login_path
+            .unwrap_or_else(|| env.default_login_path().to_string());
+        let refresh_path = a
+            .refresh_path
+            .unwrap_or_else(|| "/api/v2/auth/token/refresh".to_string());
+        for (key, p) in [
+            ("auth.login_path", &login_path),
+            ("auth.refresh_path", &refresh_path),
+        ] {
+            if !p.starts_with('/') || p.contains(char::is_whitespace) {
+                self.err(
+                    key,
+                    format!("`{p}` must be an absolute path starting with /"),
+                );
+            }
+        }
+        let refresh_at = a.refresh_at.unwrap_or(0.92);
+        if !(0.5..=0.97).contains(&refresh_at) {
+            self.err(
+                "auth.refresh_at",
+                format!(
+                    "{refresh_at} is outside 0.5–0.97 (FinHub only refreshes in the last 10 %)"
+                ),
+            );
+        }
+        let request_timeout = self.duration(
+            "auth.request_timeout",
+            a.request_timeout.as_deref(),
+            secs(10),
+        );
+        Some(AuthConfig {
+            environment: env,
+            login_path,
+            refresh_path,
+            account_type: a.account_type.unwrap_or_else(|| "B2B".into()),
+            grant_type: a.grant_type.unwrap_or_else(|| "password".into()),
+            refresh_at,
+            request_timeout,
+        })
+    }
+
+    fn tenants(
+        &mut self,
+        tenants: Vec<FileTenant>,
+        env: Option<Environment>,
+    ) -> (Vec<TenantConfig>, usize) {
+        if tenants.is_empty() {
+            self.err("tenants", "at least one [[tenants]] entry is required");
+        }
+        let mut out = Vec::new();
+        let mut default = None;
+        for (i, t) in tenants.into_iter().enumerate() {
+            let key = format!("tenants[{i}]");
+            if t.default {
+                if default.is_some() {
+                    self.err(
+                        format!("{key}.default"),
+                        "more than one tenant is marked default",
+                    );
+                }
+                default = Some(i);
+            }
+            if out.iter().any(|o: &TenantConfig| o.id == t.id) {
+                self.err(
+                    format!("{key}.id"),
+                    format!("duplicate tenant id `{}`", t.id),
+                );
+            }
+            let id_header = match HeaderValue::from_str(&t.id) {
+                Ok(h) if !t.id.is_empty() => h,
+                _ => {
+                    self.err(
+                        format!("{key}.id"),
+                        "must be a non-empty printable header value",
+                    );
+                    continue;
+                }
+            };
+            if t.username.is_empty() {
+                self.err(format!("{key}.username"), "must not be empty");
+            }
+            let password = self.secret(&key, "password", t.password, t.password_file, true);
+            let customer_secret = self.secret(
+                &key,
+                "customer_secret",
+                t.customer_secret,
+                t.customer_secret_file,
+                false,
+            );
+            if env.is_some_and(Environment::sends_client_credentials)
+                && env != Some(Environment::Production)
+                && (t.customer_id.is_none() || customer_secret.is_none())
+            {
+                self.err(
+                    format!("{key}.customer_id"),
+                    "playground/sandbox logins need customer_id and customer_secret",
+                );
+            }
+            if let Some(password) = password {
+                out.push(TenantConfig {
+                    id: t.id,
+                    id_header,
+                    username: t.username,
+                    password,
+                    customer_id: t.customer_id,
+                    customer_secret,
+                });
+            }
+        }
+        (out, default.unwrap_or(0))
+    }
+
+    /// A secret given as `${ENV}` in `name` or as a file in `name_file`, exactly one of them.
+    fn secret(
+        &mut self,
+        prefix: &str,
+        name: &str,
+        inline: Option<String>,
+        file: Option<PathBuf>,
+        required: bool,
+    ) -> Option<Secret> {
+        let key = format!("{prefix}.{name}");
+        let file_key = format!("{prefix}.{name}_file");
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.err(&key, format!("set either {name} or {name}_file, not both"));
+                None
+            }
+            (None, None) => {
+                if required {
+                    self.err(
+                        &key,
+                        format!(
+                            "missing: set {name} = \"${{ENV_VAR}}\" or {name}_file = \"/path\""
+                        ),
+                    );
+                }
+                None
+            }
+            (Some(v), None) => match env_reference(&v) {
+                Some(var) => match (self.env)(var) {
+                    Some(val) if !val.is_empty() => Some(Secret::new(val)),
+                    _ => {
+                        self.err(
+                            &key,
+                            format!("environment variable {var} is not set or empty"),
+                        );
+                        None
+                    }
+                },
+                None => {
+                    self.err(
+                        &key,
+                        format!(
+                            "secrets are not accepted inline; use {name} = \"${{ENV_VAR}}\" or {name}_file"
+                        ),
+                    );
+                    None
+                }
+            },
+            (None, Some(p)) => {
+                let p = self.path(p);
+                match std::fs::read_to_string(&p) {
+                    Ok(s) => {
+                        let s = s.trim_end_matches(['\n', '\r']);
+                        if s.is_empty() {
+                            self.err(&file_key, format!("{} is empty", p.display()));
+                            None
+                        } else {
+                            Some(Secret::new(s))
+                        }
+                    }
+                    Err(e) => {
+                        self.err(&file_key, format!("cannot read {}: {e}", p.display()));
+                        None
+                    }
+                }
+            }
+        }
+    }
+
+    fn policy(&mut self, p: FilePolicy) -> Option<PolicyConfig> {
+        let raw = p
+            .allowed_clients
+            .unwrap_or_else(|| vec!["127.0.0.0/8".into(), "::1/128".into()]);
+        let mut allowed_clients = Vec::new();
+        for (i, c) in raw.iter().enumerate() {
+            let parsed = c
+                .parse::<IpNet>()
+                .or_else(|_| c.parse::<IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => allowed_clients.push(n),
+                Err(_) => self.err(
+                    format!("policy.allowed_clients[{i}]"),
+                    format!("`{c}` is not a CIDR or IP address"),
+                ),
+            }
+        }
+        Some(PolicyConfig { allowed_clients })
+    }
+
+    fn headers(&mut self, h: FileHeaders, env: Option<Environment>) -> Option<HeaderConfig> {
+        let origin_ip = match h.origin_ip {
+            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            Some(v) => {
+                let resolved = match env_reference(&v) {
+                    Some(var) => (self.env)(var).unwrap_or_default(),
+                    None => v.clone(),
+                };
+                match resolved.trim().parse::<IpAddr>() {
+                    Ok(ip) => ip,
+                    Err(_) => {
+                        self.err(
+                            "headers.origin_ip",
+                            format!("`{v}` is not (or does not expand to) an IP address"),
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        if env == Some(Environment::Production) && origin_ip.is_loopback() {
+            self.err(
+                "headers.origin_ip",
+                "production needs the real originating IP (e.g. \"${POD_IP}\"), not loopback",
+            );
+        }
+        let user_agent = h
+            .user_agent
+            .unwrap_or_else(|| format!("finhub-sidecar/{}", env!("CARGO_PKG_VERSION")));
+        let user_agent = HeaderValue::from_str(&user_agent)
+            .map_err(|_| self.err("headers.user_agent", "must be a printable header value"))
+            .ok()?;
+        let platform = HeaderValue::from_str(h.platform.as_deref().unwrap_or("Linux"))
+            .map_err(|_| self.err("headers.platform", "must be a printable header value"))
+            .ok()?;
+        Some(HeaderConfig {
+            origin_ip,
+            user_agent,
+            platform,
+        })
+    }
+}
+
+const fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+/// `${NAME}` -> `NAME`; anything else -> `None`.
+fn env_reference(v: &str) -> Option<&str> {
+    let name = v.trim().strip_prefix("${")?.strip_suffix('}')?;
+    let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    valid.then_some(name)
+}
+
+/// `https://host[:port][/]` -> (lower-case host, port).
+fn parse_base_url(url: &str) -> Result<(String, u16), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("https") {
+        return Err(format!(
+            "`{url}` must use https:// (FinHub is only reached over TLS)"
+        ));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+        return Err(format!("`{url}` must not have a path or query"));
+    }
+    let authority = uri
+        .authority()
+        .ok_or_else(|| format!("`{url}` has no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(format!("`{url}` must not contain user info"));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    Ok((host, authority.port_u16().unwrap_or(443)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[upstream]
+base_url = "https://api.finhub.cloud"
+
+[auth]
+environment = "integration"
+
+[[tenants]]
+id = "tenant-a"
+username = "svc"
+password = "${PW}"
+"#;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "PW" || name == "POD_IP").then(|| {
+            if name == "PW" {
+                "s3cret-value".to_string()
+            } else {
+                "10.1.2.3".to_string()
+            }
+        })
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_toml(Path::new("/etc/finhub/proxy.toml"), text, &env)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = load(MINIMAL).expect("valid");
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.admin_listen, "127.0.0.1:9901".parse().unwrap());
+        assert_eq!(c.upstream.host, "api.finhub.cloud");
+        assert_eq!(c.upstream.port, 443);
+        assert_eq!(c.upstream.host_header, "api.finhub.cloud");
+        assert_eq!(c.auth.login_path, "/api/v2/auth/token");
+        assert_eq!(c.auth.refresh_at, 0.92);
+        assert_eq!(c.tenants[0].password.expose(), "s3cret-value");
+        assert_eq!(c.policy.allowed_clients.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_section() {
+        let text = MINIMAL.replace("[auth]", "[auth]\nfoo = 1");
+        let e = load(&text).unwrap_err();
+        assert_eq!(e.0[0].key, "auth.foo");
+        assert!(
+            e.to_string()
+                .starts_with("/etc/finhub/proxy.toml: auth.foo:"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = MINIMAL.replace("[auth]", "[listener]\nthreads = \"two\"\n[auth]");
+        let e = load(&text).unwrap_err();
+        assert_eq!(e.0[0].key, "listener.threads");
+    }
+
+    #[test]
+    fn inline_secret_is_refused_without_echoing_it() {
+        let text = MINIMAL.replace("${PW}", "plain-text-password");
+        let e = load(&text).unwrap_err();
+        assert_eq!(e.0[0].key, "tenants[0].password");
+        assert!(!e.to_string().contains("plain-text-password"));
+    }
+
+    #[test]
+    fn missing_env_var_is_reported() {
+        let text = MINIMAL.replace("${PW}", "${NOPE}");
+        let e = load(&text).unwrap_err();
+        assert!(e.0[0].message.contains("NOPE"));
+    }
+
+    #[test]
+    fn every_error_is_collected() {
+        let text = MINIMAL
+            .replace("https://api.finhub.cloud", "http://api.finhub.cloud")
+            .replace("[auth]", "[upstream2]\n[auth]");
+        // unknown table stops parsing: one error
+        assert_eq!(load(&text).unwrap_err().0.len(), 1);
+        let text = MINIMAL.replace(
+            "https://api.finhub.cloud\"",
+            "http://api.finhub.cloud\"\nconnect_timeout = \"soon\"",
+        );
+        let e = load(&text).unwrap_err();
+        let keys: Vec<_> = e.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"upstream.base_url"), "{keys:?}");
+        assert!(keys.contains(&"upstream.connect_timeout"), "{keys:?}");
+    }
+
+    #[test]
+    fn production_needs_cert_and_real_origin_ip() {
+        let text = MINIMAL.replace("integration", "production");
+        let e = load(&text).unwrap_err();
+        let keys: Vec<_> = e.0.iter().map(|e| e.key.as_str()).collect();
+        assert!(keys.contains(&"client_cert"), "{keys:?}");
+        assert!(keys.contains(&"headers.origin_ip"), "{keys:?}");
+        let ok = format!(
+            "{}\n[client_cert]\ncert_file = \"c.pem\"\nkey_file = \"k.pem\"\n[headers]\norigin_ip = \"${{POD_IP}}\"\n",
+            text
+        );
+        let c = load(&ok).expect("valid");
+        assert_eq!(c.headers.origin_ip, "10.1.2.3".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            c.client_cert.unwrap().cert_file,
+            PathBuf::from("/etc/finhub/c.pem")
+        );
+    }
+
+    #[test]
+    fn base_url_forms() {
+        assert_eq!(
+            parse_base_url("https://localhost:8443").unwrap(),
+            ("localhost".into(), 8443)
+        );
+        assert_eq!(
+            parse_base_url("https://API.finhub.cloud/").unwrap().0,
+            "api.finhub.cloud"
+        );
+        assert!(parse_base_url("https://api.finhub.cloud/api").is_err());
+        assert!(parse_base_url("ftp://x").is_err());
+    }
+}

@@ -1,0 +1,411 @@
+//! Emulator state shared by every connection: knobs set through [`Controls`], counters, the
+//! recorded API requests and the server-side token table.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use super::{EmulatorConfig, EmulatorUser, ResponseShape};
+use crate::pki::CertIdentity;
+
+/// Expired tokens are forgotten this long after their expiry (bounded memory under load).
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// Locks a mutex; a panic elsewhere while holding it does not make the state unusable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+pub(crate) fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Counters since start (a snapshot from [`Controls::stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Successful logins (both login endpoints).
+    pub logins: u64,
+    /// Logins answered 401 (bad credentials or `fail_logins`).
+    pub failed_logins: u64,
+    /// Refreshes that issued a new token.
+    pub refreshes: u64,
+    /// Refreshes answered with the same token because more than 10 % of its lifetime remained.
+    pub refreshes_not_needed: u64,
+    /// Echo API calls answered 200.
+    pub api_ok: u64,
+    /// Echo API calls answered with an error (any status but 200, injected 429s included).
+    pub api_rejected: u64,
+    /// Requests (echo API or refresh) that presented a known but expired token.
+    pub expired_token_seen: u64,
+}
+
+/// One request that reached the echo API, as the emulator saw it.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    /// HTTP method.
+    pub method: String,
+    /// Path and query as received.
+    pub path_and_query: String,
+    /// Every header in arrival order, names lowercase (plus `host` from the HTTP/2 authority).
+    pub headers: Vec<(String, String)>,
+    /// Bytes of request body received.
+    pub body_len: u64,
+    /// The TLS client certificate of the connection, if any.
+    pub client_cert: Option<CertIdentity>,
+    /// Status the emulator answered.
+    pub status: u16,
+    /// The tenant of the presented token when the token was known, else the `X-Tenant-ID` header.
+    pub tenant: Option<String>,
+}
+
+/// JWT claims of an emulator session token.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct Claims {
+    pub sub: String,
+    pub iat: u64,
+    pub exp: u64,
+    #[serde(rename = "tenantId")]
+    pub tenant_id: String,
+    #[serde(rename = "customerId")]
+    pub customer_id: String,
+    #[serde(rename = "userId")]
+    pub user_id: String,
+    pub jti: String,
+    #[serde(rename = "sessionId")]
+    pub session_id: String,
+    #[serde(
+        rename = "internalTokenKey",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub internal_token_key: Option<String>,
+}
+
+/// Server-side record of an issued token.
+struct TokenRecord {
+    token: String,
+    username: String,
+    tenant: String,
+    customer_id: String,
+    user_id: String,
+    session_id: String,
+    internal_key: Option<String>,
+    expires_at: SystemTime,
+    lifetime: Duration,
+    revoked: bool,
+}
+
+/// What a handler learns about a presented token (no secret besides the token itself).
+#[derive(Clone)]
+pub(crate) struct TokenView {
+    pub token: String,
+    pub jti: String,
+    pub username: String,
+    pub tenant: String,
+    pub customer_id: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub internal_key: Option<String>,
+    pub expires_at: SystemTime,
+    pub lifetime: Duration,
+}
+
+/// Why a presented token is not usable.
+pub(crate) enum TokenProblem {
+    /// Not a token we issued (bad signature, garbage, forgotten).
+    Unknown,
+    /// Logged out or revoked by `revoke_all_sessions`.
+    Revoked(Box<TokenView>),
+    /// Past its precise expiry.
+    Expired(Box<TokenView>),
+}
+
+/// A freshly issued token.
+pub(crate) struct Issued {
+    pub view: TokenView,
+    pub refresh_token: String,
+}
+
+pub(crate) struct Shared {
+    pub users: Vec<EmulatorUser>,
+    pub strict_headers: bool,
+    pub include_internal_token_key: bool,
+    max_recorded: usize,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+
+    pub fail_logins: AtomicBool,
+    pub auth_down: AtomicBool,
+    inject_429: Mutex<(u32, Option<u64>)>,
+    delay: Mutex<Duration>,
+    shape: Mutex<ResponseShape>,
+    lifetime: Mutex<Duration>,
+
+    pub total_requests: AtomicU64,
+    pub logins: AtomicU64,
+    pub failed_logins: AtomicU64,
+    pub refreshes: AtomicU64,
+    pub refreshes_not_needed: AtomicU64,
+    pub api_ok: AtomicU64,
+    pub api_rejected: AtomicU64,
+    pub expired_token_seen: AtomicU64,
+
+    recorded: Mutex<VecDeque<RecordedRequest>>,
+    tokens: Mutex<HashMap<String, TokenRecord>>,
+}
+
+impl Shared {
+    pub(crate) fn new(cfg: &EmulatorConfig) -> Shared {
+        let mut validation = Validation::new(Algorithm::HS256);
+        // Expiry is checked against the precise server-side record, not the whole-second claim.
+        validation.validate_exp = false;
+        validation.validate_aud = false;
+        validation.required_spec_claims.clear();
+        Shared {
+            users: cfg.users.clone(),
+            strict_headers: cfg.strict_headers,
+            include_internal_token_key: cfg.include_internal_token_key,
+            max_recorded: cfg.max_recorded,
+            encoding: EncodingKey::from_secret(&cfg.jwt_secret),
+            decoding: DecodingKey::from_secret(&cfg.jwt_secret),
+            validation,
+            fail_logins: AtomicBool::new(false),
+            auth_down: AtomicBool::new(false),
+            inject_429: Mutex::new((0, None)),
+            delay: Mutex::new(Duration::ZERO),
+            shape: Mutex::new(cfg.response_shape),
+            lifetime: Mutex::new(cfg.token_lifetime),
+            total_requests: AtomicU64::new(0),
+            logins: AtomicU64::new(0),
+            failed_logins: AtomicU64::new(0),
+            refreshes: AtomicU64::new(0),
+            refreshes_not_needed: AtomicU64::new(0),
+            api_ok: AtomicU64::new(0),
+            api_rejected: AtomicU64::new(0),
+            expired_token_seen: AtomicU64::new(0),
+            recorded: Mutex::new(VecDeque::new()),
+            tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn delay(&self) -> Duration {
+        *lock(&self.delay)
+    }
+
+    pub(crate) fn shape(&self) -> ResponseShape {
+        *lock(&self.shape)
+    }
+
+    /// Consumes one injected 429, if any is pending: `Some(retry_after)`.
+    pub(crate) fn take_429(&self) -> Option<Option<u64>> {
+        let mut g = lock(&self.inject_429);
+        if g.0 == 0 {
+            return None;
+        }
+        g.0 -= 1;
+        Some(g.1)
+    }
+
+    pub(crate) fn record(&self, r: RecordedRequest) {
+        if self.max_recorded == 0 {
+            return;
+        }
+        let mut g = lock(&self.recorded);
+        while g.len() >= self.max_recorded {
+            g.pop_front();
+        }
+        g.push_back(r);
+    }
+
+    /// Issues a new session token for `user` with the current lifetime.
+    pub(crate) fn issue(&self, user: &EmulatorUser) -> Result<Issued, jsonwebtoken::errors::Error> {
+        let lifetime = *lock(&self.lifetime);
+        let now = SystemTime::now();
+        let expires_at = now
+            .checked_add(lifetime)
+            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        let jti = uuid::Uuid::new_v4().to_string();
+        let session_id = uuid::Uuid::new_v4().to_string();
+        let user_id = user_id_of(user);
+        let internal_key = self
+            .include_internal_token_key
+            .then(|| uuid::Uuid::new_v4().to_string());
+        let claims = Claims {
+            sub: user.username.clone(),
+            iat: unix_secs(now),
+            // Whole seconds, rounded down: a client trusting `exp` renews a little early.
+            exp: unix_secs(expires_at),
+            tenant_id: user.tenant_id.clone(),
+            customer_id: user.customer_id.clone(),
+            user_id: user_id.clone(),
+            jti: jti.clone(),
+            session_id: session_id.clone(),
+            internal_token_key: internal_key.clone(),
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
+        let record = TokenRecord {
+            token: token.clone(),
+            username: user.username.clone(),
+            tenant: user.tenant_id.clone(),
+            customer_id: user.customer_id.clone(),
+            user_id,
+            session_id,
+            internal_key,
+            expires_at,
+            lifetime,
+            revoked: false,
+        };
+        let view = view_of(&jti, &record);
+        let mut tokens = lock(&self.tokens);
+        tokens.retain(|_, r| {
+            r.expires_at
+                .checked_add(FORGET_AFTER)
+                .is_none_or(|t| t > now)
+        });
+        tokens.insert(jti, record);
+        Ok(Issued {
+            view,
+            refresh_token: format!("rt-{}", uuid::Uuid::new_v4()),
+        })
+    }
+
+    /// Looks a presented token up: signature, then the server-side record, then state.
+    pub(crate) fn check(&self, token: &str) -> Result<TokenView, TokenProblem> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|_| TokenProblem::Unknown)?
+            .claims;
+        let tokens = lock(&self.tokens);
+        let record = tokens.get(&claims.jti).ok_or(TokenProblem::Unknown)?;
+        if record.token != token {
+            return Err(TokenProblem::Unknown);
+        }
+        let view = view_of(&claims.jti, record);
+        if record.revoked {
+            return Err(TokenProblem::Revoked(Box::new(view)));
+        }
+        if SystemTime::now() >= record.expires_at {
+            return Err(TokenProblem::Expired(Box::new(view)));
+        }
+        Ok(view)
+    }
+
+    /// Marks one token revoked; false if unknown.
+    pub(crate) fn revoke(&self, jti: &str) -> bool {
+        match lock(&self.tokens).get_mut(jti) {
+            Some(r) => {
+                r.revoked = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn user(&self, username: &str) -> Option<&EmulatorUser> {
+        self.users.iter().find(|u| u.username == username)
+    }
+}
+
+pub(crate) fn user_id_of(user: &EmulatorUser) -> String {
+    format!("usr-{}", user.username)
+}
+
+fn view_of(jti: &str, r: &TokenRecord) -> TokenView {
+    TokenView {
+        token: r.token.clone(),
+        jti: jti.to_string(),
+        username: r.username.clone(),
+        tenant: r.tenant.clone(),
+        customer_id: r.customer_id.clone(),
+        user_id: r.user_id.clone(),
+        session_id: r.session_id.clone(),
+        internal_key: r.internal_key.clone(),
+        expires_at: r.expires_at,
+        lifetime: r.lifetime,
+    }
+}
+
+/// Test knobs and observations of a running emulator. Cheap to clone.
+#[derive(Clone)]
+pub struct Controls {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Controls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controls")
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Controls {
+    /// While on, both login endpoints answer 401 (bad credentials).
+    pub fn fail_logins(&self, on: bool) {
+        self.shared.fail_logins.store(on, Ordering::SeqCst);
+    }
+
+    /// Every token issued so far is rejected with 401 by the API and by refresh.
+    pub fn revoke_all_sessions(&self) {
+        for r in lock(&self.shared.tokens).values_mut() {
+            r.revoked = true;
+        }
+    }
+
+    /// The next `count` requests (any endpoint) are answered 429, with `Retry-After` if given.
+    pub fn answer_429(&self, count: u32, retry_after_secs: Option<u64>) {
+        *lock(&self.shared.inject_429) = (count, retry_after_secs);
+    }
+
+    /// Every response is delayed by `d` (zero turns it off).
+    pub fn set_delay(&self, d: Duration) {
+        *lock(&self.shared.delay) = d;
+    }
+
+    /// While on, login and refresh answer 503.
+    pub fn set_auth_down(&self, down: bool) {
+        self.shared.auth_down.store(down, Ordering::SeqCst);
+    }
+
+    /// Shape of login and refresh answers from now on.
+    pub fn set_response_shape(&self, s: ResponseShape) {
+        *lock(&self.shared.shape) = s;
+    }
+
+    /// Lifetime of tokens issued from now on.
+    pub fn set_token_lifetime(&self, d: Duration) {
+        *lock(&self.shared.lifetime) = d;
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared;
+        let get = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        Stats {
+            logins: get(&s.logins),
+            failed_logins: get(&s.failed_logins),
+            refreshes: get(&s.refreshes),
+            refreshes_not_needed: get(&s.refreshes_not_needed),
+            api_ok: get(&s.api_ok),
+            api_rejected: get(&s.api_rejected),
+            expired_token_seen: get(&s.expired_token_seen),
+        }
+    }
+
+    /// Requests that reached the echo API (rejected ones too), oldest first. Only the most
+    /// recent `EmulatorConfig::max_recorded` are kept.
+    pub fn api_requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.shared.recorded).iter().cloned().collect()
+    }
+
+    /// Every HTTP request on any endpoint since start.
+    pub fn total_requests(&self) -> u64 {
+        self.shared.total_requests.load(Ordering::SeqCst)
+    }
+}

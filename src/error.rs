@@ -1,0 +1,264 @@
+//! Every refusal the sidecar answers itself, and the one place it becomes an HTTP response.
+//!
+//! Each [`ProxyError`] has a status, a stable machine-readable `error` code and a message for
+//! people. The body is always `{"error": "<code>", "message": "..."}` with
+//! `Content-Type: application/json`. Messages never contain a secret; upstream TLS details are
+//! reduced to the reason (unknown CA, wrong name, certificate refused).
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::{Error, ErrorSource, ErrorType};
+
+/// Why a TLS handshake with FinHub failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// FinHub's certificate is not signed by a trusted CA.
+    UnknownCa,
+    /// FinHub's certificate does not name the host we connected to.
+    NameMismatch,
+    /// FinHub's certificate is expired or not yet valid.
+    ServerCertExpired,
+    /// FinHub refused our client certificate (or wanted one).
+    ClientCertRejected,
+    /// Anything else.
+    Other,
+}
+
+/// A request the sidecar answers itself instead of (or after failing at) forwarding it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    /// The TCP peer is not in `policy.allowed_clients`.
+    #[error("client address is not allowed to use this proxy")]
+    ClientNotAllowed,
+    /// An absolute-form request named a host that is not a FinHub host.
+    #[error("destination host `{0}` is not a configured FinHub host; this is not an open proxy")]
+    DestinationNotAllowed(String),
+    /// The request target could not be understood unambiguously.
+    #[error("request target is malformed or ambiguous")]
+    BadTarget,
+    /// `X-Tenant-ID` names a tenant the sidecar has no session for.
+    #[error("tenant `{0}` is not configured in this sidecar")]
+    UnknownTenant(String),
+    /// The tenant has no valid FinHub session right now.
+    #[error("no valid FinHub session for this tenant yet; retry shortly")]
+    SessionUnavailable {
+        /// Seconds the client should wait.
+        retry_after_secs: u64,
+    },
+    /// FinHub's address could not be resolved yet.
+    #[error("FinHub upstream address is not resolved yet")]
+    UpstreamUnresolved,
+    /// The TLS handshake with FinHub failed.
+    #[error("{}", tls_message(*.0))]
+    UpstreamTls(TlsFailure),
+    /// FinHub could not be reached.
+    #[error("FinHub upstream could not be reached")]
+    UpstreamUnreachable,
+    /// FinHub did not answer in time.
+    #[error("FinHub upstream did not answer in time")]
+    UpstreamTimeout,
+    /// FinHub broke the exchange (reset, malformed answer).
+    #[error("FinHub upstream connection failed")]
+    UpstreamFailed,
+    /// The app's request was malformed.
+    #[error("malformed request")]
+    BadRequest,
+    /// A bug or unexpected state in the sidecar.
+    #[error("internal sidecar error")]
+    Internal,
+}
+
+fn tls_message(f: TlsFailure) -> &'static str {
+    match f {
+        TlsFailure::UnknownCa => {
+            "TLS to FinHub failed: the server certificate is not signed by a trusted CA (check upstream.ca_file)"
+        }
+        TlsFailure::NameMismatch => {
+            "TLS to FinHub failed: the server certificate does not match the upstream host name"
+        }
+        TlsFailure::ServerCertExpired => {
+            "TLS to FinHub failed: the server certificate is expired or not yet valid"
+        }
+        TlsFailure::ClientCertRejected => {
+            "TLS to FinHub failed: FinHub refused the client certificate"
+        }
+        TlsFailure::Other => "TLS to FinHub failed",
+    }
+}
+
+impl ProxyError {
+    /// HTTP status sent to the app.
+    pub fn status(&self) -> u16 {
+        match self {
+            ProxyError::ClientNotAllowed | ProxyError::DestinationNotAllowed(_) => 403,
+            ProxyError::BadTarget | ProxyError::UnknownTenant(_) | ProxyError::BadRequest => 400,
+            ProxyError::SessionUnavailable { .. } => 503,
+            ProxyError::UpstreamUnresolved
+            | ProxyError::UpstreamTls(_)
+            | ProxyError::UpstreamUnreachable
+            | ProxyError::UpstreamFailed => 502,
+            ProxyError::UpstreamTimeout => 504,
+            ProxyError::Internal => 500,
+        }
+    }
+
+    /// Stable machine-readable code (the JSON `error` field).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::ClientNotAllowed => "client_not_allowed",
+            ProxyError::DestinationNotAllowed(_) => "destination_not_allowed",
+            ProxyError::BadTarget => "invalid_request_target",
+            ProxyError::UnknownTenant(_) => "unknown_tenant",
+            ProxyError::SessionUnavailable { .. } => "session_unavailable",
+            ProxyError::UpstreamUnresolved => "upstream_unresolved",
+            ProxyError::UpstreamTls(TlsFailure::UnknownCa) => "upstream_tls_unknown_ca",
+            ProxyError::UpstreamTls(TlsFailure::NameMismatch) => "upstream_tls_name_mismatch",
+            ProxyError::UpstreamTls(TlsFailure::ServerCertExpired) => {
+                "upstream_tls_server_cert_invalid"
+            }
+            ProxyError::UpstreamTls(TlsFailure::ClientCertRejected) => {
+                "upstream_tls_client_cert_rejected"
+            }
+            ProxyError::UpstreamTls(TlsFailure::Other) => "upstream_tls_failed",
+            ProxyError::UpstreamUnreachable => "upstream_unreachable",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::UpstreamFailed => "upstream_failed",
+            ProxyError::BadRequest => "bad_request",
+            ProxyError::Internal => "internal_error",
+        }
+    }
+
+    /// `Retry-After` seconds, for answers that have one.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ProxyError::SessionUnavailable { retry_after_secs } => Some(*retry_after_secs),
+            _ => None,
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Bytes {
+        let v = serde_json::json!({ "error": self.code(), "message": self.to_string() });
+        Bytes::from(v.to_string())
+    }
+
+    /// Classifies a Pingora error raised while connecting to or talking with FinHub.
+    pub fn from_upstream(e: &Error) -> ProxyError {
+        let text = error_chain_text(e);
+        match e.etype() {
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
+                ProxyError::UpstreamTls(classify_tls(&text))
+            }
+            ErrorType::ConnectTimedout
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout
+            | ErrorType::TLSHandshakeTimedout => ProxyError::UpstreamTimeout,
+            ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
+                ProxyError::UpstreamUnreachable
+            }
+            ErrorType::InvalidHTTPHeader | ErrorType::H1Error
+                if e.esource() == &ErrorSource::Downstream =>
+            {
+                ProxyError::BadRequest
+            }
+            _ if text.contains("alert") => ProxyError::UpstreamTls(classify_tls(&text)),
+            _ => ProxyError::UpstreamFailed,
+        }
+    }
+}
+
+/// The error, its context and its causes as one string (for classification only).
+fn error_chain_text(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e
+        .cause
+        .as_deref()
+        .map(|c| c as &(dyn std::error::Error + 'static));
+    while let Some(c) = cause {
+        s.push_str(" | ");
+        s.push_str(&c.to_string());
+        cause = c.source();
+    }
+    s
+}
+
+/// Maps rustls' error text to the reason an operator can act on.
+pub fn classify_tls(text: &str) -> TlsFailure {
+    if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+        TlsFailure::UnknownCa
+    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
+        TlsFailure::NameMismatch
+    } else if text.contains("Expired") || text.contains("NotValidYet") {
+        TlsFailure::ServerCertExpired
+    } else if text.contains("alert") {
+        // Fatal alerts from the server during/after the handshake: BadCertificate,
+        // CertificateRequired, UnknownCA, CertificateUnknown, AccessDenied, ...
+        TlsFailure::ClientCertRejected
+    } else {
+        TlsFailure::Other
+    }
+}
+
+/// Writes `err` as the complete response (header and JSON body) and keeps the connection usable.
+pub async fn respond(session: &mut Session, err: &ProxyError) -> pingora::Result<()> {
+    let body = err.body();
+    let mut resp = ResponseHeader::build(err.status(), Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    if let Some(secs) = err.retry_after() {
+        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_json_with_stable_codes() {
+        let e = ProxyError::DestinationNotAllowed("evil.example".into());
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"], "destination_not_allowed");
+        assert!(v["message"].as_str().unwrap().contains("evil.example"));
+        assert_eq!(e.status(), 403);
+        assert_eq!(
+            ProxyError::SessionUnavailable {
+                retry_after_secs: 2
+            }
+            .retry_after(),
+            Some(2)
+        );
+    }
+
+    #[test]
+    fn tls_reasons_are_told_apart() {
+        assert_eq!(
+            classify_tls("TLS connect() failed: invalid peer certificate: UnknownIssuer"),
+            TlsFailure::UnknownCa
+        );
+        assert_eq!(
+            classify_tls("invalid peer certificate: NotValidForName"),
+            TlsFailure::NameMismatch
+        );
+        assert_eq!(
+            classify_tls("received fatal alert: CertificateRequired"),
+            TlsFailure::ClientCertRejected
+        );
+        assert_eq!(classify_tls("eof"), TlsFailure::Other);
+    }
+
+    #[test]
+    fn timeouts_map_to_504() {
+        let e = Error::new(ErrorType::ReadTimedout);
+        assert_eq!(ProxyError::from_upstream(&e).status(), 504);
+        let e = Error::new(ErrorType::TLSHandshakeFailure).more_context("UnknownIssuer");
+        assert_eq!(
+            ProxyError::from_upstream(&e).code(),
+            "upstream_tls_unknown_ca"
+        );
+    }
+}

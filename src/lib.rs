@@ -1,0 +1,21 @@
+//! finhub-sidecar: a Pingora sidecar that lets legacy apps talk plain HTTP to FinHub while it
+//! handles mTLS, sessions and compliance headers.
+//!
+//! `main.rs` only wires these modules together; every decision lives in a module with its own tests.
+
+pub mod admin;
+pub mod auth;
+pub mod check;
+pub mod config;
+pub mod demo;
+pub mod emulator;
+pub mod error;
+pub mod logging;
+pub mod metrics;
+pub mod pki;
+pub mod policy;
+pub mod proxy;
+pub mod secret;
+pub mod server;
+pub mod tls;
+pub mod upstream;

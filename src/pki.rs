@@ -1,0 +1,567 @@
+//! Certificates for the demo and the tests (rcgen, ring backend) and the one x509 helper that
+//! names a certificate ([`cert_identity`]) for the emulator's echo and the sidecar's `/status`.
+//!
+//! Nothing here is meant for production key management: keys are generated in memory and
+//! handed out as PEM strings.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use serde::{Deserialize, Serialize};
+use x509_parser::time::ASN1Time;
+
+const DAY_SECS: i64 = 86_400;
+
+/// Why a certificate could not be generated or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// rcgen refused the parameters or failed to sign.
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    /// A name or date that cannot go into a certificate.
+    #[error("invalid certificate parameter: {0}")]
+    Invalid(String),
+    /// Writing PEM files.
+    #[error("certificate files: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Key algorithm of a generated certificate. (RSA is not offered: rcgen's ring backend cannot
+/// generate RSA keys.)
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyKind {
+    /// ECDSA P-256 with SHA-256.
+    #[default]
+    EcP256,
+    /// ECDSA P-384 with SHA-384.
+    EcP384,
+}
+
+impl KeyKind {
+    fn generate(self) -> Result<KeyPair, PkiError> {
+        let alg = match self {
+            KeyKind::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyKind::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        };
+        Ok(KeyPair::generate_for(alg)?)
+    }
+}
+
+/// Options of [`Pki::client_cert`].
+#[derive(Clone, Debug)]
+pub struct ClientCertOpts {
+    /// Subject CN.
+    pub common_name: String,
+    /// Subject O (left out when empty).
+    pub organization: String,
+    /// Days between notBefore and notAfter.
+    pub validity_days: i64,
+    /// Add the extendedKeyUsage extension with clientAuth (otherwise no EKU at all).
+    pub client_auth_eku: bool,
+    /// notBefore relative to now, in days; negative is in the past (expired certs: `-30` with
+    /// `validity_days: 10`).
+    pub not_before_offset_days: i64,
+    /// Key algorithm.
+    pub key: KeyKind,
+}
+
+impl Default for ClientCertOpts {
+    fn default() -> Self {
+        ClientCertOpts {
+            common_name: "finhub-sidecar-client".into(),
+            organization: "Example Org".into(),
+            validity_days: 90,
+            client_auth_eku: true,
+            not_before_offset_days: -1,
+            key: KeyKind::EcP256,
+        }
+    }
+}
+
+/// A certificate and its private key, PEM-encoded. `Debug` never shows the key.
+#[derive(Clone)]
+pub struct CertPair {
+    /// Leaf certificate (PEM).
+    pub cert_pem: String,
+    /// PKCS#8 private key (PEM). Secret.
+    pub key_pem: String,
+    /// Serial number as [`cert_identity`] reports it.
+    pub serial_hex: String,
+    /// Subject as [`cert_identity`] reports it.
+    pub subject: String,
+}
+
+impl fmt::Debug for CertPair {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertPair")
+            .field("subject", &self.subject)
+            .field("serial_hex", &self.serial_hex)
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertPair {
+    /// Writes `<stem>.crt` and `<stem>.key` (mode 0600 on Unix) into `dir`; returns both paths.
+    pub fn write_to(&self, dir: &Path, stem: &str) -> std::io::Result<(PathBuf, PathBuf)> {
+        let cert = dir.join(format!("{stem}.crt"));
+        let key = dir.join(format!("{stem}.key"));
+        std::fs::write(&cert, &self.cert_pem)?;
+        write_private(&key, self.key_pem.as_bytes())?;
+        Ok((cert, key))
+    }
+}
+
+#[cfg(unix)]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its old mode on open; tighten it before writing the key.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[cfg(not(unix))]
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    std::fs::write(path, bytes)
+}
+
+/// A throwaway certificate authority.
+pub struct Pki {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+}
+
+impl fmt::Debug for Pki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pki").finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    /// A self-signed CA (EC P-256) named `CN=<ca_common_name>`, valid from yesterday for a year.
+    pub fn new(ca_common_name: &str) -> Result<Pki, PkiError> {
+        let key = KeyKind::EcP256.generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(ca_common_name, "")?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial().0);
+        set_validity(&mut params, -1, 366)?;
+        let cert = params.self_signed(&key)?;
+        Ok(Pki {
+            ca_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// The CA certificate (PEM).
+    pub fn ca_pem(&self) -> String {
+        self.ca_pem.clone()
+    }
+
+    /// A server certificate (EKU serverAuth, EC P-256, 1 year) for the given DNS names and IPs;
+    /// the CN is the first DNS name (or the first IP).
+    pub fn server_cert(
+        &self,
+        dns_names: &[&str],
+        ip_sans: &[IpAddr],
+    ) -> Result<CertPair, PkiError> {
+        let key = KeyKind::EcP256.generate()?;
+        let mut params = CertificateParams::default();
+        let cn = dns_names
+            .first()
+            .map(|s| s.to_string())
+            .or_else(|| ip_sans.first().map(|ip| ip.to_string()))
+            .ok_or_else(|| {
+                PkiError::Invalid("a server certificate needs a DNS name or an IP".into())
+            })?;
+        params.distinguished_name = name(&cn, "")?;
+        for dns in dns_names {
+            let ia5 = (*dns)
+                .to_string()
+                .try_into()
+                .map_err(|_| PkiError::Invalid(format!("DNS name {dns:?}")))?;
+            params.subject_alt_names.push(SanType::DnsName(ia5));
+        }
+        params
+            .subject_alt_names
+            .extend(ip_sans.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params, key, -1, 365)
+    }
+
+    /// A client certificate per `opts` with a random positive 16-byte serial.
+    pub fn client_cert(&self, opts: &ClientCertOpts) -> Result<CertPair, PkiError> {
+        let key = opts.key.generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&opts.common_name, &opts.organization)?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if opts.client_auth_eku {
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        }
+        self.sign(params, key, opts.not_before_offset_days, opts.validity_days)
+    }
+
+    fn sign(
+        &self,
+        mut params: CertificateParams,
+        key: KeyPair,
+        not_before_offset_days: i64,
+        validity_days: i64,
+    ) -> Result<CertPair, PkiError> {
+        let (serial, serial_hex) = random_serial();
+        params.serial_number = Some(serial);
+        params.use_authority_key_identifier_extension = true;
+        set_validity(&mut params, not_before_offset_days, validity_days)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let subject = cert_identity(cert.der())
+            .map(|id| id.subject)
+            .ok_or_else(|| PkiError::Invalid("generated certificate does not parse".into()))?;
+        Ok(CertPair {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            serial_hex,
+            subject,
+        })
+    }
+}
+
+fn name(common_name: &str, organization: &str) -> Result<DistinguishedName, PkiError> {
+    if common_name.is_empty() {
+        return Err(PkiError::Invalid("empty common name".into()));
+    }
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    if !organization.is_empty() {
+        dn.push(DnType::OrganizationName, organization);
+    }
+    Ok(dn)
+}
+
+fn set_validity(
+    params: &mut CertificateParams,
+    not_before_offset_days: i64,
+    validity_days: i64,
+) -> Result<(), PkiError> {
+    if validity_days <= 0 {
+        return Err(PkiError::Invalid(format!(
+            "validity of {validity_days} days"
+        )));
+    }
+    let now = unix_now();
+    let not_before = not_before_offset_days
+        .checked_mul(DAY_SECS)
+        .and_then(|off| now.checked_add(off))
+        .ok_or_else(|| PkiError::Invalid("notBefore out of range".into()))?;
+    let not_after = validity_days
+        .checked_mul(DAY_SECS)
+        .and_then(|v| not_before.checked_add(v))
+        .ok_or_else(|| PkiError::Invalid("notAfter out of range".into()))?;
+    let at = |secs: i64| {
+        ASN1Time::from_timestamp(secs)
+            .map(|t| t.to_datetime())
+            .map_err(|_| PkiError::Invalid(format!("timestamp {secs} out of range")))
+    };
+    params.not_before = at(not_before)?;
+    params.not_after = at(not_after)?;
+    Ok(())
+}
+
+/// 16 random bytes, positive and with the top byte non-zero, so the DER INTEGER is exactly
+/// these 16 bytes and the hex form is what [`cert_identity`] reads back.
+fn random_serial() -> (SerialNumber, String) {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    (SerialNumber::from_slice(&bytes), hex(&bytes))
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// Who a certificate names: enough to tell certificates apart in logs, `/status` and the echo.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertIdentity {
+    /// Subject, attributes in certificate order, e.g. `CN=app,O=Acme` (RFC 4514 escaping,
+    /// but not reversed).
+    pub subject: String,
+    /// Issuer, same format.
+    pub issuer: String,
+    /// Serial number, lowercase hex without separators or a leading `00` sign byte.
+    pub serial_hex: String,
+    /// notAfter, Unix seconds.
+    pub not_after_unix: i64,
+}
+
+/// Subject, issuer, serial and expiry of a DER certificate; `None` if it does not parse.
+pub fn cert_identity(der: &[u8]) -> Option<CertIdentity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let raw = cert.tbs_certificate.raw_serial();
+    let first = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    let serial = raw.get(first..).unwrap_or(raw);
+    Some(CertIdentity {
+        subject: dn_string(cert.subject()),
+        issuer: dn_string(cert.issuer()),
+        serial_hex: if serial.is_empty() {
+            "00".into()
+        } else {
+            hex(serial)
+        },
+        not_after_unix: cert.validity().not_after.timestamp(),
+    })
+}
+
+fn dn_string(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let registry = x509_parser::objects::oid_registry();
+    name.iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|attr| {
+                    let ty = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                        .map(str::to_string)
+                        .unwrap_or_else(|_| attr.attr_type().to_id_string());
+                    let value = match attr.as_str() {
+                        Ok(s) => escape_rfc4514(s),
+                        Err(_) => format!("#{}", hex(attr.as_slice())),
+                    };
+                    format!("{ty}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn escape_rfc4514(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let last = s.chars().count().saturating_sub(1);
+    for (i, c) in s.chars().enumerate() {
+        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+            || (i == 0 && (c == '#' || c == ' '))
+            || (i == last && c == ' ');
+        if special {
+            out.push('\\');
+            out.push(c);
+        } else if c == '\0' {
+            out.push_str("\\00");
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    use x509_parser::extensions::ParsedExtension;
+
+    fn der_of(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .expect("pem")
+            .as_ref()
+            .to_vec()
+    }
+
+    fn eku_client_auth(der: &[u8]) -> Option<bool> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).expect("parse");
+        cert.extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::ExtendedKeyUsage(eku) => Some(eku.client_auth),
+                _ => None,
+            })
+    }
+
+    #[test]
+    fn client_cert_has_client_auth_eku_and_matching_identity() {
+        let pki = Pki::new("Unit CA").unwrap();
+        let pair = pki
+            .client_cert(&ClientCertOpts {
+                common_name: "app".into(),
+                organization: "Acme".into(),
+                ..ClientCertOpts::default()
+            })
+            .unwrap();
+        let der = der_of(&pair.cert_pem);
+        assert_eq!(eku_client_auth(&der), Some(true));
+        let id = cert_identity(&der).unwrap();
+        assert_eq!(id.serial_hex, pair.serial_hex);
+        assert_eq!(id.serial_hex.len(), 32);
+        assert!(id
+            .serial_hex
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_eq!(id.subject, "CN=app,O=Acme");
+        assert_eq!(pair.subject, id.subject);
+        assert_eq!(id.issuer, "CN=Unit CA");
+        let now = unix_now();
+        assert!(
+            (id.not_after_unix - (now + 89 * DAY_SECS)).abs() < 60,
+            "90 days from yesterday"
+        );
+        // The key parses and is not shown by Debug.
+        assert!(pair.key_pem.contains("PRIVATE KEY"));
+        assert!(!format!("{pair:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn serials_are_random_and_positive() {
+        let pki = Pki::new("Unit CA").unwrap();
+        let a = pki.client_cert(&ClientCertOpts::default()).unwrap();
+        let b = pki.client_cert(&ClientCertOpts::default()).unwrap();
+        assert_ne!(a.serial_hex, b.serial_hex);
+        for p in [&a, &b] {
+            let der = der_of(&p.cert_pem);
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            // No sign byte needed: top bit clear, first byte non-zero.
+            assert_eq!(cert.tbs_certificate.raw_serial().len(), 16);
+            assert_eq!(cert_identity(&der).unwrap().serial_hex, p.serial_hex);
+        }
+    }
+
+    #[test]
+    fn eku_can_be_left_out() {
+        let pki = Pki::new("Unit CA").unwrap();
+        let pair = pki
+            .client_cert(&ClientCertOpts {
+                client_auth_eku: false,
+                ..ClientCertOpts::default()
+            })
+            .unwrap();
+        assert_eq!(eku_client_auth(&der_of(&pair.cert_pem)), None);
+    }
+
+    #[test]
+    fn expired_cert_can_be_made() {
+        let pki = Pki::new("Unit CA").unwrap();
+        let pair = pki
+            .client_cert(&ClientCertOpts {
+                not_before_offset_days: -30,
+                validity_days: 10,
+                ..ClientCertOpts::default()
+            })
+            .unwrap();
+        let der = der_of(&pair.cert_pem);
+        let id = cert_identity(&der).unwrap();
+        assert!(id.not_after_unix < unix_now() - 19 * DAY_SECS);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(!cert.validity().is_valid());
+    }
+
+    #[test]
+    fn p384_and_server_certs() {
+        let pki = Pki::new("Unit CA").unwrap();
+        let p384 = pki
+            .client_cert(&ClientCertOpts {
+                key: KeyKind::EcP384,
+                ..ClientCertOpts::default()
+            })
+            .unwrap();
+        let der = der_of(&p384.cert_pem);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert_eq!(
+            cert.public_key().parsed().map(|k| k.key_size()).ok(),
+            Some(384)
+        );
+
+        let server = pki
+            .server_cert(&["localhost"], &["127.0.0.1".parse().unwrap()])
+            .unwrap();
+        let der = der_of(&server.cert_pem);
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let eku = cert
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::ExtendedKeyUsage(eku) => Some(eku.server_auth),
+                _ => None,
+            });
+        assert_eq!(eku, Some(true));
+        let sans = cert.subject_alternative_name().unwrap().unwrap().value;
+        assert_eq!(sans.general_names.len(), 2);
+        assert_eq!(server.subject, "CN=localhost");
+        assert!(pki.server_cert(&[], &[]).is_err());
+    }
+
+    #[test]
+    fn ca_is_a_ca() {
+        let pki = Pki::new("Unit CA").unwrap();
+        let der = der_of(&pki.ca_pem());
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(cert.is_ca());
+        assert_eq!(cert_identity(&der).unwrap().subject, "CN=Unit CA");
+    }
+
+    #[test]
+    fn identity_of_garbage_is_none_and_names_are_escaped() {
+        assert_eq!(cert_identity(b"\x30\x03abc"), None);
+        assert_eq!(cert_identity(b""), None);
+        assert_eq!(escape_rfc4514("a,b+c"), "a\\,b\\+c");
+        assert_eq!(escape_rfc4514("#x "), "\\#x\\ ");
+        let pki = Pki::new("Unit CA").unwrap();
+        let pair = pki
+            .client_cert(&ClientCertOpts {
+                common_name: "app, v2".into(),
+                organization: String::new(),
+                ..ClientCertOpts::default()
+            })
+            .unwrap();
+        assert_eq!(pair.subject, "CN=app\\, v2");
+    }
+
+    #[test]
+    fn write_to_makes_key_private() {
+        let pki = Pki::new("Unit CA").unwrap();
+        let pair = pki.client_cert(&ClientCertOpts::default()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = pair.write_to(dir.path(), "client").unwrap();
+        assert_eq!(cert.file_name().unwrap(), "client.crt");
+        assert_eq!(key.file_name().unwrap(), "client.key");
+        assert_eq!(std::fs::read_to_string(&cert).unwrap(), pair.cert_pem);
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), pair.key_pem);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

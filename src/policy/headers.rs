@@ -1,0 +1,107 @@
+//! The headers FinHub gets: app credentials removed, the tenant's session and the compliance
+//! headers set (protocol notes §3 "sidecar header policy"). One function per rule.
+
+use http::HeaderValue;
+use pingora::http::RequestHeader;
+
+use crate::auth::Session;
+
+/// Request headers an app must never get through to FinHub: the sidecar owns authentication.
+pub const APP_CREDENTIAL_HEADERS: [&str; 5] = [
+    "authorization",
+    "proxy-authorization",
+    "x-user-session-token",
+    "x-session-active",
+    "cookie",
+];
+
+/// Removes every app-supplied credential header.
+pub fn strip_app_credentials(req: &mut RequestHeader) {
+    for h in APP_CREDENTIAL_HEADERS {
+        req.remove_header(h);
+    }
+}
+
+/// Sets the session headers for `session` (A12: `Authorization`, `X-User-Session-Token`,
+/// `X-Session-Active` carry the same token) and the tenant and session ids.
+pub fn apply_session(
+    req: &mut RequestHeader,
+    session: &Session,
+    tenant_id: &HeaderValue,
+) -> pingora::Result<()> {
+    req.insert_header(http::header::AUTHORIZATION, session.authorization.clone())?;
+    req.insert_header("x-user-session-token", session.session_token.clone())?;
+    req.insert_header("x-session-active", HeaderValue::from_static("true"))?;
+    req.insert_header("x-tenant-id", tenant_id.clone())?;
+    req.insert_header("x-session-id", session.session_id.clone())?;
+    Ok(())
+}
+
+/// The app's value if it is a UUID, else a fresh v4 (`X-Request-ID`, A13; `X-Activity-ID`, A15).
+pub fn uuid_or_new(app: Option<&HeaderValue>) -> HeaderValue {
+    if let Some(v) = app {
+        if v.to_str()
+            .ok()
+            .and_then(|s| uuid::Uuid::try_parse(s).ok())
+            .is_some()
+        {
+            return v.clone();
+        }
+    }
+    new_uuid()
+}
+
+/// A fresh UUID v4 as a header value.
+pub fn new_uuid() -> HeaderValue {
+    let mut buf = uuid::Uuid::encode_buffer();
+    let s = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    // A hyphenated UUID is 36 ASCII characters, always a valid header value.
+    HeaderValue::from_str(s)
+        .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
+}
+
+/// The app's `User-Agent` if non-empty and printable, else the configured default (§8).
+pub fn user_agent(app: Option<&HeaderValue>, default: &HeaderValue) -> HeaderValue {
+    match app {
+        Some(v) if !v.is_empty() && v.to_str().is_ok() => v.clone(),
+        _ => default.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_credentials_are_removed() {
+        let mut req = RequestHeader::build("GET", b"/api/v2/x", None).unwrap();
+        req.insert_header("Authorization", "Bearer app-token")
+            .unwrap();
+        req.insert_header("X-User-Session-Token", "app").unwrap();
+        req.insert_header("X-Other", "kept").unwrap();
+        strip_app_credentials(&mut req);
+        assert!(req.headers.get("authorization").is_none());
+        assert!(req.headers.get("x-user-session-token").is_none());
+        assert_eq!(req.headers.get("x-other").unwrap(), "kept");
+    }
+
+    #[test]
+    fn uuids_are_kept_and_junk_replaced() {
+        let good = HeaderValue::from_static("4f0c5b9e-8d5a-4c1e-9a53-2f6f3a1d2b7c");
+        assert_eq!(uuid_or_new(Some(&good)), good);
+        let junk = HeaderValue::from_static("not-a-uuid");
+        let replaced = uuid_or_new(Some(&junk));
+        assert_ne!(replaced, junk);
+        assert!(uuid::Uuid::try_parse(replaced.to_str().unwrap()).is_ok());
+        assert_ne!(uuid_or_new(None), uuid_or_new(None));
+    }
+
+    #[test]
+    fn user_agent_falls_back_to_default() {
+        let d = HeaderValue::from_static("finhub-sidecar/0.1.0");
+        assert_eq!(user_agent(None, &d), d);
+        assert_eq!(user_agent(Some(&HeaderValue::from_static("")), &d), d);
+        let app = HeaderValue::from_static("legacy-app/3.2");
+        assert_eq!(user_agent(Some(&app), &d), app);
+    }
+}

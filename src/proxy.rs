@@ -1,0 +1,276 @@
+//! The data path: Pingora's `ProxyHttp` hooks, each a one-line contract delegating to a small
+//! function in `policy`, `auth`, `tls` or `error`.
+//!
+//! ```text
+//! request_filter           client allowed? -> target allowed? -> tenant -> usable session?
+//! upstream_peer            resolved FinHub address + SNI + current client cert + CA
+//! upstream_request_filter  strip app credentials, set session + compliance headers, Host, path
+//! response_filter          echo X-Request-ID; a 401 from FinHub asks for a session renewal
+//! fail_to_proxy            map the failure to one JSON error (502 TLS / 504 timeout / ...)
+//! ```
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use http::{HeaderValue, Uri};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+
+use crate::auth::{Session as FinHubSession, SessionTable, TenantSessions};
+use crate::config::Config;
+use crate::error::{self, ProxyError};
+use crate::policy::{allow, headers};
+use crate::tls::TlsStore;
+use crate::upstream::UpstreamAddrs;
+
+/// Seconds an app is told to wait when its tenant has no session yet.
+const SESSION_RETRY_AFTER_SECS: u64 = 1;
+
+/// Everything the data path reads; all of it is immutable or an atomic snapshot.
+pub struct FinHubProxy {
+    config: Arc<Config>,
+    tls: Arc<TlsStore>,
+    upstream: Arc<UpstreamAddrs>,
+    sessions: Arc<SessionTable>,
+}
+
+/// Per-request state shared between hooks.
+#[derive(Default)]
+pub struct RequestCtx {
+    tenant: Option<Arc<TenantSessions>>,
+    session: Option<Arc<FinHubSession>>,
+    /// Path and query to send upstream when the app used absolute-form.
+    upstream_uri: Option<Uri>,
+    request_id: Option<HeaderValue>,
+    /// A refusal decided by our own code (takes precedence over Pingora's error type).
+    failure: Option<ProxyError>,
+}
+
+impl FinHubProxy {
+    /// The proxy over the shared control-plane state.
+    pub fn new(
+        config: Arc<Config>,
+        tls: Arc<TlsStore>,
+        upstream: Arc<UpstreamAddrs>,
+        sessions: Arc<SessionTable>,
+    ) -> Self {
+        FinHubProxy {
+            config,
+            tls,
+            upstream,
+            sessions,
+        }
+    }
+
+    /// Decides whether the request may be forwarded and for which tenant; fills `ctx`.
+    fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
+        let peer_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+            .ok_or(ProxyError::ClientNotAllowed)?;
+        if !allow::client_allowed(&self.config.policy.allowed_clients, peer_ip) {
+            return Err(ProxyError::ClientNotAllowed);
+        }
+        let req = session.req_header();
+        match allow::destination(req.raw_path(), &self.config.upstream.allowed_hosts)? {
+            allow::Target::Origin => {}
+            allow::Target::Absolute { path_and_query } => {
+                ctx.upstream_uri = Some(origin_uri(path_and_query)?);
+            }
+        }
+        let tenant = self.sessions.select(req.headers.get("x-tenant-id"))?;
+        let usable = tenant
+            .usable(SystemTime::now())
+            .ok_or(ProxyError::SessionUnavailable {
+                retry_after_secs: SESSION_RETRY_AFTER_SECS,
+            })?;
+        ctx.tenant = Some(tenant.clone());
+        ctx.session = Some(usable);
+        ctx.request_id = Some(headers::uuid_or_new(req.headers.get("x-request-id")));
+        Ok(())
+    }
+
+    /// The peer for FinHub with the current certificate snapshot.
+    fn peer(&self) -> Result<HttpPeer, ProxyError> {
+        let addr = self.upstream.pick().ok_or(ProxyError::UpstreamUnresolved)?;
+        let u = &self.config.upstream;
+        let tls = self.tls.current();
+        let mut peer = match &tls.cert_key {
+            Some(ck) => HttpPeer::new_mtls(addr, u.host.clone(), ck.clone()),
+            None => HttpPeer::new(addr, true, u.host.clone()),
+        };
+        peer.options.connection_timeout = Some(u.connect_timeout);
+        peer.options.read_timeout = Some(u.read_timeout);
+        peer.options.write_timeout = Some(u.write_timeout);
+        peer.options.idle_timeout = Some(u.idle_timeout);
+        peer.options.ca = tls.ca.clone();
+        // A new certificate set means new connections: old pooled ones idle out (idle_timeout).
+        peer.group_key = tls.fingerprint;
+        Ok(peer)
+    }
+
+    /// Rewrites the request FinHub receives.
+    fn rewrite(&self, req: &mut RequestHeader, ctx: &RequestCtx) -> pingora::Result<()> {
+        if let Some(uri) = &ctx.upstream_uri {
+            req.set_uri(uri.clone());
+        }
+        headers::strip_app_credentials(req);
+        let (Some(tenant), Some(session)) = (&ctx.tenant, &ctx.session) else {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "request admitted without a session",
+            );
+        };
+        headers::apply_session(req, session, &tenant.tenant.id_header)?;
+        let h = &self.config.headers;
+        req.insert_header(http::header::HOST, self.config.upstream.host_header.clone())?;
+        if let Some(id) = &ctx.request_id {
+            req.insert_header("x-request-id", id.clone())?;
+        }
+        let activity = headers::uuid_or_new(req.headers.get("x-activity-id"));
+        req.insert_header("x-activity-id", activity)?;
+        let ua = headers::user_agent(req.headers.get(http::header::USER_AGENT), &h.user_agent);
+        req.insert_header(http::header::USER_AGENT, ua)?;
+        req.insert_header("sec-ch-ua-platform", h.platform.clone())?;
+        req.insert_header("x-forwarded-for", h.origin_ip.to_string())?;
+        Ok(())
+    }
+}
+
+/// `/path?query` bytes (empty means `/`) as an origin-form URI.
+fn origin_uri(path_and_query: &[u8]) -> Result<Uri, ProxyError> {
+    let pq = if path_and_query.is_empty() {
+        &b"/"[..]
+    } else {
+        path_and_query
+    };
+    if pq.first() != Some(&b'/') {
+        // `http://host?x` style: the query without a path.
+        let mut v = b"/".to_vec();
+        v.extend_from_slice(pq);
+        return Uri::try_from(v).map_err(|_| ProxyError::BadTarget);
+    }
+    Uri::try_from(pq).map_err(|_| ProxyError::BadTarget)
+}
+
+#[async_trait]
+impl ProxyHttp for FinHubProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    /// Contract: refuse (with a JSON error, connection kept) anything that must not go upstream.
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        match self.admit(session, ctx) {
+            Ok(()) => Ok(false),
+            Err(e) => {
+                error::respond(session, &e).await?;
+                ctx.failure = Some(e);
+                Ok(true)
+            }
+        }
+    }
+
+    /// Contract: FinHub's resolved address, its SNI, the current client cert and CA.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        match self.peer() {
+            Ok(p) => Ok(Box::new(p)),
+            Err(e) => {
+                ctx.failure = Some(e);
+                Error::e_explain(ErrorType::ConnectNoRoute, "upstream address not resolved")
+            }
+        }
+    }
+
+    /// Contract: the request FinHub sees carries the sidecar's session, never the app's.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        self.rewrite(upstream_request, ctx)
+    }
+
+    /// Contract: the app sees the request id; a 401 makes the session task renew at once.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if upstream_response.status.as_u16() == 401 {
+            if let Some(t) = &ctx.tenant {
+                t.request_renewal();
+            }
+        }
+        if let Some(id) = &ctx.request_id {
+            upstream_response.insert_header("x-request-id", id.clone())?;
+        }
+        Ok(())
+    }
+
+    /// Contract: every failure reaches the app as one JSON error with a stable code.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let downstream_gone = e.esource() == &ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+            );
+        if downstream_gone {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
+        let err = ctx
+            .failure
+            .clone()
+            .unwrap_or_else(|| ProxyError::from_upstream(e));
+        let code = err.status();
+        if session.response_written().is_none() {
+            if let Err(write_err) = error::respond(session, &err).await {
+                tracing::debug!(error = %write_err, "could not send error response to app");
+            }
+        }
+        ctx.failure = Some(err);
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_form_paths_become_origin_form() {
+        assert_eq!(
+            origin_uri(b"/api/v2/x?a=1&b=%20").unwrap(),
+            "/api/v2/x?a=1&b=%20"
+        );
+        assert_eq!(origin_uri(b"").unwrap(), "/");
+        assert_eq!(origin_uri(b"?q=1").unwrap(), "/?q=1");
+    }
+}

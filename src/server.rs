@@ -1,0 +1,204 @@
+//! Assembles the sidecar from a [`Config`]: validates what must be valid before the first
+//! request (certificates, listen sockets), then runs Pingora's server with the proxy service and
+//! one background service for the control plane (DNS refresh, sessions, admin listener).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+
+use crate::admin::{self, AdminState};
+use crate::auth::client::AuthClient;
+use crate::auth::{self, SessionTable};
+use crate::config::{Config, Environment};
+use crate::metrics::Metrics;
+use crate::proxy::FinHubProxy;
+use crate::tls::reload::Reloader;
+use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
+use crate::upstream::UpstreamAddrs;
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Certificates or keys are unusable.
+    #[error("client TLS: {0}")]
+    Tls(#[from] TlsError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A sidecar ready to run: configuration checked, certificates loaded, admin socket bound.
+pub struct Sidecar {
+    config: Arc<Config>,
+    tls: Arc<TlsStore>,
+    upstream: Arc<UpstreamAddrs>,
+    sessions: Arc<SessionTable>,
+    admin_listener: std::net::TcpListener,
+    tls_files: TlsFiles,
+    metrics: Metrics,
+}
+
+impl Sidecar {
+    /// Loads the TLS material and binds the admin port; fails before anything is served.
+    pub fn build(config: Config) -> Result<Sidecar, StartError> {
+        let tls_files = TlsFiles::from_config(&config);
+        let tls = tls_files.load(unix_now())?;
+        for w in &tls.warnings {
+            tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
+        }
+        if config.auth.environment == Environment::Production && tls.cert_key.is_none() {
+            // Config conversion already refuses this; keep the invariant local too.
+            return Err(StartError::Tls(TlsError::Key {
+                path: Default::default(),
+                what: "production requires a client certificate".into(),
+            }));
+        }
+        let admin_listener =
+            std::net::TcpListener::bind(config.admin_listen).map_err(|source| {
+                StartError::Bind {
+                    what: "admin",
+                    addr: config.admin_listen,
+                    source,
+                }
+            })?;
+        let upstream = Arc::new(UpstreamAddrs::new(
+            &config.upstream.host,
+            config.upstream.port,
+        ));
+        let sessions = Arc::new(SessionTable::new(&config));
+        Ok(Sidecar {
+            config: Arc::new(config),
+            tls: Arc::new(TlsStore::new(tls)),
+            upstream,
+            sessions,
+            admin_listener,
+            tls_files,
+            metrics: Metrics::new(),
+        })
+    }
+
+    /// Runs until SIGTERM/SIGINT (Pingora's signal handling), then returns.
+    pub fn run(self) {
+        let c = &self.config;
+        let conf = ServerConf {
+            threads: c.threads,
+            grace_period_seconds: Some(1),
+            graceful_shutdown_timeout_seconds: Some(5),
+            upstream_keepalive_pool_size: c.upstream.pool_size,
+            ca_file: c
+                .upstream
+                .ca_file
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            ..ServerConf::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+
+        let proxy = FinHubProxy::new(
+            c.clone(),
+            self.tls.clone(),
+            self.upstream.clone(),
+            self.sessions.clone(),
+        );
+        let mut proxy_service = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            proxy,
+            "finhub-proxy",
+        );
+        proxy_service.add_tcp(&c.listen.to_string());
+
+        let control = ControlPlane {
+            config: c.clone(),
+            tls: self.tls.clone(),
+            upstream: self.upstream.clone(),
+            sessions: self.sessions.clone(),
+            admin_listener: std::sync::Mutex::new(Some(self.admin_listener)),
+            tls_files: self.tls_files.clone(),
+            metrics: self.metrics.clone(),
+        };
+        server.add_service(background_service("control-plane", control));
+        server.add_service(proxy_service);
+        tracing::info!(
+            listen = %c.listen,
+            admin = %c.admin_listen,
+            upstream = %format!("{}:{}", c.upstream.host, c.upstream.port),
+            environment = %c.auth.environment,
+            tenants = c.tenants.len(),
+            "finhub-sidecar starting"
+        );
+        server.run(RunArgs::default());
+    }
+}
+
+/// DNS refresh, one session task per tenant, and the admin listener.
+struct ControlPlane {
+    config: Arc<Config>,
+    tls: Arc<TlsStore>,
+    upstream: Arc<UpstreamAddrs>,
+    sessions: Arc<SessionTable>,
+    admin_listener: std::sync::Mutex<Option<std::net::TcpListener>>,
+    tls_files: TlsFiles,
+    metrics: Metrics,
+}
+
+#[async_trait]
+impl BackgroundService for ControlPlane {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Err(e) = self.upstream.resolve().await {
+            tracing::warn!(error = %e, host = %self.config.upstream.host, "initial DNS resolution failed; retrying in the background");
+        }
+        tasks.spawn(
+            self.upstream
+                .clone()
+                .refresh_forever(self.config.upstream.dns_refresh),
+        );
+        let (reload_interval, expiry_warning) = self
+            .config
+            .client_cert
+            .as_ref()
+            .map(|c| (c.reload_interval, c.expiry_warning))
+            .unwrap_or((
+                std::time::Duration::from_secs(5),
+                std::time::Duration::from_secs(7 * 86_400),
+            ));
+        let reloader = Reloader::new(
+            self.tls_files.clone(),
+            self.tls.clone(),
+            self.metrics.clone(),
+            expiry_warning,
+        );
+        tasks.spawn(reloader.run(reload_interval));
+        let client = Arc::new(AuthClient::new(&self.config, self.tls.clone()));
+        for slot in self.sessions.tenants() {
+            tasks.spawn(auth::run_tenant(
+                slot.clone(),
+                client.clone(),
+                self.config.auth.clone(),
+            ));
+        }
+        let listener = self.admin_listener.lock().ok().and_then(|mut l| l.take());
+        if let Some(listener) = listener {
+            let state = Arc::new(AdminState {
+                sessions: self.sessions.clone(),
+                tls: self.tls.clone(),
+                cert_required: self.config.client_cert.is_some(),
+                metrics: self.metrics.clone(),
+            });
+            tasks.spawn(admin::serve(listener, state));
+        }
+        let _ = shutdown.changed().await;
+        tasks.abort_all();
+    }
+}

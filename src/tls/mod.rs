@@ -1,0 +1,436 @@
+//! Client TLS material: the mTLS certificate chain, its key and the upstream CA bundle.
+//!
+//! The files are read, parsed and checked off the hot path into one immutable [`ClientTls`]
+//! snapshot, which is published through [`TlsStore`] (`ArcSwap`). The request path only calls
+//! [`TlsStore::current`]; it never parses PEM and never sees a half-loaded set.
+//!
+//! Pingora's rustls connector wants DER and `unwrap`s while converting (a PEM or truncated
+//! key panics at connect time), so everything handed to it is parsed and verified here first.
+
+pub mod reload;
+pub mod rules;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use pingora::utils::tls::{CertKey, WrappedX509};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::config::{Config, Environment};
+use crate::pki::{cert_identity, CertIdentity};
+pub use rules::{check_leaf, Finding};
+
+/// Why a set of TLS files cannot be used. Never carries key material.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("{}: cannot read: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A file holds no usable PEM block of the expected kind.
+    #[error("{}: {what}", path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The key does not belong to the leaf certificate, or is of an unsupported kind.
+    #[error("{}: {what}", path.display())]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The leaf breaks FinHub's certificate rules (enforced in production).
+    #[error("{}: {}", path.display(), join(findings))]
+    Rules {
+        /// The certificate file.
+        path: PathBuf,
+        /// Every rule it breaks.
+        findings: Vec<Finding>,
+    },
+}
+
+fn join(findings: &[Finding]) -> String {
+    findings
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl TlsError {
+    /// The file the error is about.
+    pub fn path(&self) -> &Path {
+        match self {
+            TlsError::Read { path, .. }
+            | TlsError::Pem { path, .. }
+            | TlsError::Key { path, .. }
+            | TlsError::Rules { path, .. } => path,
+        }
+    }
+}
+
+/// What to do when the leaf breaks one of FinHub's certificate rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RulePolicy {
+    /// Refuse the set (production).
+    Enforce,
+    /// Accept it and report the findings as warnings (other environments).
+    Warn,
+}
+
+/// Which files make up the TLS set.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Client certificate chain and key, if mTLS is configured.
+    pub cert_key: Option<(PathBuf, PathBuf)>,
+    /// CA bundle for FinHub's server certificate, if not the system roots.
+    pub ca: Option<PathBuf>,
+    /// How rule violations are treated.
+    pub policy: RulePolicy,
+}
+
+/// The raw bytes of one TLS set, read in one go (symlinks followed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Material {
+    cert_key: Option<(Vec<u8>, Vec<u8>)>,
+    ca: Option<Vec<u8>>,
+}
+
+impl TlsFiles {
+    /// The files named by `config`; rules are enforced in production.
+    pub fn from_config(config: &Config) -> TlsFiles {
+        TlsFiles {
+            cert_key: config
+                .client_cert
+                .as_ref()
+                .map(|c| (c.cert_file.clone(), c.key_file.clone())),
+            ca: config.upstream.ca_file.clone(),
+            policy: if config.auth.environment == Environment::Production {
+                RulePolicy::Enforce
+            } else {
+                RulePolicy::Warn
+            },
+        }
+    }
+
+    /// Reads every file (following symlinks, so a Kubernetes `..data` swap is seen whole).
+    pub fn read(&self) -> Result<Material, TlsError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| TlsError::Read {
+                path: p.to_path_buf(),
+                source,
+            })
+        };
+        Ok(Material {
+            cert_key: match &self.cert_key {
+                Some((c, k)) => Some((read(c)?, read(k)?)),
+                None => None,
+            },
+            ca: match &self.ca {
+                Some(p) => Some(read(p)?),
+                None => None,
+            },
+        })
+    }
+
+    /// Reads, parses and checks the set at Unix time `now`.
+    pub fn load(&self, now: i64) -> Result<ClientTls, TlsError> {
+        ClientTls::from_material(self, &self.read()?, now)
+    }
+}
+
+impl Material {
+    /// A content fingerprint, to notice changes and to log a rejected set only once.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
+    }
+}
+
+impl std::hash::Hash for Material {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.cert_key.hash(state);
+        self.ca.hash(state);
+    }
+}
+
+/// One consistent set of client TLS material, ready for Pingora and for the auth client.
+pub struct ClientTls {
+    /// mTLS identity for `HttpPeer::new_mtls`; `None` when no client certificate is configured.
+    pub cert_key: Option<Arc<CertKey>>,
+    /// CA bundle for `peer.options.ca`; `None` means the system roots.
+    pub ca: Option<Arc<[WrappedX509]>>,
+    /// The same material as a rustls client config (HTTP/1.1), for login and refresh calls.
+    pub rustls: Arc<rustls::ClientConfig>,
+    /// Subject, issuer, serial and expiry of the leaf, for status and logs.
+    pub identity: Option<CertIdentity>,
+    /// Rules the leaf breaks that were only warned about (non-production).
+    pub warnings: Vec<Finding>,
+    /// Fingerprint of the material this was built from.
+    pub fingerprint: u64,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("identity", &self.identity)
+            .field("ca_certs", &self.ca.as_ref().map(|c| c.len()))
+            .field("warnings", &self.warnings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+impl ClientTls {
+    /// Reads and checks the files named by `config`.
+    pub fn load(config: &Config) -> Result<ClientTls, TlsError> {
+        TlsFiles::from_config(config).load(unix_now())
+    }
+
+    /// Parses and checks `m` (read from `files`) at Unix time `now`.
+    pub fn from_material(files: &TlsFiles, m: &Material, now: i64) -> Result<ClientTls, TlsError> {
+        let ca = match (&files.ca, &m.ca) {
+            (Some(p), Some(bytes)) => Some(parse_certs(p, bytes)?),
+            _ => None,
+        };
+        let identity = match (&files.cert_key, &m.cert_key) {
+            (Some((cp, kp)), Some((cb, kb))) => Some((
+                parse_certs(cp, cb)?,
+                parse_key(kp, kb)?,
+                cp.as_path(),
+                kp.as_path(),
+            )),
+            _ => None,
+        };
+        let mut warnings = Vec::new();
+        if let Some((chain, _, cert_path, _)) = &identity {
+            let findings = check_leaf(chain[0].as_ref(), now);
+            if !findings.is_empty() {
+                match files.policy {
+                    RulePolicy::Enforce => {
+                        return Err(TlsError::Rules {
+                            path: cert_path.to_path_buf(),
+                            findings,
+                        })
+                    }
+                    RulePolicy::Warn => warnings = findings,
+                }
+            }
+        }
+        let mut tls = Self::build(identity.map(|(c, k, _, kp)| (c, k, kp)), ca)?;
+        tls.warnings = warnings;
+        tls.fingerprint = m.fingerprint();
+        Ok(tls)
+    }
+
+    fn build(
+        identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, &Path)>,
+        ca: Option<Vec<CertificateDer<'static>>>,
+    ) -> Result<ClientTls, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        match &ca {
+            Some(ders) => {
+                for d in ders {
+                    // Each DER already parsed as X.509 in parse_certs; a CA rustls rejects is
+                    // skipped here and surfaces as an unknown-CA handshake error.
+                    let _ = roots.add(d.clone());
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                for d in native.certs {
+                    let _ = roots.add(d);
+                }
+            }
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Key {
+                path: PathBuf::new(),
+                what: format!("TLS provider: {e}"),
+            })?
+            .with_root_certificates(roots);
+
+        let (cert_key, rustls_cfg, identity) = match identity {
+            None => (None, builder.with_no_client_auth(), None),
+            Some((chain, key, key_path)) => {
+                let signing = provider
+                    .key_provider
+                    .load_private_key(key.clone_key())
+                    .map_err(|e| TlsError::Key {
+                        path: key_path.to_path_buf(),
+                        what: format!("unsupported private key: {e}"),
+                    })?;
+                let certified = rustls::sign::CertifiedKey::new(chain.clone(), signing);
+                certified.keys_match().map_err(|_| TlsError::Key {
+                    path: key_path.to_path_buf(),
+                    what: "private key does not match the certificate".into(),
+                })?;
+                let identity = cert_identity(&chain[0]);
+                let cfg = builder
+                    .with_client_auth_cert(chain.clone(), key.clone_key())
+                    .map_err(|e| TlsError::Key {
+                        path: key_path.to_path_buf(),
+                        what: format!("unusable certificate/key: {e}"),
+                    })?;
+                let ck = CertKey::new(
+                    chain.iter().map(|c| c.as_ref().to_vec()).collect(),
+                    key.secret_der().to_vec(),
+                );
+                (Some(Arc::new(ck)), cfg, identity)
+            }
+        };
+        let ca = ca.map(|ders| {
+            ders.into_iter()
+                .map(|d| WrappedX509::new(d.as_ref().to_vec(), pingora::utils::tls::parse_x509))
+                .collect::<Vec<_>>()
+                .into()
+        });
+        Ok(ClientTls {
+            cert_key,
+            ca,
+            rustls: Arc::new(rustls_cfg),
+            identity,
+            warnings: Vec::new(),
+            fingerprint: 0,
+        })
+    }
+}
+
+/// Parses every certificate in PEM `bytes` (from `path`); each must parse as X.509.
+fn parse_certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem_err = |what: String| TlsError::Pem {
+        path: path.to_path_buf(),
+        what,
+    };
+    let certs = CertificateDer::pem_slice_iter(bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(format!("malformed PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(pem_err("no CERTIFICATE block found".into()));
+    }
+    for (i, c) in certs.iter().enumerate() {
+        X509Certificate::from_der(c.as_ref())
+            .map_err(|e| pem_err(format!("certificate #{} is not valid X.509: {e}", i + 1)))?;
+    }
+    Ok(certs)
+}
+
+/// Parses the first private key (PKCS#8, PKCS#1 or SEC1) in PEM `bytes` (from `path`).
+fn parse_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(bytes).map_err(|e| TlsError::Pem {
+        path: path.to_path_buf(),
+        // The error names the PEM problem only, never key bytes.
+        what: format!("no usable private key: {e}"),
+    })
+}
+
+/// The published TLS snapshot. Readers never block; writers swap whole snapshots.
+pub struct TlsStore {
+    current: ArcSwap<ClientTls>,
+}
+
+impl TlsStore {
+    /// A store publishing `initial`.
+    pub fn new(initial: ClientTls) -> Self {
+        TlsStore {
+            current: ArcSwap::from_pointee(initial),
+        }
+    }
+
+    /// The snapshot in force now (one atomic load).
+    pub fn current(&self) -> Arc<ClientTls> {
+        self.current.load_full()
+    }
+
+    /// Publishes a new, already validated snapshot.
+    pub fn publish(&self, next: ClientTls) {
+        self.current.store(Arc::new(next));
+    }
+
+    /// Publishes a new, already validated snapshot that is already shared.
+    pub fn publish_arc(&self, next: Arc<ClientTls>) {
+        self.current.store(next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{ClientCertOpts, Pki};
+
+    impl ClientTls {
+        fn from_files(
+            cert_key: Option<(&Path, &Path)>,
+            ca: Option<&Path>,
+        ) -> Result<ClientTls, TlsError> {
+            TlsFiles {
+                cert_key: cert_key.map(|(c, k)| (c.to_path_buf(), k.to_path_buf())),
+                ca: ca.map(Path::to_path_buf),
+                policy: RulePolicy::Enforce,
+            }
+            .load(unix_now())
+        }
+    }
+
+    #[test]
+    fn loads_a_matching_pair_and_reports_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new("test-ca").unwrap();
+        let client = pki.client_cert(&ClientCertOpts::default()).unwrap();
+        let (cert, key) = client.write_to(dir.path(), "client").unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, pki.ca_pem()).unwrap();
+        let tls = ClientTls::from_files(Some((&cert, &key)), Some(&ca)).unwrap();
+        assert_eq!(tls.identity.as_ref().unwrap().serial_hex, client.serial_hex);
+        assert_eq!(tls.ca.as_ref().unwrap().len(), 1);
+        assert!(tls.cert_key.is_some());
+    }
+
+    #[test]
+    fn rejects_a_key_from_another_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new("test-ca").unwrap();
+        let a = pki.client_cert(&ClientCertOpts::default()).unwrap();
+        let b = pki.client_cert(&ClientCertOpts::default()).unwrap();
+        let (cert, _) = a.write_to(dir.path(), "a").unwrap();
+        let (_, key) = b.write_to(dir.path(), "b").unwrap();
+        let err = ClientTls::from_files(Some((&cert, &key)), None).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn rejects_truncated_pem_and_missing_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new("test-ca").unwrap();
+        let a = pki.client_cert(&ClientCertOpts::default()).unwrap();
+        let (cert, key) = a.write_to(dir.path(), "a").unwrap();
+        let pem = std::fs::read_to_string(&cert).unwrap();
+        std::fs::write(&cert, &pem[..pem.len() / 2]).unwrap();
+        assert!(ClientTls::from_files(Some((&cert, &key)), None).is_err());
+        let missing = dir.path().join("missing.pem");
+        let err = ClientTls::from_files(Some((&missing, &key)), None).unwrap_err();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+    }
+}

@@ -1,0 +1,170 @@
+//! The certificate reloader: re-reads the TLS files by content on an interval and publishes a
+//! new snapshot only when the whole set is valid.
+//!
+//! Polling by content (through symlinks) catches every way files change: in-place rewrite,
+//! rename over, and Kubernetes secret volumes, where each file is a symlink into `..data`, itself
+//! a symlink swapped atomically to a new timestamped directory. A half-written rotation (new
+//! certificate, old key) fails the key-match check and is not published; the next poll sees the
+//! finished set. A rejected set is logged once per distinct content, and counted.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{unix_now, ClientTls, TlsError, TlsFiles, TlsStore};
+use crate::metrics::Metrics;
+
+/// What one poll did.
+#[derive(Debug)]
+pub enum Poll {
+    /// The files hold the published set.
+    Unchanged,
+    /// A new set was published.
+    Published,
+    /// The files hold a set that was already rejected (not logged again).
+    StillRejected,
+    /// A new set was rejected; the last good one stays.
+    Rejected(TlsError),
+}
+
+/// Watches one [`TlsFiles`] set and publishes into one [`TlsStore`].
+pub struct Reloader {
+    files: TlsFiles,
+    store: Arc<TlsStore>,
+    metrics: Metrics,
+    expiry_warning: Duration,
+    last_rejected: Mutex<Option<u64>>,
+    last_expiry_warning: Mutex<Option<(u64, Instant)>>,
+}
+
+impl Reloader {
+    /// A reloader for `files`, publishing into `store`.
+    pub fn new(
+        files: TlsFiles,
+        store: Arc<TlsStore>,
+        metrics: Metrics,
+        expiry_warning: Duration,
+    ) -> Self {
+        let r = Reloader {
+            files,
+            store,
+            metrics,
+            expiry_warning,
+            last_rejected: Mutex::new(None),
+            last_expiry_warning: Mutex::new(None),
+        };
+        r.record_published(&r.store.current());
+        r
+    }
+
+    /// Reads the files once and publishes, rejects or ignores them.
+    pub fn poll(&self) -> Poll {
+        let now = unix_now();
+        let (fingerprint, result) = match self.files.read() {
+            Ok(m) => (
+                m.fingerprint(),
+                ClientTls::from_material(&self.files, &m, now),
+            ),
+            // A read error during a rotation is just another content to reject once.
+            Err(e) => (text_fingerprint(&e.to_string()), Err(e)),
+        };
+        let current = self.store.current();
+        if current.fingerprint == fingerprint {
+            self.warn_if_expiring(&current, now);
+            return Poll::Unchanged;
+        }
+        let mut last_rejected = match self.last_rejected.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        match result {
+            Ok(tls) => {
+                *last_rejected = None;
+                let tls = Arc::new(tls);
+                tracing::info!(
+                    subject = tls
+                        .identity
+                        .as_ref()
+                        .map(|i| i.subject.as_str())
+                        .unwrap_or("-"),
+                    serial = tls
+                        .identity
+                        .as_ref()
+                        .map(|i| i.serial_hex.as_str())
+                        .unwrap_or("-"),
+                    not_after = tls.identity.as_ref().map(|i| i.not_after_unix).unwrap_or(0),
+                    "client certificate set published"
+                );
+                for w in &tls.warnings {
+                    tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
+                }
+                self.store.publish_arc(tls.clone());
+                self.metrics
+                    .cert_reloads
+                    .with_label_values(&["published"])
+                    .inc();
+                self.record_published(&tls);
+                self.warn_if_expiring(&tls, now);
+                Poll::Published
+            }
+            Err(_) if *last_rejected == Some(fingerprint) => Poll::StillRejected,
+            Err(e) => {
+                *last_rejected = Some(fingerprint);
+                tracing::warn!(error = %e, "client certificate set rejected; keeping the last good set");
+                self.metrics
+                    .cert_reloads
+                    .with_label_values(&["rejected"])
+                    .inc();
+                Poll::Rejected(e)
+            }
+        }
+    }
+
+    fn record_published(&self, tls: &ClientTls) {
+        self.metrics
+            .cert_expiration
+            .set(tls.identity.as_ref().map(|i| i.not_after_unix).unwrap_or(0));
+        self.metrics.cert_last_reload.set(unix_now());
+    }
+
+    /// Warns (at most hourly per certificate) when the certificate expires within the window.
+    fn warn_if_expiring(&self, tls: &ClientTls, now: i64) {
+        let Some(id) = &tls.identity else { return };
+        let left = id.not_after_unix - now;
+        if left > self.expiry_warning.as_secs() as i64 {
+            return;
+        }
+        let mut last = match self.last_expiry_warning.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let due = match *last {
+            Some((fp, at)) => fp != tls.fingerprint || at.elapsed() >= Duration::from_secs(3600),
+            None => true,
+        };
+        if due {
+            *last = Some((tls.fingerprint, Instant::now()));
+            tracing::warn!(
+                serial = %id.serial_hex,
+                not_after = id.not_after_unix,
+                seconds_left = left,
+                "client certificate expires soon; rotate it"
+            );
+        }
+    }
+
+    /// Polls every `interval` forever.
+    pub async fn run(self, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            self.poll();
+        }
+    }
+}
+
+fn text_fingerprint(s: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    "read-error".hash(&mut h);
+    s.hash(&mut h);
+    h.finish()
+}

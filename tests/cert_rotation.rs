@@ -1,0 +1,367 @@
+//! Certificate lifecycle: the client certificate rotates on disk while traffic flows; the
+//! sidecar picks up every valid new set without a restart and never publishes a broken one.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use finhub_sidecar::pki::{CertPair, ClientCertOpts};
+use serde_json::Value;
+
+const RELOAD: &str = "reload_interval = \"200ms\"";
+
+/// Continuous traffic through the sidecar, recording (send time, serial seen by FinHub, status).
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
+    log: Arc<Mutex<Vec<(Instant, String)>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    fn start(sc: &SidecarProcess, workers: usize) -> Traffic {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicU64::new(0));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let tasks = (0..workers)
+            .map(|_| {
+                let (stop, failures, log) = (stop.clone(), failures.clone(), log.clone());
+                let url = sc.url("/api/v2/accounts");
+                tokio::spawn(async move {
+                    let client = http_client();
+                    while !stop.load(Ordering::SeqCst) {
+                        let sent = Instant::now();
+                        match client.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                let v: Value = r.json().await.unwrap_or_default();
+                                let serial = v["client_cert"]["serial_hex"]
+                                    .as_str()
+                                    .unwrap_or("")
+                                    .to_string();
+                                log.lock().unwrap().push((sent, serial));
+                            }
+                            Ok(r) => {
+                                eprintln!(
+                                    "traffic: status {}: {}",
+                                    r.status(),
+                                    r.text().await.unwrap_or_default()
+                                );
+                                failures.fetch_add(1, Ordering::SeqCst);
+                            }
+                            Err(e) => {
+                                eprintln!("traffic: {e}");
+                                failures.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Traffic {
+            stop,
+            failures,
+            log,
+            tasks,
+        }
+    }
+
+    fn seen(&self, serial: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|(_, s)| s == serial)
+    }
+
+    async fn stop(self) -> (u64, Vec<(Instant, String)>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let log = self.log.lock().unwrap().clone();
+        (self.failures.load(Ordering::SeqCst), log)
+    }
+}
+
+fn new_client_cert(world: &World) -> CertPair {
+    world
+        .pki
+        .client_cert(&ClientCertOpts {
+            common_name: "test-app".into(),
+            organization: "Test Org".into(),
+            ..ClientCertOpts::default()
+        })
+        .unwrap()
+}
+
+/// Kubernetes secret-volume layout: `<dir>/tls.crt -> ..data/tls.crt`, `..data -> ..<ts>`.
+fn k8s_volume(dir: &Path, pair: &CertPair, stamp: &str) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    k8s_swap(dir, pair, stamp);
+    let cert = dir.join("tls.crt");
+    let key = dir.join("tls.key");
+    std::os::unix::fs::symlink("..data/tls.crt", &cert).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", &key).unwrap();
+    (cert, key)
+}
+
+/// Writes a new timestamped directory and atomically swaps `..data` to it (as the kubelet does).
+fn k8s_swap(dir: &Path, pair: &CertPair, stamp: &str) {
+    let ts = dir.join(format!("..{stamp}"));
+    std::fs::create_dir_all(&ts).unwrap();
+    std::fs::write(ts.join("tls.crt"), &pair.cert_pem).unwrap();
+    std::fs::write(ts.join("tls.key"), &pair.key_pem).unwrap();
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{stamp}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_data_swap_rotates_with_no_failed_request() {
+    let mut world = World::new();
+    let first = world.client.clone();
+    let (cert, key) = k8s_volume(&world.dir.path().join("mtls"), &first, "2026_11_23_a");
+    world.client_cert = cert;
+    world.client_key = key;
+    world.cert_extra = RELOAD.into();
+    world.upstream_extra = "idle_timeout = \"1s\"".into();
+    let emu = world.emulator().await;
+    let sc = world.sidecar(emu.addr().port(), "").await;
+
+    let traffic = Traffic::start(&sc, 2);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            traffic.seen(&first.serial_hex).then_some(())
+        })
+        .await
+        .is_some(),
+        "traffic with the first certificate"
+    );
+    let second = new_client_cert(&world);
+    let rotated_at = Instant::now();
+    k8s_swap(&world.dir.path().join("mtls"), &second, "2026_11_23_b");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            traffic.seen(&second.serial_hex).then_some(())
+        })
+        .await
+        .is_some(),
+        "the new certificate reached FinHub\n{}",
+        sc.log()
+    );
+    // Keep sending past the bound (reload interval + idle timeout) plus slack.
+    let bound = Duration::from_millis(200 + 1000 + 500);
+    let until = rotated_at + bound + Duration::from_millis(500);
+    eventually(Duration::from_secs(10), || async {
+        (Instant::now() >= until).then_some(())
+    })
+    .await;
+    let (failures, log) = traffic.stop().await;
+
+    assert_eq!(failures, 0, "no request failed during rotation");
+    let late_old: Vec<_> = log
+        .iter()
+        .filter(|(sent, serial)| *sent > rotated_at + bound && *serial == first.serial_hex)
+        .collect();
+    assert!(
+        late_old.is_empty(),
+        "{} requests used the old certificate after the bound",
+        late_old.len()
+    );
+    assert!(log
+        .iter()
+        .all(|(_, s)| *s == first.serial_hex || *s == second.serial_hex));
+    assert_eq!(
+        sc.metric("finhub_sidecar_cert_reloads_total{result=\"published\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_place_rewrite_cert_before_key_never_publishes_the_mismatch() {
+    let mut world = World::new();
+    world.cert_extra = RELOAD.into();
+    let first = world.client.clone();
+    let emu = world.emulator().await;
+    let sc = world.sidecar(emu.addr().port(), "").await;
+    let traffic = Traffic::start(&sc, 1);
+
+    let second = new_client_cert(&world);
+    std::fs::write(&world.client_cert, &second.cert_pem).unwrap();
+    // The reloader sees the half-written rotation and rejects it (counted once).
+    let rejected = eventually(Duration::from_secs(10), || async {
+        sc.metric("finhub_sidecar_cert_reloads_total{result=\"rejected\"}")
+            .await
+            .filter(|v| *v >= 1.0)
+    })
+    .await;
+    assert!(
+        rejected.is_some(),
+        "mismatched intermediate state was not rejected\n{}",
+        sc.log()
+    );
+    // Traffic still flows with the old, complete set.
+    let before = traffic.log.lock().unwrap().len();
+    assert!(eventually(Duration::from_secs(10), || async {
+        (traffic.log.lock().unwrap().len() > before + 3).then_some(())
+    })
+    .await
+    .is_some());
+    std::fs::write(&world.client_key, &second.key_pem).unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            traffic.seen(&second.serial_hex).then_some(())
+        })
+        .await
+        .is_some(),
+        "completed rotation was not picked up\n{}",
+        sc.log()
+    );
+    let (failures, log) = traffic.stop().await;
+    assert_eq!(failures, 0);
+    assert!(log
+        .iter()
+        .all(|(_, s)| *s == first.serial_hex || *s == second.serial_hex));
+    assert_eq!(
+        sc.metric("finhub_sidecar_cert_reloads_total{result=\"rejected\"}")
+            .await,
+        Some(1.0),
+        "one distinct bad content is counted once"
+    );
+    assert!(
+        sc.log().matches("does not match").count() == 1,
+        "{}",
+        sc.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_sets_are_rejected_with_their_reason_and_the_last_good_keeps_serving() {
+    let mut world = World::new();
+    world.environment = "production";
+    world.cert_extra = RELOAD.into();
+    let good = world.client.clone();
+    let emu = world.emulator().await;
+    let sc = world.sidecar(emu.addr().port(), "").await;
+
+    let other = new_client_cert(&world);
+    let expired = world
+        .pki
+        .client_cert(&ClientCertOpts {
+            not_before_offset_days: -40,
+            validity_days: 30,
+            ..ClientCertOpts::default()
+        })
+        .unwrap();
+    let no_eku = world
+        .pki
+        .client_cert(&ClientCertOpts {
+            client_auth_eku: false,
+            ..ClientCertOpts::default()
+        })
+        .unwrap();
+    let truncated = &good.cert_pem[..good.cert_pem.len() / 2];
+    let cases: Vec<(&str, String, String, &str)> = vec![
+        (
+            "truncated PEM",
+            truncated.to_string(),
+            good.key_pem.clone(),
+            "PEM",
+        ),
+        (
+            "mismatched key",
+            good.cert_pem.clone(),
+            other.key_pem.clone(),
+            "does not match",
+        ),
+        (
+            "expired",
+            expired.cert_pem.clone(),
+            expired.key_pem.clone(),
+            "expired",
+        ),
+        (
+            "no clientAuth",
+            no_eku.cert_pem.clone(),
+            no_eku.key_pem.clone(),
+            "clientAuth",
+        ),
+    ];
+    for (i, (name, cert_pem, key_pem, reason)) in cases.into_iter().enumerate() {
+        std::fs::write(&world.client_key, &key_pem).unwrap();
+        std::fs::write(&world.client_cert, &cert_pem).unwrap();
+        let want = (i + 1) as f64;
+        let counted = eventually(Duration::from_secs(10), || async {
+            sc.metric("finhub_sidecar_cert_reloads_total{result=\"rejected\"}")
+                .await
+                .filter(|v| *v >= want)
+        })
+        .await;
+        assert!(counted.is_some(), "{name}: not rejected\n{}", sc.log());
+        assert!(
+            sc.log().contains(reason),
+            "{name}: reason `{reason}` not logged\n{}",
+            sc.log()
+        );
+        let r = http_client()
+            .get(sc.url("/api/v2/accounts"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}: the last good set stopped serving");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(
+            v["client_cert"]["serial_hex"],
+            good.serial_hex.as_str(),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        sc.metric("finhub_sidecar_cert_reloads_total{result=\"published\"}")
+            .await,
+        Some(0.0),
+        "no invalid set was published"
+    );
+    assert_eq!(
+        sc.metric("finhub_sidecar_client_cert_expiration_timestamp_seconds")
+            .await,
+        Some(
+            finhub_sidecar::pki::cert_identity(
+                &rustls::pki_types::pem::PemObject::from_pem_slice(good.cert_pem.as_bytes())
+                    .map(|c: rustls::pki_types::CertificateDer<'static>| c.as_ref().to_vec())
+                    .unwrap()
+            )
+            .unwrap()
+            .not_after_unix as f64
+        )
+    );
+}
+
+#[test]
+fn production_start_without_a_valid_certificate_exits_with_a_clear_error() {
+    let mut world = World::new();
+    world.environment = "production";
+    let expired = world
+        .pki
+        .client_cert(&ClientCertOpts {
+            not_before_offset_days: -40,
+            validity_days: 30,
+            ..ClientCertOpts::default()
+        })
+        .unwrap();
+    let (cert, key) = expired.write_to(world.dir.path(), "expired").unwrap();
+    world.client_cert = cert;
+    world.client_key = key;
+    let config = world.dir.path().join("prod.toml");
+    std::fs::write(&config, world.sidecar_toml(free_port(), free_port(), 1, "")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expired"), "{stderr}");
+}
