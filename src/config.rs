@@ -155,6 +155,8 @@ pub struct AuthConfig {
     pub refresh_at: f64,
     /// Timeout of one login or refresh call.
     pub request_timeout: Duration,
+    /// Request bodies up to this size are kept to replay after a 401 (at most 64 KiB).
+    pub replay_body_limit: usize,
 }
 
 /// One tenant the sidecar holds a session for.
@@ -382,6 +384,9 @@ struct FileAuth {
     refresh_at: Option<f64>,
     /// Timeout for one login/refresh call; default 10 s.
     request_timeout: Option<String>,
+    /// Replay a request once after a 401 if its body is at most this many bytes; default and
+    /// maximum 65536 (Pingora's retry buffer). 0 disables replays of requests with a body.
+    replay_body_limit: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -674,8 +679,16 @@ impl Convert<'_> {
             a.request_timeout.as_deref(),
             secs(10),
         );
+        let replay_body_limit = a.replay_body_limit.unwrap_or(MAX_REPLAY_BODY);
+        if replay_body_limit > MAX_REPLAY_BODY {
+            self.err(
+                "auth.replay_body_limit",
+                format!("{replay_body_limit} exceeds {MAX_REPLAY_BODY} (the proxy's retry buffer)"),
+            );
+        }
         Some(AuthConfig {
             environment: env,
+            replay_body_limit,
             login_path,
             refresh_path,
             account_type: a.account_type.unwrap_or_else(|| "B2B".into()),
@@ -887,6 +900,9 @@ impl Convert<'_> {
         })
     }
 }
+
+/// Pingora keeps at most 64 KiB of a request body for retries.
+const MAX_REPLAY_BODY: usize = 64 * 1024;
 
 const fn secs(s: u64) -> Duration {
     Duration::from_secs(s)

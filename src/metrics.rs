@@ -3,7 +3,7 @@
 //!
 //! The README's metrics table lists the same names; keep them in step.
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
 /// Metric handles; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
@@ -17,6 +17,16 @@ pub struct Metrics {
     pub cert_reloads: IntCounterVec,
     /// `finhub_sidecar_cert_last_reload_timestamp_seconds`: when a set was last published.
     pub cert_last_reload: IntGauge,
+    /// `finhub_sidecar_session_expiration_timestamp_seconds{tenant}`: expiry of the tenant's
+    /// current FinHub session.
+    pub session_expiration: IntGaugeVec,
+    /// `finhub_sidecar_auth_requests_total{tenant,kind="login|refresh",result}`: calls to
+    /// FinHub's auth endpoints by outcome (`ok`, `not_refreshed`, `rejected`, `rate_limited`,
+    /// `error`).
+    pub auth_requests: IntCounterVec,
+    /// `finhub_sidecar_upstream_401_replays_total{tenant}`: requests replayed once with a
+    /// renewed session after FinHub answered 401.
+    pub upstream_401_replays: IntCounterVec,
 }
 
 impl Metrics {
@@ -41,10 +51,37 @@ impl Metrics {
             "When a client certificate set was last published, Unix seconds",
         )
         .expect("static metric definition is valid");
+        let session_expiration = IntGaugeVec::new(
+            Opts::new(
+                "finhub_sidecar_session_expiration_timestamp_seconds",
+                "Expiry of the tenant's current FinHub session, Unix seconds",
+            ),
+            &["tenant"],
+        )
+        .expect("static metric definition is valid");
+        let auth_requests = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_auth_requests_total",
+                "Calls to FinHub's login and refresh endpoints by outcome",
+            ),
+            &["tenant", "kind", "result"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_401_replays = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_upstream_401_replays_total",
+                "Requests replayed once with a renewed session after FinHub answered 401",
+            ),
+            &["tenant"],
+        )
+        .expect("static metric definition is valid");
         for c in [
             Box::new(cert_expiration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(cert_reloads.clone()),
             Box::new(cert_last_reload.clone()),
+            Box::new(session_expiration.clone()),
+            Box::new(auth_requests.clone()),
+            Box::new(upstream_401_replays.clone()),
         ] {
             registry
                 .register(c)
@@ -59,6 +96,9 @@ impl Metrics {
             cert_expiration,
             cert_reloads,
             cert_last_reload,
+            session_expiration,
+            auth_requests,
+            upstream_401_replays,
         }
     }
 

@@ -5,7 +5,9 @@
 //! request_filter           client allowed? -> target allowed? -> tenant -> usable session?
 //! upstream_peer            resolved FinHub address + SNI + current client cert + CA
 //! upstream_request_filter  strip app credentials, set session + compliance headers, Host, path
-//! response_filter          echo X-Request-ID; a 401 from FinHub asks for a session renewal
+//! upstream_response_filter a 401 from FinHub renews the session (single flight) and replays once
+//! error_while_proxy        only that replay, or a safe retry on a reused connection, retries
+//! response_filter          echo X-Request-ID to the app
 //! fail_to_proxy            map the failure to one JSON error (502 TLS / 504 timeout / ...)
 //! ```
 
@@ -22,6 +24,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::auth::{Session as FinHubSession, SessionTable, TenantSessions};
 use crate::config::Config;
 use crate::error::{self, ProxyError};
+use crate::metrics::Metrics;
 use crate::policy::{allow, headers};
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
@@ -35,7 +38,11 @@ pub struct FinHubProxy {
     tls: Arc<TlsStore>,
     upstream: Arc<UpstreamAddrs>,
     sessions: Arc<SessionTable>,
+    metrics: Metrics,
 }
+
+/// Error type that asks Pingora to send the request again (after a 401 and a renewal).
+const REPLAY: ErrorType = ErrorType::Custom("finhub_401_replay");
 
 /// Per-request state shared between hooks.
 #[derive(Default)]
@@ -45,6 +52,14 @@ pub struct RequestCtx {
     /// Path and query to send upstream when the app used absolute-form.
     upstream_uri: Option<Uri>,
     request_id: Option<HeaderValue>,
+    activity_id: Option<HeaderValue>,
+    idempotency_key: Option<HeaderValue>,
+    /// The request body is small enough (or absent) to be sent again after a 401.
+    replayable: bool,
+    /// The request was already replayed once.
+    replayed: bool,
+    /// The last upstream error is our replay request.
+    replay_pending: bool,
     /// A refusal decided by our own code (takes precedence over Pingora's error type).
     failure: Option<ProxyError>,
 }
@@ -56,12 +71,14 @@ impl FinHubProxy {
         tls: Arc<TlsStore>,
         upstream: Arc<UpstreamAddrs>,
         sessions: Arc<SessionTable>,
+        metrics: Metrics,
     ) -> Self {
         FinHubProxy {
             config,
             tls,
             upstream,
             sessions,
+            metrics,
         }
     }
 
@@ -91,6 +108,10 @@ impl FinHubProxy {
         ctx.tenant = Some(tenant.clone());
         ctx.session = Some(usable);
         ctx.request_id = Some(headers::uuid_or_new(req.headers.get("x-request-id")));
+        ctx.activity_id = Some(headers::uuid_or_new(req.headers.get("x-activity-id")));
+        ctx.idempotency_key =
+            headers::idempotency_key(&req.method, req.headers.get("x-idempotency-key"));
+        ctx.replayable = headers::body_fits(req, self.config.auth.replay_body_limit);
         Ok(())
     }
 
@@ -131,8 +152,12 @@ impl FinHubProxy {
         if let Some(id) = &ctx.request_id {
             req.insert_header("x-request-id", id.clone())?;
         }
-        let activity = headers::uuid_or_new(req.headers.get("x-activity-id"));
-        req.insert_header("x-activity-id", activity)?;
+        if let Some(id) = &ctx.activity_id {
+            req.insert_header("x-activity-id", id.clone())?;
+        }
+        if let Some(key) = &ctx.idempotency_key {
+            req.insert_header("x-idempotency-key", key.clone())?;
+        }
         let ua = headers::user_agent(req.headers.get(http::header::USER_AGENT), &h.user_agent);
         req.insert_header(http::header::USER_AGENT, ua)?;
         req.insert_header("sec-ch-ua-platform", h.platform.clone())?;
@@ -206,18 +231,83 @@ impl ProxyHttp for FinHubProxy {
         self.rewrite(upstream_request, ctx)
     }
 
-    /// Contract: the app sees the request id; a 401 makes the session task renew at once.
+    /// Contract: a 401 renews the tenant's session (single flight) and, if the request can be
+    /// sent again, replays it once with the new session; otherwise the 401 goes to the app.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if upstream_response.status.as_u16() != 401 {
+            return Ok(());
+        }
+        let (Some(tenant), Some(refused)) = (ctx.tenant.clone(), ctx.session.clone()) else {
+            return Ok(());
+        };
+        tenant.request_renewal(&refused);
+        let can_replay =
+            ctx.replayable && !ctx.replayed && !session.as_ref().retry_buffer_truncated();
+        if !can_replay {
+            return Ok(());
+        }
+        let wait = self.config.auth.request_timeout + std::time::Duration::from_secs(1);
+        let Some(renewed) = tenant.newer_than(&refused, wait).await else {
+            return Ok(());
+        };
+        ctx.session = Some(renewed);
+        ctx.replayed = true;
+        ctx.replay_pending = true;
+        self.metrics
+            .upstream_401_replays
+            .with_label_values(&[tenant.tenant.id.as_str()])
+            .inc();
+        Error::e_explain(
+            REPLAY,
+            "FinHub answered 401; replaying once with a renewed session",
+        )
+    }
+
+    /// Contract: only our 401 replay, or an idempotent request on a reused connection, retries.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if std::mem::take(&mut ctx.replay_pending) {
+            e.set_retry(true);
+        } else if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    /// Contract: the replay is counted in metrics, not logged as a proxy failure.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        error.etype() == &REPLAY
+    }
+
+    /// Contract: the app sees the request id it can quote to FinHub support.
     async fn response_filter(
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if upstream_response.status.as_u16() == 401 {
-            if let Some(t) = &ctx.tenant {
-                t.request_renewal();
-            }
-        }
         if let Some(id) = &ctx.request_id {
             upstream_response.insert_header("x-request-id", id.clone())?;
         }

@@ -110,6 +110,7 @@ impl Sidecar {
             self.tls.clone(),
             self.upstream.clone(),
             self.sessions.clone(),
+            self.metrics.clone(),
         );
         let mut proxy_service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
@@ -186,6 +187,7 @@ impl BackgroundService for ControlPlane {
                 slot.clone(),
                 client.clone(),
                 self.config.auth.clone(),
+                self.metrics.clone(),
             ));
         }
         let listener = self.admin_listener.lock().ok().and_then(|mut l| l.take());

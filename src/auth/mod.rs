@@ -11,23 +11,26 @@ pub mod client;
 pub mod grant;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwapOption;
 use http::HeaderValue;
 use rand::Rng;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 
 use crate::config::{AuthConfig, Config, Environment, TenantConfig};
 use crate::error::ProxyError;
+use crate::metrics::Metrics;
 use crate::secret::Secret;
 use client::{AuthClient, AuthError, Refreshed};
 use grant::{Claims, Grant};
 
 /// Lifetime assumed when FinHub states none (neither `exp` nor `expires_in`).
 const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
-/// A token with less than this left is treated as expired.
+/// A token with less than this left (or 2 % of its lifetime, if smaller) is treated as expired,
+/// so that it does not expire while a request is on the way.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(500);
 
 /// One FinHub session token and what the sidecar derived from it.
@@ -89,7 +92,7 @@ impl Session {
 
     /// Whether the token may still be sent at `now`.
     pub fn is_usable(&self, now: SystemTime) -> bool {
-        now + EXPIRY_MARGIN < self.expires_at
+        now + EXPIRY_MARGIN.min(self.lifetime() / 50) < self.expires_at
     }
 
     /// Total lifetime as seen by the sidecar.
@@ -122,6 +125,22 @@ pub struct TenantSessions {
     pub tenant: TenantConfig,
     current: ArcSwapOption<Session>,
     renew_now: Notify,
+    /// Set when a renewal was requested because FinHub refused the current token.
+    forced: AtomicBool,
+    /// Bumped on every publish; request paths waiting for a renewal watch it.
+    published: watch::Sender<u64>,
+    status: Mutex<TenantStatus>,
+}
+
+/// What `/status` shows about a tenant (no secrets).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TenantStatus {
+    /// Result of the last login or refresh (`ok`, `not_refreshed`, `rejected`, ...).
+    pub last_result: Option<&'static str>,
+    /// When that happened, Unix seconds.
+    pub last_attempt_unix: Option<u64>,
+    /// Consecutive failures.
+    pub failures: u32,
 }
 
 impl TenantSessions {
@@ -130,6 +149,9 @@ impl TenantSessions {
             tenant,
             current: ArcSwapOption::empty(),
             renew_now: Notify::new(),
+            forced: AtomicBool::new(false),
+            published: watch::Sender::new(0),
+            status: Mutex::new(TenantStatus::default()),
         }
     }
 
@@ -143,13 +165,62 @@ impl TenantSessions {
         self.current.load_full()
     }
 
-    /// Asks the background task to renew at once (e.g. after FinHub answered 401).
-    pub fn request_renewal(&self) {
-        self.renew_now.notify_one();
+    /// FinHub refused `refused`: ask the background task to renew now, unless a newer session
+    /// is already published (then the caller should just use it). Many refusals of the same
+    /// session coalesce into one renewal (single flight).
+    pub fn request_renewal(&self, refused: &Arc<Session>) {
+        let still_current = self
+            .current
+            .load()
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, refused));
+        if still_current {
+            self.forced.store(true, Ordering::SeqCst);
+            self.renew_now.notify_one();
+        }
+    }
+
+    /// Waits up to `within` for a usable session other than `old`.
+    pub async fn newer_than(&self, old: &Arc<Session>, within: Duration) -> Option<Arc<Session>> {
+        let mut rx = self.published.subscribe();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(cur) = self.usable(SystemTime::now()) {
+                if !Arc::ptr_eq(&cur, old) {
+                    return Some(cur);
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// Last login/refresh outcome, for `/status`.
+    pub fn status(&self) -> TenantStatus {
+        match self.status.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn record(&self, result: &'static str, ok: bool) {
+        let mut s = match self.status.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.last_result = Some(result);
+        s.last_attempt_unix = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        s.failures = if ok { 0 } else { s.failures.saturating_add(1) };
     }
 
     fn publish(&self, s: Session) {
         self.current.store(Some(Arc::new(s)));
+        self.published.send_modify(|g| *g = g.wrapping_add(1));
     }
 }
 
@@ -247,30 +318,64 @@ fn backoff(attempt: u32, err: &AuthError) -> Duration {
     }
 }
 
-/// Keeps `slot`'s session alive until the process ends.
-pub async fn run_tenant(slot: Arc<TenantSessions>, client: Arc<AuthClient>, auth: AuthConfig) {
+/// Label value of an auth outcome for metrics and `/status`.
+fn result_label(r: &Result<Refreshed, AuthError>) -> &'static str {
+    match r {
+        Ok(Refreshed::New(_)) => "ok",
+        Ok(Refreshed::NotYet(_)) => "not_refreshed",
+        Err(AuthError::Rejected(_)) => "rejected",
+        Err(AuthError::RateLimited { .. }) => "rate_limited",
+        Err(_) => "error",
+    }
+}
+
+/// Keeps `slot`'s session alive until the process ends. This task is the only place a
+/// tenant's login or refresh happens, so they are single-flight by construction.
+pub async fn run_tenant(
+    slot: Arc<TenantSessions>,
+    client: Arc<AuthClient>,
+    auth: AuthConfig,
+    metrics: Metrics,
+) {
     let tenant_id = slot.tenant.id.clone();
+    let count = |kind: &str, result: &str| {
+        metrics
+            .auth_requests
+            .with_label_values(&[tenant_id.as_str(), kind, result])
+            .inc();
+    };
     let mut failures: u32 = 0;
     loop {
+        let forced = slot.forced.swap(false, Ordering::SeqCst);
         let now = SystemTime::now();
         let current = slot.current();
         let step = next_step(auth.environment, current.as_deref(), now);
-        let result = match (&step, current.as_deref()) {
-            (Step::Refresh, Some(s)) => match client.refresh(&slot.tenant, s).await {
-                Ok(r) => Ok(r),
-                Err(e) => {
-                    tracing::warn!(tenant = %tenant_id, error = %e, "refresh failed; logging in again");
-                    client
-                        .login(&slot.tenant)
-                        .await
-                        .map(|s| Refreshed::New(Box::new(s)))
+        let mut result = match (&step, current.as_deref()) {
+            (Step::Refresh, Some(s)) => {
+                let r = client.refresh(&slot.tenant, s).await;
+                count("refresh", result_label(&r));
+                match r {
+                    // FinHub refused the token on an API call but the refresh endpoint still
+                    // considers it current: only a fresh login helps.
+                    Ok(Refreshed::NotYet(_)) if forced => Err(AuthError::Rejected(401)),
+                    other => other,
                 }
-            },
-            _ => client
+            }
+            _ => Err(AuthError::Rejected(0)),
+        };
+        if step == Step::Login || result.is_err() {
+            if step == Step::Refresh {
+                if let Err(e) = &result {
+                    tracing::warn!(tenant = %tenant_id, error = %e, "refresh did not renew the session; logging in again");
+                }
+            }
+            result = client
                 .login(&slot.tenant)
                 .await
-                .map(|s| Refreshed::New(Box::new(s))),
-        };
+                .map(|s| Refreshed::New(Box::new(s)));
+            count("login", result_label(&result));
+        }
+        slot.record(result_label(&result), result.is_ok());
         let wait = match result {
             Ok(Refreshed::New(session)) => {
                 failures = 0;
@@ -282,6 +387,10 @@ pub async fn run_tenant(slot: Arc<TenantSessions>, client: Arc<AuthClient>, auth
                     refreshable = session.internal_token_key.is_some(),
                     "session renewed"
                 );
+                metrics
+                    .session_expiration
+                    .with_label_values(&[tenant_id.as_str()])
+                    .set(unix_secs(session.expires_at));
                 slot.publish(*session);
                 renew_at
                     .duration_since(SystemTime::now())
@@ -328,6 +437,12 @@ pub async fn run_tenant(slot: Arc<TenantSessions>, client: Arc<AuthClient>, auth
             _ = slot.renew_now.notified() => {}
         }
     }
+}
+
+fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

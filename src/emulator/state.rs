@@ -231,6 +231,8 @@ impl Shared {
         let expires_at = now
             .checked_add(lifetime)
             .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+        // Like a real JWT server, the token is valid exactly until its whole-second `exp`.
+        let expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs(expires_at));
         let jti = uuid::Uuid::new_v4().to_string();
         let session_id = uuid::Uuid::new_v4().to_string();
         let user_id = user_id_of(user);
@@ -240,7 +242,6 @@ impl Shared {
         let claims = Claims {
             sub: user.username.clone(),
             iat: unix_secs(now),
-            // Whole seconds, rounded down: a client trusting `exp` renews a little early.
             exp: unix_secs(expires_at),
             tenant_id: user.tenant_id.clone(),
             customer_id: user.customer_id.clone(),

@@ -60,6 +60,36 @@ pub fn new_uuid() -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
 }
 
+/// `X-Idempotency-Key` for unsafe methods: the app's if present, else a fresh UUID v4 generated
+/// once per request, so the sidecar's own replay cannot double-execute (§7, A21).
+pub fn idempotency_key(method: &http::Method, app: Option<&HeaderValue>) -> Option<HeaderValue> {
+    use http::Method;
+    if let Some(v) = app.filter(|v| !v.is_empty()) {
+        return Some(v.clone());
+    }
+    matches!(
+        *method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    )
+    .then(new_uuid)
+}
+
+/// Whether the request body is absent or declared no larger than `limit` bytes, so it can be
+/// kept for a replay. Chunked bodies of unknown length are not replayed.
+pub fn body_fits(req: &RequestHeader, limit: usize) -> bool {
+    if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return false;
+    }
+    match req.headers.get(http::header::CONTENT_LENGTH) {
+        None => true,
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .is_some_and(|n| n <= limit),
+    }
+}
+
 /// The app's `User-Agent` if non-empty and printable, else the configured default (§8).
 pub fn user_agent(app: Option<&HeaderValue>, default: &HeaderValue) -> HeaderValue {
     match app {
@@ -94,6 +124,30 @@ mod tests {
         assert_ne!(replaced, junk);
         assert!(uuid::Uuid::try_parse(replaced.to_str().unwrap()).is_ok());
         assert_ne!(uuid_or_new(None), uuid_or_new(None));
+    }
+
+    #[test]
+    fn idempotency_keys_for_unsafe_methods_only() {
+        assert!(idempotency_key(&http::Method::GET, None).is_none());
+        assert!(idempotency_key(&http::Method::POST, None).is_some());
+        let app = HeaderValue::from_static("k-1");
+        assert_eq!(
+            idempotency_key(&http::Method::DELETE, Some(&app)),
+            Some(app)
+        );
+    }
+
+    #[test]
+    fn small_and_absent_bodies_fit() {
+        let mut req = RequestHeader::build("POST", b"/x", None).unwrap();
+        assert!(body_fits(&req, 65_536));
+        req.insert_header("Content-Length", "65536").unwrap();
+        assert!(body_fits(&req, 65_536));
+        req.insert_header("Content-Length", "65537").unwrap();
+        assert!(!body_fits(&req, 65_536));
+        req.remove_header("Content-Length");
+        req.insert_header("Transfer-Encoding", "chunked").unwrap();
+        assert!(!body_fits(&req, 65_536));
     }
 
     #[test]

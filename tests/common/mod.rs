@@ -63,6 +63,8 @@ pub struct World {
     pub upstream_extra: String,
     /// Extra lines inside `[client_cert]`.
     pub cert_extra: String,
+    /// Extra lines inside `[auth]`.
+    pub auth_extra: String,
 }
 
 impl World {
@@ -96,6 +98,7 @@ impl World {
             environment: "sandbox",
             upstream_extra: String::new(),
             cert_extra: String::new(),
+            auth_extra: String::new(),
         }
     }
 
@@ -144,6 +147,7 @@ key_file = "{key}"
 [auth]
 environment = "{environment}"
 request_timeout = "2s"
+{auth_extra}
 
 [headers]
 origin_ip = "192.0.2.10"
@@ -166,6 +170,7 @@ level = "info,finhub_sidecar=debug"
             upstream_extra = self.upstream_extra,
             cert_extra = self.cert_extra,
             environment = self.environment,
+            auth_extra = self.auth_extra,
         )
     }
 
