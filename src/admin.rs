@@ -1,44 +1,69 @@
-//! Admin listener (its own port; never proxies anything).
+//! Admin listener: its own port (`admin.address`), never proxies anything, and keeps answering
+//! while the proxy drains.
 //!
-//! | Endpoint    | Meaning                                                                 |
-//! |-------------|-------------------------------------------------------------------------|
-//! | `GET /live` | 200 while the process is up.                                            |
-//! | `GET /ready`| 200 when a client certificate is loaded (if configured) and every tenant |
-//! |             | has a usable session; 503 with the reason otherwise.                     |
-//! | `GET /metrics` | Prometheus text exposition of every metric in `metrics.rs`.          |
+//! | Endpoint         | Meaning                                                                   |
+//! |------------------|---------------------------------------------------------------------------|
+//! | `GET /live`      | 200 while the process is up.                                              |
+//! | `GET /ready`     | 200 when the client certificate (if configured) is loaded and unexpired,  |
+//! |                  | every tenant has a usable session, and no shutdown has begun; else 503    |
+//! |                  | with the reason.                                                          |
+//! | `GET /metrics`   | Prometheus text exposition of every metric in `metrics.rs`.               |
+//! | `GET /status`    | JSON for people: version, uptime, certificate subject/serial/expiry,      |
+//! |                  | per-tenant session expiry and last auth result. Never a secret.           |
+//! | `POST /shutdown` | Starts the graceful drain, as SIGTERM does (for Jobs). Loopback peers     |
+//! |                  | only; others get 403.                                                     |
 //!
 //! Any other path is 404, any other method 405, each with a JSON body.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
 
 use crate::auth::SessionTable;
-use crate::tls::TlsStore;
+use crate::config::Config;
+use crate::lifecycle::Lifecycle;
+use crate::metrics::Metrics;
+use crate::tls::{unix_now, TlsStore};
 
 /// What the admin endpoints look at.
 pub struct AdminState {
-    /// Session slots (readiness).
+    /// Configuration (for `/status`).
+    pub config: Arc<Config>,
+    /// Session slots.
     pub sessions: Arc<SessionTable>,
-    /// TLS snapshot (readiness).
+    /// TLS snapshot.
     pub tls: Arc<TlsStore>,
-    /// Whether a client certificate is required to be loaded.
-    pub cert_required: bool,
     /// Metrics to expose.
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Metrics,
+    /// Drain state.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Process start.
+    pub started: Instant,
 }
 
 impl AdminState {
     /// `None` when ready, else why not.
     pub fn not_ready_reason(&self) -> Option<String> {
-        if self.cert_required && self.tls.current().cert_key.is_none() {
-            return Some("client certificate not loaded".into());
+        if self.lifecycle.is_draining() {
+            return Some("shutting down".into());
+        }
+        if self.config.client_cert.is_some() {
+            let tls = self.tls.current();
+            match &tls.identity {
+                None => return Some("client certificate not loaded".into()),
+                Some(id) if id.not_after_unix < unix_now() => {
+                    return Some("client certificate expired".into())
+                }
+                Some(_) => {}
+            }
         }
         let now = SystemTime::now();
         let missing: Vec<&str> = self
@@ -51,9 +76,61 @@ impl AdminState {
         (!missing.is_empty())
             .then(|| format!("no valid session for tenant(s): {}", missing.join(", ")))
     }
+
+    /// The `/status` document. Built from identities and times only, never from secrets.
+    pub fn status(&self) -> serde_json::Value {
+        let tls = self.tls.current();
+        let certificate = tls.identity.as_ref().map(|id| {
+            json!({
+                "subject": id.subject,
+                "issuer": id.issuer,
+                "serial": id.serial_hex,
+                "not_after_unix": id.not_after_unix,
+                "warnings": tls.warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            })
+        });
+        let default_id = &self.config.default_tenant().id;
+        let tenants: Vec<_> = self
+            .sessions
+            .tenants()
+            .iter()
+            .map(|t| {
+                let session = t.current();
+                let st = t.status();
+                json!({
+                    "id": t.tenant.id,
+                    "default": &t.tenant.id == default_id,
+                    "session_valid": t.usable(SystemTime::now()).is_some(),
+                    "session_expires_unix": session.as_ref().map(|s| unix(s.expires_at)),
+                    "refreshable": session.as_ref().map(|s| s.internal_token_key.is_some()),
+                    "last_result": st.last_result,
+                    "last_attempt_unix": st.last_attempt_unix,
+                    "consecutive_failures": st.failures,
+                })
+            })
+            .collect();
+        json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "ready": self.not_ready_reason().is_none(),
+            "draining": self.lifecycle.is_draining(),
+            "in_flight": self.lifecycle.in_flight(),
+            "environment": self.config.auth.environment.to_string(),
+            "upstream": format!("{}:{}", self.config.upstream.host, self.config.upstream.port),
+            "certificate": certificate,
+            "tenants": tenants,
+            "rate_limits": null,
+        })
+    }
 }
 
-fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -63,15 +140,20 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
     r
 }
 
-/// Answers one admin request.
-pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<Bytes>> {
+/// Answers one admin request from `peer`.
+pub fn handle(
+    state: &AdminState,
+    method: &Method,
+    path: &str,
+    peer: SocketAddr,
+) -> Response<Full<Bytes>> {
     match (path, method) {
-        ("/live", &Method::GET) => json(StatusCode::OK, serde_json::json!({"status": "live"})),
+        ("/live", &Method::GET) => json_response(StatusCode::OK, json!({"status": "live"})),
         ("/ready", &Method::GET) => match state.not_ready_reason() {
-            None => json(StatusCode::OK, serde_json::json!({"status": "ready"})),
-            Some(reason) => json(
+            None => json_response(StatusCode::OK, json!({"status": "ready"})),
+            Some(reason) => json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                serde_json::json!({"status": "not_ready", "reason": reason}),
+                json!({"status": "not_ready", "reason": reason}),
             ),
         },
         ("/metrics", &Method::GET) => {
@@ -82,13 +164,25 @@ pub fn handle(state: &AdminState, method: &Method, path: &str) -> Response<Full<
             );
             r
         }
-        ("/live" | "/ready" | "/metrics", _) => json(
+        ("/status", &Method::GET) => json_response(StatusCode::OK, state.status()),
+        ("/shutdown", &Method::POST) => {
+            if !peer.ip().is_loopback() {
+                return json_response(
+                    StatusCode::FORBIDDEN,
+                    json!({"error": "forbidden", "message": "shutdown is accepted from loopback only"}),
+                );
+            }
+            tracing::info!(%peer, "shutdown requested through the admin endpoint");
+            state.lifecycle.request_shutdown();
+            json_response(StatusCode::ACCEPTED, json!({"status": "draining"}))
+        }
+        ("/live" | "/ready" | "/metrics" | "/status" | "/shutdown", _) => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
-            serde_json::json!({"error": "method_not_allowed", "message": "use GET"}),
+            json!({"error": "method_not_allowed", "message": "wrong method for this endpoint"}),
         ),
-        _ => json(
+        _ => json_response(
             StatusCode::NOT_FOUND,
-            serde_json::json!({"error": "not_found", "message": "unknown admin endpoint"}),
+            json!({"error": "not_found", "message": "unknown admin endpoint"}),
         ),
     }
 }
@@ -106,7 +200,7 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
         }
     };
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -116,12 +210,84 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
         let state = state.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = handle(&state, req.method(), req.uri().path());
+                let resp = handle(&state, req.method(), req.uri().path(), peer);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{RulePolicy, TlsFiles};
+    use std::time::Duration;
+
+    fn state() -> AdminState {
+        let toml = r#"
+[upstream]
+base_url = "https://api.finhub.cloud"
+[auth]
+environment = "integration"
+[[tenants]]
+id = "t1"
+username = "u"
+password = "${PW}"
+"#;
+        let config = Config::from_toml(std::path::Path::new("/x/proxy.toml"), toml, &|_| {
+            Some("pw-secret".into())
+        })
+        .unwrap();
+        let tls = TlsFiles {
+            cert_key: None,
+            ca: None,
+            policy: RulePolicy::Warn,
+        }
+        .load(unix_now())
+        .unwrap();
+        let metrics = Metrics::new();
+        AdminState {
+            sessions: Arc::new(SessionTable::new(&config)),
+            config: Arc::new(config),
+            tls: Arc::new(TlsStore::new(tls)),
+            lifecycle: Lifecycle::new(Duration::ZERO, Duration::ZERO, metrics.clone()),
+            metrics,
+            started: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn shutdown_is_refused_from_a_non_loopback_peer() {
+        let s = state();
+        let r = handle(
+            &s,
+            &Method::POST,
+            "/shutdown",
+            "10.1.2.3:5555".parse().unwrap(),
+        );
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(!s.lifecycle.is_draining());
+        let r = handle(
+            &s,
+            &Method::POST,
+            "/shutdown",
+            "127.0.0.1:5555".parse().unwrap(),
+        );
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+        assert!(s.lifecycle.is_draining());
+    }
+
+    #[test]
+    fn not_ready_without_sessions_and_status_has_no_secret() {
+        let s = state();
+        assert!(s.not_ready_reason().unwrap().contains("t1"));
+        let text = s.status().to_string();
+        assert!(text.contains("\"t1\""));
+        assert!(!text.contains("pw-secret"));
+        let r = handle(&s, &Method::GET, "/nope", "127.0.0.1:1".parse().unwrap());
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
     }
 }

@@ -59,9 +59,22 @@ pub fn check(path: &Path, out: &mut dyn Write) -> std::io::Result<bool> {
             writeln!(out, "client cert: subject {}", id.subject)?;
             writeln!(out, "             issuer {}", id.issuer)?;
             writeln!(out, "             serial {}", id.serial_hex)?;
-            writeln!(out, "             not after {} (unix)", id.not_after_unix)?;
+            let not_after = std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(id.not_after_unix.max(0) as u64);
+            writeln!(
+                out,
+                "             not after {}",
+                humantime::format_rfc3339_seconds(not_after)
+            )?;
         }
         None => writeln!(out, "client cert: none (mTLS off)")?,
+    }
+    for f in &tls.warnings {
+        writeln!(
+            out,
+            "warning: {}: client_cert.cert_file: {f} (enforced in production)",
+            path.display()
+        )?;
     }
     writeln!(out, "ok")?;
     Ok(true)

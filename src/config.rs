@@ -17,7 +17,7 @@ use http::HeaderValue;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::secret::Secret;
+use crate::secret::{Secret, SecretSource};
 
 // ---------------------------------------------------------------------------------------------
 // Public API: the typed configuration
@@ -50,6 +50,17 @@ pub struct Config {
     pub headers: HeaderConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Graceful shutdown.
+    pub shutdown: ShutdownConfig,
+}
+
+/// Graceful shutdown timing.
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, keep serving new requests this long (readiness is already false).
+    pub drain_delay: Duration,
+    /// Then wait at most this long for in-flight requests before stopping.
+    pub deadline: Duration,
 }
 
 /// The FinHub upstream, resolved from `upstream.base_url`.
@@ -168,12 +179,12 @@ pub struct TenantConfig {
     pub id_header: HeaderValue,
     /// Login user name.
     pub username: String,
-    /// Login password.
-    pub password: Secret,
+    /// Login password (re-read from its file at each login).
+    pub password: SecretSource,
     /// Client id (`customerId` / `customerKey`), if this environment sends it.
     pub customer_id: Option<String>,
     /// Client secret, if this environment sends it.
-    pub customer_secret: Option<Secret>,
+    pub customer_secret: Option<SecretSource>,
 }
 
 /// Request policy.
@@ -312,6 +323,18 @@ struct FileConfig {
     /// `[log]`: log format and level.
     #[serde(default)]
     log: FileLog,
+    /// `[shutdown]`: graceful drain timing.
+    #[serde(default)]
+    shutdown: FileShutdown,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileShutdown {
+    /// After SIGTERM or `POST /shutdown`, keep serving this long while `/ready` is 503; default 5 s.
+    drain_delay: Option<String>,
+    /// Then wait at most this long for in-flight requests; default 20 s.
+    deadline: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -529,6 +552,18 @@ impl Convert<'_> {
             self.tenants(f.tenants, auth.as_ref().map(|a| a.environment));
         let policy = self.policy(f.policy);
         let headers = self.headers(f.headers, auth.as_ref().map(|a| a.environment));
+        let shutdown = ShutdownConfig {
+            drain_delay: self.duration_or_zero(
+                "shutdown.drain_delay",
+                f.shutdown.drain_delay.as_deref(),
+                secs(5),
+            ),
+            deadline: self.duration(
+                "shutdown.deadline",
+                f.shutdown.deadline.as_deref(),
+                secs(20),
+            ),
+        };
         let log = LogConfig {
             format: f.log.format.unwrap_or(LogFormat::Json),
             level: f.log.level.unwrap_or_else(|| "info".into()),
@@ -546,6 +581,7 @@ impl Convert<'_> {
             policy: policy?,
             headers: headers?,
             log,
+            shutdown,
         })
     }
 
@@ -585,6 +621,14 @@ impl Convert<'_> {
                     default
                 }
             },
+        }
+    }
+
+    /// Like [`Self::duration`] but `"0s"` is allowed.
+    fn duration_or_zero(&mut self, key: &str, value: Option<&str>, default: Duration) -> Duration {
+        match value.map(str::trim) {
+            Some("0" | "0s") => Duration::ZERO,
+            other => self.duration(key, other, default),
         }
     }
 
@@ -777,7 +821,7 @@ impl Convert<'_> {
         inline: Option<String>,
         file: Option<PathBuf>,
         required: bool,
-    ) -> Option<Secret> {
+    ) -> Option<SecretSource> {
         let key = format!("{prefix}.{name}");
         let file_key = format!("{prefix}.{name}_file");
         match (inline, file) {
@@ -798,7 +842,7 @@ impl Convert<'_> {
             }
             (Some(v), None) => match env_reference(&v) {
                 Some(var) => match (self.env)(var) {
-                    Some(val) if !val.is_empty() => Some(Secret::new(val)),
+                    Some(val) if !val.is_empty() => Some(SecretSource::fixed(Secret::new(val))),
                     _ => {
                         self.err(
                             &key,
@@ -826,7 +870,7 @@ impl Convert<'_> {
                             self.err(&file_key, format!("{} is empty", p.display()));
                             None
                         } else {
-                            Some(Secret::new(s))
+                            Some(SecretSource::file(Secret::new(s), p.clone()))
                         }
                     }
                     Err(e) => {
@@ -983,7 +1027,7 @@ password = "${PW}"
         assert_eq!(c.upstream.host_header, "api.finhub.cloud");
         assert_eq!(c.auth.login_path, "/api/v2/auth/token");
         assert_eq!(c.auth.refresh_at, 0.92);
-        assert_eq!(c.tenants[0].password.expose(), "s3cret-value");
+        assert_eq!(c.tenants[0].password.current().expose(), "s3cret-value");
         assert_eq!(c.policy.allowed_clients.len(), 2);
     }
 

@@ -129,6 +129,23 @@ impl ProxyError {
         }
     }
 
+    /// The `decision` label of the requests metric and the audit line.
+    pub fn decision(&self) -> &'static str {
+        match self {
+            ProxyError::ClientNotAllowed => "deny_client",
+            ProxyError::DestinationNotAllowed(_) => "deny_destination",
+            ProxyError::BadTarget | ProxyError::BadRequest => "bad_request",
+            ProxyError::UnknownTenant(_) => "unknown_tenant",
+            ProxyError::SessionUnavailable { .. } => "session_unavailable",
+            ProxyError::UpstreamUnresolved
+            | ProxyError::UpstreamTls(_)
+            | ProxyError::UpstreamUnreachable
+            | ProxyError::UpstreamFailed => "upstream_error",
+            ProxyError::UpstreamTimeout => "upstream_timeout",
+            ProxyError::Internal => "internal_error",
+        }
+    }
+
     /// `Retry-After` seconds, for answers that have one.
     pub fn retry_after(&self) -> Option<u64> {
         match self {

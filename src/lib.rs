@@ -10,6 +10,7 @@ pub mod config;
 pub mod demo;
 pub mod emulator;
 pub mod error;
+pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod pki;

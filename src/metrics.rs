@@ -3,7 +3,15 @@
 //!
 //! The README's metrics table lists the same names; keep them in step.
 
-use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Latency buckets (seconds) for request and upstream durations.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Metric handles; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
@@ -27,6 +35,23 @@ pub struct Metrics {
     /// `finhub_sidecar_upstream_401_replays_total{tenant}`: requests replayed once with a
     /// renewed session after FinHub answered 401.
     pub upstream_401_replays: IntCounterVec,
+    /// `finhub_sidecar_requests_total{tenant,decision,status_class}`: every request the proxy
+    /// handled; `decision` is `allow` or why the sidecar answered itself, `tenant` is `-` when
+    /// the request never got that far.
+    pub requests: IntCounterVec,
+    /// `finhub_sidecar_request_duration_seconds{tenant}`: time from request to the end of the
+    /// response, as the app sees it.
+    pub request_duration: HistogramVec,
+    /// `finhub_sidecar_upstream_duration_seconds`: time from choosing FinHub to its response
+    /// header (one observation per attempt).
+    pub upstream_duration: Histogram,
+    /// `finhub_sidecar_requests_in_flight`: requests being handled now.
+    pub requests_in_flight: IntGauge,
+    /// `finhub_sidecar_upstream_connections_total{reused}`: upstream connections used, new
+    /// (`false`) or reused from the keep-alive pool (`true`).
+    pub upstream_connections: IntCounterVec,
+    /// `finhub_sidecar_build_info{version}`: always 1.
+    pub build_info: IntGaugeVec,
 }
 
 impl Metrics {
@@ -75,8 +100,63 @@ impl Metrics {
             &["tenant"],
         )
         .expect("static metric definition is valid");
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_requests_total",
+                "Requests handled by the proxy, by tenant, decision and status class",
+            ),
+            &["tenant", "decision", "status_class"],
+        )
+        .expect("static metric definition is valid");
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "finhub_sidecar_request_duration_seconds",
+                "Time from request to the end of the response",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["tenant"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "finhub_sidecar_upstream_duration_seconds",
+                "Time from choosing FinHub to its response header, per attempt",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("static metric definition is valid");
+        let requests_in_flight = IntGauge::new(
+            "finhub_sidecar_requests_in_flight",
+            "Requests being handled now",
+        )
+        .expect("static metric definition is valid");
+        let upstream_connections = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_upstream_connections_total",
+                "Upstream connections used, new (reused=false) or from the pool (reused=true)",
+            ),
+            &["reused"],
+        )
+        .expect("static metric definition is valid");
+        let build_info = IntGaugeVec::new(
+            Opts::new("finhub_sidecar_build_info", "Build information; always 1"),
+            &["version"],
+        )
+        .expect("static metric definition is valid");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        for reused in ["true", "false"] {
+            upstream_connections.with_label_values(&[reused]);
+        }
         for c in [
-            Box::new(cert_expiration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(request_duration.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(requests_in_flight.clone()),
+            Box::new(upstream_connections.clone()),
+            Box::new(build_info.clone()),
+            Box::new(cert_expiration.clone()),
             Box::new(cert_reloads.clone()),
             Box::new(cert_last_reload.clone()),
             Box::new(session_expiration.clone()),
@@ -99,6 +179,24 @@ impl Metrics {
             session_expiration,
             auth_requests,
             upstream_401_replays,
+            requests,
+            request_duration,
+            upstream_duration,
+            requests_in_flight,
+            upstream_connections,
+            build_info,
+        }
+    }
+
+    /// `2xx`..`5xx` for a status code; `none` when no response was sent.
+    pub fn status_class(status: u16) -> &'static str {
+        match status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            500..=599 => "5xx",
+            _ => "none",
         }
     }
 
@@ -127,6 +225,9 @@ mod tests {
         m.cert_reloads.with_label_values(&["published"]).inc();
         let text = String::from_utf8(m.render()).unwrap();
         for name in [
+            "finhub_sidecar_build_info",
+            "finhub_sidecar_requests_in_flight",
+            "finhub_sidecar_upstream_connections_total",
             "finhub_sidecar_client_cert_expiration_timestamp_seconds",
             "finhub_sidecar_cert_reloads_total",
             "finhub_sidecar_cert_last_reload_timestamp_seconds",

@@ -12,7 +12,7 @@
 //! ```
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
 use http::{HeaderValue, Uri};
@@ -24,6 +24,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use crate::auth::{Session as FinHubSession, SessionTable, TenantSessions};
 use crate::config::Config;
 use crate::error::{self, ProxyError};
+use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::Metrics;
 use crate::policy::{allow, headers};
 use crate::tls::TlsStore;
@@ -39,14 +40,18 @@ pub struct FinHubProxy {
     upstream: Arc<UpstreamAddrs>,
     sessions: Arc<SessionTable>,
     metrics: Metrics,
+    lifecycle: Arc<Lifecycle>,
 }
 
 /// Error type that asks Pingora to send the request again (after a 401 and a renewal).
 const REPLAY: ErrorType = ErrorType::Custom("finhub_401_replay");
 
 /// Per-request state shared between hooks.
-#[derive(Default)]
 pub struct RequestCtx {
+    start: Instant,
+    /// Counts the request as in flight until the context is dropped.
+    _in_flight: InFlight,
+    upstream_start: Option<Instant>,
     tenant: Option<Arc<TenantSessions>>,
     session: Option<Arc<FinHubSession>>,
     /// Path and query to send upstream when the app used absolute-form.
@@ -72,6 +77,7 @@ impl FinHubProxy {
         upstream: Arc<UpstreamAddrs>,
         sessions: Arc<SessionTable>,
         metrics: Metrics,
+        lifecycle: Arc<Lifecycle>,
     ) -> Self {
         FinHubProxy {
             config,
@@ -79,6 +85,7 @@ impl FinHubProxy {
             upstream,
             sessions,
             metrics,
+            lifecycle,
         }
     }
 
@@ -187,7 +194,21 @@ impl ProxyHttp for FinHubProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx {
+            start: Instant::now(),
+            _in_flight: self.lifecycle.track(),
+            upstream_start: None,
+            tenant: None,
+            session: None,
+            upstream_uri: None,
+            request_id: None,
+            activity_id: None,
+            idempotency_key: None,
+            replayable: false,
+            replayed: false,
+            replay_pending: false,
+            failure: None,
+        }
     }
 
     /// Contract: refuse (with a JSON error, connection kept) anything that must not go upstream.
@@ -239,6 +260,11 @@ impl ProxyHttp for FinHubProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        if let Some(t) = ctx.upstream_start.take() {
+            self.metrics
+                .upstream_duration
+                .observe(t.elapsed().as_secs_f64());
+        }
         if upstream_response.status.as_u16() != 401 {
             return Ok(());
         }
@@ -312,6 +338,41 @@ impl ProxyHttp for FinHubProxy {
             upstream_response.insert_header("x-request-id", id.clone())?;
         }
         Ok(())
+    }
+
+    /// Contract: count each upstream connection as new or reused.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        _ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        self.metrics
+            .upstream_connections
+            .with_label_values(&[if reused { "true" } else { "false" }])
+            .inc();
+        Ok(())
+    }
+
+    /// Contract: one metrics record per request (tenant, decision, status class, duration).
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
+        let decision = ctx.failure.as_ref().map_or("allow", ProxyError::decision);
+        let tenant = ctx.tenant.as_ref().map_or("-", |t| t.tenant.id.as_str());
+        self.metrics
+            .requests
+            .with_label_values(&[tenant, decision, Metrics::status_class(status)])
+            .inc();
+        self.metrics
+            .request_duration
+            .with_label_values(&[tenant])
+            .observe(ctx.start.elapsed().as_secs_f64());
     }
 
     /// Contract: every failure reaches the app as one JSON error with a stable code.

@@ -5,6 +5,7 @@
 //! [`Secret::expose`], which call sites use right where the value goes on the wire.
 
 use std::fmt;
+use std::path::PathBuf;
 
 /// A credential or token that must never reach a log, a metric label, an error or a panic.
 #[derive(Clone, PartialEq, Eq)]
@@ -39,6 +40,52 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Where a credential comes from. A file-backed secret (a Kubernetes Secret mount) is re-read
+/// each time it is used, so a rotated credential is picked up without a restart; if the file
+/// cannot be read at that moment, the last value read is used.
+#[derive(Clone, Debug)]
+pub struct SecretSource {
+    loaded: Secret,
+    file: Option<PathBuf>,
+}
+
+impl SecretSource {
+    /// A value from the environment (fixed for the life of the process).
+    pub fn fixed(value: Secret) -> Self {
+        SecretSource {
+            loaded: value,
+            file: None,
+        }
+    }
+
+    /// A value read from `file` at start.
+    pub fn file(value: Secret, file: PathBuf) -> Self {
+        SecretSource {
+            loaded: value,
+            file: Some(file),
+        }
+    }
+
+    /// The value now.
+    pub fn current(&self) -> Secret {
+        if let Some(path) = &self.file {
+            match std::fs::read_to_string(path) {
+                Ok(v) => {
+                    let v = v.trim_end_matches(['\n', '\r']);
+                    if !v.is_empty() {
+                        return Secret::new(v);
+                    }
+                    tracing::warn!(file = %path.display(), "secret file is empty; using the last value");
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "secret file unreadable; using the last value");
+                }
+            }
+        }
+        self.loaded.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +97,25 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!format!("{:?}", Some(&s)).contains("hunter2"));
         assert_eq!(s.expose(), "hunter2-token");
+    }
+
+    #[test]
+    fn file_secrets_are_reread() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "one\n").unwrap();
+        let src = SecretSource::file(Secret::new("one"), p.clone());
+        std::fs::write(&p, "two\n").unwrap();
+        assert_eq!(src.current().expose(), "two");
+        std::fs::remove_file(&p).unwrap();
+        assert_eq!(
+            src.current().expose(),
+            "one",
+            "falls back to the value read at start"
+        );
+        assert_eq!(
+            SecretSource::fixed(Secret::new("env")).current().expose(),
+            "env"
+        );
     }
 }

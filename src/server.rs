@@ -13,6 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::auth::client::AuthClient;
 use crate::auth::{self, SessionTable};
 use crate::config::{Config, Environment};
+use crate::lifecycle::{DrainingSignal, Lifecycle};
 use crate::metrics::Metrics;
 use crate::proxy::FinHubProxy;
 use crate::tls::reload::Reloader;
@@ -92,8 +93,10 @@ impl Sidecar {
         let c = &self.config;
         let conf = ServerConf {
             threads: c.threads,
+            // The drain (readiness off, drain delay, in-flight wait) happens before Pingora is
+            // told to stop (lifecycle.rs); its own grace period only covers stragglers.
             grace_period_seconds: Some(1),
-            graceful_shutdown_timeout_seconds: Some(5),
+            graceful_shutdown_timeout_seconds: Some(2),
             upstream_keepalive_pool_size: c.upstream.pool_size,
             ca_file: c
                 .upstream
@@ -102,6 +105,11 @@ impl Sidecar {
                 .map(|p| p.to_string_lossy().into_owned()),
             ..ServerConf::default()
         };
+        let lifecycle = Lifecycle::new(
+            c.shutdown.drain_delay,
+            c.shutdown.deadline,
+            self.metrics.clone(),
+        );
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
@@ -111,6 +119,7 @@ impl Sidecar {
             self.upstream.clone(),
             self.sessions.clone(),
             self.metrics.clone(),
+            lifecycle.clone(),
         );
         let mut proxy_service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
@@ -127,6 +136,7 @@ impl Sidecar {
             admin_listener: std::sync::Mutex::new(Some(self.admin_listener)),
             tls_files: self.tls_files.clone(),
             metrics: self.metrics.clone(),
+            lifecycle: lifecycle.clone(),
         };
         server.add_service(background_service("control-plane", control));
         server.add_service(proxy_service);
@@ -138,7 +148,10 @@ impl Sidecar {
             tenants = c.tenants.len(),
             "finhub-sidecar starting"
         );
-        server.run(RunArgs::default());
+        server.run(RunArgs {
+            shutdown_signal: Box::new(DrainingSignal(lifecycle)),
+        });
+        tracing::info!("finhub-sidecar stopped");
     }
 }
 
@@ -151,6 +164,7 @@ struct ControlPlane {
     admin_listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     tls_files: TlsFiles,
     metrics: Metrics,
+    lifecycle: Arc<Lifecycle>,
 }
 
 #[async_trait]
@@ -193,10 +207,12 @@ impl BackgroundService for ControlPlane {
         let listener = self.admin_listener.lock().ok().and_then(|mut l| l.take());
         if let Some(listener) = listener {
             let state = Arc::new(AdminState {
+                config: self.config.clone(),
                 sessions: self.sessions.clone(),
                 tls: self.tls.clone(),
-                cert_required: self.config.client_cert.is_some(),
                 metrics: self.metrics.clone(),
+                lifecycle: self.lifecycle.clone(),
+                started: std::time::Instant::now(),
             });
             tasks.spawn(admin::serve(listener, state));
         }

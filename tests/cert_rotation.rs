@@ -263,6 +263,18 @@ async fn invalid_sets_are_rejected_with_their_reason_and_the_last_good_keeps_ser
         })
         .unwrap();
     let truncated = &good.cert_pem[..good.cert_pem.len() / 2];
+    let (weak_cert, weak_key) = {
+        use rsa::pkcs1::EncodeRsaPublicKey;
+        use rsa::pkcs8::EncodePrivateKey;
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 1024).unwrap();
+        let pkcs1 = key.to_public_key().to_pkcs1_der().unwrap();
+        let cert = world
+            .pki
+            .client_cert_for_rsa_key(&ClientCertOpts::default(), pkcs1.as_bytes())
+            .unwrap();
+        let pem = key.to_pkcs8_pem(rsa::pkcs8::LineEnding::LF).unwrap();
+        (cert, pem.to_string())
+    };
     let cases: Vec<(&str, String, String, &str)> = vec![
         (
             "truncated PEM",
@@ -288,6 +300,7 @@ async fn invalid_sets_are_rejected_with_their_reason_and_the_last_good_keeps_ser
             no_eku.key_pem.clone(),
             "clientAuth",
         ),
+        ("1024-bit RSA", weak_cert, weak_key, "RSA key has 1024 bits"),
     ];
     for (i, (name, cert_pem, key_pem, reason)) in cases.into_iter().enumerate() {
         std::fs::write(&world.client_key, &key_pem).unwrap();

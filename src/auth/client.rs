@@ -110,7 +110,7 @@ impl AuthClient {
     pub fn login_body(&self, tenant: &TenantConfig) -> Value {
         let mut m = Map::new();
         m.insert("username".into(), json!(tenant.username));
-        m.insert("password".into(), json!(tenant.password.expose()));
+        m.insert("password".into(), json!(tenant.password.current().expose()));
         m.insert("accountType".into(), json!(self.account_type));
         if !self.env.is_sandbox_flavour() {
             m.insert("grantType".into(), json!(self.grant_type));
@@ -124,7 +124,7 @@ impl AuthClient {
                 }
             }
             if let Some(s) = &tenant.customer_secret {
-                m.insert("customerSecret".into(), json!(s.expose()));
+                m.insert("customerSecret".into(), json!(s.current().expose()));
             }
         }
         Value::Object(m)

@@ -222,6 +222,22 @@ mod tests {
     }
 
     #[test]
+    fn a_1024_bit_rsa_key_is_too_weak() {
+        use rsa::pkcs1::EncodeRsaPublicKey;
+        let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 1024).unwrap();
+        let pkcs1 = key.to_public_key().to_pkcs1_der().unwrap();
+        let pki = Pki::new("rules-ca").unwrap();
+        let pem = pki
+            .client_cert_for_rsa_key(&ClientCertOpts::default(), pkcs1.as_bytes())
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        assert_eq!(
+            check_leaf(der.as_ref(), now()),
+            vec![Finding::WeakRsaKey { bits: 1024 }]
+        );
+    }
+
+    #[test]
     fn garbage_is_unparseable() {
         assert_eq!(
             check_leaf(b"\x30\x03junk", now()),

@@ -1,0 +1,169 @@
+//! Process lifecycle: readiness latch, in-flight accounting and graceful drain.
+//!
+//! Pingora closes its listeners the moment it sees SIGTERM, which would refuse requests the app
+//! is still sending. So the sidecar catches SIGTERM (and `POST /shutdown`) itself:
+//!
+//! 1. `/ready` turns 503 at once ([`Lifecycle::is_draining`]);
+//! 2. the proxy keeps serving new and in-flight requests for `shutdown.drain_delay`;
+//! 3. it then waits (up to `shutdown.deadline`) until no request is in flight;
+//! 4. only then is Pingora told to shut down gracefully (listeners close, runtimes stop), and the
+//!    process exits 0.
+//!
+//! SIGINT (Ctrl-C in a terminal) skips the drain.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+
+/// Shared shutdown state.
+pub struct Lifecycle {
+    draining: AtomicBool,
+    in_flight: AtomicI64,
+    idle: Notify,
+    shutdown_requested: Notify,
+    drain_delay: Duration,
+    deadline: Duration,
+    metrics: Metrics,
+}
+
+impl Lifecycle {
+    /// A running (not draining) lifecycle.
+    pub fn new(drain_delay: Duration, deadline: Duration, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Lifecycle {
+            draining: AtomicBool::new(false),
+            in_flight: AtomicI64::new(0),
+            idle: Notify::new(),
+            shutdown_requested: Notify::new(),
+            drain_delay,
+            deadline,
+            metrics,
+        })
+    }
+
+    /// Whether shutdown has begun (readiness is false from then on).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Requests currently being handled.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Starts a graceful shutdown, as SIGTERM does (used by `POST /shutdown`).
+    pub fn request_shutdown(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.shutdown_requested.notify_one();
+    }
+
+    /// Marks one request in flight until the guard is dropped.
+    pub fn track(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.metrics.requests_in_flight.inc();
+        InFlight(self.clone())
+    }
+
+    async fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        tracing::info!(
+            drain_delay_ms = self.drain_delay.as_millis() as u64,
+            "shutdown requested: not ready; still serving during the drain delay"
+        );
+        tokio::time::sleep(self.drain_delay).await;
+        let waited = tokio::time::timeout(self.deadline, async {
+            loop {
+                let idle = self.idle.notified();
+                if self.in_flight() <= 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await;
+        match waited {
+            Ok(()) => tracing::info!("no request in flight; stopping"),
+            Err(_) => tracing::warn!(
+                in_flight = self.in_flight(),
+                "drain deadline reached with requests in flight; stopping anyway"
+            ),
+        }
+    }
+}
+
+/// One in-flight request; decrements the count when dropped (also on errors and cancellation).
+pub struct InFlight(Arc<Lifecycle>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.requests_in_flight.dec();
+        if self.0.in_flight.fetch_sub(1, Ordering::SeqCst) <= 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// Pingora's shutdown trigger: resolves only after the drain is complete.
+pub struct DrainingSignal(pub Arc<Lifecycle>);
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainingSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (mut term, mut int) = match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(t), Ok(i)) => (t, i),
+            _ => {
+                tracing::error!("cannot install signal handlers; shutdown only via POST /shutdown");
+                self.0.shutdown_requested.notified().await;
+                self.0.drain().await;
+                return ShutdownSignal::GracefulTerminate;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = self.0.shutdown_requested.notified() => {}
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping without drain");
+                self.0.draining.store(true, Ordering::SeqCst);
+                return ShutdownSignal::FastShutdown;
+            }
+        }
+        self.0.drain().await;
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drain_waits_for_in_flight_requests() {
+        let l = Lifecycle::new(
+            Duration::from_millis(10),
+            Duration::from_secs(5),
+            Metrics::new(),
+        );
+        let guard = l.track();
+        assert_eq!(l.in_flight(), 1);
+        let l2 = l.clone();
+        let drained = tokio::spawn(async move { l2.drain().await });
+        tokio::task::yield_now().await;
+        assert!(l.is_draining());
+        assert!(!drained.is_finished());
+        drop(guard);
+        tokio::time::timeout(Duration::from_secs(5), drained)
+            .await
+            .expect("drain finishes once idle")
+            .unwrap();
+        assert_eq!(l.in_flight(), 0);
+    }
+}

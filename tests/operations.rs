@@ -1,0 +1,265 @@
+//! Operations: readiness, graceful drain on SIGTERM and POST /shutdown, /status, and a real
+//! Prometheus scrape checked by promtool.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn sigterm(pid: u32) {
+    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    assert_eq!(rc, 0, "kill -TERM {pid}");
+}
+
+/// Waits for the child to exit (polling, with a deadline) and returns its exit code.
+async fn exit_code(sc: &SidecarProcess, within: Duration) -> Option<i32> {
+    eventually(within, || async {
+        sc.child
+            .lock()
+            .unwrap()
+            .try_wait()
+            .ok()
+            .flatten()
+            .map(|s| s.code().unwrap_or(-1))
+    })
+    .await
+}
+
+async fn ready_status(sc: &SidecarProcess) -> u16 {
+    http_client()
+        .get(format!("http://{}/ready", sc.admin))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_only_after_the_first_session() {
+    let world = World::new();
+    let emu = world.emulator().await;
+    emu.controls().set_auth_down(true);
+    let (listen, admin) = (free_port(), free_port());
+    let config = world.dir.path().join("ready.toml");
+    std::fs::write(
+        &config,
+        world.sidecar_toml(listen, admin, emu.addr().port(), ""),
+    )
+    .unwrap();
+    let sc = SidecarProcess::spawn(&config, listen, admin, world.dir.path());
+    let not_ready = eventually(STARTUP, || async {
+        (ready_status(&sc).await == 503).then_some(())
+    })
+    .await;
+    assert!(
+        not_ready.is_some(),
+        "/ready answers 503 before any session\n{}",
+        sc.log()
+    );
+    let status: Value = http_client()
+        .get(format!("http://{}/status", sc.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["ready"], false);
+    assert_eq!(status["tenants"][0]["last_result"], "error");
+
+    emu.controls().set_auth_down(false);
+    assert!(
+        sc.wait_ready(Duration::from_secs(40)).await.is_ok(),
+        "{}",
+        sc.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_exits_zero() {
+    let world = World::new();
+    let emu = world.emulator().await;
+    let sc = world
+        .sidecar(
+            emu.addr().port(),
+            "[shutdown]\ndrain_delay = \"2s\"\ndeadline = \"10s\"\n",
+        )
+        .await;
+    let client = http_client();
+
+    // A slow request is in flight when SIGTERM arrives.
+    emu.controls().set_delay(Duration::from_millis(1500));
+    let slow = {
+        let (client, url) = (client.clone(), sc.url("/api/v2/slow"));
+        tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
+    };
+    let in_flight = eventually(Duration::from_secs(5), || async {
+        let v = sc.metric("finhub_sidecar_requests_in_flight").await?;
+        (v >= 1.0).then_some(())
+    })
+    .await;
+    assert!(in_flight.is_some());
+    let signalled = Instant::now();
+    sigterm(sc.pid());
+
+    // Readiness drops at once...
+    let unready = eventually(Duration::from_secs(1), || async {
+        (ready_status(&sc).await == 503).then_some(())
+    })
+    .await;
+    assert!(
+        unready.is_some(),
+        "/ready must turn 503 right after SIGTERM"
+    );
+    // ...while a request sent during the drain delay is still served.
+    emu.controls().set_delay(Duration::ZERO);
+    let during = client
+        .get(sc.url("/api/v2/during-drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(during.status(), 200);
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "that request was inside the drain delay"
+    );
+    // The in-flight slow request completes normally.
+    assert_eq!(slow.await.unwrap().unwrap(), 200);
+
+    assert_eq!(
+        exit_code(&sc, Duration::from_secs(20)).await,
+        Some(0),
+        "{}",
+        sc.log()
+    );
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(2),
+        "exited before the drain delay"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn post_shutdown_from_loopback_drains_and_exits_zero() {
+    let world = World::new();
+    let emu = world.emulator().await;
+    let sc = world
+        .sidecar(
+            emu.addr().port(),
+            "[shutdown]\ndrain_delay = \"0s\"\ndeadline = \"5s\"\n",
+        )
+        .await;
+    let r = http_client()
+        .get(format!("http://{}/shutdown", sc.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405, "GET is not a shutdown");
+    let r = http_client()
+        .post(format!("http://{}/shutdown", sc.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        exit_code(&sc, Duration::from_secs(20)).await,
+        Some(0),
+        "{}",
+        sc.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_state_and_no_secret() {
+    let world = World::new();
+    let emu = world.emulator().await;
+    let sc = world.sidecar(emu.addr().port(), "").await;
+    let r = http_client().get(sc.url("/api/v2/x")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = http_client()
+        .get(format!("http://{}/status", sc.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["ready"], true);
+    assert_eq!(v["certificate"]["serial"], world.client.serial_hex.as_str());
+    assert_eq!(v["tenants"][0]["id"], TENANT);
+    assert_eq!(v["tenants"][0]["session_valid"], true);
+    assert_eq!(v["tenants"][0]["last_result"], "ok");
+    assert!(v["tenants"][0]["session_expires_unix"].as_u64().unwrap() > 0);
+    for secret in ["demo-password", "demo-secret"] {
+        assert!(!text.contains(secret));
+    }
+    let token = emu.controls().api_requests()[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.trim_start_matches("Bearer ").to_string())
+        .unwrap();
+    assert!(
+        !text.contains(token.rsplit('.').next().unwrap()),
+        "no token in /status"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_scrape_after_traffic_passes_promtool() {
+    let world = World::new();
+    let emu = world.emulator().await;
+    let sc = world.sidecar(emu.addr().port(), "").await;
+    let client = http_client();
+    for _ in 0..5 {
+        assert_eq!(
+            client
+                .get(sc.url("/api/v2/x"))
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+    let r = client
+        .get(sc.url("/api/v2/x"))
+        .header("X-Tenant-ID", "nobody")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let scrape = client
+        .get(format!("http://{}/metrics", sc.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(scrape.contains(
+        "finhub_sidecar_requests_total{decision=\"allow\",status_class=\"2xx\",tenant=\"tenant-demo\"} 5"
+    ), "{scrape}");
+    assert!(scrape.contains(
+        "finhub_sidecar_requests_total{decision=\"unknown_tenant\",status_class=\"4xx\",tenant=\"-\"} 1"
+    ), "{scrape}");
+    assert!(scrape.contains("finhub_sidecar_upstream_connections_total{reused=\"true\"}"));
+    assert!(scrape.contains("finhub_sidecar_request_duration_seconds_bucket"));
+
+    let file = world.dir.path().join("scrape.prom");
+    std::fs::write(&file, &scrape).unwrap();
+    let out = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(&file).unwrap())
+        .output()
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
