@@ -17,6 +17,8 @@ use http::HeaderValue;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::audit::AuditOutput;
+use crate::policy::ratelimit::{Limit, RateLimitConfig, RouteLimit};
 use crate::secret::{Secret, SecretSource};
 
 // ---------------------------------------------------------------------------------------------
@@ -52,6 +54,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// Audit log.
+    pub audit: AuditConfig,
 }
 
 /// Graceful shutdown timing.
@@ -192,6 +196,12 @@ pub struct TenantConfig {
 pub struct PolicyConfig {
     /// TCP peers allowed to use the proxy.
     pub allowed_clients: Vec<IpNet>,
+    /// TCP peers whose single-IP `X-Forwarded-For` is trusted as the end user's IP.
+    pub trusted_forwarders: Vec<IpNet>,
+    /// Requests whose header block is larger get 431.
+    pub max_header_bytes: usize,
+    /// Rate limits.
+    pub rate_limit: RateLimitConfig,
 }
 
 /// Values of headers the sidecar sets on FinHub calls.
@@ -202,7 +212,26 @@ pub struct HeaderConfig {
     /// `User-Agent` used when the app sends none (and on login).
     pub user_agent: HeaderValue,
     /// `sec-ch-ua-platform` value.
+    pub sec_ch_ua_platform: HeaderValue,
+    /// `platform` value (v2.1 request-source platform, A18).
     pub platform: HeaderValue,
+    /// `X-Forwarded-From` value (A18).
+    pub forwarded_from: HeaderValue,
+    /// `deviceId` value, stable per deployment (A18).
+    pub device_id: HeaderValue,
+    /// Whether `X-Forwarded-From`, `platform` and `deviceId` are sent (A18).
+    pub v21_headers: bool,
+    /// Whether an `X-Idempotency-Key` is generated for unsafe methods without one (A21).
+    pub idempotency_keys: bool,
+}
+
+/// Audit log settings.
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// Where the lines go.
+    pub output: AuditOutput,
+    /// Keep the query string in the logged path.
+    pub include_query: bool,
 }
 
 /// Log output format.
@@ -326,6 +355,9 @@ struct FileConfig {
     /// `[shutdown]`: graceful drain timing.
     #[serde(default)]
     shutdown: FileShutdown,
+    /// `[audit]`: the per-request audit line.
+    #[serde(default)]
+    audit: FileAudit,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -439,6 +471,49 @@ struct FileTenant {
 struct FilePolicy {
     /// CIDRs allowed to use the proxy (TCP peer address); default loopback only.
     allowed_clients: Option<Vec<String>>,
+    /// CIDRs of proxies/ingresses whose single-IP `X-Forwarded-For` names the real end user.
+    #[serde(default)]
+    trusted_forwarders: Vec<String>,
+    /// Largest accepted request header block in bytes; default 32768 (larger gets 431).
+    max_header_bytes: Option<usize>,
+    /// `[policy.rate_limit]`: token buckets per tenant.
+    #[serde(default)]
+    rate_limit: FileRateLimit,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileRateLimit {
+    /// Sustained requests per second per tenant; unset disables local limiting.
+    rate: Option<u32>,
+    /// Burst above the rate; default equal to `rate`.
+    burst: Option<u32>,
+    /// `[[policy.rate_limit.routes]]`: stricter buckets by method and path prefix.
+    #[serde(default)]
+    routes: Vec<FileRouteLimit>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRouteLimit {
+    /// HTTP method to match (e.g. `POST`); unset matches every method.
+    method: Option<String>,
+    /// Path prefix to match, e.g. `/api/v2/auth`.
+    path_prefix: String,
+    /// Requests per second for this route, per tenant.
+    rate: u32,
+    /// Burst; default equal to `rate`.
+    burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    /// `stdout` (default), `off`, or a file path to append to.
+    output: Option<String>,
+    /// Keep the query string in the logged path (it may carry personal data); default false.
+    #[serde(default)]
+    include_query: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -446,10 +521,20 @@ struct FilePolicy {
 struct FileHeaders {
     /// Originating IP sent as `X-Forwarded-For`, e.g. `"${POD_IP}"`; default 127.0.0.1 (not in production).
     origin_ip: Option<String>,
-    /// Default `User-Agent`; default `finhub-sidecar/<version>`.
+    /// Default `User-Agent`; default `finhub-sidecar/<version> rust/<rustc version>`.
     user_agent: Option<String>,
-    /// `sec-ch-ua-platform`; default `Linux`.
+    /// `sec-ch-ua-platform`; default `Linux` (unquoted, A19).
+    sec_ch_ua_platform: Option<String>,
+    /// `platform` (v2.1); default `server`.
     platform: Option<String>,
+    /// `X-Forwarded-From` (v2.1 request source); default `finhub-sidecar`.
+    forwarded_from: Option<String>,
+    /// `deviceId` (v2.1), stable per deployment; default `finhub-sidecar`.
+    device_id: Option<String>,
+    /// Send `X-Forwarded-From`, `platform` and `deviceId` on every request; default true.
+    v21_headers: Option<bool>,
+    /// Generate `X-Idempotency-Key` for POST/PUT/PATCH/DELETE without one; default true.
+    idempotency_keys: Option<bool>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -564,6 +649,18 @@ impl Convert<'_> {
                 secs(20),
             ),
         };
+        let audit = AuditConfig {
+            output: match f.audit.output.as_deref().map(str::trim) {
+                None | Some("stdout") => AuditOutput::Stdout,
+                Some("off") => AuditOutput::Off,
+                Some("") => {
+                    self.err("audit.output", "must be stdout, off, or a file path");
+                    AuditOutput::Off
+                }
+                Some(p) => AuditOutput::File(self.path(PathBuf::from(p))),
+            },
+            include_query: f.audit.include_query,
+        };
         let log = LogConfig {
             format: f.log.format.unwrap_or(LogFormat::Json),
             level: f.log.level.unwrap_or_else(|| "info".into()),
@@ -582,6 +679,7 @@ impl Convert<'_> {
             headers: headers?,
             log,
             shutdown,
+            audit,
         })
     }
 
@@ -899,7 +997,84 @@ impl Convert<'_> {
                 ),
             }
         }
-        Some(PolicyConfig { allowed_clients })
+        let mut trusted_forwarders = Vec::new();
+        for (i, c) in p.trusted_forwarders.iter().enumerate() {
+            match c
+                .parse::<IpNet>()
+                .or_else(|_| c.parse::<IpAddr>().map(IpNet::from))
+            {
+                Ok(n) => trusted_forwarders.push(n),
+                Err(_) => self.err(
+                    format!("policy.trusted_forwarders[{i}]"),
+                    format!("`{c}` is not a CIDR or IP address"),
+                ),
+            }
+        }
+        let max_header_bytes = p.max_header_bytes.unwrap_or(32 * 1024);
+        if max_header_bytes < 1024 {
+            self.err("policy.max_header_bytes", "must be at least 1024");
+        }
+        let rate_limit = self.rate_limit(p.rate_limit);
+        Some(PolicyConfig {
+            allowed_clients,
+            trusted_forwarders,
+            max_header_bytes,
+            rate_limit,
+        })
+    }
+
+    fn limit(&mut self, key: &str, rate: u32, burst: Option<u32>) -> Option<Limit> {
+        let per_second = std::num::NonZeroU32::new(rate);
+        let burst = std::num::NonZeroU32::new(burst.unwrap_or(rate));
+        match (per_second, burst) {
+            (Some(per_second), Some(burst)) => Some(Limit { per_second, burst }),
+            _ => {
+                self.err(key, "rate and burst must be at least 1");
+                None
+            }
+        }
+    }
+
+    fn rate_limit(&mut self, r: FileRateLimit) -> RateLimitConfig {
+        let default = match r.rate {
+            Some(rate) => self.limit("policy.rate_limit.rate", rate, r.burst),
+            None => {
+                if r.burst.is_some() {
+                    self.err("policy.rate_limit.burst", "burst needs rate");
+                }
+                None
+            }
+        };
+        let mut routes = Vec::new();
+        for (i, route) in r.routes.into_iter().enumerate() {
+            let key = format!("policy.rate_limit.routes[{i}]");
+            let method = match route.method.as_deref() {
+                None => None,
+                Some(m) => match http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                {
+                    Ok(m) => Some(m),
+                    Err(_) => {
+                        self.err(
+                            format!("{key}.method"),
+                            format!("`{m}` is not an HTTP method"),
+                        );
+                        continue;
+                    }
+                },
+            };
+            if !route.path_prefix.starts_with('/') {
+                self.err(format!("{key}.path_prefix"), "must start with /");
+                continue;
+            }
+            if let Some(limit) = self.limit(&format!("{key}.rate"), route.rate, route.burst) {
+                routes.push(RouteLimit {
+                    method,
+                    path_prefix: route.path_prefix,
+                    limit,
+                });
+            }
+        }
+        RateLimitConfig { default, routes }
     }
 
     fn headers(&mut self, h: FileHeaders, env: Option<Environment>) -> Option<HeaderConfig> {
@@ -928,20 +1103,39 @@ impl Convert<'_> {
                 "production needs the real originating IP (e.g. \"${POD_IP}\"), not loopback",
             );
         }
-        let user_agent = h
-            .user_agent
-            .unwrap_or_else(|| format!("finhub-sidecar/{}", env!("CARGO_PKG_VERSION")));
-        let user_agent = HeaderValue::from_str(&user_agent)
-            .map_err(|_| self.err("headers.user_agent", "must be a printable header value"))
-            .ok()?;
-        let platform = HeaderValue::from_str(h.platform.as_deref().unwrap_or("Linux"))
-            .map_err(|_| self.err("headers.platform", "must be a printable header value"))
-            .ok()?;
+        let default_ua = format!(
+            "finhub-sidecar/{} rust/{}",
+            env!("CARGO_PKG_VERSION"),
+            env!("FINHUB_RUSTC_VERSION")
+        );
+        let user_agent = self.header_value("headers.user_agent", h.user_agent, &default_ua);
+        let sec_ch_ua_platform =
+            self.header_value("headers.sec_ch_ua_platform", h.sec_ch_ua_platform, "Linux");
+        let platform = self.header_value("headers.platform", h.platform, "server");
+        let forwarded_from =
+            self.header_value("headers.forwarded_from", h.forwarded_from, "finhub-sidecar");
+        let device_id = self.header_value("headers.device_id", h.device_id, "finhub-sidecar");
         Some(HeaderConfig {
             origin_ip,
-            user_agent,
-            platform,
+            user_agent: user_agent?,
+            sec_ch_ua_platform: sec_ch_ua_platform?,
+            platform: platform?,
+            forwarded_from: forwarded_from?,
+            device_id: device_id?,
+            v21_headers: h.v21_headers.unwrap_or(true),
+            idempotency_keys: h.idempotency_keys.unwrap_or(true),
         })
+    }
+
+    fn header_value(&mut self, key: &str, v: Option<String>, default: &str) -> Option<HeaderValue> {
+        let v = v.unwrap_or_else(|| default.to_string());
+        match HeaderValue::from_str(&v) {
+            Ok(h) if !v.is_empty() && v.is_ascii() => Some(h),
+            _ => {
+                self.err(key, "must be a non-empty printable ASCII header value");
+                None
+            }
+        }
     }
 }
 

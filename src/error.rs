@@ -37,6 +37,21 @@ pub enum ProxyError {
     /// The request target could not be understood unambiguously.
     #[error("request target is malformed or ambiguous")]
     BadTarget,
+    /// A trusted forwarder sent an `X-Forwarded-For` that is not exactly one IP address.
+    #[error("X-Forwarded-For must be exactly one valid IPv4 or IPv6 address")]
+    InvalidForwardedFor,
+    /// A header the sidecar interprets has a malformed value.
+    #[error("header `{0}` has a malformed value")]
+    InvalidHeader(&'static str),
+    /// The request's header block is larger than `policy.max_header_bytes`.
+    #[error("request headers are too large")]
+    HeadersTooLarge,
+    /// The tenant's rate limit (or FinHub's own 429 hold) refuses the request.
+    #[error("rate limit exceeded for this tenant; retry after the indicated seconds")]
+    RateLimited {
+        /// Seconds until a request would be accepted.
+        retry_after_secs: u64,
+    },
     /// `X-Tenant-ID` names a tenant the sidecar has no session for.
     #[error("tenant `{0}` is not configured in this sidecar")]
     UnknownTenant(String),
@@ -92,7 +107,13 @@ impl ProxyError {
     pub fn status(&self) -> u16 {
         match self {
             ProxyError::ClientNotAllowed | ProxyError::DestinationNotAllowed(_) => 403,
-            ProxyError::BadTarget | ProxyError::UnknownTenant(_) | ProxyError::BadRequest => 400,
+            ProxyError::BadTarget
+            | ProxyError::UnknownTenant(_)
+            | ProxyError::BadRequest
+            | ProxyError::InvalidForwardedFor
+            | ProxyError::InvalidHeader(_) => 400,
+            ProxyError::HeadersTooLarge => 431,
+            ProxyError::RateLimited { .. } => 429,
             ProxyError::SessionUnavailable { .. } => 503,
             ProxyError::UpstreamUnresolved
             | ProxyError::UpstreamTls(_)
@@ -110,6 +131,10 @@ impl ProxyError {
             ProxyError::DestinationNotAllowed(_) => "destination_not_allowed",
             ProxyError::BadTarget => "invalid_request_target",
             ProxyError::UnknownTenant(_) => "unknown_tenant",
+            ProxyError::InvalidForwardedFor => "invalid_forwarded_for",
+            ProxyError::InvalidHeader(_) => "invalid_header",
+            ProxyError::HeadersTooLarge => "request_headers_too_large",
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::SessionUnavailable { .. } => "session_unavailable",
             ProxyError::UpstreamUnresolved => "upstream_unresolved",
             ProxyError::UpstreamTls(TlsFailure::UnknownCa) => "upstream_tls_unknown_ca",
@@ -134,7 +159,12 @@ impl ProxyError {
         match self {
             ProxyError::ClientNotAllowed => "deny_client",
             ProxyError::DestinationNotAllowed(_) => "deny_destination",
-            ProxyError::BadTarget | ProxyError::BadRequest => "bad_request",
+            ProxyError::BadTarget
+            | ProxyError::BadRequest
+            | ProxyError::InvalidHeader(_)
+            | ProxyError::HeadersTooLarge => "bad_request",
+            ProxyError::InvalidForwardedFor => "invalid_forwarded_for",
+            ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UnknownTenant(_) => "unknown_tenant",
             ProxyError::SessionUnavailable { .. } => "session_unavailable",
             ProxyError::UpstreamUnresolved
@@ -149,7 +179,8 @@ impl ProxyError {
     /// `Retry-After` seconds, for answers that have one.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            ProxyError::SessionUnavailable { retry_after_secs } => Some(*retry_after_secs),
+            ProxyError::SessionUnavailable { retry_after_secs }
+            | ProxyError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
             _ => None,
         }
     }

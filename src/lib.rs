@@ -4,6 +4,7 @@
 //! `main.rs` only wires these modules together; every decision lives in a module with its own tests.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod check;
 pub mod config;

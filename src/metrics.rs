@@ -52,6 +52,9 @@ pub struct Metrics {
     pub upstream_connections: IntCounterVec,
     /// `finhub_sidecar_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
+    /// `finhub_sidecar_rate_limited_total{tenant}`: requests refused with 429 by the local
+    /// limiter or by a hold after FinHub's own 429.
+    pub rate_limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -146,6 +149,14 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let rate_limited = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_rate_limited_total",
+                "Requests refused with 429 by the local limiter or a FinHub 429 hold",
+            ),
+            &["tenant"],
+        )
+        .expect("static metric definition is valid");
         for reused in ["true", "false"] {
             upstream_connections.with_label_values(&[reused]);
         }
@@ -156,6 +167,7 @@ impl Metrics {
             Box::new(requests_in_flight.clone()),
             Box::new(upstream_connections.clone()),
             Box::new(build_info.clone()),
+            Box::new(rate_limited.clone()),
             Box::new(cert_expiration.clone()),
             Box::new(cert_reloads.clone()),
             Box::new(cert_last_reload.clone()),
@@ -185,7 +197,20 @@ impl Metrics {
             requests_in_flight,
             upstream_connections,
             build_info,
+            rate_limited,
         }
+    }
+
+    /// Creates every per-tenant series at 0, so a first failure is visible to `increase()`.
+    pub fn init_tenant(&self, tenant: &str) {
+        for kind in ["login", "refresh"] {
+            for result in ["ok", "not_refreshed", "rejected", "rate_limited", "error"] {
+                self.auth_requests
+                    .with_label_values(&[tenant, kind, result]);
+            }
+        }
+        self.upstream_401_replays.with_label_values(&[tenant]);
+        self.rate_limited.with_label_values(&[tenant]);
     }
 
     /// `2xx`..`5xx` for a status code; `none` when no response was sent.

@@ -2,12 +2,14 @@
 //! function in `policy`, `auth`, `tls` or `error`.
 //!
 //! ```text
-//! request_filter           client allowed? -> target allowed? -> tenant -> usable session?
+//! request_filter           client allowed? -> header size/format -> target allowed? -> tenant
+//!                          -> X-Forwarded-For -> FinHub 429 hold -> rate limit -> usable session?
 //! upstream_peer            resolved FinHub address + SNI + current client cert + CA
 //! upstream_request_filter  strip app credentials, set session + compliance headers, Host, path
 //! upstream_response_filter a 401 from FinHub renews the session (single flight) and replays once
 //! error_while_proxy        only that replay, or a safe retry on a reused connection, retries
-//! response_filter          echo X-Request-ID to the app
+//! response_filter          echo X-Request-ID to the app; FinHub's 429 + Retry-After holds the tenant
+//! logging                  metrics and the audit line
 //! fail_to_proxy            map the failure to one JSON error (502 TLS / 504 timeout / ...)
 //! ```
 
@@ -21,11 +23,13 @@ use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::audit::{Audit, AuditRecord};
 use crate::auth::{Session as FinHubSession, SessionTable, TenantSessions};
 use crate::config::Config;
 use crate::error::{self, ProxyError};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::Metrics;
+use crate::policy::ratelimit::{self, Decision, Limiter, UpstreamHold};
 use crate::policy::{allow, headers};
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
@@ -33,7 +37,7 @@ use crate::upstream::UpstreamAddrs;
 /// Seconds an app is told to wait when its tenant has no session yet.
 const SESSION_RETRY_AFTER_SECS: u64 = 1;
 
-/// Everything the data path reads; all of it is immutable or an atomic snapshot.
+/// Everything the data path reads; all of it is immutable, atomic, or a published snapshot.
 pub struct FinHubProxy {
     config: Arc<Config>,
     tls: Arc<TlsStore>,
@@ -41,6 +45,30 @@ pub struct FinHubProxy {
     sessions: Arc<SessionTable>,
     metrics: Metrics,
     lifecycle: Arc<Lifecycle>,
+    limiter: Box<dyn Limiter>,
+    /// Per-tenant hold after FinHub answered 429 with Retry-After.
+    holds: Vec<UpstreamHold>,
+    audit: Audit,
+}
+
+/// The shared parts a [`FinHubProxy`] is built from.
+pub struct ProxyParts {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Client TLS snapshot.
+    pub tls: Arc<TlsStore>,
+    /// Resolved upstream addresses.
+    pub upstream: Arc<UpstreamAddrs>,
+    /// Session slots.
+    pub sessions: Arc<SessionTable>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Drain state.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Rate-limit backend.
+    pub limiter: Box<dyn Limiter>,
+    /// Audit writer.
+    pub audit: Audit,
 }
 
 /// Error type that asks Pingora to send the request again (after a 401 and a renewal).
@@ -59,6 +87,8 @@ pub struct RequestCtx {
     request_id: Option<HeaderValue>,
     activity_id: Option<HeaderValue>,
     idempotency_key: Option<HeaderValue>,
+    forwarded_for: Option<HeaderValue>,
+    upstream_status: Option<u16>,
     /// The request body is small enough (or absent) to be sent again after a 401.
     replayable: bool,
     /// The request was already replayed once.
@@ -71,35 +101,41 @@ pub struct RequestCtx {
 
 impl FinHubProxy {
     /// The proxy over the shared control-plane state.
-    pub fn new(
-        config: Arc<Config>,
-        tls: Arc<TlsStore>,
-        upstream: Arc<UpstreamAddrs>,
-        sessions: Arc<SessionTable>,
-        metrics: Metrics,
-        lifecycle: Arc<Lifecycle>,
-    ) -> Self {
+    pub fn new(parts: ProxyParts) -> Self {
+        let holds = (0..parts.sessions.tenants().len())
+            .map(|_| UpstreamHold::default())
+            .collect();
         FinHubProxy {
-            config,
-            tls,
-            upstream,
-            sessions,
-            metrics,
-            lifecycle,
+            config: parts.config,
+            tls: parts.tls,
+            upstream: parts.upstream,
+            sessions: parts.sessions,
+            metrics: parts.metrics,
+            lifecycle: parts.lifecycle,
+            limiter: parts.limiter,
+            holds,
+            audit: parts.audit,
         }
     }
 
     /// Decides whether the request may be forwarded and for which tenant; fills `ctx`.
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
+        let policy = &self.config.policy;
         let peer_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip())
             .ok_or(ProxyError::ClientNotAllowed)?;
-        if !allow::client_allowed(&self.config.policy.allowed_clients, peer_ip) {
+        if !allow::client_allowed(&policy.allowed_clients, peer_ip) {
             return Err(ProxyError::ClientNotAllowed);
         }
         let req = session.req_header();
+        if headers::header_bytes(req) > policy.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge);
+        }
+        if let Some(name) = headers::malformed_header(req) {
+            return Err(ProxyError::InvalidHeader(name));
+        }
         match allow::destination(req.raw_path(), &self.config.upstream.allowed_hosts)? {
             allow::Target::Origin => {}
             allow::Target::Absolute { path_and_query } => {
@@ -107,17 +143,42 @@ impl FinHubProxy {
             }
         }
         let tenant = self.sessions.select(req.headers.get("x-tenant-id"))?;
+        ctx.tenant = Some(tenant.clone());
+        let xff = headers::forwarded_for(
+            peer_ip,
+            &policy.trusted_forwarders,
+            req.headers.get("x-forwarded-for"),
+            self.config.headers.origin_ip,
+        )?;
+        ctx.forwarded_for = HeaderValue::from_str(&xff.to_string()).ok();
+        if let Some(left) = self
+            .holds
+            .get(tenant.index)
+            .and_then(UpstreamHold::remaining)
+        {
+            let retry_after_secs = Decision::Deny { retry_after: left }
+                .retry_after_secs()
+                .unwrap_or(1);
+            return Err(ProxyError::RateLimited { retry_after_secs });
+        }
+        let path = req.uri.path();
+        let decision = self.limiter.check(tenant.index, &req.method, path);
+        if let Some(retry_after_secs) = decision.retry_after_secs() {
+            return Err(ProxyError::RateLimited { retry_after_secs });
+        }
         let usable = tenant
             .usable(SystemTime::now())
             .ok_or(ProxyError::SessionUnavailable {
                 retry_after_secs: SESSION_RETRY_AFTER_SECS,
             })?;
-        ctx.tenant = Some(tenant.clone());
         ctx.session = Some(usable);
         ctx.request_id = Some(headers::uuid_or_new(req.headers.get("x-request-id")));
         ctx.activity_id = Some(headers::uuid_or_new(req.headers.get("x-activity-id")));
-        ctx.idempotency_key =
-            headers::idempotency_key(&req.method, req.headers.get("x-idempotency-key"));
+        ctx.idempotency_key = if self.config.headers.idempotency_keys {
+            headers::idempotency_key(&req.method, req.headers.get("x-idempotency-key"))
+        } else {
+            req.headers.get("x-idempotency-key").cloned()
+        };
         ctx.replayable = headers::body_fits(req, self.config.auth.replay_body_limit);
         Ok(())
     }
@@ -141,13 +202,15 @@ impl FinHubProxy {
         Ok(peer)
     }
 
-    /// Rewrites the request FinHub receives.
+    /// Rewrites the request FinHub receives (protocol notes §3 header policy).
     fn rewrite(&self, req: &mut RequestHeader, ctx: &RequestCtx) -> pingora::Result<()> {
         if let Some(uri) = &ctx.upstream_uri {
             req.set_uri(uri.clone());
         }
         headers::strip_app_credentials(req);
-        let (Some(tenant), Some(session)) = (&ctx.tenant, &ctx.session) else {
+        let (Some(tenant), Some(session), Some(request_id)) =
+            (&ctx.tenant, &ctx.session, &ctx.request_id)
+        else {
             return Error::e_explain(
                 ErrorType::InternalError,
                 "request admitted without a session",
@@ -156,9 +219,9 @@ impl FinHubProxy {
         headers::apply_session(req, session, &tenant.tenant.id_header)?;
         let h = &self.config.headers;
         req.insert_header(http::header::HOST, self.config.upstream.host_header.clone())?;
-        if let Some(id) = &ctx.request_id {
-            req.insert_header("x-request-id", id.clone())?;
-        }
+        req.insert_header("x-request-id", request_id.clone())?;
+        let correlation = headers::correlation_id(req.headers.get("x-correlation-id"), request_id);
+        req.insert_header("x-correlation-id", correlation)?;
         if let Some(id) = &ctx.activity_id {
             req.insert_header("x-activity-id", id.clone())?;
         }
@@ -167,9 +230,46 @@ impl FinHubProxy {
         }
         let ua = headers::user_agent(req.headers.get(http::header::USER_AGENT), &h.user_agent);
         req.insert_header(http::header::USER_AGENT, ua)?;
-        req.insert_header("sec-ch-ua-platform", h.platform.clone())?;
-        req.insert_header("x-forwarded-for", h.origin_ip.to_string())?;
+        req.insert_header("sec-ch-ua-platform", h.sec_ch_ua_platform.clone())?;
+        if let Some(xff) = &ctx.forwarded_for {
+            req.insert_header("x-forwarded-for", xff.clone())?;
+        }
+        if h.v21_headers {
+            for (name, value) in [
+                ("x-forwarded-from", &h.forwarded_from),
+                ("platform", &h.platform),
+                ("deviceid", &h.device_id),
+            ] {
+                if !req.headers.contains_key(name) {
+                    req.insert_header(name, value.clone())?;
+                }
+            }
+        }
+        if headers::needs_default_content_type(req) {
+            req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+        }
         Ok(())
+    }
+}
+
+impl FinHubProxy {
+    /// FinHub answered 429: pass it on, and if it said when to come back, hold the tenant's
+    /// requests locally until then so the fleet stops hammering.
+    fn hold_after_429(&self, resp: &ResponseHeader, ctx: &RequestCtx) {
+        let Some(tenant) = &ctx.tenant else { return };
+        let retry_after = resp
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| ratelimit::parse_retry_after(v, SystemTime::now()));
+        if let (Some(d), Some(hold)) = (retry_after, self.holds.get(tenant.index)) {
+            hold.hold_for(d);
+            tracing::warn!(
+                tenant = %tenant.tenant.id,
+                retry_after_ms = d.as_millis() as u64,
+                "FinHub answered 429; holding this tenant's requests"
+            );
+        }
     }
 }
 
@@ -204,6 +304,8 @@ impl ProxyHttp for FinHubProxy {
             request_id: None,
             activity_id: None,
             idempotency_key: None,
+            forwarded_for: None,
+            upstream_status: None,
             replayable: false,
             replayed: false,
             replay_pending: false,
@@ -254,6 +356,7 @@ impl ProxyHttp for FinHubProxy {
 
     /// Contract: a 401 renews the tenant's session (single flight) and, if the request can be
     /// sent again, replays it once with the new session; otherwise the 401 goes to the app.
+    /// A 429 with Retry-After holds the tenant's requests locally until then.
     async fn upstream_response_filter(
         &self,
         session: &mut Session,
@@ -265,7 +368,12 @@ impl ProxyHttp for FinHubProxy {
                 .upstream_duration
                 .observe(t.elapsed().as_secs_f64());
         }
-        if upstream_response.status.as_u16() != 401 {
+        let status = upstream_response.status.as_u16();
+        ctx.upstream_status = Some(status);
+        if status == 429 {
+            self.hold_after_429(upstream_response, ctx);
+        }
+        if status != 401 {
             return Ok(());
         }
         let (Some(tenant), Some(refused)) = (ctx.tenant.clone(), ctx.session.clone()) else {
@@ -365,14 +473,59 @@ impl ProxyHttp for FinHubProxy {
             .unwrap_or(0);
         let decision = ctx.failure.as_ref().map_or("allow", ProxyError::decision);
         let tenant = ctx.tenant.as_ref().map_or("-", |t| t.tenant.id.as_str());
+        if matches!(ctx.failure, Some(ProxyError::RateLimited { .. })) {
+            self.metrics.rate_limited.with_label_values(&[tenant]).inc();
+        }
         self.metrics
             .requests
             .with_label_values(&[tenant, decision, Metrics::status_class(status)])
             .inc();
+        let elapsed = ctx.start.elapsed();
         self.metrics
             .request_duration
             .with_label_values(&[tenant])
-            .observe(ctx.start.elapsed().as_secs_f64());
+            .observe(elapsed.as_secs_f64());
+        let req = session.req_header();
+        let path_and_query = ctx
+            .upstream_uri
+            .as_ref()
+            .and_then(|u| u.path_and_query())
+            .or(req.uri.path_and_query())
+            .map_or("/", |p| p.as_str());
+        let text = |v: &Option<HeaderValue>| -> Option<String> {
+            v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_string)
+        };
+        let (request_id, activity_id, xff) = (
+            text(&ctx.request_id),
+            text(&ctx.activity_id),
+            text(&ctx.forwarded_for),
+        );
+        self.audit.write(&AuditRecord {
+            kind: "audit",
+            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            request_id: request_id.as_deref(),
+            activity_id: activity_id.as_deref(),
+            tenant: ctx.tenant.as_ref().map(|t| t.tenant.id.as_str()),
+            client_ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string()),
+            forwarded_for: xff.as_deref(),
+            user_agent: req
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+            method: req.method.as_str(),
+            path: self.audit.path(path_and_query),
+            status,
+            decision,
+            reason: ctx.failure.as_ref().map(ProxyError::code),
+            upstream_status: ctx.upstream_status,
+            duration_ms: elapsed.as_secs_f64() * 1000.0,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            replayed: ctx.replayed,
+        });
     }
 
     /// Contract: every failure reaches the app as one JSON error with a stable code.

@@ -10,12 +10,14 @@ use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
 use crate::admin::{self, AdminState};
+use crate::audit::Audit;
 use crate::auth::client::AuthClient;
 use crate::auth::{self, SessionTable};
 use crate::config::{Config, Environment};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
 use crate::metrics::Metrics;
-use crate::proxy::FinHubProxy;
+use crate::policy::ratelimit::LocalLimiter;
+use crate::proxy::{FinHubProxy, ProxyParts};
 use crate::tls::reload::Reloader;
 use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
 use crate::upstream::UpstreamAddrs;
@@ -26,6 +28,9 @@ pub enum StartError {
     /// Certificates or keys are unusable.
     #[error("client TLS: {0}")]
     Tls(#[from] TlsError),
+    /// The audit file could not be opened.
+    #[error("audit.output: {0}")]
+    Audit(std::io::Error),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -47,6 +52,8 @@ pub struct Sidecar {
     admin_listener: std::net::TcpListener,
     tls_files: TlsFiles,
     metrics: Metrics,
+    audit: Audit,
+    audit_guard: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl Sidecar {
@@ -77,14 +84,22 @@ impl Sidecar {
             config.upstream.port,
         ));
         let sessions = Arc::new(SessionTable::new(&config));
+        let metrics = Metrics::new();
+        for t in &config.tenants {
+            metrics.init_tenant(&t.id);
+        }
+        let (audit, audit_guard) = Audit::open(&config.audit.output, config.audit.include_query)
+            .map_err(StartError::Audit)?;
         Ok(Sidecar {
+            audit,
+            audit_guard,
             config: Arc::new(config),
             tls: Arc::new(TlsStore::new(tls)),
             upstream,
             sessions,
             admin_listener,
             tls_files,
-            metrics: Metrics::new(),
+            metrics,
         })
     }
 
@@ -113,14 +128,19 @@ impl Sidecar {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let proxy = FinHubProxy::new(
-            c.clone(),
-            self.tls.clone(),
-            self.upstream.clone(),
-            self.sessions.clone(),
-            self.metrics.clone(),
-            lifecycle.clone(),
-        );
+        let proxy = FinHubProxy::new(ProxyParts {
+            config: c.clone(),
+            tls: self.tls.clone(),
+            upstream: self.upstream.clone(),
+            sessions: self.sessions.clone(),
+            metrics: self.metrics.clone(),
+            lifecycle: lifecycle.clone(),
+            limiter: Box::new(LocalLimiter::new(
+                c.policy.rate_limit.clone(),
+                c.tenants.len(),
+            )),
+            audit: self.audit.clone(),
+        });
         let mut proxy_service = pingora::proxy::http_proxy_service_with_name(
             &server.configuration,
             proxy,
@@ -151,6 +171,8 @@ impl Sidecar {
         server.run(RunArgs {
             shutdown_signal: Box::new(DrainingSignal(lifecycle)),
         });
+        // Flush queued audit lines before the process exits.
+        drop(self.audit_guard);
         tracing::info!("finhub-sidecar stopped");
     }
 }

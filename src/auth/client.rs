@@ -79,7 +79,7 @@ impl AuthClient {
             timeout: config.auth.request_timeout,
             origin_ip: config.headers.origin_ip.to_string(),
             user_agent: config.headers.user_agent.clone(),
-            platform: config.headers.platform.clone(),
+            platform: config.headers.sec_ch_ua_platform.clone(),
             cached: Mutex::new(None),
         }
     }

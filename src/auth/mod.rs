@@ -123,6 +123,8 @@ fn sensitive(v: &str) -> HeaderValue {
 pub struct TenantSessions {
     /// The tenant.
     pub tenant: TenantConfig,
+    /// Position in the configuration (index for per-tenant tables such as rate limits).
+    pub index: usize,
     current: ArcSwapOption<Session>,
     renew_now: Notify,
     /// Set when a renewal was requested because FinHub refused the current token.
@@ -144,9 +146,10 @@ pub struct TenantStatus {
 }
 
 impl TenantSessions {
-    fn new(tenant: TenantConfig) -> Self {
+    fn new(tenant: TenantConfig, index: usize) -> Self {
         TenantSessions {
             tenant,
+            index,
             current: ArcSwapOption::empty(),
             renew_now: Notify::new(),
             forced: AtomicBool::new(false),
@@ -237,7 +240,8 @@ impl SessionTable {
         let all: Vec<_> = config
             .tenants
             .iter()
-            .map(|t| Arc::new(TenantSessions::new(t.clone())))
+            .enumerate()
+            .map(|(i, t)| Arc::new(TenantSessions::new(t.clone(), i)))
             .collect();
         let by_id = all
             .iter()

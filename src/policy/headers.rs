@@ -90,6 +90,70 @@ pub fn body_fits(req: &RequestHeader, limit: usize) -> bool {
     }
 }
 
+/// Which single IP goes in `X-Forwarded-For` (§8, A25): a trusted forwarder's single valid IP
+/// (the real end user), else the configured origin IP. An untrusted peer's header is ignored.
+pub fn forwarded_for(
+    peer: std::net::IpAddr,
+    trusted: &[ipnet::IpNet],
+    app: Option<&HeaderValue>,
+    origin: std::net::IpAddr,
+) -> Result<std::net::IpAddr, crate::error::ProxyError> {
+    let Some(v) = app else { return Ok(origin) };
+    if !crate::policy::allow::client_allowed(trusted, peer) {
+        return Ok(origin);
+    }
+    v.to_str()
+        .ok()
+        .and_then(|s| s.trim().parse::<std::net::IpAddr>().ok())
+        .ok_or(crate::error::ProxyError::InvalidForwardedFor)
+}
+
+/// `X-Correlation-ID`: the app's if printable and non-empty, else the request id (A14).
+pub fn correlation_id(app: Option<&HeaderValue>, request_id: &HeaderValue) -> HeaderValue {
+    match app {
+        Some(v) if !v.is_empty() && v.to_str().is_ok() => v.clone(),
+        _ => request_id.clone(),
+    }
+}
+
+/// Whether `Content-Type: application/json` should be added: a body is present and the app
+/// sent no content type.
+pub fn needs_default_content_type(req: &RequestHeader) -> bool {
+    if req.headers.contains_key(http::header::CONTENT_TYPE) {
+        return false;
+    }
+    req.headers.contains_key(http::header::TRANSFER_ENCODING)
+        || req
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0)
+}
+
+/// Size of the header block (names, values and separators), for the 431 limit.
+pub fn header_bytes(req: &RequestHeader) -> usize {
+    req.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum()
+}
+
+/// The first header among those the sidecar interprets whose value is not visible ASCII.
+pub fn malformed_header(req: &RequestHeader) -> Option<&'static str> {
+    const INTERPRETED: [&str; 6] = [
+        "x-tenant-id",
+        "x-forwarded-for",
+        "x-request-id",
+        "x-activity-id",
+        "x-idempotency-key",
+        "x-correlation-id",
+    ];
+    INTERPRETED
+        .into_iter()
+        .find(|name| req.headers.get(*name).is_some_and(|v| v.to_str().is_err()))
+}
+
 /// The app's `User-Agent` if non-empty and printable, else the configured default (§8).
 pub fn user_agent(app: Option<&HeaderValue>, default: &HeaderValue) -> HeaderValue {
     match app {
@@ -148,6 +212,67 @@ mod tests {
         req.remove_header("Content-Length");
         req.insert_header("Transfer-Encoding", "chunked").unwrap();
         assert!(!body_fits(&req, 65_536));
+    }
+
+    #[test]
+    fn forwarded_for_trusts_only_trusted_peers() {
+        let trusted: Vec<ipnet::IpNet> = vec!["127.0.0.3/32".parse().unwrap()];
+        let origin: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        let spoofed = HeaderValue::from_static("203.0.113.9");
+        let untrusted = "127.0.0.2".parse().unwrap();
+        let forwarder = "127.0.0.3".parse().unwrap();
+        assert_eq!(
+            forwarded_for(untrusted, &trusted, Some(&spoofed), origin),
+            Ok(origin)
+        );
+        assert_eq!(
+            forwarded_for(forwarder, &trusted, Some(&spoofed), origin),
+            Ok("203.0.113.9".parse().unwrap())
+        );
+        assert_eq!(forwarded_for(forwarder, &trusted, None, origin), Ok(origin));
+        for bad in ["1.2.3.4, 5.6.7.8", "not-an-ip", ""] {
+            assert_eq!(
+                forwarded_for(
+                    forwarder,
+                    &trusted,
+                    Some(&HeaderValue::from_str(bad).unwrap()),
+                    origin
+                ),
+                Err(crate::error::ProxyError::InvalidForwardedFor),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn correlation_id_defaults_to_request_id() {
+        let rid = HeaderValue::from_static("rid");
+        assert_eq!(correlation_id(None, &rid), rid);
+        let app = HeaderValue::from_static("corr-1");
+        assert_eq!(correlation_id(Some(&app), &rid), app);
+    }
+
+    #[test]
+    fn content_type_defaults_only_with_a_body() {
+        let mut req = RequestHeader::build("POST", b"/x", None).unwrap();
+        assert!(!needs_default_content_type(&req));
+        req.insert_header("Content-Length", "5").unwrap();
+        assert!(needs_default_content_type(&req));
+        req.insert_header("Content-Type", "text/plain").unwrap();
+        assert!(!needs_default_content_type(&req));
+    }
+
+    #[test]
+    fn malformed_interpreted_headers_are_named() {
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        assert_eq!(malformed_header(&req), None);
+        req.insert_header(
+            "X-Request-ID",
+            HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
+        )
+        .unwrap();
+        assert_eq!(malformed_header(&req), Some("x-request-id"));
+        assert!(header_bytes(&req) > 10);
     }
 
     #[test]

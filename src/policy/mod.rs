@@ -3,3 +3,4 @@
 
 pub mod allow;
 pub mod headers;
+pub mod ratelimit;

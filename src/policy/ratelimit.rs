@@ -1,0 +1,259 @@
+//! Rate limits: a token bucket per tenant (`governor`), with optional per-route buckets chosen by
+//! method and path prefix, plus a per-tenant hold set when FinHub itself answers 429 with
+//! `Retry-After`, so the whole sidecar stops hammering until then.
+//!
+//! The buckets sit behind the [`Limiter`] trait so that a shared (distributed) backend can be
+//! added without touching the proxy.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use http::Method;
+
+/// A bucket's rate and burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Sustained requests per second.
+    pub per_second: NonZeroU32,
+    /// Requests allowed at once above the rate.
+    pub burst: NonZeroU32,
+}
+
+/// A per-route override: requests whose method matches (or any, if `None`) and whose path starts
+/// with `path_prefix` use this bucket instead of the tenant's default one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteLimit {
+    /// Method to match; `None` matches every method.
+    pub method: Option<Method>,
+    /// Path prefix to match.
+    pub path_prefix: String,
+    /// The bucket.
+    pub limit: Limit,
+}
+
+/// The whole rate-limit configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Default bucket per tenant; `None` disables local limiting (upstream holds still apply).
+    pub default: Option<Limit>,
+    /// Route overrides, first match wins.
+    pub routes: Vec<RouteLimit>,
+}
+
+/// The outcome of a rate-limit check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Go ahead.
+    Allow,
+    /// Refuse; the client may retry after this long.
+    Deny {
+        /// Time until a request would be allowed.
+        retry_after: Duration,
+    },
+}
+
+impl Decision {
+    /// `Retry-After` in whole seconds, at least 1.
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        match self {
+            Decision::Allow => None,
+            Decision::Deny { retry_after } => {
+                Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
+            }
+        }
+    }
+}
+
+/// A rate-limit backend: decides for (tenant index, request).
+pub trait Limiter: Send + Sync {
+    /// Checks and, if allowed, consumes one token for `tenant` and the request's route.
+    fn check(&self, tenant: usize, method: &Method, path: &str) -> Decision;
+}
+
+/// In-process token buckets: one per tenant and route (plus the tenant default).
+pub struct LocalLimiter {
+    config: RateLimitConfig,
+    /// `buckets[tenant][0]` is the default bucket, `[1 + i]` route `i`'s.
+    buckets: Vec<Vec<Option<DefaultDirectRateLimiter>>>,
+    clock: DefaultClock,
+}
+
+fn bucket(limit: &Limit) -> DefaultDirectRateLimiter {
+    RateLimiter::direct(Quota::per_second(limit.per_second).allow_burst(limit.burst))
+}
+
+impl LocalLimiter {
+    /// Buckets for `tenants` tenants.
+    pub fn new(config: RateLimitConfig, tenants: usize) -> Self {
+        let buckets = (0..tenants)
+            .map(|_| {
+                std::iter::once(config.default.as_ref().map(bucket))
+                    .chain(config.routes.iter().map(|r| Some(bucket(&r.limit))))
+                    .collect()
+            })
+            .collect();
+        LocalLimiter {
+            config,
+            buckets,
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Index of the bucket for a request: `1 + route` for the first matching route, else 0.
+    pub fn route_of(&self, method: &Method, path: &str) -> usize {
+        self.config
+            .routes
+            .iter()
+            .position(|r| {
+                r.method.as_ref().is_none_or(|m| m == method) && path.starts_with(&r.path_prefix)
+            })
+            .map_or(0, |i| i + 1)
+    }
+}
+
+impl Limiter for LocalLimiter {
+    fn check(&self, tenant: usize, method: &Method, path: &str) -> Decision {
+        let route = self.route_of(method, path);
+        let Some(Some(limiter)) = self.buckets.get(tenant).and_then(|b| b.get(route)) else {
+            return Decision::Allow;
+        };
+        match limiter.check() {
+            Ok(()) => Decision::Allow,
+            Err(not_until) => Decision::Deny {
+                retry_after: not_until.wait_time_from(self.clock.now()),
+            },
+        }
+    }
+}
+
+/// A per-tenant "FinHub said 429, wait until" marker. Lock-free.
+pub struct UpstreamHold {
+    origin: Instant,
+    until_ms: AtomicU64,
+}
+
+impl Default for UpstreamHold {
+    fn default() -> Self {
+        UpstreamHold {
+            origin: Instant::now(),
+            until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl UpstreamHold {
+    /// Holds until `now + d` (never shortens an existing hold).
+    pub fn hold_for(&self, d: Duration) {
+        let until = (self.origin.elapsed() + d).as_millis() as u64;
+        self.until_ms.fetch_max(until, Ordering::SeqCst);
+    }
+
+    /// Time left on the hold, if any.
+    pub fn remaining(&self) -> Option<Duration> {
+        let until = self.until_ms.load(Ordering::SeqCst);
+        let now = self.origin.elapsed().as_millis() as u64;
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP-date (RFC 9110 §10.2.3).
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(per_second: u32, burst: u32) -> Limit {
+        Limit {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    #[test]
+    fn burst_then_deny_with_retry_after() {
+        let l = LocalLimiter::new(
+            RateLimitConfig {
+                default: Some(limit(1, 3)),
+                routes: vec![],
+            },
+            2,
+        );
+        for _ in 0..3 {
+            assert_eq!(l.check(0, &Method::GET, "/api/v2/x"), Decision::Allow);
+        }
+        let d = l.check(0, &Method::GET, "/api/v2/x");
+        assert!(matches!(d, Decision::Deny { .. }));
+        assert_eq!(d.retry_after_secs(), Some(1));
+        // Another tenant has its own bucket.
+        assert_eq!(l.check(1, &Method::GET, "/api/v2/x"), Decision::Allow);
+    }
+
+    #[test]
+    fn route_overrides_match_method_and_prefix() {
+        let l = LocalLimiter::new(
+            RateLimitConfig {
+                default: Some(limit(100, 100)),
+                routes: vec![RouteLimit {
+                    method: Some(Method::POST),
+                    path_prefix: "/api/v2/auth".into(),
+                    limit: limit(1, 1),
+                }],
+            },
+            1,
+        );
+        assert_eq!(l.route_of(&Method::POST, "/api/v2/auth/token"), 1);
+        assert_eq!(l.route_of(&Method::GET, "/api/v2/auth/token"), 0);
+        assert_eq!(
+            l.check(0, &Method::POST, "/api/v2/auth/token"),
+            Decision::Allow
+        );
+        assert!(matches!(
+            l.check(0, &Method::POST, "/api/v2/auth/x"),
+            Decision::Deny { .. }
+        ));
+        assert_eq!(l.check(0, &Method::GET, "/api/v2/auth/x"), Decision::Allow);
+    }
+
+    #[test]
+    fn no_default_limit_allows_everything() {
+        let l = LocalLimiter::new(
+            RateLimitConfig {
+                default: None,
+                routes: vec![],
+            },
+            1,
+        );
+        for _ in 0..1000 {
+            assert_eq!(l.check(0, &Method::GET, "/"), Decision::Allow);
+        }
+    }
+
+    #[test]
+    fn holds_extend_and_expire() {
+        let h = UpstreamHold::default();
+        assert!(h.remaining().is_none());
+        h.hold_for(Duration::from_secs(5));
+        h.hold_for(Duration::from_secs(1));
+        assert!(h.remaining().unwrap() > Duration::from_secs(4));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        assert_eq!(parse_retry_after("7", now), Some(Duration::from_secs(7)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(30));
+        assert_eq!(parse_retry_after(&date, now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}
