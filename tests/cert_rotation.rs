@@ -378,3 +378,33 @@ fn production_start_without_a_valid_certificate_exits_with_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("expired"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_close_to_expiry_is_warned_about() {
+    let mut world = World::new();
+    let short = world
+        .pki
+        .client_cert(&ClientCertOpts {
+            validity_days: 3,
+            ..ClientCertOpts::default()
+        })
+        .unwrap();
+    let (cert, key) = short.write_to(world.dir.path(), "short").unwrap();
+    world.client_cert = cert;
+    world.client_key = key;
+    world.cert_extra = format!("{RELOAD}\nexpiry_warning = \"7d\"");
+    let emu = world.emulator().await;
+    let sc = world.sidecar(emu.addr().port(), "").await;
+    let warned = eventually(Duration::from_secs(10), || async {
+        sc.log()
+            .contains("client certificate expires soon")
+            .then_some(())
+    })
+    .await;
+    assert!(warned.is_some(), "{}", sc.log());
+    assert_eq!(
+        sc.log().matches("client certificate expires soon").count(),
+        1,
+        "warned once, not every poll"
+    );
+}
