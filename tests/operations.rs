@@ -232,20 +232,22 @@ async fn metrics_scrape_after_traffic_passes_promtool() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let scrape = client
-        .get(format!("http://{}/metrics", sc.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(scrape.contains(
-        "finhub_sidecar_requests_total{decision=\"allow\",status_class=\"2xx\",tenant=\"tenant-demo\"} 5"
-    ), "{scrape}");
-    assert!(scrape.contains(
-        "finhub_sidecar_requests_total{decision=\"unknown_tenant\",status_class=\"4xx\",tenant=\"-\"} 1"
-    ), "{scrape}");
+    // The per-request record is written after the response; poll until both are counted.
+    let allow = "finhub_sidecar_requests_total{decision=\"allow\",status_class=\"2xx\",tenant=\"tenant-demo\"} 5";
+    let denied = "finhub_sidecar_requests_total{decision=\"unknown_tenant\",status_class=\"4xx\",tenant=\"-\"} 1";
+    let scrape = eventually(Duration::from_secs(5), || async {
+        let text = client
+            .get(format!("http://{}/metrics", sc.admin))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        (text.contains(allow) && text.contains(denied)).then_some(text)
+    })
+    .await
+    .expect("request counters in the scrape");
     assert!(scrape.contains("finhub_sidecar_upstream_connections_total{reused=\"true\"}"));
     assert!(scrape.contains("finhub_sidecar_request_duration_seconds_bucket"));
 

@@ -182,12 +182,13 @@ async fn burst_above_the_limit_gets_exactly_the_expected_429s() {
         5,
         "refused requests never went upstream"
     );
+    // Counted when the request is logged, just after the response: wait for the audit lines.
+    let audit = wait_audit(&sc, 8).await;
     assert_eq!(
         sc.metric("finhub_sidecar_rate_limited_total{tenant=\"tenant-demo\"}")
             .await,
         Some(3.0)
     );
-    let audit = wait_audit(&sc, 8).await;
     assert_eq!(
         audit
             .iter()

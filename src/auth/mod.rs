@@ -517,14 +517,14 @@ mod tests {
     #[test]
     fn session_header_values_are_sensitive() {
         let g = Grant {
-            token: Secret::new("abc"),
+            token: Secret::new("tok-zzz-never-in-a-uuid"),
             expires_in: Some(Duration::from_secs(60)),
             refresh_token: None,
             session_id: None,
         };
         let s = Session::from_grant(g, SystemTime::now());
         assert!(s.authorization.is_sensitive());
-        assert!(!format!("{s:?}").contains("abc"));
+        assert!(!format!("{s:?}").contains("zzz"));
         assert_eq!(s.lifetime().as_secs(), 60);
     }
 }

@@ -97,12 +97,12 @@ impl Reloader {
                 for w in &tls.warnings {
                     tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
                 }
-                self.store.publish_arc(tls.clone());
                 self.metrics
                     .cert_reloads
                     .with_label_values(&["published"])
                     .inc();
                 self.record_published(&tls);
+                self.store.publish_arc(tls.clone());
                 self.warn_if_expiring(&tls, now);
                 Poll::Published
             }
