@@ -34,6 +34,9 @@ pub enum ProxyError {
     /// An absolute-form request named a host that is not a FinHub host.
     #[error("destination host `{0}` is not a configured FinHub host; this is not an open proxy")]
     DestinationNotAllowed(String),
+    /// `CONNECT` (an HTTPS_PROXY client): the sidecar must see requests to add the session.
+    #[error("CONNECT is not supported: send plain HTTP to the sidecar (base URL or HTTP_PROXY), it adds TLS itself")]
+    ConnectNotSupported,
     /// The request target could not be understood unambiguously.
     #[error("request target is malformed or ambiguous")]
     BadTarget,
@@ -113,6 +116,7 @@ impl ProxyError {
             | ProxyError::InvalidForwardedFor
             | ProxyError::InvalidHeader(_) => 400,
             ProxyError::HeadersTooLarge => 431,
+            ProxyError::ConnectNotSupported => 405,
             ProxyError::RateLimited { .. } => 429,
             ProxyError::SessionUnavailable { .. } => 503,
             ProxyError::UpstreamUnresolved
@@ -130,6 +134,7 @@ impl ProxyError {
             ProxyError::ClientNotAllowed => "client_not_allowed",
             ProxyError::DestinationNotAllowed(_) => "destination_not_allowed",
             ProxyError::BadTarget => "invalid_request_target",
+            ProxyError::ConnectNotSupported => "connect_not_supported",
             ProxyError::UnknownTenant(_) => "unknown_tenant",
             ProxyError::InvalidForwardedFor => "invalid_forwarded_for",
             ProxyError::InvalidHeader(_) => "invalid_header",
@@ -162,7 +167,8 @@ impl ProxyError {
             ProxyError::BadTarget
             | ProxyError::BadRequest
             | ProxyError::InvalidHeader(_)
-            | ProxyError::HeadersTooLarge => "bad_request",
+            | ProxyError::HeadersTooLarge
+            | ProxyError::ConnectNotSupported => "bad_request",
             ProxyError::InvalidForwardedFor => "invalid_forwarded_for",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::UnknownTenant(_) => "unknown_tenant",

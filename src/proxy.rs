@@ -130,6 +130,9 @@ impl FinHubProxy {
             return Err(ProxyError::ClientNotAllowed);
         }
         let req = session.req_header();
+        if req.method == http::Method::CONNECT {
+            return Err(ProxyError::ConnectNotSupported);
+        }
         if headers::header_bytes(req) > policy.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge);
         }
@@ -322,6 +325,10 @@ impl ProxyHttp for FinHubProxy {
         match self.admit(session, ctx) {
             Ok(()) => Ok(false),
             Err(e) => {
+                if e == ProxyError::ConnectNotSupported {
+                    // Whatever follows a CONNECT is tunnel bytes, not HTTP: answer, then close.
+                    session.set_keepalive(None);
+                }
                 error::respond(session, &e).await?;
                 ctx.failure = Some(e);
                 Ok(true)

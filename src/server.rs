@@ -141,11 +141,15 @@ impl Sidecar {
             )),
             audit: self.audit.clone(),
         });
-        let mut proxy_service = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            proxy,
-            "finhub-proxy",
-        );
+        // CONNECT reaches request_filter (instead of Pingora's bare 405) so that it gets the
+        // same JSON refusal as every other request; it is never tunnelled.
+        let mut server_options = pingora::apps::HttpServerOptions::default();
+        server_options.allow_connect_method_proxying = true;
+        let mut proxy_service =
+            pingora::proxy::ProxyServiceBuilder::new(&server.configuration, proxy)
+                .name("finhub-proxy")
+                .server_options(server_options)
+                .build();
         proxy_service.add_tcp(&c.listen.to_string());
 
         let control = ControlPlane {

@@ -189,6 +189,16 @@ async fn connect_is_refused() {
         .unwrap();
     let head = String::from_utf8_lossy(&buf[..n]);
     assert!(head.starts_with("HTTP/1.1 405"), "{head}");
+    assert!(
+        head.contains("\"error\":\"connect_not_supported\""),
+        "{head}"
+    );
+    // The connection is closed: nothing after the CONNECT is taken as HTTP.
+    let rest = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap_or(0);
+    assert_eq!(rest, 0, "connection closed after the refusal");
     assert_eq!(foreign.connections.load(Ordering::SeqCst), 0);
 }
 
