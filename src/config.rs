@@ -209,6 +209,8 @@ pub struct PolicyConfig {
 pub struct HeaderConfig {
     /// IP sent as `X-Forwarded-For` (the originating server's IP, §8).
     pub origin_ip: IpAddr,
+    /// `origin_ip` as a header value, built once.
+    pub origin_ip_header: HeaderValue,
     /// `User-Agent` used when the app sends none (and on login).
     pub user_agent: HeaderValue,
     /// `sec-ch-ua-platform` value.
@@ -1115,8 +1117,10 @@ impl Convert<'_> {
         let forwarded_from =
             self.header_value("headers.forwarded_from", h.forwarded_from, "finhub-sidecar");
         let device_id = self.header_value("headers.device_id", h.device_id, "finhub-sidecar");
+        let origin_ip_header = HeaderValue::from_str(&origin_ip.to_string()).ok()?;
         Some(HeaderConfig {
             origin_ip,
+            origin_ip_header,
             user_agent: user_agent?,
             sec_ch_ua_platform: sec_ch_ua_platform?,
             platform: platform?,

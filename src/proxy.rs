@@ -153,7 +153,11 @@ impl FinHubProxy {
             req.headers.get("x-forwarded-for"),
             self.config.headers.origin_ip,
         )?;
-        ctx.forwarded_for = HeaderValue::from_str(&xff.to_string()).ok();
+        ctx.forwarded_for = if xff == self.config.headers.origin_ip {
+            Some(self.config.headers.origin_ip_header.clone())
+        } else {
+            HeaderValue::from_str(&xff.to_string()).ok()
+        };
         if let Some(left) = self
             .holds
             .get(tenant.index)
