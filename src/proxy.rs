@@ -346,6 +346,7 @@ impl ProxyHttp for FinHubProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
+        ctx.upstream_start = Some(Instant::now());
         match self.peer() {
             Ok(p) => Ok(Box::new(p)),
             Err(e) => {
@@ -391,12 +392,16 @@ impl ProxyHttp for FinHubProxy {
             return Ok(());
         };
         tenant.request_renewal(&refused);
-        let can_replay =
-            ctx.replayable && !ctx.replayed && !session.as_ref().retry_buffer_truncated();
+        let method_ok = session.req_header().method.is_safe() || ctx.idempotency_key.is_some();
+        let can_replay = ctx.replayable
+            && method_ok
+            && !ctx.replayed
+            && !session.as_ref().retry_buffer_truncated();
         if !can_replay {
             return Ok(());
         }
-        let wait = self.config.auth.request_timeout + std::time::Duration::from_secs(1);
+        // A forced renewal may refresh and then log in: two auth calls.
+        let wait = self.config.auth.request_timeout * 2 + std::time::Duration::from_secs(1);
         let Some(renewed) = tenant.newer_than(&refused, wait).await else {
             return Ok(());
         };

@@ -113,11 +113,8 @@ impl Sidecar {
             grace_period_seconds: Some(1),
             graceful_shutdown_timeout_seconds: Some(2),
             upstream_keepalive_pool_size: c.upstream.pool_size,
-            ca_file: c
-                .upstream
-                .ca_file
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned()),
+            // No `ca_file` here: Pingora would parse it again with stricter rules and unwrap.
+            // The validated CA list goes on every peer (`peer.options.ca`) instead.
             ..ServerConf::default()
         };
         let lifecycle = Lifecycle::new(

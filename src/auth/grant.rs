@@ -10,6 +10,9 @@ use serde_json::Value;
 
 use crate::secret::Secret;
 
+/// The longest session lifetime believed from FinHub's answers (docs say 1800–10000 s).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// What a successful login or refresh handed us.
 #[derive(Debug, Clone)]
 pub struct Grant {
@@ -50,6 +53,9 @@ pub enum GrantError {
     /// No token field in any known shape.
     #[error("answer carries no session token")]
     NoToken,
+    /// The token is already expired or lives less than a second (clock skew?).
+    #[error("token is already expired on arrival (check the clock)")]
+    AlreadyExpired,
 }
 
 impl Grant {
@@ -78,7 +84,12 @@ impl Grant {
             .iter()
             .find_map(|k| obj.get(*k).and_then(number))
             .filter(|s| *s > 0.0)
-            .map(Duration::from_secs_f64);
+            // Clamped: a lifetime beyond a day is treated as a day (and never panics on
+            // `inf` or values beyond u64 seconds).
+            .map(|s| {
+                Duration::try_from_secs_f64(s.min(MAX_LIFETIME.as_secs_f64()))
+                    .unwrap_or(MAX_LIFETIME)
+            });
         let refresh_token = ["refreshToken", "refresh_token"]
             .iter()
             .find_map(|k| obj.get(*k).and_then(Value::as_str))
@@ -111,7 +122,7 @@ impl Claims {
         let time = |k: &str| {
             c.get(k)
                 .and_then(Value::as_u64)
-                .map(|s| UNIX_EPOCH + Duration::from_secs(s))
+                .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
         };
         Claims {
             exp: time("exp"),
@@ -155,6 +166,26 @@ mod tests {
             Grant::parse(s3).unwrap().session_id.as_deref(),
             Some("sess-1")
         );
+    }
+
+    #[test]
+    fn absurd_numbers_never_panic() {
+        for body in [
+            &br#"{"userSessionToken":"t","expires_in":"inf"}"#[..],
+            br#"{"userSessionToken":"t","expires_in":1e300}"#,
+            br#"{"userSessionToken":"t","expiresIn":"NaN"}"#,
+        ] {
+            let g = Grant::parse(body).unwrap();
+            assert!(g.expires_in.is_none_or(|d| d <= MAX_LIFETIME));
+        }
+        let claims = serde_json::json!({"exp": u64::MAX, "iat": u64::MAX});
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"k"),
+        )
+        .unwrap();
+        let _ = Claims::of(&token);
     }
 
     #[test]

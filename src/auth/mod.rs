@@ -11,7 +11,7 @@ pub mod client;
 pub mod grant;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -29,6 +29,11 @@ use grant::{Claims, Grant};
 
 /// Lifetime assumed when FinHub states none (neither `exp` nor `expires_in`).
 const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
+/// The longest `Retry-After` from the auth endpoint that is honoured.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
+/// Forced renewals (after a 401) happen at most this often per tenant.
+const MIN_FORCED_INTERVAL: Duration = Duration::from_secs(5);
+
 /// A token with less than this left (or 2 % of its lifetime, if smaller) is treated as expired,
 /// so that it does not expire while a request is on the way.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(500);
@@ -51,6 +56,8 @@ pub struct Session {
     pub internal_token_key: Option<Secret>,
     /// `refreshToken` from the login, kept but unused (A2).
     pub refresh_token: Option<Secret>,
+    /// Publication number within its tenant (1 for the first session), set when published.
+    pub generation: u64,
 }
 
 impl std::fmt::Debug for Session {
@@ -67,12 +74,14 @@ impl Session {
     /// Builds a session from a grant whose request was sent at `sent`.
     pub fn from_grant(grant: Grant, sent: SystemTime) -> Session {
         let claims = Claims::of(grant.token.expose());
-        let by_body = grant.expires_in.map(|d| sent + d);
+        let by_body = grant.expires_in.and_then(|d| sent.checked_add(d));
+        let latest = sent + grant::MAX_LIFETIME;
         let expires_at = match (claims.exp, by_body) {
             (Some(a), Some(b)) => a.min(b),
             (Some(a), None) | (None, Some(a)) => a,
             (None, None) => sent + FALLBACK_LIFETIME,
-        };
+        }
+        .min(latest);
         let session_id = grant
             .session_id
             .or(claims.session_id)
@@ -87,6 +96,7 @@ impl Session {
             expires_at,
             internal_token_key: claims.internal_token_key,
             refresh_token: grant.refresh_token,
+            generation: 0,
         }
     }
 
@@ -127,8 +137,8 @@ pub struct TenantSessions {
     pub index: usize,
     current: ArcSwapOption<Session>,
     renew_now: Notify,
-    /// Set when a renewal was requested because FinHub refused the current token.
-    forced: AtomicBool,
+    /// Generation of the session FinHub refused (0: none), set by the request path.
+    forced: AtomicU64,
     /// Bumped on every publish; request paths waiting for a renewal watch it.
     published: watch::Sender<u64>,
     status: Mutex<TenantStatus>,
@@ -152,7 +162,7 @@ impl TenantSessions {
             index,
             current: ArcSwapOption::empty(),
             renew_now: Notify::new(),
-            forced: AtomicBool::new(false),
+            forced: AtomicU64::new(0),
             published: watch::Sender::new(0),
             status: Mutex::new(TenantStatus::default()),
         }
@@ -172,15 +182,25 @@ impl TenantSessions {
     /// is already published (then the caller should just use it). Many refusals of the same
     /// session coalesce into one renewal (single flight).
     pub fn request_renewal(&self, refused: &Arc<Session>) {
-        let still_current = self
-            .current
-            .load()
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, refused));
-        if still_current {
-            self.forced.store(true, Ordering::SeqCst);
+        if refused.generation == self.generation() {
+            self.forced.store(refused.generation, Ordering::SeqCst);
             self.renew_now.notify_one();
         }
+    }
+
+    /// Generation of the current session (0 before the first).
+    fn generation(&self) -> u64 {
+        *self.published.borrow()
+    }
+
+    /// Whether a renewal request for the current session is pending (stale ones are dropped).
+    fn forced_pending(&self) -> bool {
+        let g = self.forced.load(Ordering::SeqCst);
+        if g != 0 && g != self.generation() {
+            self.forced.store(0, Ordering::SeqCst);
+            return false;
+        }
+        g != 0
     }
 
     /// Waits up to `within` for a usable session other than `old`.
@@ -221,9 +241,11 @@ impl TenantSessions {
         s.failures = if ok { 0 } else { s.failures.saturating_add(1) };
     }
 
-    fn publish(&self, s: Session) {
+    fn publish(&self, mut s: Session) {
+        s.generation = self.generation() + 1;
+        let generation = s.generation;
         self.current.store(Some(Arc::new(s)));
-        self.published.send_modify(|g| *g = g.wrapping_add(1));
+        self.published.send_modify(|g| *g = generation);
     }
 }
 
@@ -317,7 +339,7 @@ fn backoff(attempt: u32, err: &AuthError) -> Duration {
         AuthError::Rejected(_) => jittered.max(cap),
         AuthError::RateLimited {
             retry_after: Some(r),
-        } => jittered.max(*r),
+        } => jittered.max((*r).min(MAX_RETRY_AFTER)),
         _ => jittered.max(Duration::from_millis(100)),
     }
 }
@@ -349,8 +371,13 @@ pub async fn run_tenant(
             .inc();
     };
     let mut failures: u32 = 0;
+    let mut last_forced: Option<Instant> = None;
     loop {
-        let forced = slot.forced.swap(false, Ordering::SeqCst);
+        let forced = slot.forced_pending();
+        slot.forced.store(0, Ordering::SeqCst);
+        if forced {
+            last_forced = Some(Instant::now());
+        }
         let now = SystemTime::now();
         let current = slot.current();
         let step = next_step(auth.environment, current.as_deref(), now);
@@ -379,7 +406,15 @@ pub async fn run_tenant(
                 .map(|s| Refreshed::New(Box::new(s)));
             count("login", result_label(&result));
         }
+        // A token that is already (nearly) expired on arrival (clock skew, absurd lifetime)
+        // is a failure to back off from, not a reason to log in again at once.
+        if let Ok(Refreshed::New(s)) = &result {
+            if !s.is_usable(SystemTime::now()) || s.lifetime() < Duration::from_secs(1) {
+                result = Err(AuthError::Answer(grant::GrantError::AlreadyExpired));
+            }
+        }
         slot.record(result_label(&result), result.is_ok());
+        let failed = result.is_err();
         let wait = match result {
             Ok(Refreshed::New(session)) => {
                 failures = 0;
@@ -435,10 +470,24 @@ pub async fn run_tenant(
                 wait
             }
         };
-        let deadline = Instant::now() + wait;
-        tokio::select! {
-            _ = tokio::time::sleep_until(deadline.into()) => {}
-            _ = slot.renew_now.notified() => {}
+        let mut deadline = Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => break,
+                _ = slot.renew_now.notified() => {
+                    // A backoff is never shortened (no login storm on rejected credentials),
+                    // stale requests are dropped, and forced renewals are spaced out.
+                    if failed || !slot.forced_pending() {
+                        continue;
+                    }
+                    match last_forced.map(|t| t + MIN_FORCED_INTERVAL) {
+                        Some(earliest) if earliest > Instant::now() => {
+                            deadline = deadline.min(earliest);
+                        }
+                        _ => break,
+                    }
+                }
+            }
         }
     }
 }
@@ -464,6 +513,7 @@ mod tests {
             expires_at: now + Duration::from_secs(lifetime_s),
             internal_token_key: key.then(|| Secret::new("k")),
             refresh_token: None,
+            generation: 0,
         }
     }
 

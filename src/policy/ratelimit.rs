@@ -129,6 +129,9 @@ impl Limiter for LocalLimiter {
     }
 }
 
+/// The longest hold a FinHub `Retry-After` can impose (a larger value is clamped).
+pub const MAX_HOLD: Duration = Duration::from_secs(300);
+
 /// A per-tenant "FinHub said 429, wait until" marker. Lock-free.
 pub struct UpstreamHold {
     origin: Instant,
@@ -147,7 +150,9 @@ impl Default for UpstreamHold {
 impl UpstreamHold {
     /// Holds until `now + d` (never shortens an existing hold).
     pub fn hold_for(&self, d: Duration) {
-        let until = (self.origin.elapsed() + d).as_millis() as u64;
+        let d = d.min(MAX_HOLD);
+        let until = self.origin.elapsed().saturating_add(d).as_millis();
+        let until = u64::try_from(until).unwrap_or(u64::MAX);
         self.until_ms.fetch_max(until, Ordering::SeqCst);
     }
 
@@ -246,6 +251,8 @@ mod tests {
         h.hold_for(Duration::from_secs(5));
         h.hold_for(Duration::from_secs(1));
         assert!(h.remaining().unwrap() > Duration::from_secs(4));
+        h.hold_for(Duration::MAX);
+        assert!(h.remaining().unwrap() <= MAX_HOLD);
     }
 
     #[test]
