@@ -77,8 +77,9 @@ impl Audit {
         output: &AuditOutput,
         include_query: bool,
     ) -> std::io::Result<(Audit, Option<WorkerGuard>)> {
-        // Back-pressure rather than loss: an audit line is never dropped silently.
-        let builder = || NonBlockingBuilder::default().lossy(false);
+        // Lossy when 128k lines are queued (stdout blocked): the proxy must not stall on its
+        // log. Dropped lines are counted (`dropped`) and exported as a metric.
+        let builder = || NonBlockingBuilder::default().lossy(true);
         let (writer, guard) = match output {
             AuditOutput::Off => (None, None),
             AuditOutput::Stdout => {
@@ -101,6 +102,13 @@ impl Audit {
             },
             guard,
         ))
+    }
+
+    /// Lines dropped because the writer could not keep up.
+    pub fn dropped(&self) -> u64 {
+        self.writer
+            .as_ref()
+            .map_or(0, |w| w.error_counter().dropped_lines() as u64)
     }
 
     /// The path as logged: without the query string unless configured.

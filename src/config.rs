@@ -552,7 +552,7 @@ fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     let de = toml::Deserializer::parse(text).map_err(|e| ConfigError {
         file: path.to_path_buf(),
         key: "(syntax)".into(),
-        message: one_line(&e.to_string()),
+        message: describe(&e, text),
     })?;
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
@@ -563,9 +563,24 @@ fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
             } else {
                 key
             },
-            message: one_line(&e.into_inner().to_string()),
+            message: describe(&e.into_inner(), text),
         }
     })
+}
+
+/// The parser's message and position only: toml's own Display quotes the offending source line,
+/// which could hold a secret someone typed inline.
+fn describe(e: &toml::de::Error, text: &str) -> String {
+    let msg = one_line(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!("{msg} (line {line}, column {column})")
+        }
+        None => msg,
+    }
 }
 
 fn one_line(s: &str) -> String {
@@ -767,10 +782,15 @@ impl Convert<'_> {
         }
         let ca_file = u.ca_file.map(|p| self.path(p));
         let (host, port) = parsed.ok()?;
-        let host_header = if port == 443 {
-            host.clone()
+        let bracketed = if host.contains(':') {
+            format!("[{host}]")
         } else {
-            format!("{host}:{port}")
+            host.clone()
+        };
+        let host_header = if port == 443 {
+            bracketed
+        } else {
+            format!("{bracketed}:{port}")
         };
         let host_header = HeaderValue::from_str(&host_header).ok()?;
         let mut allowed_hosts = vec![host.clone()];
@@ -1159,9 +1179,7 @@ fn env_reference(v: &str) -> Option<&str> {
 
 /// `https://host[:port][/]` -> (lower-case host, port).
 fn parse_base_url(url: &str) -> Result<(String, u16), String> {
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let uri: http::Uri = url.parse().map_err(|e| format!("not a URL: {e}"))?;
     if uri.scheme_str() != Some("https") {
         return Err(format!(
             "`{url}` must use https:// (FinHub is only reached over TLS)"
@@ -1174,7 +1192,8 @@ fn parse_base_url(url: &str) -> Result<(String, u16), String> {
         .authority()
         .ok_or_else(|| format!("`{url}` has no host"))?;
     if authority.as_str().contains('@') {
-        return Err(format!("`{url}` must not contain user info"));
+        // Not echoed: the user info may be a credential.
+        return Err("the base URL must not contain user info (`user:password@`)".into());
     }
     let host = authority
         .host()
@@ -1254,6 +1273,23 @@ password = "${PW}"
         let e = load(&text).unwrap_err();
         assert_eq!(e.0[0].key, "tenants[0].password");
         assert!(!e.to_string().contains("plain-text-password"));
+    }
+
+    #[test]
+    fn syntax_errors_do_not_quote_the_line() {
+        let text = MINIMAL.replace(
+            "username = \"svc\"",
+            "pasword = \"hunter2-inline\"\nusername = \"svc\"",
+        );
+        let e = load(&text).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert_eq!(e.0[0].key, "tenants[0].pasword");
+        let broken = MINIMAL.replace("username = \"svc\"", "password2 = hunter2-unquoted");
+        let e = load(&broken).unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(e.to_string().contains("line "), "{e}");
+        let e = parse_base_url("https://user:s3cr3t@api.finhub.cloud").unwrap_err();
+        assert!(!e.contains("s3cr3t"));
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct Metrics {
     /// `finhub_sidecar_rate_limited_total{tenant}`: requests refused with 429 by the local
     /// limiter or by a hold after FinHub's own 429.
     pub rate_limited: IntCounterVec,
+    /// `finhub_sidecar_audit_lines_dropped`: audit lines dropped since start because the audit
+    /// output could not keep up (the proxy never waits on it).
+    pub audit_dropped: IntGauge,
 }
 
 impl Metrics {
@@ -157,6 +160,11 @@ impl Metrics {
             &["tenant"],
         )
         .expect("static metric definition is valid");
+        let audit_dropped = IntGauge::new(
+            "finhub_sidecar_audit_lines_dropped",
+            "Audit lines dropped since start because the audit output could not keep up",
+        )
+        .expect("static metric definition is valid");
         for reused in ["true", "false"] {
             upstream_connections.with_label_values(&[reused]);
         }
@@ -168,6 +176,7 @@ impl Metrics {
             Box::new(upstream_connections.clone()),
             Box::new(build_info.clone()),
             Box::new(rate_limited.clone()),
+            Box::new(audit_dropped.clone()),
             Box::new(cert_expiration.clone()),
             Box::new(cert_reloads.clone()),
             Box::new(cert_last_reload.clone()),
@@ -198,6 +207,7 @@ impl Metrics {
             upstream_connections,
             build_info,
             rate_limited,
+            audit_dropped,
         }
     }
 

@@ -210,9 +210,25 @@ impl FinHubProxy {
     }
 
     /// Rewrites the request FinHub receives (protocol notes §3 header policy).
-    fn rewrite(&self, req: &mut RequestHeader, ctx: &RequestCtx) -> pingora::Result<()> {
+    fn rewrite(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> pingora::Result<()> {
         if let Some(uri) = &ctx.upstream_uri {
             req.set_uri(uri.clone());
+        }
+        // Connecting may have taken a while (or this is a retry): take the tenant's session as
+        // it is now, and never send one that has expired meanwhile.
+        if let Some(tenant) = &ctx.tenant {
+            match tenant.usable(SystemTime::now()) {
+                Some(current) => ctx.session = Some(current),
+                None => {
+                    ctx.failure = Some(ProxyError::SessionUnavailable {
+                        retry_after_secs: SESSION_RETRY_AFTER_SECS,
+                    });
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        "session expired before sending",
+                    );
+                }
+            }
         }
         headers::strip_app_credentials(req);
         let (Some(tenant), Some(session), Some(request_id)) =
@@ -542,6 +558,9 @@ impl ProxyHttp for FinHubProxy {
             bytes_out: session.body_bytes_sent(),
             replayed: ctx.replayed,
         });
+        self.metrics
+            .audit_dropped
+            .set(i64::try_from(self.audit.dropped()).unwrap_or(i64::MAX));
     }
 
     /// Contract: every failure reaches the app as one JSON error with a stable code.

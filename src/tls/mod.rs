@@ -100,8 +100,9 @@ pub struct TlsFiles {
     pub policy: RulePolicy,
 }
 
-/// The raw bytes of one TLS set, read in one go (symlinks followed).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The raw bytes of one TLS set, read in one go (symlinks followed). No `Debug`: it holds the
+/// private key.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Material {
     cert_key: Option<(Vec<u8>, Vec<u8>)>,
     ca: Option<Vec<u8>>,
@@ -294,19 +295,35 @@ impl ClientTls {
                         path: key_path.to_path_buf(),
                         what: format!("unusable certificate/key: {e}"),
                     })?;
-                let ck = CertKey::new(
-                    chain.iter().map(|c| c.as_ref().to_vec()).collect(),
-                    key.secret_der().to_vec(),
-                );
+                let ders: Vec<Vec<u8>> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
+                let key_der = key.secret_der().to_vec();
+                // Pingora parses the chain again with its own x509-parser and `expect`s; a
+                // certificate only that parser refuses must be a rejected set, not a crash.
+                let ck = std::panic::catch_unwind(move || CertKey::new(ders, key_der)).map_err(
+                    |_| TlsError::Pem {
+                        path: key_path.to_path_buf(),
+                        what: "the certificate chain cannot be loaded by the TLS stack".into(),
+                    },
+                )?;
                 (Some(Arc::new(ck)), cfg, identity)
             }
         };
-        let ca = ca.map(|ders| {
-            ders.into_iter()
-                .map(|d| WrappedX509::new(d.as_ref().to_vec(), pingora::utils::tls::parse_x509))
-                .collect::<Vec<_>>()
-                .into()
-        });
+        let ca = match ca {
+            None => None,
+            Some(ders) => {
+                let raw: Vec<Vec<u8>> = ders.iter().map(|d| d.as_ref().to_vec()).collect();
+                let wrapped = std::panic::catch_unwind(move || {
+                    raw.into_iter()
+                        .map(|d| WrappedX509::new(d, pingora::utils::tls::parse_x509))
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|_| TlsError::Pem {
+                    path: PathBuf::from("(upstream.ca_file)"),
+                    what: "a CA certificate cannot be loaded by the TLS stack".into(),
+                })?;
+                Some(wrapped.into())
+            }
+        };
         Ok(ClientTls {
             cert_key,
             ca,

@@ -5,7 +5,8 @@
 //! rename over, and Kubernetes secret volumes, where each file is a symlink into `..data`, itself
 //! a symlink swapped atomically to a new timestamped directory. A half-written rotation (new
 //! certificate, old key) fails the key-match check and is not published; the next poll sees the
-//! finished set. A rejected set is logged once per distinct content, and counted.
+//! finished set. New content is acted on only when two consecutive polls read the same bytes.
+//! A rejected set is logged once per distinct content, and counted.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,6 +19,8 @@ use crate::metrics::Metrics;
 pub enum Poll {
     /// The files hold the published set.
     Unchanged,
+    /// New content, read once; it is acted on if the next poll reads the same.
+    Settling,
     /// A new set was published.
     Published,
     /// The files hold a set that was already rejected (not logged again).
@@ -33,6 +36,7 @@ pub struct Reloader {
     metrics: Metrics,
     expiry_warning: Duration,
     last_rejected: Mutex<Option<u64>>,
+    last_read: Mutex<Option<u64>>,
     last_expiry_warning: Mutex<Option<(u64, Instant)>>,
 }
 
@@ -50,6 +54,7 @@ impl Reloader {
             metrics,
             expiry_warning,
             last_rejected: Mutex::new(None),
+            last_read: Mutex::new(None),
             last_expiry_warning: Mutex::new(None),
         };
         r.record_published(&r.store.current());
@@ -71,6 +76,19 @@ impl Reloader {
         if current.fingerprint == fingerprint {
             self.warn_if_expiring(&current, now);
             return Poll::Unchanged;
+        }
+        // Act only on content seen twice in a row: files read while a rotation is being
+        // written (a chain cut between PEM blocks, a CA bundle half copied) are not published,
+        // nor counted as rejections.
+        {
+            let mut last = match self.last_read.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if *last != Some(fingerprint) {
+                *last = Some(fingerprint);
+                return Poll::Settling;
+            }
         }
         let mut last_rejected = match self.last_rejected.lock() {
             Ok(g) => g,
