@@ -258,12 +258,15 @@ impl FinHubProxy {
             req.insert_header("x-forwarded-for", xff.clone())?;
         }
         if h.v21_headers {
-            for (name, value) in [
-                ("x-forwarded-from", &h.forwarded_from),
-                ("platform", &h.platform),
-                ("deviceid", &h.device_id),
+            // Set unless the app sent its own (under any documented alias, §2.6).
+            for (name, aliases, value) in [
+                ("x-forwarded-from", &[][..], &h.forwarded_from),
+                ("platform", &[][..], &h.platform),
+                ("deviceid", &["x-device-id", "device-id"][..], &h.device_id),
             ] {
-                if !req.headers.contains_key(name) {
+                let app_sent = req.headers.contains_key(name)
+                    || aliases.iter().any(|a| req.headers.contains_key(*a));
+                if !app_sent {
                     req.insert_header(name, value.clone())?;
                 }
             }
@@ -478,6 +481,13 @@ impl ProxyHttp for FinHubProxy {
             upstream_response.insert_header("x-request-id", id.clone())?;
         }
         Ok(())
+    }
+
+    /// Contract: Pingora's own error lines name method and path only (the query may carry
+    /// personal data, as for the audit line).
+    fn request_summary(&self, session: &Session, _ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        format!("{} {}", req.method, req.uri.path())
     }
 
     /// Contract: count each upstream connection as new or reused.

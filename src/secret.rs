@@ -42,7 +42,7 @@ impl fmt::Display for Secret {
 
 /// Where a credential comes from. A file-backed secret (a Kubernetes Secret mount) is re-read
 /// each time it is used, so a rotated credential is picked up without a restart; if the file
-/// cannot be read at that moment, the last value read is used.
+/// cannot be read at that moment, the value read at start is used.
 #[derive(Clone, Debug)]
 pub struct SecretSource {
     loaded: Secret,
@@ -75,10 +75,10 @@ impl SecretSource {
                     if !v.is_empty() {
                         return Secret::new(v);
                     }
-                    tracing::warn!(file = %path.display(), "secret file is empty; using the last value");
+                    tracing::warn!(file = %path.display(), "secret file is empty; using the value read at start");
                 }
                 Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "secret file unreadable; using the last value");
+                    tracing::warn!(file = %path.display(), error = %e, "secret file unreadable; using the value read at start");
                 }
             }
         }

@@ -220,12 +220,30 @@ impl BackgroundService for ControlPlane {
         tasks.spawn(reloader.run(reload_interval));
         let client = Arc::new(AuthClient::new(&self.config, self.tls.clone()));
         for slot in self.sessions.tenants() {
-            tasks.spawn(auth::run_tenant(
+            let (slot, client, auth, metrics) = (
                 slot.clone(),
                 client.clone(),
                 self.config.auth.clone(),
                 self.metrics.clone(),
-            ));
+            );
+            // Supervised: a bug that panics the session task must not end renewals for good.
+            tasks.spawn(async move {
+                loop {
+                    let task = tokio::spawn(auth::run_tenant(
+                        slot.clone(),
+                        client.clone(),
+                        auth.clone(),
+                        metrics.clone(),
+                    ));
+                    match task.await {
+                        Err(e) if e.is_panic() => {
+                            tracing::error!(tenant = %slot.tenant.id, "session task panicked; restarting it");
+                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                        }
+                        _ => break,
+                    }
+                }
+            });
         }
         let listener = self.admin_listener.lock().ok().and_then(|mut l| l.take());
         if let Some(listener) = listener {

@@ -7,12 +7,18 @@ use pingora::http::RequestHeader;
 use crate::auth::Session;
 
 /// Request headers an app must never get through to FinHub: the sidecar owns authentication.
-pub const APP_CREDENTIAL_HEADERS: [&str; 5] = [
+pub const APP_CREDENTIAL_HEADERS: [&str; 9] = [
     "authorization",
     "proxy-authorization",
     "x-user-session-token",
     "x-session-active",
     "cookie",
+    // Spellings some stacks normalise to the same names.
+    "x_user_session_token",
+    "x_session_active",
+    // Client-IP claims the sidecar does not vouch for (X-Forwarded-For is set by policy).
+    "forwarded",
+    "x-real-ip",
 ];
 
 /// Removes every app-supplied credential header.
