@@ -80,6 +80,8 @@ pub struct RequestCtx {
     /// Counts the request as in flight until the context is dropped.
     _in_flight: InFlight,
     upstream_start: Option<Instant>,
+    /// Failed connection attempts; the next attempt uses the next resolved address.
+    connect_failures: usize,
     tenant: Option<Arc<TenantSessions>>,
     session: Option<Arc<FinHubSession>>,
     /// Path and query to send upstream when the app used absolute-form.
@@ -191,8 +193,11 @@ impl FinHubProxy {
     }
 
     /// The peer for FinHub with the current certificate snapshot.
-    fn peer(&self) -> Result<HttpPeer, ProxyError> {
-        let addr = self.upstream.pick().ok_or(ProxyError::UpstreamUnresolved)?;
+    fn peer(&self, attempt: usize) -> Result<HttpPeer, ProxyError> {
+        let addr = self
+            .upstream
+            .pick_nth(attempt)
+            .ok_or(ProxyError::UpstreamUnresolved)?;
         let u = &self.config.upstream;
         let tls = self.tls.current();
         let mut peer = match &tls.cert_key {
@@ -324,6 +329,7 @@ impl ProxyHttp for FinHubProxy {
             start: Instant::now(),
             _in_flight: self.lifecycle.track(),
             upstream_start: None,
+            connect_failures: 0,
             tenant: None,
             session: None,
             upstream_uri: None,
@@ -366,7 +372,7 @@ impl ProxyHttp for FinHubProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
         ctx.upstream_start = Some(Instant::now());
-        match self.peer() {
+        match self.peer(ctx.connect_failures) {
             Ok(p) => Ok(Box::new(p)),
             Err(e) => {
                 ctx.failure = Some(e);
@@ -435,6 +441,19 @@ impl ProxyHttp for FinHubProxy {
             REPLAY,
             "FinHub answered 401; replaying once with a renewed session",
         )
+    }
+
+    /// Contract: a failed connect is retried on the next resolved address, once per address.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        ctx.connect_failures += 1;
+        e.set_retry(ctx.connect_failures < self.upstream.count());
+        e
     }
 
     /// Contract: only our 401 replay, or an idempotent request on a reused connection, retries.

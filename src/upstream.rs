@@ -36,6 +36,17 @@ impl UpstreamAddrs {
         self.addrs.load().first().copied()
     }
 
+    /// The `n`-th known address (wrapping), to try the next one after a failed connect.
+    pub fn pick_nth(&self, n: usize) -> Option<SocketAddr> {
+        let addrs = self.addrs.load();
+        (!addrs.is_empty()).then(|| addrs[n % addrs.len()])
+    }
+
+    /// How many addresses are known.
+    pub fn count(&self) -> usize {
+        self.addrs.load().len()
+    }
+
     /// Resolves now; on success publishes the new list (IPv4 first) and returns how many.
     pub async fn resolve(&self) -> std::io::Result<usize> {
         if self.host.parse::<IpAddr>().is_ok() {
@@ -87,5 +98,6 @@ mod tests {
         assert_eq!(b.pick(), None);
         assert!(b.resolve().await.unwrap() >= 1);
         assert_eq!(b.pick().unwrap().port(), 9443);
+        assert_eq!(b.pick_nth(b.count()), b.pick(), "wraps around");
     }
 }
