@@ -42,14 +42,7 @@ async fn ready_only_after_the_first_session() {
     let world = World::new();
     let emu = world.emulator().await;
     emu.controls().set_auth_down(true);
-    let (listen, admin) = (free_port(), free_port());
-    let config = world.dir.path().join("ready.toml");
-    std::fs::write(
-        &config,
-        world.sidecar_toml(listen, admin, emu.addr().port(), ""),
-    )
-    .unwrap();
-    let sc = SidecarProcess::spawn(&config, listen, admin, world.dir.path());
+    let sc = world.spawn_sidecar(emu.addr().port(), "");
     let not_ready = eventually(STARTUP, || async {
         (ready_status(&sc).await == 503).then_some(())
     })
@@ -236,14 +229,7 @@ async fn metrics_scrape_after_traffic_passes_promtool() {
     let allow = "finhub_sidecar_requests_total{decision=\"allow\",status_class=\"2xx\",tenant=\"tenant-demo\"} 5";
     let denied = "finhub_sidecar_requests_total{decision=\"unknown_tenant\",status_class=\"4xx\",tenant=\"-\"} 1";
     let scrape = eventually(Duration::from_secs(5), || async {
-        let text = client
-            .get(format!("http://{}/metrics", sc.admin))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = sc.scrape().await?;
         (text.contains(allow) && text.contains(denied)).then_some(text)
     })
     .await

@@ -327,14 +327,7 @@ async fn requests_before_the_first_session_get_503_and_nothing_goes_upstream() {
     let world = World::new();
     let emu = world.emulator().await;
     emu.controls().fail_logins(true);
-    let (listen, admin) = (free_port(), free_port());
-    let config = world.dir.path().join("proxy-nologin.toml");
-    std::fs::write(
-        &config,
-        world.sidecar_toml(listen, admin, emu.addr().port(), ""),
-    )
-    .unwrap();
-    let sc = SidecarProcess::spawn(&config, listen, admin, world.dir.path());
+    let sc = world.spawn_sidecar(emu.addr().port(), "");
     // Wait until the sidecar tried (and failed) to log in, and the proxy port is open.
     let attempted = eventually(STARTUP, || async {
         let tried = emu.controls().stats().failed_logins > 0;

@@ -174,6 +174,18 @@ level = "info,finhub_sidecar=debug"
         )
     }
 
+    /// Starts the sidecar against `upstream_port` without waiting for readiness.
+    pub fn spawn_sidecar(&self, upstream_port: u16, extra: &str) -> SidecarProcess {
+        let (listen, admin) = (free_port(), free_port());
+        let config = self.dir.path().join(format!("proxy-{listen}.toml"));
+        std::fs::write(
+            &config,
+            self.sidecar_toml(listen, admin, upstream_port, extra),
+        )
+        .unwrap();
+        SidecarProcess::spawn(&config, listen, admin, self.dir.path())
+    }
+
     /// Starts the sidecar against `upstream_port` and waits until `/ready` is 200.
     pub async fn sidecar(&self, upstream_port: u16, extra: &str) -> SidecarProcess {
         let mut last_err = String::new();
@@ -256,16 +268,21 @@ impl SidecarProcess {
         }
     }
 
-    /// The value of one metric series (`name` or `name{labels}` exactly as exposed).
-    pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = http_client()
+    /// One scrape of `/metrics`.
+    pub async fn scrape(&self) -> Option<String> {
+        http_client()
             .get(format!("http://{}/metrics", self.admin))
             .send()
             .await
             .ok()?
             .text()
             .await
-            .ok()?;
+            .ok()
+    }
+
+    /// The value of one metric series (`name` or `name{labels}` exactly as exposed).
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.scrape().await?;
         text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
             l.strip_prefix(series)?
                 .strip_prefix(' ')?
