@@ -33,6 +33,9 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::tls::{unix_now, TlsStore};
 
+/// Concurrent admin connections served; more wait in the listen backlog.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 /// What the admin endpoints look at.
 pub struct AdminState {
     /// Configuration (for `/status`).
@@ -199,7 +202,12 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
             return;
         }
     };
+    // Bounded: a scraper or probe cannot exhaust the sidecar with idle admin connections.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -213,9 +221,13 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
                 let resp = handle(&state, req.method(), req.uri().path(), peer);
                 async move { Ok::<_, Infallible>(resp) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10));
+            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            drop(permit);
         });
     }
 }

@@ -136,8 +136,14 @@ impl ShutdownSignalWatch for DrainingSignal {
                 return ShutdownSignal::FastShutdown;
             }
         }
-        self.0.drain().await;
-        ShutdownSignal::GracefulTerminate
+        // During the drain, SIGINT (an impatient operator) still stops at once.
+        tokio::select! {
+            _ = self.0.drain() => ShutdownSignal::GracefulTerminate,
+            _ = int.recv() => {
+                tracing::info!("SIGINT during the drain: stopping now");
+                ShutdownSignal::FastShutdown
+            }
+        }
     }
 }
 
