@@ -190,14 +190,7 @@ level = "info,finhub_sidecar=debug"
     pub async fn sidecar(&self, upstream_port: u16, extra: &str) -> SidecarProcess {
         let mut last_err = String::new();
         for attempt in 0..3 {
-            let (listen, admin) = (free_port(), free_port());
-            let config = self.dir.path().join(format!("proxy-{listen}.toml"));
-            std::fs::write(
-                &config,
-                self.sidecar_toml(listen, admin, upstream_port, extra),
-            )
-            .unwrap();
-            let sc = SidecarProcess::spawn(&config, listen, admin, self.dir.path());
+            let sc = self.spawn_sidecar(upstream_port, extra);
             match sc.wait_ready(STARTUP).await {
                 Ok(()) => return sc,
                 Err(e) => last_err = format!("attempt {attempt}: {e}\nlog:\n{}", sc.log()),
