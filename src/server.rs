@@ -22,6 +22,9 @@ use crate::tls::reload::Reloader;
 use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
 use crate::upstream::UpstreamAddrs;
 
+/// Read buffer per app connection (Pingora's default is 64 KiB).
+const DOWNSTREAM_READ_BUFFER: usize = 8 * 1024;
+
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -147,7 +150,16 @@ impl Sidecar {
                 .name("finhub-proxy")
                 .server_options(server_options)
                 .build();
-        proxy_service.add_tcp(&c.listen.to_string());
+        // Apps talk plain HTTP over loopback: Pingora's 64 KiB per-connection read buffer (sized
+        // for TLS records) mostly holds memory for idle keep-alive connections.
+        proxy_service.add_listener(
+            pingora::listeners::ListenerConfig::tcp(c.listen.to_string()).l4_buffer(
+                pingora::protocols::l4::stream::L4BufferSettings::new(
+                    DOWNSTREAM_READ_BUFFER,
+                    pingora::protocols::l4::stream::DEFAULT_L4_WRITE_BUFFER_SIZE,
+                ),
+            ),
+        );
 
         let control = ControlPlane {
             config: c.clone(),
