@@ -37,7 +37,7 @@ pub struct AuditRecord<'a> {
     /// Tenant id, if the request got that far.
     pub tenant: Option<&'a str>,
     /// TCP peer of the app.
-    pub client_ip: Option<String>,
+    pub client_ip: Option<std::net::IpAddr>,
     /// `X-Forwarded-For` sent to FinHub.
     pub forwarded_for: Option<&'a str>,
     /// App's `User-Agent`.
@@ -158,7 +158,7 @@ mod tests {
             request_id: Some("r"),
             activity_id: None,
             tenant: Some("t"),
-            client_ip: Some("127.0.0.1".into()),
+            client_ip: Some([127, 0, 0, 1].into()),
             forwarded_for: None,
             user_agent: None,
             method: "GET",

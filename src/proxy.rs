@@ -283,6 +283,11 @@ impl FinHubProxy {
     }
 }
 
+/// A header value as text for the audit line (no allocation).
+fn text(v: &Option<HeaderValue>) -> Option<&str> {
+    v.as_ref().and_then(|v| v.to_str().ok())
+}
+
 impl FinHubProxy {
     /// FinHub answered 429: pass it on, and if it said when to come back, hold the tenant's
     /// requests locally until then so the fleet stops hammering.
@@ -553,25 +558,17 @@ impl ProxyHttp for FinHubProxy {
             .and_then(|u| u.path_and_query())
             .or(req.uri.path_and_query())
             .map_or("/", |p| p.as_str());
-        let text = |v: &Option<HeaderValue>| -> Option<String> {
-            v.as_ref().and_then(|v| v.to_str().ok()).map(str::to_string)
-        };
-        let (request_id, activity_id, xff) = (
-            text(&ctx.request_id),
-            text(&ctx.activity_id),
-            text(&ctx.forwarded_for),
-        );
         self.audit.write(&AuditRecord {
             kind: "audit",
             ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            request_id: request_id.as_deref(),
-            activity_id: activity_id.as_deref(),
+            request_id: text(&ctx.request_id),
+            activity_id: text(&ctx.activity_id),
             tenant: ctx.tenant.as_ref().map(|t| t.tenant.id.as_str()),
             client_ip: session
                 .client_addr()
                 .and_then(|a| a.as_inet())
-                .map(|a| a.ip().to_string()),
-            forwarded_for: xff.as_deref(),
+                .map(|a| a.ip()),
+            forwarded_for: text(&ctx.forwarded_for),
             user_agent: req
                 .headers
                 .get(http::header::USER_AGENT)

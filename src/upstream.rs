@@ -30,13 +30,8 @@ impl UpstreamAddrs {
         }
     }
 
-    /// The address new connections go to, if any is known (first of the resolved list, so that
-    /// pooled connections keep being reused).
-    pub fn pick(&self) -> Option<SocketAddr> {
-        self.addrs.load().first().copied()
-    }
-
-    /// The `n`-th known address (wrapping), to try the next one after a failed connect.
+    /// The `n`-th known address (wrapping): 0 for new connections (the first of the resolved
+    /// list, so pooled connections keep being reused), the next one after a failed connect.
     pub fn pick_nth(&self, n: usize) -> Option<SocketAddr> {
         let addrs = self.addrs.load();
         (!addrs.is_empty()).then(|| addrs[n % addrs.len()])
@@ -93,11 +88,11 @@ mod tests {
     #[tokio::test]
     async fn ip_literal_needs_no_lookup_and_localhost_resolves() {
         let a = UpstreamAddrs::new("127.0.0.1", 9443);
-        assert_eq!(a.pick(), Some("127.0.0.1:9443".parse().unwrap()));
+        assert_eq!(a.pick_nth(0), Some("127.0.0.1:9443".parse().unwrap()));
         let b = UpstreamAddrs::new("localhost", 9443);
-        assert_eq!(b.pick(), None);
+        assert_eq!(b.pick_nth(0), None);
         assert!(b.resolve().await.unwrap() >= 1);
-        assert_eq!(b.pick().unwrap().port(), 9443);
-        assert_eq!(b.pick_nth(b.count()), b.pick(), "wraps around");
+        assert_eq!(b.pick_nth(0).unwrap().port(), 9443);
+        assert_eq!(b.pick_nth(b.count()), b.pick_nth(0), "wraps around");
     }
 }

@@ -296,11 +296,6 @@ impl SessionTable {
     pub fn tenants(&self) -> &[Arc<TenantSessions>] {
         &self.all
     }
-
-    /// Whether every tenant has a usable session (readiness).
-    pub fn all_usable(&self, now: SystemTime) -> bool {
-        self.all.iter().all(|t| t.usable(now).is_some())
-    }
 }
 
 fn truncate(s: &str, max: usize) -> String {

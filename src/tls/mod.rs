@@ -382,12 +382,7 @@ impl TlsStore {
     }
 
     /// Publishes a new, already validated snapshot.
-    pub fn publish(&self, next: ClientTls) {
-        self.current.store(Arc::new(next));
-    }
-
-    /// Publishes a new, already validated snapshot that is already shared.
-    pub fn publish_arc(&self, next: Arc<ClientTls>) {
+    pub fn publish(&self, next: Arc<ClientTls>) {
         self.current.store(next);
     }
 }

@@ -120,7 +120,7 @@ impl Reloader {
                     .with_label_values(&["published"])
                     .inc();
                 self.record_published(&tls);
-                self.store.publish_arc(tls.clone());
+                self.store.publish(tls.clone());
                 self.warn_if_expiring(&tls, now);
                 Poll::Published
             }
