@@ -7,7 +7,7 @@ use std::num::NonZeroU32;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use finhub_sidecar::auth::grant::Grant;
-use finhub_sidecar::policy::ratelimit::{Limit, Limiter, LocalLimiter, RateLimitConfig};
+use finhub_sidecar::policy::ratelimit::{Backend, Limit, Limiter, LocalLimiter, RateLimitConfig};
 use finhub_sidecar::policy::{allow, headers};
 use http::{HeaderValue, Method};
 use ipnet::IpNet;
@@ -60,6 +60,7 @@ fn policy(c: &mut Criterion) {
                 burst: NonZeroU32::new(1_000_000_000).unwrap(),
             }),
             routes: vec![],
+            backend: Backend::Local,
         },
         4,
     );

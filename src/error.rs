@@ -55,6 +55,9 @@ pub enum ProxyError {
         /// Seconds until a request would be accepted.
         retry_after_secs: u64,
     },
+    /// The shared rate limiter (Redis) cannot decide and `on_redis_error = "deny"`.
+    #[error("the shared rate limiter is unavailable; retry shortly")]
+    RateLimitUnavailable,
     /// `X-Tenant-ID` names a tenant the sidecar has no session for.
     #[error("tenant `{0}` is not configured in this sidecar")]
     UnknownTenant(String),
@@ -118,7 +121,7 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => 431,
             ProxyError::ConnectNotSupported => 405,
             ProxyError::RateLimited { .. } => 429,
-            ProxyError::SessionUnavailable { .. } => 503,
+            ProxyError::SessionUnavailable { .. } | ProxyError::RateLimitUnavailable => 503,
             ProxyError::UpstreamUnresolved
             | ProxyError::UpstreamTls(_)
             | ProxyError::UpstreamUnreachable
@@ -140,6 +143,7 @@ impl ProxyError {
             ProxyError::InvalidHeader(_) => "invalid_header",
             ProxyError::HeadersTooLarge => "request_headers_too_large",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::RateLimitUnavailable => "rate_limit_unavailable",
             ProxyError::SessionUnavailable { .. } => "session_unavailable",
             ProxyError::UpstreamUnresolved => "upstream_unresolved",
             ProxyError::UpstreamTls(TlsFailure::UnknownCa) => "upstream_tls_unknown_ca",
@@ -171,6 +175,7 @@ impl ProxyError {
             | ProxyError::ConnectNotSupported => "bad_request",
             ProxyError::InvalidForwardedFor => "invalid_forwarded_for",
             ProxyError::RateLimited { .. } => "rate_limited",
+            ProxyError::RateLimitUnavailable => "rate_limit_unavailable",
             ProxyError::UnknownTenant(_) => "unknown_tenant",
             ProxyError::SessionUnavailable { .. } => "session_unavailable",
             ProxyError::UpstreamUnresolved
@@ -187,6 +192,7 @@ impl ProxyError {
         match self {
             ProxyError::SessionUnavailable { retry_after_secs }
             | ProxyError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            ProxyError::RateLimitUnavailable => Some(1),
             _ => None,
         }
     }

@@ -13,6 +13,11 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
+/// Buckets (seconds) for Redis round trips: sub-millisecond on a healthy network.
+const REDIS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+
 /// Metric handles; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
 pub struct Metrics {
@@ -58,6 +63,17 @@ pub struct Metrics {
     /// `finhub_sidecar_audit_lines_dropped`: audit lines dropped since start because the audit
     /// output could not keep up (the proxy never waits on it).
     pub audit_dropped: IntGauge,
+    /// `finhub_sidecar_rate_limit_decisions_total{backend="local|redis|fallback",decision="allow|deny"}`:
+    /// rate-limit decisions by who made them (`fallback`: `on_redis_error` while Redis failed).
+    pub rate_limit_decisions: IntCounterVec,
+    /// `finhub_sidecar_redis_errors_total{kind="timeout|connection|unavailable|response"}`:
+    /// Redis rate-limit calls that failed (`unavailable`: no connection, decided without waiting).
+    pub redis_errors: IntCounterVec,
+    /// `finhub_sidecar_redis_call_duration_seconds`: time of each Redis rate-limit call,
+    /// including failed ones.
+    pub redis_call_duration: Histogram,
+    /// `finhub_sidecar_redis_connections`: pooled Redis connections currently usable.
+    pub redis_connections: IntGauge,
 }
 
 impl Metrics {
@@ -165,6 +181,35 @@ impl Metrics {
             "Audit lines dropped since start because the audit output could not keep up",
         )
         .expect("static metric definition is valid");
+        let rate_limit_decisions = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_rate_limit_decisions_total",
+                "Rate-limit decisions by backend (local, redis, or the on_redis_error fallback)",
+            ),
+            &["backend", "decision"],
+        )
+        .expect("static metric definition is valid");
+        let redis_errors = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_redis_errors_total",
+                "Redis rate-limit calls that failed, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition is valid");
+        let redis_call_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "finhub_sidecar_redis_call_duration_seconds",
+                "Time of each Redis rate-limit call, failed ones included",
+            )
+            .buckets(REDIS_BUCKETS.to_vec()),
+        )
+        .expect("static metric definition is valid");
+        let redis_connections = IntGauge::new(
+            "finhub_sidecar_redis_connections",
+            "Pooled Redis connections currently usable",
+        )
+        .expect("static metric definition is valid");
         for reused in ["true", "false"] {
             upstream_connections.with_label_values(&[reused]);
         }
@@ -177,6 +222,10 @@ impl Metrics {
             Box::new(build_info.clone()),
             Box::new(rate_limited.clone()),
             Box::new(audit_dropped.clone()),
+            Box::new(rate_limit_decisions.clone()),
+            Box::new(redis_errors.clone()),
+            Box::new(redis_call_duration.clone()),
+            Box::new(redis_connections.clone()),
             Box::new(cert_expiration.clone()),
             Box::new(cert_reloads.clone()),
             Box::new(cert_last_reload.clone()),
@@ -208,6 +257,10 @@ impl Metrics {
             build_info,
             rate_limited,
             audit_dropped,
+            rate_limit_decisions,
+            redis_errors,
+            redis_call_duration,
+            redis_connections,
         }
     }
 

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::error::{self, ProxyError};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::Metrics;
-use crate::policy::ratelimit::{self, Decision, Limiter, UpstreamHold};
+use crate::policy::ratelimit::{self, Check, Decision, Limiter, UpstreamHold};
 use crate::policy::{allow, headers};
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
@@ -121,7 +121,7 @@ impl FinHubProxy {
     }
 
     /// Decides whether the request may be forwarded and for which tenant; fills `ctx`.
-    fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
+    fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Check, ProxyError> {
         let policy = &self.config.policy;
         let peer_ip = session
             .client_addr()
@@ -170,11 +170,6 @@ impl FinHubProxy {
                 .unwrap_or(1);
             return Err(ProxyError::RateLimited { retry_after_secs });
         }
-        let path = req.uri.path();
-        let decision = self.limiter.check(tenant.index, &req.method, path);
-        if let Some(retry_after_secs) = decision.retry_after_secs() {
-            return Err(ProxyError::RateLimited { retry_after_secs });
-        }
         let usable = tenant
             .usable(SystemTime::now())
             .ok_or(ProxyError::SessionUnavailable {
@@ -189,7 +184,10 @@ impl FinHubProxy {
             req.headers.get("x-idempotency-key").cloned()
         };
         ctx.replayable = headers::body_fits(req, self.config.auth.replay_body_limit);
-        Ok(())
+        // Last, so that a request refused for any other reason consumes no token.
+        Ok(self
+            .limiter
+            .check(tenant.index, &req.method, req.uri.path()))
     }
 
     /// The peer for FinHub with the current certificate snapshot.
@@ -283,6 +281,17 @@ impl FinHubProxy {
     }
 }
 
+/// A rate-limit decision as the refusal it means, if any.
+fn rate_limit_verdict(decision: Decision) -> Result<(), ProxyError> {
+    match decision {
+        Decision::Allow => Ok(()),
+        Decision::Unavailable => Err(ProxyError::RateLimitUnavailable),
+        deny @ Decision::Deny { .. } => Err(ProxyError::RateLimited {
+            retry_after_secs: deny.retry_after_secs().unwrap_or(1),
+        }),
+    }
+}
+
 /// A header value as text for the audit line (no allocation).
 fn text(v: &Option<HeaderValue>) -> Option<&str> {
     v.as_ref().and_then(|v| v.to_str().ok())
@@ -356,7 +365,12 @@ impl ProxyHttp for FinHubProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
-        match self.admit(session, ctx) {
+        let verdict = match self.admit(session, ctx) {
+            Ok(Check::Ready(decision)) => rate_limit_verdict(decision),
+            Ok(Check::Wait(pending)) => rate_limit_verdict(pending.await),
+            Err(e) => Err(e),
+        };
+        match verdict {
             Ok(()) => Ok(false),
             Err(e) => {
                 if e == ProxyError::ConnectNotSupported {
@@ -637,5 +651,22 @@ mod tests {
         );
         assert_eq!(origin_uri(b"").unwrap(), "/");
         assert_eq!(origin_uri(b"?q=1").unwrap(), "/?q=1");
+    }
+
+    #[test]
+    fn rate_limit_decisions_map_to_refusals() {
+        assert_eq!(rate_limit_verdict(Decision::Allow), Ok(()));
+        assert_eq!(
+            rate_limit_verdict(Decision::Deny {
+                retry_after: std::time::Duration::from_millis(1500)
+            }),
+            Err(ProxyError::RateLimited {
+                retry_after_secs: 2
+            })
+        );
+        assert_eq!(
+            rate_limit_verdict(Decision::Unavailable),
+            Err(ProxyError::RateLimitUnavailable)
+        );
     }
 }

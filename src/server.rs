@@ -16,7 +16,8 @@ use crate::auth::{self, SessionTable};
 use crate::config::{Config, Environment};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
 use crate::metrics::Metrics;
-use crate::policy::ratelimit::LocalLimiter;
+use crate::policy::ratelimit::{Backend, DecisionCounters, Limiter, LocalLimiter};
+use crate::policy::redis_limit::RedisLimiter;
 use crate::proxy::{FinHubProxy, ProxyParts};
 use crate::tls::reload::Reloader;
 use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
@@ -57,6 +58,8 @@ pub struct Sidecar {
     metrics: Metrics,
     audit: Audit,
     audit_guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+    /// The shared limiter, when `backend = "redis"` (its connections live in the control plane).
+    redis: Option<RedisLimiter>,
 }
 
 impl Sidecar {
@@ -93,7 +96,20 @@ impl Sidecar {
         }
         let (audit, audit_guard) = Audit::open(&config.audit.output, config.audit.include_query)
             .map_err(StartError::Audit)?;
+        let redis = match &config.policy.rate_limit.backend {
+            Backend::Local => None,
+            Backend::Redis(settings) => {
+                let tenants: Vec<&str> = config.tenants.iter().map(|t| t.id.as_str()).collect();
+                Some(RedisLimiter::new(
+                    &config.policy.rate_limit,
+                    settings,
+                    &tenants,
+                    &metrics,
+                ))
+            }
+        };
         Ok(Sidecar {
+            redis,
             audit,
             audit_guard,
             config: Arc::new(config),
@@ -104,6 +120,20 @@ impl Sidecar {
             tls_files,
             metrics,
         })
+    }
+
+    /// The rate-limit backend the proxy asks.
+    fn limiter(&self) -> Box<dyn Limiter> {
+        match &self.redis {
+            Some(redis) => Box::new(redis.clone()),
+            None => Box::new(
+                LocalLimiter::new(
+                    self.config.policy.rate_limit.clone(),
+                    self.config.tenants.len(),
+                )
+                .counting(DecisionCounters::new(&self.metrics, "local")),
+            ),
+        }
     }
 
     /// Runs until SIGTERM/SIGINT (Pingora's signal handling), then returns.
@@ -135,10 +165,7 @@ impl Sidecar {
             sessions: self.sessions.clone(),
             metrics: self.metrics.clone(),
             lifecycle: lifecycle.clone(),
-            limiter: Box::new(LocalLimiter::new(
-                c.policy.rate_limit.clone(),
-                c.tenants.len(),
-            )),
+            limiter: self.limiter(),
             audit: self.audit.clone(),
         });
         // CONNECT reaches request_filter (instead of Pingora's bare 405) so that it gets the
@@ -170,6 +197,7 @@ impl Sidecar {
             tls_files: self.tls_files.clone(),
             metrics: self.metrics.clone(),
             lifecycle: lifecycle.clone(),
+            redis: self.redis.clone(),
         };
         server.add_service(background_service("control-plane", control));
         server.add_service(proxy_service);
@@ -200,6 +228,7 @@ struct ControlPlane {
     tls_files: TlsFiles,
     metrics: Metrics,
     lifecycle: Arc<Lifecycle>,
+    redis: Option<RedisLimiter>,
 }
 
 #[async_trait]
@@ -230,6 +259,9 @@ impl BackgroundService for ControlPlane {
             expiry_warning,
         );
         tasks.spawn(reloader.run(reload_interval));
+        if let Some(redis) = &self.redis {
+            tasks.spawn(redis.clone().keep_connected());
+        }
         let client = Arc::new(AuthClient::new(&self.config, self.tls.clone()));
         for slot in self.sessions.tenants() {
             let (slot, client, auth, metrics) = (

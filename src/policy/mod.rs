@@ -4,3 +4,4 @@
 pub mod allow;
 pub mod headers;
 pub mod ratelimit;
+pub mod redis_limit;

@@ -2,16 +2,22 @@
 //! method and path prefix, plus a per-tenant hold set when FinHub itself answers 429 with
 //! `Retry-After`, so the whole sidecar stops hammering until then.
 //!
-//! The buckets sit behind the [`Limiter`] trait so that a shared (distributed) backend can be
-//! added without touching the proxy.
+//! The buckets sit behind the [`Limiter`] trait: [`LocalLimiter`] here decides in-process
+//! without waiting; [`super::redis_limit::RedisLimiter`] shares one limit across replicas.
 
+use std::future::Future;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::Method;
+use prometheus::IntCounter;
+
+use super::redis_limit::RedisSettings;
+use crate::metrics::Metrics;
 
 /// A bucket's rate and burst.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,12 +41,48 @@ pub struct RouteLimit {
 }
 
 /// The whole rate-limit configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct RateLimitConfig {
-    /// Default bucket per tenant; `None` disables local limiting (upstream holds still apply).
+    /// Default bucket per tenant; `None` disables limiting (upstream holds still apply).
     pub default: Option<Limit>,
     /// Route overrides, first match wins.
     pub routes: Vec<RouteLimit>,
+    /// Where the buckets live.
+    pub backend: Backend,
+}
+
+/// Where the buckets live.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// In this process: each replica has the whole limit.
+    Local,
+    /// In Redis: every replica pointing at the same Redis and key prefix shares the limit.
+    Redis(Box<RedisSettings>),
+}
+
+impl RateLimitConfig {
+    /// Index of the bucket for a request: `1 + route` for the first matching route, else 0.
+    pub fn route_of(&self, method: &Method, path: &str) -> usize {
+        self.routes
+            .iter()
+            .position(|r| {
+                r.method.as_ref().is_none_or(|m| m == method) && path.starts_with(&r.path_prefix)
+            })
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The limit of bucket `route` (as numbered by [`RateLimitConfig::route_of`]).
+    pub fn limit_of(&self, route: usize) -> Option<Limit> {
+        match route {
+            0 => self.default,
+            r => self.routes.get(r - 1).map(|r| r.limit),
+        }
+    }
+
+    /// Whether any bucket is configured at all.
+    pub fn is_enabled(&self) -> bool {
+        self.default.is_some() || !self.routes.is_empty()
+    }
 }
 
 /// The outcome of a rate-limit check.
@@ -53,6 +95,8 @@ pub enum Decision {
         /// Time until a request would be allowed.
         retry_after: Duration,
     },
+    /// Refuse because the shared limiter cannot decide (`on_redis_error = "deny"`).
+    Unavailable,
 }
 
 impl Decision {
@@ -60,6 +104,7 @@ impl Decision {
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
             Decision::Allow => None,
+            Decision::Unavailable => Some(1),
             Decision::Deny { retry_after } => {
                 Some(retry_after.as_secs_f64().ceil().max(1.0) as u64)
             }
@@ -67,10 +112,50 @@ impl Decision {
     }
 }
 
+/// A decision still being made (a network round trip); owns everything it needs.
+pub type PendingDecision = Pin<Box<dyn Future<Output = Decision> + Send>>;
+
+/// What [`Limiter::check`] returns: a decision now, or one to await.
+pub enum Check {
+    /// Decided without waiting (local buckets, no bucket configured).
+    Ready(Decision),
+    /// Await this for the decision; it never takes longer than the backend's timeout.
+    Wait(PendingDecision),
+}
+
 /// A rate-limit backend: decides for (tenant index, request).
 pub trait Limiter: Send + Sync {
     /// Checks and, if allowed, consumes one token for `tenant` and the request's route.
-    fn check(&self, tenant: usize, method: &Method, path: &str) -> Decision;
+    fn check(&self, tenant: usize, method: &Method, path: &str) -> Check;
+}
+
+/// Decision counters of one backend, resolved once (no label lookup per request).
+#[derive(Clone)]
+pub struct DecisionCounters {
+    allow: IntCounter,
+    deny: IntCounter,
+}
+
+impl DecisionCounters {
+    /// `finhub_sidecar_rate_limit_decisions_total{backend}` for both decisions.
+    pub fn new(metrics: &Metrics, backend: &str) -> Self {
+        DecisionCounters {
+            allow: metrics
+                .rate_limit_decisions
+                .with_label_values(&[backend, "allow"]),
+            deny: metrics
+                .rate_limit_decisions
+                .with_label_values(&[backend, "deny"]),
+        }
+    }
+
+    /// Counts one decision.
+    pub fn count(&self, decision: &Decision) {
+        match decision {
+            Decision::Allow => self.allow.inc(),
+            Decision::Deny { .. } | Decision::Unavailable => self.deny.inc(),
+        }
+    }
 }
 
 /// In-process token buckets: one per tenant and route (plus the tenant default).
@@ -79,6 +164,7 @@ pub struct LocalLimiter {
     /// `buckets[tenant][0]` is the default bucket, `[1 + i]` route `i`'s.
     buckets: Vec<Vec<Option<DefaultDirectRateLimiter>>>,
     clock: DefaultClock,
+    counters: Option<DecisionCounters>,
 }
 
 fn bucket(limit: &Limit) -> DefaultDirectRateLimiter {
@@ -99,33 +185,42 @@ impl LocalLimiter {
             config,
             buckets,
             clock: DefaultClock::default(),
+            counters: None,
         }
+    }
+
+    /// Counts every decision into `counters`.
+    pub fn counting(mut self, counters: DecisionCounters) -> Self {
+        self.counters = Some(counters);
+        self
     }
 
     /// Index of the bucket for a request: `1 + route` for the first matching route, else 0.
     pub fn route_of(&self, method: &Method, path: &str) -> usize {
-        self.config
-            .routes
-            .iter()
-            .position(|r| {
-                r.method.as_ref().is_none_or(|m| m == method) && path.starts_with(&r.path_prefix)
-            })
-            .map_or(0, |i| i + 1)
+        self.config.route_of(method, path)
     }
-}
 
-impl Limiter for LocalLimiter {
-    fn check(&self, tenant: usize, method: &Method, path: &str) -> Decision {
-        let route = self.route_of(method, path);
+    /// Checks bucket `route` of `tenant` (as numbered by [`LocalLimiter::route_of`]).
+    pub fn check_route(&self, tenant: usize, route: usize) -> Decision {
         let Some(Some(limiter)) = self.buckets.get(tenant).and_then(|b| b.get(route)) else {
             return Decision::Allow;
         };
-        match limiter.check() {
+        let decision = match limiter.check() {
             Ok(()) => Decision::Allow,
             Err(not_until) => Decision::Deny {
                 retry_after: not_until.wait_time_from(self.clock.now()),
             },
+        };
+        if let Some(c) = &self.counters {
+            c.count(&decision);
         }
+        decision
+    }
+}
+
+impl Limiter for LocalLimiter {
+    fn check(&self, tenant: usize, method: &Method, path: &str) -> Check {
+        Check::Ready(self.check_route(tenant, self.route_of(method, path)))
     }
 }
 
@@ -178,6 +273,15 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 mod tests {
     use super::*;
 
+    impl Check {
+        fn now(self) -> Decision {
+            match self {
+                Check::Ready(d) => d,
+                Check::Wait(_) => panic!("the local limiter never waits"),
+            }
+        }
+    }
+
     fn limit(per_second: u32, burst: u32) -> Limit {
         Limit {
             per_second: NonZeroU32::new(per_second).unwrap(),
@@ -191,17 +295,18 @@ mod tests {
             RateLimitConfig {
                 default: Some(limit(1, 3)),
                 routes: vec![],
+                backend: Backend::Local,
             },
             2,
         );
         for _ in 0..3 {
-            assert_eq!(l.check(0, &Method::GET, "/api/v2/x"), Decision::Allow);
+            assert_eq!(l.check(0, &Method::GET, "/api/v2/x").now(), Decision::Allow);
         }
-        let d = l.check(0, &Method::GET, "/api/v2/x");
+        let d = l.check(0, &Method::GET, "/api/v2/x").now();
         assert!(matches!(d, Decision::Deny { .. }));
         assert_eq!(d.retry_after_secs(), Some(1));
         // Another tenant has its own bucket.
-        assert_eq!(l.check(1, &Method::GET, "/api/v2/x"), Decision::Allow);
+        assert_eq!(l.check(1, &Method::GET, "/api/v2/x").now(), Decision::Allow);
     }
 
     #[test]
@@ -214,20 +319,24 @@ mod tests {
                     path_prefix: "/api/v2/auth".into(),
                     limit: limit(1, 1),
                 }],
+                backend: Backend::Local,
             },
             1,
         );
         assert_eq!(l.route_of(&Method::POST, "/api/v2/auth/token"), 1);
         assert_eq!(l.route_of(&Method::GET, "/api/v2/auth/token"), 0);
         assert_eq!(
-            l.check(0, &Method::POST, "/api/v2/auth/token"),
+            l.check(0, &Method::POST, "/api/v2/auth/token").now(),
             Decision::Allow
         );
         assert!(matches!(
-            l.check(0, &Method::POST, "/api/v2/auth/x"),
+            l.check(0, &Method::POST, "/api/v2/auth/x").now(),
             Decision::Deny { .. }
         ));
-        assert_eq!(l.check(0, &Method::GET, "/api/v2/auth/x"), Decision::Allow);
+        assert_eq!(
+            l.check(0, &Method::GET, "/api/v2/auth/x").now(),
+            Decision::Allow
+        );
     }
 
     #[test]
@@ -236,11 +345,12 @@ mod tests {
             RateLimitConfig {
                 default: None,
                 routes: vec![],
+                backend: Backend::Local,
             },
             1,
         );
         for _ in 0..1000 {
-            assert_eq!(l.check(0, &Method::GET, "/"), Decision::Allow);
+            assert_eq!(l.check(0, &Method::GET, "/").now(), Decision::Allow);
         }
     }
 

@@ -1,0 +1,615 @@
+//! Fleet-wide rate limits on Redis: every sidecar of a deployment that points at the same Redis
+//! and key prefix shares one bucket per tenant (and per route).
+//!
+//! - **Algorithm.** GCRA in one Lua script ([`GCRA_SCRIPT`]): one `EVALSHA` round trip per
+//!   decision, atomic on the Redis side, Redis's own clock (`TIME`) so replicas with skewed
+//!   clocks agree. Keys expire when their bucket is full again, so idle tenants cost nothing.
+//! - **Connections.** A small fixed pool of multiplexed connections (each pipelines any number of
+//!   concurrent calls), kept by one background task per connection. A request never connects and
+//!   never takes a lock: it loads a connection from an `ArcSwapOption`, or finds none and falls
+//!   back at once.
+//! - **Failure mode.** Every call has a timeout of a few milliseconds. A timeout, a dropped
+//!   connection or a missing connection decides by `on_redis_error`: `allow`, `deny` (503
+//!   `rate_limit_unavailable`) or `local` (an in-process bucket with this pod's share of the
+//!   limit). A connection that drops, or times out [`BREAK_AFTER_TIMEOUTS`] times in a row, is
+//!   discarded and re-established in the background (backoff up to [`MAX_RECONNECT`]); until
+//!   then requests decide by the failure mode without waiting. Recovery is automatic.
+
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use http::Method;
+use prometheus::{Histogram, IntCounter, IntGauge};
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, ConnectionInfo, RedisError, Script, TlsCertificates};
+use tokio::sync::Notify;
+
+use super::ratelimit::{
+    Check, Decision, DecisionCounters, Limit, Limiter, LocalLimiter, RateLimitConfig,
+};
+use crate::metrics::Metrics;
+use crate::secret::SecretSource;
+
+/// GCRA (the generic cell rate algorithm, a token bucket stored as one timestamp).
+///
+/// `KEYS[1]`: the bucket. `ARGV[1]`: emission interval in µs (1 s / rate). `ARGV[2]`: burst.
+/// Returns `{1, 0}` when allowed (and records it), or `{0, µs until a request would be allowed}`.
+/// The stored value is the "theoretical arrival time" in µs of Redis time; it expires once it
+/// is in the past (the bucket is full again then).
+pub const GCRA_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = interval * tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - tolerance
+if allow_at > now then
+  return {0, allow_at - now}
+end
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, 0}
+"#;
+
+/// A connection that times out this many calls in a row is discarded and re-established.
+pub const BREAK_AFTER_TIMEOUTS: u32 = 3;
+
+/// First reconnect delay after a failed connect; doubles up to [`MAX_RECONNECT`].
+pub const MIN_RECONNECT: Duration = Duration::from_millis(50);
+
+/// Longest delay between reconnect attempts (so recovery takes at most about this long).
+pub const MAX_RECONNECT: Duration = Duration::from_secs(1);
+
+/// Redis backend settings (`[policy.rate_limit.redis]`).
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// Address, TLS (`rediss://`), database and user name from `url`; never a password.
+    pub connection: ConnectionInfo,
+    /// Password (`AUTH`), re-read from its file at each connect.
+    pub password: Option<SecretSource>,
+    /// PEM CA bundle that verifies a `rediss://` server (system roots otherwise).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Prepended to every key, e.g. `finhub-sidecar:rl:payments-api:`.
+    pub key_prefix: String,
+    /// Longest a request waits for Redis before the failure mode decides.
+    pub timeout: Duration,
+    /// Longest a (background) connect may take.
+    pub connect_timeout: Duration,
+    /// Multiplexed connections in the pool.
+    pub connections: NonZeroUsize,
+    /// What decides while Redis cannot.
+    pub on_error: OnRedisError,
+}
+
+/// What decides while Redis cannot (`on_redis_error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisError {
+    /// Let requests through (availability over the limit).
+    Allow,
+    /// Refuse with 503 `rate_limit_unavailable` (the limit over availability).
+    Deny,
+    /// An in-process bucket with `1 / replicas` of each limit (at least 1 per second and burst).
+    Local {
+        /// How many replicas share the limit.
+        replicas: NonZeroU32,
+    },
+}
+
+/// This pod's share of `limit` when `replicas` share it (rounded up, at least 1).
+pub fn share(limit: Limit, replicas: NonZeroU32) -> Limit {
+    let part = |n: NonZeroU32| {
+        // n ≥ 1 and replicas ≥ 1, so the rounded-up quotient is at least 1.
+        NonZeroU32::new(n.get().div_ceil(replicas.get())).unwrap_or(NonZeroU32::MIN)
+    };
+    Limit {
+        per_second: part(limit.per_second),
+        burst: part(limit.burst),
+    }
+}
+
+/// Why a Redis call gave no decision (the `kind` label of `redis_errors_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No usable connection: decided at once, without waiting.
+    Unavailable,
+    /// No answer within the timeout.
+    Timeout,
+    /// The connection broke.
+    Connection,
+    /// Redis answered with an error (script, auth, OOM, …) or something unexpected.
+    Response,
+}
+
+/// The shared limiter. Cheap to clone; [`RedisLimiter::keep_connected`] must run in the
+/// background for it to ever reach Redis.
+#[derive(Clone)]
+pub struct RedisLimiter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: RateLimitConfig,
+    /// `buckets[tenant][route]`, numbered as [`RateLimitConfig::route_of`].
+    buckets: Vec<Vec<Option<Bucket>>>,
+    slots: Box<[Slot]>,
+    next: AtomicUsize,
+    timeout: Duration,
+    fallback: Fallback,
+    script: Script,
+    connector: Connector,
+    metrics: RedisMetrics,
+}
+
+struct Bucket {
+    key: String,
+    interval_us: u64,
+    burst: u32,
+}
+
+struct Slot {
+    conn: ArcSwapOption<MultiplexedConnection>,
+    broken: Notify,
+    timeouts: AtomicU32,
+}
+
+enum Fallback {
+    Allow,
+    Deny,
+    Local(LocalLimiter),
+}
+
+struct RedisMetrics {
+    redis: DecisionCounters,
+    fallback: DecisionCounters,
+    unavailable: IntCounter,
+    timeout: IntCounter,
+    connection: IntCounter,
+    response: IntCounter,
+    duration: Histogram,
+    connections: IntGauge,
+}
+
+impl RedisMetrics {
+    fn failure(&self, f: Failure) -> &IntCounter {
+        match f {
+            Failure::Unavailable => &self.unavailable,
+            Failure::Timeout => &self.timeout,
+            Failure::Connection => &self.connection,
+            Failure::Response => &self.response,
+        }
+    }
+}
+
+struct Connector {
+    connection: ConnectionInfo,
+    password: Option<SecretSource>,
+    ca_pem: Option<Vec<u8>>,
+    connect_timeout: Duration,
+    options: AsyncConnectionConfig,
+}
+
+impl Connector {
+    /// A fresh connection, with the password as it is now.
+    async fn connect(&self) -> Result<MultiplexedConnection, RedisError> {
+        let mut info = self.connection.clone();
+        if let Some(p) = &self.password {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(p.current().expose());
+            info = info.set_redis_settings(settings);
+        }
+        let client = match &self.ca_pem {
+            Some(pem) => Client::build_with_tls(
+                info,
+                TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.clone()),
+                },
+            )?,
+            None => Client::open(info)?,
+        };
+        match tokio::time::timeout(
+            self.connect_timeout,
+            client.get_multiplexed_async_connection_with_config(&self.options),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(RedisError::from(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timed out",
+            ))),
+        }
+    }
+}
+
+impl RedisLimiter {
+    /// A limiter for `tenants` (FinHub tenant ids, in configuration order). Connections are made
+    /// by [`RedisLimiter::keep_connected`]; until then every decision is the failure mode's.
+    pub fn new(
+        config: &RateLimitConfig,
+        settings: &RedisSettings,
+        tenants: &[&str],
+        metrics: &Metrics,
+    ) -> Self {
+        let buckets = tenants
+            .iter()
+            .map(|tenant| {
+                (0..=config.routes.len())
+                    .map(|route| {
+                        config.limit_of(route).map(|limit| Bucket {
+                            key: bucket_key(&settings.key_prefix, tenant, config, route),
+                            interval_us: (1_000_000 / u64::from(limit.per_second.get())).max(1),
+                            burst: limit.burst.get(),
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let fallback = match settings.on_error {
+            OnRedisError::Allow => Fallback::Allow,
+            OnRedisError::Deny => Fallback::Deny,
+            OnRedisError::Local { replicas } => {
+                let shared = RateLimitConfig {
+                    default: config.default.map(|l| share(l, replicas)),
+                    routes: config
+                        .routes
+                        .iter()
+                        .map(|r| super::ratelimit::RouteLimit {
+                            limit: share(r.limit, replicas),
+                            ..r.clone()
+                        })
+                        .collect(),
+                    backend: super::ratelimit::Backend::Local,
+                };
+                Fallback::Local(LocalLimiter::new(shared, tenants.len()))
+            }
+        };
+        let slots = (0..settings.connections.get())
+            .map(|_| Slot {
+                conn: ArcSwapOption::empty(),
+                broken: Notify::new(),
+                timeouts: AtomicU32::new(0),
+            })
+            .collect();
+        let errors = &metrics.redis_errors;
+        let inner = Inner {
+            config: config.clone(),
+            buckets,
+            slots,
+            next: AtomicUsize::new(0),
+            timeout: settings.timeout,
+            fallback,
+            script: Script::new(GCRA_SCRIPT),
+            connector: Connector {
+                connection: settings.connection.clone(),
+                password: settings.password.clone(),
+                ca_pem: settings.ca_pem.clone(),
+                connect_timeout: settings.connect_timeout,
+                options: AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(settings.connect_timeout))
+                    .set_response_timeout(Some(settings.timeout)),
+            },
+            metrics: RedisMetrics {
+                redis: DecisionCounters::new(metrics, "redis"),
+                fallback: DecisionCounters::new(metrics, "fallback"),
+                unavailable: errors.with_label_values(&["unavailable"]),
+                timeout: errors.with_label_values(&["timeout"]),
+                connection: errors.with_label_values(&["connection"]),
+                response: errors.with_label_values(&["response"]),
+                duration: metrics.redis_call_duration.clone(),
+                connections: metrics.redis_connections.clone(),
+            },
+        };
+        RedisLimiter {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// Keeps every pooled connection established, forever (run it as a background task).
+    pub async fn keep_connected(self) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..self.inner.slots.len() {
+            tasks.spawn(self.inner.clone().keep_slot(index));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    /// Connections usable right now.
+    pub fn connected(&self) -> usize {
+        self.inner
+            .slots
+            .iter()
+            .filter(|s| s.conn.load().is_some())
+            .count()
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn check(&self, tenant: usize, method: &Method, path: &str) -> Check {
+        let route = self.inner.config.route_of(method, path);
+        let has_bucket = self
+            .inner
+            .buckets
+            .get(tenant)
+            .and_then(|b| b.get(route))
+            .is_some_and(Option::is_some);
+        if !has_bucket {
+            return Check::Ready(Decision::Allow);
+        }
+        // Fail fast without boxing a future when no connection is up.
+        if self.inner.slots.iter().all(|s| s.conn.load().is_none()) {
+            return Check::Ready(self.inner.fall_back(tenant, route, Failure::Unavailable));
+        }
+        Check::Wait(Box::pin(self.inner.clone().decide(tenant, route)))
+    }
+}
+
+impl Inner {
+    async fn decide(self: Arc<Self>, tenant: usize, route: usize) -> Decision {
+        let Some(Some(bucket)) = self.buckets.get(tenant).and_then(|b| b.get(route)) else {
+            return Decision::Allow;
+        };
+        let started = Instant::now();
+        let outcome = self.call(bucket).await;
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        match outcome {
+            Ok(decision) => {
+                self.metrics.redis.count(&decision);
+                decision
+            }
+            Err(f) => self.fall_back(tenant, route, f),
+        }
+    }
+
+    fn fall_back(&self, tenant: usize, route: usize, failure: Failure) -> Decision {
+        self.metrics.failure(failure).inc();
+        let decision = match &self.fallback {
+            Fallback::Allow => Decision::Allow,
+            Fallback::Deny => Decision::Unavailable,
+            Fallback::Local(local) => local.check_route(tenant, route),
+        };
+        self.metrics.fallback.count(&decision);
+        decision
+    }
+
+    /// One script call on the next usable connection, bounded by the timeout.
+    async fn call(&self, bucket: &Bucket) -> Result<Decision, Failure> {
+        let (slot, conn) = self.pick().ok_or(Failure::Unavailable)?;
+        let mut handle = MultiplexedConnection::clone(&conn);
+        let mut invocation = self.script.key(&bucket.key);
+        invocation.arg(bucket.interval_us).arg(bucket.burst);
+        let answer = tokio::time::timeout(
+            self.timeout,
+            invocation.invoke_async::<(i64, i64)>(&mut handle),
+        )
+        .await;
+        match answer {
+            Ok(Ok((allowed, wait_us))) => {
+                slot.timeouts.store(0, Ordering::Relaxed);
+                Ok(if allowed == 1 {
+                    Decision::Allow
+                } else {
+                    Decision::Deny {
+                        retry_after: Duration::from_micros(wait_us.max(0).unsigned_abs()),
+                    }
+                })
+            }
+            Ok(Err(e)) if e.is_timeout() => Err(self.timed_out(slot, &conn)),
+            Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() => {
+                self.discard(slot, &conn);
+                Err(Failure::Connection)
+            }
+            Ok(Err(e)) => {
+                if e.is_unrecoverable_error() {
+                    self.discard(slot, &conn);
+                }
+                tracing::debug!(error = %e, "redis rate-limit call failed");
+                Err(Failure::Response)
+            }
+            Err(_) => Err(self.timed_out(slot, &conn)),
+        }
+    }
+
+    fn timed_out(&self, slot: &Slot, conn: &Arc<MultiplexedConnection>) -> Failure {
+        if slot.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= BREAK_AFTER_TIMEOUTS {
+            self.discard(slot, conn);
+        }
+        Failure::Timeout
+    }
+
+    /// The next connected slot, round robin; `None` when none is connected.
+    fn pick(&self) -> Option<(&Slot, Arc<MultiplexedConnection>)> {
+        let n = self.slots.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n).find_map(|i| {
+            let slot = &self.slots[(start + i) % n];
+            slot.conn.load_full().map(|c| (slot, c))
+        })
+    }
+
+    /// Takes `conn` out of `slot` (if it is still there) and wakes the slot's keeper.
+    fn discard(&self, slot: &Slot, conn: &Arc<MultiplexedConnection>) {
+        let previous = slot.conn.compare_and_swap(&Some(conn.clone()), None);
+        if previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, conn)) {
+            self.metrics.connections.dec();
+            slot.broken.notify_one();
+        }
+    }
+
+    /// Connects slot `index`, and reconnects it whenever a request discards it.
+    async fn keep_slot(self: Arc<Self>, index: usize) {
+        let slot = &self.slots[index];
+        let mut backoff = MIN_RECONNECT;
+        let mut down = false;
+        loop {
+            if slot.conn.load().is_none() {
+                match self.connector.connect().await {
+                    Ok(conn) => {
+                        slot.timeouts.store(0, Ordering::Relaxed);
+                        slot.conn.store(Some(Arc::new(conn)));
+                        self.metrics.connections.inc();
+                        if down {
+                            tracing::info!(
+                                connection = index,
+                                "redis reachable again; rate limits are shared again"
+                            );
+                        }
+                        down = false;
+                        backoff = MIN_RECONNECT;
+                    }
+                    Err(e) => {
+                        if !down {
+                            tracing::warn!(connection = index, error = %e, "redis unreachable; rate-limit decisions follow on_redis_error until it returns");
+                            down = true;
+                        }
+                        let jitter = rand::random_range(0.5..1.0);
+                        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                        backoff = (backoff * 2).min(MAX_RECONNECT);
+                        continue;
+                    }
+                }
+            }
+            slot.broken.notified().await;
+            if !down {
+                tracing::warn!(
+                    connection = index,
+                    "redis connection discarded (dropped or timing out); reconnecting"
+                );
+                down = true;
+            }
+        }
+    }
+}
+
+/// `<prefix><tenant>:<route>` where route is `default` or `<METHOD|*> <path prefix>`: stable
+/// across replicas with the same configuration, whatever the order of other routes.
+fn bucket_key(prefix: &str, tenant: &str, config: &RateLimitConfig, route: usize) -> String {
+    match route.checked_sub(1).and_then(|r| config.routes.get(r)) {
+        None => format!("{prefix}{tenant}:default"),
+        Some(r) => format!(
+            "{prefix}{tenant}:{} {}",
+            r.method.as_ref().map_or("*", Method::as_str),
+            r.path_prefix
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::ratelimit::{Backend, RouteLimit};
+
+    fn limit(per_second: u32, burst: u32) -> Limit {
+        Limit {
+            per_second: NonZeroU32::new(per_second).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    fn settings(on_error: OnRedisError) -> RedisSettings {
+        RedisSettings {
+            connection: redis::IntoConnectionInfo::into_connection_info("redis://127.0.0.1:1/")
+                .unwrap(),
+            password: None,
+            ca_pem: None,
+            key_prefix: "t:".into(),
+            timeout: Duration::from_millis(5),
+            connect_timeout: Duration::from_millis(100),
+            connections: NonZeroUsize::new(2).unwrap(),
+            on_error,
+        }
+    }
+
+    fn config() -> RateLimitConfig {
+        RateLimitConfig {
+            default: Some(limit(10, 4)),
+            routes: vec![RouteLimit {
+                method: Some(Method::POST),
+                path_prefix: "/api/v2/payments".into(),
+                limit: limit(3, 3),
+            }],
+            backend: Backend::Local,
+        }
+    }
+
+    fn ready(c: Check) -> Decision {
+        match c {
+            Check::Ready(d) => d,
+            Check::Wait(_) => panic!("expected a decision without waiting"),
+        }
+    }
+
+    #[test]
+    fn pod_share_rounds_up_and_never_reaches_zero() {
+        let r = NonZeroU32::new(20).unwrap();
+        assert_eq!(share(limit(100, 200), r), limit(5, 10));
+        assert_eq!(share(limit(1, 3), r), limit(1, 1));
+        assert_eq!(share(limit(21, 21), r), limit(2, 2));
+    }
+
+    #[test]
+    fn keys_name_tenant_and_route_stably() {
+        let c = config();
+        assert_eq!(bucket_key("p:", "acme", &c, 0), "p:acme:default");
+        assert_eq!(
+            bucket_key("p:", "acme", &c, 1),
+            "p:acme:POST /api/v2/payments"
+        );
+    }
+
+    #[test]
+    fn without_a_connection_the_failure_mode_decides_at_once() {
+        let m = Metrics::new();
+        let deny = RedisLimiter::new(&config(), &settings(OnRedisError::Deny), &["a"], &m);
+        assert_eq!(
+            ready(deny.check(0, &Method::GET, "/api/v2/x")),
+            Decision::Unavailable
+        );
+        let allow = RedisLimiter::new(&config(), &settings(OnRedisError::Allow), &["a"], &m);
+        for _ in 0..10 {
+            assert_eq!(
+                ready(allow.check(0, &Method::GET, "/api/v2/x")),
+                Decision::Allow
+            );
+        }
+        let local = RedisLimiter::new(
+            &config(),
+            &settings(OnRedisError::Local {
+                replicas: NonZeroU32::new(2).unwrap(),
+            }),
+            &["a"],
+            &m,
+        );
+        // Route bucket 3/3 shared by 2 replicas: 2 at once here.
+        let decisions: Vec<_> = (0..3)
+            .map(|_| ready(local.check(0, &Method::POST, "/api/v2/payments/1")))
+            .collect();
+        assert_eq!(decisions[..2], [Decision::Allow, Decision::Allow]);
+        assert!(matches!(decisions[2], Decision::Deny { .. }));
+        let text = String::from_utf8(m.render()).unwrap();
+        assert!(text.contains(r#"finhub_sidecar_redis_errors_total{kind="unavailable"} 14"#));
+    }
+
+    #[test]
+    fn requests_without_a_bucket_never_touch_redis() {
+        let m = Metrics::new();
+        let c = RateLimitConfig {
+            default: None,
+            ..config()
+        };
+        let l = RedisLimiter::new(&c, &settings(OnRedisError::Deny), &["a"], &m);
+        assert_eq!(
+            ready(l.check(0, &Method::GET, "/api/v2/x")),
+            Decision::Allow
+        );
+        assert_eq!(l.connected(), 0);
+    }
+}

@@ -1,0 +1,408 @@
+//! Fleet-wide rate limits on a real Redis (`redis-server`, started by each test on a free
+//! loopback port and killed at the end): two sidecars share one limit, and a Redis that dies or
+//! hangs is handled by `on_redis_error` within the timeout, with automatic recovery.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A `redis-server` child process on 127.0.0.1; killed on drop.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts Redis on a free port (another one if that port was taken meanwhile).
+    async fn start() -> Redis {
+        let mut redis = Redis {
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        for _ in 0..5 {
+            redis.spawn();
+            if redis.wait_up(Duration::from_secs(10)).await {
+                return redis;
+            }
+            redis.kill();
+            redis.port = free_port();
+        }
+        panic!(
+            "redis-server did not start (is the Debian package redis-server installed?):\n{}",
+            redis.log()
+        );
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("redis-{}.log", self.port))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.log_path()).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--protected-mode", "no"])
+            .args(["--loglevel", "warning"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("spawn redis-server (apt-get install redis-server)");
+        self.child = Some(child);
+    }
+
+    /// Polls `PING` until `+PONG` (or the deadline, or the process exits).
+    async fn wait_up(&mut self, within: Duration) -> bool {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
+                return false;
+            }
+            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").await.is_ok()
+                    && s.read_exact(&mut buf).await.is_ok()
+                    && &buf == b"+PONG\r\n"
+                {
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts Redis again on the same port (empty: no persistence).
+    async fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        assert!(
+            self.wait_up(Duration::from_secs(10)).await,
+            "redis-server did not restart on port {}:\n{}",
+            self.port,
+            self.log()
+        );
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.as_ref().expect("running").id() as libc::pid_t;
+        // SAFETY: sending a signal to our own child process.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            // A stopped process must be continued to die promptly.
+            // SAFETY: our own child process.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGCONT) };
+        }
+        self.kill();
+    }
+}
+
+fn redis_config(port: u16, limit: &str, redis_extra: &str) -> String {
+    format!(
+        r#"
+[policy.rate_limit]
+{limit}
+backend = "redis"
+
+[policy.rate_limit.redis]
+url = "redis://127.0.0.1:{port}/"
+key_prefix = "test-{prefix}:"
+{redis_extra}
+"#,
+        prefix = uuid::Uuid::new_v4().simple()
+    )
+}
+
+/// Waits until the sidecar reports `n` usable Redis connections.
+async fn connected(sc: &SidecarProcess, n: f64) {
+    let ok = eventually(Duration::from_secs(15), || async {
+        (sc.metric("finhub_sidecar_redis_connections").await? == n).then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "redis connections != {n}:\n{}", sc.log());
+}
+
+async fn metric(sc: &SidecarProcess, series: &str) -> f64 {
+    sc.metric(series).await.unwrap_or(0.0)
+}
+
+/// Status, JSON error code and how long the request took.
+async fn get(client: &reqwest::Client, sc: &SidecarProcess) -> (u16, String, Duration) {
+    let started = Instant::now();
+    let r = client
+        .get(sc.url("/api/v2/accounts"))
+        .send()
+        .await
+        .expect("the sidecar answers");
+    let status = r.status().as_u16();
+    let code = r
+        .json::<Value>()
+        .await
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    (status, code, started.elapsed())
+}
+
+fn client() -> reqwest::Client {
+    init_crypto();
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+}
+
+const REDIS_ALLOW: &str =
+    r#"finhub_sidecar_rate_limit_decisions_total{backend="redis",decision="allow"}"#;
+const REDIS_DENY: &str =
+    r#"finhub_sidecar_rate_limit_decisions_total{backend="redis",decision="deny"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecars_share_one_limit() {
+    let redis = Redis::start().await;
+    let world = World::new();
+    let emu = world.emulator().await;
+    // Burst 5 at 1/s for the tenant, shared. A generous timeout: this test is about sharing,
+    // and `deny` makes any Redis failure visible as a 503 rather than extra admissions.
+    let cfg = redis_config(
+        redis.port,
+        "rate = 1\nburst = 5",
+        "timeout = \"1s\"\non_redis_error = \"deny\"",
+    );
+    let a = world.sidecar(emu.addr().port(), &cfg).await;
+    let b = world.sidecar(emu.addr().port(), &cfg).await;
+    connected(&a, 2.0).await;
+    connected(&b, 2.0).await;
+
+    let client = client();
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        let sc = if i % 2 == 0 { &a } else { &b };
+        let (status, code, _) = get(&client, sc).await;
+        if status == 429 {
+            assert_eq!(code, "rate_limited");
+        }
+        statuses.push(status);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    assert_eq!(ok + limited, 20, "only 200 or 429 expected: {statuses:?}");
+    // Together, at most burst + rate × elapsed (each pod alone would have admitted 5).
+    let bound = 5 + elapsed.ceil() as usize;
+    assert!(
+        ok <= bound,
+        "{ok} admitted across both sidecars in {elapsed:.2}s; shared limit allows {bound}: {statuses:?}"
+    );
+    assert!(ok >= 5, "the burst is available: {statuses:?}");
+    // Both sidecars decided through Redis, and both saw refusals.
+    for sc in [&a, &b] {
+        assert!(metric(sc, REDIS_ALLOW).await >= 1.0, "{}", sc.log());
+        assert!(metric(sc, REDIS_DENY).await >= 1.0, "{}", sc.log());
+    }
+    // Exactly the admitted requests reached FinHub.
+    assert_eq!(emu.controls().stats().api_ok, ok as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_redis_means_deny_within_the_timeout_then_recovery() {
+    let mut redis = Redis::start().await;
+    let world = World::new();
+    let emu = world.emulator().await;
+    let cfg = redis_config(
+        redis.port,
+        "rate = 1000\nburst = 1000",
+        "timeout = \"200ms\"\non_redis_error = \"deny\"",
+    );
+    let sc = world.sidecar(emu.addr().port(), &cfg).await;
+    connected(&sc, 2.0).await;
+    let client = client();
+    assert_eq!(get(&client, &sc).await.0, 200);
+
+    redis.kill();
+    // Every request still gets an answer promptly; soon each one is the configured refusal.
+    let mut slowest = Duration::ZERO;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, code, took) = get(&client, &sc).await;
+        slowest = slowest.max(took);
+        if status == 503 {
+            assert_eq!(code, "rate_limit_unavailable");
+            break;
+        }
+        assert_eq!(status, 200);
+        assert!(Instant::now() < deadline, "never denied:\n{}", sc.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = client.get(sc.url("/api/v2/accounts")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    // Bounded by Redis's timeout (200 ms) plus scheduling slack, never by Redis being gone.
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a request took {slowest:?}"
+    );
+    assert!(
+        metric(
+            &sc,
+            r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="deny"}"#
+        )
+        .await
+            >= 1.0
+    );
+
+    redis.restart().await;
+    let back = eventually(Duration::from_secs(10), || async {
+        (get(&client, &sc).await.0 == 200).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "never recovered:\n{}", sc.log());
+    connected(&sc, 2.0).await;
+    let before = metric(&sc, REDIS_ALLOW).await;
+    assert_eq!(get(&client, &sc).await.0, 200);
+    assert!(metric(&sc, REDIS_ALLOW).await > before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_redis_costs_at_most_the_timeout() {
+    let redis = Redis::start().await;
+    let world = World::new();
+    let emu = world.emulator().await;
+    let cfg = redis_config(
+        redis.port,
+        "rate = 1000\nburst = 1000",
+        "timeout = \"300ms\"\non_redis_error = \"allow\"",
+    );
+    let sc = world.sidecar(emu.addr().port(), &cfg).await;
+    connected(&sc, 2.0).await;
+    let client = client();
+    assert_eq!(get(&client, &sc).await.0, 200);
+
+    // A stopped Redis accepts nothing and answers nothing: only the timeout bounds the wait.
+    redis.signal(libc::SIGSTOP);
+    for _ in 0..8 {
+        let (status, _, took) = get(&client, &sc).await;
+        assert_eq!(status, 200, "on_redis_error = allow");
+        assert!(took < Duration::from_secs(3), "a request took {took:?}");
+    }
+    assert!(metric(&sc, r#"finhub_sidecar_redis_errors_total{kind="timeout"}"#).await >= 1.0);
+    // Connections that keep timing out are dropped: later requests do not wait at all.
+    assert!(
+        metric(
+            &sc,
+            r#"finhub_sidecar_redis_errors_total{kind="unavailable"}"#
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        metric(
+            &sc,
+            r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="allow"}"#
+        )
+        .await
+            >= 8.0
+    );
+
+    redis.signal(libc::SIGCONT);
+    let before = metric(&sc, REDIS_ALLOW).await;
+    let back = eventually(Duration::from_secs(15), || async {
+        get(&client, &sc).await;
+        (metric(&sc, REDIS_ALLOW).await > before).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "never recovered:\n{}", sc.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_fallback_uses_the_pod_share_until_redis_appears() {
+    let world = World::new();
+    let emu = world.emulator().await;
+    // Nothing listens on this port yet: the sidecar must start and be ready anyway.
+    let mut redis = Redis {
+        child: None,
+        port: free_port(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let cfg = redis_config(
+        redis.port,
+        "rate = 1\nburst = 4",
+        "timeout = \"200ms\"\non_redis_error = \"local\"\nreplicas = 2",
+    );
+    let sc = world.sidecar(emu.addr().port(), &cfg).await;
+    let client = client();
+    let started = Instant::now();
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(get(&client, &sc).await.0);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok = statuses.iter().filter(|s| **s == 200).count();
+    // This pod's share: burst 4 / 2 replicas = 2, at 1/s.
+    assert!(ok >= 2, "{statuses:?}");
+    assert!(
+        ok <= 2 + elapsed.ceil() as usize,
+        "{ok} admitted in {elapsed:.2}s with a local share of burst 2: {statuses:?}"
+    );
+    assert!(
+        metric(
+            &sc,
+            r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="deny"}"#
+        )
+        .await
+            >= 1.0
+    );
+    assert!(
+        metric(
+            &sc,
+            r#"finhub_sidecar_redis_errors_total{kind="unavailable"}"#
+        )
+        .await
+            >= 6.0
+    );
+
+    // Redis appears: the shared bucket (burst 4, untouched) decides from then on.
+    redis.restart().await;
+    connected(&sc, 2.0).await;
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(get(&client, &sc).await.0);
+    }
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() >= 3,
+        "shared bucket starts full: {statuses:?}"
+    );
+    assert!(metric(&sc, REDIS_ALLOW).await >= 3.0);
+}
