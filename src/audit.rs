@@ -6,7 +6,7 @@
 //! `decision`, `reason`, `upstream_status`, `duration_ms`, `bytes_in`, `bytes_out`, `replayed`.
 //! Credential headers are never among them.
 
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -64,6 +64,9 @@ pub struct AuditRecord<'a> {
     pub replayed: bool,
 }
 
+/// Bytes of audit lines gathered into one write by the writer thread.
+const AUDIT_WRITE_BUFFER: usize = 64 * 1024;
+
 /// The audit writer. Cheap to clone.
 #[derive(Clone)]
 pub struct Audit {
@@ -82,8 +85,13 @@ impl Audit {
         let builder = || NonBlockingBuilder::default().lossy(true);
         let (writer, guard) = match output {
             AuditOutput::Off => (None, None),
+            // The writer thread flushes whenever its queue is empty, so a line waits only while
+            // more are queued; under load many lines go out in one write(2) instead of one each.
             AuditOutput::Stdout => {
-                let (w, g) = builder().finish(std::io::stdout());
+                let (w, g) = builder().finish(BufWriter::with_capacity(
+                    AUDIT_WRITE_BUFFER,
+                    std::io::stdout(),
+                ));
                 (Some(w), Some(g))
             }
             AuditOutput::File(path) => {
@@ -91,7 +99,7 @@ impl Audit {
                     .create(true)
                     .append(true)
                     .open(path)?;
-                let (w, g) = builder().finish(file);
+                let (w, g) = builder().finish(BufWriter::with_capacity(AUDIT_WRITE_BUFFER, file));
                 (Some(w), Some(g))
             }
         };

@@ -312,6 +312,41 @@ mod tests {
     }
 
     #[test]
+    fn every_decision_has_a_pre_resolved_metric_series() {
+        let all = [
+            ProxyError::ClientNotAllowed,
+            ProxyError::DestinationNotAllowed("x".into()),
+            ProxyError::ConnectNotSupported,
+            ProxyError::BadTarget,
+            ProxyError::InvalidForwardedFor,
+            ProxyError::InvalidHeader("x"),
+            ProxyError::HeadersTooLarge,
+            ProxyError::RateLimited {
+                retry_after_secs: 1,
+            },
+            ProxyError::RateLimitUnavailable,
+            ProxyError::UnknownTenant("x".into()),
+            ProxyError::SessionUnavailable {
+                retry_after_secs: 1,
+            },
+            ProxyError::UpstreamUnresolved,
+            ProxyError::UpstreamTls(TlsFailure::Other),
+            ProxyError::UpstreamUnreachable,
+            ProxyError::UpstreamTimeout,
+            ProxyError::UpstreamFailed,
+            ProxyError::BadRequest,
+            ProxyError::Internal,
+        ];
+        for e in &all {
+            assert!(
+                crate::metrics::DECISIONS.contains(&e.decision()),
+                "{} missing from metrics::DECISIONS",
+                e.decision()
+            );
+        }
+    }
+
+    #[test]
     fn timeouts_map_to_504() {
         let e = Error::new(ErrorType::ReadTimedout);
         assert_eq!(ProxyError::from_upstream(&e).status(), 504);

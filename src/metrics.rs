@@ -3,10 +3,73 @@
 //!
 //! The README's metrics table lists the same names; keep them in step.
 
+use std::sync::OnceLock;
+
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Every `decision` label value of `finhub_sidecar_requests_total`.
+pub const DECISIONS: &[&str] = &[
+    "allow",
+    "deny_client",
+    "deny_destination",
+    "bad_request",
+    "invalid_forwarded_for",
+    "rate_limited",
+    "rate_limit_unavailable",
+    "unknown_tenant",
+    "session_unavailable",
+    "upstream_error",
+    "upstream_timeout",
+    "internal_error",
+];
+
+/// Every `status_class` label value, in [`Metrics::status_class`] order of index.
+const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// One tenant's per-request series (or the `-` pseudo-tenant's), resolved once: the request path
+/// does no label lookup. A `requests_total` series is created on first use, as before.
+pub struct RequestSeries {
+    tenant: String,
+    requests: IntCounterVec,
+    /// `[decision index][status class index]`.
+    cells: Box<[[OnceLock<IntCounter>; 6]]>,
+    /// `request_duration_seconds{tenant}`.
+    pub duration: Histogram,
+    /// `rate_limited_total{tenant}`.
+    pub rate_limited: IntCounter,
+    /// `upstream_401_replays_total{tenant}`.
+    pub replays: IntCounter,
+}
+
+impl RequestSeries {
+    /// `requests_total{tenant, decision, status_class}` for a response `status` (0: none).
+    pub fn request(&self, decision: &str, status: u16) -> IntCounter {
+        let class = match status {
+            100..=599 => usize::from(status / 100),
+            _ => 0,
+        };
+        match DECISIONS.iter().position(|d| *d == decision) {
+            Some(d) => self.cells[d][class]
+                .get_or_init(|| {
+                    self.requests.with_label_values(&[
+                        self.tenant.as_str(),
+                        decision,
+                        STATUS_CLASSES[class],
+                    ])
+                })
+                .clone(),
+            // A decision missing from DECISIONS still counts, through a lookup.
+            None => self.requests.with_label_values(&[
+                self.tenant.as_str(),
+                decision,
+                STATUS_CLASSES[class],
+            ]),
+        }
+    }
+}
 
 /// Latency buckets (seconds) for request and upstream durations.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -276,6 +339,18 @@ impl Metrics {
         self.rate_limited.with_label_values(&[tenant]);
     }
 
+    /// The per-request series of `tenant` (`-` for requests refused before a tenant was chosen).
+    pub fn request_series(&self, tenant: &str) -> RequestSeries {
+        RequestSeries {
+            tenant: tenant.to_string(),
+            requests: self.requests.clone(),
+            cells: DECISIONS.iter().map(|_| Default::default()).collect(),
+            duration: self.request_duration.with_label_values(&[tenant]),
+            rate_limited: self.rate_limited.with_label_values(&[tenant]),
+            replays: self.upstream_401_replays.with_label_values(&[tenant]),
+        }
+    }
+
     /// `2xx`..`5xx` for a status code; `none` when no response was sent.
     pub fn status_class(status: u16) -> &'static str {
         match status {
@@ -306,6 +381,35 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_series_count_into_the_labelled_series() {
+        let m = Metrics::new();
+        let s = m.request_series("t1");
+        s.request("allow", 204).inc();
+        s.request("allow", 200).inc();
+        s.request("rate_limited", 429).inc();
+        s.request("something_new", 0).inc();
+        s.duration.observe(0.01);
+        let text = String::from_utf8(m.render()).unwrap();
+        for line in [
+            r#"finhub_sidecar_requests_total{decision="allow",status_class="2xx",tenant="t1"} 2"#,
+            r#"finhub_sidecar_requests_total{decision="rate_limited",status_class="4xx",tenant="t1"} 1"#,
+            r#"finhub_sidecar_requests_total{decision="something_new",status_class="none",tenant="t1"} 1"#,
+            r#"finhub_sidecar_request_duration_seconds_count{tenant="t1"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+        for status in [0, 99, 100, 199, 200, 599, 600, 1000] {
+            assert_eq!(
+                STATUS_CLASSES[match status {
+                    100..=599 => usize::from(status / 100),
+                    _ => 0,
+                }],
+                Metrics::status_class(status)
+            );
+        }
+    }
 
     #[test]
     fn renders_every_metric_name() {

@@ -28,11 +28,13 @@ use crate::auth::{Session as FinHubSession, SessionTable, TenantSessions};
 use crate::config::Config;
 use crate::error::{self, ProxyError};
 use crate::lifecycle::{InFlight, Lifecycle};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestSeries};
+use crate::policy::headers::names;
 use crate::policy::ratelimit::{self, Check, Decision, Limiter, UpstreamHold};
 use crate::policy::{allow, headers};
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
+use prometheus::IntCounter;
 
 /// Seconds an app is told to wait when its tenant has no session yet.
 const SESSION_RETRY_AFTER_SECS: u64 = 1;
@@ -49,6 +51,12 @@ pub struct FinHubProxy {
     /// Per-tenant hold after FinHub answered 429 with Retry-After.
     holds: Vec<UpstreamHold>,
     audit: Audit,
+    /// Per-tenant metric series by tenant index, resolved once.
+    series: Vec<RequestSeries>,
+    /// The series of requests refused before a tenant was chosen (`tenant="-"`).
+    no_tenant: RequestSeries,
+    /// `upstream_connections_total{reused}`: `[new, reused]`.
+    connections: [IntCounter; 2],
 }
 
 /// The shared parts a [`FinHubProxy`] is built from.
@@ -107,7 +115,23 @@ impl FinHubProxy {
         let holds = (0..parts.sessions.tenants().len())
             .map(|_| UpstreamHold::default())
             .collect();
+        let series = parts
+            .sessions
+            .tenants()
+            .iter()
+            .map(|t| parts.metrics.request_series(&t.tenant.id))
+            .collect();
+        let no_tenant = parts.metrics.request_series("-");
+        let connections = ["false", "true"].map(|reused| {
+            parts
+                .metrics
+                .upstream_connections
+                .with_label_values(&[reused])
+        });
         FinHubProxy {
+            series,
+            no_tenant,
+            connections,
             config: parts.config,
             tls: parts.tls,
             upstream: parts.upstream,
@@ -147,12 +171,12 @@ impl FinHubProxy {
                 ctx.upstream_uri = Some(origin_uri(path_and_query)?);
             }
         }
-        let tenant = self.sessions.select(req.headers.get("x-tenant-id"))?;
+        let tenant = self.sessions.select(req.headers.get(&names::X_TENANT_ID))?;
         ctx.tenant = Some(tenant.clone());
         let xff = headers::forwarded_for(
             peer_ip,
             &policy.trusted_forwarders,
-            req.headers.get("x-forwarded-for"),
+            req.headers.get(&names::X_FORWARDED_FOR),
             self.config.headers.origin_ip,
         )?;
         ctx.forwarded_for = if xff == self.config.headers.origin_ip {
@@ -176,12 +200,12 @@ impl FinHubProxy {
                 retry_after_secs: SESSION_RETRY_AFTER_SECS,
             })?;
         ctx.session = Some(usable);
-        ctx.request_id = Some(headers::uuid_or_new(req.headers.get("x-request-id")));
-        ctx.activity_id = Some(headers::uuid_or_new(req.headers.get("x-activity-id")));
+        ctx.request_id = Some(headers::uuid_or_new(req.headers.get(&names::X_REQUEST_ID)));
+        ctx.activity_id = Some(headers::uuid_or_new(req.headers.get(&names::X_ACTIVITY_ID)));
         ctx.idempotency_key = if self.config.headers.idempotency_keys {
-            headers::idempotency_key(&req.method, req.headers.get("x-idempotency-key"))
+            headers::idempotency_key(&req.method, req.headers.get(&names::X_IDEMPOTENCY_KEY))
         } else {
-            req.headers.get("x-idempotency-key").cloned()
+            req.headers.get(&names::X_IDEMPOTENCY_KEY).cloned()
         };
         ctx.replayable = headers::body_fits(req, self.config.auth.replay_body_limit);
         // Last, so that a request refused for any other reason consumes no token.
@@ -246,7 +270,8 @@ impl FinHubProxy {
         let h = &self.config.headers;
         req.insert_header(http::header::HOST, self.config.upstream.host_header.clone())?;
         req.insert_header("x-request-id", request_id.clone())?;
-        let correlation = headers::correlation_id(req.headers.get("x-correlation-id"), request_id);
+        let correlation =
+            headers::correlation_id(req.headers.get(&names::X_CORRELATION_ID), request_id);
         req.insert_header("x-correlation-id", correlation)?;
         if let Some(id) = &ctx.activity_id {
             req.insert_header("x-activity-id", id.clone())?;
@@ -263,12 +288,16 @@ impl FinHubProxy {
         if h.v21_headers {
             // Set unless the app sent its own (under any documented alias, §2.6).
             for (name, aliases, value) in [
-                ("x-forwarded-from", &[][..], &h.forwarded_from),
-                ("platform", &[][..], &h.platform),
-                ("deviceid", &["x-device-id", "device-id"][..], &h.device_id),
+                (names::X_FORWARDED_FROM, &[][..], &h.forwarded_from),
+                (names::PLATFORM, &[][..], &h.platform),
+                (
+                    names::DEVICE_ID,
+                    &[names::X_DEVICE_ID, names::DEVICE_ID_DASHED][..],
+                    &h.device_id,
+                ),
             ] {
-                let app_sent = req.headers.contains_key(name)
-                    || aliases.iter().any(|a| req.headers.contains_key(*a));
+                let app_sent = req.headers.contains_key(&name)
+                    || aliases.iter().any(|a| req.headers.contains_key(a));
                 if !app_sent {
                     req.insert_header(name, value.clone())?;
                 }
@@ -452,10 +481,9 @@ impl ProxyHttp for FinHubProxy {
         ctx.session = Some(renewed);
         ctx.replayed = true;
         ctx.replay_pending = true;
-        self.metrics
-            .upstream_401_replays
-            .with_label_values(&[tenant.tenant.id.as_str()])
-            .inc();
+        if let Some(series) = self.series.get(tenant.index) {
+            series.replays.inc();
+        }
         Error::e_explain(
             REPLAY,
             "FinHub answered 401; replaying once with a renewed session",
@@ -538,10 +566,7 @@ impl ProxyHttp for FinHubProxy {
         _digest: Option<&pingora::protocols::Digest>,
         _ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        self.metrics
-            .upstream_connections
-            .with_label_values(&[if reused { "true" } else { "false" }])
-            .inc();
+        self.connections[usize::from(reused)].inc();
         Ok(())
     }
 
@@ -552,19 +577,17 @@ impl ProxyHttp for FinHubProxy {
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
         let decision = ctx.failure.as_ref().map_or("allow", ProxyError::decision);
-        let tenant = ctx.tenant.as_ref().map_or("-", |t| t.tenant.id.as_str());
+        let series = ctx
+            .tenant
+            .as_ref()
+            .and_then(|t| self.series.get(t.index))
+            .unwrap_or(&self.no_tenant);
         if matches!(ctx.failure, Some(ProxyError::RateLimited { .. })) {
-            self.metrics.rate_limited.with_label_values(&[tenant]).inc();
+            series.rate_limited.inc();
         }
-        self.metrics
-            .requests
-            .with_label_values(&[tenant, decision, Metrics::status_class(status)])
-            .inc();
+        series.request(decision, status).inc();
         let elapsed = ctx.start.elapsed();
-        self.metrics
-            .request_duration
-            .with_label_values(&[tenant])
-            .observe(elapsed.as_secs_f64());
+        series.duration.observe(elapsed.as_secs_f64());
         let req = session.req_header();
         let path_and_query = ctx
             .upstream_uri

@@ -23,8 +23,11 @@ use crate::tls::reload::Reloader;
 use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
 use crate::upstream::UpstreamAddrs;
 
-/// Read buffer per app connection (Pingora's default is 64 KiB).
-const DOWNSTREAM_READ_BUFFER: usize = 8 * 1024;
+/// Read buffer per app connection (Pingora's default is 64 KiB). None: apps speak plain HTTP,
+/// so Pingora's HTTP/1 parser reads the header straight into its own buffer and bodies go
+/// straight into the body buffer; a layer in between only holds memory per idle connection and
+/// copies every request once more.
+const DOWNSTREAM_READ_BUFFER: usize = 0;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,7 @@
 //! The headers FinHub gets: app credentials removed, the tenant's session and the compliance
 //! headers set (protocol notes §3 "sidecar header policy"). One function per rule.
 
+use http::header::HeaderName;
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 
@@ -23,9 +24,44 @@ pub const APP_CREDENTIAL_HEADERS: [&str; 9] = [
 
 /// Removes every app-supplied credential header.
 pub fn strip_app_credentials(req: &mut RequestHeader) {
-    for h in APP_CREDENTIAL_HEADERS {
-        req.remove_header(h);
+    // One pass over the (few) headers the app sent; names are only parsed again to remove one.
+    let present = req
+        .headers
+        .keys()
+        .any(|k| APP_CREDENTIAL_HEADERS.contains(&k.as_str()));
+    if present {
+        for h in APP_CREDENTIAL_HEADERS {
+            req.remove_header(h);
+        }
     }
+}
+
+/// Header names the sidecar looks up on every request, parsed once.
+pub mod names {
+    use super::HeaderName;
+
+    /// `x-tenant-id`.
+    pub const X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
+    /// `x-forwarded-for`.
+    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    /// `x-request-id`.
+    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+    /// `x-activity-id`.
+    pub const X_ACTIVITY_ID: HeaderName = HeaderName::from_static("x-activity-id");
+    /// `x-idempotency-key`.
+    pub const X_IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("x-idempotency-key");
+    /// `x-correlation-id`.
+    pub const X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
+    /// `x-forwarded-from` (v2.1 request source).
+    pub const X_FORWARDED_FROM: HeaderName = HeaderName::from_static("x-forwarded-from");
+    /// `platform` (v2.1 request source).
+    pub const PLATFORM: HeaderName = HeaderName::from_static("platform");
+    /// `deviceid` (v2.1 request source).
+    pub const DEVICE_ID: HeaderName = HeaderName::from_static("deviceid");
+    /// `x-device-id` (alias of `deviceId`).
+    pub const X_DEVICE_ID: HeaderName = HeaderName::from_static("x-device-id");
+    /// `device-id` (alias of `deviceId`).
+    pub const DEVICE_ID_DASHED: HeaderName = HeaderName::from_static("device-id");
 }
 
 /// Sets the session headers for `session` (A12: `Authorization`, `X-User-Session-Token`,
@@ -147,17 +183,18 @@ pub fn header_bytes(req: &RequestHeader) -> usize {
 
 /// The first header among those the sidecar interprets whose value is not visible ASCII.
 pub fn malformed_header(req: &RequestHeader) -> Option<&'static str> {
-    const INTERPRETED: [&str; 6] = [
-        "x-tenant-id",
-        "x-forwarded-for",
-        "x-request-id",
-        "x-activity-id",
-        "x-idempotency-key",
-        "x-correlation-id",
+    const INTERPRETED: [(HeaderName, &str); 6] = [
+        (names::X_TENANT_ID, "x-tenant-id"),
+        (names::X_FORWARDED_FOR, "x-forwarded-for"),
+        (names::X_REQUEST_ID, "x-request-id"),
+        (names::X_ACTIVITY_ID, "x-activity-id"),
+        (names::X_IDEMPOTENCY_KEY, "x-idempotency-key"),
+        (names::X_CORRELATION_ID, "x-correlation-id"),
     ];
     INTERPRETED
-        .into_iter()
-        .find(|name| req.headers.get(*name).is_some_and(|v| v.to_str().is_err()))
+        .iter()
+        .find(|(name, _)| req.headers.get(name).is_some_and(|v| v.to_str().is_err()))
+        .map(|(_, text)| *text)
 }
 
 /// The app's `User-Agent` if non-empty and printable, else the configured default (§8).
