@@ -20,4 +20,5 @@ pub mod proxy;
 pub mod secret;
 pub mod server;
 pub mod tls;
+pub mod trim;
 pub mod upstream;

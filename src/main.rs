@@ -34,7 +34,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    limit_malloc_arenas();
     match Cli::parse().command {
         Command::Run { config } => {
             let config = match Config::load(&config) {
@@ -72,16 +71,5 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-    }
-}
-
-/// glibc gives every thread that allocates its own arena (up to 8 per core), each keeping freed
-/// memory of its own; the sidecar's threads are few and mostly idle, so two arenas serve them
-/// without contention and hold far less memory in a pod that runs thousands of times.
-fn limit_malloc_arenas() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a tunable; called before any thread is started.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
     }
 }

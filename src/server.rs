@@ -292,6 +292,7 @@ impl BackgroundService for ControlPlane {
                 }
             });
         }
+        tasks.spawn(trim_when_serving(self.sessions.clone()));
         let listener = self.admin_listener.lock().ok().and_then(|mut l| l.take());
         if let Some(listener) = listener {
             let state = Arc::new(AdminState {
@@ -306,5 +307,23 @@ impl BackgroundService for ControlPlane {
         }
         let _ = shutdown.changed().await;
         tasks.abort_all();
+    }
+}
+
+/// Once every tenant has its first session (start-up is over), returns the start-up code's pages
+/// to the kernel (`trim.rs`). Gives up waiting after a minute: then it trims anyway.
+async fn trim_when_serving(sessions: Arc<SessionTable>) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline
+        && sessions.tenants().iter().any(|t| t.current().is_none())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    if let Ok(Some(t)) = tokio::task::spawn_blocking(crate::trim::page_out_executable).await {
+        tracing::info!(
+            rss_before_kib = t.before_kib,
+            rss_after_kib = t.after_kib,
+            "start-up code paged out"
+        );
     }
 }
