@@ -403,7 +403,7 @@ struct FileUpstream {
     write_timeout: Option<String>,
     /// Idle keep-alive connections close after this; default 60 s.
     idle_timeout: Option<String>,
-    /// Keep-alive pool size; default 128.
+    /// Keep-alive pool size (idle FinHub connections kept for reuse); default 512.
     pool_size: Option<usize>,
     /// DNS re-resolution interval; default 30 s.
     dns_refresh: Option<String>,
@@ -814,7 +814,7 @@ impl Convert<'_> {
         let idle_timeout =
             self.duration("upstream.idle_timeout", u.idle_timeout.as_deref(), secs(60));
         let dns_refresh = self.duration("upstream.dns_refresh", u.dns_refresh.as_deref(), secs(30));
-        let pool_size = u.pool_size.unwrap_or(128);
+        let pool_size = u.pool_size.unwrap_or(512);
         if pool_size == 0 {
             self.err("upstream.pool_size", "must be at least 1");
         }

@@ -698,7 +698,7 @@ def build_report(args, results, idle, startup_rss, startup_pss, skipped, version
     L.append("- At 256 connections a proxy whose idle pool is smaller than the concurrency keeps "
              "opening (and handshaking) upstream connections: nginx's `keepalive 64` caches at most "
              "64 idle upstream connections per worker, the sidecar's `upstream.pool_size` defaults "
-             "to 128; HAProxy (`http-reuse always`, `pool-max-conn` unlimited by default) keeps "
+             "to 512; HAProxy (`http-reuse always`, `pool-max-conn` unlimited by default) keeps "
              "nearly all of them. Those TLS handshakes cost the "
              "proxy and the upstream CPU and show in the latency tail.")
     L.append("- **spread**: (max − min) / median over the rounds; large spreads mean the 2 shared "
@@ -739,8 +739,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load per system first")
     ap.add_argument("--md", default=str(REPO / "BENCHMARKS.md"), help="report path ('' = don't write)")
     ap.add_argument("--csv", default=None, help="CSV path (default benches/e2e/results/<date>.csv)")
-    ap.add_argument("--note", default="Baseline before any optimisation work (issue #7): the sidecar "
-                    "as built before any performance change.")
+    ap.add_argument("--note", default="The sidecar as built from this commit (`cargo build --release`).")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs)")
     args = ap.parse_args(argv)
     bad = [s for s in args.systems if s not in SYSTEMS]
