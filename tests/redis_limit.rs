@@ -16,16 +16,30 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    /// Extra `redis-server` arguments (TLS, requirepass).
+    args: Vec<String>,
+    /// Serves TLS only (`--tls-port`): readiness is then an open port, not a plain PING.
+    tls: bool,
 }
 
 impl Redis {
     /// Starts Redis on a free port (another one if that port was taken meanwhile).
     async fn start() -> Redis {
-        let mut redis = Redis {
+        Redis::start_with(Redis::unstarted()).await
+    }
+
+    /// A Redis that is not running yet (on a port free now).
+    fn unstarted() -> Redis {
+        Redis {
             child: None,
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
-        };
+            args: Vec::new(),
+            tls: false,
+        }
+    }
+
+    async fn start_with(mut redis: Redis) -> Redis {
         for _ in 0..5 {
             redis.spawn();
             if redis.wait_up(Duration::from_secs(10)).await {
@@ -50,8 +64,15 @@ impl Redis {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.log_path()).unwrap();
+        let port = self.port.to_string();
+        let ports = if self.tls {
+            ["--port", "0", "--tls-port", &port]
+        } else {
+            ["--port", &port, "--tls-port", "0"]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string()])
+            .args(ports)
+            .args(&self.args)
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
@@ -75,6 +96,9 @@ impl Redis {
                 return false;
             }
             if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
+                if self.tls {
+                    return true;
+                }
                 let mut buf = [0u8; 7];
                 if s.write_all(b"PING\r\n").await.is_ok()
                     && s.read_exact(&mut buf).await.is_ok()
@@ -351,11 +375,7 @@ async fn local_fallback_uses_the_pod_share_until_redis_appears() {
     let world = World::new();
     let emu = world.emulator().await;
     // Nothing listens on this port yet: the sidecar must start and be ready anyway.
-    let mut redis = Redis {
-        child: None,
-        port: free_port(),
-        dir: tempfile::tempdir().unwrap(),
-    };
+    let mut redis = Redis::unstarted();
     let cfg = redis_config(
         redis.port,
         "rate = 1\nburst = 4",
@@ -405,4 +425,89 @@ async fn local_fallback_uses_the_pod_share_until_redis_appears() {
         "shared bucket starts full: {statuses:?}"
     );
     assert!(metric(&sc, REDIS_ALLOW).await >= 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_password_from_a_file() {
+    let world = World::new();
+    let emu = world.emulator().await;
+    // Redis over TLS only, with a certificate from the test CA, and a password.
+    let server = world
+        .pki
+        .server_cert(&["localhost"], &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    let (cert, key) = server.write_to(world.dir.path(), "redis").unwrap();
+    let mut redis = Redis::unstarted();
+    redis.tls = true;
+    redis.args = [
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-ca-cert-file",
+        world.ca_file.to_str().unwrap(),
+        "--tls-auth-clients",
+        "no",
+        "--requirepass",
+        "redis-s3cret-pw",
+    ]
+    .map(String::from)
+    .to_vec();
+    let redis = Redis::start_with(redis).await;
+    std::fs::write(world.dir.path().join("redis-pw"), "redis-s3cret-pw\n").unwrap();
+    std::fs::write(world.dir.path().join("redis-wrong-pw"), "not-the-pw\n").unwrap();
+    let cfg = |pw_file: &str| {
+        format!(
+            r#"
+[policy.rate_limit]
+rate = 1
+burst = 2
+backend = "redis"
+
+[policy.rate_limit.redis]
+url = "rediss://127.0.0.1:{port}/"
+ca_file = "{ca}"
+password_file = "{pw_file}"
+key_prefix = "tls-{prefix}:"
+timeout = "1s"
+on_redis_error = "deny"
+"#,
+            port = redis.port,
+            ca = world.ca_file.display(),
+            prefix = uuid::Uuid::new_v4().simple()
+        )
+    };
+    let sc = world.sidecar(emu.addr().port(), &cfg("redis-pw")).await;
+    connected(&sc, 2.0).await;
+    let client = client();
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(get(&client, &sc).await.0);
+        }
+        v
+    };
+    assert_eq!(statuses[..2], [200, 200], "{statuses:?}");
+    assert_eq!(
+        statuses[2], 429,
+        "the shared bucket (burst 2) decided: {statuses:?}"
+    );
+    assert!(metric(&sc, REDIS_DENY).await >= 1.0);
+
+    // A wrong password never connects: the failure mode decides, and no password is logged.
+    let wrong = world
+        .sidecar(emu.addr().port(), &cfg("redis-wrong-pw"))
+        .await;
+    let (status, code, _) = get(&client, &wrong).await;
+    assert_eq!((status, code.as_str()), (503, "rate_limit_unavailable"));
+    assert_eq!(
+        metric(&wrong, "finhub_sidecar_redis_connections").await,
+        0.0
+    );
+    for log in [sc.log(), wrong.log()] {
+        assert!(
+            !log.contains("redis-s3cret-pw") && !log.contains("not-the-pw"),
+            "{log}"
+        );
+    }
 }
