@@ -69,10 +69,19 @@ fn ratelimit(c: &mut Criterion) {
         .arg(dir.path())
         .stdout(Stdio::null())
         .spawn();
-    let Ok(mut redis) = redis else {
+    let Ok(redis) = redis else {
         eprintln!("redis-server not found: skipping rate_limit_decision/redis");
         return;
     };
+    // Stopped even if a measurement panics.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _redis = Stop(redis);
     let settings = RedisSettings {
         connection: redis::IntoConnectionInfo::into_connection_info(
             format!("redis://127.0.0.1:{port}/").as_str(),
@@ -121,15 +130,14 @@ fn ratelimit(c: &mut Criterion) {
             })
         })
     });
-    let errors = String::from_utf8(metrics.render()).unwrap_or_default();
-    for line in errors
+    // Every measured decision must have been Redis's, not the failure mode's.
+    let text = String::from_utf8(metrics.render()).unwrap_or_default();
+    let fallback: f64 = text
         .lines()
-        .filter(|l| l.starts_with("finhub_sidecar_redis_errors_total"))
-    {
-        eprintln!("{line}");
-    }
-    let _ = redis.kill();
-    let _ = redis.wait();
+        .filter(|l| l.starts_with("finhub_sidecar_rate_limit_decisions_total{backend=\"fallback\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(fallback, 0.0, "some decisions fell back:\n{text}");
 }
 
 criterion_group!(benches, ratelimit);

@@ -531,7 +531,7 @@ struct FileRedis {
     /// Prefix of every key; default `finhub-sidecar:rl:`. Replicas share a bucket when prefix,
     /// tenant id and route match.
     key_prefix: Option<String>,
-    /// Longest a request waits for Redis before `on_redis_error` decides; default `5ms`.
+    /// Longest a request waits for Redis before `on_redis_error` decides, 1 ms to 1 s; default `5ms`.
     timeout: Option<String>,
     /// Longest a background (re)connect may take; default `1s`.
     connect_timeout: Option<String>,
@@ -1183,35 +1183,63 @@ impl Convert<'_> {
 
     fn redis(&mut self, r: FileRedis) -> Option<RedisSettings> {
         const KEY: &str = "policy.rate_limit.redis";
-        let connection = match redis::IntoConnectionInfo::into_connection_info(r.url.as_str()) {
-            Ok(c) if c.redis_settings().password().is_some() => {
-                self.err(
-                    format!("{KEY}.url"),
-                    "must not contain a password; use password_file or password = \"${ENV_VAR}\"",
-                );
-                None
-            }
-            Ok(c) => Some(c),
+        let url = r.url.trim();
+        let tls = url.starts_with("rediss://");
+        let connection = if !tls && !url.starts_with("redis://") {
             // The URL is not echoed: a malformed one may still hold credentials.
-            Err(_) => {
-                self.err(
-                    format!("{KEY}.url"),
-                    "not a redis:// or rediss:// URL (redis://host:6379/0)",
-                );
-                None
+            self.err(
+                format!("{KEY}.url"),
+                "not a redis:// or rediss:// URL (redis://host:6379/0)",
+            );
+            None
+        } else if url.contains('#') {
+            self.err(
+                format!("{KEY}.url"),
+                "URL fragments such as #insecure are not accepted: the server certificate is always verified",
+            );
+            None
+        } else {
+            match redis::IntoConnectionInfo::into_connection_info(url) {
+                Ok(c) if c.redis_settings().password().is_some() => {
+                    self.err(
+                        format!("{KEY}.url"),
+                        "must not contain a password; use password_file or password = \"${ENV_VAR}\"",
+                    );
+                    None
+                }
+                Ok(c) => Some(c),
+                Err(_) => {
+                    self.err(
+                        format!("{KEY}.url"),
+                        "not a redis:// or rediss:// URL (redis://host:6379/0)",
+                    );
+                    None
+                }
             }
         };
+        if r.ca_file.is_some() && !tls {
+            self.err(format!("{KEY}.ca_file"), "needs a rediss:// url (TLS)");
+        }
+        let user_without_password = connection
+            .as_ref()
+            .is_some_and(|c| c.redis_settings().username().is_some())
+            && r.password.is_none()
+            && r.password_file.is_none();
+        if user_without_password {
+            self.err(
+                format!("{KEY}.password"),
+                "missing: the url names a user, which needs password_file or password = \"${ENV_VAR}\"",
+            );
+        }
         let password = self.secret(KEY, "password", r.password, r.password_file, false);
         let ca_pem = r.ca_file.and_then(|p| {
             let p = self.path(p);
             match std::fs::read(&p) {
-                Ok(pem) if pem.windows(27).any(|w| w == b"-----BEGIN CERTIFICATE-----") => {
-                    Some(pem)
-                }
+                Ok(pem) if pem_has_certificates(&pem) => Some(pem),
                 Ok(_) => {
                     self.err(
                         format!("{KEY}.ca_file"),
-                        format!("{} holds no PEM certificate", p.display()),
+                        format!("{} holds no readable PEM certificate", p.display()),
                     );
                     None
                 }
@@ -1229,6 +1257,10 @@ impl Convert<'_> {
             r.timeout.as_deref(),
             Duration::from_millis(5),
         );
+        if !(Duration::from_millis(1)..=secs(1)).contains(&timeout) {
+            // Every request with a bucket may wait this long; tokio's timer has 1 ms steps.
+            self.err(format!("{KEY}.timeout"), "must be between 1ms and 1s");
+        }
         let connect_timeout = self.duration(
             &format!("{KEY}.connect_timeout"),
             r.connect_timeout.as_deref(),
@@ -1350,6 +1382,19 @@ impl Convert<'_> {
 
 /// Pingora keeps at most 64 KiB of a request body for retries.
 const MAX_REPLAY_BODY: usize = 64 * 1024;
+
+/// Whether `pem` holds at least one certificate and every certificate block in it parses.
+fn pem_has_certificates(pem: &[u8]) -> bool {
+    use rustls_pki_types::pem::PemObject;
+    let mut any = false;
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+        if cert.is_err() {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
 
 const fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -1542,6 +1587,35 @@ password = "${PW}"
         ))
         .unwrap_err();
         assert_eq!(e.0[0].key, "policy.rate_limit.redis");
+        // A user name needs a password; TLS-only settings need rediss; no #insecure; bounded timeout.
+        for (extra, key) in [
+            (
+                "url = \"redis://rl-user@h\"",
+                "policy.rate_limit.redis.password",
+            ),
+            (
+                "url = \"redis://h\"\nca_file = \"/etc/hosts\"",
+                "policy.rate_limit.redis.ca_file",
+            ),
+            (
+                "url = \"rediss://h/#insecure\"",
+                "policy.rate_limit.redis.url",
+            ),
+            (
+                "url = \"redis+unix:///tmp/r.sock\"",
+                "policy.rate_limit.redis.url",
+            ),
+            (
+                "url = \"redis://h\"\ntimeout = \"5s\"",
+                "policy.rate_limit.redis.timeout",
+            ),
+        ] {
+            let e = load(&format!(
+                "{base}[policy.rate_limit.redis]\n{extra}\non_redis_error = \"deny\"\n"
+            ))
+            .unwrap_err();
+            assert!(e.0.iter().any(|e| e.key == key), "{extra}: {e}");
+        }
         // Not a URL.
         let e = load(&format!(
             "{base}[policy.rate_limit.redis]\nurl = \"http://h\"\non_redis_error = \"deny\"\n"

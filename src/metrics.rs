@@ -135,7 +135,8 @@ pub struct Metrics {
     /// `finhub_sidecar_redis_call_duration_seconds`: time of each Redis rate-limit call,
     /// including failed ones.
     pub redis_call_duration: Histogram,
-    /// `finhub_sidecar_redis_connections`: pooled Redis connections currently usable.
+    /// `finhub_sidecar_redis_connections`: pooled Redis connections held (each checked with
+    /// `PING` every second).
     pub redis_connections: IntGauge,
 }
 
@@ -270,7 +271,7 @@ impl Metrics {
         .expect("static metric definition is valid");
         let redis_connections = IntGauge::new(
             "finhub_sidecar_redis_connections",
-            "Pooled Redis connections currently usable",
+            "Pooled Redis connections held (each checked with PING every second)",
         )
         .expect("static metric definition is valid");
         for reused in ["true", "false"] {

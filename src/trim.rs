@@ -4,9 +4,12 @@
 //! 11 MB of machine code in the binary once; the kernel then keeps those file pages mapped (and
 //! charged to the pod) although the request path uses a small part of them. Once every tenant
 //! has a session, [`page_out_executable`] asks the kernel to reclaim the executable's read-only
-//! mappings (`madvise(MADV_PAGEOUT)`, Linux ≥ 5.4); the code the proxy keeps running is faulted
-//! back from the page cache on first use. Nothing is written anywhere: the pages are clean file
-//! pages, and the writable or relocated ones are left alone.
+//! file mappings (`madvise(MADV_PAGEOUT)`, Linux ≥ 5.4). The code the proxy keeps running is
+//! read back on first use: from the page cache if the pages are still cached, otherwise from the
+//! image's file system (a one-time cost of some page faults right after start-up). Nothing is
+//! written anywhere: only clean file pages are reclaimed; writable mappings and mappings holding
+//! relocated (anonymous copy-on-write) pages are left alone. This is what the kernel does by
+//! itself under memory pressure, done once, early.
 
 /// Resident set before and after, in KiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,9 +24,9 @@ pub struct Trimmed {
 pub fn page_out_executable() -> Option<Trimmed> {
     let exe = std::fs::read_link("/proc/self/exe").ok()?;
     let exe = exe.to_str()?;
-    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
     let before_kib = rss_kib()?;
-    for (start, end) in readonly_ranges(&maps, exe) {
+    for (start, end) in clean_readonly_ranges(&smaps, exe) {
         page_out(start, end);
     }
     Some(Trimmed {
@@ -32,25 +35,38 @@ pub fn page_out_executable() -> Option<Trimmed> {
     })
 }
 
-/// `[start, end)` of each mapping of `path` that is not writable, from `/proc/self/maps` text.
-pub fn readonly_ranges<'a>(
-    maps: &'a str,
-    path: &'a str,
-) -> impl Iterator<Item = (usize, usize)> + 'a {
-    maps.lines().filter_map(move |line| {
-        let mut fields = line.split_whitespace();
-        let range = fields.next()?;
-        let perms = fields.next()?;
-        let name = fields.nth(3)?;
-        if name != path || perms.contains('w') {
-            return None;
+/// `[start, end)` of each mapping of `path` that is neither writable nor holds anonymous
+/// (relocated, copy-on-write) pages, from `/proc/self/smaps` text.
+pub fn clean_readonly_ranges(smaps: &str, path: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    // The mapping being read: its range, and whether it qualifies so far.
+    let mut current: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        if let Some(anon) = line.strip_prefix("Anonymous:") {
+            let anon_kib = anon.trim().trim_end_matches("kB").trim().parse::<u64>();
+            if let (Some(range), Ok(0)) = (current.take(), anon_kib) {
+                out.push(range);
+            }
+            continue;
         }
-        let (start, end) = range.split_once('-')?;
-        Some((
-            usize::from_str_radix(start, 16).ok()?,
-            usize::from_str_radix(end, 16).ok()?,
-        ))
-    })
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((start, end)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (
+            usize::from_str_radix(start, 16),
+            usize::from_str_radix(end, 16),
+        ) else {
+            continue;
+        };
+        let name = fields.nth(3);
+        current = (name == Some(path) && !perms.contains('w') && perms.len() == 4)
+            .then_some((start, end));
+    }
+    out
 }
 
 #[cfg(target_os = "linux")]
@@ -82,17 +98,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_readonly_mappings_of_the_executable() {
-        let maps = "\
+    fn only_clean_readonly_mappings_of_the_executable() {
+        let smaps = "\
 5654f9fd0000-5654fa449000 r--p 00000000 fe:00 10010625                   /usr/bin/finhub-sidecar
+Size:               4580 kB
+Rss:                2176 kB
+Anonymous:             0 kB
 5654fa449000-5654faf3d000 r-xp 00478000 fe:00 10010625                   /usr/bin/finhub-sidecar
+Size:              11216 kB
+Anonymous:             0 kB
+5654faf3d000-5654fafcb000 r--p 00f6b000 fe:00 10010625                   /usr/bin/finhub-sidecar
+Size:                568 kB
+Anonymous:           568 kB
 5654fafcb000-5654fafd1000 rw-p 00ff8000 fe:00 10010625                   /usr/bin/finhub-sidecar
+Anonymous:            24 kB
 7f0000000000-7f0000001000 r-xp 00000000 fe:00 42                         /usr/lib/libc.so.6
+Anonymous:             0 kB
 7f0000002000-7f0000003000 rw-p 00000000 00:00 0
+Anonymous:             4 kB
 ";
-        let r: Vec<_> = readonly_ranges(maps, "/usr/bin/finhub-sidecar").collect();
         assert_eq!(
-            r,
+            clean_readonly_ranges(smaps, "/usr/bin/finhub-sidecar"),
             [
                 (0x5654f9fd0000, 0x5654fa449000),
                 (0x5654fa449000, 0x5654faf3d000)

@@ -498,6 +498,15 @@ on_redis_error = "deny"
     let wrong = world
         .sidecar(emu.addr().port(), &cfg("redis-wrong-pw"))
         .await;
+    let refused = eventually(Duration::from_secs(10), || async {
+        wrong.log().contains("redis unreachable").then_some(())
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "connect attempt not logged:\n{}",
+        wrong.log()
+    );
     let (status, code, _) = get(&client, &wrong).await;
     assert_eq!((status, code.as_str()), (503, "rate_limit_unavailable"));
     assert_eq!(
@@ -510,4 +519,54 @@ on_redis_error = "deny"
             "{log}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_cut_while_idle_are_replaced_before_a_request_needs_them() {
+    let redis = Redis::start().await;
+    let world = World::new();
+    let emu = world.emulator().await;
+    let cfg = redis_config(
+        redis.port,
+        "rate = 1000\nburst = 1000",
+        "timeout = \"500ms\"\non_redis_error = \"deny\"",
+    );
+    let sc = world.sidecar(emu.addr().port(), &cfg).await;
+    connected(&sc, 2.0).await;
+    let client = client();
+    // Two requests: one on each pooled connection (round robin).
+    for _ in 0..2 {
+        assert_eq!(get(&client, &sc).await.0, 200);
+    }
+
+    // Redis drops every client connection (as its idle `timeout`, a restart or a NAT would).
+    let admin = redis::Client::open(format!("redis://127.0.0.1:{}/", redis.port)).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed >= 2, "the sidecar's two connections were killed");
+
+    // Without any request, the health check notices and reconnects both.
+    let replaced = eventually(Duration::from_secs(10), || async {
+        (sc.log().matches("redis connection lost").count() >= 2).then_some(())
+    })
+    .await;
+    assert!(replaced.is_some(), "{}", sc.log());
+    connected(&sc, 2.0).await;
+    // So the next requests are decided by Redis, none by the failure mode.
+    for _ in 0..3 {
+        assert_eq!(get(&client, &sc).await.0, 200);
+    }
+    assert_eq!(
+        metric(
+            &sc,
+            r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="deny"}"#
+        )
+        .await,
+        0.0
+    );
+    assert!(metric(&sc, REDIS_ALLOW).await >= 5.0);
 }

@@ -13,10 +13,12 @@
 //!   `rate_limit_unavailable`) or `local` (an in-process bucket with this pod's share of the
 //!   limit). A connection that drops, or times out [`BREAK_AFTER_TIMEOUTS`] times in a row, is
 //!   discarded and re-established in the background (backoff up to [`MAX_RECONNECT`]); until
-//!   then requests decide by the failure mode without waiting. Recovery is automatic.
+//!   then requests decide by the failure mode without waiting. Each connection is also checked
+//!   with `PING` every [`HEALTH_INTERVAL`], so one cut while idle is replaced before a request
+//!   finds it. Recovery is automatic. A call that timed out may still have used a token in Redis.
 
 use std::num::{NonZeroU32, NonZeroUsize};
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +42,7 @@ use crate::secret::SecretSource;
 /// The stored value is the "theoretical arrival time" in µs of Redis time; it expires once it
 /// is in the past (the bucket is full again then).
 pub const GCRA_SCRIPT: &str = r#"
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
@@ -63,6 +66,9 @@ pub const MIN_RECONNECT: Duration = Duration::from_millis(50);
 
 /// Longest delay between reconnect attempts (so recovery takes at most about this long).
 pub const MAX_RECONNECT: Duration = Duration::from_secs(1);
+
+/// How often each pooled connection is checked with `PING` (bounded by `connect_timeout`).
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Redis backend settings (`[policy.rate_limit.redis]`).
 #[derive(Debug, Clone)]
@@ -154,6 +160,10 @@ struct Slot {
     conn: ArcSwapOption<MultiplexedConnection>,
     broken: Notify,
     timeouts: AtomicU32,
+    /// Whether the current connection has answered a call (reset at each connect).
+    served: AtomicBool,
+    /// Whether a Redis error answer was logged for the current connection.
+    error_logged: AtomicBool,
 }
 
 enum Fallback {
@@ -275,6 +285,8 @@ impl RedisLimiter {
                 conn: ArcSwapOption::empty(),
                 broken: Notify::new(),
                 timeouts: AtomicU32::new(0),
+                served: AtomicBool::new(false),
+                error_logged: AtomicBool::new(false),
             })
             .collect();
         let errors = &metrics.redis_errors;
@@ -287,7 +299,11 @@ impl RedisLimiter {
             fallback,
             script: Script::new(GCRA_SCRIPT),
             connector: Connector {
-                connection: settings.connection.clone(),
+                // Calls are tiny and latency-bound: no Nagle delay behind an unacknowledged one.
+                connection: settings
+                    .connection
+                    .clone()
+                    .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)),
                 password: settings.password.clone(),
                 ca_pem: settings.ca_pem.clone(),
                 connect_timeout: settings.connect_timeout,
@@ -315,7 +331,25 @@ impl RedisLimiter {
     pub async fn keep_connected(self) {
         let mut tasks = tokio::task::JoinSet::new();
         for index in 0..self.inner.slots.len() {
-            tasks.spawn(self.inner.clone().keep_slot(index));
+            let inner = self.inner.clone();
+            // Supervised: a panic in the connect path must not end this slot for good.
+            tasks.spawn(async move {
+                loop {
+                    match tokio::spawn(inner.clone().keep_slot(index)).await {
+                        Err(e) if e.is_panic() => {
+                            tracing::error!(
+                                connection = index,
+                                "redis connection keeper panicked; restarting it"
+                            );
+                            if let Some(conn) = inner.slots[index].conn.load_full() {
+                                inner.discard(&inner.slots[index], &conn);
+                            }
+                            tokio::time::sleep(MAX_RECONNECT).await;
+                        }
+                        _ => break,
+                    }
+                }
+            });
         }
         while tasks.join_next().await.is_some() {}
     }
@@ -394,6 +428,7 @@ impl Inner {
         match answer {
             Ok(Ok((allowed, wait_us))) => {
                 slot.timeouts.store(0, Ordering::Relaxed);
+                slot.served.store(true, Ordering::Relaxed);
                 Ok(if allowed == 1 {
                     Decision::Allow
                 } else {
@@ -408,10 +443,15 @@ impl Inner {
                 Err(Failure::Connection)
             }
             Ok(Err(e)) => {
-                if e.is_unrecoverable_error() {
+                // READONLY: the address now leads to a replica (failover); a new connection
+                // reaches the new primary.
+                let readonly = e.to_string().contains("READONLY");
+                if e.is_unrecoverable_error() || readonly {
                     self.discard(slot, &conn);
                 }
-                tracing::debug!(error = %e, "redis rate-limit call failed");
+                if !slot.error_logged.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "redis answered the rate-limit script with an error; on_redis_error decides meanwhile");
+                }
                 Err(Failure::Response)
             }
             Err(_) => Err(self.timed_out(slot, &conn)),
@@ -444,49 +484,80 @@ impl Inner {
         }
     }
 
-    /// Connects slot `index`, and reconnects it whenever a request discards it.
+    /// Connects slot `index`; checks it with `PING` every [`HEALTH_INTERVAL`] (an idle
+    /// connection cut by Redis, a load balancer or a silent network is found without a request
+    /// paying for it); reconnects whenever it is discarded. A connection that was discarded
+    /// before it ever answered (Redis reachable but too slow) backs off like a failed connect.
     async fn keep_slot(self: Arc<Self>, index: usize) {
         let slot = &self.slots[index];
         let mut backoff = MIN_RECONNECT;
         let mut down = false;
         loop {
-            if slot.conn.load().is_none() {
-                match self.connector.connect().await {
-                    Ok(conn) => {
-                        slot.timeouts.store(0, Ordering::Relaxed);
-                        slot.conn.store(Some(Arc::new(conn)));
-                        self.metrics.connections.inc();
-                        if down {
-                            tracing::info!(
-                                connection = index,
-                                "redis reachable again; rate limits are shared again"
-                            );
-                        }
-                        down = false;
-                        backoff = MIN_RECONNECT;
+            match self.connector.connect().await {
+                Ok(conn) => {
+                    slot.timeouts.store(0, Ordering::Relaxed);
+                    slot.served.store(false, Ordering::Relaxed);
+                    slot.error_logged.store(false, Ordering::Relaxed);
+                    self.metrics.connections.inc();
+                    slot.conn.store(Some(Arc::new(conn)));
+                }
+                Err(e) => {
+                    if !down {
+                        tracing::warn!(connection = index, error = %e, "redis unreachable; rate-limit decisions follow on_redis_error until it returns");
+                        down = true;
                     }
-                    Err(e) => {
-                        if !down {
-                            tracing::warn!(connection = index, error = %e, "redis unreachable; rate-limit decisions follow on_redis_error until it returns");
-                            down = true;
-                        }
-                        let jitter = rand::random_range(0.5..1.0);
-                        tokio::time::sleep(backoff.mul_f64(jitter)).await;
-                        backoff = (backoff * 2).min(MAX_RECONNECT);
-                        continue;
-                    }
+                    sleep_backoff(&mut backoff).await;
+                    continue;
                 }
             }
-            slot.broken.notified().await;
-            if !down {
-                tracing::warn!(
-                    connection = index,
-                    "redis connection discarded (dropped or timing out); reconnecting"
-                );
+            self.watch(slot).await;
+            if slot.served.load(Ordering::Relaxed) {
+                if !down {
+                    tracing::warn!(
+                        connection = index,
+                        "redis connection lost (dropped, timing out or failing PING); reconnecting"
+                    );
+                }
                 down = true;
+                backoff = MIN_RECONNECT;
+            } else {
+                sleep_backoff(&mut backoff).await;
             }
         }
     }
+
+    /// Returns once the slot's connection was discarded (by a request or a failed `PING`).
+    async fn watch(&self, slot: &Slot) {
+        let mut logged_up = false;
+        loop {
+            tokio::select! {
+                _ = slot.broken.notified() => return,
+                _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+            }
+            let Some(conn) = slot.conn.load_full() else {
+                return;
+            };
+            let mut handle = MultiplexedConnection::clone(&conn);
+            let ping = tokio::time::timeout(
+                self.connector.connect_timeout,
+                redis::cmd("PING").query_async::<String>(&mut handle),
+            )
+            .await;
+            if !matches!(ping, Ok(Ok(_))) {
+                self.discard(slot, &conn);
+            } else if !logged_up && slot.served.load(Ordering::Relaxed) {
+                logged_up = true;
+                tracing::info!("redis answering; rate limits are shared");
+            }
+        }
+    }
+}
+
+/// Sleeps the current backoff (with jitter) and doubles it up to [`MAX_RECONNECT`].
+async fn sleep_backoff(backoff: &mut Duration) {
+    let jitter = rand::random_range(0.5..1.0);
+    tokio::time::sleep(backoff.mul_f64(jitter)).await;
+    *backoff = (*backoff * 2).min(MAX_RECONNECT);
 }
 
 /// `<prefix><tenant>:<route>` where route is `default` or `<METHOD|*> <path prefix>`: stable
