@@ -494,7 +494,14 @@ impl Inner {
         let mut down = false;
         loop {
             match self.connector.connect().await {
-                Ok(conn) => {
+                Ok(mut conn) => {
+                    // Load the script now, so the first request after a Redis restart needs one
+                    // round trip (EVALSHA) instead of three (EVALSHA, NOSCRIPT, load, EVALSHA).
+                    let _ = tokio::time::timeout(
+                        self.connector.connect_timeout,
+                        self.script.load_async(&mut conn),
+                    )
+                    .await;
                     slot.timeouts.store(0, Ordering::Relaxed);
                     slot.served.store(false, Ordering::Relaxed);
                     slot.error_logged.store(false, Ordering::Relaxed);
