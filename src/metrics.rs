@@ -45,8 +45,9 @@ pub struct RequestSeries {
 }
 
 impl RequestSeries {
-    /// `requests_total{tenant, decision, status_class}` for a response `status` (0: none).
-    pub fn request(&self, decision: &str, status: u16) -> IntCounter {
+    /// Counts one request in `requests_total{tenant, decision, status_class}` for a response
+    /// `status` (0: none).
+    pub fn count_request(&self, decision: &str, status: u16) {
         let class = match status {
             100..=599 => usize::from(status / 100),
             _ => 0,
@@ -60,13 +61,12 @@ impl RequestSeries {
                         STATUS_CLASSES[class],
                     ])
                 })
-                .clone(),
+                .inc(),
             // A decision missing from DECISIONS still counts, through a lookup.
-            None => self.requests.with_label_values(&[
-                self.tenant.as_str(),
-                decision,
-                STATUS_CLASSES[class],
-            ]),
+            None => self
+                .requests
+                .with_label_values(&[self.tenant.as_str(), decision, STATUS_CLASSES[class]])
+                .inc(),
         }
     }
 }
@@ -387,10 +387,10 @@ mod tests {
     fn request_series_count_into_the_labelled_series() {
         let m = Metrics::new();
         let s = m.request_series("t1");
-        s.request("allow", 204).inc();
-        s.request("allow", 200).inc();
-        s.request("rate_limited", 429).inc();
-        s.request("something_new", 0).inc();
+        s.count_request("allow", 204);
+        s.count_request("allow", 200);
+        s.count_request("rate_limited", 429);
+        s.count_request("something_new", 0);
         s.duration.observe(0.01);
         let text = String::from_utf8(m.render()).unwrap();
         for line in [

@@ -585,7 +585,7 @@ impl ProxyHttp for FinHubProxy {
         if matches!(ctx.failure, Some(ProxyError::RateLimited { .. })) {
             series.rate_limited.inc();
         }
-        series.request(decision, status).inc();
+        series.count_request(decision, status);
         let elapsed = ctx.start.elapsed();
         series.duration.observe(elapsed.as_secs_f64());
         let req = session.req_header();
