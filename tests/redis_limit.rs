@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use finhub_sidecar::emulator::Emulator;
 use serde_json::Value;
 
 /// A `redis-server` child process on 127.0.0.1; killed on drop.
@@ -207,6 +208,18 @@ fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// Redis, the emulator and one sidecar deciding through Redis (rate 1000/s, burst 1000), with
+/// both pooled connections up; `redis_extra` goes into `[policy.rate_limit.redis]`.
+async fn one_sidecar(redis_extra: &str) -> (Redis, World, Emulator, SidecarProcess) {
+    let redis = Redis::start().await;
+    let world = World::new();
+    let emu = world.emulator().await;
+    let cfg = redis_config(redis.port, "rate = 1000\nburst = 1000", redis_extra);
+    let sc = world.sidecar(emu.addr().port(), &cfg).await;
+    connected(&sc, 2.0).await;
+    (redis, world, emu, sc)
+}
+
 const REDIS_ALLOW: &str =
     r#"finhub_sidecar_rate_limit_decisions_total{backend="redis",decision="allow"}"#;
 const REDIS_DENY: &str =
@@ -262,16 +275,8 @@ async fn two_sidecars_share_one_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_redis_means_deny_within_the_timeout_then_recovery() {
-    let mut redis = Redis::start().await;
-    let world = World::new();
-    let emu = world.emulator().await;
-    let cfg = redis_config(
-        redis.port,
-        "rate = 1000\nburst = 1000",
-        "timeout = \"200ms\"\non_redis_error = \"deny\"",
-    );
-    let sc = world.sidecar(emu.addr().port(), &cfg).await;
-    connected(&sc, 2.0).await;
+    let (mut redis, _world, _emu, sc) =
+        one_sidecar("timeout = \"200ms\"\non_redis_error = \"deny\"").await;
     let client = client();
     assert_eq!(get(&client, &sc).await.0, 200);
 
@@ -321,16 +326,8 @@ async fn dead_redis_means_deny_within_the_timeout_then_recovery() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_redis_costs_at_most_the_timeout() {
-    let redis = Redis::start().await;
-    let world = World::new();
-    let emu = world.emulator().await;
-    let cfg = redis_config(
-        redis.port,
-        "rate = 1000\nburst = 1000",
-        "timeout = \"300ms\"\non_redis_error = \"allow\"",
-    );
-    let sc = world.sidecar(emu.addr().port(), &cfg).await;
-    connected(&sc, 2.0).await;
+    let (redis, _world, _emu, sc) =
+        one_sidecar("timeout = \"300ms\"\non_redis_error = \"allow\"").await;
     let client = client();
     assert_eq!(get(&client, &sc).await.0, 200);
 
@@ -523,16 +520,8 @@ on_redis_error = "deny"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_while_idle_are_replaced_before_a_request_needs_them() {
-    let redis = Redis::start().await;
-    let world = World::new();
-    let emu = world.emulator().await;
-    let cfg = redis_config(
-        redis.port,
-        "rate = 1000\nburst = 1000",
-        "timeout = \"500ms\"\non_redis_error = \"deny\"",
-    );
-    let sc = world.sidecar(emu.addr().port(), &cfg).await;
-    connected(&sc, 2.0).await;
+    let (redis, _world, _emu, sc) =
+        one_sidecar("timeout = \"500ms\"\non_redis_error = \"deny\"").await;
     let client = client();
     // Two requests: one on each pooled connection (round robin).
     for _ in 0..2 {
