@@ -160,7 +160,7 @@ struct Slot {
     conn: ArcSwapOption<MultiplexedConnection>,
     broken: Notify,
     timeouts: AtomicU32,
-    /// Whether the current connection has answered a call (reset at each connect).
+    /// Whether the current connection has answered a call or a `PING` (reset at each connect).
     served: AtomicBool,
     /// Whether a Redis error answer was logged for the current connection.
     error_logged: AtomicBool,
@@ -491,7 +491,9 @@ impl Inner {
     async fn keep_slot(self: Arc<Self>, index: usize) {
         let slot = &self.slots[index];
         let mut backoff = MIN_RECONNECT;
+        // Logged states: connects failing, and connections discarded before ever answering.
         let mut down = false;
+        let mut slow_logged = false;
         loop {
             match self.connector.connect().await {
                 Ok(mut conn) => {
@@ -507,6 +509,7 @@ impl Inner {
                     slot.error_logged.store(false, Ordering::Relaxed);
                     self.metrics.connections.inc();
                     slot.conn.store(Some(Arc::new(conn)));
+                    down = false;
                 }
                 Err(e) => {
                     if !down {
@@ -519,15 +522,20 @@ impl Inner {
             }
             self.watch(slot).await;
             if slot.served.load(Ordering::Relaxed) {
-                if !down {
-                    tracing::warn!(
-                        connection = index,
-                        "redis connection lost (dropped, timing out or failing PING); reconnecting"
-                    );
-                }
-                down = true;
+                tracing::warn!(
+                    connection = index,
+                    "redis connection lost (dropped, timing out or failing PING); reconnecting"
+                );
+                slow_logged = false;
                 backoff = MIN_RECONNECT;
             } else {
+                if !slow_logged {
+                    tracing::warn!(
+                        connection = index,
+                        "redis connection discarded before it answered anything (Redis slower than policy.rate_limit.redis.timeout, or cut right after connecting); backing off"
+                    );
+                    slow_logged = true;
+                }
                 sleep_backoff(&mut backoff).await;
             }
         }
@@ -552,8 +560,9 @@ impl Inner {
             .await;
             if !matches!(ping, Ok(Ok(_))) {
                 self.discard(slot, &conn);
-            } else if !logged_up && slot.served.load(Ordering::Relaxed) {
+            } else if !logged_up {
                 logged_up = true;
+                slot.served.store(true, Ordering::Relaxed);
                 tracing::info!("redis answering; rate limits are shared");
             }
         }
