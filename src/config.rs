@@ -1183,14 +1183,12 @@ impl Convert<'_> {
 
     fn redis(&mut self, r: FileRedis) -> Option<RedisSettings> {
         const KEY: &str = "policy.rate_limit.redis";
+        const NOT_A_REDIS_URL: &str = "not a redis:// or rediss:// URL (redis://host:6379/0)";
         let url = r.url.trim();
         let tls = url.starts_with("rediss://");
         let connection = if !tls && !url.starts_with("redis://") {
             // The URL is not echoed: a malformed one may still hold credentials.
-            self.err(
-                format!("{KEY}.url"),
-                "not a redis:// or rediss:// URL (redis://host:6379/0)",
-            );
+            self.err(format!("{KEY}.url"), NOT_A_REDIS_URL);
             None
         } else if url.contains('#') {
             self.err(
@@ -1209,10 +1207,7 @@ impl Convert<'_> {
                 }
                 Ok(c) => Some(c),
                 Err(_) => {
-                    self.err(
-                        format!("{KEY}.url"),
-                        "not a redis:// or rediss:// URL (redis://host:6379/0)",
-                    );
+                    self.err(format!("{KEY}.url"), NOT_A_REDIS_URL);
                     None
                 }
             }

@@ -120,8 +120,8 @@ pub struct Metrics {
     pub upstream_connections: IntCounterVec,
     /// `finhub_sidecar_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
-    /// `finhub_sidecar_rate_limited_total{tenant}`: requests refused with 429 by the local
-    /// limiter or by a hold after FinHub's own 429.
+    /// `finhub_sidecar_rate_limited_total{tenant}`: requests refused with 429 by the rate limit
+    /// (local or Redis bucket) or by a hold after FinHub's own 429.
     pub rate_limited: IntCounterVec,
     /// `finhub_sidecar_audit_lines_dropped`: audit lines dropped since start because the audit
     /// output could not keep up (the proxy never waits on it).
@@ -235,7 +235,7 @@ impl Metrics {
         let rate_limited = IntCounterVec::new(
             Opts::new(
                 "finhub_sidecar_rate_limited_total",
-                "Requests refused with 429 by the local limiter or a FinHub 429 hold",
+                "Requests refused with 429 by the rate limit (local or Redis bucket) or a FinHub 429 hold",
             ),
             &["tenant"],
         )

@@ -222,6 +222,10 @@ async fn one_sidecar(redis_extra: &str) -> (Redis, World, Emulator, SidecarProce
 
 const REDIS_ALLOW: &str =
     r#"finhub_sidecar_rate_limit_decisions_total{backend="redis",decision="allow"}"#;
+const FALLBACK_ALLOW: &str =
+    r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="allow"}"#;
+const FALLBACK_DENY: &str =
+    r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="deny"}"#;
 const REDIS_DENY: &str =
     r#"finhub_sidecar_rate_limit_decisions_total{backend="redis",decision="deny"}"#;
 
@@ -303,14 +307,7 @@ async fn dead_redis_means_deny_within_the_timeout_then_recovery() {
         slowest < Duration::from_secs(2),
         "a request took {slowest:?}"
     );
-    assert!(
-        metric(
-            &sc,
-            r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="deny"}"#
-        )
-        .await
-            >= 1.0
-    );
+    assert!(metric(&sc, FALLBACK_DENY).await >= 1.0);
 
     redis.restart().await;
     let back = eventually(Duration::from_secs(10), || async {
@@ -348,14 +345,7 @@ async fn hung_redis_costs_at_most_the_timeout() {
         .await
             >= 1.0
     );
-    assert!(
-        metric(
-            &sc,
-            r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="allow"}"#
-        )
-        .await
-            >= 8.0
-    );
+    assert!(metric(&sc, FALLBACK_ALLOW).await >= 8.0);
 
     redis.signal(libc::SIGCONT);
     let before = metric(&sc, REDIS_ALLOW).await;
@@ -393,14 +383,7 @@ async fn local_fallback_uses_the_pod_share_until_redis_appears() {
         ok <= 2 + elapsed.ceil() as usize,
         "{ok} admitted in {elapsed:.2}s with a local share of burst 2: {statuses:?}"
     );
-    assert!(
-        metric(
-            &sc,
-            r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="deny"}"#
-        )
-        .await
-            >= 1.0
-    );
+    assert!(metric(&sc, FALLBACK_DENY).await >= 1.0);
     assert!(
         metric(
             &sc,
@@ -549,13 +532,6 @@ async fn connections_cut_while_idle_are_replaced_before_a_request_needs_them() {
     for _ in 0..3 {
         assert_eq!(get(&client, &sc).await.0, 200);
     }
-    assert_eq!(
-        metric(
-            &sc,
-            r#"finhub_sidecar_rate_limit_decisions_total{backend="fallback",decision="deny"}"#
-        )
-        .await,
-        0.0
-    );
+    assert_eq!(metric(&sc, FALLBACK_DENY).await, 0.0);
     assert!(metric(&sc, REDIS_ALLOW).await >= 5.0);
 }

@@ -183,18 +183,18 @@ pub fn header_bytes(req: &RequestHeader) -> usize {
 
 /// The first header among those the sidecar interprets whose value is not visible ASCII.
 pub fn malformed_header(req: &RequestHeader) -> Option<&'static str> {
-    const INTERPRETED: [(HeaderName, &str); 6] = [
-        (names::X_TENANT_ID, "x-tenant-id"),
-        (names::X_FORWARDED_FOR, "x-forwarded-for"),
-        (names::X_REQUEST_ID, "x-request-id"),
-        (names::X_ACTIVITY_ID, "x-activity-id"),
-        (names::X_IDEMPOTENCY_KEY, "x-idempotency-key"),
-        (names::X_CORRELATION_ID, "x-correlation-id"),
+    static INTERPRETED: [HeaderName; 6] = [
+        names::X_TENANT_ID,
+        names::X_FORWARDED_FOR,
+        names::X_REQUEST_ID,
+        names::X_ACTIVITY_ID,
+        names::X_IDEMPOTENCY_KEY,
+        names::X_CORRELATION_ID,
     ];
     INTERPRETED
         .iter()
-        .find(|(name, _)| req.headers.get(name).is_some_and(|v| v.to_str().is_err()))
-        .map(|(_, text)| *text)
+        .find(|name| req.headers.get(*name).is_some_and(|v| v.to_str().is_err()))
+        .map(HeaderName::as_str)
 }
 
 /// The app's `User-Agent` if non-empty and printable, else the configured default (§8).

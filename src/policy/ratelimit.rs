@@ -78,11 +78,6 @@ impl RateLimitConfig {
             r => self.routes.get(r - 1).map(|r| r.limit),
         }
     }
-
-    /// Whether any bucket is configured at all.
-    pub fn is_enabled(&self) -> bool {
-        self.default.is_some() || !self.routes.is_empty()
-    }
 }
 
 /// The outcome of a rate-limit check.
