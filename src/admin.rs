@@ -10,10 +10,15 @@
 //! | `GET /metrics`   | Prometheus text exposition of every metric in `metrics.rs`.               |
 //! | `GET /status`    | JSON for people: version, uptime, certificate subject/serial/expiry,      |
 //! |                  | per-tenant session expiry and last auth result. Never a secret.           |
-//! | `POST /shutdown` | Starts the graceful drain, as SIGTERM does (for Jobs). Loopback peers     |
-//! |                  | only; others get 403.                                                     |
+//! | `POST /shutdown` | Only with `admin.shutdown_endpoint = true`: starts the graceful drain, as |
+//! |                  | SIGTERM does (for Jobs). Loopback peers only (IPv4-mapped included);      |
+//! |                  | others get 403. Without the setting it does not exist (404).              |
 //!
 //! Any other path is 404, any other method 405, each with a JSON body.
+//!
+//! Under abuse the probes keep answering: a request header must arrive within
+//! [`ADMIN_HEADER_TIMEOUT`], and when [`MAX_ADMIN_CONNECTIONS`] are open the oldest one is closed
+//! to make room, so slow or idle clients can never hold every slot.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -33,8 +38,11 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::tls::{unix_now, TlsStore};
 
-/// Concurrent admin connections served; more wait in the listen backlog.
-const MAX_ADMIN_CONNECTIONS: usize = 64;
+/// Admin connections kept open; a new one beyond this closes the oldest.
+pub const MAX_ADMIN_CONNECTIONS: usize = 256;
+
+/// An admin request header must arrive whole within this (probes send theirs at once).
+pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the admin endpoints look at.
 pub struct AdminState {
@@ -168,8 +176,8 @@ pub fn handle(
             r
         }
         ("/status", &Method::GET) => json_response(StatusCode::OK, state.status()),
-        ("/shutdown", &Method::POST) => {
-            if !peer.ip().is_loopback() {
+        ("/shutdown", &Method::POST) if state.config.admin.shutdown_endpoint => {
+            if !peer.ip().to_canonical().is_loopback() {
                 return json_response(
                     StatusCode::FORBIDDEN,
                     json!({"error": "forbidden", "message": "shutdown is accepted from loopback only"}),
@@ -179,6 +187,10 @@ pub fn handle(
             state.lifecycle.request_shutdown();
             json_response(StatusCode::ACCEPTED, json!({"status": "draining"}))
         }
+        ("/shutdown", _) if !state.config.admin.shutdown_endpoint => json_response(
+            StatusCode::NOT_FOUND,
+            json!({"error": "not_found", "message": "unknown admin endpoint (POST /shutdown needs admin.shutdown_endpoint = true)"}),
+        ),
         ("/live" | "/ready" | "/metrics" | "/status" | "/shutdown", _) => json_response(
             StatusCode::METHOD_NOT_ALLOWED,
             json!({"error": "method_not_allowed", "message": "wrong method for this endpoint"}),
@@ -202,20 +214,18 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
             return;
         }
     };
-    // Bounded: a scraper or probe cannot exhaust the sidecar with idle admin connections.
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let open = Arc::new(std::sync::Mutex::new(OpenConnections::default()));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
-        let state = state.clone();
+        let (id, close) = lock(&open).admit();
+        let (state, open) = (state.clone(), open.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let resp = handle(&state, req.method(), req.uri().path(), peer);
@@ -225,11 +235,46 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
             builder
                 .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10));
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-            drop(permit);
+                .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+            tokio::select! {
+                _ = builder.serve_connection(TokioIo::new(stream), svc) => {}
+                _ = close.notified() => {}
+            }
+            lock(&open).remove(id);
         });
     }
+}
+
+/// The admin connections open now, oldest first, each with a handle that closes it.
+#[derive(Default)]
+struct OpenConnections {
+    next_id: u64,
+    open: std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
+}
+
+impl OpenConnections {
+    /// Registers a new connection, closing the oldest one if every slot is taken.
+    fn admit(&mut self) -> (u64, Arc<tokio::sync::Notify>) {
+        if self.open.len() >= MAX_ADMIN_CONNECTIONS {
+            if let Some((_, oldest)) = self.open.pop_front() {
+                // Stores a permit: the connection closes even if it is not waiting yet.
+                oldest.notify_one();
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let close = Arc::new(tokio::sync::Notify::new());
+        self.open.push_back((id, close.clone()));
+        (id, close)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.open.retain(|(i, _)| *i != id);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -272,8 +317,47 @@ password = "${PW}"
     }
 
     #[test]
-    fn shutdown_is_refused_from_a_non_loopback_peer() {
+    fn shutdown_does_not_exist_unless_enabled() {
         let s = state();
+        let r = handle(
+            &s,
+            &Method::POST,
+            "/shutdown",
+            "127.0.0.1:5555".parse().unwrap(),
+        );
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert!(!s.lifecycle.is_draining());
+    }
+
+    #[test]
+    fn the_oldest_admin_connection_makes_room() {
+        let mut open = OpenConnections::default();
+        let (first, close_first) = open.admit();
+        for _ in 1..MAX_ADMIN_CONNECTIONS {
+            open.admit();
+        }
+        assert_eq!(open.open.len(), MAX_ADMIN_CONNECTIONS);
+        let (_, _) = open.admit();
+        assert_eq!(open.open.len(), MAX_ADMIN_CONNECTIONS);
+        assert!(open.open.iter().all(|(id, _)| *id != first));
+        // The evicted connection's close handle fires even if nobody waits on it yet.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(1), close_first.notified())
+                .await
+                .expect("oldest connection told to close");
+        });
+    }
+
+    #[test]
+    fn shutdown_is_refused_from_a_non_loopback_peer() {
+        let mut s = state();
+        let mut config = (*s.config).clone();
+        config.admin.shutdown_endpoint = true;
+        s.config = Arc::new(config);
         let r = handle(
             &s,
             &Method::POST,
@@ -290,6 +374,13 @@ password = "${PW}"
         );
         assert_eq!(r.status(), StatusCode::ACCEPTED);
         assert!(s.lifecycle.is_draining());
+        let r = handle(
+            &s,
+            &Method::POST,
+            "/shutdown",
+            "[::ffff:127.0.0.1]:5555".parse().unwrap(),
+        );
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "IPv4-mapped loopback");
     }
 
     #[test]

@@ -57,6 +57,26 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Audit log.
     pub audit: AuditConfig,
+    /// How app connections are accepted and read.
+    pub listener: ListenerConfig,
+    /// Admin listener options.
+    pub admin: AdminConfig,
+}
+
+/// How app connections are accepted and their requests read (`[listener]`).
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// A request's header block must arrive whole within this time (408 and close).
+    pub header_timeout: Duration,
+    /// Open app connections beyond this are answered 503 and closed at accept.
+    pub max_connections: usize,
+}
+
+/// Admin listener options (`[admin]`).
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Whether `POST /shutdown` exists (from loopback peers only).
+    pub shutdown_endpoint: bool,
 }
 
 /// Graceful shutdown timing.
@@ -201,6 +221,9 @@ pub struct PolicyConfig {
     pub trusted_forwarders: Vec<IpNet>,
     /// Requests whose header block is larger get 431.
     pub max_header_bytes: usize,
+    /// Operator-added reserved path prefixes (normalised: lower case, no trailing slash),
+    /// refused like the built-in auth and session surface.
+    pub reserved_paths: Vec<String>,
     /// Rate limits.
     pub rate_limit: RateLimitConfig,
 }
@@ -379,6 +402,10 @@ struct FileListener {
     address: Option<String>,
     /// Proxy worker threads; default 2.
     threads: Option<usize>,
+    /// A request's header block must arrive whole within this time, e.g. `"10s"`; default 10 s.
+    header_timeout: Option<String>,
+    /// Open app connections beyond this are refused (503, closed); default 1024.
+    max_connections: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -386,6 +413,9 @@ struct FileListener {
 struct FileAdmin {
     /// Admin listen address; default `127.0.0.1:9901`.
     address: Option<String>,
+    /// Serve `POST /shutdown` (loopback peers only); default false.
+    #[serde(default)]
+    shutdown_endpoint: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -479,6 +509,9 @@ struct FilePolicy {
     trusted_forwarders: Vec<String>,
     /// Largest accepted request header block in bytes; default 32768 (larger gets 431).
     max_header_bytes: Option<usize>,
+    /// Path prefixes refused with 403 `reserved_path` besides FinHub's auth and session surface.
+    #[serde(default)]
+    reserved_paths: Vec<String>,
     /// `[policy.rate_limit]`: token buckets per tenant.
     #[serde(default)]
     rate_limit: FileRateLimit,
@@ -676,6 +709,25 @@ impl Convert<'_> {
             f.admin.address.as_deref(),
             "127.0.0.1:9901",
         );
+        let header_timeout = self.duration(
+            "listener.header_timeout",
+            f.listener.header_timeout.as_deref(),
+            secs(10),
+        );
+        if header_timeout > secs(300) {
+            self.err("listener.header_timeout", "must be at most 5m");
+        }
+        let max_connections = f.listener.max_connections.unwrap_or(1024);
+        if max_connections == 0 || max_connections > 1_000_000 {
+            self.err("listener.max_connections", "must be between 1 and 1000000");
+        }
+        let listener = ListenerConfig {
+            header_timeout,
+            max_connections,
+        };
+        let admin = AdminConfig {
+            shutdown_endpoint: f.admin.shutdown_endpoint,
+        };
         let auth = self.auth(f.auth);
         let upstream = self.upstream(f.upstream);
         let client_cert = f.client_cert.map(|c| ClientCertFiles {
@@ -747,6 +799,8 @@ impl Convert<'_> {
             log,
             shutdown,
             audit,
+            listener,
+            admin,
         })
     }
 
@@ -1086,11 +1140,25 @@ impl Convert<'_> {
         if max_header_bytes < 1024 {
             self.err("policy.max_header_bytes", "must be at least 1024");
         }
+        let mut reserved_paths = Vec::new();
+        for (i, raw) in p.reserved_paths.iter().enumerate() {
+            match crate::policy::path::normalise_prefix(raw) {
+                Some(prefix) => reserved_paths.push(prefix),
+                None => self.err(
+                    format!("policy.reserved_paths[{i}]"),
+                    format!(
+                        "`{}` is not a canonical absolute path like \"/api/v2/admin\"",
+                        one_line(raw)
+                    ),
+                ),
+            }
+        }
         let rate_limit = self.rate_limit(p.rate_limit);
         Some(PolicyConfig {
             allowed_clients,
             trusted_forwarders,
             max_header_bytes,
+            reserved_paths,
             rate_limit,
         })
     }
@@ -1483,6 +1551,53 @@ password = "${PW}"
                 .starts_with("/etc/finhub/proxy.toml: auth.foo:"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn listener_admin_and_reserved_path_settings() {
+        let c = load(MINIMAL).expect("valid");
+        assert_eq!(c.listener.header_timeout, secs(10));
+        assert_eq!(c.listener.max_connections, 1024);
+        assert!(!c.admin.shutdown_endpoint);
+        assert!(c.policy.reserved_paths.is_empty());
+        let text = MINIMAL.replace(
+            "[auth]",
+            "[listener]\nheader_timeout = \"3s\"\nmax_connections = 10\n[admin]\nshutdown_endpoint = true\n[policy]\nreserved_paths = [\"/API/v3/Login/\"]\n[auth]",
+        );
+        let c = load(&text).expect("valid");
+        assert_eq!(c.listener.header_timeout, secs(3));
+        assert_eq!(c.listener.max_connections, 10);
+        assert!(c.admin.shutdown_endpoint);
+        assert_eq!(c.policy.reserved_paths, ["/api/v3/login"]);
+        for (bad, key) in [
+            (
+                "[listener]\nheader_timeout = \"0s\"",
+                "listener.header_timeout",
+            ),
+            (
+                "[listener]\nheader_timeout = \"1h\"",
+                "listener.header_timeout",
+            ),
+            (
+                "[listener]\nmax_connections = 0",
+                "listener.max_connections",
+            ),
+            (
+                "[policy]\nreserved_paths = [\"api/x\"]",
+                "policy.reserved_paths[0]",
+            ),
+            (
+                "[policy]\nreserved_paths = [\"/a/../b\"]",
+                "policy.reserved_paths[0]",
+            ),
+            (
+                "[policy]\nreserved_paths = [\"/\"]",
+                "policy.reserved_paths[0]",
+            ),
+        ] {
+            let e = load(&MINIMAL.replace("[auth]", &format!("{bad}\n[auth]"))).unwrap_err();
+            assert_eq!(e.0[0].key, key, "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -49,6 +49,25 @@ pub enum ProxyError {
     /// The request's header block is larger than `policy.max_header_bytes`.
     #[error("request headers are too large")]
     HeadersTooLarge,
+    /// The request's header block did not arrive whole within `listener.header_timeout`.
+    #[error("the request header did not arrive in time")]
+    HeaderTimeout,
+    /// The path belongs to FinHub's auth and session surface, which only the sidecar uses.
+    #[error("this path belongs to the FinHub auth and session surface, which the sidecar owns; apps never log in, refresh or log out")]
+    ReservedPath,
+    /// The path is not in canonical form (dot or empty segments, needless or separator
+    /// percent-encoding, control bytes), so servers could read it differently.
+    #[error("request path is not in canonical form (dot or empty segments, encoded unreserved characters or separators)")]
+    InvalidPath,
+    /// `TRACE` / `TRACK`: they would reflect the sidecar's credentials back to the app.
+    #[error("method is not allowed through the sidecar")]
+    MethodNotAllowed,
+    /// `Upgrade` (WebSocket, h2c): a tunnel would bypass every rule for its later bytes.
+    #[error("protocol upgrades (WebSocket, h2c) are not supported; send plain HTTP/1.1 requests")]
+    UpgradeNotSupported,
+    /// More app connections are open than `listener.max_connections`.
+    #[error("too many connections to the sidecar; retry shortly")]
+    TooManyConnections,
     /// The tenant's rate limit (or FinHub's own 429 hold) refuses the request.
     #[error("rate limit exceeded for this tenant; retry after the indicated seconds")]
     RateLimited {
@@ -82,9 +101,9 @@ pub enum ProxyError {
     /// FinHub broke the exchange (reset, malformed answer).
     #[error("FinHub upstream connection failed")]
     UpstreamFailed,
-    /// The app's request was malformed.
-    #[error("malformed request")]
-    BadRequest,
+    /// The app's request was malformed (unparsable header, conflicting framing, broken body).
+    #[error("malformed HTTP request")]
+    InvalidRequest,
     /// A bug or unexpected state in the sidecar.
     #[error("internal sidecar error")]
     Internal,
@@ -115,13 +134,19 @@ impl ProxyError {
             ProxyError::ClientNotAllowed | ProxyError::DestinationNotAllowed(_) => 403,
             ProxyError::BadTarget
             | ProxyError::UnknownTenant(_)
-            | ProxyError::BadRequest
+            | ProxyError::InvalidRequest
             | ProxyError::InvalidForwardedFor
+            | ProxyError::InvalidPath
+            | ProxyError::UpgradeNotSupported
             | ProxyError::InvalidHeader(_) => 400,
+            ProxyError::ReservedPath => 403,
+            ProxyError::HeaderTimeout => 408,
             ProxyError::HeadersTooLarge => 431,
-            ProxyError::ConnectNotSupported => 405,
+            ProxyError::ConnectNotSupported | ProxyError::MethodNotAllowed => 405,
             ProxyError::RateLimited { .. } => 429,
-            ProxyError::SessionUnavailable { .. } | ProxyError::RateLimitUnavailable => 503,
+            ProxyError::SessionUnavailable { .. }
+            | ProxyError::RateLimitUnavailable
+            | ProxyError::TooManyConnections => 503,
             ProxyError::UpstreamUnresolved
             | ProxyError::UpstreamTls(_)
             | ProxyError::UpstreamUnreachable
@@ -142,6 +167,12 @@ impl ProxyError {
             ProxyError::InvalidForwardedFor => "invalid_forwarded_for",
             ProxyError::InvalidHeader(_) => "invalid_header",
             ProxyError::HeadersTooLarge => "request_headers_too_large",
+            ProxyError::HeaderTimeout => "request_header_timeout",
+            ProxyError::ReservedPath => "reserved_path",
+            ProxyError::InvalidPath => "invalid_path",
+            ProxyError::MethodNotAllowed => "method_not_allowed",
+            ProxyError::UpgradeNotSupported => "upgrade_not_supported",
+            ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::RateLimitUnavailable => "rate_limit_unavailable",
             ProxyError::SessionUnavailable { .. } => "session_unavailable",
@@ -158,7 +189,7 @@ impl ProxyError {
             ProxyError::UpstreamUnreachable => "upstream_unreachable",
             ProxyError::UpstreamTimeout => "upstream_timeout",
             ProxyError::UpstreamFailed => "upstream_failed",
-            ProxyError::BadRequest => "bad_request",
+            ProxyError::InvalidRequest => "invalid_request",
             ProxyError::Internal => "internal_error",
         }
     }
@@ -169,10 +200,16 @@ impl ProxyError {
             ProxyError::ClientNotAllowed => "deny_client",
             ProxyError::DestinationNotAllowed(_) => "deny_destination",
             ProxyError::BadTarget
-            | ProxyError::BadRequest
+            | ProxyError::InvalidRequest
             | ProxyError::InvalidHeader(_)
             | ProxyError::HeadersTooLarge
+            | ProxyError::HeaderTimeout
+            | ProxyError::InvalidPath
+            | ProxyError::MethodNotAllowed
+            | ProxyError::UpgradeNotSupported
             | ProxyError::ConnectNotSupported => "bad_request",
+            ProxyError::ReservedPath => "deny_reserved",
+            ProxyError::TooManyConnections => "too_many_connections",
             ProxyError::InvalidForwardedFor => "invalid_forwarded_for",
             ProxyError::RateLimited { .. } => "rate_limited",
             ProxyError::RateLimitUnavailable => "rate_limit_unavailable",
@@ -192,7 +229,7 @@ impl ProxyError {
         match self {
             ProxyError::SessionUnavailable { retry_after_secs }
             | ProxyError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
-            ProxyError::RateLimitUnavailable => Some(1),
+            ProxyError::RateLimitUnavailable | ProxyError::TooManyConnections => Some(1),
             _ => None,
         }
     }
@@ -205,6 +242,11 @@ impl ProxyError {
 
     /// Classifies a Pingora error raised while connecting to or talking with FinHub.
     pub fn from_upstream(e: &Error) -> ProxyError {
+        if e.esource() == &ErrorSource::Downstream {
+            // The app's own bytes were wrong (header or body framing, chunk encoding): its
+            // request is malformed, FinHub is not at fault.
+            return ProxyError::InvalidRequest;
+        }
         let text = error_chain_text(e);
         match e.etype() {
             ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
@@ -216,11 +258,6 @@ impl ProxyError {
             | ErrorType::TLSHandshakeTimedout => ProxyError::UpstreamTimeout,
             ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
                 ProxyError::UpstreamUnreachable
-            }
-            ErrorType::InvalidHTTPHeader | ErrorType::H1Error
-                if e.esource() == &ErrorSource::Downstream =>
-            {
-                ProxyError::BadRequest
             }
             _ if text.contains("alert") => ProxyError::UpstreamTls(classify_tls(&text)),
             _ => ProxyError::UpstreamFailed,
@@ -260,8 +297,30 @@ pub fn classify_tls(text: &str) -> TlsFailure {
     }
 }
 
-/// Writes `err` as the complete response (header and JSON body) and keeps the connection usable.
-pub async fn respond(session: &mut Session, err: &ProxyError) -> pingora::Result<()> {
+/// `err` as a complete HTTP/1.1 response that closes the connection, for answers written
+/// straight to a socket before Pingora has a request (connection cap, header deadline or cap).
+pub fn raw_response(err: &ProxyError) -> Vec<u8> {
+    let body = err.body();
+    let status = err.status();
+    let reason = http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error");
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n",
+        body.len()
+    );
+    if let Some(secs) = err.retry_after() {
+        out.push_str(&format!("retry-after: {secs}\r\n"));
+    }
+    out.push_str("\r\n");
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+/// `err` as a response header and JSON body.
+pub fn response(err: &ProxyError) -> pingora::Result<(ResponseHeader, Bytes)> {
     let body = err.body();
     let mut resp = ResponseHeader::build(err.status(), Some(4))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
@@ -270,6 +329,12 @@ pub async fn respond(session: &mut Session, err: &ProxyError) -> pingora::Result
     if let Some(secs) = err.retry_after() {
         resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
     }
+    Ok((resp, body))
+}
+
+/// Writes `err` as the complete response (header and JSON body) and keeps the connection usable.
+pub async fn respond(session: &mut Session, err: &ProxyError) -> pingora::Result<()> {
+    let (resp, body) = response(err)?;
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
 }
@@ -334,8 +399,14 @@ mod tests {
             ProxyError::UpstreamUnreachable,
             ProxyError::UpstreamTimeout,
             ProxyError::UpstreamFailed,
-            ProxyError::BadRequest,
+            ProxyError::InvalidRequest,
             ProxyError::Internal,
+            ProxyError::HeaderTimeout,
+            ProxyError::ReservedPath,
+            ProxyError::InvalidPath,
+            ProxyError::MethodNotAllowed,
+            ProxyError::UpgradeNotSupported,
+            ProxyError::TooManyConnections,
         ];
         for e in &all {
             assert!(
@@ -344,6 +415,29 @@ mod tests {
                 e.decision()
             );
         }
+    }
+
+    #[test]
+    fn raw_responses_are_complete_and_close() {
+        let r = String::from_utf8(raw_response(&ProxyError::HeadersTooLarge)).unwrap();
+        assert!(r.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
+        assert!(r.contains("connection: close\r\n"));
+        let (head, body) = r.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("content-length: {}", body.len())));
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["error"], "request_headers_too_large");
+        let r = String::from_utf8(raw_response(&ProxyError::TooManyConnections)).unwrap();
+        assert!(r.contains("retry-after: 1\r\n"));
+    }
+
+    #[test]
+    fn downstream_failures_are_the_apps_fault() {
+        let mut e = Error::new(ErrorType::new("InvalidChunk"));
+        e.as_down();
+        assert_eq!(ProxyError::from_upstream(&e), ProxyError::InvalidRequest);
+        let mut e = Error::new(ErrorType::InvalidHTTPHeader);
+        e.as_down();
+        assert_eq!(ProxyError::from_upstream(&e).code(), "invalid_request");
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod lifecycle;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod pki;

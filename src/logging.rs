@@ -1,20 +1,96 @@
 //! Log setup: `tracing` with JSON lines by default or a human format for terminals.
 //! `RUST_LOG` overrides the configured level. Pingora's `log` records are bridged in.
+//!
+//! Every level is as free of secrets as `info`. The sidecar's own events never carry a token,
+//! password, customer secret or body byte at any level; third-party crates that dump wire data
+//! at `debug`/`trace` (Pingora writes request header buffers and body chunks, hyper/h2/rustls
+//! frames and handshake messages, reqwest/redis their traffic) are capped at `info` whatever the
+//! configured level or `RUST_LOG` says ([`WIRE_TARGETS`]).
 
-use tracing_subscriber::EnvFilter;
+use tracing::{Level, Metadata};
+use tracing_subscriber::filter::{filter_fn, FilterExt};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
 
+/// Crates whose `debug`/`trace` events can contain request or response bytes, headers or TLS
+/// secrets; never logged below `info`.
+pub const WIRE_TARGETS: &[&str] = &[
+    "pingora",
+    "pingora_core",
+    "pingora_proxy",
+    "pingora_pool",
+    "pingora_http",
+    "pingora_rustls",
+    "pingora_runtime",
+    "pingora_timeout",
+    "pingora_error",
+    "pingora_header_serde",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "http_body_util",
+    "rustls",
+    "tokio_rustls",
+    "reqwest",
+    "redis",
+    "tokio_util",
+    "mio",
+];
+
+/// Whether an event may be logged: wire-data crates only at `info` and above, whatever
+/// `RUST_LOG` or the configured level asks for (a module directive such as
+/// `pingora_proxy::proxy_h1=trace` included).
+pub fn allowed(meta: &Metadata<'_>) -> bool {
+    *meta.level() <= Level::INFO || !is_wire_target(meta.target())
+}
+
+fn is_wire_target(target: &str) -> bool {
+    WIRE_TARGETS.iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
 /// Installs the global subscriber once; later calls are no-ops.
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_from_default_env()
+    let env = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().with_current_span(false).try_init(),
-        LogFormat::Text => builder.try_init(),
+    let filter = env.and(filter_fn(allowed));
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Json => layer
+            .json()
+            .with_current_span(false)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => layer.with_filter(filter).boxed(),
     };
+    let _ = tracing_subscriber::registry().with(layer).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_targets_are_capped_at_info() {
+        for t in [
+            "pingora_proxy",
+            "pingora_proxy::proxy_h1",
+            "pingora_core::protocols::http::v1::server",
+            "h2::codec",
+            "rustls::client::hs",
+            "hyper_util::client",
+        ] {
+            assert!(is_wire_target(t), "{t}");
+        }
+        for t in ["finhub_sidecar::proxy", "pingora_like", "hyperx", "log"] {
+            assert!(!is_wire_target(t), "{t}");
+        }
+    }
 }

@@ -15,6 +15,7 @@ pub const DECISIONS: &[&str] = &[
     "allow",
     "deny_client",
     "deny_destination",
+    "deny_reserved",
     "bad_request",
     "invalid_forwarded_for",
     "rate_limited",
@@ -24,6 +25,7 @@ pub const DECISIONS: &[&str] = &[
     "upstream_error",
     "upstream_timeout",
     "internal_error",
+    "too_many_connections",
 ];
 
 /// Every `status_class` label value, in [`Metrics::status_class`] order of index.
@@ -138,6 +140,12 @@ pub struct Metrics {
     /// `finhub_sidecar_redis_connections`: pooled Redis connections held (each checked with
     /// `PING` every second).
     pub redis_connections: IntGauge,
+    /// `finhub_sidecar_listener_refusals_total{reason}`: app connections the listener refused
+    /// before Pingora read a request (`client_not_allowed`, `too_many_connections`,
+    /// `header_timeout`, `header_too_large`).
+    pub listener_refusals: IntCounterVec,
+    /// `finhub_sidecar_app_connections`: app connections open now.
+    pub app_connections: IntGauge,
 }
 
 impl Metrics {
@@ -274,6 +282,25 @@ impl Metrics {
             "Pooled Redis connections held (each checked with PING every second)",
         )
         .expect("static metric definition is valid");
+        let listener_refusals = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_listener_refusals_total",
+                "App connections refused by the listener before a request was read, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
+        for reason in [
+            "client_not_allowed",
+            "too_many_connections",
+            "header_timeout",
+            "header_too_large",
+        ] {
+            listener_refusals.with_label_values(&[reason]);
+        }
+        let app_connections =
+            IntGauge::new("finhub_sidecar_app_connections", "App connections open now")
+                .expect("static metric definition is valid");
         for reused in ["true", "false"] {
             upstream_connections.with_label_values(&[reused]);
         }
@@ -290,6 +317,8 @@ impl Metrics {
             Box::new(redis_errors.clone()),
             Box::new(redis_call_duration.clone()),
             Box::new(redis_connections.clone()),
+            Box::new(listener_refusals.clone()),
+            Box::new(app_connections.clone()),
             Box::new(cert_expiration.clone()),
             Box::new(cert_reloads.clone()),
             Box::new(cert_last_reload.clone()),
@@ -325,6 +354,8 @@ impl Metrics {
             redis_errors,
             redis_call_duration,
             redis_connections,
+            listener_refusals,
+            app_connections,
         }
     }
 

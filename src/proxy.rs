@@ -2,13 +2,15 @@
 //! function in `policy`, `auth`, `tls` or `error`.
 //!
 //! ```text
-//! request_filter           client allowed? -> header size/format -> target allowed? -> tenant
-//!                          -> X-Forwarded-For -> FinHub 429 hold -> rate limit -> usable session?
+//! request_filter           client allowed? -> method (CONNECT, TRACE) -> no upgrade ->
+//!                          header size/format -> target allowed? -> canonical, unreserved path
+//!                          -> tenant -> X-Forwarded-For -> FinHub 429 hold -> usable session?
+//!                          -> rate limit (last: a refused request consumes no token)
 //! upstream_peer            resolved FinHub address + SNI + current client cert + CA
 //! upstream_request_filter  strip app credentials, set session + compliance headers, Host, path
 //! upstream_response_filter a 401 from FinHub renews the session (single flight) and replays once
 //! error_while_proxy        only that replay, or a safe retry on a reused connection, retries
-//! response_filter          echo X-Request-ID to the app; FinHub's 429 + Retry-After holds the tenant
+//! response_filter          echo X-Request-ID to the app; drop any header carrying a credential
 //! logging                  metrics and the audit line
 //! fail_to_proxy            map the failure to one JSON error (502 TLS / 504 timeout / ...)
 //! ```
@@ -21,6 +23,7 @@ use http::{HeaderValue, Uri};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpUpstreamRequestPolicy;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::audit::{Audit, AuditRecord};
@@ -31,7 +34,7 @@ use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{Metrics, RequestSeries};
 use crate::policy::headers::names;
 use crate::policy::ratelimit::{self, Check, Decision, Limiter, UpstreamHold};
-use crate::policy::{allow, headers};
+use crate::policy::{allow, headers, path};
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
 use prometheus::IntCounter;
@@ -156,8 +159,9 @@ impl FinHubProxy {
             return Err(ProxyError::ClientNotAllowed);
         }
         let req = session.req_header();
-        if req.method == http::Method::CONNECT {
-            return Err(ProxyError::ConnectNotSupported);
+        headers::method_allowed(&req.method)?;
+        if req.headers.contains_key(&names::UPGRADE) {
+            return Err(ProxyError::UpgradeNotSupported);
         }
         if headers::header_bytes(req) > policy.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge);
@@ -165,18 +169,24 @@ impl FinHubProxy {
         if let Some(name) = headers::malformed_header(req) {
             return Err(ProxyError::InvalidHeader(name));
         }
-        match allow::destination(req.raw_path(), &self.config.upstream.allowed_hosts)? {
-            allow::Target::Origin => {}
-            allow::Target::Absolute { path_and_query } => {
-                ctx.upstream_uri = Some(origin_uri(path_and_query)?);
-            }
+        let raw_path =
+            match allow::destination(req.raw_path(), &self.config.upstream.allowed_hosts)? {
+                allow::Target::Origin => req.raw_path(),
+                allow::Target::Absolute { path_and_query } => {
+                    ctx.upstream_uri = Some(origin_uri(path_and_query)?);
+                    path_and_query
+                }
+            };
+        let path = path::canonical(if raw_path.is_empty() { b"/" } else { raw_path })?;
+        if path::is_reserved(&path, &policy.reserved_paths) {
+            return Err(ProxyError::ReservedPath);
         }
         let tenant = self.sessions.select(req.headers.get(&names::X_TENANT_ID))?;
         ctx.tenant = Some(tenant.clone());
         let xff = headers::forwarded_for(
             peer_ip,
             &policy.trusted_forwarders,
-            req.headers.get(&names::X_FORWARDED_FOR),
+            req.headers.get_all(&names::X_FORWARDED_FOR),
             self.config.headers.origin_ip,
         )?;
         ctx.forwarded_for = if xff == self.config.headers.origin_ip {
@@ -209,9 +219,7 @@ impl FinHubProxy {
         };
         ctx.replayable = headers::body_fits(req, self.config.auth.replay_body_limit);
         // Last, so that a request refused for any other reason consumes no token.
-        Ok(self
-            .limiter
-            .check(tenant.index, &req.method, req.uri.path()))
+        Ok(self.limiter.check(tenant.index, &req.method, &path))
     }
 
     /// The peer for FinHub with the current certificate snapshot.
@@ -231,6 +239,8 @@ impl FinHubProxy {
         peer.options.write_timeout = Some(u.write_timeout);
         peer.options.idle_timeout = Some(u.idle_timeout);
         peer.options.ca = tls.ca.clone();
+        // Second line behind admission's refusal: no upgrade handshake ever goes upstream.
+        peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy::deny_upgrades();
         // A new certificate set means new connections: old pooled ones idle out (idle_timeout).
         peer.group_key = tls.fingerprint;
         Ok(peer)
@@ -308,6 +318,17 @@ impl FinHubProxy {
         }
         Ok(())
     }
+}
+
+/// Whether a refusal also ends the connection: what follows a CONNECT or an upgrade request is
+/// tunnel bytes, not HTTP; a peer outside the allowlist gets nothing more.
+fn closes_connection(e: &ProxyError) -> bool {
+    matches!(
+        e,
+        ProxyError::ConnectNotSupported
+            | ProxyError::UpgradeNotSupported
+            | ProxyError::ClientNotAllowed
+    )
 }
 
 /// A rate-limit decision as the refusal it means, if any.
@@ -402,8 +423,7 @@ impl ProxyHttp for FinHubProxy {
         match verdict {
             Ok(()) => Ok(false),
             Err(e) => {
-                if e == ProxyError::ConnectNotSupported {
-                    // Whatever follows a CONNECT is tunnel bytes, not HTTP: answer, then close.
+                if closes_connection(&e) {
                     session.set_keepalive(None);
                 }
                 error::respond(session, &e).await?;
@@ -525,15 +545,26 @@ impl ProxyHttp for FinHubProxy {
         e
     }
 
-    /// Contract: the replay is counted in metrics, not logged as a proxy failure.
+    /// Contract: Pingora never logs an error's text (it can quote request or response bytes);
+    /// `logging` writes one line with the classified code instead.
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
         _ctx: &RequestCtx,
-        error: &Error,
+        _error: &Error,
         _context: pingora::proxy::ProxyWarnLogContext,
     ) -> bool {
-        error.etype() == &REPLAY
+        true
+    }
+
+    /// Contract: as `suppress_proxy_warn_log`, for the final error of a request.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
+    }
+
+    /// Contract: a request Pingora cannot parse gets the documented JSON error.
+    fn invalid_request_response(&self, _error: &Error) -> Option<(ResponseHeader, bytes::Bytes)> {
+        error::response(&ProxyError::InvalidRequest).ok()
     }
 
     /// Contract: the app sees the request id it can quote to FinHub support.
@@ -543,6 +574,16 @@ impl ProxyHttp for FinHubProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        if let Some(session) = &ctx.session {
+            let token = headers::token_fingerprint(session.token.expose());
+            let refresh = session
+                .refresh_token
+                .as_ref()
+                .map(|r| r.expose().as_bytes());
+            let secrets = [Some(token), refresh];
+            let secrets: Vec<&[u8]> = secrets.into_iter().flatten().collect();
+            headers::strip_response_credentials(upstream_response, &secrets);
+        }
         if let Some(id) = &ctx.request_id {
             upstream_response.insert_header("x-request-id", id.clone())?;
         }
@@ -571,7 +612,7 @@ impl ProxyHttp for FinHubProxy {
     }
 
     /// Contract: one metrics record per request (tenant, decision, status class, duration).
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
@@ -588,6 +629,17 @@ impl ProxyHttp for FinHubProxy {
         series.count_request(decision, status);
         let elapsed = ctx.start.elapsed();
         series.duration.observe(elapsed.as_secs_f64());
+        if let Some(e) = e {
+            // Kind and side only: an error's text can quote header or body bytes.
+            tracing::warn!(
+                tenant = ctx.tenant.as_ref().map(|t| t.tenant.id.as_str()),
+                request_id = text(&ctx.request_id),
+                code = ctx.failure.as_ref().map_or("-", ProxyError::code),
+                kind = e.etype().as_str(),
+                side = e.esource().as_str(),
+                "request failed"
+            );
+        }
         let req = session.req_header();
         let path_and_query = ctx
             .upstream_uri

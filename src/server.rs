@@ -15,6 +15,7 @@ use crate::auth::client::AuthClient;
 use crate::auth::{self, SessionTable};
 use crate::config::{Config, Environment};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
+use crate::listener::{AppListener, Limits};
 use crate::metrics::Metrics;
 use crate::policy::ratelimit::{Backend, DecisionCounters, Limiter, LocalLimiter};
 use crate::policy::redis_limit::RedisLimiter;
@@ -22,12 +23,6 @@ use crate::proxy::{FinHubProxy, ProxyParts};
 use crate::tls::reload::Reloader;
 use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
 use crate::upstream::UpstreamAddrs;
-
-/// Read buffer per app connection (Pingora's default is 64 KiB). None: apps speak plain HTTP,
-/// so Pingora's HTTP/1 parser reads the header straight into its own buffer and bodies go
-/// straight into the body buffer; a layer in between only holds memory per idle connection and
-/// copies every request once more.
-const DOWNSTREAM_READ_BUFFER: usize = 0;
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +52,7 @@ pub struct Sidecar {
     upstream: Arc<UpstreamAddrs>,
     sessions: Arc<SessionTable>,
     admin_listener: std::net::TcpListener,
+    app_listener: std::net::TcpListener,
     tls_files: TlsFiles,
     metrics: Metrics,
     audit: Audit,
@@ -88,6 +84,11 @@ impl Sidecar {
                     source,
                 }
             })?;
+        let app_listener = AppListener::bind(config.listen).map_err(|source| StartError::Bind {
+            what: "listener",
+            addr: config.listen,
+            source,
+        })?;
         let upstream = Arc::new(UpstreamAddrs::new(
             &config.upstream.host,
             config.upstream.port,
@@ -120,6 +121,7 @@ impl Sidecar {
             upstream,
             sessions,
             admin_listener,
+            app_listener,
             tls_files,
             metrics,
         })
@@ -175,20 +177,21 @@ impl Sidecar {
         // same JSON refusal as every other request; it is never tunnelled.
         let mut server_options = pingora::apps::HttpServerOptions::default();
         server_options.allow_connect_method_proxying = true;
-        let mut proxy_service =
-            pingora::proxy::ProxyServiceBuilder::new(&server.configuration, proxy)
-                .name("finhub-proxy")
-                .server_options(server_options)
-                .build();
-        // Apps talk plain HTTP over loopback: Pingora's 64 KiB per-connection read buffer (sized
-        // for TLS records) mostly holds memory for idle keep-alive connections.
-        proxy_service.add_listener(
-            pingora::listeners::ListenerConfig::tcp(c.listen.to_string()).l4_buffer(
-                pingora::protocols::l4::stream::L4BufferSettings::new(
-                    DOWNSTREAM_READ_BUFFER,
-                    pingora::protocols::l4::stream::DEFAULT_L4_WRITE_BUFFER_SIZE,
-                ),
-            ),
+        let mut app = pingora::proxy::http_proxy(&server.configuration, proxy);
+        app.server_options = Some(server_options);
+        // The sidecar's own accept loop: allowlist at accept, connection cap, header deadline
+        // and cap while reading (listener.rs); Pingora parses and proxies from there.
+        let proxy_service = AppListener::new(
+            self.app_listener,
+            app,
+            Limits {
+                allowed_clients: c.policy.allowed_clients.clone(),
+                max_connections: c.listener.max_connections,
+                header_timeout: c.listener.header_timeout,
+                max_header_bytes: c.policy.max_header_bytes,
+            },
+            c.threads,
+            &self.metrics,
         );
 
         let control = ControlPlane {

@@ -136,7 +136,8 @@ async fn sigterm_drains_then_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_shutdown_from_loopback_drains_and_exits_zero() {
-    let world = World::new();
+    let mut world = World::new();
+    world.admin_extra = "shutdown_endpoint = true".into();
     let emu = world.emulator().await;
     let sc = world
         .sidecar(

@@ -57,7 +57,18 @@ async fn origin_and_absolute_form_reach_finhub_over_mtls() {
         Some(format!("localhost:{}", emu.addr().port()).as_str())
     );
     assert_eq!(header(&echo, "x-tenant-id"), Some(TENANT));
-    let auth = header(&echo, "authorization").unwrap();
+    assert_eq!(
+        header(&echo, "authorization"),
+        Some("<redacted>"),
+        "the echo never hands the session back"
+    );
+    let seen = emu.controls().api_requests();
+    let auth = seen[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .map(|(_, v)| v.as_str())
+        .unwrap();
     assert!(
         auth.starts_with("Bearer ") && !auth.contains("app-token"),
         "{auth}"

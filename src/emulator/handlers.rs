@@ -178,6 +178,17 @@ fn json_response(status: StatusCode, body: &Value) -> Resp {
     resp
 }
 
+/// Request headers the echo API never reflects (their values are replaced by [`REDACTED`]).
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "x-user-session-token",
+    "cookie",
+];
+
+/// What the echo shows instead of a credential.
+const REDACTED: &str = "<redacted>";
+
 /// Entry point for every request.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
@@ -728,21 +739,30 @@ async fn echo(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Resp 
             return e.into_response();
         }
     };
-    let headers_json: Map<String, Value> =
-        header_list(&parts)
-            .into_iter()
-            .fold(Map::new(), |mut m, (k, v)| {
-                match m.get_mut(&k) {
-                    Some(Value::String(prev)) => {
-                        prev.push_str(", ");
-                        prev.push_str(&v);
-                    }
-                    _ => {
-                        m.insert(k, Value::String(v));
-                    }
+    // The echo shows what arrived, but like a real API never hands a credential back: the
+    // caller is an app behind the sidecar, which must never see the sidecar's session.
+    let headers_json: Map<String, Value> = header_list(&parts)
+        .into_iter()
+        .map(|(k, v)| {
+            let v = if CREDENTIAL_HEADERS.contains(&k.as_str()) {
+                REDACTED.to_string()
+            } else {
+                v
+            };
+            (k, v)
+        })
+        .fold(Map::new(), |mut m, (k, v)| {
+            match m.get_mut(&k) {
+                Some(Value::String(prev)) => {
+                    prev.push_str(", ");
+                    prev.push_str(&v);
                 }
-                m
-            });
+                _ => {
+                    m.insert(k, Value::String(v));
+                }
+            }
+            m
+        });
     let body = json!({
         "method": parts.method.as_str(),
         "path": parts.uri.path(),

@@ -3,36 +3,131 @@
 
 use http::header::HeaderName;
 use http::HeaderValue;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::auth::Session;
 
-/// Request headers an app must never get through to FinHub: the sidecar owns authentication.
-pub const APP_CREDENTIAL_HEADERS: [&str; 9] = [
+/// Request headers an app must never get through to FinHub, lower case with `-`: the sidecar
+/// owns authentication, the client-IP claim, and the method and URL FinHub acts on.
+pub const APP_CREDENTIAL_HEADERS: &[&str] = &[
+    // Credentials: the sidecar's session is the only one FinHub sees.
     "authorization",
     "proxy-authorization",
     "x-user-session-token",
     "x-session-active",
     "cookie",
-    // Spellings some stacks normalise to the same names.
-    "x_user_session_token",
-    "x_session_active",
-    // Client-IP claims the sidecar does not vouch for (X-Forwarded-For is set by policy).
+    // Client-IP and origin claims the sidecar does not vouch for (X-Forwarded-For is policy).
     "forwarded",
     "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    // Method and URL overrides: FinHub (or a framework in front of it) would act on another
+    // method or path than the one the sidecar admitted, rate-limited and may replay.
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-override-url",
 ];
 
-/// Removes every app-supplied credential header.
+/// Headers the sidecar sets itself; an app's copy under another spelling (`x_tenant_id`) would
+/// reach FinHub beside the sidecar's and is removed too.
+const SIDECAR_SET_HEADERS: &[&str] = &[
+    "x-forwarded-for",
+    "x-tenant-id",
+    "x-session-id",
+    "x-request-id",
+    "x-correlation-id",
+    "x-activity-id",
+    "x-idempotency-key",
+    "sec-ch-ua-platform",
+    "host",
+    "user-agent",
+    "content-type",
+];
+
+/// Whether the app's header `name` (lower case, as parsed) must not reach FinHub. Names are
+/// compared with `_` and `-` folded, as many servers and frameworks fold them.
+pub fn is_stripped(name: &str) -> bool {
+    if APP_CREDENTIAL_HEADERS.contains(&name) {
+        return true;
+    }
+    if !name.contains('_') {
+        return false;
+    }
+    let folded = |h: &&str| {
+        h.len() == name.len()
+            && h.bytes()
+                .zip(name.bytes())
+                .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+    };
+    APP_CREDENTIAL_HEADERS.iter().any(folded) || SIDECAR_SET_HEADERS.iter().any(folded)
+}
+
+/// Removes every app-supplied header that [`is_stripped`] names.
 pub fn strip_app_credentials(req: &mut RequestHeader) {
     // One pass over the (few) headers the app sent; names are only parsed again to remove one.
-    let present = req
+    let doomed: Vec<HeaderName> = req
         .headers
         .keys()
-        .any(|k| APP_CREDENTIAL_HEADERS.contains(&k.as_str()));
-    if present {
-        for h in APP_CREDENTIAL_HEADERS {
-            req.remove_header(h);
-        }
+        .filter(|k| is_stripped(k.as_str()))
+        .cloned()
+        .collect();
+    for name in doomed {
+        req.remove_header(&name);
+    }
+}
+
+/// Response headers that carry a credential by name; removed before the app sees the answer.
+static RESPONSE_CREDENTIAL_HEADERS: [HeaderName; 3] = [
+    http::header::AUTHORIZATION,
+    http::header::PROXY_AUTHORIZATION,
+    names::X_USER_SESSION_TOKEN,
+];
+
+/// Removes from a response every header that names a credential or whose value contains one of
+/// `secrets` (the session token, the refresh token): FinHub's answer never hands the app the
+/// sidecar's session.
+pub fn strip_response_credentials(resp: &mut ResponseHeader, secrets: &[&[u8]]) {
+    let finders: Vec<memchr::memmem::Finder<'_>> = secrets
+        .iter()
+        .filter(|s| s.len() >= 8)
+        .map(|s| memchr::memmem::Finder::new(*s))
+        .collect();
+    let doomed: Vec<HeaderName> = resp
+        .headers
+        .iter()
+        .filter(|(k, v)| {
+            RESPONSE_CREDENTIAL_HEADERS.contains(k)
+                || finders.iter().any(|f| f.find(v.as_bytes()).is_some())
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for name in doomed {
+        resp.remove_header(&name);
+    }
+}
+
+/// The part of a token that identifies it: a JWT's signature (unique per token, while header
+/// and claims prefixes repeat), else the whole token.
+pub fn token_fingerprint(token: &str) -> &[u8] {
+    match token.rsplit_once('.') {
+        Some((_, sig)) if sig.len() >= 16 => sig.as_bytes(),
+        _ => token.as_bytes(),
     }
 }
 
@@ -62,6 +157,10 @@ pub mod names {
     pub const X_DEVICE_ID: HeaderName = HeaderName::from_static("x-device-id");
     /// `device-id` (alias of `deviceId`).
     pub const DEVICE_ID_DASHED: HeaderName = HeaderName::from_static("device-id");
+    /// `x-user-session-token`.
+    pub const X_USER_SESSION_TOKEN: HeaderName = HeaderName::from_static("x-user-session-token");
+    /// `upgrade`.
+    pub const UPGRADE: HeaderName = HeaderName::from_static("upgrade");
 }
 
 /// Sets the session headers for `session` (A12: `Authorization`, `X-User-Session-Token`,
@@ -77,6 +176,20 @@ pub fn apply_session(
     req.insert_header("x-tenant-id", tenant_id.clone())?;
     req.insert_header("x-session-id", session.session_id.clone())?;
     Ok(())
+}
+
+/// Refuses methods the sidecar never forwards: `CONNECT` (a tunnel, 405
+/// `connect_not_supported`) and `TRACE` / `TRACK`, which reflect the request's headers, the
+/// sidecar's credentials included, back to the app (RFC 9110 §9.3.8).
+pub fn method_allowed(method: &http::Method) -> Result<(), crate::error::ProxyError> {
+    use crate::error::ProxyError;
+    match method.as_str() {
+        "CONNECT" => Err(ProxyError::ConnectNotSupported),
+        m if m.eq_ignore_ascii_case("TRACE") || m.eq_ignore_ascii_case("TRACK") => {
+            Err(ProxyError::MethodNotAllowed)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The app's value if it is a UUID, else a fresh v4 (`X-Request-ID`, A13; `X-Activity-ID`, A15).
@@ -134,20 +247,47 @@ pub fn body_fits(req: &RequestHeader, limit: usize) -> bool {
 
 /// Which single IP goes in `X-Forwarded-For` (§8, A25): a trusted forwarder's single valid IP
 /// (the real end user), else the configured origin IP. An untrusted peer's header is ignored.
-pub fn forwarded_for(
+///
+/// A trusted forwarder's header is read over all its field lines: more than one address in
+/// total, anything that is not an IP, or an address that cannot be an end user's (unspecified,
+/// loopback, multicast, broadcast) is refused.
+pub fn forwarded_for<'a>(
     peer: std::net::IpAddr,
     trusted: &[ipnet::IpNet],
-    app: Option<&HeaderValue>,
+    app: impl IntoIterator<Item = &'a HeaderValue>,
     origin: std::net::IpAddr,
 ) -> Result<std::net::IpAddr, crate::error::ProxyError> {
-    let Some(v) = app else { return Ok(origin) };
-    if !crate::policy::allow::client_allowed(trusted, peer) {
+    use crate::error::ProxyError::InvalidForwardedFor;
+    let mut lines = app.into_iter().peekable();
+    if lines.peek().is_none() || !crate::policy::allow::client_allowed(trusted, peer) {
         return Ok(origin);
     }
-    v.to_str()
-        .ok()
-        .and_then(|s| s.trim().parse::<std::net::IpAddr>().ok())
-        .ok_or(crate::error::ProxyError::InvalidForwardedFor)
+    let mut found = None;
+    for line in lines {
+        let text = line.to_str().map_err(|_| InvalidForwardedFor)?;
+        for item in text.split(',') {
+            let ip = item
+                .trim()
+                .parse::<std::net::IpAddr>()
+                .map_err(|_| InvalidForwardedFor)?;
+            if found.replace(ip).is_some() {
+                return Err(InvalidForwardedFor);
+            }
+        }
+    }
+    let ip = found.ok_or(InvalidForwardedFor)?;
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let impossible = ip.is_unspecified()
+        || ip.is_loopback()
+        || ip.is_multicast()
+        || matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    if impossible {
+        return Err(InvalidForwardedFor);
+    }
+    Ok(ip)
 }
 
 /// `X-Correlation-ID`: the app's if printable and non-empty, else the request id (A14).
@@ -223,6 +363,21 @@ mod tests {
     }
 
     #[test]
+    fn trace_track_and_connect_never_go_upstream() {
+        use crate::error::ProxyError;
+        for (m, want) in [
+            ("TRACE", Err(ProxyError::MethodNotAllowed)),
+            ("TRACK", Err(ProxyError::MethodNotAllowed)),
+            ("CONNECT", Err(ProxyError::ConnectNotSupported)),
+            ("GET", Ok(())),
+            ("PATCH", Ok(())),
+        ] {
+            let method = http::Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(method_allowed(&method), want, "{m}");
+        }
+    }
+
+    #[test]
     fn uuids_are_kept_and_junk_replaced() {
         let good = HeaderValue::from_static("4f0c5b9e-8d5a-4c1e-9a53-2f6f3a1d2b7c");
         assert_eq!(uuid_or_new(Some(&good)), good);
@@ -272,7 +427,10 @@ mod tests {
             forwarded_for(forwarder, &trusted, Some(&spoofed), origin),
             Ok("203.0.113.9".parse().unwrap())
         );
-        assert_eq!(forwarded_for(forwarder, &trusted, None, origin), Ok(origin));
+        assert_eq!(
+            forwarded_for(forwarder, &trusted, None::<&HeaderValue>, origin),
+            Ok(origin)
+        );
         for bad in ["1.2.3.4, 5.6.7.8", "not-an-ip", ""] {
             assert_eq!(
                 forwarded_for(
@@ -285,6 +443,111 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn forwarded_for_is_read_over_every_field_line() {
+        let trusted: Vec<ipnet::IpNet> = vec!["127.0.0.3/32".parse().unwrap()];
+        let origin: std::net::IpAddr = "192.0.2.10".parse().unwrap();
+        let forwarder = "127.0.0.3".parse().unwrap();
+        let first = HeaderValue::from_static("203.0.113.9");
+        let second = HeaderValue::from_static("198.51.100.7");
+        assert_eq!(
+            forwarded_for(forwarder, &trusted, [&first, &second], origin),
+            Err(crate::error::ProxyError::InvalidForwardedFor)
+        );
+        for impossible in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+        ] {
+            let v = HeaderValue::from_static(impossible);
+            assert_eq!(
+                forwarded_for(forwarder, &trusted, [&v], origin),
+                Err(crate::error::ProxyError::InvalidForwardedFor),
+                "{impossible}"
+            );
+        }
+        // An untrusted peer's lines are ignored whatever they say.
+        assert_eq!(
+            forwarded_for(
+                "10.0.0.1".parse().unwrap(),
+                &trusted,
+                [&first, &second],
+                origin
+            ),
+            Ok(origin)
+        );
+    }
+
+    #[test]
+    fn stripping_folds_case_and_underscores() {
+        for name in [
+            "authorization",
+            "x-user-session-token",
+            "x_user_session_token",
+            "x-user_session-token",
+            "x_session_active",
+            "proxy_authorization",
+            "x-http-method-override",
+            "x_http_method_override",
+            "x-original-url",
+            "x-rewrite-url",
+            "true-client-ip",
+            "x-client-ip",
+            "x_real_ip",
+            "x-forwarded-host",
+            "x_forwarded_for",
+            "x_tenant_id",
+            "x_request_id",
+        ] {
+            assert!(is_stripped(name), "{name}");
+        }
+        for name in [
+            "x-other",
+            "x_custom_app",
+            "accept",
+            "x-tenant-id",
+            "x-forwarded-for",
+        ] {
+            assert!(!is_stripped(name), "{name}");
+        }
+        let mut req = RequestHeader::build("GET", b"/api/v2/x", None).unwrap();
+        req.append_header("X-User_Session-Token", "app").unwrap();
+        req.append_header("X-HTTP-Method-Override", "DELETE")
+            .unwrap();
+        req.append_header("X-Keep", "1").unwrap();
+        strip_app_credentials(&mut req);
+        assert_eq!(req.headers.len(), 1);
+        assert!(req.headers.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn responses_lose_every_header_that_carries_a_credential() {
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg";
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("Authorization", "Bearer x").unwrap();
+        resp.append_header("X-User-Session-Token", "x").unwrap();
+        resp.append_header("X-Echo", format!("Bearer {token}"))
+            .unwrap();
+        resp.append_header("Set-Cookie", "s=c2lnbmF0dXJlLW9mLXRoZS10b2tlbg; Path=/")
+            .unwrap();
+        resp.append_header("X-Refresh", "rt-12345678-abcdef")
+            .unwrap();
+        resp.append_header("Content-Type", "application/json")
+            .unwrap();
+        strip_response_credentials(
+            &mut resp,
+            &[token_fingerprint(token), b"rt-12345678-abcdef"],
+        );
+        assert_eq!(resp.headers.len(), 1, "{:?}", resp.headers);
+        assert!(resp.headers.contains_key("content-type"));
+        assert_eq!(token_fingerprint("opaque-token"), b"opaque-token");
     }
 
     #[test]

@@ -3,5 +3,6 @@
 
 pub mod allow;
 pub mod headers;
+pub mod path;
 pub mod ratelimit;
 pub mod redis_limit;

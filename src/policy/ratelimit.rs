@@ -66,7 +66,12 @@ impl RateLimitConfig {
         self.routes
             .iter()
             .position(|r| {
-                r.method.as_ref().is_none_or(|m| m == method) && path.starts_with(&r.path_prefix)
+                // `path` is the canonical, lower-cased path (policy::path); prefixes are
+                // compared without case so `/API/v2/auth` cannot escape a `/api/v2/auth` bucket.
+                r.method.as_ref().is_none_or(|m| m == method)
+                    && path
+                        .get(..r.path_prefix.len())
+                        .is_some_and(|p| p.eq_ignore_ascii_case(&r.path_prefix))
             })
             .map_or(0, |i| i + 1)
     }

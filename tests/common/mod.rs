@@ -65,6 +65,10 @@ pub struct World {
     pub cert_extra: String,
     /// Extra lines inside `[auth]`.
     pub auth_extra: String,
+    /// Extra lines inside `[admin]`.
+    pub admin_extra: String,
+    /// Extra lines inside `[listener]`.
+    pub listener_extra: String,
 }
 
 impl World {
@@ -99,6 +103,8 @@ impl World {
             upstream_extra: String::new(),
             cert_extra: String::new(),
             auth_extra: String::new(),
+            admin_extra: String::new(),
+            listener_extra: String::new(),
         }
     }
 
@@ -127,9 +133,11 @@ impl World {
 [listener]
 address = "127.0.0.1:{listen}"
 threads = 1
+{listener_extra}
 
 [admin]
 address = "127.0.0.1:{admin}"
+{admin_extra}
 
 [upstream]
 base_url = "https://localhost:{upstream_port}"
@@ -171,6 +179,8 @@ level = "info,finhub_sidecar=debug"
             cert_extra = self.cert_extra,
             environment = self.environment,
             auth_extra = self.auth_extra,
+            admin_extra = self.admin_extra,
+            listener_extra = self.listener_extra,
         )
     }
 
