@@ -49,6 +49,10 @@ use crate::metrics::Metrics;
 use crate::policy::allow;
 use crate::proxy::FinHubProxy;
 
+/// Response bytes buffered before a write reaches the socket: a response header and a body of a
+/// few KiB leave in one segment.
+const WRITE_BUFFER: usize = 16 * 1024;
+
 /// Keep-alive: how long an idle app connection waits for its next request (Pingora's value).
 const KEEPALIVE_SECS: u64 = 60;
 
@@ -283,14 +287,23 @@ enum LineState {
 impl LineState {
     /// Feeds `bytes`; returns how many bytes belong to the header if its end is among them.
     fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
-        for (i, &b) in bytes.iter().enumerate() {
-            *self = match (*self, b) {
+        let mut i = 0;
+        while i < bytes.len() {
+            if *self == LineState::Text {
+                // Inside a line only the next LF matters: jump to it.
+                let lf = memchr::memchr(b'\n', &bytes[i..])?;
+                i += lf + 1;
+                *self = LineState::LineStart;
+                continue;
+            }
+            *self = match (*self, bytes[i]) {
                 (LineState::Leading, b'\r' | b'\n') => LineState::Leading,
                 (LineState::LineStart | LineState::LineStartCr, b'\n') => return Some(i + 1),
                 (LineState::LineStart, b'\r') => LineState::LineStartCr,
                 (_, b'\n') => LineState::LineStart,
                 _ => LineState::Text,
             };
+            i += 1;
         }
         None
     }
@@ -379,6 +392,9 @@ pub struct GuardedStream {
     digest: Arc<SocketDigest>,
     established: SystemTime,
     counters: Counters,
+    /// Response bytes not yet written, and how many of them are.
+    wbuf: Vec<u8>,
+    written: usize,
 }
 
 impl std::fmt::Debug for GuardedStream {
@@ -401,6 +417,8 @@ impl GuardedStream {
             digest: Arc::new(digest),
             established: SystemTime::now(),
             counters,
+            wbuf: Vec::new(),
+            written: 0,
         }
     }
 
@@ -459,34 +477,50 @@ impl AsyncRead for GuardedStream {
     }
 }
 
+impl GuardedStream {
+    /// Writes the buffered response bytes out; `Ready(Ok)` once the buffer is empty (and then
+    /// released, so an idle keep-alive connection holds no write buffer).
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.wbuf[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.wbuf = Vec::new();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Response bytes are buffered up to [`WRITE_BUFFER`] until Pingora flushes, as its own
+/// listener does, so a response header and a small body leave in one segment.
 impl AsyncWrite for GuardedStream {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        let this = &mut *self;
+        if this.wbuf.len() + data.len() > WRITE_BUFFER {
+            ready!(this.poll_drain(cx))?;
+            if data.len() >= WRITE_BUFFER {
+                return Pin::new(&mut this.tcp).poll_write(cx, data);
+            }
+        }
+        this.wbuf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
         Pin::new(&mut self.tcp).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        ready!(Pin::new(&mut self.tcp).poll_shutdown(cx))?;
-        Poll::Ready(Ok(()))
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
