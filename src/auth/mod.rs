@@ -241,6 +241,12 @@ impl TenantSessions {
         s.failures = if ok { 0 } else { s.failures.saturating_add(1) };
     }
 
+    /// Publishes `s` as the current session (unit tests of the request path).
+    #[cfg(test)]
+    pub(crate) fn publish_for_test(&self, s: Session) {
+        self.publish(s);
+    }
+
     fn publish(&self, mut s: Session) {
         s.generation = self.generation() + 1;
         let generation = s.generation;

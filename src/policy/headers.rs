@@ -161,6 +161,8 @@ pub mod names {
     pub const X_USER_SESSION_TOKEN: HeaderName = HeaderName::from_static("x-user-session-token");
     /// `upgrade`.
     pub const UPGRADE: HeaderName = HeaderName::from_static("upgrade");
+    /// `sec-ch-ua-platform`.
+    pub const SEC_CH_UA_PLATFORM: HeaderName = HeaderName::from_static("sec-ch-ua-platform");
 }
 
 /// Sets the session headers for `session` (A12: `Authorization`, `X-User-Session-Token`,
@@ -335,6 +337,33 @@ pub fn malformed_header(req: &RequestHeader) -> Option<&'static str> {
         .iter()
         .find(|name| req.headers.get(*name).is_some_and(|v| v.to_str().is_err()))
         .map(HeaderName::as_str)
+}
+
+/// The v2.1 request-source headers (`X-Forwarded-From`, `platform`, `deviceId`, §2.6, A18):
+/// set to the configured values unless the app sent its own, under any documented alias
+/// (`X-Device-Id` and `device-id` for `deviceId`).
+pub fn apply_request_source(
+    req: &mut RequestHeader,
+    forwarded_from: &HeaderValue,
+    platform: &HeaderValue,
+    device_id: &HeaderValue,
+) -> pingora::Result<()> {
+    for (name, aliases, value) in [
+        (names::X_FORWARDED_FROM, &[][..], forwarded_from),
+        (names::PLATFORM, &[][..], platform),
+        (
+            names::DEVICE_ID,
+            &[names::X_DEVICE_ID, names::DEVICE_ID_DASHED][..],
+            device_id,
+        ),
+    ] {
+        let app_sent =
+            req.headers.contains_key(&name) || aliases.iter().any(|a| req.headers.contains_key(a));
+        if !app_sent {
+            req.insert_header(name, value.clone())?;
+        }
+    }
+    Ok(())
 }
 
 /// The app's `User-Agent` if non-empty and printable, else the configured default (§8).
@@ -579,6 +608,40 @@ mod tests {
         .unwrap();
         assert_eq!(malformed_header(&req), Some("x-request-id"));
         assert!(header_bytes(&req) > 10);
+    }
+
+    #[test]
+    fn request_source_headers_respect_the_apps_own_under_any_alias() {
+        let (from, platform, device) = (
+            HeaderValue::from_static("finhub-sidecar"),
+            HeaderValue::from_static("server"),
+            HeaderValue::from_static("dev-1"),
+        );
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        apply_request_source(&mut req, &from, &platform, &device).unwrap();
+        assert_eq!(req.headers["x-forwarded-from"], "finhub-sidecar");
+        assert_eq!(req.headers["platform"], "server");
+        assert_eq!(req.headers["deviceid"], "dev-1");
+        for alias in ["X-Device-Id", "device-id", "deviceId"] {
+            let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+            req.insert_header(alias, "app-device").unwrap();
+            req.insert_header("Platform", "web").unwrap();
+            apply_request_source(&mut req, &from, &platform, &device).unwrap();
+            assert!(
+                req.headers
+                    .get("deviceid")
+                    .is_none_or(|v| v == "app-device"),
+                "{alias}"
+            );
+            assert_eq!(
+                req.headers.get_all("deviceid").iter().count()
+                    + req.headers.get_all("x-device-id").iter().count()
+                    + req.headers.get_all("device-id").iter().count(),
+                1,
+                "{alias}"
+            );
+            assert_eq!(req.headers["platform"], "web");
+        }
     }
 
     #[test]

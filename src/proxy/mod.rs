@@ -1,5 +1,6 @@
 //! The data path: Pingora's `ProxyHttp` hooks, each a one-line contract delegating to a small
-//! function in `policy`, `auth`, `tls` or `error`.
+//! function: admission (`admission.rs`), the 401 replay (`replay.rs`), the header rules
+//! (`policy/headers.rs`), the refusal format (`error.rs`), the audit line (`audit.rs`).
 //!
 //! ```text
 //! request_filter           client allowed? -> method (CONNECT, TRACE) -> no upgrade ->
@@ -15,32 +16,31 @@
 //! fail_to_proxy            map the failure to one JSON error (502 TLS / 504 timeout / ...)
 //! ```
 
+pub mod admission;
+pub mod replay;
+
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use async_trait::async_trait;
-use http::{HeaderValue, Uri};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpUpstreamRequestPolicy;
 use pingora::{Error, ErrorSource, ErrorType};
+use prometheus::IntCounter;
 
 use crate::audit::{Audit, AuditRecord};
-use crate::auth::{Session as FinHubSession, SessionTable, TenantSessions};
+use crate::auth::{SessionTable, TenantSessions};
 use crate::config::Config;
 use crate::error::{self, ProxyError};
 use crate::lifecycle::{InFlight, Lifecycle};
 use crate::metrics::{Metrics, RequestSeries};
-use crate::policy::headers::names;
+use crate::policy::headers::{self, names};
 use crate::policy::ratelimit::{self, Check, Decision, Limiter, UpstreamHold};
-use crate::policy::{allow, headers, path};
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
-use prometheus::IntCounter;
-
-/// Seconds an app is told to wait when its tenant has no session yet.
-const SESSION_RETRY_AFTER_SECS: u64 = 1;
+use admission::{Admission, Admitted, Refused, SESSION_RETRY_AFTER_SECS};
 
 /// Everything the data path reads; all of it is immutable, atomic, or a published snapshot.
 pub struct FinHubProxy {
@@ -93,21 +93,11 @@ pub struct RequestCtx {
     upstream_start: Option<Instant>,
     /// Failed connection attempts; the next attempt uses the next resolved address.
     connect_failures: usize,
+    /// The tenant the request selected (also when it was refused afterwards).
     tenant: Option<Arc<TenantSessions>>,
-    session: Option<Arc<FinHubSession>>,
-    /// Path and query to send upstream when the app used absolute-form.
-    upstream_uri: Option<Uri>,
-    request_id: Option<HeaderValue>,
-    activity_id: Option<HeaderValue>,
-    idempotency_key: Option<HeaderValue>,
-    forwarded_for: Option<HeaderValue>,
+    /// Set once the request is admitted.
+    admitted: Option<Admitted>,
     upstream_status: Option<u16>,
-    /// The request body is small enough (or absent) to be sent again after a 401.
-    replayable: bool,
-    /// The request was already replayed once.
-    replayed: bool,
-    /// The last upstream error is our replay request.
-    replay_pending: bool,
     /// A refusal decided by our own code (takes precedence over Pingora's error type).
     failure: Option<ProxyError>,
 }
@@ -147,79 +137,32 @@ impl FinHubProxy {
         }
     }
 
-    /// Decides whether the request may be forwarded and for which tenant; fills `ctx`.
+    /// Admits the request (recording it in `ctx`) and returns its rate-limit check.
     fn admit(&self, session: &Session, ctx: &mut RequestCtx) -> Result<Check, ProxyError> {
-        let policy = &self.config.policy;
-        let peer_ip = session
+        let req = session.req_header();
+        let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-            .ok_or(ProxyError::ClientNotAllowed)?;
-        if !allow::client_allowed(&policy.allowed_clients, peer_ip) {
-            return Err(ProxyError::ClientNotAllowed);
-        }
-        let req = session.req_header();
-        headers::method_allowed(&req.method)?;
-        if req.headers.contains_key(&names::UPGRADE) {
-            return Err(ProxyError::UpgradeNotSupported);
-        }
-        if headers::header_bytes(req) > policy.max_header_bytes {
-            return Err(ProxyError::HeadersTooLarge);
-        }
-        if let Some(name) = headers::malformed_header(req) {
-            return Err(ProxyError::InvalidHeader(name));
-        }
-        let raw_path =
-            match allow::destination(req.raw_path(), &self.config.upstream.allowed_hosts)? {
-                allow::Target::Origin => req.raw_path(),
-                allow::Target::Absolute { path_and_query } => {
-                    ctx.upstream_uri = Some(origin_uri(path_and_query)?);
-                    path_and_query
-                }
-            };
-        let path = path::canonical(if raw_path.is_empty() { b"/" } else { raw_path })?;
-        if path::is_reserved(&path, &policy.reserved_paths) {
-            return Err(ProxyError::ReservedPath);
-        }
-        let tenant = self.sessions.select(req.headers.get(&names::X_TENANT_ID))?;
-        ctx.tenant = Some(tenant.clone());
-        let xff = headers::forwarded_for(
-            peer_ip,
-            &policy.trusted_forwarders,
-            req.headers.get_all(&names::X_FORWARDED_FOR),
-            self.config.headers.origin_ip,
-        )?;
-        ctx.forwarded_for = if xff == self.config.headers.origin_ip {
-            Some(self.config.headers.origin_ip_header.clone())
-        } else {
-            HeaderValue::from_str(&xff.to_string()).ok()
+            .map(|a| a.ip());
+        let admission = Admission {
+            config: &self.config,
+            sessions: &self.sessions,
+            holds: &self.holds,
         };
-        if let Some(left) = self
-            .holds
-            .get(tenant.index)
-            .and_then(UpstreamHold::remaining)
-        {
-            let retry_after_secs = Decision::Deny { retry_after: left }
-                .retry_after_secs()
-                .unwrap_or(1);
-            return Err(ProxyError::RateLimited { retry_after_secs });
+        match admission.admit(req, peer, SystemTime::now()) {
+            Ok((admitted, path)) => {
+                let check = self
+                    .limiter
+                    .check(admitted.tenant.index, &req.method, &path);
+                ctx.tenant = Some(admitted.tenant.clone());
+                ctx.admitted = Some(admitted);
+                Ok(check)
+            }
+            Err(Refused { error, tenant }) => {
+                ctx.tenant = tenant;
+                Err(error)
+            }
         }
-        let usable = tenant
-            .usable(SystemTime::now())
-            .ok_or(ProxyError::SessionUnavailable {
-                retry_after_secs: SESSION_RETRY_AFTER_SECS,
-            })?;
-        ctx.session = Some(usable);
-        ctx.request_id = Some(headers::uuid_or_new(req.headers.get(&names::X_REQUEST_ID)));
-        ctx.activity_id = Some(headers::uuid_or_new(req.headers.get(&names::X_ACTIVITY_ID)));
-        ctx.idempotency_key = if self.config.headers.idempotency_keys {
-            headers::idempotency_key(&req.method, req.headers.get(&names::X_IDEMPOTENCY_KEY))
-        } else {
-            req.headers.get(&names::X_IDEMPOTENCY_KEY).cloned()
-        };
-        ctx.replayable = headers::body_fits(req, self.config.auth.replay_body_limit);
-        // Last, so that a request refused for any other reason consumes no token.
-        Ok(self.limiter.check(tenant.index, &req.method, &path))
     }
 
     /// The peer for FinHub with the current certificate snapshot.
@@ -247,111 +190,49 @@ impl FinHubProxy {
     }
 
     /// Rewrites the request FinHub receives (protocol notes §3 header policy).
-    fn rewrite(&self, req: &mut RequestHeader, ctx: &mut RequestCtx) -> pingora::Result<()> {
-        if let Some(uri) = &ctx.upstream_uri {
+    fn rewrite(&self, req: &mut RequestHeader, a: &mut Admitted) -> Result<(), ProxyError> {
+        if let Some(uri) = &a.upstream_uri {
             req.set_uri(uri.clone());
         }
         // Connecting may have taken a while (or this is a retry): take the tenant's session as
         // it is now, and never send one that has expired meanwhile.
-        if let Some(tenant) = &ctx.tenant {
-            match tenant.usable(SystemTime::now()) {
-                Some(current) => ctx.session = Some(current),
-                None => {
-                    ctx.failure = Some(ProxyError::SessionUnavailable {
-                        retry_after_secs: SESSION_RETRY_AFTER_SECS,
-                    });
-                    return Error::e_explain(
-                        ErrorType::InternalError,
-                        "session expired before sending",
-                    );
-                }
-            }
-        }
+        a.session = a
+            .tenant
+            .usable(SystemTime::now())
+            .ok_or(ProxyError::SessionUnavailable {
+                retry_after_secs: SESSION_RETRY_AFTER_SECS,
+            })?;
         headers::strip_app_credentials(req);
-        let (Some(tenant), Some(session), Some(request_id)) =
-            (&ctx.tenant, &ctx.session, &ctx.request_id)
-        else {
-            return Error::e_explain(
-                ErrorType::InternalError,
-                "request admitted without a session",
-            );
-        };
-        headers::apply_session(req, session, &tenant.tenant.id_header)?;
         let h = &self.config.headers;
-        req.insert_header(http::header::HOST, self.config.upstream.host_header.clone())?;
-        req.insert_header("x-request-id", request_id.clone())?;
-        let correlation =
-            headers::correlation_id(req.headers.get(&names::X_CORRELATION_ID), request_id);
-        req.insert_header("x-correlation-id", correlation)?;
-        if let Some(id) = &ctx.activity_id {
-            req.insert_header("x-activity-id", id.clone())?;
-        }
-        if let Some(key) = &ctx.idempotency_key {
-            req.insert_header("x-idempotency-key", key.clone())?;
-        }
-        let ua = headers::user_agent(req.headers.get(http::header::USER_AGENT), &h.user_agent);
-        req.insert_header(http::header::USER_AGENT, ua)?;
-        req.insert_header("sec-ch-ua-platform", h.sec_ch_ua_platform.clone())?;
-        if let Some(xff) = &ctx.forwarded_for {
-            req.insert_header("x-forwarded-for", xff.clone())?;
-        }
-        if h.v21_headers {
-            // Set unless the app sent its own (under any documented alias, §2.6).
-            for (name, aliases, value) in [
-                (names::X_FORWARDED_FROM, &[][..], &h.forwarded_from),
-                (names::PLATFORM, &[][..], &h.platform),
-                (
-                    names::DEVICE_ID,
-                    &[names::X_DEVICE_ID, names::DEVICE_ID_DASHED][..],
-                    &h.device_id,
-                ),
-            ] {
-                let app_sent = req.headers.contains_key(&name)
-                    || aliases.iter().any(|a| req.headers.contains_key(a));
-                if !app_sent {
-                    req.insert_header(name, value.clone())?;
-                }
+        let set = |req: &mut RequestHeader| -> pingora::Result<()> {
+            headers::apply_session(req, &a.session, &a.tenant.tenant.id_header)?;
+            req.insert_header(http::header::HOST, self.config.upstream.host_header.clone())?;
+            req.insert_header(names::X_REQUEST_ID, a.request_id.clone())?;
+            let correlation =
+                headers::correlation_id(req.headers.get(&names::X_CORRELATION_ID), &a.request_id);
+            req.insert_header(names::X_CORRELATION_ID, correlation)?;
+            req.insert_header(names::X_ACTIVITY_ID, a.activity_id.clone())?;
+            if let Some(key) = &a.idempotency_key {
+                req.insert_header(names::X_IDEMPOTENCY_KEY, key.clone())?;
             }
-        }
-        if headers::needs_default_content_type(req) {
-            req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        }
-        Ok(())
+            let ua = headers::user_agent(req.headers.get(http::header::USER_AGENT), &h.user_agent);
+            req.insert_header(http::header::USER_AGENT, ua)?;
+            req.insert_header(names::SEC_CH_UA_PLATFORM, h.sec_ch_ua_platform.clone())?;
+            req.insert_header(names::X_FORWARDED_FOR, a.forwarded_for.clone())?;
+            if h.v21_headers {
+                headers::apply_request_source(req, &h.forwarded_from, &h.platform, &h.device_id)?;
+            }
+            if headers::needs_default_content_type(req) {
+                req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+            }
+            Ok(())
+        };
+        set(req).map_err(|_| ProxyError::Internal)
     }
-}
 
-/// Whether a refusal also ends the connection: what follows a CONNECT or an upgrade request is
-/// tunnel bytes, not HTTP; a peer outside the allowlist gets nothing more.
-fn closes_connection(e: &ProxyError) -> bool {
-    matches!(
-        e,
-        ProxyError::ConnectNotSupported
-            | ProxyError::UpgradeNotSupported
-            | ProxyError::ClientNotAllowed
-    )
-}
-
-/// A rate-limit decision as the refusal it means, if any.
-fn rate_limit_verdict(decision: Decision) -> Result<(), ProxyError> {
-    match decision {
-        Decision::Allow => Ok(()),
-        Decision::Unavailable => Err(ProxyError::RateLimitUnavailable),
-        deny @ Decision::Deny { .. } => Err(ProxyError::RateLimited {
-            retry_after_secs: deny.retry_after_secs().unwrap_or(1),
-        }),
-    }
-}
-
-/// A header value as text for the audit line (no allocation).
-fn text(v: &Option<HeaderValue>) -> Option<&str> {
-    v.as_ref().and_then(|v| v.to_str().ok())
-}
-
-impl FinHubProxy {
     /// FinHub answered 429: pass it on, and if it said when to come back, hold the tenant's
     /// requests locally until then so the fleet stops hammering.
-    fn hold_after_429(&self, resp: &ResponseHeader, ctx: &RequestCtx) {
-        let Some(tenant) = &ctx.tenant else { return };
+    fn hold_after_429(&self, resp: &ResponseHeader, tenant: &TenantSessions) {
         let retry_after = resp
             .headers
             .get(http::header::RETRY_AFTER)
@@ -366,22 +247,111 @@ impl FinHubProxy {
             );
         }
     }
+
+    /// A 401 for the session `a` carried: renew (single flight) and, if the request can be sent
+    /// again, wait for the new session. True when the request should be replayed.
+    async fn renew_after_401(&self, a: &mut Admitted, body_truncated: bool) -> bool {
+        a.tenant.request_renewal(&a.session);
+        if !a.replay.wants_replay(body_truncated) {
+            return false;
+        }
+        // A forced renewal may refresh and then log in: two auth calls.
+        let wait = self.config.auth.request_timeout * 2 + std::time::Duration::from_secs(1);
+        let Some(renewed) = a.tenant.newer_than(&a.session, wait).await else {
+            return false;
+        };
+        a.session = renewed;
+        a.replay.start();
+        if let Some(series) = self.series.get(a.tenant.index) {
+            series.replays.inc();
+        }
+        true
+    }
+
+    /// The metric series of a request's tenant (`-` before one was chosen).
+    fn series_of(&self, ctx: &RequestCtx) -> &RequestSeries {
+        ctx.tenant
+            .as_ref()
+            .and_then(|t| self.series.get(t.index))
+            .unwrap_or(&self.no_tenant)
+    }
+
+    /// The audit record of a finished request.
+    fn audit_record<'a>(
+        &'a self,
+        session: &'a Session,
+        ctx: &'a RequestCtx,
+        status: u16,
+        decision: &'static str,
+    ) -> AuditRecord<'a> {
+        let req = session.req_header();
+        let a = ctx.admitted.as_ref();
+        let path_and_query = a
+            .and_then(|a| a.upstream_uri.as_ref())
+            .and_then(|u| u.path_and_query())
+            .or(req.uri.path_and_query())
+            .map_or("/", |p| p.as_str());
+        AuditRecord {
+            kind: "audit",
+            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            request_id: a.and_then(|a| a.request_id.to_str().ok()),
+            activity_id: a.and_then(|a| a.activity_id.to_str().ok()),
+            tenant: ctx.tenant.as_ref().map(|t| t.tenant.id.as_str()),
+            client_ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            forwarded_for: a.and_then(|a| a.forwarded_for.to_str().ok()),
+            user_agent: req
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+            method: req.method.as_str(),
+            path: self.audit.path(path_and_query),
+            status,
+            decision,
+            reason: ctx.failure.as_ref().map(ProxyError::code),
+            upstream_status: ctx.upstream_status,
+            duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            replayed: a.is_some_and(|a| a.replay.replayed()),
+        }
+    }
 }
 
-/// `/path?query` bytes (empty means `/`) as an origin-form URI.
-fn origin_uri(path_and_query: &[u8]) -> Result<Uri, ProxyError> {
-    let pq = if path_and_query.is_empty() {
-        &b"/"[..]
-    } else {
-        path_and_query
-    };
-    if pq.first() != Some(&b'/') {
-        // `http://host?x` style: the query without a path.
-        let mut v = b"/".to_vec();
-        v.extend_from_slice(pq);
-        return Uri::try_from(v).map_err(|_| ProxyError::BadTarget);
+/// A rate-limit decision as the refusal it means, if any.
+fn rate_limit_verdict(decision: Decision) -> Result<(), ProxyError> {
+    match decision {
+        Decision::Allow => Ok(()),
+        Decision::Unavailable => Err(ProxyError::RateLimitUnavailable),
+        deny @ Decision::Deny { .. } => Err(ProxyError::RateLimited {
+            retry_after_secs: deny.retry_after_secs().unwrap_or(1),
+        }),
     }
-    Uri::try_from(pq).map_err(|_| ProxyError::BadTarget)
+}
+
+/// Whether a refusal also ends the connection: what follows a CONNECT or an upgrade request is
+/// tunnel bytes, not HTTP; a peer outside the allowlist gets nothing more.
+fn closes_connection(e: &ProxyError) -> bool {
+    matches!(
+        e,
+        ProxyError::ConnectNotSupported
+            | ProxyError::UpgradeNotSupported
+            | ProxyError::ClientNotAllowed
+    )
+}
+
+/// The secrets no response header may carry: the session token (a JWT's signature part) and
+/// the refresh token.
+fn response_secrets(a: &Admitted) -> [Option<&[u8]>; 2] {
+    [
+        Some(headers::token_fingerprint(a.session.token.expose())),
+        a.session
+            .refresh_token
+            .as_ref()
+            .map(|r| r.expose().as_bytes()),
+    ]
 }
 
 #[async_trait]
@@ -395,21 +365,14 @@ impl ProxyHttp for FinHubProxy {
             upstream_start: None,
             connect_failures: 0,
             tenant: None,
-            session: None,
-            upstream_uri: None,
-            request_id: None,
-            activity_id: None,
-            idempotency_key: None,
-            forwarded_for: None,
+            admitted: None,
             upstream_status: None,
-            replayable: false,
-            replayed: false,
-            replay_pending: false,
             failure: None,
         }
     }
 
-    /// Contract: refuse (with a JSON error, connection kept) anything that must not go upstream.
+    /// Contract: refuse (with a JSON error) anything that must not go upstream; the rate limit
+    /// is asked last and may await Redis.
     async fn request_filter(
         &self,
         session: &mut Session,
@@ -420,17 +383,13 @@ impl ProxyHttp for FinHubProxy {
             Ok(Check::Wait(pending)) => rate_limit_verdict(pending.await),
             Err(e) => Err(e),
         };
-        match verdict {
-            Ok(()) => Ok(false),
-            Err(e) => {
-                if closes_connection(&e) {
-                    session.set_keepalive(None);
-                }
-                error::respond(session, &e).await?;
-                ctx.failure = Some(e);
-                Ok(true)
-            }
+        let Err(e) = verdict else { return Ok(false) };
+        if closes_connection(&e) {
+            session.set_keepalive(None);
         }
+        error::respond(session, &e).await?;
+        ctx.failure = Some(e);
+        Ok(true)
     }
 
     /// Contract: FinHub's resolved address, its SNI, the current client cert and CA.
@@ -440,13 +399,10 @@ impl ProxyHttp for FinHubProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
         ctx.upstream_start = Some(Instant::now());
-        match self.peer(ctx.connect_failures) {
-            Ok(p) => Ok(Box::new(p)),
-            Err(e) => {
-                ctx.failure = Some(e);
-                Error::e_explain(ErrorType::ConnectNoRoute, "upstream address not resolved")
-            }
-        }
+        self.peer(ctx.connect_failures).map(Box::new).or_else(|e| {
+            ctx.failure = Some(e);
+            Error::e_explain(ErrorType::ConnectNoRoute, "upstream address not resolved")
+        })
     }
 
     /// Contract: the request FinHub sees carries the sidecar's session, never the app's.
@@ -456,7 +412,14 @@ impl ProxyHttp for FinHubProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        self.rewrite(upstream_request, ctx)
+        let Some(a) = ctx.admitted.as_mut() else {
+            return Error::e_explain(ErrorType::InternalError, "request was not admitted");
+        };
+        if let Err(e) = self.rewrite(upstream_request, a) {
+            ctx.failure = Some(e);
+            return Error::e_explain(ErrorType::InternalError, "request not sent");
+        }
+        Ok(())
     }
 
     /// Contract: a 401 renews the tenant's session (single flight) and, if the request can be
@@ -475,39 +438,20 @@ impl ProxyHttp for FinHubProxy {
         }
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
-        if status == 429 {
-            self.hold_after_429(upstream_response, ctx);
-        }
-        if status != 401 {
-            return Ok(());
-        }
-        let (Some(tenant), Some(refused)) = (ctx.tenant.clone(), ctx.session.clone()) else {
+        let Some(a) = ctx.admitted.as_mut() else {
             return Ok(());
         };
-        tenant.request_renewal(&refused);
-        let method_ok = session.req_header().method.is_safe() || ctx.idempotency_key.is_some();
-        let can_replay = ctx.replayable
-            && method_ok
-            && !ctx.replayed
-            && !session.as_ref().retry_buffer_truncated();
-        if !can_replay {
-            return Ok(());
+        match status {
+            429 => self.hold_after_429(upstream_response, &a.tenant),
+            401 => {
+                let truncated = session.as_ref().retry_buffer_truncated();
+                if self.renew_after_401(a, truncated).await {
+                    return Error::e_explain(REPLAY, "FinHub answered 401; replaying once");
+                }
+            }
+            _ => {}
         }
-        // A forced renewal may refresh and then log in: two auth calls.
-        let wait = self.config.auth.request_timeout * 2 + std::time::Duration::from_secs(1);
-        let Some(renewed) = tenant.newer_than(&refused, wait).await else {
-            return Ok(());
-        };
-        ctx.session = Some(renewed);
-        ctx.replayed = true;
-        ctx.replay_pending = true;
-        if let Some(series) = self.series.get(tenant.index) {
-            series.replays.inc();
-        }
-        Error::e_explain(
-            REPLAY,
-            "FinHub answered 401; replaying once with a renewed session",
-        )
+        Ok(())
     }
 
     /// Contract: a failed connect is retried on the next resolved address, once per address.
@@ -533,7 +477,11 @@ impl ProxyHttp for FinHubProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if std::mem::take(&mut ctx.replay_pending) {
+        if ctx
+            .admitted
+            .as_mut()
+            .is_some_and(|a| a.replay.take_pending())
+        {
             e.set_retry(true);
         } else if !session.req_header().method.is_idempotent()
             || session.as_ref().retry_buffer_truncated()
@@ -567,27 +515,20 @@ impl ProxyHttp for FinHubProxy {
         error::response(&ProxyError::InvalidRequest).ok()
     }
 
-    /// Contract: the app sees the request id it can quote to FinHub support.
+    /// Contract: the app sees the request id it can quote to FinHub support, and never a
+    /// header that carries the sidecar's session.
     async fn response_filter(
         &self,
         _session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if let Some(session) = &ctx.session {
-            let token = headers::token_fingerprint(session.token.expose());
-            let refresh = session
-                .refresh_token
-                .as_ref()
-                .map(|r| r.expose().as_bytes());
-            let secrets = [Some(token), refresh];
-            let secrets: Vec<&[u8]> = secrets.into_iter().flatten().collect();
-            headers::strip_response_credentials(upstream_response, &secrets);
-        }
-        if let Some(id) = &ctx.request_id {
-            upstream_response.insert_header("x-request-id", id.clone())?;
-        }
-        Ok(())
+        let Some(a) = &ctx.admitted else {
+            return Ok(());
+        };
+        let secrets: Vec<&[u8]> = response_secrets(a).into_iter().flatten().collect();
+        headers::strip_response_credentials(upstream_response, &secrets);
+        upstream_response.insert_header(names::X_REQUEST_ID, a.request_id.clone())
     }
 
     /// Contract: Pingora's own error lines name method and path only (the query may carry
@@ -611,68 +552,32 @@ impl ProxyHttp for FinHubProxy {
         Ok(())
     }
 
-    /// Contract: one metrics record per request (tenant, decision, status class, duration).
+    /// Contract: one metrics record and one audit line per request; a failure as one log line
+    /// with its code, kind and side, never its text.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        let status = session
-            .response_written()
-            .map(|r| r.status.as_u16())
-            .unwrap_or(0);
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let decision = ctx.failure.as_ref().map_or("allow", ProxyError::decision);
-        let series = ctx
-            .tenant
-            .as_ref()
-            .and_then(|t| self.series.get(t.index))
-            .unwrap_or(&self.no_tenant);
+        let series = self.series_of(ctx);
         if matches!(ctx.failure, Some(ProxyError::RateLimited { .. })) {
             series.rate_limited.inc();
         }
         series.count_request(decision, status);
-        let elapsed = ctx.start.elapsed();
-        series.duration.observe(elapsed.as_secs_f64());
+        series.duration.observe(ctx.start.elapsed().as_secs_f64());
         if let Some(e) = e {
-            // Kind and side only: an error's text can quote header or body bytes.
             tracing::warn!(
                 tenant = ctx.tenant.as_ref().map(|t| t.tenant.id.as_str()),
-                request_id = text(&ctx.request_id),
+                request_id = ctx
+                    .admitted
+                    .as_ref()
+                    .and_then(|a| a.request_id.to_str().ok()),
                 code = ctx.failure.as_ref().map_or("-", ProxyError::code),
                 kind = e.etype().as_str(),
                 side = e.esource().as_str(),
                 "request failed"
             );
         }
-        let req = session.req_header();
-        let path_and_query = ctx
-            .upstream_uri
-            .as_ref()
-            .and_then(|u| u.path_and_query())
-            .or(req.uri.path_and_query())
-            .map_or("/", |p| p.as_str());
-        self.audit.write(&AuditRecord {
-            kind: "audit",
-            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            request_id: text(&ctx.request_id),
-            activity_id: text(&ctx.activity_id),
-            tenant: ctx.tenant.as_ref().map(|t| t.tenant.id.as_str()),
-            client_ip: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
-            forwarded_for: text(&ctx.forwarded_for),
-            user_agent: req
-                .headers
-                .get(http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok()),
-            method: req.method.as_str(),
-            path: self.audit.path(path_and_query),
-            status,
-            decision,
-            reason: ctx.failure.as_ref().map(ProxyError::code),
-            upstream_status: ctx.upstream_status,
-            duration_ms: elapsed.as_secs_f64() * 1000.0,
-            bytes_in: session.body_bytes_read(),
-            bytes_out: session.body_bytes_sent(),
-            replayed: ctx.replayed,
-        });
+        self.audit
+            .write(&self.audit_record(session, ctx, status, decision));
         self.metrics
             .audit_dropped
             .set(i64::try_from(self.audit.dropped()).unwrap_or(i64::MAX));
@@ -685,12 +590,7 @@ impl ProxyHttp for FinHubProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
-        let downstream_gone = e.esource() == &ErrorSource::Downstream
-            && matches!(
-                e.etype(),
-                ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
-            );
-        if downstream_gone {
+        if downstream_gone(e) {
             return FailToProxy {
                 error_code: 0,
                 can_reuse_downstream: false,
@@ -714,19 +614,18 @@ impl ProxyHttp for FinHubProxy {
     }
 }
 
+/// Whether the app itself went away (nothing to answer).
+fn downstream_gone(e: &Error) -> bool {
+    e.esource() == &ErrorSource::Downstream
+        && matches!(
+            e.etype(),
+            ErrorType::ReadError | ErrorType::WriteError | ErrorType::ConnectionClosed
+        )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn absolute_form_paths_become_origin_form() {
-        assert_eq!(
-            origin_uri(b"/api/v2/x?a=1&b=%20").unwrap(),
-            "/api/v2/x?a=1&b=%20"
-        );
-        assert_eq!(origin_uri(b"").unwrap(), "/");
-        assert_eq!(origin_uri(b"?q=1").unwrap(), "/?q=1");
-    }
 
     #[test]
     fn rate_limit_decisions_map_to_refusals() {

@@ -1,0 +1,437 @@
+//! Admission: whether a request may go to FinHub, decided once, and everything the later hooks
+//! need as one value ([`Admitted`]). A pure function of the parsed request, the TCP peer, the
+//! shared state and the clock; the rate-limit check (which may await Redis) is left to the hook
+//! and comes last, so a request refused for any other reason consumes no token.
+//!
+//! The steps, in order (README "Request policy"):
+//!
+//! 1. the TCP peer is allowed (also enforced at accept, `listener.rs`);
+//! 2. the method: no `CONNECT`, `TRACE`, `TRACK`;
+//! 3. no protocol upgrade;
+//! 4. the header block within `policy.max_header_bytes` (also enforced while it is read) and the
+//!    headers the sidecar interprets well-formed;
+//! 5. an absolute-form target names a FinHub host;
+//! 6. the path is canonical and outside the auth and session surface;
+//! 7. the tenant;
+//! 8. `X-Forwarded-For` from a trusted forwarder;
+//! 9. no hold after FinHub's own 429;
+//! 10. a usable session.
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{HeaderValue, Uri};
+use pingora::http::RequestHeader;
+
+use super::replay::Replay;
+use crate::auth::{Session, SessionTable, TenantSessions};
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::policy::headers::{self, names};
+use crate::policy::ratelimit::{Decision, UpstreamHold};
+use crate::policy::{allow, path};
+
+/// Seconds an app is told to wait when its tenant has no session yet.
+pub const SESSION_RETRY_AFTER_SECS: u64 = 1;
+
+/// A request that may be forwarded, with what the later hooks need.
+pub struct Admitted {
+    /// The tenant whose session is used.
+    pub tenant: Arc<TenantSessions>,
+    /// The session to send (refreshed again just before sending).
+    pub session: Arc<Session>,
+    /// `X-Request-ID` (the app's UUID or a new one); echoed to the app.
+    pub request_id: HeaderValue,
+    /// `X-Activity-ID`.
+    pub activity_id: HeaderValue,
+    /// `X-Idempotency-Key`, if any (kept on the 401 replay).
+    pub idempotency_key: Option<HeaderValue>,
+    /// The single IP FinHub gets in `X-Forwarded-For`.
+    pub forwarded_for: HeaderValue,
+    /// Origin-form path and query to send when the app used absolute-form.
+    pub upstream_uri: Option<Uri>,
+    /// Whether (and how far) the request may be replayed after a 401.
+    pub replay: Replay,
+}
+
+/// A refusal, with the tenant when it was already chosen (for its metric series).
+pub struct Refused {
+    /// Why.
+    pub error: ProxyError,
+    /// The tenant, if the request got that far.
+    pub tenant: Option<Arc<TenantSessions>>,
+}
+
+impl From<ProxyError> for Refused {
+    fn from(error: ProxyError) -> Self {
+        Refused {
+            error,
+            tenant: None,
+        }
+    }
+}
+
+/// What admission reads: the configuration, the session table and the 429 holds.
+pub struct Admission<'a> {
+    /// Configuration.
+    pub config: &'a Config,
+    /// Tenants and their sessions.
+    pub sessions: &'a SessionTable,
+    /// Per-tenant holds after FinHub answered 429 with `Retry-After`, by tenant index.
+    pub holds: &'a [UpstreamHold],
+}
+
+impl Admission<'_> {
+    /// Admits `req` from `peer` at `now`, or says why not. On success also returns the
+    /// canonical path the rate-limit routes match against.
+    pub fn admit<'r>(
+        &self,
+        req: &'r RequestHeader,
+        peer: Option<IpAddr>,
+        now: SystemTime,
+    ) -> Result<(Admitted, Cow<'r, str>), Refused> {
+        let policy = &self.config.policy;
+        let peer = peer.ok_or(ProxyError::ClientNotAllowed)?;
+        if !allow::client_allowed(&policy.allowed_clients, peer) {
+            return Err(ProxyError::ClientNotAllowed.into());
+        }
+        headers::method_allowed(&req.method)?;
+        if req.headers.contains_key(&names::UPGRADE) {
+            return Err(ProxyError::UpgradeNotSupported.into());
+        }
+        if headers::header_bytes(req) > policy.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge.into());
+        }
+        if let Some(name) = headers::malformed_header(req) {
+            return Err(ProxyError::InvalidHeader(name).into());
+        }
+        let (raw_path, upstream_uri) =
+            match allow::destination(req.raw_path(), &self.config.upstream.allowed_hosts)? {
+                allow::Target::Origin => (req.raw_path(), None),
+                allow::Target::Absolute { path_and_query } => {
+                    (path_and_query, Some(origin_uri(path_and_query)?))
+                }
+            };
+        let path = path::canonical(if raw_path.is_empty() { b"/" } else { raw_path })?;
+        if path::is_reserved(&path, &policy.reserved_paths) {
+            return Err(ProxyError::ReservedPath.into());
+        }
+        let tenant = self.sessions.select(req.headers.get(&names::X_TENANT_ID))?;
+        let refuse = |error| Refused {
+            error,
+            tenant: Some(tenant.clone()),
+        };
+        let xff = headers::forwarded_for(
+            peer,
+            &policy.trusted_forwarders,
+            req.headers.get_all(&names::X_FORWARDED_FOR),
+            self.config.headers.origin_ip,
+        )
+        .map_err(refuse)?;
+        let forwarded_for = if xff == self.config.headers.origin_ip {
+            self.config.headers.origin_ip_header.clone()
+        } else {
+            HeaderValue::from_str(&xff.to_string())
+                .map_err(|_| refuse(ProxyError::InvalidForwardedFor))?
+        };
+        if let Some(left) = self
+            .holds
+            .get(tenant.index)
+            .and_then(UpstreamHold::remaining)
+        {
+            let retry_after_secs = Decision::Deny { retry_after: left }
+                .retry_after_secs()
+                .unwrap_or(1);
+            return Err(refuse(ProxyError::RateLimited { retry_after_secs }));
+        }
+        let session = tenant.usable(now).ok_or_else(|| {
+            refuse(ProxyError::SessionUnavailable {
+                retry_after_secs: SESSION_RETRY_AFTER_SECS,
+            })
+        })?;
+        let idempotency_key = if self.config.headers.idempotency_keys {
+            headers::idempotency_key(&req.method, req.headers.get(&names::X_IDEMPOTENCY_KEY))
+        } else {
+            req.headers.get(&names::X_IDEMPOTENCY_KEY).cloned()
+        };
+        let replay = Replay::of(
+            &req.method,
+            idempotency_key.is_some(),
+            headers::body_fits(req, self.config.auth.replay_body_limit),
+        );
+        let admitted = Admitted {
+            tenant: tenant.clone(),
+            session,
+            request_id: headers::uuid_or_new(req.headers.get(&names::X_REQUEST_ID)),
+            activity_id: headers::uuid_or_new(req.headers.get(&names::X_ACTIVITY_ID)),
+            idempotency_key,
+            forwarded_for,
+            upstream_uri,
+            replay,
+        };
+        Ok((admitted, path))
+    }
+}
+
+/// `/path?query` bytes (empty means `/`) as an origin-form URI.
+pub fn origin_uri(path_and_query: &[u8]) -> Result<Uri, ProxyError> {
+    let pq = if path_and_query.is_empty() {
+        &b"/"[..]
+    } else {
+        path_and_query
+    };
+    if pq.first() != Some(&b'/') {
+        // `http://host?x` style: the query without a path.
+        let mut v = b"/".to_vec();
+        v.extend_from_slice(pq);
+        return Uri::try_from(v).map_err(|_| ProxyError::BadTarget);
+    }
+    Uri::try_from(pq).map_err(|_| ProxyError::BadTarget)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::grant::Grant;
+    use crate::secret::Secret;
+    use std::time::Duration;
+
+    const TOML: &str = r#"
+[upstream]
+base_url = "https://api.finhub.cloud"
+[auth]
+environment = "integration"
+[policy]
+allowed_clients = ["127.0.0.0/8"]
+trusted_forwarders = ["127.0.0.3/32"]
+reserved_paths = ["/api/v9/admin"]
+[headers]
+origin_ip = "192.0.2.10"
+[[tenants]]
+id = "t1"
+username = "u"
+password = "${PW}"
+[[tenants]]
+id = "t2"
+username = "u2"
+password = "${PW}"
+"#;
+
+    struct World {
+        config: Config,
+        sessions: SessionTable,
+        holds: Vec<UpstreamHold>,
+    }
+
+    impl World {
+        fn new() -> World {
+            let config = Config::from_toml(std::path::Path::new("/x/proxy.toml"), TOML, &|_| {
+                Some("pw".into())
+            })
+            .unwrap();
+            let sessions = SessionTable::new(&config);
+            let holds = (0..config.tenants.len())
+                .map(|_| UpstreamHold::default())
+                .collect();
+            World {
+                config,
+                sessions,
+                holds,
+            }
+        }
+
+        fn with_sessions(self) -> World {
+            for t in self.sessions.tenants() {
+                t.publish_for_test(Session::from_grant(
+                    Grant {
+                        token: Secret::new("tok"),
+                        expires_in: Some(Duration::from_secs(600)),
+                        refresh_token: None,
+                        session_id: None,
+                    },
+                    SystemTime::now(),
+                ));
+            }
+            self
+        }
+
+        fn admit(&self, req: &RequestHeader, peer: &str) -> Result<Admitted, ProxyError> {
+            Admission {
+                config: &self.config,
+                sessions: &self.sessions,
+                holds: &self.holds,
+            }
+            .admit(req, Some(peer.parse().unwrap()), SystemTime::now())
+            .map(|(a, _)| a)
+            .map_err(|r| r.error)
+        }
+    }
+
+    fn req(method: &str, target: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut r = RequestHeader::build(method, target.as_bytes(), None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    const APP: &str = "127.0.0.1";
+
+    #[test]
+    fn a_plain_request_is_admitted_with_everything_the_hooks_need() {
+        let w = World::new().with_sessions();
+        let a = w.admit(&req("GET", "/api/v2/accounts", &[]), APP).unwrap();
+        assert_eq!(a.tenant.tenant.id, "t1", "default tenant");
+        assert_eq!(a.forwarded_for, "192.0.2.10");
+        assert!(a.upstream_uri.is_none());
+        assert_eq!(a.replay, Replay::Allowed);
+        assert!(a.idempotency_key.is_none());
+        let post = w.admit(&req("POST", "/api/v2/payments", &[]), APP).unwrap();
+        assert!(post.idempotency_key.is_some(), "generated for POST");
+        assert_eq!(post.replay, Replay::Allowed, "idempotent by its key");
+    }
+
+    #[test]
+    fn each_step_refuses_with_its_own_error() {
+        let w = World::new().with_sessions();
+        let cases: Vec<(RequestHeader, &str, ProxyError)> = vec![
+            (
+                req("GET", "/api/v2/x", &[]),
+                "10.0.0.1",
+                ProxyError::ClientNotAllowed,
+            ),
+            (
+                req("TRACE", "/api/v2/x", &[]),
+                APP,
+                ProxyError::MethodNotAllowed,
+            ),
+            (
+                req("CONNECT", "api.finhub.cloud:443", &[]),
+                APP,
+                ProxyError::ConnectNotSupported,
+            ),
+            (
+                req("GET", "/api/v2/x", &[("Upgrade", "websocket")]),
+                APP,
+                ProxyError::UpgradeNotSupported,
+            ),
+            (
+                req("GET", "http://evil.example/api/v2/x", &[]),
+                APP,
+                ProxyError::DestinationNotAllowed("evil.example".into()),
+            ),
+            (req("GET", "/api/v2/./x", &[]), APP, ProxyError::InvalidPath),
+            (
+                req("POST", "/api/v2/auth/logout", &[]),
+                APP,
+                ProxyError::ReservedPath,
+            ),
+            (
+                req("GET", "/API/V9/Admin/users", &[]),
+                APP,
+                ProxyError::ReservedPath,
+            ),
+            (
+                req("GET", "http://api.finhub.cloud/api/v2/auth/token", &[]),
+                APP,
+                ProxyError::ReservedPath,
+            ),
+            (
+                req("GET", "/api/v2/x", &[("X-Tenant-ID", "nope")]),
+                APP,
+                ProxyError::UnknownTenant("nope".into()),
+            ),
+            (
+                req("GET", "/api/v2/x", &[("X-Forwarded-For", "127.0.0.1")]),
+                "127.0.0.3",
+                ProxyError::InvalidForwardedFor,
+            ),
+        ];
+        for (r, peer, want) in cases {
+            let got = w.admit(&r, peer).err();
+            assert_eq!(got, Some(want.clone()), "{} {}", r.method, r.uri);
+        }
+    }
+
+    #[test]
+    fn refusals_after_the_tenant_name_it() {
+        let w = World::new();
+        let r = req("GET", "/api/v2/x", &[("X-Tenant-ID", "t2")]);
+        let refused = Admission {
+            config: &w.config,
+            sessions: &w.sessions,
+            holds: &w.holds,
+        }
+        .admit(&r, Some(APP.parse().unwrap()), SystemTime::now())
+        .err()
+        .unwrap();
+        assert_eq!(
+            refused.error,
+            ProxyError::SessionUnavailable {
+                retry_after_secs: SESSION_RETRY_AFTER_SECS
+            }
+        );
+        assert_eq!(refused.tenant.unwrap().tenant.id, "t2");
+    }
+
+    #[test]
+    fn a_finhub_429_hold_refuses_before_the_session_is_looked_at() {
+        let w = World::new().with_sessions();
+        w.holds[0].hold_for(Duration::from_secs(30));
+        let got = w.admit(&req("GET", "/api/v2/x", &[]), APP).err();
+        assert!(
+            matches!(got, Some(ProxyError::RateLimited { retry_after_secs }) if (29..=30).contains(&retry_after_secs)),
+            "{got:?}"
+        );
+        let other = w.admit(&req("GET", "/api/v2/x", &[("X-Tenant-ID", "t2")]), APP);
+        assert!(other.is_ok(), "the hold is per tenant");
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form_and_a_forwarder_names_the_user() {
+        let w = World::new().with_sessions();
+        let a = w
+            .admit(
+                &req(
+                    "GET",
+                    "http://api.finhub.cloud/api/v2/x?a=1",
+                    &[("X-Forwarded-For", "203.0.113.9")],
+                ),
+                "127.0.0.3",
+            )
+            .unwrap();
+        assert_eq!(a.upstream_uri.unwrap(), "/api/v2/x?a=1");
+        assert_eq!(a.forwarded_for, "203.0.113.9");
+    }
+
+    #[test]
+    fn large_or_chunked_bodies_are_not_replayable() {
+        let w = World::new().with_sessions();
+        let big = w
+            .admit(
+                &req("PUT", "/api/v2/x", &[("Content-Length", "10000000")]),
+                APP,
+            )
+            .unwrap();
+        assert_eq!(big.replay, Replay::Never);
+        let chunked = w
+            .admit(
+                &req("GET", "/api/v2/x", &[("Transfer-Encoding", "chunked")]),
+                APP,
+            )
+            .unwrap();
+        assert_eq!(chunked.replay, Replay::Never);
+    }
+
+    #[test]
+    fn absolute_form_paths_become_origin_form() {
+        assert_eq!(
+            origin_uri(b"/api/v2/x?a=1&b=%20").unwrap(),
+            "/api/v2/x?a=1&b=%20"
+        );
+        assert_eq!(origin_uri(b"").unwrap(), "/");
+        assert_eq!(origin_uri(b"?q=1").unwrap(), "/?q=1");
+    }
+}
