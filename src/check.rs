@@ -28,9 +28,13 @@ pub fn check(path: &Path, out: &mut dyn Write) -> std::io::Result<bool> {
         Ok(t) => t,
         Err(e) => {
             let p = e.path();
-            let key = if config.upstream.ca_file.as_deref() == Some(p) {
+            let key = if p.is_some() && config.upstream.ca_file.as_deref() == p {
                 "upstream.ca_file"
-            } else if config.client_cert.as_ref().is_some_and(|c| c.key_file == p) {
+            } else if config
+                .client_cert
+                .as_ref()
+                .is_some_and(|c| Some(c.key_file.as_path()) == p)
+            {
                 "client_cert.key_file"
             } else {
                 "client_cert.cert_file"

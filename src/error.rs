@@ -10,6 +10,8 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::metrics::Outcome;
+
 /// Why a TLS handshake with FinHub failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TlsFailure {
@@ -127,101 +129,79 @@ fn tls_message(f: TlsFailure) -> &'static str {
     }
 }
 
+/// How a refusal is answered and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    /// HTTP status.
+    pub status: u16,
+    /// The JSON `error` code.
+    pub code: &'static str,
+    /// The `decision` metric label.
+    pub outcome: Outcome,
+}
+
+fn tls_code(f: TlsFailure) -> &'static str {
+    match f {
+        TlsFailure::UnknownCa => "upstream_tls_unknown_ca",
+        TlsFailure::NameMismatch => "upstream_tls_name_mismatch",
+        TlsFailure::ServerCertExpired => "upstream_tls_server_cert_invalid",
+        TlsFailure::ClientCertRejected => "upstream_tls_client_cert_rejected",
+        TlsFailure::Other => "upstream_tls_failed",
+    }
+}
+
 impl ProxyError {
+    /// Everything an answer is made of, in one table: status, stable code, metric outcome.
+    /// A new refusal is one variant, its message (`#[error]`) and one row here.
+    pub fn meta(&self) -> Meta {
+        use Outcome::*;
+        use ProxyError as E;
+        let (status, code, outcome) = match self {
+            E::ClientNotAllowed => (403, "client_not_allowed", DenyClient),
+            E::DestinationNotAllowed(_) => (403, "destination_not_allowed", DenyDestination),
+            E::ReservedPath => (403, "reserved_path", DenyReserved),
+            E::BadTarget => (400, "invalid_request_target", BadRequest),
+            E::UnknownTenant(_) => (400, "unknown_tenant", UnknownTenant),
+            E::InvalidForwardedFor => (400, "invalid_forwarded_for", InvalidForwardedFor),
+            E::InvalidHeader(_) => (400, "invalid_header", BadRequest),
+            E::InvalidPath => (400, "invalid_path", BadRequest),
+            E::UpgradeNotSupported => (400, "upgrade_not_supported", BadRequest),
+            E::InvalidRequest => (400, "invalid_request", BadRequest),
+            E::ConnectNotSupported => (405, "connect_not_supported", BadRequest),
+            E::MethodNotAllowed => (405, "method_not_allowed", BadRequest),
+            E::HeaderTimeout => (408, "request_header_timeout", BadRequest),
+            E::HeadersTooLarge => (431, "request_headers_too_large", BadRequest),
+            E::RateLimited { .. } => (429, "rate_limited", RateLimited),
+            E::RateLimitUnavailable => (503, "rate_limit_unavailable", RateLimitUnavailable),
+            E::SessionUnavailable { .. } => (503, "session_unavailable", SessionUnavailable),
+            E::TooManyConnections => (503, "too_many_connections", TooManyConnections),
+            E::UpstreamUnresolved => (502, "upstream_unresolved", UpstreamError),
+            E::UpstreamTls(f) => (502, tls_code(*f), UpstreamError),
+            E::UpstreamUnreachable => (502, "upstream_unreachable", UpstreamError),
+            E::UpstreamFailed => (502, "upstream_failed", UpstreamError),
+            E::UpstreamTimeout => (504, "upstream_timeout", UpstreamTimeout),
+            E::Internal => (500, "internal_error", InternalError),
+        };
+        Meta {
+            status,
+            code,
+            outcome,
+        }
+    }
+
     /// HTTP status sent to the app.
     pub fn status(&self) -> u16 {
-        match self {
-            ProxyError::ClientNotAllowed | ProxyError::DestinationNotAllowed(_) => 403,
-            ProxyError::BadTarget
-            | ProxyError::UnknownTenant(_)
-            | ProxyError::InvalidRequest
-            | ProxyError::InvalidForwardedFor
-            | ProxyError::InvalidPath
-            | ProxyError::UpgradeNotSupported
-            | ProxyError::InvalidHeader(_) => 400,
-            ProxyError::ReservedPath => 403,
-            ProxyError::HeaderTimeout => 408,
-            ProxyError::HeadersTooLarge => 431,
-            ProxyError::ConnectNotSupported | ProxyError::MethodNotAllowed => 405,
-            ProxyError::RateLimited { .. } => 429,
-            ProxyError::SessionUnavailable { .. }
-            | ProxyError::RateLimitUnavailable
-            | ProxyError::TooManyConnections => 503,
-            ProxyError::UpstreamUnresolved
-            | ProxyError::UpstreamTls(_)
-            | ProxyError::UpstreamUnreachable
-            | ProxyError::UpstreamFailed => 502,
-            ProxyError::UpstreamTimeout => 504,
-            ProxyError::Internal => 500,
-        }
+        self.meta().status
     }
 
     /// Stable machine-readable code (the JSON `error` field).
     pub fn code(&self) -> &'static str {
-        match self {
-            ProxyError::ClientNotAllowed => "client_not_allowed",
-            ProxyError::DestinationNotAllowed(_) => "destination_not_allowed",
-            ProxyError::BadTarget => "invalid_request_target",
-            ProxyError::ConnectNotSupported => "connect_not_supported",
-            ProxyError::UnknownTenant(_) => "unknown_tenant",
-            ProxyError::InvalidForwardedFor => "invalid_forwarded_for",
-            ProxyError::InvalidHeader(_) => "invalid_header",
-            ProxyError::HeadersTooLarge => "request_headers_too_large",
-            ProxyError::HeaderTimeout => "request_header_timeout",
-            ProxyError::ReservedPath => "reserved_path",
-            ProxyError::InvalidPath => "invalid_path",
-            ProxyError::MethodNotAllowed => "method_not_allowed",
-            ProxyError::UpgradeNotSupported => "upgrade_not_supported",
-            ProxyError::TooManyConnections => "too_many_connections",
-            ProxyError::RateLimited { .. } => "rate_limited",
-            ProxyError::RateLimitUnavailable => "rate_limit_unavailable",
-            ProxyError::SessionUnavailable { .. } => "session_unavailable",
-            ProxyError::UpstreamUnresolved => "upstream_unresolved",
-            ProxyError::UpstreamTls(TlsFailure::UnknownCa) => "upstream_tls_unknown_ca",
-            ProxyError::UpstreamTls(TlsFailure::NameMismatch) => "upstream_tls_name_mismatch",
-            ProxyError::UpstreamTls(TlsFailure::ServerCertExpired) => {
-                "upstream_tls_server_cert_invalid"
-            }
-            ProxyError::UpstreamTls(TlsFailure::ClientCertRejected) => {
-                "upstream_tls_client_cert_rejected"
-            }
-            ProxyError::UpstreamTls(TlsFailure::Other) => "upstream_tls_failed",
-            ProxyError::UpstreamUnreachable => "upstream_unreachable",
-            ProxyError::UpstreamTimeout => "upstream_timeout",
-            ProxyError::UpstreamFailed => "upstream_failed",
-            ProxyError::InvalidRequest => "invalid_request",
-            ProxyError::Internal => "internal_error",
-        }
+        self.meta().code
     }
 
     /// The `decision` label of the requests metric and the audit line.
-    pub fn decision(&self) -> &'static str {
-        match self {
-            ProxyError::ClientNotAllowed => "deny_client",
-            ProxyError::DestinationNotAllowed(_) => "deny_destination",
-            ProxyError::BadTarget
-            | ProxyError::InvalidRequest
-            | ProxyError::InvalidHeader(_)
-            | ProxyError::HeadersTooLarge
-            | ProxyError::HeaderTimeout
-            | ProxyError::InvalidPath
-            | ProxyError::MethodNotAllowed
-            | ProxyError::UpgradeNotSupported
-            | ProxyError::ConnectNotSupported => "bad_request",
-            ProxyError::ReservedPath => "deny_reserved",
-            ProxyError::TooManyConnections => "too_many_connections",
-            ProxyError::InvalidForwardedFor => "invalid_forwarded_for",
-            ProxyError::RateLimited { .. } => "rate_limited",
-            ProxyError::RateLimitUnavailable => "rate_limit_unavailable",
-            ProxyError::UnknownTenant(_) => "unknown_tenant",
-            ProxyError::SessionUnavailable { .. } => "session_unavailable",
-            ProxyError::UpstreamUnresolved
-            | ProxyError::UpstreamTls(_)
-            | ProxyError::UpstreamUnreachable
-            | ProxyError::UpstreamFailed => "upstream_error",
-            ProxyError::UpstreamTimeout => "upstream_timeout",
-            ProxyError::Internal => "internal_error",
-        }
+    pub fn outcome(&self) -> Outcome {
+        self.meta().outcome
     }
 
     /// `Retry-After` seconds, for answers that have one.
@@ -247,10 +227,14 @@ impl ProxyError {
             // request is malformed, FinHub is not at fault.
             return ProxyError::InvalidRequest;
         }
-        let text = error_chain_text(e);
+        let tls = || {
+            ProxyError::UpstreamTls(
+                tls_cause(e).unwrap_or_else(|| classify_tls(&error_chain_text(e))),
+            )
+        };
         match e.etype() {
             ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
-                ProxyError::UpstreamTls(classify_tls(&text))
+                tls()
             }
             ErrorType::ConnectTimedout
             | ErrorType::ReadTimedout
@@ -259,13 +243,54 @@ impl ProxyError {
             ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
                 ProxyError::UpstreamUnreachable
             }
-            _ if text.contains("alert") => ProxyError::UpstreamTls(classify_tls(&text)),
+            _ if tls_cause(e).is_some() || error_chain_text(e).contains("alert") => tls(),
             _ => ProxyError::UpstreamFailed,
         }
     }
 }
 
-/// The error, its context and its causes as one string (for classification only).
+/// The TLS failure named by a `rustls::Error` in `e`'s cause chain (directly or inside an
+/// `io::Error`, as tokio-rustls reports it).
+///
+/// Pingora 0.9.1's client handshake (`protocols/tls/rustls/client.rs`) keeps only the text of
+/// its cause (`Error::e_explain(.., format!(".. {e}"))`), so today a handshake failure reaches
+/// here without one and [`classify_tls`] reads the text instead; failures on an established
+/// connection (alerts after the handshake) keep their cause.
+fn tls_cause(e: &Error) -> Option<TlsFailure> {
+    use rustls::{CertificateError, Error as Tls};
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = e
+        .cause
+        .as_deref()
+        .map(|c| c as &(dyn std::error::Error + 'static));
+    while let Some(c) = cause {
+        let found = c.downcast_ref::<Tls>().or_else(|| {
+            c.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<Tls>())
+        });
+        if let Some(t) = found {
+            return Some(match t {
+                Tls::InvalidCertificate(CertificateError::UnknownIssuer) => TlsFailure::UnknownCa,
+                Tls::InvalidCertificate(
+                    CertificateError::NotValidForName
+                    | CertificateError::NotValidForNameContext { .. },
+                ) => TlsFailure::NameMismatch,
+                Tls::InvalidCertificate(
+                    CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. },
+                ) => TlsFailure::ServerCertExpired,
+                Tls::AlertReceived(_) => TlsFailure::ClientCertRejected,
+                _ => TlsFailure::Other,
+            });
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// The error, its context and its causes as one string (for the text fallback only).
 fn error_chain_text(e: &Error) -> String {
     let mut s = e.to_string();
     let mut cause: Option<&(dyn std::error::Error + 'static)> = e
@@ -377,7 +402,7 @@ mod tests {
     }
 
     #[test]
-    fn every_decision_has_a_pre_resolved_metric_series() {
+    fn every_refusal_has_a_distinct_code_and_an_error_status() {
         let all = [
             ProxyError::ClientNotAllowed,
             ProxyError::DestinationNotAllowed("x".into()),
@@ -395,6 +420,10 @@ mod tests {
                 retry_after_secs: 1,
             },
             ProxyError::UpstreamUnresolved,
+            ProxyError::UpstreamTls(TlsFailure::UnknownCa),
+            ProxyError::UpstreamTls(TlsFailure::NameMismatch),
+            ProxyError::UpstreamTls(TlsFailure::ServerCertExpired),
+            ProxyError::UpstreamTls(TlsFailure::ClientCertRejected),
             ProxyError::UpstreamTls(TlsFailure::Other),
             ProxyError::UpstreamUnreachable,
             ProxyError::UpstreamTimeout,
@@ -408,12 +437,13 @@ mod tests {
             ProxyError::UpgradeNotSupported,
             ProxyError::TooManyConnections,
         ];
+        let codes: std::collections::HashSet<_> = all.iter().map(ProxyError::code).collect();
+        assert_eq!(codes.len(), all.len(), "codes are distinct");
         for e in &all {
-            assert!(
-                crate::metrics::DECISIONS.contains(&e.decision()),
-                "{} missing from metrics::DECISIONS",
-                e.decision()
-            );
+            let m = e.meta();
+            assert!((400..600).contains(&m.status), "{e:?}");
+            assert_ne!(m.outcome, Outcome::Allow, "{e:?}");
+            assert!(!e.to_string().is_empty());
         }
     }
 
@@ -438,6 +468,44 @@ mod tests {
         let mut e = Error::new(ErrorType::InvalidHTTPHeader);
         e.as_down();
         assert_eq!(ProxyError::from_upstream(&e).code(), "invalid_request");
+    }
+
+    #[test]
+    fn tls_failures_are_read_from_the_cause_chain() {
+        let cases = [
+            (
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+                "upstream_tls_unknown_ca",
+            ),
+            (
+                rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
+                "upstream_tls_name_mismatch",
+            ),
+            (
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
+                "upstream_tls_server_cert_invalid",
+            ),
+            (
+                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+                "upstream_tls_client_cert_rejected",
+            ),
+        ];
+        for (cause, code) in cases {
+            // As tokio-rustls reports it: an io::Error carrying the rustls::Error.
+            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, cause);
+            let e = Error::because(ErrorType::TLSHandshakeFailure, "tls connect error", io);
+            assert_eq!(ProxyError::from_upstream(&e).code(), code);
+        }
+        // An alert on an established connection is a TLS failure whatever Pingora calls it.
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate),
+        );
+        let e = Error::because(ErrorType::ReadError, "reading response", io);
+        assert_eq!(
+            ProxyError::from_upstream(&e).code(),
+            "upstream_tls_client_cert_rejected"
+        );
     }
 
     #[test]

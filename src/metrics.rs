@@ -10,23 +10,79 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-/// Every `decision` label value of `finhub_sidecar_requests_total`.
-pub const DECISIONS: &[&str] = &[
-    "allow",
-    "deny_client",
-    "deny_destination",
-    "deny_reserved",
-    "bad_request",
-    "invalid_forwarded_for",
-    "rate_limited",
-    "rate_limit_unavailable",
-    "unknown_tenant",
-    "session_unavailable",
-    "upstream_error",
-    "upstream_timeout",
-    "internal_error",
-    "too_many_connections",
-];
+/// The `decision` label of `finhub_sidecar_requests_total` and the audit line: `allow`, or why
+/// the sidecar answered itself. Each refusal maps to one ([`crate::error::ProxyError::meta`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forwarded to FinHub.
+    Allow,
+    /// The TCP peer is not allowed.
+    DenyClient,
+    /// An absolute-form target named a foreign host.
+    DenyDestination,
+    /// The auth and session surface.
+    DenyReserved,
+    /// A malformed or refused request (method, upgrade, path, header, body).
+    BadRequest,
+    /// A trusted forwarder's `X-Forwarded-For` is unusable.
+    InvalidForwardedFor,
+    /// A bucket or FinHub's 429 hold refused it.
+    RateLimited,
+    /// The shared limiter could not decide.
+    RateLimitUnavailable,
+    /// `X-Tenant-ID` names no tenant.
+    UnknownTenant,
+    /// No usable session.
+    SessionUnavailable,
+    /// FinHub could not be reached or broke the exchange.
+    UpstreamError,
+    /// FinHub did not answer in time.
+    UpstreamTimeout,
+    /// A sidecar bug.
+    InternalError,
+    /// The connection cap refused it.
+    TooManyConnections,
+}
+
+impl Outcome {
+    /// Every outcome, in label order (the index of each is its metric cell).
+    pub const ALL: [Outcome; 14] = [
+        Outcome::Allow,
+        Outcome::DenyClient,
+        Outcome::DenyDestination,
+        Outcome::DenyReserved,
+        Outcome::BadRequest,
+        Outcome::InvalidForwardedFor,
+        Outcome::RateLimited,
+        Outcome::RateLimitUnavailable,
+        Outcome::UnknownTenant,
+        Outcome::SessionUnavailable,
+        Outcome::UpstreamError,
+        Outcome::UpstreamTimeout,
+        Outcome::InternalError,
+        Outcome::TooManyConnections,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::DenyClient => "deny_client",
+            Outcome::DenyDestination => "deny_destination",
+            Outcome::DenyReserved => "deny_reserved",
+            Outcome::BadRequest => "bad_request",
+            Outcome::InvalidForwardedFor => "invalid_forwarded_for",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::RateLimitUnavailable => "rate_limit_unavailable",
+            Outcome::UnknownTenant => "unknown_tenant",
+            Outcome::SessionUnavailable => "session_unavailable",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::InternalError => "internal_error",
+            Outcome::TooManyConnections => "too_many_connections",
+        }
+    }
+}
 
 /// Every `status_class` label value, in [`Metrics::status_class`] order of index.
 const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -36,8 +92,8 @@ const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
 pub struct RequestSeries {
     tenant: String,
     requests: IntCounterVec,
-    /// `[decision index][status class index]`.
-    cells: Box<[[OnceLock<IntCounter>; 6]]>,
+    /// `[outcome][status class index]`.
+    cells: [[OnceLock<IntCounter>; 6]; Outcome::ALL.len()],
     /// `request_duration_seconds{tenant}`.
     pub duration: Histogram,
     /// `rate_limited_total{tenant}`.
@@ -49,27 +105,20 @@ pub struct RequestSeries {
 impl RequestSeries {
     /// Counts one request in `requests_total{tenant, decision, status_class}` for a response
     /// `status` (0: none).
-    pub fn count_request(&self, decision: &str, status: u16) {
+    pub fn count_request(&self, outcome: Outcome, status: u16) {
         let class = match status {
             100..=599 => usize::from(status / 100),
             _ => 0,
         };
-        match DECISIONS.iter().position(|d| *d == decision) {
-            Some(d) => self.cells[d][class]
-                .get_or_init(|| {
-                    self.requests.with_label_values(&[
-                        self.tenant.as_str(),
-                        decision,
-                        STATUS_CLASSES[class],
-                    ])
-                })
-                .inc(),
-            // A decision missing from DECISIONS still counts, through a lookup.
-            None => self
-                .requests
-                .with_label_values(&[self.tenant.as_str(), decision, STATUS_CLASSES[class]])
-                .inc(),
-        }
+        self.cells[outcome as usize][class]
+            .get_or_init(|| {
+                self.requests.with_label_values(&[
+                    self.tenant.as_str(),
+                    outcome.label(),
+                    STATUS_CLASSES[class],
+                ])
+            })
+            .inc();
     }
 }
 
@@ -376,7 +425,7 @@ impl Metrics {
         RequestSeries {
             tenant: tenant.to_string(),
             requests: self.requests.clone(),
-            cells: DECISIONS.iter().map(|_| Default::default()).collect(),
+            cells: Default::default(),
             duration: self.request_duration.with_label_values(&[tenant]),
             rate_limited: self.rate_limited.with_label_values(&[tenant]),
             replays: self.upstream_401_replays.with_label_values(&[tenant]),
@@ -418,16 +467,16 @@ mod tests {
     fn request_series_count_into_the_labelled_series() {
         let m = Metrics::new();
         let s = m.request_series("t1");
-        s.count_request("allow", 204);
-        s.count_request("allow", 200);
-        s.count_request("rate_limited", 429);
-        s.count_request("something_new", 0);
+        s.count_request(Outcome::Allow, 204);
+        s.count_request(Outcome::Allow, 200);
+        s.count_request(Outcome::RateLimited, 429);
+        s.count_request(Outcome::InternalError, 0);
         s.duration.observe(0.01);
         let text = String::from_utf8(m.render()).unwrap();
         for line in [
             r#"finhub_sidecar_requests_total{decision="allow",status_class="2xx",tenant="t1"} 2"#,
             r#"finhub_sidecar_requests_total{decision="rate_limited",status_class="4xx",tenant="t1"} 1"#,
-            r#"finhub_sidecar_requests_total{decision="something_new",status_class="none",tenant="t1"} 1"#,
+            r#"finhub_sidecar_requests_total{decision="internal_error",status_class="none",tenant="t1"} 1"#,
             r#"finhub_sidecar_request_duration_seconds_count{tenant="t1"} 1"#,
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");

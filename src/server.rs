@@ -71,10 +71,7 @@ impl Sidecar {
         }
         if config.auth.environment == Environment::Production && tls.cert_key.is_none() {
             // Config conversion already refuses this; keep the invariant local too.
-            return Err(StartError::Tls(TlsError::Key {
-                path: Default::default(),
-                what: "production requires a client certificate".into(),
-            }));
+            return Err(StartError::Tls(TlsError::MissingClientCert));
         }
         let admin_listener =
             std::net::TcpListener::bind(config.admin_listen).map_err(|source| {

@@ -35,7 +35,7 @@ use crate::auth::{SessionTable, TenantSessions};
 use crate::config::Config;
 use crate::error::{self, ProxyError};
 use crate::lifecycle::{InFlight, Lifecycle};
-use crate::metrics::{Metrics, RequestSeries};
+use crate::metrics::{Metrics, Outcome, RequestSeries};
 use crate::policy::headers::{self, names};
 use crate::policy::ratelimit::{self, Check, Decision, Limiter, UpstreamHold};
 use crate::tls::TlsStore;
@@ -556,12 +556,15 @@ impl ProxyHttp for FinHubProxy {
     /// with its code, kind and side, never its text.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let decision = ctx.failure.as_ref().map_or("allow", ProxyError::decision);
+        let outcome = ctx
+            .failure
+            .as_ref()
+            .map_or(Outcome::Allow, ProxyError::outcome);
         let series = self.series_of(ctx);
         if matches!(ctx.failure, Some(ProxyError::RateLimited { .. })) {
             series.rate_limited.inc();
         }
-        series.count_request(decision, status);
+        series.count_request(outcome, status);
         series.duration.observe(ctx.start.elapsed().as_secs_f64());
         if let Some(e) = e {
             tracing::warn!(
@@ -577,7 +580,7 @@ impl ProxyHttp for FinHubProxy {
             );
         }
         self.audit
-            .write(&self.audit_record(session, ctx, status, decision));
+            .write(&self.audit_record(session, ctx, status, outcome.label()));
         self.metrics
             .audit_dropped
             .set(i64::try_from(self.audit.dropped()).unwrap_or(i64::MAX));

@@ -58,6 +58,12 @@ pub enum TlsError {
         /// Every rule it breaks.
         findings: Vec<Finding>,
     },
+    /// The TLS provider refused the protocol settings (no file is at fault).
+    #[error("TLS provider: {0}")]
+    Provider(String),
+    /// Production without a client certificate (mTLS is mandatory there).
+    #[error("production requires a client certificate (mTLS is mandatory)")]
+    MissingClientCert,
 }
 
 fn join(findings: &[Finding]) -> String {
@@ -69,13 +75,14 @@ fn join(findings: &[Finding]) -> String {
 }
 
 impl TlsError {
-    /// The file the error is about.
-    pub fn path(&self) -> &Path {
+    /// The file the error is about, if a file is.
+    pub fn path(&self) -> Option<&Path> {
         match self {
             TlsError::Read { path, .. }
             | TlsError::Pem { path, .. }
             | TlsError::Key { path, .. }
-            | TlsError::Rules { path, .. } => path,
+            | TlsError::Rules { path, .. } => Some(path),
+            TlsError::Provider(_) | TlsError::MissingClientCert => None,
         }
     }
 }
@@ -267,10 +274,7 @@ impl ClientTls {
         }
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Key {
-                path: PathBuf::new(),
-                what: format!("TLS provider: {e}"),
-            })?
+            .map_err(|e| TlsError::Provider(e.to_string()))?
             .with_root_certificates(roots);
 
         let (cert_key, rustls_cfg, identity) = match identity {
