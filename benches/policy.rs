@@ -8,9 +8,41 @@ use std::num::NonZeroU32;
 use criterion::{criterion_group, criterion_main, Criterion};
 use finhub_sidecar::auth::grant::Grant;
 use finhub_sidecar::policy::ratelimit::{Backend, Limit, Limiter, LocalLimiter, RateLimitConfig};
-use finhub_sidecar::policy::{allow, headers};
+use finhub_sidecar::policy::{allow, headers, path};
 use http::{HeaderValue, Method};
 use ipnet::IpNet;
+use pingora::http::{RequestHeader, ResponseHeader};
+
+/// A typical app request: 15 headers, plus `extra`.
+fn app_request(extra: &[(&str, &str)]) -> RequestHeader {
+    let mut r = RequestHeader::build("POST", b"/api/v2/payments", None).unwrap();
+    for (k, v) in [
+        ("Host", "127.0.0.1:8080"),
+        ("User-Agent", "legacy-app/3.2"),
+        ("Accept", "application/json"),
+        ("Accept-Encoding", "gzip"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", "64"),
+        ("X-Tenant-ID", "tenant-a"),
+        ("X-Request-ID", "9b2f3c1e-7a4d-4e8f-9c0b-1d2e3f4a5b6c"),
+        ("X-Activity-ID", "1b2f3c1e-7a4d-4e8f-9c0b-1d2e3f4a5b6c"),
+        ("X-Correlation-ID", "corr-1"),
+        ("X-Idempotency-Key", "2b2f3c1e-7a4d-4e8f-9c0b-1d2e3f4a5b6c"),
+        (
+            "Traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("X-App-Version", "3.2.1"),
+        ("X-Forwarded-From", "legacy-app"),
+        ("Connection", "keep-alive"),
+    ]
+    .iter()
+    .chain(extra)
+    {
+        r.append_header(k.to_string(), *v).unwrap();
+    }
+    r
+}
 
 fn policy(c: &mut Criterion) {
     let allowed: Vec<IpNet> = vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()];
@@ -48,7 +80,7 @@ fn policy(c: &mut Criterion) {
             headers::forwarded_for(
                 black_box("10.1.2.3".parse().unwrap()),
                 &trusted,
-                Some(&xff),
+                [&xff],
                 origin,
             )
         })
@@ -66,6 +98,60 @@ fn policy(c: &mut Criterion) {
     );
     c.bench_function("rate_limit/check", |b| {
         b.iter(|| limiter.check(black_box(1), &Method::GET, black_box("/api/v2/accounts")))
+    });
+    c.bench_function("path/canonical", |b| {
+        b.iter(|| path::canonical(black_box(b"/api/v2/accounts/4711/transactions?limit=5")))
+    });
+    c.bench_function("path/canonical_and_reserved", |b| {
+        b.iter(|| {
+            let p = path::canonical(black_box(b"/api/v2/accounts/4711/transactions")).unwrap();
+            path::is_reserved(&p, &[])
+        })
+    });
+    // The header rewrite's stripping pass over a typical app request (15 headers, nothing
+    // to strip) and over one that carries credentials and overrides.
+    let clean = app_request(&[]);
+    c.bench_function("headers/strip_app_credentials/clean", |b| {
+        b.iter_batched(
+            || clean.clone(),
+            |mut r| headers::strip_app_credentials(&mut r),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let dirty = app_request(&[
+        ("Authorization", "Bearer app"),
+        ("X_User_Session_Token", "app"),
+        ("X-HTTP-Method-Override", "DELETE"),
+    ]);
+    c.bench_function("headers/strip_app_credentials/dirty", |b| {
+        b.iter_batched(
+            || dirty.clone(),
+            |mut r| headers::strip_app_credentials(&mut r),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    let token = "eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE4MDAwMDAwMDB9.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg";
+    let mut resp = ResponseHeader::build(200, None).unwrap();
+    for (k, v) in [
+        ("Content-Type", "application/json"),
+        ("Content-Length", "512"),
+        ("Date", "Tue, 01 Dec 2026 09:00:00 GMT"),
+        ("X-Request-ID", "9b2f3c1e-7a4d-4e8f-9c0b-1d2e3f4a5b6c"),
+        ("Cache-Control", "no-store"),
+    ] {
+        resp.append_header(k, v).unwrap();
+    }
+    c.bench_function("headers/strip_response_credentials", |b| {
+        b.iter_batched(
+            || resp.clone(),
+            |mut r| {
+                headers::strip_response_credentials(
+                    &mut r,
+                    &[headers::token_fingerprint(token), b"rt-12345678"],
+                )
+            },
+            criterion::BatchSize::SmallInput,
+        )
     });
     let body = br#"{"expires_in":1800,"token_type":"Bearer","userSessionToken":"eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE4MDAwMDAwMDB9.sig","refreshToken":"r"}"#;
     c.bench_function("grant_parse", |b| b.iter(|| Grant::parse(black_box(body))));
