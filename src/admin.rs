@@ -38,8 +38,12 @@ use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
 use crate::tls::{unix_now, TlsStore};
 
-/// Admin connections kept open; a new one beyond this closes the oldest.
+/// Admin connections kept open; a new one beyond this closes one of the largest source's.
 pub const MAX_ADMIN_CONNECTIONS: usize = 256;
+
+/// Admin connections one source (this pod, or one remote address) may hold; its next one
+/// closes its own oldest.
+pub const ADMIN_CONNECTIONS_PER_SOURCE: usize = 64;
 
 /// An admin request header must arrive whole within this (probes send theirs at once).
 pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -224,7 +228,8 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
                 continue;
             }
         };
-        let (id, close) = lock(&open).admit();
+        let source = Source::of(peer.ip(), stream.local_addr().ok().map(|a| a.ip()));
+        let (id, close) = lock(&open).admit(source);
         let (state, open) = (state.clone(), open.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -240,23 +245,64 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
                 _ = builder.serve_connection(TokioIo::new(stream), svc) => {}
                 _ = close.notified() => {}
             }
-            lock(&open).remove(id);
+            lock(&open).remove(source, id);
         });
     }
 }
 
-/// The admin connections open now, oldest first, each with a handle that closes it.
+/// Where an admin connection comes from. Every process in the pod shares its network
+/// namespace, so all of them count as one source: loopback or the listener's own address. The
+/// kubelet (node IP) and Prometheus (its pod IP) are other sources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    /// This pod.
+    Local,
+    /// Another host.
+    Remote(std::net::IpAddr),
+}
+
+impl Source {
+    fn of(peer: std::net::IpAddr, local: Option<std::net::IpAddr>) -> Source {
+        let peer = peer.to_canonical();
+        if peer.is_loopback() || Some(peer) == local.map(|l| l.to_canonical()) {
+            Source::Local
+        } else {
+            Source::Remote(peer)
+        }
+    }
+}
+
+/// The admin connections open now, by source and oldest first, each with a handle that closes
+/// it. A source over its share closes its own oldest connection; when every slot is taken the
+/// largest source gives one up. So a flood from inside the pod only ever evicts its own
+/// connections, never the kubelet's probes.
 #[derive(Default)]
 struct OpenConnections {
     next_id: u64,
-    open: std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
+    total: usize,
+    by_source: std::collections::HashMap<
+        Source,
+        std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>,
+    >,
 }
 
 impl OpenConnections {
-    /// Registers a new connection, closing the oldest one if every slot is taken.
-    fn admit(&mut self) -> (u64, Arc<tokio::sync::Notify>) {
-        if self.open.len() >= MAX_ADMIN_CONNECTIONS {
-            if let Some((_, oldest)) = self.open.pop_front() {
+    /// Registers a new connection from `source`, closing another one if needed.
+    fn admit(&mut self, source: Source) -> (u64, Arc<tokio::sync::Notify>) {
+        let own = self.by_source.get(&source).map_or(0, |q| q.len());
+        let victim = if own >= ADMIN_CONNECTIONS_PER_SOURCE {
+            Some(source)
+        } else if self.total >= MAX_ADMIN_CONNECTIONS {
+            self.by_source
+                .iter()
+                .max_by_key(|(_, q)| q.len())
+                .map(|(s, _)| *s)
+        } else {
+            None
+        };
+        if let Some(q) = victim.and_then(|v| self.by_source.get_mut(&v)) {
+            if let Some((_, oldest)) = q.pop_front() {
+                self.total -= 1;
                 // Stores a permit: the connection closes even if it is not waiting yet.
                 oldest.notify_one();
             }
@@ -264,12 +310,23 @@ impl OpenConnections {
         let id = self.next_id;
         self.next_id += 1;
         let close = Arc::new(tokio::sync::Notify::new());
-        self.open.push_back((id, close.clone()));
+        self.by_source
+            .entry(source)
+            .or_default()
+            .push_back((id, close.clone()));
+        self.total += 1;
         (id, close)
     }
 
-    fn remove(&mut self, id: u64) {
-        self.open.retain(|(i, _)| *i != id);
+    fn remove(&mut self, source: Source, id: u64) {
+        if let Some(q) = self.by_source.get_mut(&source) {
+            let before = q.len();
+            q.retain(|(i, _)| *i != id);
+            self.total -= before - q.len();
+            if q.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
     }
 }
 
@@ -330,26 +387,71 @@ password = "${PW}"
     }
 
     #[test]
-    fn the_oldest_admin_connection_makes_room() {
+    fn a_local_flood_only_evicts_its_own_connections() {
+        let local = Source::of(
+            "127.0.0.1".parse().unwrap(),
+            Some("10.1.2.3".parse().unwrap()),
+        );
+        assert_eq!(local, Source::Local);
+        assert_eq!(
+            Source::of(
+                "10.1.2.3".parse().unwrap(),
+                Some("10.1.2.3".parse().unwrap())
+            ),
+            Source::Local,
+            "the pod's own address is the pod"
+        );
+        let kubelet = Source::of(
+            "10.0.0.1".parse().unwrap(),
+            Some("10.1.2.3".parse().unwrap()),
+        );
         let mut open = OpenConnections::default();
-        let (first, close_first) = open.admit();
-        for _ in 1..MAX_ADMIN_CONNECTIONS {
-            open.admit();
+        let (probe, probe_close) = open.admit(kubelet);
+        let (first_local, first_close) = open.admit(Source::Local);
+        for _ in 0..10 * MAX_ADMIN_CONNECTIONS {
+            open.admit(Source::Local);
         }
-        assert_eq!(open.open.len(), MAX_ADMIN_CONNECTIONS);
-        let (_, _) = open.admit();
-        assert_eq!(open.open.len(), MAX_ADMIN_CONNECTIONS);
-        assert!(open.open.iter().all(|(id, _)| *id != first));
-        // The evicted connection's close handle fires even if nobody waits on it yet.
+        let held = |open: &OpenConnections, s: Source, id: u64| {
+            open.by_source
+                .get(&s)
+                .is_some_and(|q| q.iter().any(|(i, _)| *i == id))
+        };
+        assert!(held(&open, kubelet, probe), "the probe survives the flood");
+        assert!(!held(&open, Source::Local, first_local));
+        assert_eq!(
+            open.by_source[&Source::Local].len(),
+            ADMIN_CONNECTIONS_PER_SOURCE
+        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
             .unwrap();
         rt.block_on(async {
-            tokio::time::timeout(Duration::from_secs(1), close_first.notified())
+            tokio::time::timeout(Duration::from_secs(1), first_close.notified())
                 .await
-                .expect("oldest connection told to close");
+                .expect("the flood's oldest connection was told to close");
+            assert!(
+                tokio::time::timeout(Duration::from_millis(50), probe_close.notified())
+                    .await
+                    .is_err(),
+                "the probe was not"
+            );
         });
+        // Many remote sources fill the listener: the largest gives way, the total holds.
+        for i in 0..2 * MAX_ADMIN_CONNECTIONS {
+            let ip = std::net::IpAddr::from([10, 9, (i / 200) as u8, (i % 200) as u8]);
+            open.admit(Source::Remote(ip));
+        }
+        assert_eq!(open.total, MAX_ADMIN_CONNECTIONS);
+        assert_eq!(
+            open.total,
+            open.by_source.values().map(|q| q.len()).sum::<usize>()
+        );
+        open.remove(kubelet, probe);
+        assert_eq!(
+            open.total,
+            open.by_source.values().map(|q| q.len()).sum::<usize>()
+        );
     }
 
     #[test]

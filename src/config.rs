@@ -70,6 +70,9 @@ pub struct ListenerConfig {
     pub header_timeout: Duration,
     /// Open app connections beyond this are answered 503 and closed at accept.
     pub max_connections: usize,
+    /// A request body must arrive whole within this from the request's start, and no read of it
+    /// may wait longer (408 and close).
+    pub body_timeout: Duration,
 }
 
 /// Admin listener options (`[admin]`).
@@ -406,6 +409,8 @@ struct FileListener {
     header_timeout: Option<String>,
     /// Open app connections beyond this are refused (503, closed); default 1024.
     max_connections: Option<usize>,
+    /// A request body must arrive whole within this, e.g. `"30s"`; default 30 s.
+    body_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -721,9 +726,18 @@ impl Convert<'_> {
         if max_connections == 0 || max_connections > 1_000_000 {
             self.err("listener.max_connections", "must be between 1 and 1000000");
         }
+        let body_timeout = self.duration(
+            "listener.body_timeout",
+            f.listener.body_timeout.as_deref(),
+            secs(30),
+        );
+        if body_timeout > secs(3600) {
+            self.err("listener.body_timeout", "must be at most 1h");
+        }
         let listener = ListenerConfig {
             header_timeout,
             max_connections,
+            body_timeout,
         };
         let admin = AdminConfig {
             shutdown_endpoint: f.admin.shutdown_endpoint,
@@ -1558,6 +1572,7 @@ password = "${PW}"
         let c = load(MINIMAL).expect("valid");
         assert_eq!(c.listener.header_timeout, secs(10));
         assert_eq!(c.listener.max_connections, 1024);
+        assert_eq!(c.listener.body_timeout, secs(30));
         assert!(!c.admin.shutdown_endpoint);
         assert!(c.policy.reserved_paths.is_empty());
         let text = MINIMAL.replace(
@@ -1582,6 +1597,7 @@ password = "${PW}"
                 "[listener]\nmax_connections = 0",
                 "listener.max_connections",
             ),
+            ("[listener]\nbody_timeout = \"2h\"", "listener.body_timeout"),
             (
                 "[policy]\nreserved_paths = [\"api/x\"]",
                 "policy.reserved_paths[0]",

@@ -54,6 +54,9 @@ pub enum ProxyError {
     /// The request's header block did not arrive whole within `listener.header_timeout`.
     #[error("the request header did not arrive in time")]
     HeaderTimeout,
+    /// The request body did not arrive whole within `listener.body_timeout`.
+    #[error("the request body did not arrive in time")]
+    BodyTimeout,
     /// The path belongs to FinHub's auth and session surface, which only the sidecar uses.
     #[error("this path belongs to the FinHub auth and session surface, which the sidecar owns; apps never log in, refresh or log out")]
     ReservedPath,
@@ -170,6 +173,7 @@ impl ProxyError {
             E::ConnectNotSupported => (405, "connect_not_supported", BadRequest),
             E::MethodNotAllowed => (405, "method_not_allowed", BadRequest),
             E::HeaderTimeout => (408, "request_header_timeout", BadRequest),
+            E::BodyTimeout => (408, "request_body_timeout", BadRequest),
             E::HeadersTooLarge => (431, "request_headers_too_large", BadRequest),
             E::RateLimited { .. } => (429, "rate_limited", RateLimited),
             E::RateLimitUnavailable => (503, "rate_limit_unavailable", RateLimitUnavailable),
@@ -223,9 +227,12 @@ impl ProxyError {
     /// Classifies a Pingora error raised while connecting to or talking with FinHub.
     pub fn from_upstream(e: &Error) -> ProxyError {
         if e.esource() == &ErrorSource::Downstream {
-            // The app's own bytes were wrong (header or body framing, chunk encoding): its
-            // request is malformed, FinHub is not at fault.
-            return ProxyError::InvalidRequest;
+            // The app was too slow with its body, or its own bytes were wrong (header or body
+            // framing, chunk encoding): FinHub is not at fault.
+            return match e.etype() {
+                ErrorType::ReadTimedout => ProxyError::BodyTimeout,
+                _ => ProxyError::InvalidRequest,
+            };
         }
         let tls = || {
             ProxyError::UpstreamTls(
@@ -431,6 +438,7 @@ mod tests {
             ProxyError::InvalidRequest,
             ProxyError::Internal,
             ProxyError::HeaderTimeout,
+            ProxyError::BodyTimeout,
             ProxyError::ReservedPath,
             ProxyError::InvalidPath,
             ProxyError::MethodNotAllowed,

@@ -190,9 +190,8 @@ impl pingora::services::Service for AppListener {
                 shutdown.clone(),
             );
             tokio::spawn(async move {
-                counters.open.inc();
+                let _open = OpenGuard::new(&counters.open);
                 serve(tcp, peer, app, &limits, &counters, &shutdown).await;
-                counters.open.dec();
                 drop(permit);
             });
         }
@@ -205,6 +204,22 @@ impl pingora::services::Service for AppListener {
 
     fn threads(&self) -> Option<usize> {
         Some(self.threads)
+    }
+}
+
+/// Counts one open connection until dropped (also if serving it panics).
+struct OpenGuard(IntGauge);
+
+impl OpenGuard {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        OpenGuard(gauge.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

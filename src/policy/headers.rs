@@ -33,6 +33,18 @@ pub const APP_CREDENTIAL_HEADERS: &[&str] = &[
     "x-forwarded-proto",
     "x-forwarded-port",
     "x-forwarded-prefix",
+    // Client-certificate identity claims of TLS-terminating proxies: the mTLS identity FinHub
+    // sees is the sidecar's own.
+    "x-forwarded-client-cert",
+    "x-ssl-client-cert",
+    "x-ssl-client-verify",
+    "x-ssl-client-s-dn",
+    "x-ssl-client-dn",
+    "x-client-cert",
+    "x-client-certificate",
+    "x-envoy-external-address",
+    "x-envoy-original-path",
+    "x-envoy-original-url",
     // Method and URL overrides: FinHub (or a framework in front of it) would act on another
     // method or path than the one the sidecar admitted, rate-limited and may replay.
     "x-http-method-override",
@@ -58,6 +70,11 @@ const SIDECAR_SET_HEADERS: &[&str] = &[
     "host",
     "user-agent",
     "content-type",
+    "x-forwarded-from",
+    "platform",
+    "deviceid",
+    "x-device-id",
+    "device-id",
 ];
 
 /// Whether the app's header `name` (lower case, as parsed) must not reach FinHub. Names are
@@ -93,9 +110,12 @@ pub fn strip_app_credentials(req: &mut RequestHeader) {
 }
 
 /// Response headers that carry a credential by name; removed before the app sees the answer.
-static RESPONSE_CREDENTIAL_HEADERS: [HeaderName; 3] = [
+/// `Set-Cookie` too: the sidecar never sends a cookie to FinHub, so a cookie FinHub sets can only
+/// be a session credential of the sidecar's.
+static RESPONSE_CREDENTIAL_HEADERS: [HeaderName; 4] = [
     http::header::AUTHORIZATION,
     http::header::PROXY_AUTHORIZATION,
+    http::header::SET_COOKIE,
     names::X_USER_SESSION_TOKEN,
 ];
 
@@ -278,14 +298,30 @@ pub fn forwarded_for<'a>(
         }
     }
     let ip = found.ok_or(InvalidForwardedFor)?;
-    let ip = match ip {
-        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
-        v4 => v4,
+    // IPv4 inside IPv6 (mapped `::ffff:a.b.c.d`, compatible `::a.b.c.d`, NAT64
+    // `64:ff9b::a.b.c.d`) must also pass as the IPv4 address it carries.
+    let v4_impossible = |v4: std::net::Ipv4Addr| {
+        v4.is_unspecified()
+            || v4.is_loopback()
+            || v4.is_multicast()
+            || v4.is_broadcast()
+            || v4.octets()[0] == 0
     };
-    let impossible = ip.is_unspecified()
-        || ip.is_loopback()
-        || ip.is_multicast()
-        || matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast());
+    let impossible = match ip {
+        std::net::IpAddr::V4(v4) => v4_impossible(v4),
+        std::net::IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let embedded = if o[..12] == [0, 0x64, 0xff, 0x9b, 0, 0, 0, 0, 0, 0, 0, 0] {
+                Some(std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]))
+            } else {
+                v6.to_ipv4()
+            };
+            v6.is_unspecified()
+                || v6.is_loopback()
+                || v6.is_multicast()
+                || embedded.is_some_and(v4_impossible)
+        }
+    };
     if impossible {
         return Err(InvalidForwardedFor);
     }
@@ -313,6 +349,17 @@ pub fn needs_default_content_type(req: &RequestHeader) -> bool {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .is_some_and(|n| n > 0)
+}
+
+/// Whether `Content-Length` is absent or exactly one value of digits. Pingora accepts repeated
+/// equal values (`5, 5`) and forwards them as sent, which FinHub may read differently.
+pub fn content_length_ok(req: &RequestHeader) -> bool {
+    let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
+    match (values.next(), values.next()) {
+        (None, _) => true,
+        (Some(v), None) => !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit),
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// Size of the header block (names, values and separators), for the 431 limit.
@@ -491,6 +538,8 @@ mod tests {
             "::1",
             "::",
             "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "64:ff9b::7f00:1",
             "224.0.0.1",
             "ff02::1",
             "255.255.255.255",
@@ -534,6 +583,10 @@ mod tests {
             "x_forwarded_for",
             "x_tenant_id",
             "x_request_id",
+            "x-forwarded-client-cert",
+            "x-envoy-external-address",
+            "x_forwarded_from",
+            "x_device_id",
         ] {
             assert!(is_stripped(name), "{name}");
         }
@@ -567,6 +620,8 @@ mod tests {
         resp.append_header("Set-Cookie", "s=c2lnbmF0dXJlLW9mLXRoZS10b2tlbg; Path=/")
             .unwrap();
         resp.append_header("X-Refresh", "rt-12345678-abcdef")
+            .unwrap();
+        resp.append_header("Set-Cookie", "JSESSIONID=abc; Path=/; HttpOnly")
             .unwrap();
         resp.append_header("Content-Type", "application/json")
             .unwrap();
@@ -642,6 +697,21 @@ mod tests {
             );
             assert_eq!(req.headers["platform"], "web");
         }
+    }
+
+    #[test]
+    fn content_length_is_one_run_of_digits() {
+        let mut req = RequestHeader::build("POST", b"/x", None).unwrap();
+        assert!(content_length_ok(&req));
+        req.insert_header("Content-Length", "42").unwrap();
+        assert!(content_length_ok(&req));
+        for bad in ["5, 5", "+5", " 5", "0x5", ""] {
+            req.insert_header("Content-Length", bad).unwrap();
+            assert!(!content_length_ok(&req), "{bad:?}");
+        }
+        req.insert_header("Content-Length", "5").unwrap();
+        req.append_header("Content-Length", "5").unwrap();
+        assert!(!content_length_ok(&req), "two field lines");
     }
 
     #[test]

@@ -7,11 +7,12 @@
 //!
 //! So a path is first required to be *canonical*: no dot segments, no empty segments, no
 //! percent-encoding of a character that needs none (unreserved characters), no encoded or raw
-//! `/`-lookalikes (`%2F`, `\`, `%5C`), no control or non-ASCII bytes, no NUL. Anything else is
-//! refused with 400 `invalid_path`: a path that reads differently to different servers is not
-//! forwarded at all. A canonical path is then matched case-insensitively, with Java-style
-//! matrix parameters (`/auth;jsessionid=x/logout`) removed from each segment, against prefixes
-//! that end at a segment boundary.
+//! `/`-lookalikes (`%2F`, `\`, `%5C`), no `;` (Java servers strip `;params` from segments, which
+//! can leave empty or dot segments behind: `/;/api/…`, `/api/v2/..;/auth`), no `%25`, no control
+//! or non-ASCII bytes. Anything else is refused with 400 `invalid_path`: a path that reads
+//! differently to different servers is not forwarded at all (Spring's `StrictHttpFirewall`
+//! refuses the same). A canonical path is then matched case-insensitively against prefixes that
+//! end at a segment boundary.
 
 use std::borrow::Cow;
 
@@ -32,10 +33,13 @@ pub const RESERVED_PREFIXES: &[&str] = &[
     "/oauth2",
 ];
 
-/// Path segment that marks a v2.1 session resource (`…/users/{userId}/sessions[/{id}]`):
-/// POST logs in, GET shows, PUT refreshes, DELETE logs out (§2.5, §2.6).
-const V21_PREFIX: &str = "/api/v2.1/";
-const V21_SESSIONS_SEGMENT: &str = "sessions";
+/// Segments that mark the auth and session surface under any API version
+/// (`/api/{version}/…`): the first segment after the version being `auth` or `session`, or any
+/// segment being `sessions` (the v2.1 session resources `…/users/{userId}/sessions[/{id}]`:
+/// POST logs in, GET shows, PUT refreshes, DELETE logs out, §2.5, §2.6), `logout` or
+/// `logoutall`.
+const FIRST_SEGMENTS: &[&str] = &["auth", "session", "sessions"];
+const ANY_SEGMENTS: &[&str] = &["sessions", "logout", "logoutall"];
 
 /// Checks that `raw` (the path of an origin-form request target, query included or not) is
 /// canonical and returns the form rules match against: lower case, matrix parameters removed.
@@ -64,9 +68,9 @@ pub fn canonical(raw: &[u8]) -> Result<Cow<'_, str>, ProxyError> {
                 i += 3;
                 continue;
             }
-            b'\\' | b'#' => return Err(ProxyError::InvalidPath),
+            b'\\' | b'#' | b';' => return Err(ProxyError::InvalidPath),
             0..=0x20 | 0x7f.. => return Err(ProxyError::InvalidPath),
-            b'A'..=b'Z' | b';' => needs_rewrite = true,
+            b'A'..=b'Z' => needs_rewrite = true,
             _ => {}
         }
         i += 1;
@@ -76,21 +80,14 @@ pub fn canonical(raw: &[u8]) -> Result<Cow<'_, str>, ProxyError> {
     let segments = &text[1..];
     let mut rest = segments.split('/').peekable();
     while let Some(seg) = rest.next() {
-        let name = seg.split(';').next().unwrap_or("");
-        if (seg.is_empty() && rest.peek().is_some()) || name == "." || name == ".." {
+        if (seg.is_empty() && rest.peek().is_some()) || seg == "." || seg == ".." {
             return Err(ProxyError::InvalidPath);
         }
     }
     if !needs_rewrite {
         return Ok(Cow::Borrowed(text));
     }
-    let mut out = String::with_capacity(text.len());
-    for seg in segments.split('/') {
-        out.push('/');
-        let name = seg.split(';').next().unwrap_or("");
-        out.extend(name.chars().map(|c| c.to_ascii_lowercase()));
-    }
-    Ok(Cow::Owned(out))
+    Ok(Cow::Owned(text.to_ascii_lowercase()))
 }
 
 /// Whether the canonical path `path` is under `prefix` (lower case, no trailing slash) at a
@@ -108,14 +105,33 @@ pub fn under(path: &str, prefix: &str) -> bool {
 }
 
 /// Whether the canonical path belongs to the sidecar's auth and session surface: a built-in
-/// prefix, an operator's `extra` prefix, or a v2.1 session resource.
+/// prefix, an operator's `extra` prefix, or an auth or session segment under any API version.
 pub fn is_reserved(path: &str, extra: &[String]) -> bool {
-    RESERVED_PREFIXES.iter().any(|p| under(path, p))
-        || extra.iter().any(|p| under(path, p))
-        || (path.starts_with(V21_PREFIX)
-            && path[V21_PREFIX.len()..]
-                .split('/')
-                .any(|s| s == V21_SESSIONS_SEGMENT))
+    if RESERVED_PREFIXES.iter().any(|p| under(path, p)) || extra.iter().any(|p| under(path, p)) {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix("/api/") else {
+        return false;
+    };
+    let mut segments = rest.split('/');
+    if !segments.next().is_some_and(is_version) {
+        return false;
+    }
+    let mut first = true;
+    segments.any(|s| {
+        let hit = (first && FIRST_SEGMENTS.contains(&s)) || ANY_SEGMENTS.contains(&s);
+        first = false;
+        hit
+    })
+}
+
+/// `v2`, `v2.1`, `v10.0.3`: an API version segment.
+fn is_version(s: &str) -> bool {
+    s.strip_prefix('v').is_some_and(|n| {
+        !n.is_empty()
+            && n.split('.')
+                .all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()))
+    })
 }
 
 /// A configured reserved prefix in the form [`under`] compares with: lower case, one leading
@@ -152,14 +168,9 @@ mod tests {
             canonical(b"/API/V2/Auth/token").unwrap(),
             "/api/v2/auth/token"
         );
-        assert_eq!(
-            canonical(b"/api/v2/auth;jsessionid=1/logout").unwrap(),
-            "/api/v2/auth/logout"
-        );
         // Encoded reserved characters that are not path separators stay as they are.
         assert_eq!(canonical(b"/api/v2/a%20b%3A").unwrap(), "/api/v2/a%20b%3A");
         assert_eq!(canonical(b"/api/v2/a%3a").unwrap(), "/api/v2/a%3a");
-        assert_eq!(canonical(b"/Api/x;y").unwrap(), "/api/x");
     }
 
     #[test]
@@ -170,6 +181,12 @@ mod tests {
             b"/api/v2/./auth/logout",
             b"/api/v2/x/../auth/logout",
             b"/api/v2/..;/auth/logout",
+            b"/;/api/v2/auth/logout",
+            b"/api/;/v2/auth/logout",
+            b"/api/v2/;x/auth/logout",
+            b"/api/v2/auth;jsessionid=1/logout",
+            b"/api/v2/a%3Bb",
+            b"/api/v2/a%25b",
             b"/api/v2/%61uth/token",
             b"/api/v2/auth%2Ftoken",
             b"/api/v2/auth%2ftoken",
@@ -210,6 +227,12 @@ mod tests {
             "/api/auth/login",
             "/oauth/token",
             "/oauth2/token",
+            "/api/v1/auth/token",
+            "/api/v2.0/auth/token",
+            "/api/v3/session/logout",
+            "/api/v2/customers/c-1/logout",
+            "/api/v2/devices/d-1/logoutall",
+            "/api/v2/customer/individual/c-1/users/u-1/sessions",
         ] {
             assert!(is_reserved(p, &none), "{p}");
         }
@@ -220,6 +243,11 @@ mod tests {
             "/api/v2.1/fintrans/balance",
             "/api/v2.1/customer/individual/c-1/users/u-1/consents",
             "/oauthx",
+            "/api/v2/accounts/auth",
+            "/api/vx/auth",
+            "/api/v/auth",
+            "/api/v2./auth",
+            "/api/v2/sessionsx",
         ] {
             assert!(!is_reserved(p, &none), "{p}");
         }
@@ -236,6 +264,8 @@ mod tests {
             b"/API/v2/auth/logout",
             b"/api/V2/AUTH/LOGOUT",
             b"/api/v2/auth;x=1/logout",
+            b"/;/api/v2/auth/logout",
+            b"/;/api/v2.1/admin/organization/o/users/u/sessions",
             b"//api/v2/auth/logout",
             b"/api/v2/./auth/logout",
             b"/api/v2/%61uth/logout",

@@ -8,8 +8,8 @@
 //! 1. the TCP peer is allowed (also enforced at accept, `listener.rs`);
 //! 2. the method: no `CONNECT`, `TRACE`, `TRACK`;
 //! 3. no protocol upgrade;
-//! 4. the header block within `policy.max_header_bytes` (also enforced while it is read) and the
-//!    headers the sidecar interprets well-formed;
+//! 4. the header block within `policy.max_header_bytes` (also enforced while it is read), the
+//!    headers the sidecar interprets well-formed, `Content-Length` one value of digits;
 //! 5. an absolute-form target names a FinHub host;
 //! 6. the path is canonical and outside the auth and session surface;
 //! 7. the tenant;
@@ -106,6 +106,9 @@ impl Admission<'_> {
         }
         if let Some(name) = headers::malformed_header(req) {
             return Err(ProxyError::InvalidHeader(name).into());
+        }
+        if !headers::content_length_ok(req) {
+            return Err(ProxyError::InvalidRequest.into());
         }
         let (raw_path, upstream_uri) =
             match allow::destination(req.raw_path(), &self.config.upstream.allowed_hosts)? {

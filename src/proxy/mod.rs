@@ -383,13 +383,37 @@ impl ProxyHttp for FinHubProxy {
             Ok(Check::Wait(pending)) => rate_limit_verdict(pending.await),
             Err(e) => Err(e),
         };
-        let Err(e) = verdict else { return Ok(false) };
+        let Err(e) = verdict else {
+            // A body that trickles in holds an app slot and a FinHub connection: each read of it
+            // waits at most body_timeout (request_body_filter bounds the total).
+            let body_timeout = self.config.listener.body_timeout;
+            session
+                .as_downstream_mut()
+                .set_read_timeout(Some(body_timeout));
+            return Ok(false);
+        };
         if closes_connection(&e) {
             session.set_keepalive(None);
         }
         error::respond(session, &e).await?;
         ctx.failure = Some(e);
         Ok(true)
+    }
+
+    /// Contract: the whole request body arrives within `listener.body_timeout` of the request's
+    /// start.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if ctx.start.elapsed() > self.config.listener.body_timeout {
+            ctx.failure = Some(ProxyError::BodyTimeout);
+            return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");
+        }
+        Ok(())
     }
 
     /// Contract: FinHub's resolved address, its SNI, the current client cert and CA.

@@ -362,9 +362,11 @@ where
                         error!("failed to send error response to downstream: {e}");
                     });
                 } else {
-                    // otherwise the connection must be broken, no need to send anything
-                    error!(
-                        "Fail to proxy: {e}, downstream session type: {}",
+                    // otherwise the connection must be broken, no need to send anything.
+                    // A client that breaks off its own request header is the client's failure,
+                    // not the proxy's: any peer could otherwise fill the error log.
+                    debug!(
+                        "Fail to read request: {e}, downstream session type: {}",
                         downstream_session.session_type()
                     );
                 }
