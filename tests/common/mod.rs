@@ -65,6 +65,8 @@ pub struct World {
     pub cert_extra: String,
     /// Extra lines inside `[auth]`.
     pub auth_extra: String,
+    /// `auth.request_timeout` of the sidecar config.
+    pub auth_request_timeout: &'static str,
 }
 
 impl World {
@@ -99,6 +101,7 @@ impl World {
             upstream_extra: String::new(),
             cert_extra: String::new(),
             auth_extra: String::new(),
+            auth_request_timeout: "2s",
         }
     }
 
@@ -146,7 +149,7 @@ key_file = "{key}"
 
 [auth]
 environment = "{environment}"
-request_timeout = "2s"
+request_timeout = "{auth_request_timeout}"
 {auth_extra}
 
 [headers]
@@ -171,6 +174,7 @@ level = "info,finhub_sidecar=debug"
             cert_extra = self.cert_extra,
             environment = self.environment,
             auth_extra = self.auth_extra,
+            auth_request_timeout = self.auth_request_timeout,
         )
     }
 
@@ -283,6 +287,39 @@ impl SidecarProcess {
                 .parse()
                 .ok()
         })
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill -{signal} {}", self.pid());
+    }
+
+    /// Waits (polling, with a deadline) for the process to exit; its exit code.
+    pub async fn exit_code(&self, within: Duration) -> Option<i32> {
+        eventually(within, || async {
+            self.child
+                .lock()
+                .unwrap()
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|s| s.code().unwrap_or(-1))
+        })
+        .await
+    }
+
+    /// `GET /status` as JSON.
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        http_client()
+            .get(format!("http://{}/status", self.admin))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
     }
 
     pub fn url(&self, path: &str) -> String {
