@@ -149,7 +149,8 @@ fn choose_expiry(
             Expiry {
                 at_us,
                 on_finhub_clock: true,
-                validity_us: validity_us.max(0),
+                // Like every lifetime believed from FinHub, at most a day.
+                validity_us: validity_us.clamp(0, us(grant::MAX_LIFETIME)),
                 capped: at_us < exp,
             }
         }
@@ -702,7 +703,10 @@ async fn sleep_until(
     backing_off: bool,
     last_forced: Option<Instant>,
 ) -> Wake {
-    let wait = Duration::from_micros((at_us - unix_us(SystemTime::now())).max(0) as u64);
+    // Plans are at most a lifetime (a day) away; the cap only keeps `Instant` arithmetic sane.
+    let wait =
+        Duration::from_micros(at_us.saturating_sub(unix_us(SystemTime::now())).max(0) as u64)
+            .min(2 * grant::MAX_LIFETIME);
     let mut deadline = Instant::now() + wait;
     loop {
         tokio::select! {
@@ -1446,6 +1450,47 @@ mod tests {
                     "offset {offset}, {life_s} s: still early after 10 lifetimes: {early:?}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn absurd_times_from_fin_hub_never_panic() {
+        let clock = Arc::new(ClockOffset::new());
+        let now = SystemTime::now();
+        for (claims, expires_in) in [
+            (
+                serde_json::json!({"exp": u64::MAX, "iat": 0, "internalTokenKey": "k"}),
+                Some(u64::MAX),
+            ),
+            (
+                serde_json::json!({"exp": 0, "iat": u64::MAX, "internalTokenKey": "k"}),
+                Some(0),
+            ),
+            (serde_json::json!({"exp": 1, "internalTokenKey": "k"}), None),
+            (serde_json::json!({"exp": i64::MAX as u64 / 1000}), Some(1)),
+        ] {
+            let g = Grant::parse(
+                serde_json::json!({"userSessionToken": jwt(claims), "expires_in": expires_in})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap();
+            let s = Session::from_grant(g, now, now, &clock);
+            let _ = s.is_usable(now);
+            let _ = s.expires_at();
+            assert!(s.lifetime() <= grant::MAX_LIFETIME);
+            for refreshable in [true, false] {
+                let _ = plan(
+                    s.timing(),
+                    clock.bounds(),
+                    0.97,
+                    i64::MAX,
+                    refreshable,
+                    i64::MAX,
+                );
+                let _ = plan(s.timing(), clock.bounds(), 0.5, 0, refreshable, i64::MIN);
+            }
+            s.note_remaining(Duration::from_secs(u64::MAX / 2), now, now);
         }
     }
 
