@@ -116,10 +116,10 @@ async fn renewals_under_load(offset_ms: i64) {
         stats.expired_token_seen, 0,
         "no expired token reached FinHub"
     );
-    // Until the offset is pinned down a refresh may come before FinHub's window opens; then
-    // every one lands in it.
+    // Until the offset is pinned down (the first lifetimes) a refresh may come before FinHub's
+    // window opens; then every one lands in it.
     assert!(
-        stats.refreshes_not_needed <= 6,
+        stats.refreshes_not_needed <= RENEWALS,
         "early refreshes stop once FinHub's clock is known: {stats:?}"
     );
     let counted = eventually(Duration::from_secs(5), || async {
