@@ -288,11 +288,14 @@ def check_deployment(resources: list[dict], cfg: dict) -> dict | None:
               cm is not None and "proxy.toml" in cm.get("data", {}) and re.search(r"-[a-z0-9]{10}$", cm_name),
               "missing, or the name has no content hash")
 
-    # The drain must fit in the grace period.
+    # The drain (and the logout after it) must fit in the grace period.
     grace = pod.get("terminationGracePeriodSeconds", 30)
     sd = cfg.get("shutdown", {})
     drain = human_duration(sd.get("drain_delay", "5s")) + human_duration(sd.get("deadline", "20s"))
-    check(f"terminationGracePeriodSeconds {grace} >= drain_delay + deadline ({drain:g}s)", grace >= drain,
+    auth = cfg.get("auth", {})
+    if auth.get("logout_on_shutdown", True):
+        drain += human_duration(auth.get("logout_timeout", "2s"))
+    check(f"terminationGracePeriodSeconds {grace} >= drain_delay + deadline + logout_timeout ({drain:g}s)", grace >= drain,
           "the kubelet would SIGKILL the sidecar mid-drain")
 
     app = named(pod.get("containers"), "app") or {}

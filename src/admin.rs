@@ -9,7 +9,8 @@
 //! |                  | with the reason.                                                          |
 //! | `GET /metrics`   | Prometheus text exposition of every metric in `metrics.rs`.               |
 //! | `GET /status`    | JSON for people: version, uptime, certificate subject/serial/expiry,      |
-//! |                  | per-tenant session expiry and last auth result. Never a secret.           |
+//! |                  | FinHub's clock offset, per-tenant session expiry and last auth result.    |
+//! |                  | Never a secret.                                                           |
 //! | `POST /shutdown` | Only with `admin.shutdown_endpoint = true`: starts the graceful drain, as |
 //! |                  | SIGTERM does (for Jobs). Loopback peers only (IPv4-mapped included);      |
 //! |                  | others get 403. Without the setting it does not exist (404).              |
@@ -116,7 +117,8 @@ impl AdminState {
                     "id": t.tenant.id,
                     "default": &t.tenant.id == default_id,
                     "session_valid": t.usable(SystemTime::now()).is_some(),
-                    "session_expires_unix": session.as_ref().map(|s| unix(s.expires_at)),
+                    "session_expires_unix": session.as_ref().map(|s| unix(s.expires_at())),
+                    "finhub_exp_unix": session.as_ref().and_then(|s| s.finhub_expiry()).map(unix),
                     "refreshable": session.as_ref().map(|s| s.internal_token_key.is_some()),
                     "last_result": st.last_result,
                     "last_attempt_unix": st.last_attempt_unix,
@@ -133,6 +135,7 @@ impl AdminState {
             "environment": self.config.auth.environment.to_string(),
             "upstream": format!("{}:{}", self.config.upstream.host, self.config.upstream.port),
             "certificate": certificate,
+            "finhub_clock": self.sessions.clock().report(),
             "tenants": tenants,
             "rate_limits": null,
         })

@@ -196,6 +196,14 @@ pub struct AuthConfig {
     pub request_timeout: Duration,
     /// Request bodies up to this size are kept to replay after a 401 (at most 64 KiB).
     pub replay_body_limit: usize,
+    /// Logout endpoint path.
+    pub logout_path: String,
+    /// While a tenant has no usable session, a failed login is retried at least this often.
+    pub recovery_interval: Duration,
+    /// End each tenant's session with FinHub's logout during a graceful shutdown.
+    pub logout_on_shutdown: bool,
+    /// Bound on the whole logout at shutdown (all tenants together).
+    pub logout_timeout: Duration,
 }
 
 /// One tenant the sidecar holds a session for.
@@ -480,6 +488,15 @@ struct FileAuth {
     /// Replay a request once after a 401 if its body is at most this many bytes; default and
     /// maximum 65536 (Pingora's retry buffer). 0 disables replays of requests with a body.
     replay_body_limit: Option<usize>,
+    /// Logout path; default `/api/v2/auth/logout`.
+    logout_path: Option<String>,
+    /// While a tenant has no usable session, retry a failed login at least this often
+    /// (jittered, `Retry-After` honoured); default 3 s, range 1–60 s.
+    recovery_interval: Option<String>,
+    /// Log each tenant's session out during a graceful shutdown; default true.
+    logout_on_shutdown: Option<bool>,
+    /// Bound on the logout at shutdown, all tenants together; default 2 s, at most 30 s.
+    logout_timeout: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -936,9 +953,13 @@ impl Convert<'_> {
         let refresh_path = a
             .refresh_path
             .unwrap_or_else(|| "/api/v2/auth/token/refresh".to_string());
+        let logout_path = a
+            .logout_path
+            .unwrap_or_else(|| "/api/v2/auth/logout".to_string());
         for (key, p) in [
             ("auth.login_path", &login_path),
             ("auth.refresh_path", &refresh_path),
+            ("auth.logout_path", &logout_path),
         ] {
             if !p.starts_with('/') || p.contains(char::is_whitespace) {
                 self.err(
@@ -968,11 +989,34 @@ impl Convert<'_> {
                 format!("{replay_body_limit} exceeds {MAX_REPLAY_BODY} (the proxy's retry buffer)"),
             );
         }
+        let recovery_interval = self.duration(
+            "auth.recovery_interval",
+            a.recovery_interval.as_deref(),
+            secs(3),
+        );
+        if !(secs(1)..=secs(60)).contains(&recovery_interval) {
+            self.err(
+                "auth.recovery_interval",
+                "must be between 1s and 60s (apps fail until the session is back)",
+            );
+        }
+        let logout_timeout =
+            self.duration("auth.logout_timeout", a.logout_timeout.as_deref(), secs(2));
+        if logout_timeout > secs(30) {
+            self.err(
+                "auth.logout_timeout",
+                "must be at most 30s (it delays the process exit)",
+            );
+        }
         Some(AuthConfig {
             environment: env,
             replay_body_limit,
             login_path,
             refresh_path,
+            logout_path,
+            recovery_interval,
+            logout_on_shutdown: a.logout_on_shutdown.unwrap_or(true),
+            logout_timeout,
             account_type: a.account_type.unwrap_or_else(|| "B2B".into()),
             grant_type: a.grant_type.unwrap_or_else(|| "password".into()),
             refresh_at,
@@ -1748,6 +1792,41 @@ password = "${PW}"
         ))
         .unwrap_err();
         assert_eq!(e.0[0].key, "policy.rate_limit.redis.url");
+    }
+
+    #[test]
+    fn session_continuity_keys_have_defaults_and_bounds() {
+        let c = load(MINIMAL).expect("valid");
+        assert_eq!(c.auth.recovery_interval, Duration::from_secs(3));
+        assert!(c.auth.logout_on_shutdown);
+        assert_eq!(c.auth.logout_timeout, Duration::from_secs(2));
+        assert_eq!(c.auth.logout_path, "/api/v2/auth/logout");
+        let c = load(&MINIMAL.replace(
+            "[auth]",
+            "[auth]\nrecovery_interval = \"5s\"\nlogout_on_shutdown = false\nlogout_timeout = \"500ms\"\nlogout_path = \"/v2/logout\"",
+        ))
+        .expect("valid");
+        assert_eq!(c.auth.recovery_interval, Duration::from_secs(5));
+        assert!(!c.auth.logout_on_shutdown);
+        assert_eq!(c.auth.logout_timeout, Duration::from_millis(500));
+        assert_eq!(c.auth.logout_path, "/v2/logout");
+        for (line, key) in [
+            ("recovery_interval = \"200ms\"", "auth.recovery_interval"),
+            ("recovery_interval = \"5m\"", "auth.recovery_interval"),
+            ("recovery_interval = \"often\"", "auth.recovery_interval"),
+            ("logout_timeout = \"0s\"", "auth.logout_timeout"),
+            ("logout_timeout = \"1m\"", "auth.logout_timeout"),
+            ("logout_on_shutdown = \"yes\"", "auth.logout_on_shutdown"),
+            ("logout_path = \"logout\"", "auth.logout_path"),
+        ] {
+            let e = load(&MINIMAL.replace("[auth]", &format!("[auth]\n{line}"))).unwrap_err();
+            assert_eq!(e.0[0].key, key, "{line}: {e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("/etc/finhub/proxy.toml: {key}:")),
+                "{e}"
+            );
+        }
     }
 
     #[test]

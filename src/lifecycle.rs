@@ -6,14 +6,18 @@
 //! 1. `/ready` turns 503 at once ([`Lifecycle::is_draining`]);
 //! 2. the proxy keeps serving new and in-flight requests for `shutdown.drain_delay`;
 //! 3. it then waits (up to `shutdown.deadline`) until no request is in flight;
-//! 4. only then is Pingora told to shut down gracefully (listeners close, runtimes stop), and the
+//! 4. then runs the work registered with [`Lifecycle::on_drained`] (the sessions' logout),
+//!    bounded;
+//! 5. only then is Pingora told to shut down gracefully (listeners close, runtimes stop), and the
 //!    process exits 0.
 //!
-//! SIGINT (Ctrl-C in a terminal) skips the drain.
+//! SIGINT (Ctrl-C in a terminal) skips the drain and the logout.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
@@ -21,8 +25,13 @@ use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
 
+/// Work to run once the drain is complete, before the process stops.
+pub type DrainedHook = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
 /// Shared shutdown state.
 pub struct Lifecycle {
+    /// Registered with [`Lifecycle::on_drained`]: the hook and its bound.
+    drained: Mutex<Option<(DrainedHook, Duration)>>,
     draining: AtomicBool,
     in_flight: AtomicI64,
     idle: Notify,
@@ -36,6 +45,7 @@ impl Lifecycle {
     /// A running (not draining) lifecycle.
     pub fn new(drain_delay: Duration, deadline: Duration, metrics: Metrics) -> Arc<Self> {
         Arc::new(Lifecycle {
+            drained: Mutex::new(None),
             draining: AtomicBool::new(false),
             in_flight: AtomicI64::new(0),
             idle: Notify::new(),
@@ -60,6 +70,16 @@ impl Lifecycle {
     pub fn request_shutdown(&self) {
         self.draining.store(true, Ordering::SeqCst);
         self.shutdown_requested.notify_one();
+    }
+
+    /// Runs `hook` once the drain is complete (no request in flight, or the deadline passed),
+    /// giving up on it after `within`. One hook; a later call replaces it.
+    pub fn on_drained(&self, within: Duration, hook: DrainedHook) {
+        let mut slot = match self.drained.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        *slot = Some((hook, within));
     }
 
     /// Marks one request in flight until the guard is dropped.
@@ -92,6 +112,23 @@ impl Lifecycle {
                 in_flight = self.in_flight(),
                 "drain deadline reached with requests in flight; stopping anyway"
             ),
+        }
+        let hook = match self.drained.lock() {
+            Ok(mut s) => s.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some((hook, within)) = hook {
+            let started = Instant::now();
+            if tokio::time::timeout(within, hook()).await.is_err() {
+                tracing::warn!(
+                    within_ms = within.as_millis() as u64,
+                    "shutdown work did not finish in time; stopping anyway"
+                );
+            }
+            tracing::info!(
+                took_ms = started.elapsed().as_millis() as u64,
+                "shutdown work done"
+            );
         }
     }
 }
@@ -171,5 +208,36 @@ mod tests {
             .expect("drain finishes once idle")
             .unwrap();
         assert_eq!(l.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_drained_hook_runs_after_the_last_request_and_is_bounded() {
+        let l = Lifecycle::new(Duration::ZERO, Duration::from_secs(5), Metrics::new());
+        let guard = l.track();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let in_flight_when_run = Arc::new(AtomicI64::new(-1));
+        let (l2, seen) = (l.clone(), in_flight_when_run.clone());
+        l.on_drained(
+            Duration::from_millis(200),
+            Box::new(move || {
+                Box::pin(async move {
+                    seen.store(l2.in_flight(), Ordering::SeqCst);
+                    let _ = tx.send(());
+                    // Never finishes on its own: the bound ends it.
+                    std::future::pending::<()>().await;
+                })
+            }),
+        );
+        let l3 = l.clone();
+        let drained = tokio::spawn(async move { l3.drain().await });
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err(), "not while a request is in flight");
+        drop(guard);
+        tokio::time::timeout(Duration::from_secs(5), drained)
+            .await
+            .expect("the bound ends a hook that hangs")
+            .unwrap();
+        assert!(rx.try_recv().is_ok());
+        assert_eq!(in_flight_when_run.load(Ordering::SeqCst), 0);
     }
 }

@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -147,10 +147,13 @@ pub struct Metrics {
     /// `finhub_sidecar_session_expiration_timestamp_seconds{tenant}`: expiry of the tenant's
     /// current FinHub session.
     pub session_expiration: IntGaugeVec,
-    /// `finhub_sidecar_auth_requests_total{tenant,kind="login|refresh",result}`: calls to
-    /// FinHub's auth endpoints by outcome (`ok`, `not_refreshed`, `rejected`, `rate_limited`,
-    /// `error`).
+    /// `finhub_sidecar_auth_requests_total{tenant,kind="login|refresh|logout",result}`: calls
+    /// to FinHub's auth endpoints by outcome (`ok`, `not_refreshed`, `rejected`,
+    /// `rate_limited`, `error`; logout also `timeout`).
     pub auth_requests: IntCounterVec,
+    /// `finhub_sidecar_finhub_clock_offset_seconds`: estimated offset of FinHub's clock from
+    /// ours (positive: FinHub ahead), from its `Date` headers; 0 until the first answer.
+    pub finhub_clock_offset: Gauge,
     /// `finhub_sidecar_upstream_401_replays_total{tenant}`: requests replayed once with a
     /// renewed session after FinHub answered 401.
     pub upstream_401_replays: IntCounterVec,
@@ -233,6 +236,11 @@ impl Metrics {
                 "Calls to FinHub's login and refresh endpoints by outcome",
             ),
             &["tenant", "kind", "result"],
+        )
+        .expect("static metric definition is valid");
+        let finhub_clock_offset = Gauge::new(
+            "finhub_sidecar_finhub_clock_offset_seconds",
+            "Estimated offset of FinHub's clock from the sidecar's (positive: FinHub ahead), from its Date headers",
         )
         .expect("static metric definition is valid");
         let upstream_401_replays = IntCounterVec::new(
@@ -373,6 +381,7 @@ impl Metrics {
             Box::new(cert_last_reload.clone()),
             Box::new(session_expiration.clone()),
             Box::new(auth_requests.clone()),
+            Box::new(finhub_clock_offset.clone()),
             Box::new(upstream_401_replays.clone()),
         ] {
             registry
@@ -390,6 +399,7 @@ impl Metrics {
             cert_last_reload,
             session_expiration,
             auth_requests,
+            finhub_clock_offset,
             upstream_401_replays,
             requests,
             request_duration,
@@ -415,6 +425,10 @@ impl Metrics {
                 self.auth_requests
                     .with_label_values(&[tenant, kind, result]);
             }
+        }
+        for result in ["ok", "rejected", "rate_limited", "error", "timeout"] {
+            self.auth_requests
+                .with_label_values(&[tenant, "logout", result]);
         }
         self.upstream_401_replays.with_label_values(&[tenant]);
         self.rate_limited.with_label_values(&[tenant]);
@@ -504,6 +518,7 @@ mod tests {
             "finhub_sidecar_client_cert_expiration_timestamp_seconds",
             "finhub_sidecar_cert_reloads_total",
             "finhub_sidecar_cert_last_reload_timestamp_seconds",
+            "finhub_sidecar_finhub_clock_offset_seconds",
         ] {
             assert!(text.contains(name), "{name} missing:\n{text}");
         }

@@ -92,6 +92,9 @@ impl Sidecar {
         ));
         let sessions = Arc::new(SessionTable::new(&config));
         let metrics = Metrics::new();
+        sessions
+            .clock()
+            .set_gauge(metrics.finhub_clock_offset.clone());
         for t in &config.tenants {
             metrics.init_tenant(&t.id);
         }
@@ -265,7 +268,29 @@ impl BackgroundService for ControlPlane {
         if let Some(redis) = &self.redis {
             tasks.spawn(redis.clone().keep_connected());
         }
-        let client = Arc::new(AuthClient::new(&self.config, self.tls.clone()));
+        let client = Arc::new(AuthClient::new(
+            &self.config,
+            self.tls.clone(),
+            self.sessions.clock().clone(),
+        ));
+        if self.config.auth.logout_on_shutdown {
+            // Runs from the drain (Pingora's signal task); the calls go out on this runtime,
+            // which lives until the drain is over.
+            let (sessions, client, metrics) =
+                (self.sessions.clone(), client.clone(), self.metrics.clone());
+            let within = self.config.auth.logout_timeout;
+            let runtime = tokio::runtime::Handle::current();
+            self.lifecycle.on_drained(
+                within + std::time::Duration::from_millis(250),
+                Box::new(move || {
+                    Box::pin(async move {
+                        let _ = runtime
+                            .spawn(auth::logout_all(sessions, client, metrics, within))
+                            .await;
+                    })
+                }),
+            );
+        }
         for slot in self.sessions.tenants() {
             let (slot, client, auth, metrics) = (
                 slot.clone(),

@@ -213,13 +213,21 @@ fn envelope(status: u16, body: &Value) -> String {
         .to_string()
 }
 
+/// `expires_in` right after issuing a token of `lifetime` seconds: the whole seconds left, so
+/// `lifetime - 1` (the token's `exp` is a whole second after `iat`, and part of the current
+/// second has passed) or `lifetime` exactly on a second boundary.
+fn whole_seconds_left(v: &Value, lifetime: u64) -> bool {
+    v.as_u64()
+        .is_some_and(|s| s + 1 == lifetime || s == lifetime)
+}
+
 #[tokio::test]
 async fn login_on_both_endpoints_in_every_shape() {
     let env = Env::start(|c| c.token_lifetime = Duration::from_secs(1800)).await;
 
     // S1 on the sandbox endpoint (customerId) ...
     let s1 = env.login().await;
-    assert_eq!(s1["expires_in"], 1800);
+    assert!(whole_seconds_left(&s1["expires_in"], 1800), "{s1}");
     assert_eq!(s1["token_type"], "Bearer");
     assert_eq!(s1["tenantId"], TENANT);
     assert_eq!(s1["customerId"], "demo-customer");
@@ -269,7 +277,7 @@ async fn login_on_both_endpoints_in_every_shape() {
         )
         .await;
     assert_eq!(status, 200, "{t1}");
-    assert!(t1["userSessionToken"].is_string() && t1["expires_in"] == 1800);
+    assert!(t1["userSessionToken"].is_string() && whole_seconds_left(&t1["expires_in"], 1800));
     assert_ne!(
         t1["userSessionToken"], s1["userSessionToken"],
         "every login is a new session"
@@ -287,7 +295,7 @@ async fn login_on_both_endpoints_in_every_shape() {
         assert_eq!(status, 200, "{s4}");
         assert_eq!(s4["code"], 200);
         assert_eq!(s4["message"], "Success");
-        assert_eq!(s4["data"]["expiresIn"], 1800);
+        assert!(whole_seconds_left(&s4["data"]["expiresIn"], 1800), "{s4}");
         assert_eq!(s4["data"]["tenantId"], TENANT);
         assert!(
             claims(s4["data"]["userSessionToken"].as_str().unwrap())["internalTokenKey"]
@@ -305,7 +313,7 @@ async fn login_on_both_endpoints_in_every_shape() {
         )
         .await;
     assert!(
-        s2["access_token"].is_string() && s2["expires_in"] == 1800,
+        s2["access_token"].is_string() && whole_seconds_left(&s2["expires_in"], 1800),
         "{s2}"
     );
     env.emu.controls().set_response_shape(ResponseShape::S3);
@@ -317,7 +325,7 @@ async fn login_on_both_endpoints_in_every_shape() {
         )
         .await;
     assert!(
-        s3["userSessionToken"].is_string() && s3["expiresIn"] == 1800,
+        s3["userSessionToken"].is_string() && whole_seconds_left(&s3["expiresIn"], 1800),
         "{s3}"
     );
 
@@ -862,7 +870,7 @@ async fn refresh_follows_the_ten_percent_rule() {
         assert!(Instant::now() < deadline, "never renewed");
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
-    assert_eq!(renewed["expires_in"], 3);
+    assert!(whole_seconds_left(&renewed["expires_in"], 3), "{renewed}");
     let new_token = renewed["userSessionToken"].as_str().unwrap();
     let new_claims = claims(new_token);
     assert_ne!(new_claims["jti"], claims(&token)["jti"]);
@@ -995,7 +1003,7 @@ async fn an_expired_token_gets_401_and_is_counted() {
         .controls()
         .set_token_lifetime(Duration::from_secs(600));
     let s1 = env.login().await;
-    assert_eq!(s1["expires_in"], 600);
+    assert!(whole_seconds_left(&s1["expires_in"], 600), "{s1}");
 }
 
 #[tokio::test]
@@ -1055,4 +1063,171 @@ async fn delay_and_shutdown() {
     }
     let fresh = env.client(Some(&env.client), false);
     assert!(fresh.get(env.url("/api/v2/x")).send().await.is_err());
+}
+
+/// Unix seconds of an HTTP `Date` header.
+fn date_secs(resp: &reqwest::Response) -> u64 {
+    let date = resp
+        .headers()
+        .get("date")
+        .expect("every answer has a Date")
+        .to_str()
+        .unwrap();
+    httpdate::parse_http_date(date)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn real_now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+#[tokio::test]
+async fn times_are_whole_seconds_on_the_emulators_own_clock() {
+    for offset_ms in [0i64, 7_000, -7_000] {
+        let env = Env::start(|c| {
+            c.token_lifetime = Duration::from_secs(60);
+            c.clock_offset_ms = offset_ms;
+        })
+        .await;
+        let before = real_now_secs();
+        let resp = env
+            .http
+            .post(env.url("/api/v2/auth/sandbox/token"))
+            .header("X-Forwarded-For", "192.0.2.10")
+            .json(&sandbox_body())
+            .send()
+            .await
+            .unwrap();
+        let after = real_now_secs();
+        let date = date_secs(&resp);
+        let (status, s1) = json_of(resp).await;
+        assert_eq!(status, 200, "{s1}");
+        let shift = offset_ms as f64 / 1000.0;
+        // Date and iat are read from the shifted clock, whole seconds.
+        let date = date as f64;
+        assert!(
+            date >= (before + shift).floor() && date <= after + shift,
+            "Date {date} on a clock shifted by {shift} s (real {before}..{after})"
+        );
+        let c = claims(s1["userSessionToken"].as_str().unwrap());
+        let (iat, exp) = (c["iat"].as_u64().unwrap(), c["exp"].as_u64().unwrap());
+        assert_eq!(exp - iat, 60);
+        assert!(iat as f64 <= date && iat as f64 >= (before + shift).floor());
+        // expires_in: whole seconds left when the answer was made (Date's second).
+        let left = s1["expires_in"].as_u64().unwrap();
+        assert!(
+            left + 1 + date as u64 == exp || left + date as u64 == exp,
+            "expires_in {left}, exp {exp}, Date {date}"
+        );
+        // The "not refreshed" answer reports the validity left the same way.
+        let token = s1["userSessionToken"].as_str().unwrap();
+        let key = c["internalTokenKey"].as_str().unwrap();
+        let resp = env
+            .http
+            .post(env.url("/api/v2/auth/token/refresh"))
+            .header("Authorization", format!("Bearer {token}"))
+            .header("X-User-Session-Token", token)
+            .header("X-Tenant-ID", TENANT)
+            .header("X-Session-Active", "true")
+            .json(&json!({"userSessionToken": token, "internalTokenKey": key}))
+            .send()
+            .await
+            .unwrap();
+        let date = date_secs(&resp);
+        let (status, r) = json_of(resp).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(
+            r["userSessionToken"], token,
+            "more than 10 % left: not refreshed"
+        );
+        let left = r["expires_in"].as_u64().unwrap();
+        assert!(
+            left + 1 + date == exp || left + date == exp,
+            "{left} {exp} {date}"
+        );
+        // The API accepts the token: its validity is judged on the same clock.
+        assert_eq!(env.get_api(token).await.0, 200);
+    }
+}
+
+#[tokio::test]
+async fn a_token_expires_by_the_emulators_clock() {
+    // Issued on a clock 5 s behind, a 2 s token is already expired when the clock catches up.
+    let env = Env::start(|c| {
+        c.token_lifetime = Duration::from_secs(2);
+        c.clock_offset_ms = -5_000;
+    })
+    .await;
+    let token = env.token().await;
+    assert_eq!(env.get_api(&token).await.0, 200);
+    env.emu.controls().set_clock_offset_ms(0);
+    let (status, body) = env.get_api(&token).await;
+    assert_eq!(
+        (status, envelope(401, &body)),
+        (401, "TOKEN_EXPIRED".into())
+    );
+}
+
+#[tokio::test]
+async fn logout_has_the_documented_shape_revokes_and_is_counted() {
+    let env = Env::start(|_| {}).await;
+    let token = env.token().await;
+    let logout = |headers: &'static [(&'static str, &'static str)], body: Value| {
+        let env = &env;
+        async move { env.post("/api/v2/auth/logout", headers, &body).await }
+    };
+    // X-Forwarded-For and userSessionToken are required.
+    let (status, body) = logout(&[], json!({"userSessionToken": token})).await;
+    assert_eq!(
+        (status, body["data"]["field"].as_str()),
+        (400, Some("X-Forwarded-For"))
+    );
+    let (status, body) = logout(&[("X-Forwarded-For", "192.0.2.10")], json!({})).await;
+    assert_eq!(
+        (status, body["data"]["field"].as_str()),
+        (400, Some("userSessionToken"))
+    );
+    // Auth down covers logout.
+    env.emu.controls().set_auth_down(true);
+    let (status, _) = logout(
+        &[("X-Forwarded-For", "192.0.2.10")],
+        json!({"userSessionToken": token}),
+    )
+    .await;
+    assert_eq!(status, 503);
+    env.emu.controls().set_auth_down(false);
+    assert_eq!(env.emu.controls().stats().logouts, 0);
+
+    let (status, body) = logout(
+        &[("X-Forwarded-For", "192.0.2.10")],
+        json!({"userSessionToken": token}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        body,
+        json!({"cleared": true, "message": "Session cleared successfully", "success": true})
+    );
+    assert_eq!(env.get_api(&token).await.0, 401, "revoked");
+    // A second logout of the same session clears nothing.
+    let (status, body) = logout(
+        &[("X-Forwarded-For", "192.0.2.10")],
+        json!({"userSessionToken": token}),
+    )
+    .await;
+    assert_eq!((status, body["cleared"].as_bool()), (200, Some(false)));
+    let stats = env.emu.controls().stats();
+    assert_eq!(stats.logouts, 1);
+    // One login and five logout calls (the refused ones included).
+    assert_eq!(stats.auth_requests, 6);
+    let records = env.emu.controls().logouts();
+    assert_eq!(records.len(), 2, "refused calls are not logouts");
+    assert_eq!(records[0].tenant.as_deref(), Some(TENANT));
+    assert!(records[0].cleared && !records[1].cleared);
 }

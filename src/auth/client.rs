@@ -1,10 +1,13 @@
-//! The FinHub auth endpoints: login and refresh, over mTLS with the current client certificate.
+//! The FinHub auth endpoints: login, refresh and logout, over mTLS with the current client
+//! certificate. Every answer's `Date` feeds the estimate of FinHub's clock ([`ClockOffset`]).
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Map, Value};
 
+use super::clock::ClockOffset;
 use super::grant::{Grant, GrantError};
 use super::Session;
 use crate::config::{Config, Environment, TenantConfig};
@@ -22,24 +25,41 @@ pub enum AuthError {
         /// `Retry-After`, if sent.
         retry_after: Option<Duration>,
     },
-    /// Any other non-2xx status.
+    /// Any other non-2xx status, with its `Retry-After` (503), if sent.
     #[error("FinHub auth endpoint answered HTTP {0}")]
-    Status(u16),
+    Status(u16, Option<Duration>),
     /// The answer could not be used.
     #[error("unusable auth answer: {0}")]
     Answer(#[from] GrantError),
-    /// Network, TLS or timeout.
+    /// Network or TLS.
     #[error("auth call failed: {0}")]
     Transport(String),
+    /// No answer within the timeout.
+    #[error("auth call timed out")]
+    Timeout,
+}
+
+impl AuthError {
+    /// How long FinHub asked us to wait (`Retry-After` on a 429 or 503), if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AuthError::RateLimited { retry_after } | AuthError::Status(_, retry_after) => {
+                *retry_after
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Calls FinHub's auth endpoints. Rebuilds its HTTP client when the TLS snapshot changes.
 pub struct AuthClient {
     tls: Arc<TlsStore>,
+    clock: Arc<ClockOffset>,
     base_url: String,
     env: Environment,
     login_path: String,
     refresh_path: String,
+    logout_path: String,
     account_type: String,
     grant_type: String,
     timeout: Duration,
@@ -47,6 +67,8 @@ pub struct AuthClient {
     user_agent: http::HeaderValue,
     platform: http::HeaderValue,
     cached: Mutex<Option<(Arc<ClientTls>, reqwest::Client)>>,
+    /// Keys [`AuthClient::credentials_fingerprint`] (random per process).
+    hasher: RandomState,
 }
 
 /// Result of a refresh call.
@@ -54,14 +76,21 @@ pub struct AuthClient {
 pub enum Refreshed {
     /// A new token.
     New(Box<Session>),
-    /// FinHub kept the current token (more than 10 % of its lifetime left); it reports this
-    /// much remaining validity, if it said.
-    NotYet(Option<Duration>),
+    /// FinHub kept the current token (more than 10 % of its lifetime left).
+    NotYet {
+        /// The validity FinHub reports left (`expires_in`, whole seconds), if it said.
+        remaining: Option<Duration>,
+        /// When the refresh request was sent (our clock).
+        sent: SystemTime,
+        /// When its answer arrived (our clock).
+        received: SystemTime,
+    },
 }
 
 impl AuthClient {
-    /// A client for the upstream and auth settings in `config`.
-    pub fn new(config: &Config, tls: Arc<TlsStore>) -> Self {
+    /// A client for the upstream and auth settings in `config`; FinHub's `Date` headers go
+    /// into `clock`.
+    pub fn new(config: &Config, tls: Arc<TlsStore>, clock: Arc<ClockOffset>) -> Self {
         let u = &config.upstream;
         let host = if u.host.contains(':') {
             format!("[{}]", u.host)
@@ -70,10 +99,12 @@ impl AuthClient {
         };
         AuthClient {
             tls,
+            clock,
             base_url: format!("https://{host}:{}", u.port),
             env: config.auth.environment,
             login_path: config.auth.login_path.clone(),
             refresh_path: config.auth.refresh_path.clone(),
+            logout_path: config.auth.logout_path.clone(),
             account_type: config.auth.account_type.clone(),
             grant_type: config.auth.grant_type.clone(),
             timeout: config.auth.request_timeout,
@@ -81,7 +112,24 @@ impl AuthClient {
             user_agent: config.headers.user_agent.clone(),
             platform: config.headers.sec_ch_ua_platform.clone(),
             cached: Mutex::new(None),
+            hasher: RandomState::new(),
         }
+    }
+
+    /// The estimate of FinHub's clock this client feeds.
+    pub fn clock(&self) -> &Arc<ClockOffset> {
+        &self.clock
+    }
+
+    /// A keyed hash of `tenant`'s current credentials (files re-read), to notice a rotated
+    /// password after a rejected login. Never logged; the key is random per process.
+    pub fn credentials_fingerprint(&self, tenant: &TenantConfig) -> u64 {
+        let secret = tenant.customer_secret.as_ref().map(|s| s.current());
+        self.hasher.hash_one((
+            tenant.username.as_str(),
+            tenant.password.current().expose(),
+            secret.as_ref().map(|s| s.expose()),
+        ))
     }
 
     fn http(&self) -> Result<reqwest::Client, AuthError> {
@@ -130,6 +178,7 @@ impl AuthClient {
         Value::Object(m)
     }
 
+    /// A POST to FinHub with the compliance headers every auth call carries.
     fn post(
         &self,
         http: &reqwest::Client,
@@ -154,8 +203,9 @@ impl AuthClient {
             .send()
             .await
             .map_err(transport)?;
-        let grant = read_grant(resp).await?;
-        Ok(Session::from_grant(grant, sent))
+        let received = SystemTime::now();
+        let grant = self.read_grant(resp, sent, received).await?;
+        Ok(Session::from_grant(grant, sent, received, &self.clock))
     }
 
     /// Refreshes `current` through the refresh endpoint with its `internalTokenKey` (§4.1).
@@ -183,35 +233,137 @@ impl AuthClient {
             .send()
             .await
             .map_err(transport)?;
-        let grant = read_grant(resp).await?;
+        let received = SystemTime::now();
+        let grant = self.read_grant(resp, sent, received).await?;
         if grant.token.expose() == current.token.expose() {
-            return Ok(Refreshed::NotYet(grant.expires_in));
+            return Ok(Refreshed::NotYet {
+                remaining: grant.expires_in,
+                sent,
+                received,
+            });
         }
-        Ok(Refreshed::New(Box::new(Session::from_grant(grant, sent))))
+        Ok(Refreshed::New(Box::new(Session::from_grant(
+            grant,
+            sent,
+            received,
+            &self.clock,
+        ))))
+    }
+
+    /// Ends `session` at FinHub (`POST /api/v2/auth/logout`, body `{"userSessionToken": …}`,
+    /// Bearer and the compliance headers; protocol notes §5, A22), giving up after `within`.
+    /// `Ok(Some(cleared))` when the answer says whether a session was cleared.
+    pub async fn logout(
+        &self,
+        tenant: &TenantConfig,
+        session: &Session,
+        within: Duration,
+    ) -> Result<Option<bool>, AuthError> {
+        let http = self.http()?;
+        let sent = SystemTime::now();
+        let resp = self
+            .post(&http, &self.logout_path, tenant)
+            .header(http::header::AUTHORIZATION, session.authorization.clone())
+            .json(&json!({"userSessionToken": session.token.expose()}))
+            .timeout(within)
+            .send()
+            .await
+            .map_err(transport)?;
+        let received = SystemTime::now();
+        self.check_status(&resp, sent, received)?;
+        // The answer is informational (§5: `{cleared, message, success}`); any 2xx ends it.
+        let body = resp.bytes().await.map_err(transport)?;
+        Ok(serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("cleared").and_then(Value::as_bool)))
+    }
+
+    /// Observes the answer's `Date`, then maps a non-2xx status to its error.
+    fn check_status(
+        &self,
+        resp: &reqwest::Response,
+        sent: SystemTime,
+        received: SystemTime,
+    ) -> Result<(), AuthError> {
+        let headers = resp.headers();
+        self.clock
+            .observe(headers.get(http::header::DATE), sent, received);
+        let status = resp.status().as_u16();
+        match status {
+            200..=299 => Ok(()),
+            401 | 403 => Err(AuthError::Rejected(status)),
+            429 => Err(AuthError::RateLimited {
+                retry_after: retry_after(headers, received),
+            }),
+            503 => Err(AuthError::Status(status, retry_after(headers, received))),
+            _ => Err(AuthError::Status(status, None)),
+        }
+    }
+
+    async fn read_grant(
+        &self,
+        resp: reqwest::Response,
+        sent: SystemTime,
+        received: SystemTime,
+    ) -> Result<Grant, AuthError> {
+        self.check_status(&resp, sent, received)?;
+        let body = resp.bytes().await.map_err(transport)?;
+        Ok(Grant::parse(&body)?)
     }
 }
 
+/// `Retry-After` as delay-seconds or an HTTP-date (taken relative to the answer's own `Date`,
+/// so that FinHub's clock offset does not matter; else to `received`).
+fn retry_after(headers: &http::HeaderMap, received: SystemTime) -> Option<Duration> {
+    let v = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    let base = headers
+        .get(http::header::DATE)
+        .and_then(|d| d.to_str().ok())
+        .and_then(|d| httpdate::parse_http_date(d).ok())
+        .unwrap_or(received);
+    Some(at.duration_since(base).unwrap_or_default())
+}
+
 fn transport(e: reqwest::Error) -> AuthError {
+    if e.is_timeout() {
+        return AuthError::Timeout;
+    }
     // reqwest errors name the URL (no credentials in it) and the cause.
     AuthError::Transport(e.without_url().to_string())
 }
 
-async fn read_grant(resp: reqwest::Response) -> Result<Grant, AuthError> {
-    let status = resp.status().as_u16();
-    match status {
-        200..=299 => {}
-        401 | 403 => return Err(AuthError::Rejected(status)),
-        429 => {
-            let retry_after = resp
-                .headers()
-                .get(http::header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
-            return Err(AuthError::RateLimited { retry_after });
-        }
-        _ => return Err(AuthError::Status(status)),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_in_both_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut h = http::HeaderMap::new();
+        assert_eq!(retry_after(&h, now), None);
+        h.insert(http::header::RETRY_AFTER, "7".parse().unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(7)));
+        let later = httpdate::fmt_http_date(now + Duration::from_secs(12));
+        h.insert(http::header::RETRY_AFTER, later.parse().unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(12)));
+        // Relative to FinHub's own Date when it sent one (its clock may be off).
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(10));
+        h.insert(http::header::DATE, date.parse().unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(2)));
+        h.insert(http::header::RETRY_AFTER, "soon".parse().unwrap());
+        assert_eq!(retry_after(&h, now), None);
+        assert_eq!(
+            AuthError::Status(503, Some(Duration::from_secs(3))).retry_after(),
+            Some(Duration::from_secs(3))
+        );
+        assert_eq!(AuthError::Rejected(401).retry_after(), None);
     }
-    let body = resp.bytes().await.map_err(transport)?;
-    Ok(Grant::parse(&body)?)
 }

@@ -3,10 +3,10 @@
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, ALLOW, CONTENT_TYPE, DATE, RETRY_AFTER};
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -203,7 +203,10 @@ pub(crate) async fn handle(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let route = route(&method, &path);
-    let resp = if let Some(retry_after) = shared.take_429() {
+    if matches!(route, Route::Login(_) | Route::Refresh | Route::Logout) {
+        shared.auth_requests.fetch_add(1, Ordering::SeqCst);
+    }
+    let mut resp = if let Some(retry_after) = shared.take_429() {
         too_many_requests(&shared, &conn, route, req, retry_after).await
     } else {
         match route {
@@ -234,8 +237,20 @@ pub(crate) async fn handle(
             }
         }
     };
+    // hyper would add a `Date` from the real clock; FinHub's is on its own clock.
+    if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(shared.now())) {
+        resp.headers_mut().insert(DATE, date);
+    }
     tracing::debug!(%method, %path, status = resp.status().as_u16(), "emulator answered");
     resp
+}
+
+/// Whole seconds from `now` until `expires_at`, floored (0 once expired).
+fn seconds_left(expires_at: SystemTime, now: SystemTime) -> u64 {
+    expires_at
+        .duration_since(now)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 async fn too_many_requests(
@@ -442,8 +457,8 @@ async fn login(shared: &Shared, kind: LoginKind, req: Request<Incoming>) -> Resu
     }
     let issued = shared.issue(user).map_err(|_| ApiError::internal())?;
     shared.logins.fetch_add(1, Ordering::SeqCst);
-    let lifetime = issued.view.lifetime.as_secs();
-    Ok(token_response(shared.shape(), user, &issued, lifetime))
+    let left = seconds_left(issued.view.expires_at, shared.now());
+    Ok(token_response(shared.shape(), user, &issued, left))
 }
 
 fn auth_unavailable() -> ApiError {
@@ -574,11 +589,10 @@ async fn refresh(shared: &Shared, req: Request<Incoming>) -> Result<Resp, ApiErr
         .field("internalTokenKey"));
     }
     let user = shared.user(&view.username).ok_or_else(ApiError::internal)?;
-    let remaining = view
-        .expires_at
-        .duration_since(SystemTime::now())
-        .unwrap_or_default();
-    // 10 % rule (§4.1): with more than a tenth of the lifetime left nothing is renewed.
+    let now = shared.now();
+    let remaining = view.expires_at.duration_since(now).unwrap_or_default();
+    // 10 % rule (§4.1), on this server's clock: with more than a tenth of the token's validity
+    // (`exp - iat`) left nothing is renewed and the answer reports the validity left.
     if remaining > view.lifetime / 10 {
         shared.refreshes_not_needed.fetch_add(1, Ordering::SeqCst);
         let same_token = Issued {
@@ -595,23 +609,29 @@ async fn refresh(shared: &Shared, req: Request<Incoming>) -> Result<Resp, ApiErr
     // The old token stays valid until its own expiry (in-flight requests).
     let issued = shared.issue(user).map_err(|_| ApiError::internal())?;
     shared.refreshes.fetch_add(1, Ordering::SeqCst);
-    let lifetime = issued.view.lifetime.as_secs();
-    Ok(token_response(shared.shape(), user, &issued, lifetime))
+    let left = seconds_left(issued.view.expires_at, shared.now());
+    Ok(token_response(shared.shape(), user, &issued, left))
 }
 
+/// `POST /api/v2/auth/logout` (§5): body `{"userSessionToken": …}` (required), header
+/// `X-Forwarded-For` (required); answers `{cleared, message, success}`. A valid or expired
+/// token's session is ended (the token is refused from then on); an unknown or already
+/// logged-out token gets `cleared: false`.
 async fn logout(shared: &Shared, req: Request<Incoming>) -> Result<Resp, ApiError> {
-    let (parts, body) = req.into_parts();
-    if shared.strict_headers {
-        require_forwarded_for(&parts.headers)?;
+    if shared.auth_down.load(Ordering::SeqCst) {
+        return Err(auth_unavailable());
     }
+    let (parts, body) = req.into_parts();
+    require_forwarded_for(&parts.headers)?;
     let body = json_body(body).await?;
     let token = req_str(&body, "userSessionToken")?;
-    let jti = match shared.check(token) {
-        Ok(v) => Some(v.jti),
-        Err(TokenProblem::Expired(v)) | Err(TokenProblem::Revoked(v)) => Some(v.jti),
+    let view = match shared.check(token) {
+        Ok(v) => Some(v),
+        Err(TokenProblem::Expired(v)) | Err(TokenProblem::Revoked(v)) => Some(*v),
         Err(TokenProblem::Unknown) => None,
     };
-    let cleared = jti.is_some_and(|j| shared.revoke(&j));
+    let cleared = view.as_ref().is_some_and(|v| shared.revoke(&v.jti));
+    shared.record_logout(view.map(|v| v.tenant), cleared);
     let body = if cleared {
         json!({"cleared": true, "message": "Session cleared successfully", "success": true})
     } else {
@@ -675,6 +695,7 @@ fn record(
         client_cert: conn.client_cert.clone(),
         status: status.as_u16(),
         tenant,
+        answered_at: Instant::now(),
     });
 }
 

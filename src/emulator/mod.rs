@@ -10,6 +10,11 @@
 //! *    /api/...                     echo: validates the session headers, answers what it saw
 //! ```
 //!
+//! Times are FinHub's: whole-second `iat`/`exp`, `expires_in` = whole seconds left when the
+//! answer is made, the 10 % refresh rule and every expiry check on the emulator's own clock,
+//! which can be set off the real one ([`Controls::set_clock_offset_ms`]); every answer carries
+//! a `Date` header from that clock.
+//!
 //! Nothing secret is logged; only `debug` lines with method, path and status.
 
 mod handlers;
@@ -30,7 +35,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::pki::{cert_identity, CertIdentity};
-pub use state::{Controls, RecordedRequest, Stats};
+pub use state::{Controls, LogoutRecord, RecordedRequest, Stats};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,8 +109,8 @@ pub struct EmulatorConfig {
     /// HS256 key of the session JWTs (secret).
     pub jwt_secret: Vec<u8>,
     /// Production-like header checks: the API also needs `X-Request-ID`, `X-Session-ID`,
-    /// `X-Correlation-ID`; login also `User-Agent`, `sec-ch-ua-platform`, `X-Tenant-ID`;
-    /// logout also `X-Forwarded-For`.
+    /// `X-Correlation-ID`; login also `User-Agent`, `sec-ch-ua-platform`, `X-Tenant-ID`.
+    /// (`X-Forwarded-For` is required on login and logout in either mode.)
     pub strict_headers: bool,
     /// Users that may log in.
     pub users: Vec<EmulatorUser>,
@@ -115,6 +120,9 @@ pub struct EmulatorConfig {
     pub include_internal_token_key: bool,
     /// How many echo API requests [`Controls::api_requests`] keeps (the most recent; 0 = none).
     pub max_recorded: usize,
+    /// Milliseconds the emulator's clock runs ahead of the real one (negative: behind); see
+    /// [`Controls::set_clock_offset_ms`].
+    pub clock_offset_ms: i64,
 }
 
 impl fmt::Debug for EmulatorConfig {
@@ -131,13 +139,14 @@ impl fmt::Debug for EmulatorConfig {
                 &self.include_internal_token_key,
             )
             .field("max_recorded", &self.max_recorded)
+            .field("clock_offset_ms", &self.clock_offset_ms)
             .finish_non_exhaustive()
     }
 }
 
 impl EmulatorConfig {
     /// Defaults: no mTLS, 3600 s tokens, a random JWT key, lenient headers, S1 answers,
-    /// `internalTokenKey` on, and the demo user (`demo` / `demo-password`, customer
+    /// `internalTokenKey` on, the real clock, and the demo user (`demo` / `demo-password`, customer
     /// `demo-customer` / `demo-secret`, tenant `tenant-demo`).
     pub fn new(listen: SocketAddr, server_cert_pem: String, server_key_pem: String) -> Self {
         EmulatorConfig {
@@ -159,6 +168,7 @@ impl EmulatorConfig {
             response_shape: ResponseShape::S1,
             include_internal_token_key: true,
             max_recorded: 10_000,
+            clock_offset_ms: 0,
         }
     }
 }

@@ -2,9 +2,9 @@
 //! recorded API requests and the server-side token table.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -14,6 +14,9 @@ use crate::pki::CertIdentity;
 
 /// Expired tokens are forgotten this long after their expiry (bounded memory under load).
 const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// Longest lifetime issued (100 years): keeps `exp` arithmetic far from overflow.
+const MAX_LIFETIME_SECS: u64 = 100 * 365 * 86_400;
 
 /// Locks a mutex; a panic elsewhere while holding it does not make the state unusable.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -43,6 +46,22 @@ pub struct Stats {
     pub api_rejected: u64,
     /// Requests (echo API or refresh) that presented a known but expired token.
     pub expired_token_seen: u64,
+    /// Logouts that ended a session (`cleared: true`).
+    pub logouts: u64,
+    /// Requests to any auth endpoint (login, refresh, logout), whatever the answer (injected
+    /// 429s and `set_auth_down` 503s included).
+    pub auth_requests: u64,
+}
+
+/// One call of the logout endpoint, as the emulator saw it.
+#[derive(Clone, Debug)]
+pub struct LogoutRecord {
+    /// Tenant of the presented token, if the token was known.
+    pub tenant: Option<String>,
+    /// Whether a session was ended by it.
+    pub cleared: bool,
+    /// When it was answered.
+    pub at: Instant,
 }
 
 /// One request that reached the echo API, as the emulator saw it.
@@ -62,6 +81,8 @@ pub struct RecordedRequest {
     pub status: u16,
     /// The tenant of the presented token when the token was known, else the `X-Tenant-ID` header.
     pub tenant: Option<String>,
+    /// When the emulator answered it (after any injected delay).
+    pub answered_at: Instant,
 }
 
 /// JWT claims of an emulator session token.
@@ -143,6 +164,8 @@ pub(crate) struct Shared {
 
     pub fail_logins: AtomicBool,
     pub auth_down: AtomicBool,
+    /// Milliseconds the emulator's clock is ahead of the real one (negative: behind).
+    clock_offset_ms: AtomicI64,
     inject_429: Mutex<(u32, Option<u64>)>,
     delay: Mutex<Duration>,
     shape: Mutex<ResponseShape>,
@@ -156,7 +179,10 @@ pub(crate) struct Shared {
     pub api_ok: AtomicU64,
     pub api_rejected: AtomicU64,
     pub expired_token_seen: AtomicU64,
+    pub logouts: AtomicU64,
+    pub auth_requests: AtomicU64,
 
+    logout_records: Mutex<Vec<LogoutRecord>>,
     recorded: Mutex<VecDeque<RecordedRequest>>,
     tokens: Mutex<HashMap<String, TokenRecord>>,
 }
@@ -178,6 +204,7 @@ impl Shared {
             validation,
             fail_logins: AtomicBool::new(false),
             auth_down: AtomicBool::new(false),
+            clock_offset_ms: AtomicI64::new(cfg.clock_offset_ms),
             inject_429: Mutex::new((0, None)),
             delay: Mutex::new(Duration::ZERO),
             shape: Mutex::new(cfg.response_shape),
@@ -190,9 +217,38 @@ impl Shared {
             api_ok: AtomicU64::new(0),
             api_rejected: AtomicU64::new(0),
             expired_token_seen: AtomicU64::new(0),
+            logouts: AtomicU64::new(0),
+            auth_requests: AtomicU64::new(0),
+            logout_records: Mutex::new(Vec::new()),
             recorded: Mutex::new(VecDeque::new()),
             tokens: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The emulator's notion of now: the real clock shifted by the configured offset. Every
+    /// time FinHub states (`iat`, `exp`, `expires_in`, `Date`, expiry checks, the 10 % rule)
+    /// is on this clock.
+    pub(crate) fn now(&self) -> SystemTime {
+        let real = SystemTime::now();
+        let ms = self.clock_offset_ms.load(Ordering::SeqCst);
+        let shift = Duration::from_millis(ms.unsigned_abs());
+        let shifted = if ms >= 0 {
+            real.checked_add(shift)
+        } else {
+            real.checked_sub(shift)
+        };
+        shifted.unwrap_or(real)
+    }
+
+    pub(crate) fn record_logout(&self, tenant: Option<String>, cleared: bool) {
+        if cleared {
+            self.logouts.fetch_add(1, Ordering::SeqCst);
+        }
+        lock(&self.logout_records).push(LogoutRecord {
+            tenant,
+            cleared,
+            at: Instant::now(),
+        });
     }
 
     pub(crate) fn delay(&self) -> Duration {
@@ -224,15 +280,15 @@ impl Shared {
         g.push_back(r);
     }
 
-    /// Issues a new session token for `user` with the current lifetime.
+    /// Issues a new session token for `user` with the current lifetime. Like a JWT server,
+    /// `iat` is the current whole second and `exp = iat + lifetime` (whole seconds, at least
+    /// one); the token is valid until `exp` exactly.
     pub(crate) fn issue(&self, user: &EmulatorUser) -> Result<Issued, jsonwebtoken::errors::Error> {
-        let lifetime = *lock(&self.lifetime);
-        let now = SystemTime::now();
-        let expires_at = now
-            .checked_add(lifetime)
-            .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
-        // Like a real JWT server, the token is valid exactly until its whole-second `exp`.
-        let expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(unix_secs(expires_at));
+        let lifetime =
+            Duration::from_secs(lock(&self.lifetime).as_secs().clamp(1, MAX_LIFETIME_SECS));
+        let now = self.now();
+        let iat = unix_secs(now);
+        let expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(iat) + lifetime;
         let jti = uuid::Uuid::new_v4().to_string();
         let session_id = uuid::Uuid::new_v4().to_string();
         let user_id = user_id_of(user);
@@ -241,7 +297,7 @@ impl Shared {
             .then(|| uuid::Uuid::new_v4().to_string());
         let claims = Claims {
             sub: user.username.clone(),
-            iat: unix_secs(now),
+            iat,
             exp: unix_secs(expires_at),
             tenant_id: user.tenant_id.clone(),
             customer_id: user.customer_id.clone(),
@@ -291,20 +347,20 @@ impl Shared {
         if record.revoked {
             return Err(TokenProblem::Revoked(Box::new(view)));
         }
-        if SystemTime::now() >= record.expires_at {
+        if self.now() >= record.expires_at {
             return Err(TokenProblem::Expired(Box::new(view)));
         }
         Ok(view)
     }
 
-    /// Marks one token revoked; false if unknown.
+    /// Marks one token revoked; false if unknown or revoked already.
     pub(crate) fn revoke(&self, jti: &str) -> bool {
         match lock(&self.tokens).get_mut(jti) {
-            Some(r) => {
+            Some(r) if !r.revoked => {
                 r.revoked = true;
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -369,7 +425,7 @@ impl Controls {
         *lock(&self.shared.delay) = d;
     }
 
-    /// While on, login and refresh answer 503.
+    /// While on, login, refresh and logout answer 503.
     pub fn set_auth_down(&self, down: bool) {
         self.shared.auth_down.store(down, Ordering::SeqCst);
     }
@@ -379,9 +435,21 @@ impl Controls {
         *lock(&self.shared.shape) = s;
     }
 
-    /// Lifetime of tokens issued from now on.
+    /// Lifetime of tokens issued from now on (whole seconds, at least one).
     pub fn set_token_lifetime(&self, d: Duration) {
         *lock(&self.shared.lifetime) = d;
+    }
+
+    /// Shifts the emulator's clock: `ms` milliseconds ahead of the real clock (negative:
+    /// behind). It moves `iat`, `exp`, `expires_in`, the `Date` header, expiry checks and the
+    /// 10 % refresh rule together, as a FinHub whose clock is off would.
+    pub fn set_clock_offset_ms(&self, ms: i64) {
+        self.shared.clock_offset_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Every logout call so far, oldest first.
+    pub fn logouts(&self) -> Vec<LogoutRecord> {
+        lock(&self.shared.logout_records).clone()
     }
 
     /// A snapshot of the counters.
@@ -396,6 +464,8 @@ impl Controls {
             api_ok: get(&s.api_ok),
             api_rejected: get(&s.api_rejected),
             expired_token_seen: get(&s.expired_token_seen),
+            logouts: get(&s.logouts),
+            auth_requests: get(&s.auth_requests),
         }
     }
 

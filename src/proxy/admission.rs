@@ -20,7 +20,7 @@
 use std::borrow::Cow;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Uri};
 use pingora::http::RequestHeader;
@@ -33,7 +33,7 @@ use crate::policy::headers::{self, names};
 use crate::policy::ratelimit::{Decision, UpstreamHold};
 use crate::policy::{allow, path};
 
-/// Seconds an app is told to wait when its tenant has no session yet.
+/// Seconds an app is told to wait when its tenant has no session and no attempt is planned.
 pub const SESSION_RETRY_AFTER_SECS: u64 = 1;
 
 /// A request that may be forwarded, with what the later hooks need.
@@ -151,7 +151,11 @@ impl Admission<'_> {
         }
         let session = tenant.usable(now).ok_or_else(|| {
             refuse(ProxyError::SessionUnavailable {
-                retry_after_secs: SESSION_RETRY_AFTER_SECS,
+                retry_after_secs: session_retry_after(
+                    tenant,
+                    now,
+                    self.config.auth.recovery_interval,
+                ),
             })
         })?;
         let idempotency_key = if self.config.headers.idempotency_keys {
@@ -178,6 +182,16 @@ impl Admission<'_> {
     }
 }
 
+/// `Retry-After` for a tenant without a usable session: when its next login or refresh attempt
+/// is due (rounded up), between 1 s and the recovery interval.
+pub fn session_retry_after(tenant: &TenantSessions, now: SystemTime, recovery: Duration) -> u64 {
+    let max = recovery.as_secs().max(1);
+    tenant
+        .next_attempt_in(now)
+        .map_or(SESSION_RETRY_AFTER_SECS, |d| d.as_secs_f64().ceil() as u64)
+        .clamp(1, max)
+}
+
 /// `/path?query` bytes (empty means `/`) as an origin-form URI.
 pub fn origin_uri(path_and_query: &[u8]) -> Result<Uri, ProxyError> {
     let pq = if path_and_query.is_empty() {
@@ -199,7 +213,6 @@ mod tests {
     use super::*;
     use crate::auth::grant::Grant;
     use crate::secret::Secret;
-    use std::time::Duration;
 
     const TOML: &str = r#"
 [upstream]
@@ -246,6 +259,7 @@ password = "${PW}"
         }
 
         fn with_sessions(self) -> World {
+            let now = SystemTime::now();
             for t in self.sessions.tenants() {
                 t.publish_for_test(Session::from_grant(
                     Grant {
@@ -254,7 +268,9 @@ password = "${PW}"
                         refresh_token: None,
                         session_id: None,
                     },
-                    SystemTime::now(),
+                    now,
+                    now,
+                    self.sessions.clock(),
                 ));
             }
             self

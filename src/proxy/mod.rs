@@ -40,7 +40,7 @@ use crate::policy::headers::{self, names};
 use crate::policy::ratelimit::{self, Check, Decision, Limiter, UpstreamHold};
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
-use admission::{Admission, Admitted, Refused, SESSION_RETRY_AFTER_SECS};
+use admission::{session_retry_after, Admission, Admitted, Refused};
 
 /// Everything the data path reads; all of it is immutable, atomic, or a published snapshot.
 pub struct FinHubProxy {
@@ -91,6 +91,8 @@ pub struct RequestCtx {
     /// Counts the request as in flight until the context is dropped.
     _in_flight: InFlight,
     upstream_start: Option<Instant>,
+    /// When the request went to FinHub (for FinHub's clock, from its `Date`).
+    upstream_sent: Option<SystemTime>,
     /// Failed connection attempts; the next attempt uses the next resolved address.
     connect_failures: usize,
     /// The tenant the request selected (also when it was refused afterwards).
@@ -196,11 +198,16 @@ impl FinHubProxy {
         }
         // Connecting may have taken a while (or this is a retry): take the tenant's session as
         // it is now, and never send one that has expired meanwhile.
+        let now = SystemTime::now();
         a.session = a
             .tenant
-            .usable(SystemTime::now())
-            .ok_or(ProxyError::SessionUnavailable {
-                retry_after_secs: SESSION_RETRY_AFTER_SECS,
+            .usable(now)
+            .ok_or_else(|| ProxyError::SessionUnavailable {
+                retry_after_secs: session_retry_after(
+                    &a.tenant,
+                    now,
+                    self.config.auth.recovery_interval,
+                ),
             })?;
         headers::strip_app_credentials(req);
         let h = &self.config.headers;
@@ -363,6 +370,7 @@ impl ProxyHttp for FinHubProxy {
             start: Instant::now(),
             _in_flight: self.lifecycle.track(),
             upstream_start: None,
+            upstream_sent: None,
             connect_failures: 0,
             tenant: None,
             admitted: None,
@@ -443,6 +451,7 @@ impl ProxyHttp for FinHubProxy {
             ctx.failure = Some(e);
             return Error::e_explain(ErrorType::InternalError, "request not sent");
         }
+        ctx.upstream_sent = Some(SystemTime::now());
         Ok(())
     }
 
@@ -462,6 +471,11 @@ impl ProxyHttp for FinHubProxy {
         }
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
+        if let Some(sent) = ctx.upstream_sent {
+            // Every answer's Date narrows the estimate of FinHub's clock (auth/clock.rs).
+            let date = upstream_response.headers.get(http::header::DATE);
+            self.sessions.clock().observe(date, sent, SystemTime::now());
+        }
         let Some(a) = ctx.admitted.as_mut() else {
             return Ok(());
         };

@@ -69,6 +69,8 @@ pub struct World {
     pub admin_extra: String,
     /// Extra lines inside `[listener]`.
     pub listener_extra: String,
+    /// `auth.request_timeout` of the sidecar config.
+    pub auth_request_timeout: &'static str,
 }
 
 impl World {
@@ -105,6 +107,7 @@ impl World {
             auth_extra: String::new(),
             admin_extra: String::new(),
             listener_extra: String::new(),
+            auth_request_timeout: "2s",
         }
     }
 
@@ -154,7 +157,7 @@ key_file = "{key}"
 
 [auth]
 environment = "{environment}"
-request_timeout = "2s"
+request_timeout = "{auth_request_timeout}"
 {auth_extra}
 
 [headers]
@@ -181,6 +184,7 @@ level = "info,finhub_sidecar=debug"
             auth_extra = self.auth_extra,
             admin_extra = self.admin_extra,
             listener_extra = self.listener_extra,
+            auth_request_timeout = self.auth_request_timeout,
         )
     }
 
@@ -293,6 +297,39 @@ impl SidecarProcess {
                 .parse()
                 .ok()
         })
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
+        let rc = unsafe { libc::kill(self.pid() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill -{signal} {}", self.pid());
+    }
+
+    /// Waits (polling, with a deadline) for the process to exit; its exit code.
+    pub async fn exit_code(&self, within: Duration) -> Option<i32> {
+        eventually(within, || async {
+            self.child
+                .lock()
+                .unwrap()
+                .try_wait()
+                .ok()
+                .flatten()
+                .map(|s| s.code().unwrap_or(-1))
+        })
+        .await
+    }
+
+    /// `GET /status` as JSON.
+    pub async fn status(&self) -> Option<serde_json::Value> {
+        http_client()
+            .get(format!("http://{}/status", self.admin))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,418 @@
+//! FinHub's clock as seen from its answers.
+//!
+//! FinHub states times on its own clock: the JWT's `exp`, and the 10 % refresh window that
+//! ends there. The sidecar converts them to its clock with an estimate of the offset
+//! (`finhub = local + offset`), kept as an interval that surely holds the true offset:
+//!
+//! - A `Date` header (whole seconds, RFC 9110) says FinHub's clock read `D..D+1` at some moment
+//!   between sending the request and receiving the answer, so the offset lies in
+//!   `[D - received, D + 1 - sent]`. Samples are intersected: answers arriving at different
+//!   points of a second narrow the interval towards the round-trip time.
+//! - *Inferred* bounds come from what FinHub did, not from a clock reading (the refresh window
+//!   opened or not, the whole seconds left in `expires_in`). They only narrow an interval they
+//!   agree with and are ignored otherwise, so a FinHub that rounds differently than assumed
+//!   cannot pull the estimate away from its `Date` headers.
+//! - Clocks drift: an interval widens by 100 ppm of its age on each side.
+//! - A `Date` sample that contradicts the interval (a clock was stepped) replaces it.
+//!
+//! The midpoint is the estimate (the metric and `/status`); planning uses the bounds, so an
+//! uncertain offset makes the sidecar careful, never wrong.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Mutex, OnceLock, TryLockError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::HeaderValue;
+use prometheus::Gauge;
+
+/// How fast an interval widens with age: 100 ppm (µs per second, each side).
+const DRIFT_US_PER_S: i64 = 100;
+/// Offsets beyond a year are taken as garbage, not as a clock.
+const MAX_OFFSET_US: i64 = 366 * 86_400 * 1_000_000;
+/// A `Date` is whole seconds.
+const DATE_RESOLUTION_US: i64 = 1_000_000;
+
+/// Microseconds since the Unix epoch (negative before it).
+pub fn unix_us(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_micros())
+            .map(|v| -v)
+            .unwrap_or(i64::MIN),
+    }
+}
+
+/// The time `us` microseconds after the Unix epoch.
+pub fn from_unix_us(us: i64) -> SystemTime {
+    let d = Duration::from_micros(us.unsigned_abs());
+    if us >= 0 {
+        UNIX_EPOCH.checked_add(d).unwrap_or(UNIX_EPOCH)
+    } else {
+        UNIX_EPOCH.checked_sub(d).unwrap_or(UNIX_EPOCH)
+    }
+}
+
+/// Duration in whole microseconds, saturating.
+pub fn us(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// What is known about FinHub's clock offset (`finhub = local + offset`), microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OffsetBounds {
+    /// The offset is at least this.
+    pub lo_us: i64,
+    /// The offset is at most this.
+    pub hi_us: i64,
+}
+
+impl OffsetBounds {
+    /// No knowledge at all: FinHub's clock is taken to be ours.
+    pub const ZERO: OffsetBounds = OffsetBounds { lo_us: 0, hi_us: 0 };
+
+    /// The estimate: the middle of the interval.
+    pub fn mid_us(&self) -> i64 {
+        self.lo_us + (self.hi_us - self.lo_us) / 2
+    }
+
+    /// Half the interval's width: the estimate's error bound.
+    pub fn uncertainty_us(&self) -> i64 {
+        (self.hi_us - self.lo_us) / 2
+    }
+
+    fn intersect(&self, other: &OffsetBounds) -> Option<OffsetBounds> {
+        let lo = self.lo_us.max(other.lo_us);
+        let hi = self.hi_us.min(other.hi_us);
+        (lo <= hi).then_some(OffsetBounds {
+            lo_us: lo,
+            hi_us: hi,
+        })
+    }
+
+    fn widened(&self, by_us: i64) -> OffsetBounds {
+        OffsetBounds {
+            lo_us: self.lo_us.saturating_sub(by_us),
+            hi_us: self.hi_us.saturating_add(by_us),
+        }
+    }
+}
+
+/// A snapshot for `/status`.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct OffsetReport {
+    /// Midpoint estimate, seconds (positive: FinHub's clock is ahead of ours).
+    pub offset_seconds: f64,
+    /// Half-width of the interval that holds the true offset, seconds.
+    pub uncertainty_seconds: f64,
+    /// `Date` samples taken.
+    pub samples: u64,
+    /// Times a `Date` contradicted the estimate and replaced it (a clock was stepped).
+    pub resets: u64,
+}
+
+#[derive(Default)]
+struct State {
+    bounds: Option<OffsetBounds>,
+    /// Our time of the last change (for drift).
+    updated_us: i64,
+    samples: u64,
+    resets: u64,
+}
+
+impl State {
+    /// The current interval, widened for the drift since it was last narrowed.
+    fn current(&self, now_us: i64) -> Option<OffsetBounds> {
+        let age_s = (now_us - self.updated_us).max(0) / 1_000_000;
+        self.bounds
+            .map(|b| b.widened(age_s.saturating_mul(DRIFT_US_PER_S)))
+    }
+}
+
+/// The estimator, shared by every tenant (they all talk to the same FinHub) and the proxy.
+pub struct ClockOffset {
+    state: Mutex<State>,
+    /// Published bounds for lock-free readers (the request path's expiry check), and when
+    /// they were last narrowed (readers widen them for the drift since).
+    lo_us: AtomicI64,
+    hi_us: AtomicI64,
+    updated_us: AtomicI64,
+    known: AtomicBool,
+    gauge: OnceLock<Gauge>,
+}
+
+impl Default for ClockOffset {
+    fn default() -> Self {
+        ClockOffset::new()
+    }
+}
+
+impl std::fmt::Debug for ClockOffset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClockOffset")
+            .field("bounds", &self.bounds())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClockOffset {
+    /// Nothing known yet: FinHub's clock is taken to be ours until its first answer.
+    pub fn new() -> Self {
+        ClockOffset {
+            state: Mutex::new(State::default()),
+            lo_us: AtomicI64::new(0),
+            hi_us: AtomicI64::new(0),
+            updated_us: AtomicI64::new(0),
+            known: AtomicBool::new(false),
+            gauge: OnceLock::new(),
+        }
+    }
+
+    /// Exposes the estimate as this gauge from now on (set once; later calls are ignored).
+    pub fn set_gauge(&self, gauge: Gauge) {
+        if let Some(b) = self.bounds_if_known(SystemTime::now()) {
+            gauge.set(b.mid_us() as f64 / 1e6);
+        }
+        let _ = self.gauge.set(gauge);
+    }
+
+    /// Takes one FinHub answer's `Date` header into account: the request was sent at `sent`
+    /// and the answer's header arrived at `received` (both our clock). Cheap (a parse and an
+    /// uncontended lock; skipped, not waited for, if another thread holds the lock), so it can
+    /// run on every proxied answer. Returns whether the sample was used.
+    pub fn observe(
+        &self,
+        date: Option<&HeaderValue>,
+        sent: SystemTime,
+        received: SystemTime,
+    ) -> bool {
+        let Some(date) = date
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+        else {
+            return false;
+        };
+        let Some(sample) = second_sample(date, sent, received) else {
+            return false;
+        };
+        match self.state.try_lock() {
+            Ok(mut s) => self.apply(&mut s, sample, unix_us(received), true),
+            Err(TryLockError::WouldBlock) => false,
+            Err(TryLockError::Poisoned(p)) => {
+                self.apply(&mut p.into_inner(), sample, unix_us(received), true)
+            }
+        }
+    }
+
+    /// A bound inferred from FinHub's behaviour rather than read from its clock: narrows the
+    /// interval if it agrees with it, else is ignored. `at` is when it was learnt.
+    pub fn infer(&self, lo_us: Option<i64>, hi_us: Option<i64>, at: SystemTime) -> bool {
+        let sample = OffsetBounds {
+            lo_us: lo_us.unwrap_or(i64::MIN),
+            hi_us: hi_us.unwrap_or(i64::MAX),
+        };
+        let mut s = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        self.apply(&mut s, sample, unix_us(at), false)
+    }
+
+    fn apply(&self, s: &mut State, sample: OffsetBounds, at_us: i64, measured: bool) -> bool {
+        if measured {
+            s.samples = s.samples.saturating_add(1);
+        }
+        let next = match s.current(at_us) {
+            None if measured => sample,
+            // Nothing to narrow yet: an inferred bound alone is one-sided.
+            None => return false,
+            Some(cur) => match cur.intersect(&sample) {
+                Some(b) => b,
+                None if measured => {
+                    s.resets = s.resets.saturating_add(1);
+                    tracing::info!(
+                        previous_offset_ms = cur.mid_us() / 1000,
+                        new_offset_ms = sample.mid_us() / 1000,
+                        "FinHub's Date contradicts the clock offset estimate (a clock was stepped?); starting over"
+                    );
+                    sample
+                }
+                None => return false,
+            },
+        };
+        if s.bounds == Some(next) {
+            return false;
+        }
+        s.bounds = Some(next);
+        s.updated_us = at_us;
+        self.lo_us.store(next.lo_us, Ordering::SeqCst);
+        self.hi_us.store(next.hi_us, Ordering::SeqCst);
+        self.updated_us.store(at_us, Ordering::SeqCst);
+        self.known.store(true, Ordering::SeqCst);
+        if let Some(g) = self.gauge.get() {
+            g.set(next.mid_us() as f64 / 1e6);
+        }
+        true
+    }
+
+    /// The bounds now (lock-free): [`OffsetBounds::ZERO`] before FinHub's first `Date`.
+    pub fn bounds(&self) -> OffsetBounds {
+        self.bounds_at(SystemTime::now())
+    }
+
+    /// The bounds at `now` (lock-free, widened for the drift since they were last narrowed).
+    pub fn bounds_at(&self, now: SystemTime) -> OffsetBounds {
+        self.bounds_if_known(now).unwrap_or(OffsetBounds::ZERO)
+    }
+
+    fn bounds_if_known(&self, now: SystemTime) -> Option<OffsetBounds> {
+        if !self.known.load(Ordering::SeqCst) {
+            return None;
+        }
+        let b = OffsetBounds {
+            lo_us: self.lo_us.load(Ordering::SeqCst),
+            hi_us: self.hi_us.load(Ordering::SeqCst),
+        };
+        let age_s = (unix_us(now) - self.updated_us.load(Ordering::SeqCst)).max(0) / 1_000_000;
+        Some(b.widened(age_s.saturating_mul(DRIFT_US_PER_S)))
+    }
+
+    /// Upper bound of the offset at `now` (lock-free, for the request path's expiry check).
+    pub fn hi_us(&self, now: SystemTime) -> i64 {
+        self.bounds_at(now).hi_us
+    }
+
+    /// For `/status`: `None` before the first `Date`.
+    pub fn report(&self) -> Option<OffsetReport> {
+        let s = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let b = s.current(unix_us(SystemTime::now()))?;
+        Some(OffsetReport {
+            offset_seconds: b.mid_us() as f64 / 1e6,
+            uncertainty_seconds: b.uncertainty_us() as f64 / 1e6,
+            samples: s.samples,
+            resets: s.resets,
+        })
+    }
+}
+
+/// The offset interval from one whole-second reading of FinHub's clock.
+fn second_sample(
+    second: SystemTime,
+    sent: SystemTime,
+    received: SystemTime,
+) -> Option<OffsetBounds> {
+    let (sent, received) = (unix_us(sent), unix_us(received));
+    if received < sent {
+        return None;
+    }
+    let d = unix_us(second);
+    let b = OffsetBounds {
+        lo_us: d.saturating_sub(received),
+        hi_us: d.saturating_add(DATE_RESOLUTION_US).saturating_sub(sent),
+    };
+    (b.lo_us.abs() <= MAX_OFFSET_US && b.hi_us.abs() <= MAX_OFFSET_US).then_some(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(us: i64) -> SystemTime {
+        from_unix_us(1_700_000_000_000_000 + us)
+    }
+
+    fn date(secs_after: i64) -> HeaderValue {
+        HeaderValue::from_str(&httpdate::fmt_http_date(t(secs_after * 1_000_000))).unwrap()
+    }
+
+    #[test]
+    fn one_date_gives_a_one_second_interval_around_the_truth() {
+        let c = ClockOffset::new();
+        assert_eq!(c.bounds_at(t(0)), OffsetBounds::ZERO);
+        assert!(c.report().is_none());
+        // FinHub is 3.4 s ahead; the request took 10 ms, sent at local 0.3 s.
+        // FinHub read 3.7..3.71 s → Date says 3.
+        assert!(c.observe(Some(&date(3)), t(300_000), t(310_000)));
+        let b = c.bounds_at(t(0));
+        assert_eq!(b.lo_us, 3_000_000 - 310_000);
+        assert_eq!(b.hi_us, 4_000_000 - 300_000);
+        assert!(b.lo_us <= 3_400_000 && 3_400_000 <= b.hi_us);
+        assert_eq!(c.report().unwrap().samples, 1);
+    }
+
+    #[test]
+    fn samples_at_other_phases_narrow_the_interval() {
+        let c = ClockOffset::new();
+        let truth = -2_250_000i64; // FinHub 2.25 s behind
+        let mut local = 0i64;
+        for step in 0..40 {
+            // Answers at varied points of FinHub's second.
+            local += 1_000_000 + 618_034;
+            let sent = local;
+            let received = local + 5_000;
+            // FinHub answers halfway.
+            let finhub = sent + 2_500 + truth;
+            let d = finhub.div_euclid(1_000_000);
+            c.observe(Some(&date(d)), t(sent), t(received));
+            let b = c.bounds_at(t(0));
+            assert!(b.lo_us <= truth && truth <= b.hi_us, "step {step}: {b:?}");
+        }
+        let b = c.bounds_at(t(0));
+        assert!(b.hi_us - b.lo_us < 50_000, "narrowed: {b:?}");
+        assert!((b.mid_us() - truth).abs() < 25_000);
+    }
+
+    #[test]
+    fn a_contradicting_date_starts_over_and_an_inferred_bound_never_does() {
+        let c = ClockOffset::new();
+        c.observe(Some(&date(0)), t(0), t(1_000));
+        // Inferred: agrees → narrows.
+        assert!(c.infer(Some(500_000), None, t(2_000)));
+        assert_eq!(c.bounds_at(t(0)).lo_us, 500_000);
+        // Inferred: contradicts → ignored.
+        assert!(!c.infer(None, Some(-5_000_000), t(3_000)));
+        assert_eq!(c.bounds_at(t(0)).lo_us, 500_000);
+        // Measured: contradicts (FinHub's clock stepped 60 s ahead) → replaces.
+        assert!(c.observe(Some(&date(70)), t(10_000_000), t(10_001_000)));
+        let b = c.bounds_at(t(0));
+        assert!(b.lo_us > 59_000_000 && b.hi_us <= 61_000_000, "{b:?}");
+        assert_eq!(c.report().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn intervals_widen_with_age() {
+        let c = ClockOffset::new();
+        c.observe(Some(&date(0)), t(0), t(0));
+        c.infer(Some(0), Some(10), t(0));
+        // An hour later the interval has widened by 0.36 s each side.
+        let s = c.state.lock().unwrap();
+        let b = s.current(unix_us(t(3_600_000_000))).unwrap();
+        assert_eq!(b.lo_us, -360_000);
+        assert_eq!(b.hi_us, 10 + 360_000);
+    }
+
+    #[test]
+    fn junk_never_counts() {
+        let c = ClockOffset::new();
+        for v in ["", "yesterday", "Sun, 06 Nov 1994 08:49:37 GMT"] {
+            let h = HeaderValue::from_str(v).unwrap();
+            assert!(!c.observe(Some(&h), t(0), t(1)), "{v}");
+        }
+        assert!(!c.observe(None, t(0), t(1)));
+        // received before sent
+        assert!(!c.observe(Some(&date(0)), t(10), t(0)));
+        assert!(c.report().is_none());
+        assert!(!c.infer(Some(1), Some(2), t(0)), "nothing to narrow yet");
+    }
+
+    #[test]
+    fn the_gauge_follows_the_estimate() {
+        let c = ClockOffset::new();
+        let g = Gauge::new("x", "x").unwrap();
+        c.set_gauge(g.clone());
+        c.observe(Some(&date(10)), t(0), t(0));
+        assert!((g.get() - 10.5).abs() < 1e-6);
+    }
+}
