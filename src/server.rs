@@ -53,6 +53,9 @@ pub struct Sidecar {
     sessions: Arc<SessionTable>,
     admin_listener: std::net::TcpListener,
     app_listener: std::net::TcpListener,
+    /// Where the listeners are bound (the OS's choice for a port 0).
+    app_listener_addr: Option<std::net::SocketAddr>,
+    admin_listener_addr: Option<std::net::SocketAddr>,
     tls_files: TlsFiles,
     metrics: Metrics,
     audit: Audit,
@@ -120,6 +123,8 @@ impl Sidecar {
             tls: Arc::new(TlsStore::new(tls)),
             upstream,
             sessions,
+            app_listener_addr: app_listener.local_addr().ok(),
+            admin_listener_addr: admin_listener.local_addr().ok(),
             admin_listener,
             app_listener,
             tls_files,
@@ -207,9 +212,11 @@ impl Sidecar {
         };
         server.add_service(background_service("control-plane", control));
         server.add_service(proxy_service);
+        // The bound addresses (a port 0 in the config becomes the one the OS chose): tools and
+        // tests read them from this line.
         tracing::info!(
-            listen = %c.listen,
-            admin = %c.admin_listen,
+            listen = %bound(&self.app_listener_addr, c.listen),
+            admin = %bound(&self.admin_listener_addr, c.admin_listen),
             upstream = %format!("{}:{}", c.upstream.host, c.upstream.port),
             environment = %c.auth.environment,
             tenants = c.tenants.len(),
@@ -222,6 +229,14 @@ impl Sidecar {
         drop(self.audit_guard);
         tracing::info!("finhub-sidecar stopped");
     }
+}
+
+/// A listener's bound address, or the configured one if the OS would not say.
+fn bound(
+    actual: &Option<std::net::SocketAddr>,
+    configured: std::net::SocketAddr,
+) -> std::net::SocketAddr {
+    actual.unwrap_or(configured)
 }
 
 /// DNS refresh, one session task per tenant, and the admin listener.
