@@ -5,7 +5,17 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::convert::Convert;
-use crate::audit::AuditOutput;
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditOutput {
+    /// Standard output (the default; container log collectors pick it up).
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Not written.
+    Off,
+}
 
 /// Audit log settings.
 #[derive(Debug, Clone)]

@@ -37,7 +37,7 @@ mod tenants;
 mod upstream;
 
 pub use admin::AdminConfig;
-pub use audit::AuditConfig;
+pub use audit::{AuditConfig, AuditOutput};
 pub use auth::AuthConfig;
 pub use client_cert::{ClientCertFiles, DEFAULT_EXPIRY_WARNING, DEFAULT_RELOAD_INTERVAL};
 pub use environment::Environment;

@@ -1,11 +1,80 @@
 //! `[policy.rate_limit]`: token buckets per tenant (and per route), kept in-process or in Redis
-//! (the Redis table is converted in [`super::redis`]).
+//! (the Redis table is converted in [`super::redis`]). The typed settings live here; the
+//! limiters in `crate::policy` read them.
 
+use std::num::NonZeroU32;
+
+use http::Method;
 use serde::Deserialize;
 
 use super::convert::Convert;
-use super::redis::FileRedis;
-pub use crate::policy::ratelimit::{Backend, Limit, RateLimitConfig, RouteLimit};
+use super::redis::{FileRedis, RedisSettings};
+
+/// A bucket's rate and burst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Sustained requests per second.
+    pub per_second: NonZeroU32,
+    /// Requests allowed at once above the rate.
+    pub burst: NonZeroU32,
+}
+
+/// A per-route override: requests whose method matches (or any, if `None`) and whose path starts
+/// with `path_prefix` use this bucket instead of the tenant's default one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteLimit {
+    /// Method to match; `None` matches every method.
+    pub method: Option<Method>,
+    /// Path prefix to match.
+    pub path_prefix: String,
+    /// The bucket.
+    pub limit: Limit,
+}
+
+/// The whole rate-limit configuration.
+#[derive(Debug, Clone)]
+pub struct RateLimitConfig {
+    /// Default bucket per tenant; `None` disables limiting (upstream holds still apply).
+    pub default: Option<Limit>,
+    /// Route overrides, first match wins.
+    pub routes: Vec<RouteLimit>,
+    /// Where the buckets live.
+    pub backend: Backend,
+}
+
+/// Where the buckets live.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// In this process: each replica has the whole limit.
+    Local,
+    /// In Redis: every replica pointing at the same Redis and key prefix shares the limit.
+    Redis(Box<RedisSettings>),
+}
+
+impl RateLimitConfig {
+    /// Index of the bucket for a request: `1 + route` for the first matching route, else 0.
+    pub fn route_of(&self, method: &Method, path: &str) -> usize {
+        self.routes
+            .iter()
+            .position(|r| {
+                // `path` is the canonical, lower-cased path (policy::path); prefixes are
+                // compared without case so `/API/v2/auth` cannot escape a `/api/v2/auth` bucket.
+                r.method.as_ref().is_none_or(|m| m == method)
+                    && path
+                        .get(..r.path_prefix.len())
+                        .is_some_and(|p| p.eq_ignore_ascii_case(&r.path_prefix))
+            })
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The limit of bucket `route` (as numbered by [`RateLimitConfig::route_of`]).
+    pub fn limit_of(&self, route: usize) -> Option<Limit> {
+        match route {
+            0 => self.default,
+            r => self.routes.get(r - 1).map(|r| r.limit),
+        }
+    }
+}
 
 /// `[policy.rate_limit]` as written.
 #[derive(Debug, Deserialize, Default)]

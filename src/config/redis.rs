@@ -1,13 +1,50 @@
 //! `[policy.rate_limit.redis]`: the shared rate-limit backend (address, credentials, timeouts,
 //! and what decides while Redis cannot).
 
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use redis::ConnectionInfo;
 use serde::Deserialize;
 
 use super::convert::{pem_has_certificates, secs, Convert};
-pub use crate::policy::redis_limit::{OnRedisError, RedisSettings};
+use crate::secret::SecretSource;
+
+/// Redis backend settings (`[policy.rate_limit.redis]`).
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// Address, TLS (`rediss://`), database and user name from `url`; never a password.
+    pub connection: ConnectionInfo,
+    /// Password (`AUTH`), re-read from its file at each connect.
+    pub password: Option<SecretSource>,
+    /// PEM CA bundle that verifies a `rediss://` server (system roots otherwise).
+    pub ca_pem: Option<Vec<u8>>,
+    /// Prepended to every key, e.g. `finhub-sidecar:rl:payments-api:`.
+    pub key_prefix: String,
+    /// Longest a request waits for Redis before the failure mode decides.
+    pub timeout: Duration,
+    /// Longest a (background) connect may take.
+    pub connect_timeout: Duration,
+    /// Multiplexed connections in the pool.
+    pub connections: NonZeroUsize,
+    /// What decides while Redis cannot.
+    pub on_error: OnRedisError,
+}
+
+/// What decides while Redis cannot (`on_redis_error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnRedisError {
+    /// Let requests through (availability over the limit).
+    Allow,
+    /// Refuse with 503 `rate_limit_unavailable` (the limit over availability).
+    Deny,
+    /// An in-process bucket with `1 / replicas` of each limit (at least 1 per second and burst).
+    Local {
+        /// How many replicas share the limit.
+        replicas: NonZeroU32,
+    },
+}
 
 /// `[policy.rate_limit.redis]` as written.
 #[derive(Debug, Deserialize)]
