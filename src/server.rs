@@ -13,7 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::audit::Audit;
 use crate::auth::client::AuthClient;
 use crate::auth::{self, SessionTable};
-use crate::config::{Backend, Config, Environment};
+use crate::config::{Backend, Config};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
 use crate::listener::{AppListener, Limits};
 use crate::metrics::Metrics;
@@ -72,7 +72,7 @@ impl Sidecar {
         for w in &tls.warnings {
             tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
         }
-        if config.auth.environment == Environment::Production && tls.cert_key.is_none() {
+        if config.rules.requires_client_cert && tls.cert_key.is_none() {
             // Config conversion already refuses this; keep the invariant local too.
             return Err(StartError::Tls(TlsError::MissingClientCert));
         }
@@ -264,22 +264,13 @@ impl BackgroundService for ControlPlane {
                 .clone()
                 .refresh_forever(self.config.upstream.dns_refresh),
         );
-        let (reload_interval, expiry_warning) = self
-            .config
-            .client_cert
-            .as_ref()
-            .map(|c| (c.reload_interval, c.expiry_warning))
-            .unwrap_or((
-                std::time::Duration::from_secs(5),
-                std::time::Duration::from_secs(7 * 86_400),
-            ));
         let reloader = Reloader::new(
             self.tls_files.clone(),
             self.tls.clone(),
             self.metrics.clone(),
-            expiry_warning,
+            self.config.expiry_warning(),
         );
-        tasks.spawn(reloader.run(reload_interval));
+        tasks.spawn(reloader.run(self.config.tls_reload_interval()));
         if let Some(redis) = &self.redis {
             tasks.spawn(redis.clone().keep_connected());
         }

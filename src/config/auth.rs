@@ -77,7 +77,7 @@ impl Convert<'_> {
         let env = a.environment;
         let login_path = a
             .login_path
-            .unwrap_or_else(|| env.default_login_path().to_string());
+            .unwrap_or_else(|| env.rules().default_login_path.to_string());
         let refresh_path = a
             .refresh_path
             .unwrap_or_else(|| "/api/v2/auth/token/refresh".to_string());

@@ -6,14 +6,14 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::convert::{secs, Convert};
-use super::Environment;
+use super::EnvRules;
 
 /// Default of `client_cert.reload_interval`, also used to poll the CA file without a client
 /// certificate.
-pub const DEFAULT_RELOAD_INTERVAL: Duration = secs(5);
+pub(super) const DEFAULT_RELOAD_INTERVAL: Duration = secs(5);
 
 /// Default of `client_cert.expiry_warning`.
-pub const DEFAULT_EXPIRY_WARNING: Duration = secs(7 * 86_400);
+pub(super) const DEFAULT_EXPIRY_WARNING: Duration = secs(7 * 86_400);
 
 /// Client certificate and key files (PEM).
 #[derive(Debug, Clone)]
@@ -47,7 +47,7 @@ impl Convert<'_> {
     pub(super) fn client_cert(
         &mut self,
         c: Option<FileClientCert>,
-        env: Option<Environment>,
+        rules: Option<EnvRules>,
     ) -> Option<ClientCertFiles> {
         let client_cert = c.map(|c| ClientCertFiles {
             cert_file: self.path(c.cert_file),
@@ -63,7 +63,7 @@ impl Convert<'_> {
                 DEFAULT_EXPIRY_WARNING,
             ),
         });
-        if client_cert.is_none() && env == Some(Environment::Production) {
+        if client_cert.is_none() && rules.is_some_and(|r| r.requires_client_cert) {
             self.err(
                 "client_cert",
                 "production requires a client certificate (mTLS is mandatory)",

@@ -6,7 +6,7 @@ use http::HeaderValue;
 use serde::Deserialize;
 
 use super::convert::{env_reference, Convert};
-use super::Environment;
+use super::EnvRules;
 
 /// Values of headers the sidecar sets on FinHub calls.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ impl Convert<'_> {
     pub(super) fn headers(
         &mut self,
         h: FileHeaders,
-        env: Option<Environment>,
+        rules: Option<EnvRules>,
     ) -> Option<HeaderConfig> {
         let origin_ip = match h.origin_ip {
             None => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -79,7 +79,7 @@ impl Convert<'_> {
                 }
             }
         };
-        if env == Some(Environment::Production) && origin_ip.is_loopback() {
+        if rules.is_some_and(|r| r.requires_real_origin_ip) && origin_ip.is_loopback() {
             self.err(
                 "headers.origin_ip",
                 "production needs the real originating IP (e.g. \"${POD_IP}\"), not loopback",

@@ -39,8 +39,8 @@ mod upstream;
 pub use admin::AdminConfig;
 pub use audit::{AuditConfig, AuditOutput};
 pub use auth::AuthConfig;
-pub use client_cert::{ClientCertFiles, DEFAULT_EXPIRY_WARNING, DEFAULT_RELOAD_INTERVAL};
-pub use environment::Environment;
+pub use client_cert::ClientCertFiles;
+pub use environment::{EnvRules, Environment};
 pub use headers::HeaderConfig;
 pub use listener::ListenerConfig;
 pub use log::{LogConfig, LogFormat, DEFAULT_LOG_LEVEL};
@@ -51,6 +51,7 @@ pub use shutdown::ShutdownConfig;
 pub use tenants::TenantConfig;
 pub use upstream::UpstreamConfig;
 
+use client_cert::{DEFAULT_EXPIRY_WARNING, DEFAULT_RELOAD_INTERVAL};
 use convert::Convert;
 use file::{parse_file, FileConfig};
 
@@ -71,6 +72,9 @@ pub struct Config {
     pub client_cert: Option<ClientCertFiles>,
     /// How the sidecar logs in.
     pub auth: AuthConfig,
+    /// What `auth.environment` demands, decided once: read these flags, never compare
+    /// environments.
+    pub rules: EnvRules,
     /// Tenants, in file order.
     pub tenants: Vec<TenantConfig>,
     /// Index into `tenants` used when a request names no tenant.
@@ -175,11 +179,12 @@ impl Convert<'_> {
         let listener = self.listener(&f.listener);
         let auth = self.auth(f.auth);
         let upstream = self.upstream(f.upstream);
-        let env = auth.as_ref().map(|a| a.environment);
-        let client_cert = self.client_cert(f.client_cert, env);
-        let (tenants, default_tenant) = self.tenants(f.tenants, env);
+        // Without a valid `[auth]` no environment rule is checked (its error is reported).
+        let rules = auth.as_ref().map(|a| a.environment.rules());
+        let client_cert = self.client_cert(f.client_cert, rules);
+        let (tenants, default_tenant) = self.tenants(f.tenants, rules);
         let policy = self.policy(f.policy);
-        let headers = self.headers(f.headers, env);
+        let headers = self.headers(f.headers, rules);
         let shutdown = self.shutdown(f.shutdown);
         let audit = self.audit(f.audit);
         let log = f.log.convert();
@@ -191,6 +196,7 @@ impl Convert<'_> {
             upstream: upstream?,
             client_cert,
             auth: auth?,
+            rules: rules?,
             tenants,
             default_tenant,
             policy: policy?,

@@ -6,7 +6,7 @@ use http::HeaderValue;
 use serde::Deserialize;
 
 use super::convert::Convert;
-use super::Environment;
+use super::EnvRules;
 use crate::secret::SecretSource;
 
 /// One tenant the sidecar holds a session for.
@@ -54,7 +54,7 @@ impl Convert<'_> {
     pub(super) fn tenants(
         &mut self,
         tenants: Vec<FileTenant>,
-        env: Option<Environment>,
+        rules: Option<EnvRules>,
     ) -> (Vec<TenantConfig>, usize) {
         if tenants.is_empty() {
             self.err("tenants", "at least one [[tenants]] entry is required");
@@ -99,8 +99,7 @@ impl Convert<'_> {
                 t.customer_secret_file,
                 false,
             );
-            if env.is_some_and(Environment::sends_client_credentials)
-                && env != Some(Environment::Production)
+            if rules.is_some_and(|r| r.requires_client_credentials)
                 && (t.customer_id.is_none() || customer_secret.is_none())
             {
                 self.err(
