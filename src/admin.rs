@@ -24,7 +24,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
@@ -33,11 +33,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
-use crate::auth::SessionTable;
-use crate::config::Config;
-use crate::lifecycle::Lifecycle;
-use crate::metrics::Metrics;
-use crate::tls::{unix_now, TlsStore};
+use crate::shared::Shared;
+use crate::tls::unix_now;
 
 /// Admin connections kept open; a new one beyond this closes one of the largest source's.
 pub const MAX_ADMIN_CONNECTIONS: usize = 256;
@@ -49,23 +46,10 @@ pub const ADMIN_CONNECTIONS_PER_SOURCE: usize = 64;
 /// An admin request header must arrive whole within this (probes send theirs at once).
 pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// What the admin endpoints look at.
-pub struct AdminState {
-    /// Configuration (for `/status`).
-    pub config: Arc<Config>,
-    /// Session slots.
-    pub sessions: Arc<SessionTable>,
-    /// TLS snapshot.
-    pub tls: Arc<TlsStore>,
-    /// Metrics to expose.
-    pub metrics: Metrics,
-    /// Drain state.
-    pub lifecycle: Arc<Lifecycle>,
-    /// Process start.
-    pub started: Instant,
-}
+/// What the admin endpoints look at: the sidecar's shared state.
+pub type AdminState = Shared;
 
-impl AdminState {
+impl Shared {
     /// `None` when ready, else why not.
     pub fn not_ready_reason(&self) -> Option<String> {
         if self.lifecycle.is_draining() {
@@ -340,8 +324,13 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::SessionTable;
+    use crate::config::Config;
+    use crate::lifecycle::Lifecycle;
+    use crate::metrics::Metrics;
     use crate::tls::{RulePolicy, TlsFiles};
     use std::time::Duration;
+    use std::time::Instant;
 
     fn state() -> AdminState {
         let toml = r#"
@@ -366,12 +355,19 @@ password = "${PW}"
         .load(unix_now())
         .unwrap();
         let metrics = Metrics::new();
-        AdminState {
-            sessions: Arc::new(SessionTable::new(&config)),
+        let sessions = Arc::new(SessionTable::new(&config));
+        let tenants = crate::tenant::Tenants::new(&sessions, 0, &metrics).unwrap();
+        let (audit, _guard) =
+            crate::audit::Audit::open(&crate::config::AuditOutput::Off, false).unwrap();
+        Shared {
+            upstream: Arc::new(crate::upstream::UpstreamAddrs::new("api.finhub.cloud", 443)),
+            sessions,
+            tenants,
             config: Arc::new(config),
-            tls: Arc::new(TlsStore::new(tls)),
+            tls: Arc::new(crate::tls::TlsStore::new(tls)),
             lifecycle: Lifecycle::new(Duration::ZERO, Duration::ZERO, metrics.clone()),
             metrics,
+            audit,
             started: Instant::now(),
         }
     }

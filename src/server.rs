@@ -9,7 +9,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 
-use crate::admin::{self, AdminState};
+use crate::admin;
 use crate::audit::Audit;
 use crate::auth::client::AuthClient;
 use crate::auth::{self, SessionTable};
@@ -19,7 +19,10 @@ use crate::listener::{AppListener, Limits};
 use crate::metrics::Metrics;
 use crate::policy::ratelimit::{DecisionCounters, Limiter, LocalLimiter};
 use crate::policy::redis_limit::RedisLimiter;
-use crate::proxy::{FinHubProxy, ProxyParts};
+use crate::proxy::FinHubProxy;
+use crate::shared::Shared;
+use crate::supervise::supervise;
+use crate::tenant::Tenants;
 use crate::tls::reload::Reloader;
 use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
 use crate::upstream::UpstreamAddrs;
@@ -168,16 +171,23 @@ impl Sidecar {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let proxy = FinHubProxy::new(ProxyParts {
+        let Some(tenants) = Tenants::new(&self.sessions, c.default_tenant, &self.metrics) else {
+            tracing::error!("finhub-sidecar cannot start: no tenant configured");
+            return;
+        };
+        let limiter = self.limiter();
+        let shared = Arc::new(Shared {
             config: c.clone(),
             tls: self.tls.clone(),
             upstream: self.upstream.clone(),
             sessions: self.sessions.clone(),
+            tenants,
             metrics: self.metrics.clone(),
             lifecycle: lifecycle.clone(),
-            limiter: self.limiter(),
             audit: self.audit.clone(),
+            started: std::time::Instant::now(),
         });
+        let proxy = FinHubProxy::new(shared.clone(), limiter);
         // CONNECT reaches request_filter (instead of Pingora's bare 405) so that it gets the
         // same JSON refusal as every other request; it is never tunnelled.
         let mut server_options = pingora::apps::HttpServerOptions::default();
@@ -200,14 +210,9 @@ impl Sidecar {
         );
 
         let control = ControlPlane {
-            config: c.clone(),
-            tls: self.tls.clone(),
-            upstream: self.upstream.clone(),
-            sessions: self.sessions.clone(),
+            shared,
             admin_listener: std::sync::Mutex::new(Some(self.admin_listener)),
             tls_files: self.tls_files.clone(),
-            metrics: self.metrics.clone(),
-            lifecycle: lifecycle.clone(),
             redis: self.redis.clone(),
         };
         server.add_service(background_service("control-plane", control));
@@ -239,54 +244,51 @@ fn bound(
     actual.unwrap_or(configured)
 }
 
-/// DNS refresh, one session task per tenant, and the admin listener.
+/// DNS refresh, certificate reloads, one session task per tenant, the Redis keepers and the
+/// admin listener, over the shared state.
 struct ControlPlane {
-    config: Arc<Config>,
-    tls: Arc<TlsStore>,
-    upstream: Arc<UpstreamAddrs>,
-    sessions: Arc<SessionTable>,
+    shared: Arc<Shared>,
     admin_listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     tls_files: TlsFiles,
-    metrics: Metrics,
-    lifecycle: Arc<Lifecycle>,
     redis: Option<RedisLimiter>,
 }
 
 #[async_trait]
 impl BackgroundService for ControlPlane {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let sh = &self.shared;
         let mut tasks = tokio::task::JoinSet::new();
-        if let Err(e) = self.upstream.resolve().await {
-            tracing::warn!(error = %e, host = %self.config.upstream.host, "initial DNS resolution failed; retrying in the background");
+        if let Err(e) = sh.upstream.resolve().await {
+            tracing::warn!(error = %e, host = %sh.config.upstream.host, "initial DNS resolution failed; retrying in the background");
         }
         tasks.spawn(
-            self.upstream
+            sh.upstream
                 .clone()
-                .refresh_forever(self.config.upstream.dns_refresh),
+                .refresh_forever(sh.config.upstream.dns_refresh),
         );
         let reloader = Reloader::new(
             self.tls_files.clone(),
-            self.tls.clone(),
-            self.metrics.clone(),
-            self.config.expiry_warning(),
+            sh.tls.clone(),
+            sh.metrics.clone(),
+            sh.config.expiry_warning(),
         );
-        tasks.spawn(reloader.run(self.config.tls_reload_interval()));
+        tasks.spawn(reloader.run(sh.config.tls_reload_interval()));
         if let Some(redis) = &self.redis {
             tasks.spawn(redis.clone().keep_connected());
         }
         let client = Arc::new(AuthClient::new(
-            &self.config,
-            self.tls.clone(),
-            self.sessions.clock().clone(),
+            &sh.config,
+            sh.tls.clone(),
+            sh.sessions.clock().clone(),
         ));
-        if self.config.auth.logout_on_shutdown {
+        if sh.config.auth.logout_on_shutdown {
             // Runs from the drain (Pingora's signal task); the calls go out on this runtime,
             // which lives until the drain is over.
             let (sessions, client, metrics) =
-                (self.sessions.clone(), client.clone(), self.metrics.clone());
-            let within = self.config.auth.logout_timeout;
+                (sh.sessions.clone(), client.clone(), sh.metrics.clone());
+            let within = sh.config.auth.logout_timeout;
             let runtime = tokio::runtime::Handle::current();
-            self.lifecycle.on_drained(
+            sh.lifecycle.on_drained(
                 within + std::time::Duration::from_millis(250),
                 Box::new(move || {
                     Box::pin(async move {
@@ -297,44 +299,26 @@ impl BackgroundService for ControlPlane {
                 }),
             );
         }
-        for slot in self.sessions.tenants() {
+        for slot in sh.sessions.tenants() {
             let (slot, client, auth, metrics) = (
                 slot.clone(),
                 client.clone(),
-                self.config.auth.clone(),
-                self.metrics.clone(),
+                sh.config.auth.clone(),
+                sh.metrics.clone(),
             );
             // Supervised: a bug that panics the session task must not end renewals for good.
-            tasks.spawn(async move {
-                loop {
-                    let task = tokio::spawn(auth::run_tenant(
-                        slot.clone(),
-                        client.clone(),
-                        auth.clone(),
-                        metrics.clone(),
-                    ));
-                    match task.await {
-                        Err(e) if e.is_panic() => {
-                            tracing::error!(tenant = %slot.tenant.id, "session task panicked; restarting it");
-                            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                        }
-                        _ => break,
-                    }
-                }
-            });
+            tasks.spawn(supervise(
+                "session",
+                std::time::Duration::from_secs(1),
+                move || {
+                    auth::run_tenant(slot.clone(), client.clone(), auth.clone(), metrics.clone())
+                },
+            ));
         }
-        tasks.spawn(trim_when_serving(self.sessions.clone()));
+        tasks.spawn(trim_when_serving(sh.sessions.clone()));
         let listener = self.admin_listener.lock().ok().and_then(|mut l| l.take());
         if let Some(listener) = listener {
-            let state = Arc::new(AdminState {
-                config: self.config.clone(),
-                sessions: self.sessions.clone(),
-                tls: self.tls.clone(),
-                metrics: self.metrics.clone(),
-                lifecycle: self.lifecycle.clone(),
-                started: std::time::Instant::now(),
-            });
-            tasks.spawn(admin::serve(listener, state));
+            tasks.spawn(admin::serve(listener, self.shared.clone()));
         }
         let _ = shutdown.changed().await;
         tasks.abort_all();

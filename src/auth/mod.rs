@@ -18,7 +18,6 @@ pub mod client;
 pub mod clock;
 pub mod grant;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -29,7 +28,6 @@ use rand::Rng;
 use tokio::sync::{watch, Notify};
 
 use crate::config::{AuthConfig, Config, TenantConfig};
-use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use client::{AuthClient, AuthError, Refreshed};
@@ -572,10 +570,9 @@ impl TenantSessions {
     }
 }
 
-/// All tenants' session slots, looked up by `X-Tenant-ID`, and FinHub's clock.
+/// All tenants' session slots (configuration order) and FinHub's clock. Requests find their
+/// tenant through `tenant::Tenants`.
 pub struct SessionTable {
-    by_id: HashMap<String, Arc<TenantSessions>>,
-    default: Arc<TenantSessions>,
     all: Vec<Arc<TenantSessions>>,
     clock: Arc<ClockOffset>,
 }
@@ -589,31 +586,9 @@ impl SessionTable {
             .enumerate()
             .map(|(i, t)| Arc::new(TenantSessions::new(t.clone(), i)))
             .collect();
-        let by_id = all
-            .iter()
-            .map(|t| (t.tenant.id.clone(), t.clone()))
-            .collect();
-        let default = all[config.default_tenant].clone();
         SessionTable {
-            by_id,
-            default,
             all,
             clock: Arc::new(ClockOffset::new()),
-        }
-    }
-
-    /// The tenant a request selects with `X-Tenant-ID` (byte-exact, A16), or the default.
-    pub fn select(&self, header: Option<&HeaderValue>) -> Result<&Arc<TenantSessions>, ProxyError> {
-        match header {
-            None => Ok(&self.default),
-            Some(h) => {
-                let id = h
-                    .to_str()
-                    .map_err(|_| ProxyError::UnknownTenant("(non-ASCII)".into()))?;
-                self.by_id
-                    .get(id)
-                    .ok_or_else(|| ProxyError::UnknownTenant(truncate(id, 64)))
-            }
         }
     }
 
@@ -627,10 +602,6 @@ impl SessionTable {
     pub fn clock(&self) -> &Arc<ClockOffset> {
         &self.clock
     }
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
 }
 
 /// Whether `session` can be refreshed (A3, A6): it carries the key, the environment has

@@ -296,24 +296,21 @@ impl RedisLimiter {
         let mut tasks = tokio::task::JoinSet::new();
         for index in 0..self.inner.slots.len() {
             let inner = self.inner.clone();
-            // Supervised: a panic in the connect path must not end this slot for good.
-            tasks.spawn(async move {
-                loop {
-                    match tokio::spawn(inner.clone().keep_slot(index)).await {
-                        Err(e) if e.is_panic() => {
-                            tracing::error!(
-                                connection = index,
-                                "redis connection keeper panicked; restarting it"
-                            );
-                            if let Some(conn) = inner.slots[index].conn.load_full() {
-                                inner.discard(&inner.slots[index], &conn);
-                            }
-                            tokio::time::sleep(MAX_RECONNECT).await;
+            // Supervised: a panic in the connect path must not end this slot for good. A
+            // panicked keeper may have left a connection behind: the next one discards it.
+            tasks.spawn(crate::supervise::supervise(
+                "redis connection keeper",
+                MAX_RECONNECT,
+                move || {
+                    let inner = inner.clone();
+                    async move {
+                        if let Some(conn) = inner.slots[index].conn.load_full() {
+                            inner.discard(&inner.slots[index], &conn);
                         }
-                        _ => break,
+                        inner.keep_slot(index).await;
                     }
-                }
-            });
+                },
+            ));
         }
         while tasks.join_next().await.is_some() {}
     }

@@ -26,12 +26,13 @@ use http::{HeaderValue, Uri};
 use pingora::http::RequestHeader;
 
 use super::replay::Replay;
-use crate::auth::{Session, SessionTable, TenantSessions};
+use crate::auth::{Session, TenantSessions};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::policy::headers::{self, names};
-use crate::policy::ratelimit::{Decision, UpstreamHold};
+use crate::policy::ratelimit::Decision;
 use crate::policy::{allow, path};
+use crate::tenant::{Tenant, Tenants};
 
 /// Seconds an app is told to wait when its tenant has no session and no attempt is planned.
 pub const SESSION_RETRY_AFTER_SECS: u64 = 1;
@@ -39,7 +40,7 @@ pub const SESSION_RETRY_AFTER_SECS: u64 = 1;
 /// A request that may be forwarded, with what the later hooks need.
 pub struct Admitted {
     /// The tenant whose session is used.
-    pub tenant: Arc<TenantSessions>,
+    pub tenant: Arc<Tenant>,
     /// The session to send (refreshed again just before sending).
     pub session: Arc<Session>,
     /// `X-Request-ID` (the app's UUID or a new one); echoed to the app.
@@ -61,7 +62,7 @@ pub struct Refused {
     /// Why.
     pub error: ProxyError,
     /// The tenant, if the request got that far.
-    pub tenant: Option<Arc<TenantSessions>>,
+    pub tenant: Option<Arc<Tenant>>,
 }
 
 impl From<ProxyError> for Refused {
@@ -73,14 +74,12 @@ impl From<ProxyError> for Refused {
     }
 }
 
-/// What admission reads: the configuration, the session table and the 429 holds.
+/// What admission reads: the configuration and the tenants.
 pub struct Admission<'a> {
     /// Configuration.
     pub config: &'a Config,
-    /// Tenants and their sessions.
-    pub sessions: &'a SessionTable,
-    /// Per-tenant holds after FinHub answered 429 with `Retry-After`, by tenant index.
-    pub holds: &'a [UpstreamHold],
+    /// The tenants (sessions, holds).
+    pub tenants: &'a Tenants,
 }
 
 impl Admission<'_> {
@@ -121,7 +120,7 @@ impl Admission<'_> {
         if path::is_reserved(&path, &policy.reserved_paths) {
             return Err(ProxyError::ReservedPath.into());
         }
-        let tenant = self.sessions.select(req.headers.get(&names::X_TENANT_ID))?;
+        let tenant = self.tenants.select(req.headers.get(&names::X_TENANT_ID))?;
         let refuse = |error| Refused {
             error,
             tenant: Some(tenant.clone()),
@@ -139,20 +138,16 @@ impl Admission<'_> {
             HeaderValue::from_str(&xff.to_string())
                 .map_err(|_| refuse(ProxyError::InvalidForwardedFor))?
         };
-        if let Some(left) = self
-            .holds
-            .get(tenant.index)
-            .and_then(UpstreamHold::remaining)
-        {
+        if let Some(left) = tenant.hold.remaining() {
             let retry_after_secs = Decision::Deny { retry_after: left }
                 .retry_after_secs()
                 .unwrap_or(1);
             return Err(refuse(ProxyError::RateLimited { retry_after_secs }));
         }
-        let session = tenant.usable(now).ok_or_else(|| {
+        let session = tenant.sessions.usable(now).ok_or_else(|| {
             refuse(ProxyError::SessionUnavailable {
                 retry_after_secs: session_retry_after(
-                    tenant,
+                    &tenant.sessions,
                     now,
                     self.config.auth.recovery_interval,
                 ),
@@ -237,8 +232,8 @@ password = "${PW}"
 
     struct World {
         config: Config,
-        sessions: SessionTable,
-        holds: Vec<UpstreamHold>,
+        sessions: crate::auth::SessionTable,
+        tenants: Tenants,
     }
 
     impl World {
@@ -247,14 +242,13 @@ password = "${PW}"
                 Some("pw".into())
             })
             .unwrap();
-            let sessions = SessionTable::new(&config);
-            let holds = (0..config.tenants.len())
-                .map(|_| UpstreamHold::default())
-                .collect();
+            let sessions = crate::auth::SessionTable::new(&config);
+            let metrics = crate::metrics::Metrics::new();
+            let tenants = Tenants::new(&sessions, config.default_tenant, &metrics).unwrap();
             World {
                 config,
                 sessions,
-                holds,
+                tenants,
             }
         }
 
@@ -279,8 +273,7 @@ password = "${PW}"
         fn admit(&self, req: &RequestHeader, peer: &str) -> Result<Admitted, ProxyError> {
             Admission {
                 config: &self.config,
-                sessions: &self.sessions,
-                holds: &self.holds,
+                tenants: &self.tenants,
             }
             .admit(req, Some(peer.parse().unwrap()), SystemTime::now())
             .map(|(a, _)| a)
@@ -302,7 +295,7 @@ password = "${PW}"
     fn a_plain_request_is_admitted_with_everything_the_hooks_need() {
         let w = World::new().with_sessions();
         let a = w.admit(&req("GET", "/api/v2/accounts", &[]), APP).unwrap();
-        assert_eq!(a.tenant.tenant.id, "t1", "default tenant");
+        assert_eq!(a.tenant.id(), "t1", "default tenant");
         assert_eq!(a.forwarded_for, "192.0.2.10");
         assert!(a.upstream_uri.is_none());
         assert_eq!(a.replay, Replay::Allowed);
@@ -380,8 +373,7 @@ password = "${PW}"
         let r = req("GET", "/api/v2/x", &[("X-Tenant-ID", "t2")]);
         let refused = Admission {
             config: &w.config,
-            sessions: &w.sessions,
-            holds: &w.holds,
+            tenants: &w.tenants,
         }
         .admit(&r, Some(APP.parse().unwrap()), SystemTime::now())
         .err()
@@ -392,13 +384,13 @@ password = "${PW}"
                 retry_after_secs: SESSION_RETRY_AFTER_SECS
             }
         );
-        assert_eq!(refused.tenant.unwrap().tenant.id, "t2");
+        assert_eq!(refused.tenant.unwrap().id(), "t2");
     }
 
     #[test]
     fn a_finhub_429_hold_refuses_before_the_session_is_looked_at() {
         let w = World::new().with_sessions();
-        w.holds[0].hold_for(Duration::from_secs(30));
+        w.tenants.all()[0].hold.hold_for(Duration::from_secs(30));
         let got = w.admit(&req("GET", "/api/v2/x", &[]), APP).err();
         assert!(
             matches!(got, Some(ProxyError::RateLimited { retry_after_secs }) if (29..=30).contains(&retry_after_secs)),

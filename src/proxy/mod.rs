@@ -30,56 +30,24 @@ use pingora::upstreams::peer::HttpUpstreamRequestPolicy;
 use pingora::{Error, ErrorSource, ErrorType};
 use prometheus::IntCounter;
 
-use crate::audit::{Audit, AuditRecord};
-use crate::auth::{SessionTable, TenantSessions};
-use crate::config::Config;
+use crate::audit::AuditRecord;
 use crate::error::{self, ProxyError};
-use crate::lifecycle::{InFlight, Lifecycle};
-use crate::metrics::{Metrics, Outcome, RequestSeries};
+use crate::lifecycle::InFlight;
+use crate::metrics::{Outcome, RequestSeries};
 use crate::policy::headers::{self, names};
-use crate::policy::ratelimit::{self, Check, Decision, Limiter, UpstreamHold};
-use crate::tls::TlsStore;
-use crate::upstream::UpstreamAddrs;
+use crate::policy::ratelimit::{self, Check, Decision, Limiter};
+use crate::shared::Shared;
+use crate::tenant::Tenant;
 use admission::{session_retry_after, Admission, Admitted, Refused};
 
-/// Everything the data path reads; all of it is immutable, atomic, or a published snapshot.
+/// The data path: the shared state, the rate-limit backend and a few series resolved once.
 pub struct FinHubProxy {
-    config: Arc<Config>,
-    tls: Arc<TlsStore>,
-    upstream: Arc<UpstreamAddrs>,
-    sessions: Arc<SessionTable>,
-    metrics: Metrics,
-    lifecycle: Arc<Lifecycle>,
+    shared: Arc<Shared>,
     limiter: Box<dyn Limiter>,
-    /// Per-tenant hold after FinHub answered 429 with Retry-After.
-    holds: Vec<UpstreamHold>,
-    audit: Audit,
-    /// Per-tenant metric series by tenant index, resolved once.
-    series: Vec<RequestSeries>,
     /// The series of requests refused before a tenant was chosen (`tenant="-"`).
     no_tenant: RequestSeries,
     /// `upstream_connections_total{reused}`: `[new, reused]`.
     connections: [IntCounter; 2],
-}
-
-/// The shared parts a [`FinHubProxy`] is built from.
-pub struct ProxyParts {
-    /// Configuration.
-    pub config: Arc<Config>,
-    /// Client TLS snapshot.
-    pub tls: Arc<TlsStore>,
-    /// Resolved upstream addresses.
-    pub upstream: Arc<UpstreamAddrs>,
-    /// Session slots.
-    pub sessions: Arc<SessionTable>,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// Drain state.
-    pub lifecycle: Arc<Lifecycle>,
-    /// Rate-limit backend.
-    pub limiter: Box<dyn Limiter>,
-    /// Audit writer.
-    pub audit: Audit,
 }
 
 /// Error type that asks Pingora to send the request again (after a 401 and a renewal).
@@ -96,7 +64,7 @@ pub struct RequestCtx {
     /// Failed connection attempts; the next attempt uses the next resolved address.
     connect_failures: usize,
     /// The tenant the request selected (also when it was refused afterwards).
-    tenant: Option<Arc<TenantSessions>>,
+    tenant: Option<Arc<Tenant>>,
     /// Set once the request is admitted.
     admitted: Option<Admitted>,
     upstream_status: Option<u16>,
@@ -105,37 +73,20 @@ pub struct RequestCtx {
 }
 
 impl FinHubProxy {
-    /// The proxy over the shared control-plane state.
-    pub fn new(parts: ProxyParts) -> Self {
-        let holds = (0..parts.sessions.tenants().len())
-            .map(|_| UpstreamHold::default())
-            .collect();
-        let series = parts
-            .sessions
-            .tenants()
-            .iter()
-            .map(|t| parts.metrics.request_series(&t.tenant.id))
-            .collect();
-        let no_tenant = parts.metrics.request_series("-");
+    /// The proxy over the shared state, asking `limiter` for rate-limit decisions.
+    pub fn new(shared: Arc<Shared>, limiter: Box<dyn Limiter>) -> Self {
+        let no_tenant = shared.metrics.request_series("-");
         let connections = ["false", "true"].map(|reused| {
-            parts
+            shared
                 .metrics
                 .upstream_connections
                 .with_label_values(&[reused])
         });
         FinHubProxy {
-            series,
+            shared,
+            limiter,
             no_tenant,
             connections,
-            config: parts.config,
-            tls: parts.tls,
-            upstream: parts.upstream,
-            sessions: parts.sessions,
-            metrics: parts.metrics,
-            lifecycle: parts.lifecycle,
-            limiter: parts.limiter,
-            holds,
-            audit: parts.audit,
         }
     }
 
@@ -147,15 +98,13 @@ impl FinHubProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let admission = Admission {
-            config: &self.config,
-            sessions: &self.sessions,
-            holds: &self.holds,
+            config: &self.shared.config,
+            tenants: &self.shared.tenants,
         };
         match admission.admit(req, peer, SystemTime::now()) {
             Ok((admitted, path)) => {
-                let check = self
-                    .limiter
-                    .check(admitted.tenant.index, &req.method, &path);
+                let index = admitted.tenant.sessions.index;
+                let check = self.limiter.check(index, &req.method, &path);
                 ctx.tenant = Some(admitted.tenant.clone());
                 ctx.admitted = Some(admitted);
                 Ok(check)
@@ -170,11 +119,12 @@ impl FinHubProxy {
     /// The peer for FinHub with the current certificate snapshot.
     fn peer(&self, attempt: usize) -> Result<HttpPeer, ProxyError> {
         let addr = self
+            .shared
             .upstream
             .pick_nth(attempt)
             .ok_or(ProxyError::UpstreamUnresolved)?;
-        let u = &self.config.upstream;
-        let tls = self.tls.current();
+        let u = &self.shared.config.upstream;
+        let tls = self.shared.tls.current();
         let mut peer = match &tls.cert_key {
             Some(ck) => HttpPeer::new_mtls(addr, u.host.clone(), ck.clone()),
             None => HttpPeer::new(addr, true, u.host.clone()),
@@ -199,21 +149,25 @@ impl FinHubProxy {
         // Connecting may have taken a while (or this is a retry): take the tenant's session as
         // it is now, and never send one that has expired meanwhile.
         let now = SystemTime::now();
-        a.session = a
-            .tenant
-            .usable(now)
-            .ok_or_else(|| ProxyError::SessionUnavailable {
-                retry_after_secs: session_retry_after(
-                    &a.tenant,
-                    now,
-                    self.config.auth.recovery_interval,
-                ),
-            })?;
+        a.session =
+            a.tenant
+                .sessions
+                .usable(now)
+                .ok_or_else(|| ProxyError::SessionUnavailable {
+                    retry_after_secs: session_retry_after(
+                        &a.tenant.sessions,
+                        now,
+                        self.shared.config.auth.recovery_interval,
+                    ),
+                })?;
         headers::strip_app_credentials(req);
-        let h = &self.config.headers;
+        let h = &self.shared.config.headers;
         let set = |req: &mut RequestHeader| -> pingora::Result<()> {
-            headers::apply_session(req, &a.session, &a.tenant.tenant.id_header)?;
-            req.insert_header(http::header::HOST, self.config.upstream.host_header.clone())?;
+            headers::apply_session(req, &a.session, &a.tenant.sessions.tenant.id_header)?;
+            req.insert_header(
+                http::header::HOST,
+                self.shared.config.upstream.host_header.clone(),
+            )?;
             req.insert_header(names::X_REQUEST_ID, a.request_id.clone())?;
             let correlation =
                 headers::correlation_id(req.headers.get(&names::X_CORRELATION_ID), &a.request_id);
@@ -239,16 +193,16 @@ impl FinHubProxy {
 
     /// FinHub answered 429: pass it on, and if it said when to come back, hold the tenant's
     /// requests locally until then so the fleet stops hammering.
-    fn hold_after_429(&self, resp: &ResponseHeader, tenant: &TenantSessions) {
+    fn hold_after_429(&self, resp: &ResponseHeader, tenant: &Tenant) {
         let retry_after = resp
             .headers
             .get(http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| ratelimit::parse_retry_after(v, SystemTime::now()));
-        if let (Some(d), Some(hold)) = (retry_after, self.holds.get(tenant.index)) {
-            hold.hold_for(d);
+        if let Some(d) = retry_after {
+            tenant.hold.hold_for(d);
             tracing::warn!(
-                tenant = %tenant.tenant.id,
+                tenant = %tenant.id(),
                 retry_after_ms = d.as_millis() as u64,
                 "FinHub answered 429; holding this tenant's requests"
             );
@@ -258,29 +212,24 @@ impl FinHubProxy {
     /// A 401 for the session `a` carried: renew (single flight) and, if the request can be sent
     /// again, wait for the new session. True when the request should be replayed.
     async fn renew_after_401(&self, a: &mut Admitted, body_truncated: bool) -> bool {
-        a.tenant.request_renewal(&a.session);
+        a.tenant.sessions.request_renewal(&a.session);
         if !a.replay.wants_replay(body_truncated) {
             return false;
         }
         // A forced renewal may refresh and then log in: two auth calls.
-        let wait = self.config.auth.request_timeout * 2 + std::time::Duration::from_secs(1);
-        let Some(renewed) = a.tenant.newer_than(&a.session, wait).await else {
+        let wait = self.shared.config.auth.request_timeout * 2 + std::time::Duration::from_secs(1);
+        let Some(renewed) = a.tenant.sessions.newer_than(&a.session, wait).await else {
             return false;
         };
         a.session = renewed;
         a.replay.start();
-        if let Some(series) = self.series.get(a.tenant.index) {
-            series.replays.inc();
-        }
+        a.tenant.series.replays.inc();
         true
     }
 
     /// The metric series of a request's tenant (`-` before one was chosen).
-    fn series_of(&self, ctx: &RequestCtx) -> &RequestSeries {
-        ctx.tenant
-            .as_ref()
-            .and_then(|t| self.series.get(t.index))
-            .unwrap_or(&self.no_tenant)
+    fn series_of<'a>(&'a self, ctx: &'a RequestCtx) -> &'a RequestSeries {
+        ctx.tenant.as_ref().map_or(&self.no_tenant, |t| &t.series)
     }
 
     /// The audit record of a finished request.
@@ -303,7 +252,7 @@ impl FinHubProxy {
             ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             request_id: a.and_then(|a| a.request_id.to_str().ok()),
             activity_id: a.and_then(|a| a.activity_id.to_str().ok()),
-            tenant: ctx.tenant.as_ref().map(|t| t.tenant.id.as_str()),
+            tenant: ctx.tenant.as_ref().map(|t| t.id()),
             client_ip: session
                 .client_addr()
                 .and_then(|a| a.as_inet())
@@ -314,7 +263,7 @@ impl FinHubProxy {
                 .get(http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok()),
             method: req.method.as_str(),
-            path: self.audit.path(path_and_query),
+            path: self.shared.audit.path(path_and_query),
             status,
             decision,
             reason: ctx.failure.as_ref().map(ProxyError::code),
@@ -368,7 +317,7 @@ impl ProxyHttp for FinHubProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
-            _in_flight: self.lifecycle.track(),
+            _in_flight: self.shared.lifecycle.track(),
             upstream_start: None,
             upstream_sent: None,
             connect_failures: 0,
@@ -394,7 +343,7 @@ impl ProxyHttp for FinHubProxy {
         let Err(e) = verdict else {
             // A body that trickles in holds an app slot and a FinHub connection: each read of it
             // waits at most body_timeout (request_body_filter bounds the total).
-            let body_timeout = self.config.listener.body_timeout;
+            let body_timeout = self.shared.config.listener.body_timeout;
             session
                 .as_downstream_mut()
                 .set_read_timeout(Some(body_timeout));
@@ -417,7 +366,7 @@ impl ProxyHttp for FinHubProxy {
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
-        if ctx.start.elapsed() > self.config.listener.body_timeout {
+        if ctx.start.elapsed() > self.shared.config.listener.body_timeout {
             ctx.failure = Some(ProxyError::BodyTimeout);
             return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");
         }
@@ -465,7 +414,8 @@ impl ProxyHttp for FinHubProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if let Some(t) = ctx.upstream_start.take() {
-            self.metrics
+            self.shared
+                .metrics
                 .upstream_duration
                 .observe(t.elapsed().as_secs_f64());
         }
@@ -474,7 +424,10 @@ impl ProxyHttp for FinHubProxy {
         if let Some(sent) = ctx.upstream_sent {
             // Every answer's Date narrows the estimate of FinHub's clock (auth/clock.rs).
             let date = upstream_response.headers.get(http::header::DATE);
-            self.sessions.clock().observe(date, sent, SystemTime::now());
+            self.shared
+                .sessions
+                .clock()
+                .observe(date, sent, SystemTime::now());
         }
         let Some(a) = ctx.admitted.as_mut() else {
             return Ok(());
@@ -501,7 +454,7 @@ impl ProxyHttp for FinHubProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.connect_failures += 1;
-        e.set_retry(ctx.connect_failures < self.upstream.count());
+        e.set_retry(ctx.connect_failures < self.shared.upstream.count());
         e
     }
 
@@ -606,7 +559,7 @@ impl ProxyHttp for FinHubProxy {
         series.duration.observe(ctx.start.elapsed().as_secs_f64());
         if let Some(e) = e {
             tracing::warn!(
-                tenant = ctx.tenant.as_ref().map(|t| t.tenant.id.as_str()),
+                tenant = ctx.tenant.as_ref().map(|t| t.id()),
                 request_id = ctx
                     .admitted
                     .as_ref()
@@ -617,11 +570,13 @@ impl ProxyHttp for FinHubProxy {
                 "request failed"
             );
         }
-        self.audit
+        self.shared
+            .audit
             .write(&self.audit_record(session, ctx, status, outcome.label()));
-        self.metrics
+        self.shared
+            .metrics
             .audit_dropped
-            .set(i64::try_from(self.audit.dropped()).unwrap_or(i64::MAX));
+            .set(i64::try_from(self.shared.audit.dropped()).unwrap_or(i64::MAX));
     }
 
     /// Contract: every failure reaches the app as one JSON error with a stable code.

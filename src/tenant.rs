@@ -1,0 +1,86 @@
+//! The tenants as the data path sees them: one [`Tenant`] value each, owning everything per
+//! tenant (its session slot, the hold after FinHub's own 429, its metric series), looked up by
+//! `X-Tenant-ID`. Nothing per tenant lives in a vector that must stay aligned with another.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+use crate::auth::{SessionTable, TenantSessions};
+use crate::error::ProxyError;
+use crate::metrics::{Metrics, RequestSeries};
+use crate::policy::ratelimit::UpstreamHold;
+
+/// One tenant: configuration, session, FinHub's 429 hold, metric series.
+pub struct Tenant {
+    /// The session slot (and the tenant's configuration, `sessions.tenant`).
+    pub sessions: Arc<TenantSessions>,
+    /// Set when FinHub answered 429 with `Retry-After`: requests wait locally until then.
+    pub hold: UpstreamHold,
+    /// The tenant's request metrics, resolved once.
+    pub series: RequestSeries,
+}
+
+impl Tenant {
+    /// The tenant's id (as configured, byte-exact).
+    pub fn id(&self) -> &str {
+        &self.sessions.tenant.id
+    }
+}
+
+/// Every tenant, by id, with the default one for requests that name none.
+pub struct Tenants {
+    all: Vec<Arc<Tenant>>,
+    by_id: HashMap<String, Arc<Tenant>>,
+    default: Arc<Tenant>,
+}
+
+impl Tenants {
+    /// One [`Tenant`] per session slot of `sessions` (configuration order); `default` is the
+    /// index of the default tenant in it. `None` without tenants (config conversion refuses
+    /// such a configuration).
+    pub fn new(sessions: &SessionTable, default: usize, metrics: &Metrics) -> Option<Tenants> {
+        let all: Vec<Arc<Tenant>> = sessions
+            .tenants()
+            .iter()
+            .map(|s| {
+                Arc::new(Tenant {
+                    series: metrics.request_series(&s.tenant.id),
+                    hold: UpstreamHold::default(),
+                    sessions: s.clone(),
+                })
+            })
+            .collect();
+        let by_id = all
+            .iter()
+            .map(|t| (t.id().to_string(), t.clone()))
+            .collect();
+        let default = all.get(default).or_else(|| all.first()).cloned()?;
+        Some(Tenants {
+            all,
+            by_id,
+            default,
+        })
+    }
+
+    /// The tenant a request selects with `X-Tenant-ID` (byte-exact, A16), or the default.
+    pub fn select(&self, header: Option<&HeaderValue>) -> Result<&Arc<Tenant>, ProxyError> {
+        match header {
+            None => Ok(&self.default),
+            Some(h) => {
+                let id = h
+                    .to_str()
+                    .map_err(|_| ProxyError::UnknownTenant("(non-ASCII)".into()))?;
+                self.by_id
+                    .get(id)
+                    .ok_or_else(|| ProxyError::UnknownTenant(id.chars().take(64).collect()))
+            }
+        }
+    }
+
+    /// Every tenant, in configuration order.
+    pub fn all(&self) -> &[Arc<Tenant>] {
+        &self.all
+    }
+}
