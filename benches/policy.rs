@@ -7,7 +7,8 @@ use std::num::NonZeroU32;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use finhub_sidecar::auth::grant::Grant;
-use finhub_sidecar::policy::ratelimit::{Backend, Limit, Limiter, LocalLimiter, RateLimitConfig};
+use finhub_sidecar::config::{Backend, Limit, RateLimitConfig};
+use finhub_sidecar::policy::ratelimit::{Limiter, LocalLimiter};
 use finhub_sidecar::policy::{allow, headers, path};
 use http::{HeaderValue, Method};
 use ipnet::IpNet;

@@ -8,11 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use finhub_sidecar::config::{Backend, Limit, OnRedisError, RateLimitConfig, RedisSettings};
 use finhub_sidecar::metrics::Metrics;
-use finhub_sidecar::policy::ratelimit::{
-    Backend, Check, Decision, Limit, Limiter, LocalLimiter, RateLimitConfig,
-};
-use finhub_sidecar::policy::redis_limit::{OnRedisError, RedisLimiter, RedisSettings};
+use finhub_sidecar::policy::ratelimit::{Check, Decision, Limiter, LocalLimiter};
+use finhub_sidecar::policy::redis_limit::RedisLimiter;
 use http::Method;
 
 fn config() -> RateLimitConfig {

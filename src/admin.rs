@@ -358,7 +358,7 @@ password = "${PW}"
         let sessions = Arc::new(SessionTable::new(&config));
         let tenants = crate::tenant::Tenants::new(&sessions, 0, &metrics).unwrap();
         let (audit, _guard) =
-            crate::audit::Audit::open(&crate::audit::AuditOutput::Off, false).unwrap();
+            crate::audit::Audit::open(&crate::config::AuditOutput::Off, false).unwrap();
         Shared {
             upstream: Arc::new(crate::upstream::UpstreamAddrs::new("api.finhub.cloud", 443)),
             sessions,

@@ -7,21 +7,11 @@
 //! Credential headers are never among them.
 
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
 
 use serde::Serialize;
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
-/// Where audit lines go.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuditOutput {
-    /// Standard output (the default; container log collectors pick it up).
-    Stdout,
-    /// Appended to a file.
-    File(PathBuf),
-    /// Not written.
-    Off,
-}
+use crate::config::AuditOutput;
 
 /// One request's audit record.
 #[derive(Debug, Serialize)]

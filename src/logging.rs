@@ -13,7 +13,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, DEFAULT_LOG_LEVEL};
 
 /// Crates whose `debug`/`trace` events can contain request or response bytes, headers or TLS
 /// secrets; never logged below `info`.
@@ -59,7 +59,7 @@ fn is_wire_target(target: &str) -> bool {
 pub fn init(format: LogFormat, level: &str) {
     let env = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_LEVEL));
     let filter = env.and(filter_fn(allowed));
     let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let layer = match format {

@@ -13,11 +13,11 @@ use crate::admin;
 use crate::audit::Audit;
 use crate::auth::client::AuthClient;
 use crate::auth::{self, SessionTable};
-use crate::config::{Config, Environment};
+use crate::config::{Backend, Config};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
 use crate::listener::{AppListener, Limits};
 use crate::metrics::Metrics;
-use crate::policy::ratelimit::{Backend, DecisionCounters, Limiter, LocalLimiter};
+use crate::policy::ratelimit::{DecisionCounters, Limiter, LocalLimiter};
 use crate::policy::redis_limit::RedisLimiter;
 use crate::proxy::FinHubProxy;
 use crate::shared::Shared;
@@ -75,7 +75,7 @@ impl Sidecar {
         for w in &tls.warnings {
             tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
         }
-        if config.auth.environment == Environment::Production && tls.cert_key.is_none() {
+        if config.rules.requires_client_cert && tls.cert_key.is_none() {
             // Config conversion already refuses this; keep the invariant local too.
             return Err(StartError::Tls(TlsError::MissingClientCert));
         }
@@ -266,22 +266,13 @@ impl BackgroundService for ControlPlane {
                 .clone()
                 .refresh_forever(sh.config.upstream.dns_refresh),
         );
-        let (reload_interval, expiry_warning) = sh
-            .config
-            .client_cert
-            .as_ref()
-            .map(|c| (c.reload_interval, c.expiry_warning))
-            .unwrap_or((
-                std::time::Duration::from_secs(5),
-                std::time::Duration::from_secs(7 * 86_400),
-            ));
         let reloader = Reloader::new(
             self.tls_files.clone(),
             sh.tls.clone(),
             sh.metrics.clone(),
-            expiry_warning,
+            sh.config.expiry_warning(),
         );
-        tasks.spawn(reloader.run(reload_interval));
+        tasks.spawn(reloader.run(sh.config.tls_reload_interval()));
         if let Some(redis) = &self.redis {
             tasks.spawn(redis.clone().keep_connected());
         }

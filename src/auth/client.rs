@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use super::clock::ClockOffset;
 use super::grant::{Grant, GrantError};
 use super::Session;
-use crate::config::{Config, Environment, TenantConfig};
+use crate::config::{Config, EnvRules, TenantConfig};
 use crate::tls::{ClientTls, TlsStore};
 
 /// Why a login or refresh did not produce a session. Never carries a credential or token.
@@ -56,7 +56,8 @@ pub struct AuthClient {
     tls: Arc<TlsStore>,
     clock: Arc<ClockOffset>,
     base_url: String,
-    env: Environment,
+    /// The environment's rules (login body flavour, refresh support).
+    rules: EnvRules,
     login_path: String,
     refresh_path: String,
     logout_path: String,
@@ -101,7 +102,7 @@ impl AuthClient {
             tls,
             clock,
             base_url: format!("https://{host}:{}", u.port),
-            env: config.auth.environment,
+            rules: config.rules,
             login_path: config.auth.login_path.clone(),
             refresh_path: config.auth.refresh_path.clone(),
             logout_path: config.auth.logout_path.clone(),
@@ -114,6 +115,11 @@ impl AuthClient {
             cached: Mutex::new(None),
             hasher: RandomState::new(),
         }
+    }
+
+    /// The rules of the environment this client logs in to.
+    pub fn rules(&self) -> &EnvRules {
+        &self.rules
     }
 
     /// The estimate of FinHub's clock this client feeds.
@@ -160,13 +166,13 @@ impl AuthClient {
         m.insert("username".into(), json!(tenant.username));
         m.insert("password".into(), json!(tenant.password.current().expose()));
         m.insert("accountType".into(), json!(self.account_type));
-        if !self.env.is_sandbox_flavour() {
+        if !self.rules.sandbox_login_body {
             m.insert("grantType".into(), json!(self.grant_type));
         }
-        if self.env.sends_client_credentials() {
+        if self.rules.sends_client_credentials {
             if let Some(id) = &tenant.customer_id {
                 m.insert("customerId".into(), json!(id));
-                if self.env.is_sandbox_flavour() {
+                if self.rules.sandbox_login_body {
                     // A10: the guides say customerId, the generated reference customerKey.
                     m.insert("customerKey".into(), json!(id));
                 }

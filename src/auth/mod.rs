@@ -27,7 +27,7 @@ use http::HeaderValue;
 use rand::Rng;
 use tokio::sync::{watch, Notify};
 
-use crate::config::{AuthConfig, Config, Environment, TenantConfig};
+use crate::config::{AuthConfig, Config, TenantConfig};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 use client::{AuthClient, AuthError, Refreshed};
@@ -604,10 +604,11 @@ impl SessionTable {
     }
 }
 
-/// Whether `session` can be refreshed in this environment (A3, A6): it carries the key, the
-/// environment has refresh, and FinHub still accepts the token.
-fn can_refresh(env: Environment, session: &Session, now: SystemTime) -> bool {
-    session.internal_token_key.is_some() && !env.is_sandbox_flavour() && session.is_usable(now)
+/// Whether `session` can be refreshed (A3, A6): it carries the key, the environment has
+/// refresh (`refresh_supported`, from [`crate::config::EnvRules`]), and FinHub still accepts
+/// the token.
+fn can_refresh(refresh_supported: bool, session: &Session, now: SystemTime) -> bool {
+    session.internal_token_key.is_some() && refresh_supported && session.is_usable(now)
 }
 
 /// Wait before retrying a failed login or refresh (not a rejected login: [`rejected_wait`]),
@@ -761,7 +762,7 @@ impl Renewer {
 
     /// When to renew `s` (and how), not before `not_before_us`.
     fn plan_for(&self, s: &Session, not_before_us: i64) -> Planned {
-        let refreshable = can_refresh(self.auth.environment, s, SystemTime::now());
+        let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
         let p = plan(
             s.timing(),
             self.client.clock().bounds(),
@@ -850,7 +851,7 @@ impl Renewer {
             let current = self.slot.current();
             next = match current.as_deref() {
                 Some(s)
-                    if can_refresh(self.auth.environment, s, now)
+                    if can_refresh(self.client.rules().refresh_supported, s, now)
                         && (forced || next.step == Step::Refresh) =>
                 {
                     match self.refresh(s, forced).await {
@@ -1156,6 +1157,7 @@ fn unix_secs(t: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Environment;
 
     #[test]
     fn forced_renewals_that_keep_coming_are_spaced_out() {
@@ -1508,15 +1510,16 @@ mod tests {
         let now = SystemTime::now();
         let sent = unix_us(now) - BASE;
         let s = issued(&clock, 0, sent, 1_000, 100);
-        assert!(can_refresh(Environment::Production, &s, now));
-        assert!(!can_refresh(Environment::Sandbox, &s, now));
-        let opaque = Session::from_grant(grant("opaque".into(), Some(100)), now, now, &clock);
-        assert!(!can_refresh(Environment::Production, &opaque, now));
+        let production = Environment::Production.rules().refresh_supported;
+        assert!(can_refresh(production, &s, now));
         assert!(!can_refresh(
-            Environment::Production,
+            Environment::Sandbox.rules().refresh_supported,
             &s,
-            now + Duration::from_secs(200)
+            now
         ));
+        let opaque = Session::from_grant(grant("opaque".into(), Some(100)), now, now, &clock);
+        assert!(!can_refresh(production, &opaque, now));
+        assert!(!can_refresh(production, &s, now + Duration::from_secs(200)));
     }
 
     #[test]

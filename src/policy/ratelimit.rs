@@ -4,9 +4,9 @@
 //!
 //! The buckets sit behind the [`Limiter`] trait: [`LocalLimiter`] here decides in-process
 //! without waiting; [`super::redis_limit::RedisLimiter`] shares one limit across replicas.
+//! Their settings ([`RateLimitConfig`], [`Limit`], ...) are typed in [`crate::config`].
 
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,74 +16,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::Method;
 use prometheus::IntCounter;
 
-use super::redis_limit::RedisSettings;
+use crate::config::{Limit, RateLimitConfig};
 use crate::metrics::Metrics;
-
-/// A bucket's rate and burst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limit {
-    /// Sustained requests per second.
-    pub per_second: NonZeroU32,
-    /// Requests allowed at once above the rate.
-    pub burst: NonZeroU32,
-}
-
-/// A per-route override: requests whose method matches (or any, if `None`) and whose path starts
-/// with `path_prefix` use this bucket instead of the tenant's default one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteLimit {
-    /// Method to match; `None` matches every method.
-    pub method: Option<Method>,
-    /// Path prefix to match.
-    pub path_prefix: String,
-    /// The bucket.
-    pub limit: Limit,
-}
-
-/// The whole rate-limit configuration.
-#[derive(Debug, Clone)]
-pub struct RateLimitConfig {
-    /// Default bucket per tenant; `None` disables limiting (upstream holds still apply).
-    pub default: Option<Limit>,
-    /// Route overrides, first match wins.
-    pub routes: Vec<RouteLimit>,
-    /// Where the buckets live.
-    pub backend: Backend,
-}
-
-/// Where the buckets live.
-#[derive(Debug, Clone)]
-pub enum Backend {
-    /// In this process: each replica has the whole limit.
-    Local,
-    /// In Redis: every replica pointing at the same Redis and key prefix shares the limit.
-    Redis(Box<RedisSettings>),
-}
-
-impl RateLimitConfig {
-    /// Index of the bucket for a request: `1 + route` for the first matching route, else 0.
-    pub fn route_of(&self, method: &Method, path: &str) -> usize {
-        self.routes
-            .iter()
-            .position(|r| {
-                // `path` is the canonical, lower-cased path (policy::path); prefixes are
-                // compared without case so `/API/v2/auth` cannot escape a `/api/v2/auth` bucket.
-                r.method.as_ref().is_none_or(|m| m == method)
-                    && path
-                        .get(..r.path_prefix.len())
-                        .is_some_and(|p| p.eq_ignore_ascii_case(&r.path_prefix))
-            })
-            .map_or(0, |i| i + 1)
-    }
-
-    /// The limit of bucket `route` (as numbered by [`RateLimitConfig::route_of`]).
-    pub fn limit_of(&self, route: usize) -> Option<Limit> {
-        match route {
-            0 => self.default,
-            r => self.routes.get(r - 1).map(|r| r.limit),
-        }
-    }
-}
 
 /// The outcome of a rate-limit check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -271,7 +205,10 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroU32;
+
     use super::*;
+    use crate::config::{Backend, RouteLimit};
 
     impl Check {
         fn now(self) -> Decision {

@@ -17,7 +17,7 @@
 //!   with `PING` every [`HEALTH_INTERVAL`], so one cut while idle is replaced before a request
 //!   finds it. Recovery is automatic. A call that timed out may still have used a token in Redis.
 
-use std::num::{NonZeroU32, NonZeroUsize};
+use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,9 +29,8 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ConnectionInfo, RedisError, Script, TlsCertificates};
 use tokio::sync::Notify;
 
-use super::ratelimit::{
-    Check, Decision, DecisionCounters, Limit, Limiter, LocalLimiter, RateLimitConfig,
-};
+use super::ratelimit::{Check, Decision, DecisionCounters, Limiter, LocalLimiter};
+use crate::config::{Backend, Limit, OnRedisError, RateLimitConfig, RedisSettings, RouteLimit};
 use crate::metrics::Metrics;
 use crate::secret::SecretSource;
 
@@ -69,41 +68,6 @@ pub const MAX_RECONNECT: Duration = Duration::from_secs(1);
 
 /// How often each pooled connection is checked with `PING` (bounded by `connect_timeout`).
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Redis backend settings (`[policy.rate_limit.redis]`).
-#[derive(Debug, Clone)]
-pub struct RedisSettings {
-    /// Address, TLS (`rediss://`), database and user name from `url`; never a password.
-    pub connection: ConnectionInfo,
-    /// Password (`AUTH`), re-read from its file at each connect.
-    pub password: Option<SecretSource>,
-    /// PEM CA bundle that verifies a `rediss://` server (system roots otherwise).
-    pub ca_pem: Option<Vec<u8>>,
-    /// Prepended to every key, e.g. `finhub-sidecar:rl:payments-api:`.
-    pub key_prefix: String,
-    /// Longest a request waits for Redis before the failure mode decides.
-    pub timeout: Duration,
-    /// Longest a (background) connect may take.
-    pub connect_timeout: Duration,
-    /// Multiplexed connections in the pool.
-    pub connections: NonZeroUsize,
-    /// What decides while Redis cannot.
-    pub on_error: OnRedisError,
-}
-
-/// What decides while Redis cannot (`on_redis_error`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnRedisError {
-    /// Let requests through (availability over the limit).
-    Allow,
-    /// Refuse with 503 `rate_limit_unavailable` (the limit over availability).
-    Deny,
-    /// An in-process bucket with `1 / replicas` of each limit (at least 1 per second and burst).
-    Local {
-        /// How many replicas share the limit.
-        replicas: NonZeroU32,
-    },
-}
 
 /// This pod's share of `limit` when `replicas` share it (rounded up, at least 1).
 pub fn share(limit: Limit, replicas: NonZeroU32) -> Limit {
@@ -270,12 +234,12 @@ impl RedisLimiter {
                     routes: config
                         .routes
                         .iter()
-                        .map(|r| super::ratelimit::RouteLimit {
+                        .map(|r| RouteLimit {
                             limit: share(r.limit, replicas),
                             ..r.clone()
                         })
                         .collect(),
-                    backend: super::ratelimit::Backend::Local,
+                    backend: Backend::Local,
                 };
                 Fallback::Local(LocalLimiter::new(shared, tenants.len()))
             }
@@ -588,8 +552,9 @@ fn bucket_key(prefix: &str, tenant: &str, config: &RateLimitConfig, route: usize
 
 #[cfg(test)]
 mod tests {
+    use std::num::NonZeroUsize;
+
     use super::*;
-    use crate::policy::ratelimit::{Backend, RouteLimit};
 
     fn limit(per_second: u32, burst: u32) -> Limit {
         Limit {

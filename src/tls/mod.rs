@@ -19,7 +19,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::{Config, Environment};
+use crate::config::Config;
 use crate::pki::{cert_identity, CertIdentity};
 pub use rules::{check_leaf, Finding};
 
@@ -124,7 +124,7 @@ impl TlsFiles {
                 .as_ref()
                 .map(|c| (c.cert_file.clone(), c.key_file.clone())),
             ca: config.upstream.ca_file.clone(),
-            policy: if config.auth.environment == Environment::Production {
+            policy: if config.rules.strict_certificate_rules {
                 RulePolicy::Enforce
             } else {
                 RulePolicy::Warn
