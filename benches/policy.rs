@@ -86,19 +86,17 @@ fn policy(c: &mut Criterion) {
             )
         })
     });
-    let limiter = LocalLimiter::new(
-        RateLimitConfig {
-            default: Some(Limit {
-                per_second: NonZeroU32::new(1_000_000_000).unwrap(),
-                burst: NonZeroU32::new(1_000_000_000).unwrap(),
-            }),
-            routes: vec![],
-            backend: Backend::Local,
-        },
-        4,
-    );
+    let limiter = LocalLimiter::new(RateLimitConfig {
+        default: Some(Limit {
+            per_second: NonZeroU32::new(1_000_000_000).unwrap(),
+            burst: NonZeroU32::new(1_000_000_000).unwrap(),
+        }),
+        routes: vec![],
+        backend: Backend::Local,
+    })
+    .tenant("tenant-a");
     c.bench_function("rate_limit/check", |b| {
-        b.iter(|| limiter.check(black_box(1), &Method::GET, black_box("/api/v2/accounts")))
+        b.iter(|| limiter.check(&Method::GET, black_box("/api/v2/accounts")))
     });
     c.bench_function("path/canonical", |b| {
         b.iter(|| path::canonical(black_box(b"/api/v2/accounts/4711/transactions?limit=5")))

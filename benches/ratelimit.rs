@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use finhub_sidecar::config::{Backend, Limit, OnRedisError, RateLimitConfig, RedisSettings};
 use finhub_sidecar::metrics::Metrics;
-use finhub_sidecar::policy::ratelimit::{Check, Decision, Limiter, LocalLimiter};
+use finhub_sidecar::policy::ratelimit::{Check, Decision, Limiter, LocalLimiter, TenantLimiter};
 use finhub_sidecar::policy::redis_limit::RedisLimiter;
 use http::Method;
 
@@ -27,8 +27,8 @@ fn config() -> RateLimitConfig {
     }
 }
 
-async fn decide(limiter: &dyn Limiter) -> Decision {
-    match limiter.check(0, &Method::GET, "/api/v2/accounts") {
+async fn decide(limiter: &dyn TenantLimiter) -> Decision {
+    match limiter.check(&Method::GET, "/api/v2/accounts") {
         Check::Ready(d) => d,
         Check::Wait(pending) => pending.await,
     }
@@ -47,9 +47,9 @@ fn ratelimit(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
-    let local = LocalLimiter::new(config(), 1);
+    let local = LocalLimiter::new(config()).tenant("bench-tenant");
     c.bench_function("rate_limit_decision/local", |b| {
-        b.iter(|| rt.block_on(decide(&local)))
+        b.iter(|| rt.block_on(decide(&*local)))
     });
 
     let port = free_port();
@@ -95,16 +95,17 @@ fn ratelimit(c: &mut Criterion) {
         on_error: OnRedisError::Deny,
     };
     let metrics = Metrics::new();
-    let shared = RedisLimiter::new(&config(), &settings, &["bench-tenant"], &metrics);
+    let shared = RedisLimiter::new(&config(), &settings, &metrics);
+    let tenant: std::sync::Arc<dyn TenantLimiter> = shared.tenant("bench-tenant").into();
     rt.spawn(shared.clone().keep_connected());
     let deadline = Instant::now() + Duration::from_secs(10);
     while shared.connected() < 2 {
         assert!(Instant::now() < deadline, "redis-server did not come up");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(rt.block_on(decide(&shared)), Decision::Allow);
+    assert_eq!(rt.block_on(decide(&*tenant)), Decision::Allow);
     c.bench_function("rate_limit_decision/redis", |b| {
-        b.iter(|| rt.block_on(decide(&shared)))
+        b.iter(|| rt.block_on(decide(&*tenant)))
     });
     // 32 decisions in flight at once (as with 32 busy app connections), per decision.
     c.bench_function("rate_limit_decision/redis_32_concurrent", |b| {
@@ -116,8 +117,8 @@ fn ratelimit(c: &mut Criterion) {
                     let n = left.min(32);
                     let batch: Vec<_> = (0..n)
                         .map(|_| {
-                            let l = shared.clone();
-                            tokio::spawn(async move { decide(&l).await })
+                            let l = tenant.clone();
+                            tokio::spawn(async move { decide(&*l).await })
                         })
                         .collect();
                     for t in batch {

@@ -356,7 +356,8 @@ password = "${PW}"
         .unwrap();
         let metrics = Metrics::new();
         let sessions = Arc::new(SessionTable::new(&config));
-        let tenants = crate::tenant::Tenants::new(&sessions, 0, &metrics).unwrap();
+        let limiter = crate::policy::ratelimit::LocalLimiter::new(config.policy.rate_limit.clone());
+        let tenants = crate::tenant::Tenants::new(&sessions, 0, &metrics, &limiter).unwrap();
         let (audit, _guard) =
             crate::audit::Audit::open(&crate::config::AuditOutput::Off, false).unwrap();
         Shared {

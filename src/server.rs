@@ -108,15 +108,11 @@ impl Sidecar {
             .map_err(StartError::Audit)?;
         let redis = match &config.policy.rate_limit.backend {
             Backend::Local => None,
-            Backend::Redis(settings) => {
-                let tenants: Vec<&str> = config.tenants.iter().map(|t| t.id.as_str()).collect();
-                Some(RedisLimiter::new(
-                    &config.policy.rate_limit,
-                    settings,
-                    &tenants,
-                    &metrics,
-                ))
-            }
+            Backend::Redis(settings) => Some(RedisLimiter::new(
+                &config.policy.rate_limit,
+                settings,
+                &metrics,
+            )),
         };
         Ok(Sidecar {
             redis,
@@ -140,11 +136,8 @@ impl Sidecar {
         match &self.redis {
             Some(redis) => Box::new(redis.clone()),
             None => Box::new(
-                LocalLimiter::new(
-                    self.config.policy.rate_limit.clone(),
-                    self.config.tenants.len(),
-                )
-                .counting(DecisionCounters::new(&self.metrics, "local")),
+                LocalLimiter::new(self.config.policy.rate_limit.clone())
+                    .counting(DecisionCounters::new(&self.metrics, "local")),
             ),
         }
     }
@@ -171,11 +164,13 @@ impl Sidecar {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let Some(tenants) = Tenants::new(&self.sessions, c.default_tenant, &self.metrics) else {
+        let limiter = self.limiter();
+        let Some(tenants) =
+            Tenants::new(&self.sessions, c.default_tenant, &self.metrics, &*limiter)
+        else {
             tracing::error!("finhub-sidecar cannot start: no tenant configured");
             return;
         };
-        let limiter = self.limiter();
         let shared = Arc::new(Shared {
             config: c.clone(),
             tls: self.tls.clone(),
@@ -187,7 +182,7 @@ impl Sidecar {
             audit: self.audit.clone(),
             started: std::time::Instant::now(),
         });
-        let proxy = FinHubProxy::new(shared.clone(), limiter);
+        let proxy = FinHubProxy::new(shared.clone());
         // CONNECT reaches request_filter (instead of Pingora's bare 405) so that it gets the
         // same JSON refusal as every other request; it is never tunnelled.
         let mut server_options = pingora::apps::HttpServerOptions::default();

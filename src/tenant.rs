@@ -1,6 +1,7 @@
 //! The tenants as the data path sees them: one [`Tenant`] value each, owning everything per
-//! tenant (its session slot, the hold after FinHub's own 429, its metric series), looked up by
-//! `X-Tenant-ID`. Nothing per tenant lives in a vector that must stay aligned with another.
+//! tenant (its session slot, its rate-limit buckets, the hold after FinHub's own 429, its metric
+//! series), looked up by `X-Tenant-ID`. Nothing per tenant lives in a vector that must stay
+//! aligned with another.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,12 +11,14 @@ use http::HeaderValue;
 use crate::auth::{SessionTable, TenantSessions};
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RequestSeries};
-use crate::policy::ratelimit::UpstreamHold;
+use crate::policy::ratelimit::{Limiter, TenantLimiter, UpstreamHold};
 
 /// One tenant: configuration, session, FinHub's 429 hold, metric series.
 pub struct Tenant {
     /// The session slot (and the tenant's configuration, `sessions.tenant`).
     pub sessions: Arc<TenantSessions>,
+    /// Its rate-limit buckets (local or in Redis).
+    pub limits: Box<dyn TenantLimiter>,
     /// Set when FinHub answered 429 with `Retry-After`: requests wait locally until then.
     pub hold: UpstreamHold,
     /// The tenant's request metrics, resolved once.
@@ -40,13 +43,19 @@ impl Tenants {
     /// One [`Tenant`] per session slot of `sessions` (configuration order); `default` is the
     /// index of the default tenant in it. `None` without tenants (config conversion refuses
     /// such a configuration).
-    pub fn new(sessions: &SessionTable, default: usize, metrics: &Metrics) -> Option<Tenants> {
+    pub fn new(
+        sessions: &SessionTable,
+        default: usize,
+        metrics: &Metrics,
+        limiter: &dyn Limiter,
+    ) -> Option<Tenants> {
         let all: Vec<Arc<Tenant>> = sessions
             .tenants()
             .iter()
             .map(|s| {
                 Arc::new(Tenant {
                     series: metrics.request_series(&s.tenant.id),
+                    limits: limiter.tenant(&s.tenant.id),
                     hold: UpstreamHold::default(),
                     sessions: s.clone(),
                 })

@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use governor::clock::{Clock, DefaultClock};
@@ -57,10 +58,16 @@ pub enum Check {
     Wait(PendingDecision),
 }
 
-/// A rate-limit backend: decides for (tenant index, request).
+/// One tenant's buckets (owned by its `tenant::Tenant`): decides for one of its requests.
+pub trait TenantLimiter: Send + Sync {
+    /// Checks and, if allowed, consumes one token of the bucket of the request's route.
+    fn check(&self, method: &Method, path: &str) -> Check;
+}
+
+/// A rate-limit backend: builds each tenant's buckets once, at start.
 pub trait Limiter: Send + Sync {
-    /// Checks and, if allowed, consumes one token for `tenant` and the request's route.
-    fn check(&self, tenant: usize, method: &Method, path: &str) -> Check;
+    /// The buckets of the tenant with id `tenant`.
+    fn tenant(&self, tenant: &str) -> Box<dyn TenantLimiter>;
 }
 
 /// Decision counters of one backend, resolved once (no label lookup per request).
@@ -92,12 +99,9 @@ impl DecisionCounters {
     }
 }
 
-/// In-process token buckets: one per tenant and route (plus the tenant default).
+/// The in-process backend: every tenant gets its own token buckets ([`LocalBuckets`]).
 pub struct LocalLimiter {
-    config: RateLimitConfig,
-    /// `buckets[tenant][0]` is the default bucket, `[1 + i]` route `i`'s.
-    buckets: Vec<Vec<Option<DefaultDirectRateLimiter>>>,
-    clock: DefaultClock,
+    config: Arc<RateLimitConfig>,
     counters: Option<DecisionCounters>,
 }
 
@@ -106,19 +110,10 @@ fn bucket(limit: &Limit) -> DefaultDirectRateLimiter {
 }
 
 impl LocalLimiter {
-    /// Buckets for `tenants` tenants.
-    pub fn new(config: RateLimitConfig, tenants: usize) -> Self {
-        let buckets = (0..tenants)
-            .map(|_| {
-                std::iter::once(config.default.as_ref().map(bucket))
-                    .chain(config.routes.iter().map(|r| Some(bucket(&r.limit))))
-                    .collect()
-            })
-            .collect();
+    /// The backend for `config`'s limits.
+    pub fn new(config: RateLimitConfig) -> Self {
         LocalLimiter {
-            config,
-            buckets,
-            clock: DefaultClock::default(),
+            config: Arc::new(config),
             counters: None,
         }
     }
@@ -129,14 +124,39 @@ impl LocalLimiter {
         self
     }
 
-    /// Index of the bucket for a request: `1 + route` for the first matching route, else 0.
-    pub fn route_of(&self, method: &Method, path: &str) -> usize {
-        self.config.route_of(method, path)
+    /// A fresh set of buckets for one tenant: the default bucket and one per route.
+    pub fn buckets(&self) -> LocalBuckets {
+        let config = &self.config;
+        LocalBuckets {
+            buckets: std::iter::once(config.default.as_ref().map(bucket))
+                .chain(config.routes.iter().map(|r| Some(bucket(&r.limit))))
+                .collect(),
+            config: self.config.clone(),
+            clock: DefaultClock::default(),
+            counters: self.counters.clone(),
+        }
     }
+}
 
-    /// Checks bucket `route` of `tenant` (as numbered by [`LocalLimiter::route_of`]).
-    pub fn check_route(&self, tenant: usize, route: usize) -> Decision {
-        let Some(Some(limiter)) = self.buckets.get(tenant).and_then(|b| b.get(route)) else {
+impl Limiter for LocalLimiter {
+    fn tenant(&self, _tenant: &str) -> Box<dyn TenantLimiter> {
+        Box::new(self.buckets())
+    }
+}
+
+/// One tenant's in-process token buckets.
+pub struct LocalBuckets {
+    config: Arc<RateLimitConfig>,
+    /// `[0]` is the default bucket, `[1 + i]` route `i`'s (`None`: no limit).
+    buckets: Vec<Option<DefaultDirectRateLimiter>>,
+    clock: DefaultClock,
+    counters: Option<DecisionCounters>,
+}
+
+impl LocalBuckets {
+    /// Checks bucket `route` (as numbered by [`RateLimitConfig::route_of`]).
+    pub fn check_route(&self, route: usize) -> Decision {
+        let Some(Some(limiter)) = self.buckets.get(route) else {
             return Decision::Allow;
         };
         let decision = match limiter.check() {
@@ -152,9 +172,9 @@ impl LocalLimiter {
     }
 }
 
-impl Limiter for LocalLimiter {
-    fn check(&self, tenant: usize, method: &Method, path: &str) -> Check {
-        Check::Ready(self.check_route(tenant, self.route_of(method, path)))
+impl TenantLimiter for LocalBuckets {
+    fn check(&self, method: &Method, path: &str) -> Check {
+        Check::Ready(self.check_route(self.config.route_of(method, path)))
     }
 }
 
@@ -228,66 +248,60 @@ mod tests {
 
     #[test]
     fn burst_then_deny_with_retry_after() {
-        let l = LocalLimiter::new(
-            RateLimitConfig {
-                default: Some(limit(1, 3)),
-                routes: vec![],
-                backend: Backend::Local,
-            },
-            2,
-        );
+        let l = LocalLimiter::new(RateLimitConfig {
+            default: Some(limit(1, 3)),
+            routes: vec![],
+            backend: Backend::Local,
+        });
+        let (a, b) = (l.tenant("a"), l.tenant("b"));
         for _ in 0..3 {
-            assert_eq!(l.check(0, &Method::GET, "/api/v2/x").now(), Decision::Allow);
+            assert_eq!(a.check(&Method::GET, "/api/v2/x").now(), Decision::Allow);
         }
-        let d = l.check(0, &Method::GET, "/api/v2/x").now();
+        let d = a.check(&Method::GET, "/api/v2/x").now();
         assert!(matches!(d, Decision::Deny { .. }));
         assert_eq!(d.retry_after_secs(), Some(1));
         // Another tenant has its own bucket.
-        assert_eq!(l.check(1, &Method::GET, "/api/v2/x").now(), Decision::Allow);
+        assert_eq!(b.check(&Method::GET, "/api/v2/x").now(), Decision::Allow);
     }
 
     #[test]
     fn route_overrides_match_method_and_prefix() {
-        let l = LocalLimiter::new(
-            RateLimitConfig {
-                default: Some(limit(100, 100)),
-                routes: vec![RouteLimit {
-                    method: Some(Method::POST),
-                    path_prefix: "/api/v2/auth".into(),
-                    limit: limit(1, 1),
-                }],
-                backend: Backend::Local,
-            },
-            1,
-        );
-        assert_eq!(l.route_of(&Method::POST, "/api/v2/auth/token"), 1);
-        assert_eq!(l.route_of(&Method::GET, "/api/v2/auth/token"), 0);
+        let l = LocalLimiter::new(RateLimitConfig {
+            default: Some(limit(100, 100)),
+            routes: vec![RouteLimit {
+                method: Some(Method::POST),
+                path_prefix: "/api/v2/auth".into(),
+                limit: limit(1, 1),
+            }],
+            backend: Backend::Local,
+        });
+        let a = l.tenant("a");
+        assert_eq!(l.config.route_of(&Method::POST, "/api/v2/auth/token"), 1);
+        assert_eq!(l.config.route_of(&Method::GET, "/api/v2/auth/token"), 0);
         assert_eq!(
-            l.check(0, &Method::POST, "/api/v2/auth/token").now(),
+            a.check(&Method::POST, "/api/v2/auth/token").now(),
             Decision::Allow
         );
         assert!(matches!(
-            l.check(0, &Method::POST, "/api/v2/auth/x").now(),
+            a.check(&Method::POST, "/api/v2/auth/x").now(),
             Decision::Deny { .. }
         ));
         assert_eq!(
-            l.check(0, &Method::GET, "/api/v2/auth/x").now(),
+            a.check(&Method::GET, "/api/v2/auth/x").now(),
             Decision::Allow
         );
     }
 
     #[test]
     fn no_default_limit_allows_everything() {
-        let l = LocalLimiter::new(
-            RateLimitConfig {
-                default: None,
-                routes: vec![],
-                backend: Backend::Local,
-            },
-            1,
-        );
+        let l = LocalLimiter::new(RateLimitConfig {
+            default: None,
+            routes: vec![],
+            backend: Backend::Local,
+        });
+        let a = l.tenant("a");
         for _ in 0..1000 {
-            assert_eq!(l.check(0, &Method::GET, "/").now(), Decision::Allow);
+            assert_eq!(a.check(&Method::GET, "/").now(), Decision::Allow);
         }
     }
 

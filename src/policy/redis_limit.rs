@@ -29,7 +29,9 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ConnectionInfo, RedisError, Script, TlsCertificates};
 use tokio::sync::Notify;
 
-use super::ratelimit::{Check, Decision, DecisionCounters, Limiter, LocalLimiter};
+use super::ratelimit::{
+    Check, Decision, DecisionCounters, Limiter, LocalBuckets, LocalLimiter, TenantLimiter,
+};
 use crate::config::{Backend, Limit, OnRedisError, RateLimitConfig, RedisSettings, RouteLimit};
 use crate::metrics::Metrics;
 use crate::secret::SecretSource;
@@ -103,8 +105,7 @@ pub struct RedisLimiter {
 
 struct Inner {
     config: RateLimitConfig,
-    /// `buckets[tenant][route]`, numbered as [`RateLimitConfig::route_of`].
-    buckets: Vec<Vec<Option<Bucket>>>,
+    key_prefix: String,
     slots: Box<[Slot]>,
     next: AtomicUsize,
     timeout: Duration,
@@ -118,6 +119,20 @@ struct Bucket {
     key: String,
     interval_us: u64,
     burst: u32,
+}
+
+/// One tenant's buckets in Redis (keyed by tenant id and route) and, with
+/// `on_redis_error = "local"`, its in-process share to fall back on.
+struct TenantBuckets {
+    /// `[route]`, numbered as [`RateLimitConfig::route_of`]; `None`: no limit.
+    buckets: Vec<Option<Bucket>>,
+    local: Option<LocalBuckets>,
+}
+
+/// A tenant's view of the shared limiter (see [`Limiter::tenant`]).
+struct RedisBuckets {
+    inner: Arc<Inner>,
+    tenant: Arc<TenantBuckets>,
 }
 
 struct Slot {
@@ -203,28 +218,9 @@ impl Connector {
 }
 
 impl RedisLimiter {
-    /// A limiter for `tenants` (FinHub tenant ids, in configuration order). Connections are made
-    /// by [`RedisLimiter::keep_connected`]; until then every decision is the failure mode's.
-    pub fn new(
-        config: &RateLimitConfig,
-        settings: &RedisSettings,
-        tenants: &[&str],
-        metrics: &Metrics,
-    ) -> Self {
-        let buckets = tenants
-            .iter()
-            .map(|tenant| {
-                (0..=config.routes.len())
-                    .map(|route| {
-                        config.limit_of(route).map(|limit| Bucket {
-                            key: bucket_key(&settings.key_prefix, tenant, config, route),
-                            interval_us: (1_000_000 / u64::from(limit.per_second.get())).max(1),
-                            burst: limit.burst.get(),
-                        })
-                    })
-                    .collect()
-            })
-            .collect();
+    /// The shared limiter for `config`'s limits. Connections are made by
+    /// [`RedisLimiter::keep_connected`]; until then every decision is the failure mode's.
+    pub fn new(config: &RateLimitConfig, settings: &RedisSettings, metrics: &Metrics) -> Self {
         let fallback = match settings.on_error {
             OnRedisError::Allow => Fallback::Allow,
             OnRedisError::Deny => Fallback::Deny,
@@ -241,7 +237,7 @@ impl RedisLimiter {
                         .collect(),
                     backend: Backend::Local,
                 };
-                Fallback::Local(LocalLimiter::new(shared, tenants.len()))
+                Fallback::Local(LocalLimiter::new(shared))
             }
         };
         let slots = (0..settings.connections.get())
@@ -256,7 +252,7 @@ impl RedisLimiter {
         let errors = &metrics.redis_errors;
         let inner = Inner {
             config: config.clone(),
-            buckets,
+            key_prefix: settings.key_prefix.clone(),
             slots,
             next: AtomicUsize::new(0),
             timeout: settings.timeout,
@@ -326,28 +322,50 @@ impl RedisLimiter {
 }
 
 impl Limiter for RedisLimiter {
-    fn check(&self, tenant: usize, method: &Method, path: &str) -> Check {
+    fn tenant(&self, tenant: &str) -> Box<dyn TenantLimiter> {
+        let config = &self.inner.config;
+        let buckets = (0..=config.routes.len())
+            .map(|route| {
+                config.limit_of(route).map(|limit| Bucket {
+                    key: bucket_key(&self.inner.key_prefix, tenant, config, route),
+                    interval_us: (1_000_000 / u64::from(limit.per_second.get())).max(1),
+                    burst: limit.burst.get(),
+                })
+            })
+            .collect();
+        let local = match &self.inner.fallback {
+            Fallback::Local(l) => Some(l.buckets()),
+            Fallback::Allow | Fallback::Deny => None,
+        };
+        Box::new(RedisBuckets {
+            inner: self.inner.clone(),
+            tenant: Arc::new(TenantBuckets { buckets, local }),
+        })
+    }
+}
+
+impl TenantLimiter for RedisBuckets {
+    fn check(&self, method: &Method, path: &str) -> Check {
         let route = self.inner.config.route_of(method, path);
-        let has_bucket = self
-            .inner
-            .buckets
-            .get(tenant)
-            .and_then(|b| b.get(route))
-            .is_some_and(Option::is_some);
-        if !has_bucket {
+        if !self.tenant.buckets.get(route).is_some_and(Option::is_some) {
             return Check::Ready(Decision::Allow);
         }
         // Fail fast without boxing a future when no connection is up.
         if self.inner.slots.iter().all(|s| s.conn.load().is_none()) {
-            return Check::Ready(self.inner.fall_back(tenant, route, Failure::Unavailable));
+            return Check::Ready(
+                self.inner
+                    .fall_back(&self.tenant, route, Failure::Unavailable),
+            );
         }
-        Check::Wait(Box::pin(self.inner.clone().decide(tenant, route)))
+        Check::Wait(Box::pin(
+            self.inner.clone().decide(self.tenant.clone(), route),
+        ))
     }
 }
 
 impl Inner {
-    async fn decide(self: Arc<Self>, tenant: usize, route: usize) -> Decision {
-        let Some(Some(bucket)) = self.buckets.get(tenant).and_then(|b| b.get(route)) else {
+    async fn decide(self: Arc<Self>, tenant: Arc<TenantBuckets>, route: usize) -> Decision {
+        let Some(Some(bucket)) = tenant.buckets.get(route) else {
             return Decision::Allow;
         };
         let started = Instant::now();
@@ -360,16 +378,18 @@ impl Inner {
                 self.metrics.redis.count(&decision);
                 decision
             }
-            Err(f) => self.fall_back(tenant, route, f),
+            Err(f) => self.fall_back(&tenant, route, f),
         }
     }
 
-    fn fall_back(&self, tenant: usize, route: usize, failure: Failure) -> Decision {
+    fn fall_back(&self, tenant: &TenantBuckets, route: usize, failure: Failure) -> Decision {
         self.metrics.failure(failure).inc();
-        let decision = match &self.fallback {
-            Fallback::Allow => Decision::Allow,
-            Fallback::Deny => Decision::Unavailable,
-            Fallback::Local(local) => local.check_route(tenant, route),
+        let decision = match (&self.fallback, &tenant.local) {
+            (Fallback::Allow, _) => Decision::Allow,
+            (Fallback::Deny, _) => Decision::Unavailable,
+            (Fallback::Local(_), Some(local)) => local.check_route(route),
+            // Every tenant of a `local` fallback gets its buckets (`Limiter::tenant`).
+            (Fallback::Local(_), None) => Decision::Allow,
         };
         self.metrics.fallback.count(&decision);
         decision
@@ -617,15 +637,16 @@ mod tests {
     #[test]
     fn without_a_connection_the_failure_mode_decides_at_once() {
         let m = Metrics::new();
-        let deny = RedisLimiter::new(&config(), &settings(OnRedisError::Deny), &["a"], &m);
+        let deny = RedisLimiter::new(&config(), &settings(OnRedisError::Deny), &m);
         assert_eq!(
-            ready(deny.check(0, &Method::GET, "/api/v2/x")),
+            ready(deny.tenant("a").check(&Method::GET, "/api/v2/x")),
             Decision::Unavailable
         );
-        let allow = RedisLimiter::new(&config(), &settings(OnRedisError::Allow), &["a"], &m);
+        let allow = RedisLimiter::new(&config(), &settings(OnRedisError::Allow), &m);
+        let allow = allow.tenant("a");
         for _ in 0..10 {
             assert_eq!(
-                ready(allow.check(0, &Method::GET, "/api/v2/x")),
+                ready(allow.check(&Method::GET, "/api/v2/x")),
                 Decision::Allow
             );
         }
@@ -634,12 +655,12 @@ mod tests {
             &settings(OnRedisError::Local {
                 replicas: NonZeroU32::new(2).unwrap(),
             }),
-            &["a"],
             &m,
         );
         // Route bucket 3/3 shared by 2 replicas: 2 at once here.
+        let a = local.tenant("a");
         let decisions: Vec<_> = (0..3)
-            .map(|_| ready(local.check(0, &Method::POST, "/api/v2/payments/1")))
+            .map(|_| ready(a.check(&Method::POST, "/api/v2/payments/1")))
             .collect();
         assert_eq!(decisions[..2], [Decision::Allow, Decision::Allow]);
         assert!(matches!(decisions[2], Decision::Deny { .. }));
@@ -654,9 +675,9 @@ mod tests {
             default: None,
             ..config()
         };
-        let l = RedisLimiter::new(&c, &settings(OnRedisError::Deny), &["a"], &m);
+        let l = RedisLimiter::new(&c, &settings(OnRedisError::Deny), &m);
         assert_eq!(
-            ready(l.check(0, &Method::GET, "/api/v2/x")),
+            ready(l.tenant("a").check(&Method::GET, "/api/v2/x")),
             Decision::Allow
         );
         assert_eq!(l.connected(), 0);

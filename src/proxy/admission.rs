@@ -244,7 +244,10 @@ password = "${PW}"
             .unwrap();
             let sessions = crate::auth::SessionTable::new(&config);
             let metrics = crate::metrics::Metrics::new();
-            let tenants = Tenants::new(&sessions, config.default_tenant, &metrics).unwrap();
+            let limiter =
+                crate::policy::ratelimit::LocalLimiter::new(config.policy.rate_limit.clone());
+            let tenants =
+                Tenants::new(&sessions, config.default_tenant, &metrics, &limiter).unwrap();
             World {
                 config,
                 sessions,

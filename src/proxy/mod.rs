@@ -35,15 +35,14 @@ use crate::error::{self, ProxyError};
 use crate::lifecycle::InFlight;
 use crate::metrics::{Outcome, RequestSeries};
 use crate::policy::headers::{self, names};
-use crate::policy::ratelimit::{self, Check, Decision, Limiter};
+use crate::policy::ratelimit::{self, Check, Decision};
 use crate::shared::Shared;
 use crate::tenant::Tenant;
 use admission::{session_retry_after, Admission, Admitted, Refused};
 
-/// The data path: the shared state, the rate-limit backend and a few series resolved once.
+/// The data path: the shared state and a few series resolved once.
 pub struct FinHubProxy {
     shared: Arc<Shared>,
-    limiter: Box<dyn Limiter>,
     /// The series of requests refused before a tenant was chosen (`tenant="-"`).
     no_tenant: RequestSeries,
     /// `upstream_connections_total{reused}`: `[new, reused]`.
@@ -73,8 +72,8 @@ pub struct RequestCtx {
 }
 
 impl FinHubProxy {
-    /// The proxy over the shared state, asking `limiter` for rate-limit decisions.
-    pub fn new(shared: Arc<Shared>, limiter: Box<dyn Limiter>) -> Self {
+    /// The proxy over the shared state.
+    pub fn new(shared: Arc<Shared>) -> Self {
         let no_tenant = shared.metrics.request_series("-");
         let connections = ["false", "true"].map(|reused| {
             shared
@@ -84,7 +83,6 @@ impl FinHubProxy {
         });
         FinHubProxy {
             shared,
-            limiter,
             no_tenant,
             connections,
         }
@@ -103,8 +101,7 @@ impl FinHubProxy {
         };
         match admission.admit(req, peer, SystemTime::now()) {
             Ok((admitted, path)) => {
-                let index = admitted.tenant.sessions.index;
-                let check = self.limiter.check(index, &req.method, &path);
+                let check = admitted.tenant.limits.check(&req.method, &path);
                 ctx.tenant = Some(admitted.tenant.clone());
                 ctx.admitted = Some(admitted);
                 Ok(check)
