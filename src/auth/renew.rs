@@ -1,0 +1,510 @@
+//! The per-tenant renewal task ([`run_tenant`]): login, refresh, recovery, and the logout of
+//! every session at shutdown ([`logout_all`]).
+
+use super::*;
+
+/// Label value of an auth outcome for metrics and `/status`.
+pub(super) fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'static str {
+    match r {
+        Ok(_) if not_yet => "not_refreshed",
+        Ok(_) => "ok",
+        Err(e) => error_label(e),
+    }
+}
+
+pub(super) fn error_label(e: &AuthError) -> &'static str {
+    match e {
+        AuthError::Rejected(_) => "rejected",
+        AuthError::RateLimited { .. } => "rate_limited",
+        _ => "error",
+    }
+}
+
+/// Resolves once `ending` is set (or its sender is gone).
+pub(super) async fn ended(ending: &mut watch::Receiver<bool>) {
+    // The guard returned by `wait_for` is not `Send`; drop it right here.
+    let _ = ending.wait_for(|e| *e).await.map(|_| ());
+}
+
+/// Why the session task woke up.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Wake {
+    Due,
+    End,
+}
+
+/// Sleeps until `at_us` (our clock), a forced renewal (unless `backing_off`: a backoff is
+/// never shortened, so rejected credentials are not hammered; a forced renewal waits until
+/// `forced_earliest`, see [`forced_spacing`]), or the end.
+pub(super) async fn sleep_until(
+    slot: &TenantSessions,
+    ending: &mut watch::Receiver<bool>,
+    at_us: i64,
+    backing_off: bool,
+    forced_earliest: Option<Instant>,
+) -> Wake {
+    // Plans are at most a lifetime (a day) away; the cap only keeps `Instant` arithmetic sane.
+    let wait =
+        Duration::from_micros(at_us.saturating_sub(unix_us(SystemTime::now())).max(0) as u64)
+            .min(2 * grant::MAX_LIFETIME);
+    let mut deadline = Instant::now() + wait;
+    loop {
+        tokio::select! {
+            _ = ended(ending) => return Wake::End,
+            _ = tokio::time::sleep_until(deadline.into()) => return Wake::Due,
+            _ = slot.renew_now.notified() => {
+                if backing_off || !slot.forced_pending() {
+                    continue;
+                }
+                match forced_earliest {
+                    Some(earliest) if earliest > Instant::now() => {
+                        deadline = deadline.min(earliest);
+                    }
+                    _ => return Wake::Due,
+                }
+            }
+        }
+    }
+}
+
+/// Smoothed auth round trip: rises at once, decays slowly.
+pub(super) fn next_rtt(rtt_us: i64, sent: SystemTime, received: SystemTime) -> i64 {
+    let last = unix_us(received) - unix_us(sent);
+    if last >= rtt_us {
+        last
+    } else {
+        (rtt_us * 7 + last * 3) / 10
+    }
+}
+
+/// The per-tenant renewal loop's state.
+pub(super) struct Renewer {
+    pub(super) slot: Arc<TenantSessions>,
+    pub(super) client: Arc<AuthClient>,
+    pub(super) auth: AuthConfig,
+    pub(super) metrics: Metrics,
+    pub(super) tenant_id: String,
+    /// Transient failures in a row.
+    pub(super) failures: u32,
+    /// Rejected logins in a row.
+    pub(super) rejections: u32,
+    /// After a rejected login: the credentials' fingerprint and the earliest retry (µs).
+    pub(super) rejected: Option<(u64, i64)>,
+    /// "Not refreshed" answers for the current session.
+    pub(super) early: u32,
+    /// Smoothed auth round trip, µs.
+    pub(super) rtt_us: i64,
+    pub(super) last_forced: Option<Instant>,
+    /// Forced renewals in quick succession (each within 4 spacings of the one before).
+    pub(super) forced_streak: u32,
+}
+
+impl Renewer {
+    pub(super) fn count(&self, kind: &str, result: &str) {
+        self.metrics
+            .auth_requests
+            .with_label_values(&[self.tenant_id.as_str(), kind, result])
+            .inc();
+    }
+
+    pub(super) fn lead_us(&self) -> i64 {
+        3 * self.rtt_us + 20_000
+    }
+
+    /// When to renew `s` (and how), not before `not_before_us`.
+    pub(super) fn plan_for(&self, s: &Session, not_before_us: i64) -> Planned {
+        let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
+        let p = plan(
+            s.timing(),
+            self.client.clock().bounds(),
+            self.auth.refresh_at,
+            self.lead_us(),
+            refreshable,
+            not_before_us,
+        );
+        if p.step == Step::Refresh && self.early >= MAX_EARLY_REFRESHES {
+            // FinHub keeps saying "not yet": log in before the token becomes unusable.
+            return plan(
+                s.timing(),
+                self.client.clock().bounds(),
+                self.auth.refresh_at,
+                self.lead_us(),
+                false,
+                not_before_us,
+            );
+        }
+        p
+    }
+
+    /// How long the current token can still be renewed in time, if it is usable.
+    pub(super) fn usable_for(
+        &self,
+        current: Option<&Session>,
+        now: SystemTime,
+    ) -> Option<Duration> {
+        let s = current.filter(|s| s.is_usable(now))?;
+        let latest = s.timing().usable_until_us(self.client.clock().hi_us(now)) - self.lead_us();
+        Some(Duration::from_micros((latest - unix_us(now)).max(0) as u64))
+    }
+
+    pub(super) fn jitter() -> f64 {
+        rand::rng().random_range(0.0..1.0)
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut ending = self.slot.ending.subscribe();
+        let mut next = Planned {
+            step: Step::Login,
+            at_us: unix_us(SystemTime::now()),
+        };
+        loop {
+            self.slot
+                .next_attempt_us
+                .store(next.at_us, Ordering::SeqCst);
+            let backing_off = self.failures > 0 || self.rejected.is_some();
+            if sleep_until(
+                &self.slot,
+                &mut ending,
+                next.at_us,
+                backing_off,
+                self.last_forced
+                    .map(|t| t + forced_spacing(self.forced_streak)),
+            )
+            .await
+                == Wake::End
+            {
+                return;
+            }
+            let forced = self.slot.forced_pending();
+            self.slot.forced.store(0, Ordering::SeqCst);
+            if forced {
+                let now = Instant::now();
+                self.forced_streak = match self.last_forced {
+                    Some(t) if now - t < forced_spacing(self.forced_streak) * 4 => {
+                        self.forced_streak.saturating_add(1)
+                    }
+                    _ => 0,
+                };
+                self.last_forced = Some(now);
+            }
+            let now = SystemTime::now();
+            if let Some((fingerprint, until)) = self.rejected {
+                if unix_us(now) < until
+                    && self.client.credentials_fingerprint(&self.slot.tenant) == fingerprint
+                {
+                    // Same credentials as the rejected ones: keep waiting (looking again
+                    // every recovery step for a rotated secret).
+                    next.at_us = until.min(unix_us(now) + us(self.auth.recovery_interval));
+                    continue;
+                }
+            }
+            let slot = self.slot.clone();
+            let guard = slot.flight.lock().await;
+            if slot.is_ending() {
+                return;
+            }
+            let current = self.slot.current();
+            next = match current.as_deref() {
+                Some(s)
+                    if can_refresh(self.client.rules().refresh_supported, s, now)
+                        && (forced || next.step == Step::Refresh) =>
+                {
+                    match self.refresh(s, forced).await {
+                        Some(planned) => planned,
+                        None => self.login(current.as_deref()).await,
+                    }
+                }
+                _ => self.login(current.as_deref()).await,
+            };
+            drop(guard);
+        }
+    }
+
+    /// One refresh call; `None` when a login should follow at once.
+    pub(super) async fn refresh(&mut self, s: &Session, forced: bool) -> Option<Planned> {
+        let r = self.client.refresh(&self.slot.tenant, s).await;
+        let not_yet = matches!(r, Ok(Refreshed::NotYet { .. }));
+        let label = result_label(&r, not_yet);
+        self.count("refresh", label);
+        let now = SystemTime::now();
+        match r {
+            Ok(Refreshed::NotYet { .. }) if forced => {
+                // FinHub refused the token on an API call but the refresh endpoint still
+                // considers it current: only a fresh login helps.
+                tracing::warn!(tenant = %self.tenant_id, "FinHub refused the session but would not refresh it; logging in again");
+                None
+            }
+            Ok(Refreshed::NotYet {
+                remaining,
+                sent,
+                received,
+            }) => {
+                self.rtt_us = next_rtt(self.rtt_us, sent, received);
+                if let Some(opens) = s.window_opens_us() {
+                    // FinHub's window had not opened when it answered.
+                    self.client
+                        .clock()
+                        .infer(None, Some(opens - unix_us(sent)), received);
+                }
+                if let Some(r) = remaining {
+                    s.note_remaining(r, sent, received);
+                }
+                self.early += 1;
+                self.failures = 0;
+                self.slot.record(label, true);
+                let min_step = (us(s.validity) / 200).max(20_000);
+                let p = self.plan_for(s, unix_us(now) + min_step);
+                tracing::debug!(
+                    tenant = %self.tenant_id,
+                    next = ?p.step,
+                    in_ms = (p.at_us - unix_us(now)) / 1000,
+                    "FinHub kept the current token (its refresh window had not opened)"
+                );
+                Some(p)
+            }
+            Ok(Refreshed::New(new)) => {
+                if let Some(opens) = s.window_opens_us() {
+                    // FinHub's window was open when it answered.
+                    self.client.clock().infer(
+                        Some(opens - unix_us(new.received_at)),
+                        None,
+                        new.received_at,
+                    );
+                }
+                Some(self.publish(*new, Step::Refresh))
+            }
+            Err(e @ AuthError::Rejected(_)) => {
+                tracing::warn!(tenant = %self.tenant_id, error = %e, "refresh refused; logging in again");
+                None
+            }
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                self.slot.record(label, false);
+                let usable_for = self.usable_for(Some(s), now);
+                let wait = retry_wait(
+                    self.failures,
+                    &e,
+                    usable_for,
+                    self.auth.recovery_interval,
+                    Self::jitter(),
+                );
+                tracing::warn!(
+                    tenant = %self.tenant_id,
+                    error = %e,
+                    attempt = self.failures,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "refresh failed; retrying"
+                );
+                let at = unix_us(now) + us(wait);
+                Some(match usable_for {
+                    Some(left) if wait <= left => Planned {
+                        step: Step::Refresh,
+                        at_us: at,
+                    },
+                    // No refresh can land in time any more: log in instead.
+                    _ => Planned {
+                        step: Step::Login,
+                        at_us: at,
+                    },
+                })
+            }
+        }
+    }
+
+    /// One login call.
+    pub(super) async fn login(&mut self, current: Option<&Session>) -> Planned {
+        let r = self.client.login(&self.slot.tenant).await;
+        let now = SystemTime::now();
+        // A token that is already (nearly) expired on arrival (clock trouble, absurd lifetime)
+        // is a failure to back off from, not a reason to log in again at once.
+        let r = r.and_then(|s| {
+            if !s.is_usable(now) || s.lifetime() < Duration::from_secs(1) {
+                Err(AuthError::Answer(grant::GrantError::AlreadyExpired))
+            } else {
+                Ok(s)
+            }
+        });
+        let label = result_label(&r, false);
+        self.count("login", label);
+        match r {
+            Ok(s) => {
+                self.rtt_us = next_rtt(self.rtt_us, s.obtained_at, s.received_at);
+                self.publish(s, Step::Login)
+            }
+            Err(e @ AuthError::Rejected(_)) => {
+                self.slot.record(label, false);
+                self.rejections = self.rejections.saturating_add(1);
+                let wait = rejected_wait(self.rejections);
+                let until = unix_us(now) + us(wait);
+                self.rejected = Some((
+                    self.client.credentials_fingerprint(&self.slot.tenant),
+                    until,
+                ));
+                tracing::error!(
+                    tenant = %self.tenant_id,
+                    error = %e,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "FinHub rejected the login: check this tenant's credentials (retried sooner if they change)"
+                );
+                Planned {
+                    step: Step::Login,
+                    at_us: until.min(unix_us(now) + us(self.auth.recovery_interval)),
+                }
+            }
+            Err(e) => {
+                self.failures = self.failures.saturating_add(1);
+                self.slot.record(label, false);
+                let wait = retry_wait(
+                    self.failures,
+                    &e,
+                    self.usable_for(current, now),
+                    self.auth.recovery_interval,
+                    Self::jitter(),
+                );
+                tracing::warn!(
+                    tenant = %self.tenant_id,
+                    error = %e,
+                    attempt = self.failures,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "login failed; retrying"
+                );
+                Planned {
+                    step: Step::Login,
+                    at_us: unix_us(now) + us(wait),
+                }
+            }
+        }
+    }
+
+    /// Publishes a new session (the old one served until this moment) and plans its renewal.
+    pub(super) fn publish(&mut self, s: Session, via: Step) -> Planned {
+        self.failures = 0;
+        self.rejections = 0;
+        self.rejected = None;
+        self.early = 0;
+        self.slot.record("ok", true);
+        let offset = self.client.clock().bounds();
+        tracing::info!(
+            tenant = %self.tenant_id,
+            via = ?via,
+            lifetime_ms = s.lifetime().as_millis() as u64,
+            refreshable = s.internal_token_key.is_some(),
+            finhub_clock_offset_ms = offset.mid_us() / 1000,
+            finhub_clock_uncertainty_ms = offset.uncertainty_us() / 1000,
+            "session renewed"
+        );
+        self.metrics
+            .session_expiration
+            .with_label_values(&[self.tenant_id.as_str()])
+            .set(unix_secs(s.expires_at()));
+        self.slot.publish(s);
+        match self.slot.current() {
+            Some(s) => self.plan_for(&s, unix_us(SystemTime::now())),
+            None => Planned {
+                step: Step::Login,
+                at_us: unix_us(SystemTime::now()),
+            },
+        }
+    }
+}
+
+/// Keeps `slot`'s session alive until the process ends or logout begins. This task is the
+/// only place a tenant's login or refresh happens, so they are single-flight by construction.
+///
+/// Rejected logins and recovery: while the tenant has no usable session, transient failures
+/// are retried every `auth.recovery_interval`; a *rejected* login (bad credentials) is not —
+/// FinHub locks a user after 5 failed logins — but waits 30 s doubling to 5 min, except that
+/// the credential files are looked at every recovery step and a changed secret is tried at
+/// once (a rotated password recovers within one step, an unchanged bad one is never
+/// hammered).
+pub async fn run_tenant(
+    slot: Arc<TenantSessions>,
+    client: Arc<AuthClient>,
+    auth: AuthConfig,
+    metrics: Metrics,
+) {
+    let tenant_id = slot.tenant.id.clone();
+    Renewer {
+        slot,
+        client,
+        auth,
+        metrics,
+        tenant_id,
+        failures: 0,
+        rejections: 0,
+        rejected: None,
+        early: 0,
+        rtt_us: 0,
+        last_forced: None,
+        forced_streak: 0,
+    }
+    .run()
+    .await
+}
+
+/// Ends every tenant's session at FinHub (graceful shutdown, after the drain): stops the
+/// renewals, waits for a renewal in flight, unpublishes the session (requests arriving from
+/// now on get 503 `session_unavailable` rather than a token being revoked) and calls logout.
+/// Best-effort and bounded: everything together gives up after `within`; each outcome is
+/// logged and counted (`auth_requests_total{kind="logout"}`).
+pub async fn logout_all(
+    table: Arc<SessionTable>,
+    client: Arc<AuthClient>,
+    metrics: Metrics,
+    within: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut tasks = tokio::task::JoinSet::new();
+    for slot in table.tenants().iter().cloned() {
+        let (client, metrics) = (client.clone(), metrics.clone());
+        tasks.spawn(async move {
+            slot.ending.send_replace(true);
+            let started = Instant::now();
+            let tenant = slot.tenant.id.as_str();
+            let ended = tokio::time::timeout_at(deadline, async {
+                let _flight = slot.flight.lock().await;
+                let session = slot.current.swap(None)?;
+                if !session.may_be_valid(SystemTime::now()) {
+                    return None;
+                }
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                Some(client.logout(&slot.tenant, &session, left).await)
+            })
+            .await;
+            let took_ms = started.elapsed().as_millis() as u64;
+            let result = match &ended {
+                Ok(None) => {
+                    tracing::info!(tenant, "no valid session to log out");
+                    return;
+                }
+                Ok(Some(Ok(cleared))) => {
+                    tracing::info!(tenant, took_ms, cleared = ?cleared, "session logged out");
+                    "ok"
+                }
+                Ok(Some(Err(e))) if !matches!(e, AuthError::Timeout) => {
+                    tracing::warn!(tenant, took_ms, error = %e, "logout failed; stopping anyway");
+                    error_label(e)
+                }
+                _ => {
+                    tracing::warn!(
+                        tenant,
+                        took_ms,
+                        "logout did not finish within auth.logout_timeout; stopping anyway"
+                    );
+                    "timeout"
+                }
+            };
+            metrics
+                .auth_requests
+                .with_label_values(&[tenant, "logout", result])
+                .inc();
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+pub(super) fn unix_secs(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

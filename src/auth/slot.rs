@@ -1,0 +1,186 @@
+//! One tenant's session slot (the published session, renewal requests from the request path,
+//! the outcome for `/status`) and the table of all slots with FinHub's clock.
+
+use super::*;
+
+/// One tenant's session slot.
+pub struct TenantSessions {
+    /// The tenant.
+    pub tenant: TenantConfig,
+    /// Position in the configuration (index for per-tenant tables such as rate limits).
+    pub index: usize,
+    pub(super) current: ArcSwapOption<Session>,
+    pub(super) renew_now: Notify,
+    /// Generation of the session FinHub refused (0: none), set by the request path.
+    pub(super) forced: AtomicU64,
+    /// Bumped on every publish; request paths waiting for a renewal watch it.
+    pub(super) published: watch::Sender<u64>,
+    pub(super) status: Mutex<TenantStatus>,
+    /// Set once logout begins: the session task stops renewing.
+    pub(super) ending: watch::Sender<bool>,
+    /// Held for each login/refresh call and by logout (so logout ends what was renewed last).
+    pub(super) flight: tokio::sync::Mutex<()>,
+    /// When the session task next calls FinHub (µs since the epoch, our clock; 0: unknown).
+    pub(super) next_attempt_us: AtomicI64,
+}
+
+/// What `/status` shows about a tenant (no secrets).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct TenantStatus {
+    /// Result of the last login or refresh (`ok`, `not_refreshed`, `rejected`, ...).
+    pub last_result: Option<&'static str>,
+    /// When that happened, Unix seconds.
+    pub last_attempt_unix: Option<u64>,
+    /// Consecutive failures.
+    pub failures: u32,
+}
+
+impl TenantSessions {
+    pub(super) fn new(tenant: TenantConfig, index: usize) -> Self {
+        TenantSessions {
+            tenant,
+            index,
+            current: ArcSwapOption::empty(),
+            renew_now: Notify::new(),
+            forced: AtomicU64::new(0),
+            published: watch::Sender::new(0),
+            status: Mutex::new(TenantStatus::default()),
+            ending: watch::Sender::new(false),
+            flight: tokio::sync::Mutex::new(()),
+            next_attempt_us: AtomicI64::new(0),
+        }
+    }
+
+    /// The current session if it may be sent now.
+    pub fn usable(&self, now: SystemTime) -> Option<Arc<Session>> {
+        self.current.load_full().filter(|s| s.is_usable(now))
+    }
+
+    /// The current session, usable or not.
+    pub fn current(&self) -> Option<Arc<Session>> {
+        self.current.load_full()
+    }
+
+    /// FinHub refused `refused`: ask the background task to renew now, unless a newer session
+    /// is already published (then the caller should just use it). Many refusals of the same
+    /// session coalesce into one renewal (single flight).
+    pub fn request_renewal(&self, refused: &Arc<Session>) {
+        if refused.generation == self.generation() {
+            self.forced.store(refused.generation, Ordering::SeqCst);
+            self.renew_now.notify_one();
+        }
+    }
+
+    /// Generation of the current session (0 before the first).
+    pub(super) fn generation(&self) -> u64 {
+        *self.published.borrow()
+    }
+
+    /// Whether a renewal request for the current session is pending (stale ones are dropped).
+    pub(super) fn forced_pending(&self) -> bool {
+        let g = self.forced.load(Ordering::SeqCst);
+        if g != 0 && g != self.generation() {
+            self.forced.store(0, Ordering::SeqCst);
+            return false;
+        }
+        g != 0
+    }
+
+    /// Waits up to `within` for a usable session other than `old`.
+    pub async fn newer_than(&self, old: &Arc<Session>, within: Duration) -> Option<Arc<Session>> {
+        let mut rx = self.published.subscribe();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(cur) = self.usable(SystemTime::now()) {
+                if !Arc::ptr_eq(&cur, old) {
+                    return Some(cur);
+                }
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// How long until the session task next calls FinHub (for an app's `Retry-After` while
+    /// the tenant has no usable session); `None` when not known or ending.
+    pub fn next_attempt_in(&self, now: SystemTime) -> Option<Duration> {
+        let at = self.next_attempt_us.load(Ordering::SeqCst);
+        (at != 0 && !self.is_ending())
+            .then(|| Duration::from_micros((at - unix_us(now)).max(0) as u64))
+    }
+
+    /// Whether logout has begun (no renewal from then on).
+    pub fn is_ending(&self) -> bool {
+        *self.ending.borrow()
+    }
+
+    /// Last login/refresh outcome, for `/status`.
+    pub fn status(&self) -> TenantStatus {
+        match self.status.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub(super) fn record(&self, result: &'static str, ok: bool) {
+        let mut s = match self.status.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.last_result = Some(result);
+        s.last_attempt_unix = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs());
+        s.failures = if ok { 0 } else { s.failures.saturating_add(1) };
+    }
+
+    /// Publishes `s` as the current session (unit tests of the request path).
+    #[cfg(test)]
+    pub(crate) fn publish_for_test(&self, s: Session) {
+        self.publish(s);
+    }
+
+    pub(super) fn publish(&self, mut s: Session) {
+        s.generation = self.generation() + 1;
+        let generation = s.generation;
+        self.current.store(Some(Arc::new(s)));
+        self.published.send_modify(|g| *g = generation);
+    }
+}
+
+/// All tenants' session slots (configuration order) and FinHub's clock. Requests find their
+/// tenant through `tenant::Tenants`.
+pub struct SessionTable {
+    pub(super) all: Vec<Arc<TenantSessions>>,
+    pub(super) clock: Arc<ClockOffset>,
+}
+
+impl SessionTable {
+    /// One empty slot per configured tenant.
+    pub fn new(config: &Config) -> Self {
+        let all: Vec<_> = config
+            .tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Arc::new(TenantSessions::new(t.clone(), i)))
+            .collect();
+        SessionTable {
+            all,
+            clock: Arc::new(ClockOffset::new()),
+        }
+    }
+
+    /// Every tenant, in configuration order.
+    pub fn tenants(&self) -> &[Arc<TenantSessions>] {
+        &self.all
+    }
+
+    /// FinHub's clock as estimated from its `Date` headers. The proxy may feed it from API
+    /// answers too ([`ClockOffset::observe`]).
+    pub fn clock(&self) -> &Arc<ClockOffset> {
+        &self.clock
+    }
+}
