@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use finhub_sidecar::pki::{CertPair, ClientCertOpts};
+use finhub_testkit::pki::{CertPair, ClientCertOpts};
 use serde_json::Value;
 
 const RELOAD: &str = "reload_interval = \"200ms\"";
@@ -341,7 +341,7 @@ async fn invalid_sets_are_rejected_with_their_reason_and_the_last_good_keeps_ser
         sc.metric("finhub_sidecar_client_cert_expiration_timestamp_seconds")
             .await,
         Some(
-            finhub_sidecar::pki::cert_identity(
+            finhub_sidecar::tls::identity::cert_identity(
                 &rustls::pki_types::pem::PemObject::from_pem_slice(good.cert_pem.as_bytes())
                     .map(|c: rustls::pki_types::CertificateDer<'static>| c.as_ref().to_vec())
                     .unwrap()

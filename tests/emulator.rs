@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use finhub_sidecar::emulator::{Emulator, EmulatorConfig, MtlsMode, ResponseShape};
-use finhub_sidecar::pki::{CertPair, ClientCertOpts, Pki};
+use finhub_testkit::emulator::{Emulator, EmulatorConfig, MtlsMode, ResponseShape};
+use finhub_testkit::pki::{CertPair, ClientCertOpts, Pki};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};

@@ -7,7 +7,7 @@ mod common;
 use std::net::IpAddr;
 
 use common::*;
-use finhub_sidecar::emulator::Emulator;
+use finhub_testkit::emulator::Emulator;
 use serde_json::Value;
 
 const APP: &str = "127.0.0.2";

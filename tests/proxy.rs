@@ -7,8 +7,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use finhub_sidecar::emulator::{Emulator, MtlsMode};
-use finhub_sidecar::pki::{ClientCertOpts, Pki};
+use finhub_testkit::emulator::{Emulator, MtlsMode};
+use finhub_testkit::pki::{ClientCertOpts, Pki};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

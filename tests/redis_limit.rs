@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use finhub_sidecar::emulator::Emulator;
+use finhub_testkit::emulator::Emulator;
 use serde_json::Value;
 
 /// A `redis-server` child process on 127.0.0.1; killed on drop.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use finhub_sidecar::emulator::{Emulator, EmulatorUser};
+use finhub_testkit::emulator::{Emulator, EmulatorUser};
 use serde_json::Value;
 
 /// Requests in a loop until stopped; counts non-200 answers.
@@ -437,7 +437,7 @@ async fn each_tenant_gets_its_own_session_and_no_secret_reaches_the_log() {
 }
 
 /// An emulator with a second user (tenant `tenant-b`) and the sidecar config lines for it.
-fn two_tenants(world: &World) -> (finhub_sidecar::emulator::EmulatorConfig, &'static str) {
+fn two_tenants(world: &World) -> (finhub_testkit::emulator::EmulatorConfig, &'static str) {
     std::fs::write(world.dir.path().join("password-b"), "b-password-7f3a").unwrap();
     let mut cfg = world.emulator_config(&world.server);
     cfg.users.push(EmulatorUser {

@@ -126,7 +126,7 @@ rate = 1
 burst = 1
 "#;
 
-async fn start(extra: &str) -> (World, finhub_sidecar::emulator::Emulator, SidecarProcess) {
+async fn start(extra: &str) -> (World, finhub_testkit::emulator::Emulator, SidecarProcess) {
     let world = World::new();
     let emu = world.emulator().await;
     let sc = world.sidecar(emu.addr().port(), extra).await;
@@ -134,7 +134,7 @@ async fn start(extra: &str) -> (World, finhub_sidecar::emulator::Emulator, Sidec
 }
 
 /// The value of a header as FinHub received it on the last API call.
-fn sent_header(emu: &finhub_sidecar::emulator::Emulator, name: &str) -> Option<String> {
+fn sent_header(emu: &finhub_testkit::emulator::Emulator, name: &str) -> Option<String> {
     emu.controls()
         .api_requests()
         .last()?

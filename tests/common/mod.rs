@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use finhub_sidecar::emulator::{Emulator, EmulatorConfig, MtlsMode};
-use finhub_sidecar::pki::{CertPair, ClientCertOpts, Pki};
+use finhub_testkit::emulator::{Emulator, EmulatorConfig, MtlsMode};
+use finhub_testkit::pki::{CertPair, ClientCertOpts, Pki};
 
 pub const TENANT: &str = "tenant-demo";
 pub const STARTUP: Duration = Duration::from_secs(30);
