@@ -13,7 +13,7 @@ async fn ready_only_after_the_first_session() {
     let world = World::new();
     let emu = world.emulator().await;
     emu.controls().set_auth_down(true);
-    let sc = world.spawn_sidecar(world.config(emu.addr().port()));
+    let sc = world.spawn_sidecar(world.config(emu.addr().port())).await;
     let not_ready = eventually(STARTUP, || async {
         (sc.ready_status().await == 503).then_some(())
     })

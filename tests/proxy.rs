@@ -320,7 +320,7 @@ async fn requests_before_the_first_session_get_503_and_nothing_goes_upstream() {
     let world = World::new();
     let emu = world.emulator().await;
     emu.controls().fail_logins(true);
-    let sc = world.spawn_sidecar(world.config(emu.addr().port()));
+    let sc = world.spawn_sidecar(world.config(emu.addr().port())).await;
     // Wait until the sidecar tried (and failed) to log in, and the proxy port is open.
     let attempted = eventually(STARTUP, || async {
         let tried = emu.controls().stats().failed_logins > 0;

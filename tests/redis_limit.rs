@@ -12,6 +12,15 @@ use common::*;
 use finhub_testkit::emulator::Emulator;
 use serde_json::Value;
 
+/// A port that was free a moment ago on 127.0.0.1 (`redis-server` cannot be told to pick one
+/// and report it: `--port 0` turns TCP off).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
 /// A `redis-server` child process on 127.0.0.1; killed on drop.
 struct Redis {
     child: Option<Child>,

@@ -1,5 +1,9 @@
 //! The real sidecar binary as a child process: start, readiness, `/metrics` scrape, one
 //! metric, `/status`, signals, exit code, and its log (audit lines included).
+//!
+//! Both listeners are configured on port 0; the addresses the OS chose are read from the
+//! sidecar's start-up line (`"finhub-sidecar starting"`, fields `listen` and `admin`), so no
+//! port is picked before the sidecar binds it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -19,11 +23,20 @@ pub struct SidecarProcess {
     pub log_file: PathBuf,
 }
 
+/// The message of the sidecar's start-up line.
+const STARTING: &str = "finhub-sidecar starting";
+
 impl SidecarProcess {
-    pub fn spawn(config: &Path, listen: u16, admin: u16, dir: &Path) -> SidecarProcess {
-        let log_file = dir.join(format!("sidecar-{listen}.log"));
+    /// Runs `finhub-sidecar run --config <config>` with its output in `log_file`, and waits
+    /// (polling the log, up to `within`) for the start-up line naming the bound addresses.
+    /// Fails early, with the log, if the process exits first.
+    pub async fn spawn(
+        config: &Path,
+        log_file: PathBuf,
+        within: Duration,
+    ) -> Result<SidecarProcess, String> {
         let log = std::fs::File::create(&log_file).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
             .arg("run")
             .arg("--config")
             .arg(config)
@@ -32,12 +45,34 @@ impl SidecarProcess {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn sidecar");
-        SidecarProcess {
+        let read_log = || std::fs::read_to_string(&log_file).unwrap_or_default();
+        let deadline = Instant::now() + within;
+        let (proxy, admin) = loop {
+            if let Some(addrs) = read_log().lines().find_map(bound_addresses) {
+                break addrs;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "sidecar exited with {status} before starting:\n{}",
+                    read_log()
+                ));
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "no `{STARTING}` line within {within:?}:\n{}",
+                    read_log()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Ok(SidecarProcess {
             child: Mutex::new(child),
-            proxy: SocketAddr::from(([127, 0, 0, 1], listen)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            proxy,
+            admin,
             log_file,
-        }
+        })
     }
 
     pub fn log(&self) -> String {
@@ -187,6 +222,17 @@ impl SidecarProcess {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// The `listen` and `admin` addresses of a JSON start-up line.
+fn bound_addresses(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    let fields = v.get("fields").unwrap_or(&v);
+    if fields["message"] != STARTING {
+        return None;
+    }
+    let addr = |name: &str| fields[name].as_str()?.parse().ok();
+    Some((addr("listen")?, addr("admin")?))
 }
 
 impl Drop for SidecarProcess {

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use finhub_testkit::emulator::{Emulator, EmulatorConfig, MtlsMode};
@@ -12,13 +12,8 @@ use finhub_testkit::pki::{CertPair, ClientCertOpts, Pki};
 
 use super::{init_crypto, path, SidecarConfig, SidecarProcess, STARTUP, TENANT};
 
-/// A port that was free a moment ago on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
-}
+/// Sidecars started by this test binary (names their config and log files).
+static SIDECARS: AtomicUsize = AtomicUsize::new(0);
 
 /// The subject of the world's client certificates.
 fn client_opts() -> ClientCertOpts {
@@ -123,28 +118,25 @@ impl World {
             .log_level("info,finhub_sidecar=debug")
     }
 
-    /// Starts the sidecar with `config` without waiting for readiness.
-    pub fn spawn_sidecar(&self, config: SidecarConfig) -> SidecarProcess {
-        let (listen, admin) = (free_port(), free_port());
-        let config = config
-            .set("listener.address", format!("127.0.0.1:{listen}"))
-            .set("admin.address", format!("127.0.0.1:{admin}"));
-        let file = self.dir.path().join(format!("proxy-{listen}.toml"));
+    /// Starts the sidecar with `config`; returns once it has bound its listeners (their
+    /// addresses known), without waiting for readiness.
+    pub async fn spawn_sidecar(&self, config: SidecarConfig) -> SidecarProcess {
+        let n = SIDECARS.fetch_add(1, Ordering::SeqCst);
+        let file = self.dir.path().join(format!("proxy-{n}.toml"));
         config.write_to(&file);
-        SidecarProcess::spawn(&file, listen, admin, self.dir.path())
+        let log = self.dir.path().join(format!("sidecar-{n}.log"));
+        SidecarProcess::spawn(&file, log, STARTUP)
+            .await
+            .unwrap_or_else(|e| panic!("sidecar did not start: {e}"))
     }
 
     /// Starts the sidecar with `config` and waits until `/ready` is 200.
     pub async fn sidecar(&self, config: SidecarConfig) -> SidecarProcess {
-        let mut last_err = String::new();
-        for attempt in 0..3 {
-            let sc = self.spawn_sidecar(config.clone());
-            match sc.wait_ready(STARTUP).await {
-                Ok(()) => return sc,
-                Err(e) => last_err = format!("attempt {attempt}: {e}\nlog:\n{}", sc.log()),
-            }
+        let sc = self.spawn_sidecar(config).await;
+        if let Err(e) = sc.wait_ready(STARTUP).await {
+            panic!("sidecar did not become ready: {e}\nlog:\n{}", sc.log());
         }
-        panic!("sidecar did not become ready: {last_err}");
+        sc
     }
 
     /// A world, its emulator and a ready sidecar whose default config `adjust` changed.
