@@ -13,6 +13,18 @@ use serde_json::Value;
 /// `client_cert.reload_interval` of these tests.
 const RELOAD: &str = "200ms";
 
+/// A client certificate from the world's CA that expired ten days ago.
+fn expired_cert(world: &World) -> CertPair {
+    world
+        .pki
+        .client_cert(&ClientCertOpts {
+            not_before_offset_days: -40,
+            validity_days: 30,
+            ..ClientCertOpts::default()
+        })
+        .unwrap()
+}
+
 /// Kubernetes secret-volume layout: `<dir>/tls.crt -> ..data/tls.crt`, `..data -> ..<ts>`.
 fn k8s_volume(dir: &Path, pair: &CertPair, stamp: &str) -> (PathBuf, PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
@@ -169,14 +181,7 @@ async fn invalid_sets_are_rejected_with_their_reason_and_the_last_good_keeps_ser
     let sc = world.sidecar(config).await;
 
     let other = world.another_client_cert();
-    let expired = world
-        .pki
-        .client_cert(&ClientCertOpts {
-            not_before_offset_days: -40,
-            validity_days: 30,
-            ..ClientCertOpts::default()
-        })
-        .unwrap();
+    let expired = expired_cert(&world);
     let no_eku = world
         .pki
         .client_cert(&ClientCertOpts {
@@ -277,14 +282,7 @@ async fn invalid_sets_are_rejected_with_their_reason_and_the_last_good_keeps_ser
 #[test]
 fn production_start_without_a_valid_certificate_exits_with_a_clear_error() {
     let world = World::new();
-    let expired = world
-        .pki
-        .client_cert(&ClientCertOpts {
-            not_before_offset_days: -40,
-            validity_days: 30,
-            ..ClientCertOpts::default()
-        })
-        .unwrap();
+    let expired = expired_cert(&world);
     let (cert, key) = expired.write_to(world.dir.path(), "expired").unwrap();
     let config = world.dir.path().join("prod.toml");
     world

@@ -107,9 +107,7 @@ async fn post_shutdown_from_loopback_drains_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_state_and_no_secret() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(world.config(emu.addr().port())).await;
+    let (world, emu, sc) = World::start(|c| c).await;
     let r = http_client().get(sc.url("/api/v2/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let text = http_client()
@@ -143,9 +141,7 @@ async fn status_shows_state_and_no_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_scrape_after_traffic_passes_promtool() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(world.config(emu.addr().port())).await;
+    let (world, _emu, sc) = World::start(|c| c).await;
     let client = http_client();
     for _ in 0..5 {
         assert_eq!(

@@ -14,9 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_and_absolute_form_reach_finhub_over_mtls() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(world.config(emu.addr().port())).await;
+    let (world, emu, sc) = World::start(|c| c).await;
 
     // Origin-form GET: the sidecar as base URL; path and query unchanged.
     let (status, echo) = json(
@@ -126,9 +124,7 @@ async fn origin_and_absolute_form_reach_finhub_over_mtls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_absolute_form_host_is_refused_and_receives_nothing() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(world.config(emu.addr().port())).await;
+    let (_world, emu, sc) = World::start(|c| c).await;
     let foreign = Tripwire::start().await;
     let before = emu.controls().total_requests();
 
@@ -165,9 +161,7 @@ async fn foreign_absolute_form_host_is_refused_and_receives_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_is_refused() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(world.config(emu.addr().port())).await;
+    let (_world, _emu, sc) = World::start(|c| c).await;
     let foreign = Tripwire::start().await;
 
     let mut s = tokio::net::TcpStream::connect(sc.proxy).await.unwrap();
@@ -261,9 +255,7 @@ async fn refused_client_certificate_gives_502_client_cert_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_gives_504() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(world.config(emu.addr().port())).await;
+    let (_world, emu, sc) = World::start(|c| c).await;
     emu.controls().set_delay(Duration::from_secs(4)); // read_timeout is 2 s
     let (status, body) = json(
         http_client()
@@ -281,9 +273,7 @@ async fn slow_upstream_gives_504() {
 async fn a_50_mb_upload_streams_through_without_being_buffered() {
     const SIZE: usize = 50 * 1024 * 1024;
     const CHUNK: usize = 256 * 1024;
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(world.config(emu.addr().port())).await;
+    let (_world, _emu, sc) = World::start(|c| c).await;
     // Warm up the upstream connection so the baseline includes the TLS state.
     let r = http_client()
         .get(sc.url("/api/v2/warmup"))
@@ -349,9 +339,7 @@ async fn requests_before_the_first_session_get_503_and_nothing_goes_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_tenant_is_a_400() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(world.config(emu.addr().port())).await;
+    let (_world, emu, sc) = World::start(|c| c).await;
     let (status, body) = json(
         http_client()
             .get(sc.url("/api/v2/accounts"))
