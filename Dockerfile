@@ -20,10 +20,12 @@ WORKDIR /src
 COPY . .
 # BuildKit caches keep the crate registry and target/ between builds; the binary is copied out
 # of the cached target/ in the same step.
+# --no-default-features: no `demo` feature, so no FinHub emulator or certificate generator
+# (crates/finhub-testkit) in the image.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin finhub-sidecar \
+    cargo build --release --locked -p finhub-sidecar --bin finhub-sidecar --no-default-features \
  && install -D -m 0755 target/release/finhub-sidecar /out/finhub-sidecar
 
 FROM ${RUNTIME_IMAGE}

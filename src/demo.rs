@@ -10,9 +10,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use finhub_testkit::emulator::{Emulator, EmulatorConfig, MtlsMode};
+use finhub_testkit::pki::{ClientCertOpts, Pki};
+
 use crate::config::Config;
-use crate::emulator::{Emulator, EmulatorConfig, MtlsMode};
-use crate::pki::{ClientCertOpts, Pki};
 use crate::server::Sidecar;
 
 /// Why the demo could not start.

@@ -8,14 +8,13 @@ pub mod audit;
 pub mod auth;
 pub mod check;
 pub mod config;
+#[cfg(feature = "demo")]
 pub mod demo;
-pub mod emulator;
 pub mod error;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
-pub mod pki;
 pub mod policy;
 pub mod proxy;
 pub mod secret;

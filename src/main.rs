@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use finhub_sidecar::config::Config;
-use finhub_sidecar::{check, demo, logging, server};
+#[cfg(feature = "demo")]
+use finhub_sidecar::demo;
+use finhub_sidecar::{check, logging, server};
 
 /// Sidecar proxy: apps speak plain HTTP to 127.0.0.1, the sidecar speaks mTLS + sessions to FinHub.
 #[derive(Parser)]
@@ -30,6 +32,7 @@ enum Command {
         config: PathBuf,
     },
     /// Start a FinHub emulator and the sidecar on loopback with throwaway certificates.
+    #[cfg(feature = "demo")]
     Demo,
 }
 
@@ -64,6 +67,7 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        #[cfg(feature = "demo")]
         Command::Demo => match demo::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -4,91 +4,22 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use finhub_sidecar::pki::{CertPair, ClientCertOpts};
+use finhub_testkit::pki::{CertPair, ClientCertOpts};
 use serde_json::Value;
 
-const RELOAD: &str = "reload_interval = \"200ms\"";
+/// `client_cert.reload_interval` of these tests.
+const RELOAD: &str = "200ms";
 
-/// Continuous traffic through the sidecar, recording (send time, serial seen by FinHub, status).
-struct Traffic {
-    stop: Arc<AtomicBool>,
-    failures: Arc<AtomicU64>,
-    log: Arc<Mutex<Vec<(Instant, String)>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Traffic {
-    fn start(sc: &SidecarProcess, workers: usize) -> Traffic {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failures = Arc::new(AtomicU64::new(0));
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let tasks = (0..workers)
-            .map(|_| {
-                let (stop, failures, log) = (stop.clone(), failures.clone(), log.clone());
-                let url = sc.url("/api/v2/accounts");
-                tokio::spawn(async move {
-                    let client = http_client();
-                    while !stop.load(Ordering::SeqCst) {
-                        let sent = Instant::now();
-                        match client.get(&url).send().await {
-                            Ok(r) if r.status() == 200 => {
-                                let v: Value = r.json().await.unwrap_or_default();
-                                let serial = v["client_cert"]["serial_hex"]
-                                    .as_str()
-                                    .unwrap_or("")
-                                    .to_string();
-                                log.lock().unwrap().push((sent, serial));
-                            }
-                            Ok(r) => {
-                                eprintln!(
-                                    "traffic: status {}: {}",
-                                    r.status(),
-                                    r.text().await.unwrap_or_default()
-                                );
-                                failures.fetch_add(1, Ordering::SeqCst);
-                            }
-                            Err(e) => {
-                                eprintln!("traffic: {e}");
-                                failures.fetch_add(1, Ordering::SeqCst);
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Traffic {
-            stop,
-            failures,
-            log,
-            tasks,
-        }
-    }
-
-    fn seen(&self, serial: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|(_, s)| s == serial)
-    }
-
-    async fn stop(self) -> (u64, Vec<(Instant, String)>) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        let log = self.log.lock().unwrap().clone();
-        (self.failures.load(Ordering::SeqCst), log)
-    }
-}
-
-fn new_client_cert(world: &World) -> CertPair {
+/// A client certificate from the world's CA that expired ten days ago.
+fn expired_cert(world: &World) -> CertPair {
     world
         .pki
         .client_cert(&ClientCertOpts {
-            common_name: "test-app".into(),
-            organization: "Test Org".into(),
+            not_before_offset_days: -40,
+            validity_days: 30,
             ..ClientCertOpts::default()
         })
         .unwrap()
@@ -119,34 +50,31 @@ fn k8s_swap(dir: &Path, pair: &CertPair, stamp: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_data_swap_rotates_with_no_failed_request() {
-    let mut world = World::new();
+    let world = World::new();
     let first = world.client.clone();
     let (cert, key) = k8s_volume(&world.dir.path().join("mtls"), &first, "2026_11_23_a");
-    world.client_cert = cert;
-    world.client_key = key;
-    world.cert_extra = RELOAD.into();
-    world.upstream_extra = "idle_timeout = \"1s\"".into();
     let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let config = world
+        .config(emu.addr().port())
+        .client_cert(&cert, &key)
+        .cert_reload_interval(RELOAD)
+        .set("upstream.idle_timeout", "1s");
+    let sc = world.sidecar(config).await;
 
-    let traffic = Traffic::start(&sc, 2);
+    let traffic = Traffic::start(&sc, 2, Duration::ZERO);
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            traffic.seen(&first.serial_hex).then_some(())
-        })
-        .await
-        .is_some(),
+        traffic
+            .wait_seen(&first.serial_hex, Duration::from_secs(10))
+            .await,
         "traffic with the first certificate"
     );
-    let second = new_client_cert(&world);
+    let second = world.another_client_cert();
     let rotated_at = Instant::now();
     k8s_swap(&world.dir.path().join("mtls"), &second, "2026_11_23_b");
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            traffic.seen(&second.serial_hex).then_some(())
-        })
-        .await
-        .is_some(),
+        traffic
+            .wait_seen(&second.serial_hex, Duration::from_secs(10))
+            .await,
         "the new certificate reached FinHub\n{}",
         sc.log()
     );
@@ -157,7 +85,10 @@ async fn kubernetes_data_swap_rotates_with_no_failed_request() {
         (Instant::now() >= until).then_some(())
     })
     .await;
-    let (failures, log) = traffic.stop().await;
+    let TrafficReport {
+        failures,
+        answers: log,
+    } = traffic.stop().await;
 
     assert_eq!(failures, 0, "no request failed during rotation");
     let late_old: Vec<_> = log
@@ -181,14 +112,14 @@ async fn kubernetes_data_swap_rotates_with_no_failed_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_place_rewrite_cert_before_key_never_publishes_the_mismatch() {
-    let mut world = World::new();
-    world.cert_extra = RELOAD.into();
+    let world = World::new();
     let first = world.client.clone();
     let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
-    let traffic = Traffic::start(&sc, 1);
+    let config = world.config(emu.addr().port()).cert_reload_interval(RELOAD);
+    let sc = world.sidecar(config).await;
+    let traffic = Traffic::start(&sc, 1, Duration::ZERO);
 
-    let second = new_client_cert(&world);
+    let second = world.another_client_cert();
     std::fs::write(&world.client_cert, &second.cert_pem).unwrap();
     // The reloader sees the half-written rotation and rejects it (counted once).
     let rejected = eventually(Duration::from_secs(10), || async {
@@ -203,23 +134,24 @@ async fn in_place_rewrite_cert_before_key_never_publishes_the_mismatch() {
         sc.log()
     );
     // Traffic still flows with the old, complete set.
-    let before = traffic.log.lock().unwrap().len();
+    let before = traffic.answered();
     assert!(eventually(Duration::from_secs(10), || async {
-        (traffic.log.lock().unwrap().len() > before + 3).then_some(())
+        (traffic.answered() > before + 3).then_some(())
     })
     .await
     .is_some());
     std::fs::write(&world.client_key, &second.key_pem).unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            traffic.seen(&second.serial_hex).then_some(())
-        })
-        .await
-        .is_some(),
+        traffic
+            .wait_seen(&second.serial_hex, Duration::from_secs(10))
+            .await,
         "completed rotation was not picked up\n{}",
         sc.log()
     );
-    let (failures, log) = traffic.stop().await;
+    let TrafficReport {
+        failures,
+        answers: log,
+    } = traffic.stop().await;
     assert_eq!(failures, 0);
     assert!(log
         .iter()
@@ -239,22 +171,17 @@ async fn in_place_rewrite_cert_before_key_never_publishes_the_mismatch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_sets_are_rejected_with_their_reason_and_the_last_good_keeps_serving() {
-    let mut world = World::new();
-    world.environment = "production";
-    world.cert_extra = RELOAD.into();
+    let world = World::new();
     let good = world.client.clone();
     let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let config = world
+        .config(emu.addr().port())
+        .environment("production")
+        .cert_reload_interval(RELOAD);
+    let sc = world.sidecar(config).await;
 
-    let other = new_client_cert(&world);
-    let expired = world
-        .pki
-        .client_cert(&ClientCertOpts {
-            not_before_offset_days: -40,
-            validity_days: 30,
-            ..ClientCertOpts::default()
-        })
-        .unwrap();
+    let other = world.another_client_cert();
+    let expired = expired_cert(&world);
     let no_eku = world
         .pki
         .client_cert(&ClientCertOpts {
@@ -341,7 +268,7 @@ async fn invalid_sets_are_rejected_with_their_reason_and_the_last_good_keeps_ser
         sc.metric("finhub_sidecar_client_cert_expiration_timestamp_seconds")
             .await,
         Some(
-            finhub_sidecar::pki::cert_identity(
+            finhub_sidecar::tls::identity::cert_identity(
                 &rustls::pki_types::pem::PemObject::from_pem_slice(good.cert_pem.as_bytes())
                     .map(|c: rustls::pki_types::CertificateDer<'static>| c.as_ref().to_vec())
                     .unwrap()
@@ -354,21 +281,15 @@ async fn invalid_sets_are_rejected_with_their_reason_and_the_last_good_keeps_ser
 
 #[test]
 fn production_start_without_a_valid_certificate_exits_with_a_clear_error() {
-    let mut world = World::new();
-    world.environment = "production";
-    let expired = world
-        .pki
-        .client_cert(&ClientCertOpts {
-            not_before_offset_days: -40,
-            validity_days: 30,
-            ..ClientCertOpts::default()
-        })
-        .unwrap();
+    let world = World::new();
+    let expired = expired_cert(&world);
     let (cert, key) = expired.write_to(world.dir.path(), "expired").unwrap();
-    world.client_cert = cert;
-    world.client_key = key;
     let config = world.dir.path().join("prod.toml");
-    std::fs::write(&config, world.sidecar_toml(free_port(), free_port(), 1, "")).unwrap();
+    world
+        .config(1)
+        .environment("production")
+        .client_cert(&cert, &key)
+        .write_to(&config);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
         .args(["run", "--config"])
         .arg(&config)
@@ -381,7 +302,7 @@ fn production_start_without_a_valid_certificate_exits_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_close_to_expiry_is_warned_about() {
-    let mut world = World::new();
+    let world = World::new();
     let short = world
         .pki
         .client_cert(&ClientCertOpts {
@@ -390,11 +311,13 @@ async fn a_certificate_close_to_expiry_is_warned_about() {
         })
         .unwrap();
     let (cert, key) = short.write_to(world.dir.path(), "short").unwrap();
-    world.client_cert = cert;
-    world.client_key = key;
-    world.cert_extra = format!("{RELOAD}\nexpiry_warning = \"7d\"");
     let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let config = world
+        .config(emu.addr().port())
+        .client_cert(&cert, &key)
+        .cert_reload_interval(RELOAD)
+        .set("client_cert.expiry_warning", "7d");
+    let sc = world.sidecar(config).await;
     let warned = eventually(Duration::from_secs(10), || async {
         sc.log()
             .contains("client certificate expires soon")

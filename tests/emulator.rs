@@ -2,18 +2,20 @@
 //! refresh, logout, the echo API and the failure knobs. Certificates come from `Pki` at test
 //! time; nothing sleeps for a fixed time (waits poll with a deadline).
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use finhub_sidecar::emulator::{Emulator, EmulatorConfig, MtlsMode, ResponseShape};
-use finhub_sidecar::pki::{CertPair, ClientCertOpts, Pki};
+use common::{json, TENANT};
+use finhub_testkit::emulator::{Emulator, EmulatorConfig, MtlsMode, ResponseShape};
+use finhub_testkit::pki::{CertPair, ClientCertOpts, Pki};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 
-const TENANT: &str = "tenant-demo";
 const DEADLINE: Duration = Duration::from_secs(15);
 
 /// A rustls client config trusting `pki`'s CA, presenting `cert` if given.
@@ -107,7 +109,7 @@ impl Env {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        json_of(req.send().await.unwrap()).await
+        json(req.send().await.unwrap()).await
     }
 
     /// Sandbox login with the demo user; returns the S1 answer.
@@ -140,7 +142,7 @@ impl Env {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        json_of(req.send().await.unwrap()).await
+        json(req.send().await.unwrap()).await
     }
 
     async fn get_api(&self, token: &str) -> (u16, Value) {
@@ -171,18 +173,6 @@ impl Env {
         )
         .await
     }
-}
-
-async fn json_of(resp: reqwest::Response) -> (u16, Value) {
-    let status = resp.status().as_u16();
-    let bytes = resp.bytes().await.unwrap();
-    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-        panic!(
-            "status {status}: not JSON: {}",
-            String::from_utf8_lossy(&bytes)
-        )
-    });
-    (status, v)
 }
 
 fn sandbox_body() -> Value {
@@ -431,7 +421,7 @@ async fn login_rejections_use_the_envelope_and_are_counted() {
         .send()
         .await
         .unwrap();
-    let (status, resp) = json_of(resp).await;
+    let (status, resp) = json(resp).await;
     assert_eq!(
         (status, envelope(400, &resp)),
         (400, "INVALID_BODY".to_string())
@@ -578,7 +568,7 @@ async fn mtls_required_needs_a_certificate_from_the_ca() {
             .unwrap();
         let version = resp.version();
         assert_eq!(version == reqwest::Version::HTTP_2, h2);
-        let (status, echo) = json_of(resp).await;
+        let (status, echo) = json(resp).await;
         assert_eq!(status, 200, "{echo}");
         assert_eq!(
             echo["client_cert"]["serial_hex"],
@@ -618,7 +608,7 @@ async fn mtls_optional_and_off() {
     for (k, v) in h {
         req = req.header(k, v);
     }
-    let (status, echo) = json_of(req.send().await.unwrap()).await;
+    let (status, echo) = json(req.send().await.unwrap()).await;
     assert_eq!(status, 200, "{echo}");
     assert!(echo["client_cert"].is_null());
 
@@ -786,7 +776,7 @@ async fn echo_validates_the_session_headers() {
         resp.headers().get("allow").map(|v| v.to_str().unwrap()),
         Some("POST")
     );
-    let (status, body) = json_of(resp).await;
+    let (status, body) = json(resp).await;
     assert_eq!(
         (status, envelope(405, &body)),
         (405, "METHOD_NOT_ALLOWED".to_string())
@@ -944,7 +934,7 @@ async fn answer_429_with_retry_after() {
             .unwrap();
         assert_eq!(resp.status(), 429);
         assert_eq!(resp.headers().get("retry-after").unwrap(), "7");
-        let (_, body) = json_of(resp).await;
+        let (_, body) = json(resp).await;
         assert_eq!(envelope(429, &body), "RATE_LIMITED");
     }
     env.login().await;
@@ -1022,7 +1012,7 @@ async fn large_bodies_are_counted_exactly() {
             .send()
             .await
             .unwrap();
-        let (status, echo) = json_of(resp).await;
+        let (status, echo) = json(resp).await;
         assert_eq!(status, 200, "{echo}");
         assert_eq!(echo["body_len"], size as u64);
     }
@@ -1106,7 +1096,7 @@ async fn times_are_whole_seconds_on_the_emulators_own_clock() {
             .unwrap();
         let after = real_now_secs();
         let date = date_secs(&resp);
-        let (status, s1) = json_of(resp).await;
+        let (status, s1) = json(resp).await;
         assert_eq!(status, 200, "{s1}");
         let shift = offset_ms as f64 / 1000.0;
         // Date and iat are read from the shifted clock, whole seconds.
@@ -1140,7 +1130,7 @@ async fn times_are_whole_seconds_on_the_emulators_own_clock() {
             .await
             .unwrap();
         let date = date_secs(&resp);
-        let (status, r) = json_of(resp).await;
+        let (status, r) = json(resp).await;
         assert_eq!(status, 200, "{r}");
         assert_eq!(
             r["userSessionToken"], token,

@@ -8,43 +8,14 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn sigterm(pid: u32) {
-    // SAFETY: kill(2) with a pid we spawned and a valid signal number has no memory effects.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(rc, 0, "kill -TERM {pid}");
-}
-
-/// Waits for the child to exit (polling, with a deadline) and returns its exit code.
-async fn exit_code(sc: &SidecarProcess, within: Duration) -> Option<i32> {
-    eventually(within, || async {
-        sc.child
-            .lock()
-            .unwrap()
-            .try_wait()
-            .ok()
-            .flatten()
-            .map(|s| s.code().unwrap_or(-1))
-    })
-    .await
-}
-
-async fn ready_status(sc: &SidecarProcess) -> u16 {
-    http_client()
-        .get(format!("http://{}/ready", sc.admin))
-        .send()
-        .await
-        .map(|r| r.status().as_u16())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ready_only_after_the_first_session() {
     let world = World::new();
     let emu = world.emulator().await;
     emu.controls().set_auth_down(true);
-    let sc = world.spawn_sidecar(emu.addr().port(), "");
+    let sc = world.spawn_sidecar(world.config(emu.addr().port())).await;
     let not_ready = eventually(STARTUP, || async {
-        (ready_status(&sc).await == 503).then_some(())
+        (sc.ready_status().await == 503).then_some(())
     })
     .await;
     assert!(
@@ -52,14 +23,7 @@ async fn ready_only_after_the_first_session() {
         "/ready answers 503 before any session\n{}",
         sc.log()
     );
-    let status: Value = http_client()
-        .get(format!("http://{}/status", sc.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = sc.status().await.expect("/status");
     assert_eq!(status["ready"], false);
     assert_eq!(status["tenants"][0]["last_result"], "error");
 
@@ -73,34 +37,17 @@ async fn ready_only_after_the_first_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_then_exits_zero() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world
-        .sidecar(
-            emu.addr().port(),
-            "[shutdown]\ndrain_delay = \"2s\"\ndeadline = \"10s\"\n",
-        )
-        .await;
+    let (_world, emu, sc) = World::start(|c| c.shutdown("2s", "10s")).await;
     let client = http_client();
 
     // A slow request is in flight when SIGTERM arrives.
-    emu.controls().set_delay(Duration::from_millis(1500));
-    let slow = {
-        let (client, url) = (client.clone(), sc.url("/api/v2/slow"));
-        tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
-    };
-    let in_flight = eventually(Duration::from_secs(5), || async {
-        let v = sc.metric("finhub_sidecar_requests_in_flight").await?;
-        (v >= 1.0).then_some(())
-    })
-    .await;
-    assert!(in_flight.is_some());
+    let slow = slow_request_in_flight(&sc, &emu, Duration::from_millis(1500)).await;
     let signalled = Instant::now();
-    sigterm(sc.pid());
+    sc.signal(libc::SIGTERM);
 
     // Readiness drops at once...
     let unready = eventually(Duration::from_secs(1), || async {
-        (ready_status(&sc).await == 503).then_some(())
+        (sc.ready_status().await == 503).then_some(())
     })
     .await;
     assert!(
@@ -123,7 +70,7 @@ async fn sigterm_drains_then_exits_zero() {
     assert_eq!(slow.await.unwrap().unwrap(), 200);
 
     assert_eq!(
-        exit_code(&sc, Duration::from_secs(20)).await,
+        sc.exit_code(Duration::from_secs(20)).await,
         Some(0),
         "{}",
         sc.log()
@@ -136,15 +83,8 @@ async fn sigterm_drains_then_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_shutdown_from_loopback_drains_and_exits_zero() {
-    let mut world = World::new();
-    world.admin_extra = "shutdown_endpoint = true".into();
-    let emu = world.emulator().await;
-    let sc = world
-        .sidecar(
-            emu.addr().port(),
-            "[shutdown]\ndrain_delay = \"0s\"\ndeadline = \"5s\"\n",
-        )
-        .await;
+    let (_world, _emu, sc) =
+        World::start(|c| c.set("admin.shutdown_endpoint", true).shutdown("0s", "5s")).await;
     let r = http_client()
         .get(format!("http://{}/shutdown", sc.admin))
         .send()
@@ -158,7 +98,7 @@ async fn post_shutdown_from_loopback_drains_and_exits_zero() {
         .unwrap();
     assert_eq!(r.status(), 202);
     assert_eq!(
-        exit_code(&sc, Duration::from_secs(20)).await,
+        sc.exit_code(Duration::from_secs(20)).await,
         Some(0),
         "{}",
         sc.log()
@@ -167,9 +107,7 @@ async fn post_shutdown_from_loopback_drains_and_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_shows_state_and_no_secret() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let (world, emu, sc) = World::start(|c| c).await;
     let r = http_client().get(sc.url("/api/v2/x")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let text = http_client()
@@ -190,12 +128,11 @@ async fn status_shows_state_and_no_secret() {
     for secret in ["demo-password", "demo-secret"] {
         assert!(!text.contains(secret));
     }
-    let token = emu.controls().api_requests()[0]
-        .headers
-        .iter()
-        .find(|(k, _)| k == "authorization")
-        .map(|(_, v)| v.trim_start_matches("Bearer ").to_string())
-        .unwrap();
+    let seen = emu.controls().api_requests();
+    let token = seen[0]
+        .header("authorization")
+        .unwrap()
+        .trim_start_matches("Bearer ");
     assert!(
         !text.contains(token.rsplit('.').next().unwrap()),
         "no token in /status"
@@ -204,9 +141,7 @@ async fn status_shows_state_and_no_secret() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_scrape_after_traffic_passes_promtool() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let (world, _emu, sc) = World::start(|c| c).await;
     let client = http_client();
     for _ in 0..5 {
         assert_eq!(

@@ -4,10 +4,8 @@
 
 mod common;
 
-use std::net::IpAddr;
-
 use common::*;
-use finhub_sidecar::emulator::Emulator;
+use finhub_testkit::emulator::Emulator;
 use serde_json::Value;
 
 const APP: &str = "127.0.0.2";
@@ -15,52 +13,15 @@ const FORWARDER: &str = "127.0.0.3";
 const STRANGER: &str = "127.0.0.4";
 const ORIGIN_IP: &str = "192.0.2.10";
 
-const POLICY: &str = r#"
-[policy]
-allowed_clients = ["127.0.0.2/32", "127.0.0.3/32"]
-trusted_forwarders = ["127.0.0.3/32"]
-
-[policy.rate_limit]
-rate = 1
-burst = 5
-"#;
-
-fn client_from(ip: &str) -> reqwest::Client {
-    init_crypto();
-    reqwest::Client::builder()
-        .no_proxy()
-        .local_address(ip.parse::<IpAddr>().unwrap())
-        .build()
-        .unwrap()
-}
-
-async fn json(r: reqwest::Response) -> (u16, Value) {
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
-}
-
-fn audit_lines(log: &str) -> Vec<Value> {
-    log.lines()
-        .filter(|l| l.contains("\"kind\":\"audit\""))
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// Waits (polling) until `n` audit lines were written by the background writer.
-async fn wait_audit(sc: &SidecarProcess, n: usize) -> Vec<Value> {
-    eventually(std::time::Duration::from_secs(5), || async {
-        let lines = audit_lines(&sc.log());
-        (lines.len() >= n).then_some(lines)
+/// The app and the forwarder may connect, the forwarder's X-Forwarded-For is trusted, and the
+/// tenant's bucket holds 5 at 1/s.
+async fn start() -> (World, Emulator, SidecarProcess) {
+    World::start(|c| {
+        c.allowed_clients(&["127.0.0.2/32", "127.0.0.3/32"])
+            .trusted_forwarders(&["127.0.0.3/32"])
+            .rate_limit(1, 5)
     })
     .await
-    .unwrap_or_else(|| panic!("{n} audit lines expected:\n{}", sc.log()))
-}
-
-async fn start() -> (World, Emulator, SidecarProcess) {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), POLICY).await;
-    (world, emu, sc)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,7 +45,7 @@ async fn client_allowlist_and_forwarded_for() {
     // A stranger is refused, even when it claims to be the app: closed at accept, before a
     // byte of its request is read, and counted.
     let refusals = "finhub_sidecar_listener_refusals_total{reason=\"client_not_allowed\"}";
-    let refused_before = sc.metric(refusals).await.unwrap_or(0.0);
+    let refused_before = sc.counter(refusals).await;
     let refused = client_from(STRANGER)
         .get(&url)
         .header("X-Forwarded-For", APP)
@@ -123,7 +84,7 @@ async fn client_allowlist_and_forwarded_for() {
         2,
         "only the two allowed requests reached FinHub"
     );
-    let audit = wait_audit(&sc, 3).await;
+    let audit = sc.wait_audit(3).await;
     let decisions: Vec<&str> = audit
         .iter()
         .filter_map(|a| a["decision"].as_str())
@@ -181,7 +142,7 @@ async fn burst_above_the_limit_gets_exactly_the_expected_429s() {
         "refused requests never went upstream"
     );
     // Counted when the request is logged, just after the response: wait for the audit lines.
-    let audit = wait_audit(&sc, 8).await;
+    let audit = sc.wait_audit(8).await;
     assert_eq!(
         sc.metric("finhub_sidecar_rate_limited_total{tenant=\"tenant-demo\"}")
             .await,
@@ -198,14 +159,7 @@ async fn burst_above_the_limit_gets_exactly_the_expected_429s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finhub_429_with_retry_after_holds_the_tenant() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world
-        .sidecar(
-            emu.addr().port(),
-            "[policy]\nallowed_clients = [\"127.0.0.0/8\"]\n",
-        )
-        .await;
+    let (_world, emu, sc) = World::start(|c| c.allowed_clients(&["127.0.0.0/8"])).await;
     let client = http_client();
     emu.controls().answer_429(1, Some(30));
     let r = client.get(sc.url("/api/v2/accounts")).send().await.unwrap();
@@ -279,14 +233,7 @@ async fn finhub_header_rules_as_seen_by_finhub() {
     assert!(h.get("proxy-authorization").is_none());
     assert_eq!(h["authorization"], "<redacted>");
     let seen = emu.controls().api_requests();
-    let sent = |name: &str| {
-        seen[0]
-            .headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap()
-    };
+    let sent = |name: &str| seen[0].header(name).unwrap();
     assert!(!sent("authorization").contains("app-secret-token"));
     assert_ne!(sent("x-user-session-token"), "app-session");
 
@@ -319,12 +266,8 @@ async fn finhub_header_rules_as_seen_by_finhub() {
         .iter()
         .all(|(_, v)| !v.contains("app-secret-token"))));
     // Audit lines are written by a background thread: wait for both.
-    let log = eventually(std::time::Duration::from_secs(5), || async {
-        let log = sc.log();
-        (audit_lines(&log).len() >= 2).then_some(log)
-    })
-    .await
-    .expect("two audit lines");
+    let audit = sc.wait_audit(2).await;
+    let log = sc.log();
     for secret in [
         "app-secret-token",
         "Zm9vOmJhcg==",
@@ -333,7 +276,6 @@ async fn finhub_header_rules_as_seen_by_finhub() {
     ] {
         assert!(!log.contains(secret), "{secret} in the log");
     }
-    let audit = audit_lines(&log);
     assert_eq!(audit.len(), 2);
     assert_eq!(audit[0]["request_id"], app_rid);
     assert_eq!(audit[0]["path"], "/api/v2/accounts");

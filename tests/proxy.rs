@@ -7,32 +7,14 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::*;
-use finhub_sidecar::emulator::{Emulator, MtlsMode};
-use finhub_sidecar::pki::{ClientCertOpts, Pki};
+use finhub_testkit::emulator::{Emulator, MtlsMode};
+use finhub_testkit::pki::{ClientCertOpts, Pki};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn json(resp: reqwest::Response) -> (u16, Value) {
-    let status = resp.status().as_u16();
-    let body = resp.bytes().await.unwrap();
-    let v = serde_json::from_slice(&body).unwrap_or_else(|_| {
-        panic!(
-            "status {status}: body is not JSON: {}",
-            String::from_utf8_lossy(&body)
-        )
-    });
-    (status, v)
-}
-
-fn header<'a>(echo: &'a Value, name: &str) -> Option<&'a str> {
-    echo["headers"][name].as_str()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_and_absolute_form_reach_finhub_over_mtls() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let (world, emu, sc) = World::start(|c| c).await;
 
     // Origin-form GET: the sidecar as base URL; path and query unchanged.
     let (status, echo) = json(
@@ -53,22 +35,17 @@ async fn origin_and_absolute_form_reach_finhub_over_mtls() {
         world.client.serial_hex.as_str()
     );
     assert_eq!(
-        header(&echo, "host"),
+        echo_header(&echo, "host"),
         Some(format!("localhost:{}", emu.addr().port()).as_str())
     );
-    assert_eq!(header(&echo, "x-tenant-id"), Some(TENANT));
+    assert_eq!(echo_header(&echo, "x-tenant-id"), Some(TENANT));
     assert_eq!(
-        header(&echo, "authorization"),
+        echo_header(&echo, "authorization"),
         Some("<redacted>"),
         "the echo never hands the session back"
     );
     let seen = emu.controls().api_requests();
-    let auth = seen[0]
-        .headers
-        .iter()
-        .find(|(k, _)| k == "authorization")
-        .map(|(_, v)| v.as_str())
-        .unwrap();
+    let auth = seen[0].header("authorization").unwrap();
     assert!(
         auth.starts_with("Bearer ") && !auth.contains("app-token"),
         "{auth}"
@@ -108,7 +85,7 @@ async fn origin_and_absolute_form_reach_finhub_over_mtls() {
     assert_eq!(echo["path"], "/api/v2/accounts");
     assert_eq!(echo["query"], "page=2");
     assert_eq!(
-        header(&echo, "host"),
+        echo_header(&echo, "host"),
         Some(format!("localhost:{}", emu.addr().port()).as_str())
     );
     assert_eq!(
@@ -128,7 +105,10 @@ async fn origin_and_absolute_form_reach_finhub_over_mtls() {
     .await;
     assert_eq!(status, 200, "{echo}");
     assert_eq!(echo["body_len"], body.len());
-    assert_ne!(header(&echo, "x-user-session-token"), Some("app-supplied"));
+    assert_ne!(
+        echo_header(&echo, "x-user-session-token"),
+        Some("app-supplied")
+    );
 
     // Every request above reached FinHub with the client certificate.
     let seen = emu.controls().api_requests();
@@ -144,9 +124,7 @@ async fn origin_and_absolute_form_reach_finhub_over_mtls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_absolute_form_host_is_refused_and_receives_nothing() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let (_world, emu, sc) = World::start(|c| c).await;
     let foreign = Tripwire::start().await;
     let before = emu.controls().total_requests();
 
@@ -183,9 +161,7 @@ async fn foreign_absolute_form_host_is_refused_and_receives_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_is_refused() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let (_world, _emu, sc) = World::start(|c| c).await;
     let foreign = Tripwire::start().await;
 
     let mut s = tokio::net::TcpStream::connect(sc.proxy).await.unwrap();
@@ -221,7 +197,7 @@ async fn error_through_bad_upstream(
     bad: &Emulator,
 ) -> (u16, Value) {
     let switch = Switch::start(good.addr()).await;
-    let sc = world.sidecar(switch.addr.port(), "").await;
+    let sc = world.sidecar(world.config(switch.addr.port())).await;
     switch.point_to(bad.addr());
     let resp = http_client()
         .get(sc.url("/api/v2/accounts"))
@@ -279,9 +255,7 @@ async fn refused_client_certificate_gives_502_client_cert_rejected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_gives_504() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let (_world, emu, sc) = World::start(|c| c).await;
     emu.controls().set_delay(Duration::from_secs(4)); // read_timeout is 2 s
     let (status, body) = json(
         http_client()
@@ -299,9 +273,7 @@ async fn slow_upstream_gives_504() {
 async fn a_50_mb_upload_streams_through_without_being_buffered() {
     const SIZE: usize = 50 * 1024 * 1024;
     const CHUNK: usize = 256 * 1024;
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let (_world, _emu, sc) = World::start(|c| c).await;
     // Warm up the upstream connection so the baseline includes the TLS state.
     let r = http_client()
         .get(sc.url("/api/v2/warmup"))
@@ -338,7 +310,7 @@ async fn requests_before_the_first_session_get_503_and_nothing_goes_upstream() {
     let world = World::new();
     let emu = world.emulator().await;
     emu.controls().fail_logins(true);
-    let sc = world.spawn_sidecar(emu.addr().port(), "");
+    let sc = world.spawn_sidecar(world.config(emu.addr().port())).await;
     // Wait until the sidecar tried (and failed) to log in, and the proxy port is open.
     let attempted = eventually(STARTUP, || async {
         let tried = emu.controls().stats().failed_logins > 0;
@@ -367,9 +339,7 @@ async fn requests_before_the_first_session_get_503_and_nothing_goes_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_tenant_is_a_400() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let (_world, emu, sc) = World::start(|c| c).await;
     let (status, body) = json(
         http_client()
             .get(sc.url("/api/v2/accounts"))
@@ -388,11 +358,11 @@ async fn unknown_tenant_is_a_400() {
 fn invalid_config_is_reported_with_file_and_key() {
     let world = World::new();
     let bad = world.dir.path().join("bad.toml");
-    let text = world
-        .sidecar_toml(1, 2, 3, "")
-        .replace("https://localhost:3", "http://localhost:3")
-        .replace("read_timeout = \"2s\"", "read_timeout = \"soon\"");
-    std::fs::write(&bad, text).unwrap();
+    world
+        .config(3)
+        .set("upstream.base_url", "http://localhost:3")
+        .set("upstream.read_timeout", "soon")
+        .write_to(&bad);
     for cmd in ["check", "run"] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
             .args([cmd, "--config"])
@@ -417,13 +387,7 @@ fn invalid_config_is_reported_with_file_and_key() {
 
     // An unknown key is named too.
     let typo = world.dir.path().join("typo.toml");
-    std::fs::write(
-        &typo,
-        world
-            .sidecar_toml(1, 2, 3, "")
-            .replace("[auth]", "[auth]\nenviroment = \"x\""),
-    )
-    .unwrap();
+    world.config(3).set("auth.enviroment", "x").write_to(&typo);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
         .args(["check", "--config"])
         .arg(&typo)
@@ -437,7 +401,7 @@ fn invalid_config_is_reported_with_file_and_key() {
 fn check_reports_the_certificate_and_refuses_a_mismatched_key() {
     let world = World::new();
     let good = world.dir.path().join("good.toml");
-    std::fs::write(&good, world.sidecar_toml(1, 2, 3, "")).unwrap();
+    world.config(3).write_to(&good);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
         .args(["check", "--config"])
         .arg(&good)
@@ -451,14 +415,10 @@ fn check_reports_the_certificate_and_refuses_a_mismatched_key() {
     let other = world.pki.client_cert(&ClientCertOpts::default()).unwrap();
     let (_, other_key) = other.write_to(world.dir.path(), "other").unwrap();
     let mismatched = world.dir.path().join("mismatch.toml");
-    std::fs::write(
-        &mismatched,
-        world.sidecar_toml(1, 2, 3, "").replace(
-            &world.client_key.display().to_string(),
-            &other_key.display().to_string(),
-        ),
-    )
-    .unwrap();
+    world
+        .config(3)
+        .client_cert(&world.client_cert, &other_key)
+        .write_to(&mismatched);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
         .args(["check", "--config"])
         .arg(&mismatched)

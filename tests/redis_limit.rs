@@ -9,8 +9,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use finhub_sidecar::emulator::Emulator;
+use finhub_testkit::emulator::Emulator;
 use serde_json::Value;
+
+/// A port that was free a moment ago on 127.0.0.1 (`redis-server` cannot be told to pick one
+/// and report it: `--port 0` turns TCP off).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
 
 /// A `redis-server` child process on 127.0.0.1; killed on drop.
 struct Redis {
@@ -53,6 +62,10 @@ impl Redis {
             "redis-server did not start (is the Debian package redis-server installed?):\n{}",
             redis.log()
         );
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -152,20 +165,25 @@ impl Drop for Redis {
     }
 }
 
-fn redis_config(port: u16, limit: &str, redis_extra: &str) -> String {
-    format!(
-        r#"
-[policy.rate_limit]
-{limit}
-backend = "redis"
-
-[policy.rate_limit.redis]
-url = "redis://127.0.0.1:{port}/"
-key_prefix = "test-{prefix}:"
-{redis_extra}
-"#,
-        prefix = uuid::Uuid::new_v4().simple()
-    )
+/// `config` deciding through the Redis at `url` (a fresh key prefix): the tenant bucket
+/// `(rate, burst)`, the Redis `timeout` and `on_redis_error` mode.
+fn through_redis(
+    config: SidecarConfig,
+    url: &str,
+    (rate, burst): (i64, i64),
+    timeout: &str,
+    on_redis_error: &str,
+) -> SidecarConfig {
+    config
+        .rate_limit(rate, burst)
+        .set("policy.rate_limit.backend", "redis")
+        .set("policy.rate_limit.redis.url", url)
+        .set(
+            "policy.rate_limit.redis.key_prefix",
+            format!("test-{}:", uuid::Uuid::new_v4().simple()),
+        )
+        .set("policy.rate_limit.redis.timeout", timeout)
+        .set("policy.rate_limit.redis.on_redis_error", on_redis_error)
 }
 
 /// Waits until the sidecar reports `n` usable Redis connections.
@@ -175,10 +193,6 @@ async fn connected(sc: &SidecarProcess, n: f64) {
     })
     .await;
     assert!(ok.is_some(), "redis connections != {n}:\n{}", sc.log());
-}
-
-async fn metric(sc: &SidecarProcess, series: &str) -> f64 {
-    sc.metric(series).await.unwrap_or(0.0)
 }
 
 /// Status, JSON error code and how long the request took.
@@ -200,22 +214,26 @@ async fn get(client: &reqwest::Client, sc: &SidecarProcess) -> (u16, String, Dur
 }
 
 fn client() -> reqwest::Client {
-    init_crypto();
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(20))
-        .build()
-        .unwrap()
+    client_with_timeout(Duration::from_secs(20))
 }
 
-/// Redis, the emulator and one sidecar deciding through Redis (rate 1000/s, burst 1000), with
-/// both pooled connections up; `redis_extra` goes into `[policy.rate_limit.redis]`.
-async fn one_sidecar(redis_extra: &str) -> (Redis, World, Emulator, SidecarProcess) {
+/// Redis, the emulator and one sidecar deciding through Redis (rate 1000/s, burst 1000) with
+/// this `timeout` and `on_redis_error`, with both pooled connections up.
+async fn one_sidecar(
+    timeout: &str,
+    on_redis_error: &str,
+) -> (Redis, World, Emulator, SidecarProcess) {
     let redis = Redis::start().await;
     let world = World::new();
     let emu = world.emulator().await;
-    let cfg = redis_config(redis.port, "rate = 1000\nburst = 1000", redis_extra);
-    let sc = world.sidecar(emu.addr().port(), &cfg).await;
+    let cfg = through_redis(
+        world.config(emu.addr().port()),
+        &redis.url(),
+        (1000, 1000),
+        timeout,
+        on_redis_error,
+    );
+    let sc = world.sidecar(cfg).await;
     connected(&sc, 2.0).await;
     (redis, world, emu, sc)
 }
@@ -236,13 +254,15 @@ async fn two_sidecars_share_one_limit() {
     let emu = world.emulator().await;
     // Burst 5 at 1/s for the tenant, shared. A generous timeout: this test is about sharing,
     // and `deny` makes any Redis failure visible as a 503 rather than extra admissions.
-    let cfg = redis_config(
-        redis.port,
-        "rate = 1\nburst = 5",
-        "timeout = \"1s\"\non_redis_error = \"deny\"",
+    let cfg = through_redis(
+        world.config(emu.addr().port()),
+        &redis.url(),
+        (1, 5),
+        "1s",
+        "deny",
     );
-    let a = world.sidecar(emu.addr().port(), &cfg).await;
-    let b = world.sidecar(emu.addr().port(), &cfg).await;
+    let a = world.sidecar(cfg.clone()).await;
+    let b = world.sidecar(cfg).await;
     connected(&a, 2.0).await;
     connected(&b, 2.0).await;
 
@@ -270,8 +290,8 @@ async fn two_sidecars_share_one_limit() {
     assert!(ok >= 5, "the burst is available: {statuses:?}");
     // Both sidecars decided through Redis, and both saw refusals.
     for sc in [&a, &b] {
-        assert!(metric(sc, REDIS_ALLOW).await >= 1.0, "{}", sc.log());
-        assert!(metric(sc, REDIS_DENY).await >= 1.0, "{}", sc.log());
+        assert!(sc.counter(REDIS_ALLOW).await >= 1.0, "{}", sc.log());
+        assert!(sc.counter(REDIS_DENY).await >= 1.0, "{}", sc.log());
     }
     // Exactly the admitted requests reached FinHub.
     assert_eq!(emu.controls().stats().api_ok, ok as u64);
@@ -279,8 +299,7 @@ async fn two_sidecars_share_one_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_redis_means_deny_within_the_timeout_then_recovery() {
-    let (mut redis, _world, _emu, sc) =
-        one_sidecar("timeout = \"200ms\"\non_redis_error = \"deny\"").await;
+    let (mut redis, _world, _emu, sc) = one_sidecar("200ms", "deny").await;
     let client = client();
     assert_eq!(get(&client, &sc).await.0, 200);
 
@@ -307,7 +326,7 @@ async fn dead_redis_means_deny_within_the_timeout_then_recovery() {
         slowest < Duration::from_secs(2),
         "a request took {slowest:?}"
     );
-    assert!(metric(&sc, FALLBACK_DENY).await >= 1.0);
+    assert!(sc.counter(FALLBACK_DENY).await >= 1.0);
 
     redis.restart().await;
     let back = eventually(Duration::from_secs(10), || async {
@@ -316,15 +335,14 @@ async fn dead_redis_means_deny_within_the_timeout_then_recovery() {
     .await;
     assert!(back.is_some(), "never recovered:\n{}", sc.log());
     connected(&sc, 2.0).await;
-    let before = metric(&sc, REDIS_ALLOW).await;
+    let before = sc.counter(REDIS_ALLOW).await;
     assert_eq!(get(&client, &sc).await.0, 200);
-    assert!(metric(&sc, REDIS_ALLOW).await > before);
+    assert!(sc.counter(REDIS_ALLOW).await > before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_redis_costs_at_most_the_timeout() {
-    let (redis, _world, _emu, sc) =
-        one_sidecar("timeout = \"300ms\"\non_redis_error = \"allow\"").await;
+    let (redis, _world, _emu, sc) = one_sidecar("300ms", "allow").await;
     let client = client();
     assert_eq!(get(&client, &sc).await.0, 200);
 
@@ -335,23 +353,24 @@ async fn hung_redis_costs_at_most_the_timeout() {
         assert_eq!(status, 200, "on_redis_error = allow");
         assert!(took < Duration::from_secs(3), "a request took {took:?}");
     }
-    assert!(metric(&sc, r#"finhub_sidecar_redis_errors_total{kind="timeout"}"#).await >= 1.0);
-    // Connections that keep timing out are dropped: later requests do not wait at all.
     assert!(
-        metric(
-            &sc,
-            r#"finhub_sidecar_redis_errors_total{kind="unavailable"}"#
-        )
-        .await
+        sc.counter(r#"finhub_sidecar_redis_errors_total{kind="timeout"}"#)
+            .await
             >= 1.0
     );
-    assert!(metric(&sc, FALLBACK_ALLOW).await >= 8.0);
+    // Connections that keep timing out are dropped: later requests do not wait at all.
+    assert!(
+        sc.counter(r#"finhub_sidecar_redis_errors_total{kind="unavailable"}"#)
+            .await
+            >= 1.0
+    );
+    assert!(sc.counter(FALLBACK_ALLOW).await >= 8.0);
 
     redis.signal(libc::SIGCONT);
-    let before = metric(&sc, REDIS_ALLOW).await;
+    let before = sc.counter(REDIS_ALLOW).await;
     let back = eventually(Duration::from_secs(15), || async {
         get(&client, &sc).await;
-        (metric(&sc, REDIS_ALLOW).await > before).then_some(())
+        (sc.counter(REDIS_ALLOW).await > before).then_some(())
     })
     .await;
     assert!(back.is_some(), "never recovered:\n{}", sc.log());
@@ -363,12 +382,15 @@ async fn local_fallback_uses_the_pod_share_until_redis_appears() {
     let emu = world.emulator().await;
     // Nothing listens on this port yet: the sidecar must start and be ready anyway.
     let mut redis = Redis::unstarted();
-    let cfg = redis_config(
-        redis.port,
-        "rate = 1\nburst = 4",
-        "timeout = \"200ms\"\non_redis_error = \"local\"\nreplicas = 2",
-    );
-    let sc = world.sidecar(emu.addr().port(), &cfg).await;
+    let cfg = through_redis(
+        world.config(emu.addr().port()),
+        &redis.url(),
+        (1, 4),
+        "200ms",
+        "local",
+    )
+    .set("policy.rate_limit.redis.replicas", 2);
+    let sc = world.sidecar(cfg).await;
     let client = client();
     let started = Instant::now();
     let mut statuses = Vec::new();
@@ -383,13 +405,10 @@ async fn local_fallback_uses_the_pod_share_until_redis_appears() {
         ok <= 2 + elapsed.ceil() as usize,
         "{ok} admitted in {elapsed:.2}s with a local share of burst 2: {statuses:?}"
     );
-    assert!(metric(&sc, FALLBACK_DENY).await >= 1.0);
+    assert!(sc.counter(FALLBACK_DENY).await >= 1.0);
     assert!(
-        metric(
-            &sc,
-            r#"finhub_sidecar_redis_errors_total{kind="unavailable"}"#
-        )
-        .await
+        sc.counter(r#"finhub_sidecar_redis_errors_total{kind="unavailable"}"#)
+            .await
             >= 6.0
     );
 
@@ -404,7 +423,7 @@ async fn local_fallback_uses_the_pod_share_until_redis_appears() {
         statuses.iter().filter(|s| **s == 200).count() >= 3,
         "shared bucket starts full: {statuses:?}"
     );
-    assert!(metric(&sc, REDIS_ALLOW).await >= 3.0);
+    assert!(sc.counter(REDIS_ALLOW).await >= 3.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -437,27 +456,17 @@ async fn tls_and_password_from_a_file() {
     std::fs::write(world.dir.path().join("redis-pw"), "redis-s3cret-pw\n").unwrap();
     std::fs::write(world.dir.path().join("redis-wrong-pw"), "not-the-pw\n").unwrap();
     let cfg = |pw_file: &str| {
-        format!(
-            r#"
-[policy.rate_limit]
-rate = 1
-burst = 2
-backend = "redis"
-
-[policy.rate_limit.redis]
-url = "rediss://127.0.0.1:{port}/"
-ca_file = "{ca}"
-password_file = "{pw_file}"
-key_prefix = "tls-{prefix}:"
-timeout = "1s"
-on_redis_error = "deny"
-"#,
-            port = redis.port,
-            ca = world.ca_file.display(),
-            prefix = uuid::Uuid::new_v4().simple()
+        through_redis(
+            world.config(emu.addr().port()),
+            &format!("rediss://127.0.0.1:{}/", redis.port),
+            (1, 2),
+            "1s",
+            "deny",
         )
+        .set("policy.rate_limit.redis.ca_file", path(&world.ca_file))
+        .set("policy.rate_limit.redis.password_file", pw_file)
     };
-    let sc = world.sidecar(emu.addr().port(), &cfg("redis-pw")).await;
+    let sc = world.sidecar(cfg("redis-pw")).await;
     connected(&sc, 2.0).await;
     let client = client();
     let statuses: Vec<u16> = {
@@ -472,12 +481,10 @@ on_redis_error = "deny"
         statuses[2], 429,
         "the shared bucket (burst 2) decided: {statuses:?}"
     );
-    assert!(metric(&sc, REDIS_DENY).await >= 1.0);
+    assert!(sc.counter(REDIS_DENY).await >= 1.0);
 
     // A wrong password never connects: the failure mode decides, and no password is logged.
-    let wrong = world
-        .sidecar(emu.addr().port(), &cfg("redis-wrong-pw"))
-        .await;
+    let wrong = world.sidecar(cfg("redis-wrong-pw")).await;
     let refused = eventually(Duration::from_secs(10), || async {
         wrong.log().contains("redis unreachable").then_some(())
     })
@@ -489,10 +496,7 @@ on_redis_error = "deny"
     );
     let (status, code, _) = get(&client, &wrong).await;
     assert_eq!((status, code.as_str()), (503, "rate_limit_unavailable"));
-    assert_eq!(
-        metric(&wrong, "finhub_sidecar_redis_connections").await,
-        0.0
-    );
+    assert_eq!(wrong.counter("finhub_sidecar_redis_connections").await, 0.0);
     for log in [sc.log(), wrong.log()] {
         assert!(
             !log.contains("redis-s3cret-pw") && !log.contains("not-the-pw"),
@@ -503,8 +507,7 @@ on_redis_error = "deny"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_cut_while_idle_are_replaced_before_a_request_needs_them() {
-    let (redis, _world, _emu, sc) =
-        one_sidecar("timeout = \"500ms\"\non_redis_error = \"deny\"").await;
+    let (redis, _world, _emu, sc) = one_sidecar("500ms", "deny").await;
     let client = client();
     // Two requests: one on each pooled connection (round robin).
     for _ in 0..2 {
@@ -532,6 +535,6 @@ async fn connections_cut_while_idle_are_replaced_before_a_request_needs_them() {
     for _ in 0..3 {
         assert_eq!(get(&client, &sc).await.0, 200);
     }
-    assert_eq!(metric(&sc, FALLBACK_DENY).await, 0.0);
-    assert!(metric(&sc, REDIS_ALLOW).await >= 5.0);
+    assert_eq!(sc.counter(FALLBACK_DENY).await, 0.0);
+    assert!(sc.counter(REDIS_ALLOW).await >= 5.0);
 }

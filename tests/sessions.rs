@@ -4,73 +4,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use finhub_sidecar::emulator::{Emulator, EmulatorUser};
+use finhub_testkit::emulator::{Emulator, EmulatorUser};
 use serde_json::Value;
-
-/// Requests in a loop until stopped; counts non-200 answers.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(sc: &SidecarProcess, workers: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicU64::new(0));
-        let failed = Arc::new(AtomicU64::new(0));
-        let tasks = (0..workers)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                let url = sc.url("/api/v2/accounts");
-                tokio::spawn(async move {
-                    let client = http_client();
-                    while !stop.load(Ordering::SeqCst) {
-                        match client.get(&url).send().await {
-                            Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::SeqCst),
-                            Ok(r) => {
-                                eprintln!(
-                                    "load: {} {}",
-                                    r.status(),
-                                    r.text().await.unwrap_or_default()
-                                );
-                                failed.fetch_add(1, Ordering::SeqCst)
-                            }
-                            Err(e) => {
-                                eprintln!("load: {e}");
-                                failed.fetch_add(1, Ordering::SeqCst)
-                            }
-                        };
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            tasks,
-        }
-    }
-
-    async fn stop(self) -> (u64, u64) {
-        self.stop.store(true, Ordering::SeqCst);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        (
-            self.ok.load(Ordering::SeqCst),
-            self.failed.load(Ordering::SeqCst),
-        )
-    }
-}
 
 async fn emulator_with_lifetime(world: &World, secs: u64) -> Emulator {
     let mut cfg = world.emulator_config(&world.server);
@@ -82,26 +20,28 @@ async fn emulator_with_lifetime(world: &World, secs: u64) -> Emulator {
 const LIFETIME_S: u64 = 4;
 /// Renewals each continuity test waits for.
 const RENEWALS: u64 = 10;
+/// Pause between one traffic worker's requests.
+const PAUSE: Duration = Duration::from_millis(10);
 
 /// Continuous load across `RENEWALS` lifetimes against an emulator whose clock is
 /// `offset_ms` off: no app request fails, refreshes (not logins) do every renewal, no
 /// expired token reaches FinHub, and the sidecar's estimate of FinHub's clock is right.
 async fn renewals_under_load(offset_ms: i64) {
-    let mut world = World::new();
-    world.environment = "integration";
+    let world = World::new();
     let mut cfg = world.emulator_config(&world.server);
     cfg.token_lifetime = Duration::from_secs(LIFETIME_S);
     cfg.include_internal_token_key = true;
     cfg.clock_offset_ms = offset_ms;
     let emu = Emulator::start(cfg).await.unwrap();
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let sc = world.sidecar(integration(&world, &emu)).await;
     let started = std::time::Instant::now();
-    let load = Load::start(&sc, 2);
+    let traffic = Traffic::start(&sc, 2, PAUSE);
     let refreshed = eventually(Duration::from_secs(LIFETIME_S * (RENEWALS + 6)), || async {
         (emu.controls().stats().refreshes >= RENEWALS).then_some(())
     })
     .await;
-    let (ok, failed) = load.stop().await;
+    let report = traffic.stop().await;
+    let (ok, failed) = (report.answers.len(), report.failures);
     let stats = emu.controls().stats();
     eprintln!(
         "clock offset {offset_ms} ms: {ok} requests ok, {failed} failed over {} renewals in {:?}: {stats:?}",
@@ -169,11 +109,10 @@ async fn a_fin_hub_clock_three_seconds_behind_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn still_valid_answer_after_a_fin_hub_clock_step_reschedules_and_is_not_a_failure() {
-    let mut world = World::new();
-    world.environment = "integration";
+    let world = World::new();
     let emu = emulator_with_lifetime(&world, LIFETIME_S).await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
-    let load = Load::start(&sc, 1);
+    let sc = world.sidecar(integration(&world, &emu)).await;
+    let traffic = Traffic::start(&sc, 1, PAUSE);
     let learnt = eventually(Duration::from_secs(LIFETIME_S * 8), || async {
         (emu.controls().stats().refreshes >= 3).then_some(())
     })
@@ -188,7 +127,7 @@ async fn still_valid_answer_after_a_fin_hub_clock_step_reschedules_and_is_not_a_
         (s.refreshes >= before.refreshes + 3).then_some(())
     })
     .await;
-    let (_, failed) = load.stop().await;
+    let failed = traffic.stop().await.failures;
     let stats = emu.controls().stats();
     assert!(done.is_some(), "{stats:?}\n{}", sc.log());
     assert!(
@@ -205,19 +144,18 @@ async fn still_valid_answer_after_a_fin_hub_clock_step_reschedules_and_is_not_a_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_without_refresh_key_is_renewed_by_login_before_expiry() {
-    let mut world = World::new();
-    world.environment = "integration";
+    let world = World::new();
     let mut cfg = world.emulator_config(&world.server);
     cfg.token_lifetime = Duration::from_secs(3);
     cfg.include_internal_token_key = false;
     let emu = Emulator::start(cfg).await.unwrap();
-    let sc = world.sidecar(emu.addr().port(), "").await;
-    let load = Load::start(&sc, 1);
+    let sc = world.sidecar(integration(&world, &emu)).await;
+    let traffic = Traffic::start(&sc, 1, PAUSE);
     let relogged = eventually(Duration::from_secs(20), || async {
         (emu.controls().stats().logins >= 3).then_some(())
     })
     .await;
-    let (_, failed) = load.stop().await;
+    let failed = traffic.stop().await.failures;
     assert!(relogged.is_some(), "{:?}", emu.controls().stats());
     assert_eq!(failed, 0);
     let stats = emu.controls().stats();
@@ -232,11 +170,10 @@ async fn token_without_refresh_key_is_renewed_by_login_before_expiry() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_outage_longer_than_a_lifetime_gives_503_then_recovers_within_one_step() {
     const RECOVERY_S: u64 = 2;
-    let mut world = World::new();
-    world.environment = "integration";
-    world.auth_extra = format!("recovery_interval = \"{RECOVERY_S}s\"");
+    let world = World::new();
     let emu = emulator_with_lifetime(&world, 3).await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let config = integration(&world, &emu).set("auth.recovery_interval", format!("{RECOVERY_S}s"));
+    let sc = world.sidecar(config).await;
     emu.controls().set_auth_down(true);
     let client = http_client();
     let url = sc.url("/api/v2/accounts");
@@ -294,11 +231,11 @@ async fn auth_outage_longer_than_a_lifetime_gives_503_then_recovers_within_one_s
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_session_is_renewed_and_the_request_replayed_once() {
-    let mut world = World::new();
-    world.environment = "integration";
-    world.auth_extra = "replay_body_limit = 1024".into();
+    let world = World::new();
     let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), "").await;
+    let sc = world
+        .sidecar(integration(&world, &emu).set("auth.replay_body_limit", 1024))
+        .await;
     let client = http_client();
 
     emu.controls().revoke_all_sessions();
@@ -321,13 +258,7 @@ async fn revoked_session_is_renewed_and_the_request_replayed_once() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].status, 401);
     assert_eq!(seen[1].status, 200);
-    let h = |i: usize, name: &str| {
-        seen[i]
-            .headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.clone())
-    };
+    let h = |i: usize, name: &str| seen[i].header(name).map(str::to_string);
     assert_eq!(h(0, "x-request-id"), h(1, "x-request-id"));
     assert_eq!(
         h(0, "x-request-id").as_deref(),
@@ -366,21 +297,11 @@ async fn revoked_session_is_renewed_and_the_request_replayed_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_tenant_gets_its_own_session_and_no_secret_reaches_the_log() {
-    let mut world = World::new();
-    world.environment = "integration";
-    std::fs::write(world.dir.path().join("password-b"), "b-password-7f3a").unwrap();
-    let mut cfg = world.emulator_config(&world.server);
-    cfg.users.push(EmulatorUser {
-        username: "svc-b".into(),
-        password: "b-password-7f3a".into(),
-        customer_id: "cust-b".into(),
-        customer_secret: "b-secret-91c2".into(),
-        tenant_id: "tenant-b".into(),
-    });
-    let emu = Emulator::start(cfg).await.unwrap();
-    let extra =
-        "[[tenants]]\nid = \"tenant-b\"\nusername = \"svc-b\"\npassword_file = \"password-b\"\n";
-    let sc = world.sidecar(emu.addr().port(), extra).await;
+    let world = World::new();
+    let emu = Emulator::start(two_tenants(&world)).await.unwrap();
+    let sc = world
+        .sidecar(with_tenant_b(integration(&world, &emu)))
+        .await;
     let client = http_client();
 
     for (tenant, header) in [
@@ -406,10 +327,8 @@ async fn each_tenant_gets_its_own_session_and_no_secret_reaches_the_log() {
         .api_requests()
         .iter()
         .filter_map(|r| {
-            r.headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
-                .map(|(_, v)| v.trim_start_matches("Bearer ").to_string())
+            r.header("authorization")
+                .map(|v| v.trim_start_matches("Bearer ").to_string())
         })
         .collect();
     assert_eq!(tokens.len(), 3);
@@ -436,8 +355,8 @@ async fn each_tenant_gets_its_own_session_and_no_secret_reaches_the_log() {
     }
 }
 
-/// An emulator with a second user (tenant `tenant-b`) and the sidecar config lines for it.
-fn two_tenants(world: &World) -> (finhub_sidecar::emulator::EmulatorConfig, &'static str) {
+/// An emulator config with a second user (tenant `tenant-b`, see [`with_tenant_b`]).
+fn two_tenants(world: &World) -> finhub_testkit::emulator::EmulatorConfig {
     std::fs::write(world.dir.path().join("password-b"), "b-password-7f3a").unwrap();
     let mut cfg = world.emulator_config(&world.server);
     cfg.users.push(EmulatorUser {
@@ -447,20 +366,25 @@ fn two_tenants(world: &World) -> (finhub_sidecar::emulator::EmulatorConfig, &'st
         customer_secret: "b-secret-91c2".into(),
         tenant_id: "tenant-b".into(),
     });
-    (
-        cfg,
-        "[[tenants]]\nid = \"tenant-b\"\nusername = \"svc-b\"\npassword_file = \"password-b\"\n",
-    )
+    cfg
+}
+
+/// The sidecar's second tenant, the emulator's user of [`two_tenants`].
+fn with_tenant_b(config: SidecarConfig) -> SidecarConfig {
+    config.tenant("tenant-b", "svc-b", "password-b")
+}
+
+/// The default config against `emu` in the `integration` environment (refresh by key).
+fn integration(world: &World, emu: &Emulator) -> SidecarConfig {
+    world.config(emu.addr().port()).environment("integration")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_logs_each_tenant_out_after_the_last_request_then_exits_zero() {
-    let mut world = World::new();
-    world.environment = "integration";
-    let (cfg, tenant_b) = two_tenants(&world);
-    let emu = Emulator::start(cfg).await.unwrap();
-    let extra = format!("{tenant_b}\n[shutdown]\ndrain_delay = \"500ms\"\ndeadline = \"10s\"\n");
-    let sc = world.sidecar(emu.addr().port(), &extra).await;
+    let world = World::new();
+    let emu = Emulator::start(two_tenants(&world)).await.unwrap();
+    let config = with_tenant_b(integration(&world, &emu)).shutdown("500ms", "10s");
+    let sc = world.sidecar(config).await;
     let client = http_client();
     for tenant in [TENANT, "tenant-b"] {
         let r = client
@@ -473,17 +397,7 @@ async fn sigterm_logs_each_tenant_out_after_the_last_request_then_exits_zero() {
     }
 
     // A slow request is in flight when SIGTERM arrives; it must finish before any logout.
-    emu.controls().set_delay(Duration::from_millis(1500));
-    let slow = {
-        let (client, url) = (client.clone(), sc.url("/api/v2/slow"));
-        tokio::spawn(async move { client.get(url).send().await.map(|r| r.status().as_u16()) })
-    };
-    let in_flight = eventually(Duration::from_secs(5), || async {
-        let v = sc.metric("finhub_sidecar_requests_in_flight").await?;
-        (v >= 1.0).then_some(())
-    })
-    .await;
-    assert!(in_flight.is_some());
+    let slow = slow_request_in_flight(&sc, &emu, Duration::from_millis(1500)).await;
     emu.controls().set_delay(Duration::ZERO);
     let signalled = std::time::Instant::now();
     sc.signal(libc::SIGTERM);
@@ -525,18 +439,14 @@ async fn sigterm_logs_each_tenant_out_after_the_last_request_then_exits_zero() {
 /// SIGTERM while FinHub's auth endpoints are down (`hang`: answers take 30 s; else 503): the
 /// process still exits 0 within the logout bound.
 async fn logout_is_bounded(hang: bool) -> Duration {
-    let mut world = World::new();
-    world.environment = "integration";
-    // The auth client's own timeout is longer than the bound: only the bound can end it.
-    world.auth_request_timeout = "20s";
-    world.auth_extra = "logout_timeout = \"1s\"".into();
+    let world = World::new();
     let emu = world.emulator().await;
-    let sc = world
-        .sidecar(
-            emu.addr().port(),
-            "[shutdown]\ndrain_delay = \"0s\"\ndeadline = \"5s\"\n",
-        )
-        .await;
+    // The auth client's own timeout is longer than the bound: only the bound can end it.
+    let config = integration(&world, &emu)
+        .set("auth.request_timeout", "20s")
+        .set("auth.logout_timeout", "1s")
+        .shutdown("0s", "5s");
+    let sc = world.sidecar(config).await;
     if hang {
         emu.controls().set_delay(Duration::from_secs(30));
     } else {
@@ -572,20 +482,14 @@ async fn logout_never_holds_the_exit_beyond_its_bound() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_logout_when_turned_off_or_on_sigint() {
-    for (setting, signal) in [
-        ("logout_on_shutdown = false", libc::SIGTERM),
-        ("", libc::SIGINT),
-    ] {
-        let mut world = World::new();
-        world.environment = "integration";
-        world.auth_extra = setting.into();
+    for (setting, signal) in [(Some(false), libc::SIGTERM), (None, libc::SIGINT)] {
+        let world = World::new();
         let emu = world.emulator().await;
-        let sc = world
-            .sidecar(
-                emu.addr().port(),
-                "[shutdown]\ndrain_delay = \"0s\"\ndeadline = \"5s\"\n",
-            )
-            .await;
+        let mut config = integration(&world, &emu).shutdown("0s", "5s");
+        if let Some(logout) = setting {
+            config = config.set("auth.logout_on_shutdown", logout);
+        }
+        let sc = world.sidecar(config).await;
         let signalled = std::time::Instant::now();
         sc.signal(signal);
         let code = sc.exit_code(Duration::from_secs(20)).await;

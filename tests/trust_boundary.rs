@@ -116,37 +116,28 @@ async fn closed_by_peer(s: &mut TcpStream) -> bool {
 const FORWARDER: &str = "127.0.0.3";
 
 /// The sidecar config used by most tests: a trusted forwarder and a strict per-route bucket.
-const POLICY: &str = r#"
-[policy]
-trusted_forwarders = ["127.0.0.3/32"]
+fn policy(config: SidecarConfig) -> SidecarConfig {
+    config
+        .trusted_forwarders(&["127.0.0.3/32"])
+        .route_limit("/api/v2/payments", 1, 1)
+}
 
-[[policy.rate_limit.routes]]
-path_prefix = "/api/v2/payments"
-rate = 1
-burst = 1
-"#;
-
-async fn start(extra: &str) -> (World, finhub_sidecar::emulator::Emulator, SidecarProcess) {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), extra).await;
-    (world, emu, sc)
+async fn start() -> (World, finhub_testkit::emulator::Emulator, SidecarProcess) {
+    World::start(policy).await
 }
 
 /// The value of a header as FinHub received it on the last API call.
-fn sent_header(emu: &finhub_sidecar::emulator::Emulator, name: &str) -> Option<String> {
+fn sent_header(emu: &finhub_testkit::emulator::Emulator, name: &str) -> Option<String> {
     emu.controls()
         .api_requests()
         .last()?
-        .headers
-        .iter()
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.clone())
+        .header(name)
+        .map(str::to_string)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trace_and_track_are_refused_locally() {
-    let (_w, emu, sc) = start(POLICY).await;
+    let (_w, emu, sc) = start().await;
     for method in ["TRACE", "TRACK", "trace"] {
         let r = exchange(
             sc.proxy,
@@ -164,7 +155,7 @@ async fn trace_and_track_are_refused_locally() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_auth_and_session_surface_is_the_sidecars_own() {
-    let (_w, emu, sc) = start(POLICY).await;
+    let (_w, emu, sc) = start().await;
     let before = emu.controls().stats();
     let total = emu.controls().total_requests();
     let junk_login = r#"{"username":"demo","password":"wrong","customerId":"x","customerSecret":"y","accountType":"B2B"}"#;
@@ -247,7 +238,7 @@ async fn the_auth_and_session_surface_is_the_sidecars_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upgrades_are_refused_and_the_connection_closed() {
-    let (_w, emu, sc) = start(POLICY).await;
+    let (_w, emu, sc) = start().await;
     for upgrade in ["websocket", "h2c", "anything/1.0"] {
         let mut s = TcpStream::connect(sc.proxy).await.unwrap();
         let req = format!(
@@ -264,7 +255,7 @@ async fn upgrades_are_refused_and_the_connection_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_is_read_over_every_field_line() {
-    let (_w, emu, sc) = start(POLICY).await;
+    let (_w, emu, sc) = start().await;
     let refused = [
         "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-For: 198.51.100.1\r\n",
         "X-Forwarded-For: 203.0.113.9\r\nx-forwarded-for: 203.0.113.9\r\n",
@@ -304,7 +295,7 @@ async fn forwarded_for_is_read_over_every_field_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credential_override_and_client_ip_headers_never_reach_finhub() {
-    let (_w, emu, sc) = start(POLICY).await;
+    let (_w, emu, sc) = start().await;
     let req = concat!(
         "GET /api/v2/accounts HTTP/1.1\r\nHost: x\r\n",
         "x-user_session-token: app-session\r\n",
@@ -360,7 +351,7 @@ async fn credential_override_and_client_ip_headers_never_reach_finhub() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_limits_match_the_normalised_path() {
-    let (_w, emu, sc) = start(POLICY).await;
+    let (_w, emu, sc) = start().await;
     // The route bucket holds one request; every spelling of the path draws from it.
     let first = exchange(
         sc.proxy,
@@ -403,7 +394,7 @@ async fn route_limits_match_the_normalised_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pingora_parse_errors_and_malformed_bodies_are_json_400s() {
-    let (_w, emu, sc) = start(POLICY).await;
+    let (_w, emu, sc) = start().await;
     let cases: [&[u8]; 5] = [
         b"GET /api/v2/accounts HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
         b"POST /api/v2/accounts HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
@@ -438,19 +429,12 @@ async fn pingora_parse_errors_and_malformed_bodies_are_json_400s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_peers_hold_no_memory_and_are_closed_before_a_byte_is_read() {
-    let world = World::new();
-    let emu = world.emulator().await;
     // Only 127.0.0.2 is an app; the test's own connections come from 127.0.0.1.
-    let sc = world
-        .sidecar(
-            emu.addr().port(),
-            "[policy]\nallowed_clients = [\"127.0.0.2/32\"]\n",
-        )
-        .await;
+    let (_world, _emu, sc) = World::start(|c| c.allowed_clients(&["127.0.0.2/32"])).await;
     let rss_before = sc.peak_rss_kib();
     let refusals = "finhub_sidecar_listener_refusals_total{reason=\"client_not_allowed\"}";
     // wait_ready's own connection check came from a refused address too.
-    let refused_before = sc.metric(refusals).await.unwrap_or(0.0);
+    let refused_before = sc.counter(refusals).await;
     // One header line just under Pingora's own 1 MiB limit, never terminated: Pingora alone
     // would hold it (and its buffer) until its read timeout.
     let header_flood = {
@@ -494,7 +478,7 @@ async fn refused_peers_hold_no_memory_and_are_closed_before_a_byte_is_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_headers_are_refused_while_they_are_read() {
-    let (_w, emu, sc) = start(POLICY).await;
+    let (_w, emu, sc) = start().await;
     let mut s = TcpStream::connect(sc.proxy).await.unwrap();
     s.write_all(b"GET /api/v2/accounts HTTP/1.1\r\nHost: x\r\n")
         .await
@@ -527,10 +511,7 @@ async fn oversized_headers_are_refused_while_they_are_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_is_closed_at_the_header_deadline() {
-    let mut world = World::new();
-    world.listener_extra = "header_timeout = \"2s\"".into();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), POLICY).await;
+    let (_world, emu, sc) = World::start(|c| policy(c).set("listener.header_timeout", "2s")).await;
     let mut s = TcpStream::connect(sc.proxy).await.unwrap();
     let started = Instant::now();
     s.write_all(b"GET /api/v2/accounts HTTP/1.1\r\n")
@@ -570,10 +551,7 @@ async fn a_slowloris_is_closed_at_the_header_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_body_is_cut_at_the_body_deadline() {
-    let mut world = World::new();
-    world.listener_extra = "body_timeout = \"2s\"".into();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), POLICY).await;
+    let (_world, _emu, sc) = World::start(|c| policy(c).set("listener.body_timeout", "2s")).await;
     let s = TcpStream::connect(sc.proxy).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
     wr.write_all(b"POST /api/v2/payments/1 HTTP/1.1\r\nHost: x\r\nX-Idempotency-Key: 7c9e6679-7425-40de-944b-e07fc1f90ae7\r\nContent-Length: 100000\r\n\r\n")
@@ -610,10 +588,7 @@ async fn a_trickling_body_is_cut_at_the_body_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_beyond_the_cap_are_refused_with_503() {
-    let mut world = World::new();
-    world.listener_extra = "max_connections = 4".into();
-    let emu = world.emulator().await;
-    let sc = world.sidecar(emu.addr().port(), POLICY).await;
+    let (_world, _emu, sc) = World::start(|c| policy(c).set("listener.max_connections", 4)).await;
     // wait_ready's own probe connection may still be closing: wait until none is open.
     eventually(Duration::from_secs(5), || async {
         (sc.metric("finhub_sidecar_app_connections").await == Some(0.0)).then_some(())
@@ -652,7 +627,7 @@ async fn connections_beyond_the_cap_are_refused_with_503() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probes_answer_while_slow_clients_hold_the_admin_listener() {
-    let (_w, _emu, sc) = start(POLICY).await;
+    let (_w, _emu, sc) = start().await;
     // More slow holders than the admin listener keeps open: each sends a partial header and
     // keeps its connection.
     let mut holders = Vec::new();
@@ -663,11 +638,7 @@ async fn probes_answer_while_slow_clients_hold_the_admin_listener() {
             .unwrap();
         holders.push(s);
     }
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(1))
-        .build()
-        .unwrap();
+    let client = client_with_timeout(Duration::from_secs(1));
     for path in ["/live", "/ready", "/live", "/ready"] {
         let started = Instant::now();
         let r = client
@@ -694,16 +665,7 @@ async fn probes_answer_while_slow_clients_hold_the_admin_listener() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_secret_reaches_the_log_even_at_trace() {
-    let world = World::new();
-    let emu = world.emulator().await;
-    let toml_path = world.dir.path().join("trace.toml");
-    let (listen, admin) = (free_port(), free_port());
-    let toml = world
-        .sidecar_toml(listen, admin, emu.addr().port(), POLICY)
-        .replace("level = \"info,finhub_sidecar=debug\"", "level = \"trace\"");
-    std::fs::write(&toml_path, toml).unwrap();
-    let sc = SidecarProcess::spawn(&toml_path, listen, admin, world.dir.path());
-    sc.wait_ready(STARTUP).await.unwrap();
+    let (_world, emu, sc) = World::start(|c| policy(c).log_level("trace")).await;
     let body_secret = "customer-iban-DE89370400440532013000";
     let header_secret = "app-header-secret-7c1d";
     for path in ["/api/v2/accounts", "/api/v2/payments"] {
@@ -722,11 +684,7 @@ async fn nothing_secret_reaches_the_log_even_at_trace() {
         .expect("FinHub saw the session");
     let signature = token.rsplit('.').next().unwrap().to_string();
     // Wait until the trace output has caught up with the requests (the audit lines).
-    eventually(Duration::from_secs(5), || async {
-        (sc.log().matches("\"kind\":\"audit\"").count() >= 2).then_some(())
-    })
-    .await
-    .expect("audit lines written");
+    sc.wait_audit(2).await;
     let log = sc.log();
     for (what, secret) in [
         ("session token signature", signature.as_str()),

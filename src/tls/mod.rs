@@ -7,6 +7,7 @@
 //! Pingora's rustls connector wants DER and `unwrap`s while converting (a PEM or truncated
 //! key panics at connect time), so everything handed to it is parsed and verified here first.
 
+pub mod identity;
 pub mod reload;
 pub mod rules;
 
@@ -20,7 +21,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::Config;
-use crate::pki::{cert_identity, CertIdentity};
+pub use identity::{cert_identity, CertIdentity};
 pub use rules::{check_leaf, Finding};
 
 /// Why a set of TLS files cannot be used. Never carries key material.
@@ -394,7 +395,7 @@ impl TlsStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{ClientCertOpts, Pki};
+    use finhub_testkit::pki::{ClientCertOpts, Pki};
 
     impl ClientTls {
         fn from_files(

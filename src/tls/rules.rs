@@ -155,7 +155,7 @@ pub fn check_leaf(der: &[u8], now: i64) -> Vec<Finding> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::{ClientCertOpts, KeyKind, Pki};
+    use finhub_testkit::pki::{ClientCertOpts, KeyKind, Pki};
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
 

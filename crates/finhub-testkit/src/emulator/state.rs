@@ -85,6 +85,16 @@ pub struct RecordedRequest {
     pub answered_at: Instant,
 }
 
+impl RecordedRequest {
+    /// The first value of header `name` (any case), as received.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 /// JWT claims of an emulator session token.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct Claims {

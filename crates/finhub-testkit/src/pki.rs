@@ -1,5 +1,5 @@
-//! Certificates for the demo and the tests (rcgen, ring backend) and the one x509 helper that
-//! names a certificate ([`cert_identity`]) for the emulator's echo and the sidecar's `/status`.
+//! Certificates for the demo and the tests (rcgen, ring backend). [`cert_identity`] (re-exported
+//! from [`crate::identity`], the sidecar's own `tls::identity`) names what they generate.
 //!
 //! Nothing here is meant for production key management: keys are generated in memory and
 //! handed out as PEM strings.
@@ -12,8 +12,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use serde::{Deserialize, Serialize};
 use x509_parser::time::ASN1Time;
+
+pub use crate::identity::{cert_identity, CertIdentity};
 
 const DAY_SECS: i64 = 86_400;
 
@@ -162,7 +163,7 @@ impl Pki {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        params.serial_number = Some(random_serial().0);
+        params.serial_number = Some(random_serial());
         set_validity(&mut params, -1, 366)?;
         let cert = params.self_signed(&key)?;
         Ok(Pki {
@@ -232,7 +233,7 @@ impl Pki {
         params.distinguished_name = name(&opts.common_name, &opts.organization)?;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.serial_number = Some(random_serial().0);
+        params.serial_number = Some(random_serial());
         set_validity(&mut params, opts.not_before_offset_days, opts.validity_days)?;
         let key = RsaPublicKeyDer(pkcs1_public_key_der.to_vec());
         Ok(params.signed_by(&key, &self.issuer)?.pem())
@@ -245,19 +246,17 @@ impl Pki {
         not_before_offset_days: i64,
         validity_days: i64,
     ) -> Result<CertPair, PkiError> {
-        let (serial, serial_hex) = random_serial();
-        params.serial_number = Some(serial);
+        params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, not_before_offset_days, validity_days)?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        let subject = cert_identity(cert.der())
-            .map(|id| id.subject)
+        let id = cert_identity(cert.der())
             .ok_or_else(|| PkiError::Invalid("generated certificate does not parse".into()))?;
         Ok(CertPair {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
-            serial_hex,
-            subject,
+            serial_hex: id.serial_hex,
+            subject: id.subject,
         })
     }
 }
@@ -317,11 +316,11 @@ fn set_validity(
 }
 
 /// 16 random bytes, positive and with the top byte non-zero, so the DER INTEGER is exactly
-/// these 16 bytes and the hex form is what [`cert_identity`] reads back.
-fn random_serial() -> (SerialNumber, String) {
+/// these 16 bytes (32 hex digits in [`cert_identity`]).
+fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
-    (SerialNumber::from_slice(&bytes), hex(&bytes))
+    SerialNumber::from_slice(&bytes)
 }
 
 fn unix_now() -> i64 {
@@ -329,92 +328,6 @@ fn unix_now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-/// Who a certificate names: enough to tell certificates apart in logs, `/status` and the echo.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CertIdentity {
-    /// Subject, attributes in certificate order, e.g. `CN=app,O=Acme` (RFC 4514 escaping,
-    /// but not reversed).
-    pub subject: String,
-    /// Issuer, same format.
-    pub issuer: String,
-    /// Serial number, lowercase hex without separators or a leading `00` sign byte.
-    pub serial_hex: String,
-    /// notAfter, Unix seconds.
-    pub not_after_unix: i64,
-}
-
-/// Subject, issuer, serial and expiry of a DER certificate; `None` if it does not parse.
-pub fn cert_identity(der: &[u8]) -> Option<CertIdentity> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let raw = cert.tbs_certificate.raw_serial();
-    let first = raw
-        .iter()
-        .position(|b| *b != 0)
-        .unwrap_or(raw.len().saturating_sub(1));
-    let serial = raw.get(first..).unwrap_or(raw);
-    Some(CertIdentity {
-        subject: dn_string(cert.subject()),
-        issuer: dn_string(cert.issuer()),
-        serial_hex: if serial.is_empty() {
-            "00".into()
-        } else {
-            hex(serial)
-        },
-        not_after_unix: cert.validity().not_after.timestamp(),
-    })
-}
-
-fn dn_string(name: &x509_parser::x509::X509Name<'_>) -> String {
-    let registry = x509_parser::objects::oid_registry();
-    name.iter_rdn()
-        .map(|rdn| {
-            rdn.iter()
-                .map(|attr| {
-                    let ty = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
-                        .map(str::to_string)
-                        .unwrap_or_else(|_| attr.attr_type().to_id_string());
-                    let value = match attr.as_str() {
-                        Ok(s) => escape_rfc4514(s),
-                        Err(_) => format!("#{}", hex(attr.as_slice())),
-                    };
-                    format!("{ty}={value}")
-                })
-                .collect::<Vec<_>>()
-                .join("+")
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn escape_rfc4514(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let last = s.chars().count().saturating_sub(1);
-    for (i, c) in s.chars().enumerate() {
-        let special = matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
-            || (i == 0 && (c == '#' || c == ' '))
-            || (i == last && c == ' ');
-        if special {
-            out.push('\\');
-            out.push(c);
-        } else if c == '\0' {
-            out.push_str("\\00");
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -562,11 +475,7 @@ mod tests {
     }
 
     #[test]
-    fn identity_of_garbage_is_none_and_names_are_escaped() {
-        assert_eq!(cert_identity(b"\x30\x03abc"), None);
-        assert_eq!(cert_identity(b""), None);
-        assert_eq!(escape_rfc4514("a,b+c"), "a\\,b\\+c");
-        assert_eq!(escape_rfc4514("#x "), "\\#x\\ ");
+    fn names_are_escaped_in_the_subject() {
         let pki = Pki::new("Unit CA").unwrap();
         let pair = pki
             .client_cert(&ClientCertOpts {
