@@ -1,0 +1,279 @@
+//! The app listener: the sidecar's own accept loop in front of Pingora's HTTP proxy.
+//!
+//! Pingora's listening service reads whatever a peer sends before any hook runs: a peer outside
+//! `policy.allowed_clients` could park 1 MiB of unterminated header per connection, a
+//! slowloris could keep a connection by sending one header line per read timeout, and nothing
+//! bounds the number of connections. So the sidecar accepts connections itself
+//! ([`AppListener`], a Pingora service with its own runtime) and hands each to Pingora's
+//! [`HttpProxy`] through its public `process_new_http`, one request at a time:
+//!
+//! 1. **at accept**: a peer outside the allowlist is closed before a byte is read; beyond
+//!    `listener.max_connections` open connections a new one gets 503 `too_many_connections`
+//!    and is closed;
+//! 2. **while a header is read** ([`GuardedStream`]): the header block must arrive whole within
+//!    `listener.header_timeout` (from accept for the first request, from its first byte for the
+//!    next ones; 408 `request_header_timeout` and close) and is capped at
+//!    `policy.max_header_bytes` while it is read (431 `request_headers_too_large` and close),
+//!    so a connection never buffers more than that;
+//! 3. then Pingora parses the request and the proxy's hooks take over.
+//!
+//! Every refusal here is counted in `finhub_sidecar_listener_refusals_total{reason}`.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use pingora::proxy::HttpProxy;
+use pingora::server::ShutdownWatch;
+use prometheus::{IntCounter, IntGauge};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
+
+mod guard;
+mod stream;
+
+use guard::{HeaderGuard, Phase};
+use stream::ClosedStream;
+pub use stream::GuardedStream;
+
+use crate::error::{raw_response, ProxyError};
+use crate::metrics::Metrics;
+use crate::policy::allow;
+use crate::proxy::FinHubProxy;
+
+/// Response bytes buffered before a write reaches the socket: a response header and a body of a
+/// few KiB leave in one segment.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Keep-alive: how long an idle app connection waits for its next request (Pingora's value).
+const KEEPALIVE_SECS: u64 = 60;
+
+/// What the listener enforces before Pingora reads a request.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// TCP peers that may connect.
+    pub allowed_clients: Vec<ipnet::IpNet>,
+    /// Open connections beyond this are refused.
+    pub max_connections: usize,
+    /// A header block must arrive whole within this.
+    pub header_timeout: Duration,
+    /// A header block larger than this is refused while it is read.
+    pub max_header_bytes: usize,
+}
+
+/// Counters of the refusals made here.
+#[derive(Clone)]
+struct Counters {
+    not_allowed: IntCounter,
+    too_many: IntCounter,
+    timeout: IntCounter,
+    too_large: IntCounter,
+    open: IntGauge,
+}
+
+impl Counters {
+    fn new(m: &Metrics) -> Self {
+        let r = |reason: &str| m.listener_refusals.with_label_values(&[reason]);
+        Counters {
+            not_allowed: r("client_not_allowed"),
+            too_many: r("too_many_connections"),
+            timeout: r("header_timeout"),
+            too_large: r("header_too_large"),
+            open: m.app_connections.clone(),
+        }
+    }
+}
+
+/// The app listener service: accept loop, connection cap, guarded streams, Pingora's proxy.
+pub struct AppListener {
+    listener: Option<std::net::TcpListener>,
+    app: Arc<HttpProxy<FinHubProxy>>,
+    limits: Arc<Limits>,
+    threads: usize,
+    counters: Counters,
+}
+
+impl AppListener {
+    /// A listener serving `app` on the already bound `listener`.
+    pub fn new(
+        listener: std::net::TcpListener,
+        app: HttpProxy<FinHubProxy>,
+        limits: Limits,
+        threads: usize,
+        metrics: &Metrics,
+    ) -> Self {
+        AppListener {
+            listener: Some(listener),
+            app: Arc::new(app),
+            limits: Arc::new(limits),
+            threads,
+            counters: Counters::new(metrics),
+        }
+    }
+
+    /// Binds `addr` with a large backlog (connection bursts from many app threads).
+    pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        Ok(socket.into())
+    }
+}
+
+#[async_trait]
+impl pingora::services::Service for AppListener {
+    async fn start_service(
+        &mut self,
+        #[cfg(unix)] _fds: Option<pingora::server::ListenFds>,
+        mut shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+    ) {
+        let Some(std_listener) = self.listener.take() else {
+            return;
+        };
+        let listener = match tokio::net::TcpListener::from_std(std_listener) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "app listener unusable");
+                return;
+            }
+        };
+        let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: calm down instead of spinning on accept.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if !allow::client_allowed(&self.limits.allowed_clients, peer.ip()) {
+                // Closed before a byte is read: nothing is buffered, nothing is answered.
+                self.counters.not_allowed.inc();
+                drop(tcp);
+                continue;
+            }
+            let Ok(permit) = slots.clone().try_acquire_owned() else {
+                self.counters.too_many.inc();
+                refuse_at_accept(tcp, &ProxyError::TooManyConnections);
+                continue;
+            };
+            let (app, limits, counters, shutdown) = (
+                self.app.clone(),
+                self.limits.clone(),
+                self.counters.clone(),
+                shutdown.clone(),
+            );
+            tokio::spawn(async move {
+                let _open = OpenGuard::new(&counters.open);
+                serve(tcp, peer, app, &limits, &counters, &shutdown).await;
+                drop(permit);
+            });
+        }
+        self.app.cleanup().await;
+    }
+
+    fn name(&self) -> &str {
+        "finhub-proxy"
+    }
+
+    fn threads(&self) -> Option<usize> {
+        Some(self.threads)
+    }
+}
+
+/// Counts one open connection until dropped (also if serving it panics).
+struct OpenGuard(IntGauge);
+
+impl OpenGuard {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        OpenGuard(gauge.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Answers a connection that will not be served and closes it (best effort, never waits).
+fn refuse_at_accept(tcp: TcpStream, err: &ProxyError) {
+    let _ = tcp.try_write(&raw_response(err));
+}
+
+/// Serves one app connection: one Pingora HTTP/1 session per request, the header guard re-armed
+/// before each.
+async fn serve(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    app: Arc<HttpProxy<FinHubProxy>>,
+    limits: &Limits,
+    counters: &Counters,
+    shutdown: &ShutdownWatch,
+) {
+    let _ = tcp.set_nodelay(true);
+    let stream = GuardedStream::new(tcp, peer, limits, counters.clone());
+    let mut session = ServerSession::new_http1(Box::new(stream));
+    session.set_keepalive(if *shutdown.borrow() {
+        None
+    } else {
+        Some(KEEPALIVE_SECS)
+    });
+    let mut next = app.process_new_http(session, shutdown).await;
+    while let Some(reused) = next {
+        let (stream, settings) = reused.consume();
+        let stream = rearm(stream);
+        let mut session = ServerSession::new_http1(stream);
+        if let Some(settings) = settings {
+            settings.apply_to_session(&mut session);
+        }
+        next = app.process_new_http(session, shutdown).await;
+    }
+}
+
+/// Re-arms the header guard of a stream Pingora hands back for the next request.
+fn rearm(stream: Stream) -> Stream {
+    match stream.into_any().downcast::<GuardedStream>() {
+        Ok(mut g) => {
+            g.guard.next_request();
+            g
+        }
+        // Every stream this listener hands to Pingora is a GuardedStream; anything else cannot
+        // come back here. Dropping it closes the connection.
+        Err(_) => Box::new(ClosedStream),
+    }
+}

@@ -1,0 +1,246 @@
+//! [`GuardedStream`]: an app connection as Pingora reads and writes it (the header guard in its
+//! reads, response writes buffered until a flush), and [`ClosedStream`].
+
+use super::*;
+
+/// An app connection as Pingora reads it: the TCP stream with the header guard in its reads.
+pub struct GuardedStream {
+    pub(super) tcp: TcpStream,
+    pub(super) guard: HeaderGuard,
+    pub(super) digest: Arc<SocketDigest>,
+    pub(super) established: SystemTime,
+    pub(super) counters: Counters,
+    /// Response bytes not yet written, and how many of them are.
+    pub(super) wbuf: Vec<u8>,
+    pub(super) written: usize,
+}
+
+impl std::fmt::Debug for GuardedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardedStream")
+            .field("peer", &self.digest.peer_addr())
+            .field("phase", &self.guard.phase)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuardedStream {
+    pub(super) fn new(
+        tcp: TcpStream,
+        peer: SocketAddr,
+        limits: &Limits,
+        counters: Counters,
+    ) -> Self {
+        use std::os::unix::io::AsRawFd;
+        let digest = SocketDigest::from_raw_fd(tcp.as_raw_fd());
+        let _ = digest.peer_addr.set(Some(PingoraAddr::Inet(peer)));
+        GuardedStream {
+            tcp,
+            guard: HeaderGuard::new(limits.header_timeout, limits.max_header_bytes),
+            digest: Arc::new(digest),
+            established: SystemTime::now(),
+            counters,
+            wbuf: Vec::new(),
+            written: 0,
+        }
+    }
+
+    /// Answers `err` straight on the socket (best effort) and fails every further read.
+    pub(super) fn refuse(&mut self, err: &ProxyError) -> io::Error {
+        self.guard.phase = Phase::Refused;
+        match err {
+            ProxyError::HeaderTimeout => self.counters.timeout.inc(),
+            _ => self.counters.too_large.inc(),
+        }
+        let _ = self.tcp.try_write(&raw_response(err));
+        io::Error::new(io::ErrorKind::ConnectionAborted, err.code())
+    }
+}
+
+impl AsyncRead for GuardedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let Some(budget) = this.guard.budget() else {
+            if this.guard.phase == Phase::Refused {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+            }
+            return Pin::new(&mut this.tcp).poll_read(cx, buf);
+        };
+        if budget == 0 {
+            return Poll::Ready(Err(this.refuse(&ProxyError::HeadersTooLarge)));
+        }
+        // Read at most the rest of the header budget, so a connection never holds more.
+        let room = buf.remaining().min(budget);
+        let mut limited = buf.take(room);
+        match Pin::new(&mut this.tcp).poll_read(cx, &mut limited) {
+            Poll::Ready(Ok(())) => {
+                let n = limited.filled().len();
+                this.guard.saw(limited.filled());
+                // As tokio's own `Take` does: the view shares `buf`'s memory from its fill
+                // position on.
+                // SAFETY: the inner read initialised and filled these `n` bytes through the
+                // `take` view, which starts at `buf`'s first unfilled byte.
+                unsafe { buf.assume_init(n) };
+                buf.advance(n);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                if this.guard.expired(cx) {
+                    Poll::Ready(Err(this.refuse(&ProxyError::HeaderTimeout)))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+}
+
+impl GuardedStream {
+    /// Writes the buffered response bytes out; `Ready(Ok)` once the buffer is empty (and then
+    /// released, so an idle keep-alive connection holds no write buffer).
+    pub(super) fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.wbuf.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.wbuf[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.wbuf = Vec::new();
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Response bytes are buffered up to [`WRITE_BUFFER`] until Pingora flushes, as its own
+/// listener does, so a response header and a small body leave in one segment.
+impl AsyncWrite for GuardedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.wbuf.len() + data.len() > WRITE_BUFFER {
+            ready!(this.poll_drain(cx))?;
+            if data.len() >= WRITE_BUFFER {
+                return Pin::new(&mut this.tcp).poll_write(cx, data);
+            }
+        }
+        this.wbuf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for GuardedStream {
+    async fn shutdown(&mut self) {
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut self.tcp).await;
+    }
+}
+
+impl UniqueID for GuardedStream {
+    fn id(&self) -> UniqueIDType {
+        use std::os::unix::io::AsRawFd;
+        self.tcp.as_raw_fd()
+    }
+}
+
+impl Ssl for GuardedStream {}
+
+#[async_trait]
+impl Peek for GuardedStream {}
+
+impl GetTimingDigest for GuardedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        vec![Some(TimingDigest {
+            established_ts: self.established,
+            ..Default::default()
+        })]
+    }
+}
+
+impl GetProxyDigest for GuardedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        None
+    }
+}
+
+impl GetSocketDigest for GuardedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        Some(self.digest.clone())
+    }
+}
+
+/// A stream that is already closed (stands in for one that cannot be re-armed).
+#[derive(Debug)]
+pub(super) struct ClosedStream;
+
+impl AsyncRead for ClosedStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for ClosedStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::ErrorKind::NotConnected.into()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[async_trait]
+impl Shutdown for ClosedStream {
+    async fn shutdown(&mut self) {}
+}
+impl UniqueID for ClosedStream {
+    fn id(&self) -> UniqueIDType {
+        -1
+    }
+}
+impl Ssl for ClosedStream {}
+#[async_trait]
+impl Peek for ClosedStream {}
+impl GetTimingDigest for ClosedStream {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        Vec::new()
+    }
+}
+impl GetProxyDigest for ClosedStream {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        None
+    }
+}
+impl GetSocketDigest for ClosedStream {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        None
+    }
+}
