@@ -6,3 +6,4 @@ pub mod headers;
 pub mod path;
 pub mod ratelimit;
 pub mod redis_limit;
+pub mod strip;

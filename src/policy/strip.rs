@@ -1,0 +1,242 @@
+//! What never crosses the boundary in either direction: the headers an app must not send
+//! FinHub (credentials, client-IP and identity claims, method and URL overrides, other
+//! spellings of the headers the sidecar sets), and the response headers that carry the
+//! sidecar's credentials back.
+
+use http::header::HeaderName;
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use super::headers::names;
+
+/// Request headers an app must never get through to FinHub, lower case with `-`: the sidecar
+/// owns authentication, the client-IP claim, and the method and URL FinHub acts on.
+pub const APP_CREDENTIAL_HEADERS: &[&str] = &[
+    // Credentials: the sidecar's session is the only one FinHub sees.
+    "authorization",
+    "proxy-authorization",
+    "x-user-session-token",
+    "x-session-active",
+    "cookie",
+    // Client-IP and origin claims the sidecar does not vouch for (X-Forwarded-For is policy).
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-originating-ip",
+    "x-remote-ip",
+    "x-remote-addr",
+    "x-forwarded-host",
+    "x-forwarded-server",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    // Client-certificate identity claims of TLS-terminating proxies: the mTLS identity FinHub
+    // sees is the sidecar's own.
+    "x-forwarded-client-cert",
+    "x-ssl-client-cert",
+    "x-ssl-client-verify",
+    "x-ssl-client-s-dn",
+    "x-ssl-client-dn",
+    "x-client-cert",
+    "x-client-certificate",
+    "x-envoy-external-address",
+    "x-envoy-original-path",
+    "x-envoy-original-url",
+    // Method and URL overrides: FinHub (or a framework in front of it) would act on another
+    // method or path than the one the sidecar admitted, rate-limited and may replay.
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-original-url",
+    "x-original-uri",
+    "x-rewrite-url",
+    "x-override-url",
+];
+
+/// Headers the sidecar sets itself; an app's copy under another spelling (`x_tenant_id`) would
+/// reach FinHub beside the sidecar's and is removed too.
+const SIDECAR_SET_HEADERS: &[&str] = &[
+    "x-forwarded-for",
+    "x-tenant-id",
+    "x-session-id",
+    "x-request-id",
+    "x-correlation-id",
+    "x-activity-id",
+    "x-idempotency-key",
+    "sec-ch-ua-platform",
+    "host",
+    "user-agent",
+    "content-type",
+    "x-forwarded-from",
+    "platform",
+    "deviceid",
+    "x-device-id",
+    "device-id",
+];
+
+/// Whether the app's header `name` (lower case, as parsed) must not reach FinHub. Names are
+/// compared with `_` and `-` folded, as many servers and frameworks fold them.
+pub fn is_stripped(name: &str) -> bool {
+    if APP_CREDENTIAL_HEADERS.contains(&name) {
+        return true;
+    }
+    if !name.contains('_') {
+        return false;
+    }
+    let folded = |h: &&str| {
+        h.len() == name.len()
+            && h.bytes()
+                .zip(name.bytes())
+                .all(|(a, b)| a == b || (a == b'-' && b == b'_'))
+    };
+    APP_CREDENTIAL_HEADERS.iter().any(folded) || SIDECAR_SET_HEADERS.iter().any(folded)
+}
+
+/// Removes every app-supplied header that [`is_stripped`] names.
+pub fn strip_app_credentials(req: &mut RequestHeader) {
+    // One pass over the (few) headers the app sent; names are only parsed again to remove one.
+    let doomed: Vec<HeaderName> = req
+        .headers
+        .keys()
+        .filter(|k| is_stripped(k.as_str()))
+        .cloned()
+        .collect();
+    for name in doomed {
+        req.remove_header(&name);
+    }
+}
+
+/// Response headers that carry a credential by name; removed before the app sees the answer.
+/// `Set-Cookie` too: the sidecar never sends a cookie to FinHub, so a cookie FinHub sets can only
+/// be a session credential of the sidecar's.
+static RESPONSE_CREDENTIAL_HEADERS: [HeaderName; 4] = [
+    http::header::AUTHORIZATION,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::SET_COOKIE,
+    names::X_USER_SESSION_TOKEN,
+];
+
+/// Removes from a response every header that names a credential or whose value contains one of
+/// `secrets` (the session token, the refresh token): FinHub's answer never hands the app the
+/// sidecar's session.
+pub fn strip_response_credentials(resp: &mut ResponseHeader, secrets: &[&[u8]]) {
+    let finders: Vec<memchr::memmem::Finder<'_>> = secrets
+        .iter()
+        .filter(|s| s.len() >= 8)
+        .map(|s| memchr::memmem::Finder::new(*s))
+        .collect();
+    let doomed: Vec<HeaderName> = resp
+        .headers
+        .iter()
+        .filter(|(k, v)| {
+            RESPONSE_CREDENTIAL_HEADERS.contains(k)
+                || finders.iter().any(|f| f.find(v.as_bytes()).is_some())
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for name in doomed {
+        resp.remove_header(&name);
+    }
+}
+
+/// The part of a token that identifies it: a JWT's signature (unique per token, while header
+/// and claims prefixes repeat), else the whole token.
+pub fn token_fingerprint(token: &str) -> &[u8] {
+    match token.rsplit_once('.') {
+        Some((_, sig)) if sig.len() >= 16 => sig.as_bytes(),
+        _ => token.as_bytes(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_credentials_are_removed() {
+        let mut req = RequestHeader::build("GET", b"/api/v2/x", None).unwrap();
+        req.insert_header("Authorization", "Bearer app-token")
+            .unwrap();
+        req.insert_header("X-User-Session-Token", "app").unwrap();
+        req.insert_header("X-Other", "kept").unwrap();
+        strip_app_credentials(&mut req);
+        assert!(req.headers.get("authorization").is_none());
+        assert!(req.headers.get("x-user-session-token").is_none());
+        assert_eq!(req.headers.get("x-other").unwrap(), "kept");
+    }
+
+    #[test]
+    fn stripping_folds_case_and_underscores() {
+        for name in [
+            "authorization",
+            "x-user-session-token",
+            "x_user_session_token",
+            "x-user_session-token",
+            "x_session_active",
+            "proxy_authorization",
+            "x-http-method-override",
+            "x_http_method_override",
+            "x-original-url",
+            "x-rewrite-url",
+            "true-client-ip",
+            "x-client-ip",
+            "x_real_ip",
+            "x-forwarded-host",
+            "x_forwarded_for",
+            "x_tenant_id",
+            "x_request_id",
+            "x-forwarded-client-cert",
+            "x-envoy-external-address",
+            "x_forwarded_from",
+            "x_device_id",
+        ] {
+            assert!(is_stripped(name), "{name}");
+        }
+        for name in [
+            "x-other",
+            "x_custom_app",
+            "accept",
+            "x-tenant-id",
+            "x-forwarded-for",
+        ] {
+            assert!(!is_stripped(name), "{name}");
+        }
+        let mut req = RequestHeader::build("GET", b"/api/v2/x", None).unwrap();
+        req.append_header("X-User_Session-Token", "app").unwrap();
+        req.append_header("X-HTTP-Method-Override", "DELETE")
+            .unwrap();
+        req.append_header("X-Keep", "1").unwrap();
+        strip_app_credentials(&mut req);
+        assert_eq!(req.headers.len(), 1);
+        assert!(req.headers.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn responses_lose_every_header_that_carries_a_credential() {
+        let token = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1In0.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg";
+        let mut resp = ResponseHeader::build(200, None).unwrap();
+        resp.append_header("Authorization", "Bearer x").unwrap();
+        resp.append_header("X-User-Session-Token", "x").unwrap();
+        resp.append_header("X-Echo", format!("Bearer {token}"))
+            .unwrap();
+        resp.append_header("Set-Cookie", "s=c2lnbmF0dXJlLW9mLXRoZS10b2tlbg; Path=/")
+            .unwrap();
+        resp.append_header("X-Refresh", "rt-12345678-abcdef")
+            .unwrap();
+        resp.append_header("Set-Cookie", "JSESSIONID=abc; Path=/; HttpOnly")
+            .unwrap();
+        resp.append_header("Content-Type", "application/json")
+            .unwrap();
+        strip_response_credentials(
+            &mut resp,
+            &[token_fingerprint(token), b"rt-12345678-abcdef"],
+        );
+        assert_eq!(resp.headers.len(), 1, "{:?}", resp.headers);
+        assert!(resp.headers.contains_key("content-type"));
+        assert_eq!(token_fingerprint("opaque-token"), b"opaque-token");
+    }
+}
