@@ -1,5 +1,5 @@
 //! What the sidecar decides for each request: who may use it, where it may go, which headers
-//! FinHub gets. Pure functions over parsed values, each tested on its own; `proxy.rs` calls them.
+//! FinHub gets. Pure functions over parsed values, each tested on its own; `proxy/` calls them.
 
 pub mod allow;
 pub mod headers;
