@@ -65,6 +65,8 @@ impl Tenants {
             .iter()
             .map(|t| (t.id().to_string(), t.clone()))
             .collect();
+        // Config conversion guarantees the default is one of the tenants.
+        debug_assert!(default < all.len(), "default tenant index out of range");
         let default = all.get(default).or_else(|| all.first()).cloned()?;
         Some(Tenants {
             all,

@@ -203,6 +203,35 @@ impl ClockOffset {
         }
     }
 
+    /// Takes an API answer's `Date` into account, as [`Self::observe`] but only to narrow the
+    /// estimate: an answer the upstream controls (or a cache in between replays: one with
+    /// `Age`) never starts the estimate over, so one far-off `Date` cannot move it.
+    pub fn observe_api(
+        &self,
+        date: Option<&HeaderValue>,
+        cached: bool,
+        sent: SystemTime,
+        received: SystemTime,
+    ) -> bool {
+        if cached {
+            return false;
+        }
+        let Some(sample) = date
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .and_then(|date| second_sample(date, sent, received))
+        else {
+            return false;
+        };
+        match self.state.try_lock() {
+            Ok(mut s) => self.apply(&mut s, sample, unix_us(received), false),
+            Err(TryLockError::WouldBlock) => false,
+            Err(TryLockError::Poisoned(p)) => {
+                self.apply(&mut p.into_inner(), sample, unix_us(received), false)
+            }
+        }
+    }
+
     /// A bound inferred from FinHub's behaviour rather than read from its clock: narrows the
     /// interval if it agrees with it, else is ignored. `at` is when it was learnt.
     pub fn infer(&self, lo_us: Option<i64>, hi_us: Option<i64>, at: SystemTime) -> bool {

@@ -188,6 +188,41 @@ mod tests {
     }
 
     #[test]
+    fn a_far_off_date_never_expires_a_token_finhub_said_has_time_left() {
+        // The session is issued with FinHub's clock agreeing with ours; then one answer's Date
+        // (an API answer, or a cached one) is 30 days ahead or behind.
+        for skew_s in [30 * 86_400_i64, -30 * 86_400] {
+            let clock = Arc::new(ClockOffset::new());
+            let s = issued(&clock, 0, 0, 10_000, 3600);
+            let date = HeaderValue::from_str(&httpdate::fmt_http_date(from_unix_us(
+                BASE + 20 * S + skew_s * S,
+            )))
+            .unwrap();
+            // An API answer only narrows: it cannot move the estimate.
+            let before = clock.bounds_at(at(20 * S));
+            assert!(!clock.observe_api(Some(&date), false, at(20 * S), at(20 * S + 1000)));
+            assert_eq!(clock.bounds_at(at(20 * S)), before);
+            // Even an auth answer that starts the estimate over cannot expire it early, nor keep
+            // it past what FinHub counted (3599 s left, floored, when it answered).
+            clock.observe(Some(&date), at(20 * S), at(20 * S + 1000));
+            assert!(s.is_usable(at(30 * S)), "skew {skew_s}");
+            assert!(s.is_usable(at(3598 * S)), "skew {skew_s}");
+            assert!(!s.is_usable(at(3601 * S)), "skew {skew_s}");
+        }
+    }
+
+    #[test]
+    fn tokens_unusable_on_arrival_are_retried_slowly() {
+        let e = AuthError::Answer(grant::GrantError::AlreadyExpired);
+        for failures in 1..6 {
+            assert!(
+                retry_wait(failures, &e, None, Duration::from_secs(3), 0.0)
+                    >= Duration::from_secs(30)
+            );
+        }
+    }
+
+    #[test]
     fn usable_judges_fin_hubs_expiry_with_the_offsets_upper_bound() {
         let clock = Arc::new(ClockOffset::new());
         // FinHub 3.5 s ahead.
@@ -208,6 +243,8 @@ mod tests {
             expiry_us: BASE + exp_s * S,
             on_finhub_clock: true,
             validity_us: validity_s * S,
+            at_least_us: i64::MIN,
+            at_most_us: i64::MAX,
         }
     }
 
@@ -291,6 +328,8 @@ mod tests {
             expiry_us: BASE + 100 * S,
             on_finhub_clock: false,
             validity_us: 100 * S,
+            at_least_us: i64::MIN,
+            at_most_us: i64::MAX,
         };
         let p = plan(t, off, 0.92, 30_000, false, 0);
         assert_eq!((p.step, p.at_us), (Step::Login, BASE + 92 * S));

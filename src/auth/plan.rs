@@ -113,6 +113,11 @@ pub(super) fn retry_wait(
     recovery: Duration,
     jitter: f64,
 ) -> Duration {
+    if matches!(err, AuthError::Answer(grant::GrantError::AlreadyExpired)) {
+        // FinHub keeps handing out tokens that are unusable on arrival (its clock or ours is
+        // far off): logging in again at once would only repeat it, many times an hour.
+        return rejected_wait(failures);
+    }
     let asked = err
         .retry_after()
         .map(|r| r.min(MAX_RETRY_AFTER))

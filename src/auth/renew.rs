@@ -262,6 +262,14 @@ impl Renewer {
                 );
                 Some(p)
             }
+            Ok(Refreshed::New(new))
+                if !new.is_usable(now) || new.lifetime() < Duration::from_secs(1) =>
+            {
+                // As for a login: a token unusable on arrival is not published; the current one
+                // serves on and a login follows (spaced, see `retry_wait`).
+                tracing::warn!(tenant = %self.tenant_id, "the refreshed token is unusable on arrival; logging in instead");
+                None
+            }
             Ok(Refreshed::New(new)) => {
                 if let Some(opens) = s.window_opens_us() {
                     // FinHub's window was open when it answered.

@@ -32,6 +32,12 @@ pub struct Session {
     pub(super) on_finhub_clock: bool,
     /// Whether the JWT has both `iat` and `exp`, so FinHub's window is known exactly.
     pub(super) window_known: bool,
+    /// Valid at least until here, our clock, µs, whatever FinHub's clock says: FinHub's own
+    /// count of what was left (`expires_in`, a "not refreshed" answer) from before it answered.
+    pub(super) valid_until_at_least_us: AtomicI64,
+    /// Valid at most until here, our clock, µs: that count (floored to whole seconds) plus a
+    /// second from when its answer arrived.
+    pub(super) valid_until_at_most_us: AtomicI64,
     pub(super) clock: Arc<ClockOffset>,
 }
 
@@ -154,6 +160,16 @@ impl Session {
             expiry_us: AtomicI64::new(expiry.at_us),
             on_finhub_clock: expiry.on_finhub_clock,
             window_known: expiry.on_finhub_clock && claims.iat.is_some() && !expiry.capped,
+            valid_until_at_least_us: AtomicI64::new(
+                grant
+                    .expires_in
+                    .map_or(i64::MIN, |e| unix_us(sent).saturating_add(us(e))),
+            ),
+            valid_until_at_most_us: AtomicI64::new(grant.expires_in.map_or(i64::MAX, |e| {
+                unix_us(received)
+                    .saturating_add(us(e))
+                    .saturating_add(1_000_000)
+            })),
             clock: clock.clone(),
         }
     }
@@ -163,6 +179,8 @@ impl Session {
             expiry_us: self.expiry_us.load(Ordering::SeqCst),
             on_finhub_clock: self.on_finhub_clock,
             validity_us: us(self.validity),
+            at_least_us: self.valid_until_at_least_us.load(Ordering::SeqCst),
+            at_most_us: self.valid_until_at_most_us.load(Ordering::SeqCst),
         }
     }
 
@@ -222,6 +240,16 @@ impl Session {
         received: SystemTime,
     ) {
         let r = us(remaining);
+        // FinHub's latest count supersedes the earlier one (its clock may have been stepped
+        // since: the token then lives longer or shorter on ours).
+        self.valid_until_at_least_us
+            .store(unix_us(sent).saturating_add(r), Ordering::SeqCst);
+        self.valid_until_at_most_us.store(
+            unix_us(received)
+                .saturating_add(r)
+                .saturating_add(1_000_000),
+            Ordering::SeqCst,
+        );
         if self.on_finhub_clock {
             let bound = unix_us(received)
                 .saturating_add(self.clock.hi_us(received))
@@ -253,6 +281,9 @@ pub(super) struct Timing {
     pub(super) expiry_us: i64,
     pub(super) on_finhub_clock: bool,
     pub(super) validity_us: i64,
+    /// Our-clock bounds from FinHub's own counts (`i64::MIN` / `i64::MAX`: none).
+    pub(super) at_least_us: i64,
+    pub(super) at_most_us: i64,
 }
 
 impl Timing {
@@ -260,12 +291,18 @@ impl Timing {
         us(EXPIRY_MARGIN).min(self.validity_us / 50)
     }
 
-    /// The last moment (our clock) the token may be sent, given the offset's upper bound.
+    /// The last moment (our clock) the token may be sent, given the offset's upper bound,
+    /// kept within what FinHub's own count of the remaining validity guarantees: a `Date` far
+    /// off (a stepped clock, a cached answer) can neither expire a token FinHub said has time
+    /// left nor keep one past what it said.
     pub(super) fn usable_until_us(&self, hi_us: i64) -> i64 {
         let hi = if self.on_finhub_clock { hi_us } else { 0 };
+        let margin = self.margin_us();
         self.expiry_us
             .saturating_sub(hi)
-            .saturating_sub(self.margin_us())
+            .max(self.at_least_us)
+            .min(self.at_most_us)
+            .saturating_sub(margin)
     }
 
     /// FinHub's 10 % window opens here (on the expiry's clock).

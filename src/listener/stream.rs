@@ -76,8 +76,11 @@ impl AsyncRead for GuardedStream {
         // Read at most the rest of the header budget, so a connection never holds more.
         let room = buf.remaining().min(budget);
         let mut limited = buf.take(room);
+        let start = limited.filled().as_ptr();
         match Pin::new(&mut this.tcp).poll_read(cx, &mut limited) {
             Poll::Ready(Ok(())) => {
+                // The inner read must fill the view in place (as tokio's own `Take` checks).
+                assert_eq!(limited.filled().as_ptr(), start, "read buffer swapped");
                 let n = limited.filled().len();
                 this.guard.saw(limited.filled());
                 // As tokio's own `Take` does: the view shares `buf`'s memory from its fill

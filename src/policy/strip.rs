@@ -110,6 +110,25 @@ pub fn strip_app_credentials(req: &mut RequestHeader) {
     }
 }
 
+/// The upstream request: `req`'s method, version and headers minus every one [`is_stripped`]
+/// names, for `path`, in a header map sized for `extra` more. Header-name case is not kept
+/// (HTTP/1.1 names are case-insensitive); values are shared, not copied.
+pub fn without_app_credentials(
+    req: &RequestHeader,
+    path: &[u8],
+    extra: usize,
+) -> pingora::Result<RequestHeader> {
+    let mut out =
+        RequestHeader::build_no_case(req.method.clone(), path, Some(req.headers.len() + extra))?;
+    out.set_version(req.version);
+    for (name, value) in req.headers.iter() {
+        if !is_stripped(name.as_str()) {
+            out.append_header(name.clone(), value.clone())?;
+        }
+    }
+    Ok(out)
+}
+
 /// Response headers that carry a credential by name; removed before the app sees the answer.
 /// `Set-Cookie` too: the sidecar never sends a cookie to FinHub, so a cookie FinHub sets can only
 /// be a session credential of the sidecar's.
@@ -155,6 +174,28 @@ pub fn token_fingerprint(token: &str) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_upstream_request_keeps_everything_but_what_is_stripped() {
+        let mut req = RequestHeader::build("POST", b"/api/v2/x?a=%20b", None).unwrap();
+        req.set_version(http::Version::HTTP_10);
+        req.append_header("X-Keep", "1").unwrap();
+        req.append_header("X-Keep", "2").unwrap();
+        req.append_header("Authorization", "Bearer app").unwrap();
+        req.append_header("X_User_Session_Token", "app").unwrap();
+        req.append_header("Content-Type", "application/json")
+            .unwrap();
+        let out = without_app_credentials(&req, req.raw_path(), 16).unwrap();
+        assert_eq!(out.method, http::Method::POST);
+        assert_eq!(out.version, http::Version::HTTP_10);
+        assert_eq!(out.raw_path(), b"/api/v2/x?a=%20b");
+        assert_eq!(out.headers.get_all("x-keep").iter().count(), 2);
+        assert_eq!(out.headers["content-type"], "application/json");
+        assert!(out.headers.get("authorization").is_none());
+        assert_eq!(out.headers.len(), 3);
+        let moved = without_app_credentials(&req, b"/other", 0).unwrap();
+        assert_eq!(moved.raw_path(), b"/other");
+    }
 
     #[test]
     fn app_credentials_are_removed() {

@@ -57,20 +57,26 @@ pub struct Admitted {
     pub replay: Replay,
 }
 
-/// A refusal, with the tenant when it was already chosen (for its metric series).
+/// A refusal, with what was learnt before it (for its metric series and audit line).
 pub struct Refused {
     /// Why.
     pub error: ProxyError,
     /// The tenant, if the request got that far.
     pub tenant: Option<Arc<Tenant>>,
+    /// The end user's IP, if the request got that far.
+    pub forwarded_for: Option<HeaderValue>,
+    /// The origin-form path and query of an absolute-form request, if it got that far.
+    pub upstream_uri: Option<Uri>,
 }
 
-impl From<ProxyError> for Refused {
+impl From<ProxyError> for Box<Refused> {
     fn from(error: ProxyError) -> Self {
-        Refused {
+        Box::new(Refused {
             error,
             tenant: None,
-        }
+            forwarded_for: None,
+            upstream_uri: None,
+        })
     }
 }
 
@@ -90,7 +96,7 @@ impl Admission<'_> {
         req: &'r RequestHeader,
         peer: Option<IpAddr>,
         now: SystemTime,
-    ) -> Result<(Admitted, Cow<'r, str>), Refused> {
+    ) -> Result<(Admitted, Cow<'r, str>), Box<Refused>> {
         let policy = &self.config.policy;
         let peer = peer.ok_or(ProxyError::ClientNotAllowed)?;
         if !allow::client_allowed(&policy.allowed_clients, peer) {
@@ -116,15 +122,24 @@ impl Admission<'_> {
                     (path_and_query, Some(origin_uri(path_and_query)?))
                 }
             };
-        let path = path::canonical(if raw_path.is_empty() { b"/" } else { raw_path })?;
-        if path::is_reserved(&path, &policy.reserved_paths) {
-            return Err(ProxyError::ReservedPath.into());
-        }
-        let tenant = self.tenants.select(req.headers.get(&names::X_TENANT_ID))?;
-        let refuse = |error| Refused {
-            error,
-            tenant: Some(tenant.clone()),
+        let refused = |error, tenant: Option<&Arc<Tenant>>, xff: Option<&HeaderValue>| {
+            Box::new(Refused {
+                error,
+                tenant: tenant.cloned(),
+                forwarded_for: xff.cloned(),
+                upstream_uri: upstream_uri.clone(),
+            })
         };
+        let path = path::canonical(if raw_path.is_empty() { b"/" } else { raw_path })
+            .map_err(|e| refused(e, None, None))?;
+        if path::is_reserved(&path, &policy.reserved_paths) {
+            return Err(refused(ProxyError::ReservedPath, None, None));
+        }
+        let tenant = self
+            .tenants
+            .select(req.headers.get(&names::X_TENANT_ID))
+            .map_err(|e| refused(e, None, None))?;
+        let refuse = |error| refused(error, Some(tenant), None);
         let xff = headers::forwarded_for(
             peer,
             &policy.trusted_forwarders,
@@ -138,6 +153,7 @@ impl Admission<'_> {
             HeaderValue::from_str(&xff.to_string())
                 .map_err(|_| refuse(ProxyError::InvalidForwardedFor))?
         };
+        let refuse = |error| refused(error, Some(tenant), Some(&forwarded_for));
         if let Some(left) = tenant.hold.remaining() {
             let retry_after_secs = Decision::Deny { retry_after: left }
                 .retry_after_secs()
@@ -388,6 +404,22 @@ password = "${PW}"
             }
         );
         assert_eq!(refused.tenant.unwrap().id(), "t2");
+        // What admission learnt before refusing goes on the audit line.
+        assert_eq!(refused.forwarded_for.unwrap(), "192.0.2.10");
+        let absolute = req(
+            "POST",
+            "http://api.finhub.cloud/api/v2/auth/logout?x=1",
+            &[],
+        );
+        let refused = Admission {
+            config: &w.config,
+            tenants: &w.tenants,
+        }
+        .admit(&absolute, Some(APP.parse().unwrap()), SystemTime::now())
+        .err()
+        .unwrap();
+        assert_eq!(refused.error, ProxyError::ReservedPath);
+        assert_eq!(refused.upstream_uri.unwrap(), "/api/v2/auth/logout?x=1");
     }
 
     #[test]

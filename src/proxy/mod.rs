@@ -38,7 +38,7 @@ use crate::policy::headers::{self, names};
 use crate::policy::ratelimit::{self, Check, Decision};
 use crate::shared::Shared;
 use crate::tenant::Tenant;
-use admission::{session_retry_after, Admission, Admitted, Refused};
+use admission::{session_retry_after, Admission, Admitted};
 
 /// The data path: the shared state and a few series resolved once.
 pub struct FinHubProxy {
@@ -48,6 +48,9 @@ pub struct FinHubProxy {
     /// `upstream_connections_total{reused}`: `[new, reused]`.
     connections: [IntCounter; 2],
 }
+
+/// Headers the rewrite may add to the app's (session, ids, compliance, host, content type).
+const REWRITE_HEADERS: usize = 16;
 
 /// Error type that asks Pingora to send the request again (after a 401 and a renewal).
 const REPLAY: ErrorType = ErrorType::Custom("finhub_401_replay");
@@ -66,6 +69,9 @@ pub struct RequestCtx {
     tenant: Option<Arc<Tenant>>,
     /// Set once the request is admitted.
     admitted: Option<Admitted>,
+    /// For the audit line of a refused request: what admission learnt before refusing.
+    refused_forwarded_for: Option<http::HeaderValue>,
+    refused_uri: Option<http::Uri>,
     upstream_status: Option<u16>,
     /// A refusal decided by our own code (takes precedence over Pingora's error type).
     failure: Option<ProxyError>,
@@ -106,9 +112,11 @@ impl FinHubProxy {
                 ctx.admitted = Some(admitted);
                 Ok(check)
             }
-            Err(Refused { error, tenant }) => {
-                ctx.tenant = tenant;
-                Err(error)
+            Err(refused) => {
+                ctx.tenant = refused.tenant;
+                ctx.refused_forwarded_for = refused.forwarded_for;
+                ctx.refused_uri = refused.upstream_uri;
+                Err(refused.error)
             }
         }
     }
@@ -140,9 +148,6 @@ impl FinHubProxy {
 
     /// Rewrites the request FinHub receives (protocol notes §3 header policy).
     fn rewrite(&self, req: &mut RequestHeader, a: &mut Admitted) -> Result<(), ProxyError> {
-        if let Some(uri) = &a.upstream_uri {
-            req.set_uri(uri.clone());
-        }
         // Connecting may have taken a while (or this is a retry): take the tenant's session as
         // it is now, and never send one that has expired meanwhile.
         let now = SystemTime::now();
@@ -157,7 +162,12 @@ impl FinHubProxy {
                         self.shared.config.auth.recovery_interval,
                     ),
                 })?;
-        headers::strip_app_credentials(req);
+        // One fresh header, sized for everything the sidecar adds: the app's headers minus the
+        // stripped ones, in one pass (no map growth while ours are inserted).
+        let path = a.upstream_uri.as_ref().and_then(|u| u.path_and_query());
+        let path = path.map_or(req.raw_path(), |p| p.as_str().as_bytes());
+        *req = headers::without_app_credentials(req, path, REWRITE_HEADERS)
+            .map_err(|_| ProxyError::Internal)?;
         let h = &self.shared.config.headers;
         let set = |req: &mut RequestHeader| -> pingora::Result<()> {
             headers::apply_session(req, &a.session, &a.tenant.sessions.tenant.id_header)?;
@@ -240,7 +250,7 @@ impl FinHubProxy {
         let req = session.req_header();
         let a = ctx.admitted.as_ref();
         let path_and_query = a
-            .and_then(|a| a.upstream_uri.as_ref())
+            .map_or(ctx.refused_uri.as_ref(), |a| a.upstream_uri.as_ref())
             .and_then(|u| u.path_and_query())
             .or(req.uri.path_and_query())
             .map_or("/", |p| p.as_str());
@@ -254,7 +264,11 @@ impl FinHubProxy {
                 .client_addr()
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip()),
-            forwarded_for: a.and_then(|a| a.forwarded_for.to_str().ok()),
+            forwarded_for: a
+                .map_or(ctx.refused_forwarded_for.as_ref(), |a| {
+                    Some(&a.forwarded_for)
+                })
+                .and_then(|v| v.to_str().ok()),
             user_agent: req
                 .headers
                 .get(http::header::USER_AGENT)
@@ -311,6 +325,11 @@ fn response_secrets(a: &Admitted) -> [Option<&[u8]>; 2] {
 impl ProxyHttp for FinHubProxy {
     type CTX = RequestCtx;
 
+    /// Contract: no downstream modules. Pingora's default installs a disabled compression
+    /// module that still runs boxed hooks per request; the sidecar never compresses (FinHub's
+    /// answers pass through as sent).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
@@ -320,6 +339,8 @@ impl ProxyHttp for FinHubProxy {
             connect_failures: 0,
             tenant: None,
             admitted: None,
+            refused_forwarded_for: None,
+            refused_uri: None,
             upstream_status: None,
             failure: None,
         }
@@ -419,12 +440,15 @@ impl ProxyHttp for FinHubProxy {
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
         if let Some(sent) = ctx.upstream_sent {
-            // Every answer's Date narrows the estimate of FinHub's clock (auth/clock.rs).
-            let date = upstream_response.headers.get(http::header::DATE);
+            // An answer's Date may narrow the estimate of FinHub's clock, never reset it
+            // (auth/clock.rs): the auth endpoints' answers are the reference.
+            let h = &upstream_response.headers;
+            let cached = h.contains_key(http::header::AGE);
+            let date = h.get(http::header::DATE);
             self.shared
                 .sessions
                 .clock()
-                .observe(date, sent, SystemTime::now());
+                .observe_api(date, cached, sent, SystemTime::now());
         }
         let Some(a) = ctx.admitted.as_mut() else {
             return Ok(());
