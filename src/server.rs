@@ -152,6 +152,9 @@ impl Sidecar {
             grace_period_seconds: Some(1),
             graceful_shutdown_timeout_seconds: Some(2),
             upstream_keepalive_pool_size: c.upstream.pool_size,
+            // One worker thread: a plain single-threaded runtime, without the multi-thread
+            // scheduler's cross-thread wake-ups (more threads keep work stealing).
+            work_stealing: c.threads > 1,
             // No `ca_file` here: Pingora would parse it again with stricter rules and unwrap.
             // The validated CA list goes on every peer (`peer.options.ca`) instead.
             ..ServerConf::default()
