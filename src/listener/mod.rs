@@ -28,7 +28,7 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
 use pingora::protocols::raw_connect::ProxyDigest;
@@ -48,7 +48,6 @@ mod guard;
 mod stream;
 
 use guard::{HeaderGuard, Phase};
-use stream::ClosedStream;
 pub use stream::GuardedStream;
 
 use crate::error::{raw_response, ProxyError};
@@ -236,7 +235,9 @@ fn refuse_at_accept(tcp: TcpStream, err: &ProxyError) {
 }
 
 /// Serves one app connection: one Pingora HTTP/1 session per request, the header guard re-armed
-/// before each.
+/// before each. Between requests the connection holds only its socket and this small future:
+/// Pingora's session (and its boxed request future) is created when the next request's first
+/// bytes arrive, so idle keep-alive connections cost little memory.
 async fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -246,34 +247,60 @@ async fn serve(
     shutdown: &ShutdownWatch,
 ) {
     let _ = tcp.set_nodelay(true);
-    let stream = GuardedStream::new(tcp, peer, limits, counters.clone());
-    let mut session = ServerSession::new_http1(Box::new(stream));
-    session.set_keepalive(if *shutdown.borrow() {
-        None
-    } else {
-        Some(KEEPALIVE_SECS)
-    });
-    let mut next = app.process_new_http(session, shutdown).await;
-    while let Some(reused) = next {
-        let (stream, settings) = reused.consume();
-        let stream = rearm(stream);
-        let mut session = ServerSession::new_http1(stream);
-        if let Some(settings) = settings {
-            settings.apply_to_session(&mut session);
+    let mut stream = Box::new(GuardedStream::new(tcp, peer, limits, counters.clone()));
+    let mut shutdown = shutdown.clone();
+    let mut settings: Option<HttpPersistentSettings> = None;
+    let mut first = true;
+    // A new connection must start its request within the header deadline; an idle keep-alive
+    // connection is closed after Pingora's keep-alive time.
+    let mut idle_limit = limits.header_timeout;
+    loop {
+        tokio::select! {
+            ready = stream.tcp.readable() => {
+                if ready.is_err() {
+                    return;
+                }
+            }
+            _ = tokio::time::sleep(idle_limit) => {
+                if first {
+                    // Connected, never sent a byte: as a header that did not arrive in time.
+                    let _ = stream.refuse(&ProxyError::HeaderTimeout);
+                }
+                return;
+            }
+            changed = shutdown.changed() => {
+                // Shutting down: an idle connection is closed now, not reused.
+                if changed.is_err() || *shutdown.borrow() {
+                    return;
+                }
+                continue;
+            }
         }
-        next = app.process_new_http(session, shutdown).await;
+        let mut session = ServerSession::new_http1(stream);
+        match settings.take() {
+            Some(s) => HttpPersistentSettings::apply_to_session(s, &mut session),
+            None => session.set_keepalive(Some(KEEPALIVE_SECS)),
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let Some(reused) = app.process_new_http(session, &shutdown).await else {
+            return;
+        };
+        let (next, next_settings) = reused.consume();
+        let Some(next) = rearm(next) else { return };
+        stream = next;
+        settings = next_settings;
+        first = false;
+        idle_limit = Duration::from_secs(KEEPALIVE_SECS);
     }
 }
 
-/// Re-arms the header guard of a stream Pingora hands back for the next request.
-fn rearm(stream: Stream) -> Stream {
-    match stream.into_any().downcast::<GuardedStream>() {
-        Ok(mut g) => {
-            g.guard.next_request();
-            g
-        }
-        // Every stream this listener hands to Pingora is a GuardedStream; anything else cannot
-        // come back here. Dropping it closes the connection.
-        Err(_) => Box::new(ClosedStream),
-    }
+/// Re-arms the header guard of a stream Pingora hands back for the next request; `None` for
+/// a stream that is not one of ours (it cannot happen: every stream this listener hands to
+/// Pingora is a [`GuardedStream`]), which closes the connection.
+fn rearm(stream: Stream) -> Option<Box<GuardedStream>> {
+    let mut g = stream.into_any().downcast::<GuardedStream>().ok()?;
+    g.guard.next_request();
+    Some(g)
 }
