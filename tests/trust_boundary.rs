@@ -509,32 +509,45 @@ async fn oversized_headers_are_refused_while_they_are_read() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slowloris_is_closed_at_the_header_deadline() {
-    let (_world, emu, sc) = World::start(|c| policy(c).set("listener.header_timeout", "2s")).await;
-    let mut s = TcpStream::connect(sc.proxy).await.unwrap();
-    let started = Instant::now();
-    s.write_all(b"GET /api/v2/accounts HTTP/1.1\r\n")
-        .await
-        .unwrap();
-    // One header line every 200 ms, forever: each read is quick, the header never completes.
+/// A hostile slow client: sends `start`, then `drip` every 200 ms until the sidecar closes the
+/// connection (at most 30 s, else the test fails). Returns what the sidecar answered and how
+/// long the connection was held.
+async fn trickle(to: SocketAddr, start: &[u8], drip: &'static [u8]) -> (String, Duration) {
+    let s = TcpStream::connect(to).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
-    let drip = tokio::spawn(async move {
+    wr.write_all(start).await.unwrap();
+    let started = Instant::now();
+    let dripping = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {
             tick.tick().await;
-            if wr.write_all(b"X-Drip: 1\r\n").await.is_err() {
+            if wr.write_all(drip).await.is_err() {
                 return;
             }
         }
     });
     let mut got = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut got)).await;
-    drip.abort();
-    let held = started.elapsed();
+    dripping.abort();
+    assert!(closed.is_ok(), "a slow client kept its connection for 30 s");
+    (
+        String::from_utf8_lossy(&got).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_is_closed_at_the_header_deadline() {
+    let (_world, emu, sc) = World::start(|c| policy(c).set("listener.header_timeout", "2s")).await;
+    // One header line every 200 ms, forever: each read is quick, the header never completes.
+    let (got, held) = trickle(
+        sc.proxy,
+        b"GET /api/v2/accounts HTTP/1.1\r\n",
+        b"X-Drip: 1\r\n",
+    )
+    .await;
     eprintln!("slowloris closed after {held:?}");
-    assert!(closed.is_ok(), "the slowloris kept its connection for 30 s");
-    let text = String::from_utf8_lossy(&got);
+    let text = got;
     assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
     assert!(text.contains("request_header_timeout"), "{text}");
     assert!(
@@ -552,32 +565,15 @@ async fn a_slowloris_is_closed_at_the_header_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trickling_body_is_cut_at_the_body_deadline() {
     let (_world, _emu, sc) = World::start(|c| policy(c).set("listener.body_timeout", "2s")).await;
-    let s = TcpStream::connect(sc.proxy).await.unwrap();
-    let (mut rd, mut wr) = s.into_split();
-    wr.write_all(b"POST /api/v2/payments/1 HTTP/1.1\r\nHost: x\r\nX-Idempotency-Key: 7c9e6679-7425-40de-944b-e07fc1f90ae7\r\nContent-Length: 100000\r\n\r\n")
-        .await
-        .unwrap();
-    let started = Instant::now();
     // One body byte every 200 ms: every read is quick, the body never completes.
-    let drip = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        loop {
-            tick.tick().await;
-            if wr.write_all(b"a").await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut got = Vec::new();
-    let closed = tokio::time::timeout(Duration::from_secs(30), rd.read_to_end(&mut got)).await;
-    drip.abort();
-    let held = started.elapsed();
+    let (got, held) = trickle(
+        sc.proxy,
+        b"POST /api/v2/payments/1 HTTP/1.1\r\nHost: x\r\nX-Idempotency-Key: 7c9e6679-7425-40de-944b-e07fc1f90ae7\r\nContent-Length: 100000\r\n\r\n",
+        b"a",
+    )
+    .await;
     eprintln!("trickling body cut after {held:?}");
-    assert!(
-        closed.is_ok(),
-        "a trickling body held its connection for 30 s"
-    );
-    let text = String::from_utf8_lossy(&got);
+    let text = got;
     assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
     assert!(text.contains("request_body_timeout"), "{text}");
     assert!(
