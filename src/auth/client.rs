@@ -19,6 +19,9 @@ pub enum AuthError {
     /// FinHub rejected the credentials (login 401) or the token (refresh 401/403).
     #[error("FinHub refused the credentials or token (HTTP {0})")]
     Rejected(u16),
+    /// The session carries no `internalTokenKey`: only a login renews it (A3).
+    #[error("the session cannot be refreshed (its token has no internalTokenKey)")]
+    NotRefreshable,
     /// FinHub asked us to slow down.
     #[error("FinHub rate-limited the auth call (HTTP 429)")]
     RateLimited {
@@ -223,7 +226,7 @@ impl AuthClient {
         let key = current
             .internal_token_key
             .as_ref()
-            .ok_or(AuthError::Rejected(0))?;
+            .ok_or(AuthError::NotRefreshable)?;
         let http = self.http()?;
         let sent = SystemTime::now();
         let body = json!({

@@ -14,7 +14,7 @@ pub(super) fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'stat
 
 pub(super) fn error_label(e: &AuthError) -> &'static str {
     match e {
-        AuthError::Rejected(_) => "rejected",
+        AuthError::Rejected(_) | AuthError::NotRefreshable => "rejected",
         AuthError::RateLimited { .. } => "rate_limited",
         _ => "error",
     }
@@ -281,7 +281,7 @@ impl Renewer {
                 }
                 Some(self.publish(*new, Step::Refresh))
             }
-            Err(e @ AuthError::Rejected(_)) => {
+            Err(e @ (AuthError::Rejected(_) | AuthError::NotRefreshable)) => {
                 tracing::warn!(tenant = %self.tenant_id, error = %e, "refresh refused; logging in again");
                 None
             }
