@@ -286,23 +286,8 @@ impl Renewer {
                 None
             }
             Err(e) => {
-                self.failures = self.failures.saturating_add(1);
-                self.slot.record(label, false);
                 let usable_for = self.usable_for(Some(s), now);
-                let wait = retry_wait(
-                    self.failures,
-                    &e,
-                    usable_for,
-                    self.auth.recovery_interval,
-                    Self::jitter(),
-                );
-                tracing::warn!(
-                    tenant = %self.tenant_id,
-                    error = %e,
-                    attempt = self.failures,
-                    retry_in_ms = wait.as_millis() as u64,
-                    "refresh failed; retrying"
-                );
+                let wait = self.failed("refresh", label, &e, usable_for);
                 let at = unix_us(now) + us(wait);
                 Some(match usable_for {
                     Some(left) if wait <= left => Planned {
@@ -360,28 +345,43 @@ impl Renewer {
                 }
             }
             Err(e) => {
-                self.failures = self.failures.saturating_add(1);
-                self.slot.record(label, false);
-                let wait = retry_wait(
-                    self.failures,
-                    &e,
-                    self.usable_for(current, now),
-                    self.auth.recovery_interval,
-                    Self::jitter(),
-                );
-                tracing::warn!(
-                    tenant = %self.tenant_id,
-                    error = %e,
-                    attempt = self.failures,
-                    retry_in_ms = wait.as_millis() as u64,
-                    "login failed; retrying"
-                );
+                let usable_for = self.usable_for(current, now);
+                let wait = self.failed("login", label, &e, usable_for);
                 Planned {
                     step: Step::Login,
                     at_us: unix_us(now) + us(wait),
                 }
             }
         }
+    }
+
+    /// Records a failed `what` (login or refresh) and returns how long to wait before the
+    /// next attempt ([`retry_wait`]).
+    pub(super) fn failed(
+        &mut self,
+        what: &'static str,
+        label: &'static str,
+        e: &AuthError,
+        usable_for: Option<Duration>,
+    ) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.slot.record(label, false);
+        let wait = retry_wait(
+            self.failures,
+            e,
+            usable_for,
+            self.auth.recovery_interval,
+            Self::jitter(),
+        );
+        tracing::warn!(
+            tenant = %self.tenant_id,
+            call = what,
+            error = %e,
+            attempt = self.failures,
+            retry_in_ms = wait.as_millis() as u64,
+            "FinHub auth call failed; retrying"
+        );
+        wait
     }
 
     /// Publishes a new session (the old one served until this moment) and plans its renewal.
