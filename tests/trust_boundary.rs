@@ -536,6 +536,16 @@ async fn trickle(to: SocketAddr, start: &[u8], drip: &'static [u8]) -> (String, 
     )
 }
 
+/// The sidecar answered a slow client 408 with `code`, and not before the 2 s deadline.
+fn assert_cut_at_deadline(answer: &str, held: Duration, code: &str) {
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains(code), "{answer}");
+    assert!(
+        held >= Duration::from_secs(2),
+        "cut before the deadline: {held:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slowloris_is_closed_at_the_header_deadline() {
     let (_world, emu, sc) = World::start(|c| policy(c).set("listener.header_timeout", "2s")).await;
@@ -547,13 +557,7 @@ async fn a_slowloris_is_closed_at_the_header_deadline() {
     )
     .await;
     eprintln!("slowloris closed after {held:?}");
-    let text = got;
-    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
-    assert!(text.contains("request_header_timeout"), "{text}");
-    assert!(
-        held >= Duration::from_secs(2),
-        "closed before the deadline: {held:?}"
-    );
+    assert_cut_at_deadline(&got, held, "request_header_timeout");
     assert!(emu.controls().api_requests().is_empty());
     // A connection that sends nothing at all is closed at the same deadline.
     let mut idle = TcpStream::connect(sc.proxy).await.unwrap();
@@ -573,13 +577,7 @@ async fn a_trickling_body_is_cut_at_the_body_deadline() {
     )
     .await;
     eprintln!("trickling body cut after {held:?}");
-    let text = got;
-    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
-    assert!(text.contains("request_body_timeout"), "{text}");
-    assert!(
-        held >= Duration::from_secs(2),
-        "cut before the deadline: {held:?}"
-    );
+    assert_cut_at_deadline(&got, held, "request_body_timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
