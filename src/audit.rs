@@ -12,6 +12,7 @@ use serde::Serialize;
 use tracing_appender::non_blocking::{NonBlocking, NonBlockingBuilder, WorkerGuard};
 
 use crate::config::AuditOutput;
+use crate::proxy::RequestCtx;
 
 /// One request's audit record.
 #[derive(Debug, Serialize)]
@@ -52,6 +53,56 @@ pub struct AuditRecord<'a> {
     pub bytes_out: usize,
     /// Whether the request was replayed after a 401.
     pub replayed: bool,
+}
+
+impl<'a> AuditRecord<'a> {
+    /// The record of a finished request: what the app asked (`session`), what admission
+    /// learnt and decided (`ctx`), the status sent and the decision label.
+    pub fn of(
+        session: &'a pingora::proxy::Session,
+        ctx: &'a RequestCtx,
+        audit: &Audit,
+        status: u16,
+        decision: &'static str,
+    ) -> AuditRecord<'a> {
+        let req = session.req_header();
+        let a = ctx.admitted.as_ref();
+        let path_and_query = a
+            .map_or(ctx.refused_uri.as_ref(), |a| a.upstream_uri.as_ref())
+            .and_then(|u| u.path_and_query())
+            .or(req.uri.path_and_query())
+            .map_or("/", |p| p.as_str());
+        AuditRecord {
+            kind: "audit",
+            ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            request_id: a.and_then(|a| a.request_id.to_str().ok()),
+            activity_id: a.and_then(|a| a.activity_id.to_str().ok()),
+            tenant: ctx.tenant.as_ref().map(|t| t.id()),
+            client_ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            forwarded_for: a
+                .map_or(ctx.refused_forwarded_for.as_ref(), |a| {
+                    Some(&a.forwarded_for)
+                })
+                .and_then(|v| v.to_str().ok()),
+            user_agent: req
+                .headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+            method: req.method.as_str(),
+            path: audit.path(path_and_query),
+            status,
+            decision,
+            reason: ctx.failure.as_ref().map(crate::error::ProxyError::code),
+            upstream_status: ctx.upstream_status,
+            duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
+            bytes_in: session.body_bytes_read(),
+            bytes_out: session.body_bytes_sent(),
+            replayed: a.is_some_and(|a| a.replay.replayed()),
+        }
+    }
 }
 
 /// Bytes of audit lines gathered into one write by the writer thread.

@@ -57,24 +57,24 @@ const REPLAY: ErrorType = ErrorType::Custom("finhub_401_replay");
 
 /// Per-request state shared between hooks.
 pub struct RequestCtx {
-    start: Instant,
+    pub(crate) start: Instant,
     /// Counts the request as in flight until the context is dropped.
     _in_flight: InFlight,
-    upstream_start: Option<Instant>,
+    pub(crate) upstream_start: Option<Instant>,
     /// When the request went to FinHub (for FinHub's clock, from its `Date`).
-    upstream_sent: Option<SystemTime>,
+    pub(crate) upstream_sent: Option<SystemTime>,
     /// Failed connection attempts; the next attempt uses the next resolved address.
-    connect_failures: usize,
+    pub(crate) connect_failures: usize,
     /// The tenant the request selected (also when it was refused afterwards).
-    tenant: Option<Arc<Tenant>>,
+    pub(crate) tenant: Option<Arc<Tenant>>,
     /// Set once the request is admitted.
-    admitted: Option<Admitted>,
+    pub(crate) admitted: Option<Admitted>,
     /// For the audit line of a refused request: what admission learnt before refusing.
-    refused_forwarded_for: Option<http::HeaderValue>,
-    refused_uri: Option<http::Uri>,
-    upstream_status: Option<u16>,
+    pub(crate) refused_forwarded_for: Option<http::HeaderValue>,
+    pub(crate) refused_uri: Option<http::Uri>,
+    pub(crate) upstream_status: Option<u16>,
     /// A refusal decided by our own code (takes precedence over Pingora's error type).
-    failure: Option<ProxyError>,
+    pub(crate) failure: Option<ProxyError>,
 }
 
 impl FinHubProxy {
@@ -237,53 +237,6 @@ impl FinHubProxy {
     /// The metric series of a request's tenant (`-` before one was chosen).
     fn series_of<'a>(&'a self, ctx: &'a RequestCtx) -> &'a RequestSeries {
         ctx.tenant.as_ref().map_or(&self.no_tenant, |t| &t.series)
-    }
-
-    /// The audit record of a finished request.
-    fn audit_record<'a>(
-        &'a self,
-        session: &'a Session,
-        ctx: &'a RequestCtx,
-        status: u16,
-        decision: &'static str,
-    ) -> AuditRecord<'a> {
-        let req = session.req_header();
-        let a = ctx.admitted.as_ref();
-        let path_and_query = a
-            .map_or(ctx.refused_uri.as_ref(), |a| a.upstream_uri.as_ref())
-            .and_then(|u| u.path_and_query())
-            .or(req.uri.path_and_query())
-            .map_or("/", |p| p.as_str());
-        AuditRecord {
-            kind: "audit",
-            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
-            request_id: a.and_then(|a| a.request_id.to_str().ok()),
-            activity_id: a.and_then(|a| a.activity_id.to_str().ok()),
-            tenant: ctx.tenant.as_ref().map(|t| t.id()),
-            client_ip: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
-            forwarded_for: a
-                .map_or(ctx.refused_forwarded_for.as_ref(), |a| {
-                    Some(&a.forwarded_for)
-                })
-                .and_then(|v| v.to_str().ok()),
-            user_agent: req
-                .headers
-                .get(http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok()),
-            method: req.method.as_str(),
-            path: self.shared.audit.path(path_and_query),
-            status,
-            decision,
-            reason: ctx.failure.as_ref().map(ProxyError::code),
-            upstream_status: ctx.upstream_status,
-            duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
-            bytes_in: session.body_bytes_read(),
-            bytes_out: session.body_bytes_sent(),
-            replayed: a.is_some_and(|a| a.replay.replayed()),
-        }
     }
 }
 
@@ -591,9 +544,8 @@ impl ProxyHttp for FinHubProxy {
                 "request failed"
             );
         }
-        self.shared
-            .audit
-            .write(&self.audit_record(session, ctx, status, outcome.label()));
+        let record = AuditRecord::of(session, ctx, &self.shared.audit, status, outcome.label());
+        self.shared.audit.write(&record);
         self.shared
             .metrics
             .audit_dropped
