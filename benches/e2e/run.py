@@ -354,9 +354,10 @@ def start_sidecar(sup, tmp, binary, up_port, cpu) -> System:
     return System("sidecar", port, proc, admin_port=admin)
 
 
-def start_nginx_proxy(sup, tmp, up_port, jwt, cpu, user_line) -> System:
+def start_nginx_proxy(sup, tmp, up_port, jwt, cpu, user_line, work="cheapest") -> System:
     port = free_port()
-    conf = render("proxy-nginx.conf", tmp / "proxy-nginx.conf",
+    template = "proxy-nginx-equal.conf" if work == "equal" else "proxy-nginx.conf"
+    conf = render(template, tmp / "proxy-nginx.conf",
                   {"TMP": str(tmp), "PORT": str(port), "UPSTREAM_PORT": str(up_port), "JWT": jwt,
                    "USER_LINE": user_line})
     proc = sup.start("nginx", ["nginx", "-p", str(tmp), "-e", str(tmp / "proxy-nginx-error.log"),
@@ -368,9 +369,10 @@ def start_nginx_proxy(sup, tmp, up_port, jwt, cpu, user_line) -> System:
     return System("nginx", port, proc)
 
 
-def start_haproxy(sup, tmp, up_port, jwt, cpu) -> System:
+def start_haproxy(sup, tmp, up_port, jwt, cpu, work="cheapest") -> System:
     port = free_port()
-    conf = render("proxy-haproxy.cfg", tmp / "proxy-haproxy.cfg",
+    template = "proxy-haproxy-equal.cfg" if work == "equal" else "proxy-haproxy.cfg"
+    conf = render(template, tmp / "proxy-haproxy.cfg",
                   {"TMP": str(tmp), "PORT": str(port), "UPSTREAM_PORT": str(up_port), "JWT": jwt})
     try:
         run(["haproxy", "-c", "-f", str(conf)])
@@ -606,6 +608,10 @@ def build_report(args, results, idle, startup_rss, startup_pss, skipped, version
     L.append("")
     L.append(f"- Date: {started} UTC")
     L.append(f"- Command: `{cmdline}`")
+    L.append(f"- Work done by nginx/HAProxy: `{args.work}` "
+             + ("(the sidecar's header set with fresh ids, the request id echoed, one JSON "
+                "access line per request to a file, buffered)" if args.work == "equal"
+                else "(two static headers, no access log)"))
     L.append(f"- Machine: {machine['nproc']} CPUs, {machine['cpu']}, Linux {machine['kernel']}")
     L.append(f"- Pinning: {pin_desc}")
     for k, v in versions.items():
@@ -736,6 +742,10 @@ def parse_args(argv=None):
     ap.add_argument("--pin", choices=("on", "off"), default="on",
                     help="on: proxies on CPU 0, wrk and the upstream on CPU 1 (default)")
     ap.add_argument("--idle-conns", type=int, default=1000)
+    ap.add_argument("--work", choices=("cheapest", "equal"), default="cheapest",
+                    help="what nginx/HAProxy do per request: 'cheapest' (two static headers, no "
+                         "log) or 'equal' (the sidecar's header set with fresh ids, the request id "
+                         "echoed, one JSON access line per request)")
     ap.add_argument("--warmup", type=int, default=1, help="seconds of unmeasured load per system first")
     ap.add_argument("--md", default=str(REPO / "BENCHMARKS.md"), help="report path ('' = don't write)")
     ap.add_argument("--csv", default=None, help="CSV path (default benches/e2e/results/<date>.csv)")
@@ -815,8 +825,8 @@ def main(argv=None) -> int:
         systems: dict[str, System] = {}
         starters = {
             "sidecar": lambda: start_sidecar(sup, tmp, binary, up_port, proxy_cpu),
-            "nginx": lambda: start_nginx_proxy(sup, tmp, up_port, jwt, proxy_cpu, user_line),
-            "haproxy": lambda: start_haproxy(sup, tmp, up_port, jwt, proxy_cpu),
+            "nginx": lambda: start_nginx_proxy(sup, tmp, up_port, jwt, proxy_cpu, user_line, args.work),
+            "haproxy": lambda: start_haproxy(sup, tmp, up_port, jwt, proxy_cpu, args.work),
         }
         for name in args.systems:
             try:
