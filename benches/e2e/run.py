@@ -709,10 +709,18 @@ def build_report(args, results, idle, startup_rss, startup_pss, skipped, version
              "proxy and the upstream CPU and show in the latency tail.")
     L.append("- **spread**: (max − min) / median over the rounds; large spreads mean the 2 shared "
              "cores were noisy.")
-    L.append("- The sidecar does more per request than nginx/HAProxy here: policy checks, tenant "
-             "and session lookup, ~15 generated headers (request/activity ids, idempotency keys…), "
-             "one JSON audit line per request, metrics. nginx and HAProxy only set two static "
-             "headers and write no access log. They cannot log in or refresh a session.")
+    if args.work == "equal":
+        L.append("- Equal work: nginx and HAProxy set the sidecar's header set (session, fresh "
+                 "request/activity ids, compliance headers), strip app credentials, echo the "
+                 "request id and write one JSON access line per request. The sidecar still does "
+                 "more: policy checks, tenant and session lookup, path canonicalisation, metrics. "
+                 "They cannot log in or refresh a session.")
+    else:
+        L.append("- The sidecar does more per request than nginx/HAProxy here: policy checks, "
+                 "tenant and session lookup, ~15 generated headers (request/activity ids, "
+                 "idempotency keys…), one JSON audit line per request, metrics. nginx and HAProxy "
+                 "only set two static headers and write no access log (`--work equal` makes "
+                 "them do the sidecar's work). They cannot log in or refresh a session.")
     L.append("- Raw per-round figures: the CSV under `benches/e2e/results/`.")
     L.append("")
     return "\n".join(L)
