@@ -185,22 +185,7 @@ impl ClockOffset {
         sent: SystemTime,
         received: SystemTime,
     ) -> bool {
-        let Some(date) = date
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| httpdate::parse_http_date(v).ok())
-        else {
-            return false;
-        };
-        let Some(sample) = second_sample(date, sent, received) else {
-            return false;
-        };
-        match self.state.try_lock() {
-            Ok(mut s) => self.apply(&mut s, sample, unix_us(received), true),
-            Err(TryLockError::WouldBlock) => false,
-            Err(TryLockError::Poisoned(p)) => {
-                self.apply(&mut p.into_inner(), sample, unix_us(received), true)
-            }
-        }
+        self.take_date(date, sent, received, true)
     }
 
     /// Takes an API answer's `Date` into account, as [`Self::observe`] but only to narrow the
@@ -213,9 +198,18 @@ impl ClockOffset {
         sent: SystemTime,
         received: SystemTime,
     ) -> bool {
-        if cached {
-            return false;
-        }
+        !cached && self.take_date(date, sent, received, false)
+    }
+
+    /// One `Date` reading, applied as a measurement (which may start the estimate over) or
+    /// only to narrow it; skipped, not waited for, when another thread holds the lock.
+    fn take_date(
+        &self,
+        date: Option<&HeaderValue>,
+        sent: SystemTime,
+        received: SystemTime,
+        measured: bool,
+    ) -> bool {
         let Some(sample) = date
             .and_then(|v| v.to_str().ok())
             .and_then(|v| httpdate::parse_http_date(v).ok())
@@ -223,12 +217,11 @@ impl ClockOffset {
         else {
             return false;
         };
+        let at = unix_us(received);
         match self.state.try_lock() {
-            Ok(mut s) => self.apply(&mut s, sample, unix_us(received), false),
+            Ok(mut s) => self.apply(&mut s, sample, at, measured),
             Err(TryLockError::WouldBlock) => false,
-            Err(TryLockError::Poisoned(p)) => {
-                self.apply(&mut p.into_inner(), sample, unix_us(received), false)
-            }
+            Err(TryLockError::Poisoned(p)) => self.apply(&mut p.into_inner(), sample, at, measured),
         }
     }
 

@@ -198,8 +198,11 @@ mod tests {
                 BASE + 20 * S + skew_s * S,
             )))
             .unwrap();
-            // An API answer only narrows: it cannot move the estimate.
+            // An API answer only narrows: it cannot move the estimate; a cached one (with
+            // `Age`) is not read at all.
             let before = clock.bounds_at(at(20 * S));
+            let now_date = HeaderValue::from_str(&httpdate::fmt_http_date(at(20 * S))).unwrap();
+            assert!(!clock.observe_api(Some(&now_date), true, at(20 * S), at(20 * S + 1000)));
             assert!(!clock.observe_api(Some(&date), false, at(20 * S), at(20 * S + 1000)));
             assert_eq!(clock.bounds_at(at(20 * S)), before);
             // Even an auth answer that starts the estimate over cannot expire it early, nor keep

@@ -7,8 +7,6 @@ use super::*;
 pub struct TenantSessions {
     /// The tenant.
     pub tenant: TenantConfig,
-    /// Position in the configuration (index for per-tenant tables such as rate limits).
-    pub index: usize,
     pub(super) current: ArcSwapOption<Session>,
     pub(super) renew_now: Notify,
     /// Generation of the session FinHub refused (0: none), set by the request path.
@@ -36,10 +34,9 @@ pub struct TenantStatus {
 }
 
 impl TenantSessions {
-    pub(super) fn new(tenant: TenantConfig, index: usize) -> Self {
+    pub(super) fn new(tenant: TenantConfig) -> Self {
         TenantSessions {
             tenant,
-            index,
             current: ArcSwapOption::empty(),
             renew_now: Notify::new(),
             forced: AtomicU64::new(0),
@@ -164,8 +161,7 @@ impl SessionTable {
         let all: Vec<_> = config
             .tenants
             .iter()
-            .enumerate()
-            .map(|(i, t)| Arc::new(TenantSessions::new(t.clone(), i)))
+            .map(|t| Arc::new(TenantSessions::new(t.clone())))
             .collect();
         SessionTable {
             all,

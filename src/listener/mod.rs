@@ -256,6 +256,9 @@ async fn serve(
     let mut idle_limit = limits.header_timeout;
     loop {
         tokio::select! {
+            // Readiness first: when the request is already there (the common case) the timer
+            // is never polled, so never registered.
+            biased;
             ready = stream.tcp.readable() => {
                 if ready.is_err() {
                     return;

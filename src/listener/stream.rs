@@ -1,5 +1,5 @@
 //! [`GuardedStream`]: an app connection as Pingora reads and writes it (the header guard in its
-//! reads, response writes buffered until a flush), and [`ClosedStream`].
+//! reads, response writes buffered until a flush).
 
 use super::*;
 

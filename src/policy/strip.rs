@@ -96,20 +96,6 @@ pub fn is_stripped(name: &str) -> bool {
     APP_CREDENTIAL_HEADERS.iter().any(folded) || SIDECAR_SET_HEADERS.iter().any(folded)
 }
 
-/// Removes every app-supplied header that [`is_stripped`] names.
-pub fn strip_app_credentials(req: &mut RequestHeader) {
-    // One pass over the (few) headers the app sent; names are only parsed again to remove one.
-    let doomed: Vec<HeaderName> = req
-        .headers
-        .keys()
-        .filter(|k| is_stripped(k.as_str()))
-        .cloned()
-        .collect();
-    for name in doomed {
-        req.remove_header(&name);
-    }
-}
-
 /// The upstream request: `req`'s method, version and headers minus every one [`is_stripped`]
 /// names, for `path`, in a header map sized for `extra` more. Header-name case is not kept
 /// (HTTP/1.1 names are case-insensitive); values are shared, not copied.
@@ -142,19 +128,20 @@ static RESPONSE_CREDENTIAL_HEADERS: [HeaderName; 4] = [
 /// Removes from a response every header that names a credential or whose value contains one of
 /// `secrets` (the session token, the refresh token): FinHub's answer never hands the app the
 /// sidecar's session.
-pub fn strip_response_credentials(resp: &mut ResponseHeader, secrets: &[&[u8]]) {
-    let finders: Vec<memchr::memmem::Finder<'_>> = secrets
-        .iter()
-        .filter(|s| s.len() >= 8)
-        .map(|s| memchr::memmem::Finder::new(*s))
-        .collect();
+pub fn strip_response_credentials(resp: &mut ResponseHeader, secrets: &[Option<&[u8]>]) {
+    let carries = |v: &[u8]| {
+        secrets
+            .iter()
+            .flatten()
+            // Shorter values cannot contain the secret: most headers are skipped at once.
+            .filter(|s| s.len() >= 8 && v.len() >= s.len())
+            .any(|s| memchr::memmem::find(v, s).is_some())
+    };
+    // Allocates only when something is to be removed.
     let doomed: Vec<HeaderName> = resp
         .headers
         .iter()
-        .filter(|(k, v)| {
-            RESPONSE_CREDENTIAL_HEADERS.contains(k)
-                || finders.iter().any(|f| f.find(v.as_bytes()).is_some())
-        })
+        .filter(|(k, v)| RESPONSE_CREDENTIAL_HEADERS.contains(k) || carries(v.as_bytes()))
         .map(|(k, _)| k.clone())
         .collect();
     for name in doomed {
@@ -204,7 +191,7 @@ mod tests {
             .unwrap();
         req.insert_header("X-User-Session-Token", "app").unwrap();
         req.insert_header("X-Other", "kept").unwrap();
-        strip_app_credentials(&mut req);
+        let req = without_app_credentials(&req, req.raw_path(), 0).unwrap();
         assert!(req.headers.get("authorization").is_none());
         assert!(req.headers.get("x-user-session-token").is_none());
         assert_eq!(req.headers.get("x-other").unwrap(), "kept");
@@ -251,7 +238,7 @@ mod tests {
         req.append_header("X-HTTP-Method-Override", "DELETE")
             .unwrap();
         req.append_header("X-Keep", "1").unwrap();
-        strip_app_credentials(&mut req);
+        let req = without_app_credentials(&req, req.raw_path(), 0).unwrap();
         assert_eq!(req.headers.len(), 1);
         assert!(req.headers.contains_key("x-keep"));
     }
@@ -274,7 +261,7 @@ mod tests {
             .unwrap();
         strip_response_credentials(
             &mut resp,
-            &[token_fingerprint(token), b"rt-12345678-abcdef"],
+            &[Some(token_fingerprint(token)), Some(b"rt-12345678-abcdef")],
         );
         assert_eq!(resp.headers.len(), 1, "{:?}", resp.headers);
         assert!(resp.headers.contains_key("content-type"));

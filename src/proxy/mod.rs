@@ -491,8 +491,7 @@ impl ProxyHttp for FinHubProxy {
         let Some(a) = &ctx.admitted else {
             return Ok(());
         };
-        let secrets: Vec<&[u8]> = response_secrets(a).into_iter().flatten().collect();
-        headers::strip_response_credentials(upstream_response, &secrets);
+        headers::strip_response_credentials(upstream_response, &response_secrets(a));
         upstream_response.insert_header(names::X_REQUEST_ID, a.request_id.clone())
     }
 
