@@ -40,6 +40,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_PATH = "/api/v2/accounts"
 TENANT = "tenant-demo"
 SYSTEMS = ("sidecar", "nginx", "haproxy")
+# Report order: the sidecar, then the peers doing its work, then their cheapest configs.
+VARIANTS = ("sidecar", "nginx-equal", "haproxy-equal", "nginx", "haproxy")
+FIXED_RATE_CONNS = 32
 
 
 def log(msg: str) -> None:
@@ -354,37 +357,46 @@ def start_sidecar(sup, tmp, binary, up_port, cpu) -> System:
     return System("sidecar", port, proc, admin_port=admin)
 
 
+def variant(name: str, work: str) -> str:
+    """The system's name in reports: `nginx` (cheapest config) or `nginx-equal` (equal work)."""
+    return f"{name}-equal" if work == "equal" else name
+
+
 def start_nginx_proxy(sup, tmp, up_port, jwt, cpu, user_line, work="cheapest") -> System:
     port = free_port()
+    name = variant("nginx", work)
     template = "proxy-nginx-equal.conf" if work == "equal" else "proxy-nginx.conf"
-    conf = render(template, tmp / "proxy-nginx.conf",
+    # Each variant its own pid, logs and temp dirs (both may run side by side: --work both).
+    conf = render(template, tmp / f"proxy-{name}.conf",
                   {"TMP": str(tmp), "PORT": str(port), "UPSTREAM_PORT": str(up_port), "JWT": jwt,
                    "USER_LINE": user_line})
-    proc = sup.start("nginx", ["nginx", "-p", str(tmp), "-e", str(tmp / "proxy-nginx-error.log"),
-                                "-c", str(conf)], tmp, cpu=cpu)
+    conf.write_text(conf.read_text().replace(f"{tmp}/proxy-nginx", f"{tmp}/proxy-{name}"))
+    err = tmp / f"proxy-{name}-error.log"
+    proc = sup.start(name, ["nginx", "-p", str(tmp), "-e", str(err), "-c", str(conf)], tmp, cpu=cpu)
     try:
         wait_tcp(port, proc.popen)
     except RuntimeError as e:
-        raise SkipSystem(f"nginx proxy: {e}\n{tail(proc.logfile)}\n{tail(tmp / 'proxy-nginx-error.log')}")
-    return System("nginx", port, proc)
+        raise SkipSystem(f"nginx proxy: {e}\n{tail(proc.logfile)}\n{tail(err)}")
+    return System(name, port, proc)
 
 
 def start_haproxy(sup, tmp, up_port, jwt, cpu, work="cheapest") -> System:
     port = free_port()
+    name = variant("haproxy", work)
     template = "proxy-haproxy-equal.cfg" if work == "equal" else "proxy-haproxy.cfg"
-    conf = render(template, tmp / "proxy-haproxy.cfg",
+    conf = render(template, tmp / f"proxy-{name}.cfg",
                   {"TMP": str(tmp), "PORT": str(port), "UPSTREAM_PORT": str(up_port), "JWT": jwt})
     try:
         run(["haproxy", "-c", "-f", str(conf)])
     except subprocess.CalledProcessError as e:
         raise SkipSystem(f"haproxy -c rejected the config:\n{e.stdout}{e.stderr}")
     # -db: stay in the foreground, no daemon; SIGUSR1 would be a soft stop, SIGTERM is immediate.
-    proc = sup.start("haproxy", ["haproxy", "-db", "-f", str(conf)], tmp, cpu=cpu)
+    proc = sup.start(name, ["haproxy", "-db", "-f", str(conf)], tmp, cpu=cpu)
     try:
         wait_tcp(port, proc.popen)
     except RuntimeError as e:
         raise SkipSystem(f"haproxy: {e}\n{tail(proc.logfile)}")
-    return System("haproxy", port, proc)
+    return System(name, port, proc)
 
 
 def check_through(system: System) -> None:
@@ -429,6 +441,36 @@ def newconn_lines(tmp: Path) -> int:
 
 
 WRK_RE = re.compile(r"BENCH (.*)")
+
+
+def run_fixed_rate(system: System, rate: int, conns: int, duration: int, cpu: str | None) -> dict:
+    """Latency at a fixed offered rate (oha with latency correction: a late request counts from
+    when it should have been sent, so a stall is not hidden by coordinated omission)."""
+    pids = system.proc.pids()
+    cmd = ["oha", "-z", f"{duration}s", "-c", str(conns), "-q", str(rate), "--latency-correction",
+           "--no-tui", "--output-format", "json", f"http://127.0.0.1:{system.port}{PAGE_PATH}"]
+    if cpu is not None:
+        cmd = ["taskset", "-c", cpu, *cmd]
+    ticks_before = cpu_ticks(pids)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    ticks_after = cpu_ticks(pids)
+    if p.returncode != 0:
+        raise RuntimeError(f"oha failed ({p.returncode}): {p.stderr[-500:]}")
+    d = json.loads(p.stdout)
+    codes = d.get("statusCodeDistribution") or {}
+    ok = codes.get("200", 0)
+    total = sum(codes.values()) + sum((d.get("errorDistribution") or {}).values())
+    lat = d.get("latencyPercentiles") or {}
+    return {
+        "rate": rate,
+        "requests": total,
+        "errors": total - ok,
+        "rps": d["summary"]["requestsPerSec"],
+        "p50_ms": (lat.get("p50") or float("nan")) * 1000,
+        "p99_ms": (lat.get("p99") or float("nan")) * 1000,
+        "p999_ms": (lat.get("p99.9") or float("nan")) * 1000,
+        "cpu_us_per_req": (ticks_after - ticks_before) / CLK_TCK / ok * 1e6 if ok else float("nan"),
+    }
 
 
 def run_wrk(system: System, conns: int, duration: int, cpu: str | None, tmp: Path,
@@ -592,41 +634,15 @@ def machine_info() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def build_report(args, results, idle, startup_rss, startup_pss, skipped, versions, machine, started, cmdline,
-                 pin_desc) -> str:
-    systems = [s for s in SYSTEMS if s in startup_rss]
-    L: list[str] = []
-    L.append("# Benchmarks: finhub-sidecar vs nginx vs HAProxy (end to end)")
-    L.append("")
-    L.append(f"> {args.note}")
-    L.append("")
-    L.append("Generated by `benches/e2e/run.py` (see `benches/e2e/README.md` for what is measured "
-             "and how). Each system is the same proxy: plain HTTP in on 127.0.0.1, HTTPS with an "
-             "mTLS client certificate out to an nginx upstream that requires it, keep-alive upstream "
-             "pool, session headers added. Medians over rounds; systems run in alternation "
-             "(A B C A B C …).")
-    L.append("")
-    L.append(f"- Date: {started} UTC")
-    L.append(f"- Command: `{cmdline}`")
-    L.append(f"- Work done by nginx/HAProxy: `{args.work}` "
-             + ("(the sidecar's header set with fresh ids, the request id echoed, one JSON "
-                "access line per request to a file, buffered)" if args.work == "equal"
-                else "(two static headers, no access log)"))
-    L.append(f"- Machine: {machine['nproc']} CPUs, {machine['cpu']}, Linux {machine['kernel']}")
-    L.append(f"- Pinning: {pin_desc}")
-    for k, v in versions.items():
-        L.append(f"- {k}: `{v}`")
-    if skipped:
-        for name, why in skipped.items():
-            L.append(f"- **{name} skipped**: {why.splitlines()[0]}")
-    L.append("")
+def load_tables(L: list[str], members: list[str], args, results) -> None:
+    """One table per connection count for `members` (the sidecar first), noise, and ratios."""
     for conns in args.connections:
-        L.append(f"## {conns} connections, {args.duration} s per run, {args.rounds} rounds")
+        L.append(f"### {conns} connections, {args.duration} s per run, {args.rounds} rounds")
         L.append("")
         L.append("| system | req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | peak RSS MB "
                  "| upstream conns / 1k req | errors | req/s spread | CPU/req spread |")
         L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for s in systems:
+        for s in members:
             rows = results.get((s, conns), [])
             if not rows:
                 continue
@@ -637,7 +653,7 @@ def build_report(args, results, idle, startup_rss, startup_pss, skipped, version
                 f"| {fmt(med(rows, 'upstream_conns_per_1k'), 3)} | {sum(r['errors'] for r in rows)} "
                 f"| {fmt(spread(rows, 'rps'), 0)} % | {fmt(spread(rows, 'cpu_us_per_req'), 0)} % |")
         L.append("")
-        allrows = [r for s_ in systems for r in results.get((s_, conns), [])]
+        allrows = [r for s_ in members for r in results.get((s_, conns), [])]
         if allrows:
             L.append(f"Noise during these runs (median / max over all runs): CPU used by other "
                      f"processes {fmt(med(allrows, 'other_cpu_pct'), 1)} % / "
@@ -646,13 +662,12 @@ def build_report(args, results, idle, startup_rss, startup_pss, skipped, version
                      f"{fmt(max(r['steal_pct'] for r in allrows), 1)} % of the box's CPU time.")
             L.append("")
         side = results.get(("sidecar", conns), [])
-        if side:
+        others = [o for o in members if o != "sidecar" and results.get((o, conns))]
+        if side and others:
             L.append("| ratio | req/s | p50 | p99 | p99.9 | CPU/req | peak RSS | upstream conns/1k |")
             L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
-            for other in ("nginx", "haproxy"):
-                o = results.get((other, conns), [])
-                if not o:
-                    continue
+            for other in others:
+                o = results[(other, conns)]
                 L.append(
                     f"| sidecar / {other} | {ratio(med(side, 'rps'), med(o, 'rps'))} "
                     f"| {ratio(med(side, 'p50_ms'), med(o, 'p50_ms'))} "
@@ -662,6 +677,126 @@ def build_report(args, results, idle, startup_rss, startup_pss, skipped, version
                     f"| {ratio(med(side, 'peak_rss_kb'), med(o, 'peak_rss_kb'))} "
                     f"| {ratio(med(side, 'upstream_conns_per_1k'), med(o, 'upstream_conns_per_1k'))} |")
             L.append("")
+
+
+def fixed_rate_table(L: list[str], members: list[str], args, fixed) -> None:
+    rows_of = {s: fixed[s] for s in members if fixed.get(s)}
+    if not rows_of:
+        return
+    L.append(f"### Latency at a fixed {args.fixed_rate:,} req/s ({FIXED_RATE_CONNS} connections, "
+             f"oha with latency correction, {args.duration} s per run, {args.rounds} rounds)")
+    L.append("")
+    L.append("| system | achieved req/s | p50 ms | p99 ms | p99.9 ms | proxy CPU µs/req | errors |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    for s, rows in rows_of.items():
+        L.append(f"| {s} | {fmt(med(rows, 'rps'), 0)} | {fmt(med(rows, 'p50_ms'), 2)} "
+                 f"| {fmt(med(rows, 'p99_ms'), 2)} | {fmt(med(rows, 'p999_ms'), 2)} "
+                 f"| {fmt(med(rows, 'cpu_us_per_req'), 1)} | {sum(r['errors'] for r in rows)} |")
+    L.append("")
+    side = rows_of.get("sidecar")
+    if side and len(rows_of) > 1:
+        L.append("| ratio | p50 | p99 | p99.9 | CPU/req |")
+        L.append("|---|---:|---:|---:|---:|")
+        for other, o in rows_of.items():
+            if other == "sidecar":
+                continue
+            L.append(f"| sidecar / {other} | {ratio(med(side, 'p50_ms'), med(o, 'p50_ms'))} "
+                     f"| {ratio(med(side, 'p99_ms'), med(o, 'p99_ms'))} "
+                     f"| {ratio(med(side, 'p999_ms'), med(o, 'p999_ms'))} "
+                     f"| {ratio(med(side, 'cpu_us_per_req'), med(o, 'cpu_us_per_req'))} |")
+        L.append("")
+
+
+def targets_table(L: list[str], args, results, idle, fixed, startup_rss) -> None:
+    """Issue #16's targets against this run (equal-work peers where the target is about work)."""
+    c = min(args.connections)
+    side = results.get(("sidecar", c))
+    peer = "nginx-equal" if results.get(("nginx-equal", c)) else "nginx"
+    ng = results.get((peer, c))
+    if not side or not ng:
+        return
+    rows: list[tuple[str, str, bool]] = []
+    r = med(side, "cpu_us_per_req") / med(ng, "cpu_us_per_req")
+    rows.append((f"CPU per request ≤ 1.3× {peer}'s ({c} connections)",
+                 f"{fmt(med(side, 'cpu_us_per_req'), 1)} vs {fmt(med(ng, 'cpu_us_per_req'), 1)} µs ({r:.2f}×)",
+                 r <= 1.3))
+    r = med(side, "rps") / med(ng, "rps")
+    rows.append((f"req/s ≥ 0.75× {peer}'s ({c} connections)",
+                 f"{fmt(med(side, 'rps'), 0)} vs {fmt(med(ng, 'rps'), 0)} ({r:.2f}×)", r >= 0.75))
+    hp = next((h for h in ("haproxy", "haproxy-equal") if idle.get(h)), None)
+    if idle.get("sidecar") and hp:
+        a, b = med(idle["sidecar"], "rss_kb"), med(idle[hp], "rss_kb")
+        rows.append((f"RSS with {args.idle_conns:,} idle app connections ≤ {hp}'s",
+                     f"{fmt(a / 1024, 1)} vs {fmt(b / 1024, 1)} MB ({a / b:.2f}×)", a <= b))
+    peers = [s for s in ("nginx", "haproxy") if s in startup_rss]
+    if peers:
+        worst = max(startup_rss[s] for s in peers)
+        best = min(startup_rss[s] for s in peers)
+        rows.append(("idle RSS below both",
+                     f"{fmt(startup_rss['sidecar'] / 1024, 1)} MB vs "
+                     + " / ".join(f"{fmt(startup_rss[s] / 1024, 1)}" for s in peers) + " MB",
+                     startup_rss["sidecar"] < best and best <= worst))
+    fpeer = "nginx-equal" if fixed.get("nginx-equal") else "nginx"
+    if fixed.get("sidecar") and fixed.get(fpeer):
+        a, b = med(fixed["sidecar"], "p99_ms"), med(fixed[fpeer], "p99_ms")
+        rows.append((f"p99 at a fixed {args.fixed_rate:,} req/s ≤ 1.2× {fpeer}'s",
+                     f"{fmt(a, 2)} vs {fmt(b, 2)} ms ({a / b:.2f}×)", a <= 1.2 * b))
+    for conns in args.connections:
+        srows = results.get(("sidecar", conns))
+        if srows:
+            per1k = med(srows, "upstream_conns_per_1k")
+            rows.append((f"upstream connection reuse ≥ 99.9 % at {conns} connections",
+                         f"{100 - per1k / 10:.3f} % ({fmt(per1k, 3)} new per 1k requests)", per1k <= 1.0))
+    L.append("## Targets (issue #16) against this run")
+    L.append("")
+    L.append("| target | result | met? |")
+    L.append("|---|---|---|")
+    for name, res, ok in rows:
+        L.append(f"| {name} | {res} | {'**yes**' if ok else 'no'} |")
+    L.append("")
+
+
+def build_report(args, results, idle, fixed, startup_rss, startup_pss, skipped, versions, machine,
+                 started, cmdline, pin_desc) -> str:
+    systems = [s for s in VARIANTS if s in startup_rss]
+    L: list[str] = []
+    L.append("# Benchmarks: finhub-sidecar vs nginx vs HAProxy (end to end)")
+    L.append("")
+    L.append(f"> {args.note}")
+    L.append("")
+    L.append("Generated by `benches/e2e/run.py` (see `benches/e2e/README.md` for what is measured "
+             "and how). Each system is the same proxy: plain HTTP in on 127.0.0.1, HTTPS with an "
+             "mTLS client certificate out to an nginx upstream that requires it, keep-alive upstream "
+             "pool, session headers added. Medians over rounds; systems run in alternation "
+             "(A B C A B C …). `nginx-equal` and `haproxy-equal` do the sidecar's per-request work "
+             "(its header set with fresh ids, app credentials stripped, the request id echoed, one "
+             "JSON access line per request to a file, buffered); `nginx` and `haproxy` are their "
+             "cheapest configurations (two static headers, no access log).")
+    L.append("")
+    L.append(f"- Date: {started} UTC")
+    L.append(f"- Command: `{cmdline}`")
+    L.append(f"- Machine: {machine['nproc']} CPUs, {machine['cpu']}, Linux {machine['kernel']}")
+    L.append(f"- Pinning: {pin_desc}")
+    for k, v in versions.items():
+        L.append(f"- {k}: `{v}`")
+    if skipped:
+        for name, why in skipped.items():
+            L.append(f"- **{name} skipped**: {why.splitlines()[0]}")
+    L.append("")
+    groups = []
+    if any(s in systems for s in ("nginx-equal", "haproxy-equal")):
+        groups.append(("Equal work: nginx and HAProxy doing the sidecar's per-request work",
+                       ["sidecar", "nginx-equal", "haproxy-equal"]))
+    if any(s in systems for s in ("nginx", "haproxy")):
+        groups.append(("Cheapest configurations of nginx and HAProxy", ["sidecar", "nginx", "haproxy"]))
+    if not groups:
+        groups.append(("The sidecar alone", ["sidecar"]))
+    for title, members in groups:
+        members = [m for m in members if m in systems]
+        L.append(f"## {title}")
+        L.append("")
+        load_tables(L, members, args, results)
+        fixed_rate_table(L, members, args, fixed)
     L.append(f"## Memory at rest and with {args.idle_conns:,} idle keep-alive client connections")
     L.append("")
     L.append(f"| system | idle RSS MB (fresh start) | RSS MB with {args.idle_conns:,} idle conns "
@@ -678,11 +813,15 @@ def build_report(args, results, idle, startup_rss, startup_pss, skipped, version
     if "sidecar" in startup_rss and len(systems) > 1:
         L.append("| ratio | idle RSS | RSS with idle conns |")
         L.append("|---|---:|---:|")
-        for other in ("nginx", "haproxy"):
-            if other not in startup_rss:
+        for other in systems:
+            if other == "sidecar":
                 continue
             L.append(f"| sidecar / {other} | {ratio(startup_rss['sidecar'], startup_rss[other])} "
                      f"| {ratio(med(idle.get('sidecar', []), 'rss_kb'), med(idle.get(other, []), 'rss_kb'))} |")
+        L.append("")
+    targets_table(L, args, results, idle, fixed, startup_rss)
+    if args.attempts:
+        L.append(Path(args.attempts).read_text().rstrip())
         L.append("")
     L.append("## How to read this")
     L.append("")
@@ -709,7 +848,7 @@ def build_report(args, results, idle, startup_rss, startup_pss, skipped, version
              "proxy and the upstream CPU and show in the latency tail.")
     L.append("- **spread**: (max − min) / median over the rounds; large spreads mean the 2 shared "
              "cores were noisy.")
-    if args.work == "equal":
+    if args.work in ("equal", "both"):
         L.append("- Equal work: nginx and HAProxy set the sidecar's header set (session, fresh "
                  "request/activity ids, compliance headers), strip app credentials, echo the "
                  "request id and write one JSON access line per request. The sidecar still does "
@@ -721,6 +860,9 @@ def build_report(args, results, idle, startup_rss, startup_pss, skipped, version
                  "idempotency keys…), one JSON audit line per request, metrics. nginx and HAProxy "
                  "only set two static headers and write no access log (`--work equal` makes "
                  "them do the sidecar's work). They cannot log in or refresh a session.")
+    L.append("- **fixed rate**: oha offers the rate with `--latency-correction` (a request "
+             "that could not be sent on time counts from when it should have been), so a stall "
+             "shows in the tail instead of lowering the rate; the rate is one all three sustain.")
     L.append("- Raw per-round figures: the CSV under `benches/e2e/results/`.")
     L.append("")
     return "\n".join(L)
@@ -730,7 +872,7 @@ CSV_FIELDS = ["system", "connections", "round", "requests", "errors", "non2xx", 
               "p90_ms", "p99_ms", "p999_ms", "max_ms", "cpu_s", "cpu_us_per_req",
               "upstream_cpu_us_per_req", "rss_before_kb", "peak_rss_kb", "upstream_new_conns",
               "upstream_conns_per_1k", "sidecar_metric_new_conns", "pss_kb", "wall_s", "wrk_cpu_s",
-              "other_cpu_pct", "steal_pct"]
+              "other_cpu_pct", "steal_pct", "rate"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -750,7 +892,11 @@ def parse_args(argv=None):
     ap.add_argument("--pin", choices=("on", "off"), default="on",
                     help="on: proxies on CPU 0, wrk and the upstream on CPU 1 (default)")
     ap.add_argument("--idle-conns", type=int, default=1000)
-    ap.add_argument("--work", choices=("cheapest", "equal"), default="cheapest",
+    ap.add_argument("--fixed-rate", type=int, default=10000,
+                    help="req/s offered by oha per fixed-rate run (0 = none)")
+    ap.add_argument("--attempts", default=None,
+                    help="markdown file with the levers tried (included in the report as is)")
+    ap.add_argument("--work", choices=("cheapest", "equal", "both"), default="both",
                     help="what nginx/HAProxy do per request: 'cheapest' (two static headers, no "
                          "log) or 'equal' (the sidecar's header set with fresh ids, the request id "
                          "echoed, one JSON access line per request)")
@@ -770,6 +916,8 @@ def preflight(args) -> None:
     missing = [t for t in ("openssl", "nginx", "wrk") if shutil.which(t) is None]
     if "haproxy" in args.systems and shutil.which("haproxy") is None:
         missing.append("haproxy")
+    if args.fixed_rate > 0 and shutil.which("oha") is None:
+        missing.append("oha (cargo install oha --locked, or --fixed-rate 0)")
     if args.pin == "on" and shutil.which("taskset") is None:
         missing.append("taskset (util-linux)")
     if missing:
@@ -809,6 +957,7 @@ def main(argv=None) -> int:
     log(f"temp dir {tmp}")
     results: dict[tuple[str, int], list[dict]] = {}
     idle: dict[str, list[dict]] = {}
+    fixed: dict[str, list[dict]] = {}
     startup_rss: dict[str, int] = {}
     startup_pss: dict[str, int] = {}
     skipped: dict[str, str] = {}
@@ -822,6 +971,7 @@ def main(argv=None) -> int:
             "nginx": version_of(["nginx", "-v"]),
             "haproxy": version_of(["haproxy", "-v"]),
             "wrk": version_of(["wrk", "-v"]),
+            "oha": version_of(["oha", "--version"]) if args.fixed_rate > 0 else "not run",
             "openssl": version_of(["openssl", "version"]),
         }
         machine = machine_info()
@@ -831,12 +981,15 @@ def main(argv=None) -> int:
         log(f"upstream nginx (mTLS) on 127.0.0.1:{up_port}")
 
         systems: dict[str, System] = {}
-        starters = {
-            "sidecar": lambda: start_sidecar(sup, tmp, binary, up_port, proxy_cpu),
-            "nginx": lambda: start_nginx_proxy(sup, tmp, up_port, jwt, proxy_cpu, user_line, args.work),
-            "haproxy": lambda: start_haproxy(sup, tmp, up_port, jwt, proxy_cpu, args.work),
-        }
-        for name in args.systems:
+        starters = {"sidecar": lambda: start_sidecar(sup, tmp, binary, up_port, proxy_cpu)}
+        modes = ("equal", "cheapest") if args.work == "both" else (args.work,)
+        for mode in modes:
+            starters[variant("nginx", mode)] = (
+                lambda mode=mode: start_nginx_proxy(sup, tmp, up_port, jwt, proxy_cpu, user_line, mode))
+            starters[variant("haproxy", mode)] = (
+                lambda mode=mode: start_haproxy(sup, tmp, up_port, jwt, proxy_cpu, mode))
+        wanted = [n for n in starters if n.split("-")[0] in args.systems]
+        for name in wanted:
             try:
                 s = starters[name]()
                 check_through(s)
@@ -883,6 +1036,17 @@ def main(argv=None) -> int:
                         f"other {row['other_cpu_pct']:.0f}% steal {row['steal_pct']:.0f}%"
                         + (f" (sidecar metric new conns {row['sidecar_metric_new_conns']:.0f})"
                            if row["sidecar_metric_new_conns"] != "" else ""))
+        # Latency at a fixed rate every system sustains (after the saturating runs, alternating).
+        if args.fixed_rate > 0:
+            for rnd in range(1, args.rounds + 1):
+                for name, s in systems.items():
+                    row = run_fixed_rate(s, args.fixed_rate, FIXED_RATE_CONNS, args.duration, load_cpu)
+                    fixed.setdefault(name, []).append(row)
+                    csv_rows.append({"system": name, "connections": f"rate{args.fixed_rate}",
+                                     "round": rnd, **row})
+                    log(f"round {rnd} {name:14s} fixed {args.fixed_rate} req/s: {row['rps']:.0f} req/s "
+                        f"p50 {row['p50_ms']:.2f} p99 {row['p99_ms']:.2f} p99.9 {row['p999_ms']:.2f} ms "
+                        f"cpu {row['cpu_us_per_req']:.1f} µs/req err {row['errors']}")
         # The idle-connection test runs after all load rounds (same count of rounds, alternating)
         # so the memory it leaves behind cannot inflate the load runs' peak RSS.
         for rnd in range(1, args.rounds + 1):
@@ -896,8 +1060,8 @@ def main(argv=None) -> int:
                     log(f"round {rnd} {name:8s} RSS with {args.idle_conns} idle conns "
                         f"{rss / 1024:.1f} MB (PSS {pss / 1024:.1f} MB, failed {failed})")
 
-        report = build_report(args, results, idle, startup_rss, startup_pss, skipped, versions, machine,
-                              started, cmdline, pin_desc)
+        report = build_report(args, results, idle, fixed, startup_rss, startup_pss, skipped, versions,
+                              machine, started, cmdline, pin_desc)
         print()
         print(report)
         if args.md:
