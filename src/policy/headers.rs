@@ -39,6 +39,10 @@ pub mod names {
     pub const DEVICE_ID_DASHED: HeaderName = HeaderName::from_static("device-id");
     /// `x-user-session-token`.
     pub const X_USER_SESSION_TOKEN: HeaderName = HeaderName::from_static("x-user-session-token");
+    /// `x-session-active`.
+    pub const X_SESSION_ACTIVE: HeaderName = HeaderName::from_static("x-session-active");
+    /// `x-session-id`.
+    pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
     /// `upgrade`.
     pub const UPGRADE: HeaderName = HeaderName::from_static("upgrade");
     /// `sec-ch-ua-platform`.
@@ -53,10 +57,10 @@ pub fn apply_session(
     tenant_id: &HeaderValue,
 ) -> pingora::Result<()> {
     req.insert_header(http::header::AUTHORIZATION, session.authorization.clone())?;
-    req.insert_header("x-user-session-token", session.session_token.clone())?;
-    req.insert_header("x-session-active", HeaderValue::from_static("true"))?;
-    req.insert_header("x-tenant-id", tenant_id.clone())?;
-    req.insert_header("x-session-id", session.session_id.clone())?;
+    req.insert_header(names::X_USER_SESSION_TOKEN, session.session_token.clone())?;
+    req.insert_header(names::X_SESSION_ACTIVE, HeaderValue::from_static("true"))?;
+    req.insert_header(names::X_TENANT_ID, tenant_id.clone())?;
+    req.insert_header(names::X_SESSION_ID, session.session_id.clone())?;
     Ok(())
 }
 
