@@ -198,6 +198,9 @@ pub struct Metrics {
     pub listener_refusals: IntCounterVec,
     /// `finhub_sidecar_app_connections`: app connections open now.
     pub app_connections: IntGauge,
+    /// `finhub_sidecar_egress_proxy_errors_total{reason="unreachable|refused|malformed|timeout"}`:
+    /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened (API path).
+    pub egress_proxy_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -361,6 +364,17 @@ impl Metrics {
         for reused in ["true", "false"] {
             upstream_connections.with_label_values(&[reused]);
         }
+        let egress_proxy_errors = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_egress_proxy_errors_total",
+                "CONNECT tunnels through the egress proxy that could not be opened, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
+        for reason in crate::egress::EgressError::REASONS {
+            egress_proxy_errors.with_label_values(&[reason]);
+        }
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -383,6 +397,7 @@ impl Metrics {
             Box::new(auth_requests.clone()),
             Box::new(finhub_clock_offset.clone()),
             Box::new(upstream_401_replays.clone()),
+            Box::new(egress_proxy_errors.clone()),
         ] {
             registry
                 .register(c)
@@ -415,6 +430,7 @@ impl Metrics {
             redis_connections,
             listener_refusals,
             app_connections,
+            egress_proxy_errors,
         }
     }
 

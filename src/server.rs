@@ -92,12 +92,12 @@ impl Sidecar {
             addr: config.listen,
             source,
         })?;
-        let upstream = Arc::new(UpstreamAddrs::new(
-            &config.upstream.host,
-            config.upstream.port,
-        ));
         let sessions = Arc::new(SessionTable::new(&config));
         let metrics = Metrics::new();
+        let upstream = Arc::new(UpstreamAddrs::for_config(
+            &config.upstream,
+            metrics.egress_proxy_errors.clone(),
+        ));
         sessions
             .clock()
             .set_gauge(metrics.finhub_clock_offset.clone());
@@ -257,7 +257,7 @@ impl BackgroundService for ControlPlane {
         let sh = &self.shared;
         let mut tasks = tokio::task::JoinSet::new();
         if let Err(e) = sh.upstream.resolve().await {
-            tracing::warn!(error = %e, host = %sh.config.upstream.host, "initial DNS resolution failed; retrying in the background");
+            tracing::warn!(error = %e, host = %sh.upstream.dialled_host(), "initial DNS resolution failed; retrying in the background");
         }
         tasks.spawn(
             sh.upstream

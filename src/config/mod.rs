@@ -49,7 +49,7 @@ pub use rate_limit::{Backend, Limit, RateLimitConfig, RouteLimit};
 pub use redis::{OnRedisError, RedisSettings};
 pub use shutdown::ShutdownConfig;
 pub use tenants::TenantConfig;
-pub use upstream::UpstreamConfig;
+pub use upstream::{EgressProxy, ProxyAuth, UpstreamConfig};
 
 use client_cert::{DEFAULT_EXPIRY_WARNING, DEFAULT_RELOAD_INTERVAL};
 use convert::Convert;
