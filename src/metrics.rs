@@ -201,6 +201,9 @@ pub struct Metrics {
     /// `finhub_sidecar_egress_proxy_errors_total{reason="unreachable|refused|malformed|timeout"}`:
     /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened (API path).
     pub egress_proxy_errors: IntCounterVec,
+    /// `finhub_sidecar_pkcs11_errors_total{kind="timeout|busy|login|not_found|error"}`: calls
+    /// into the PKCS#11 token holding the client key that failed (signatures, probes, loads).
+    pub pkcs11_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -375,6 +378,17 @@ impl Metrics {
         for reason in crate::egress::EgressError::REASONS {
             egress_proxy_errors.with_label_values(&[reason]);
         }
+        let pkcs11_errors = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_pkcs11_errors_total",
+                "Calls into the PKCS#11 token holding the client key that failed, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition is valid");
+        for kind in crate::tls::pkcs11::TokenError::KINDS {
+            pkcs11_errors.with_label_values(&[kind]);
+        }
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -398,6 +412,7 @@ impl Metrics {
             Box::new(finhub_clock_offset.clone()),
             Box::new(upstream_401_replays.clone()),
             Box::new(egress_proxy_errors.clone()),
+            Box::new(pkcs11_errors.clone()),
         ] {
             registry
                 .register(c)
@@ -431,6 +446,7 @@ impl Metrics {
             listener_refusals,
             app_connections,
             egress_proxy_errors,
+            pkcs11_errors,
         }
     }
 

@@ -70,7 +70,8 @@ pub struct Sidecar {
 impl Sidecar {
     /// Loads the TLS material and binds the admin port; fails before anything is served.
     pub fn build(config: Config) -> Result<Sidecar, StartError> {
-        let tls_files = TlsFiles::from_config(&config);
+        let metrics = Metrics::new();
+        let tls_files = TlsFiles::from_config(&config, &metrics);
         let tls = tls_files.load(unix_now())?;
         for w in &tls.warnings {
             tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
@@ -93,7 +94,6 @@ impl Sidecar {
             source,
         })?;
         let sessions = Arc::new(SessionTable::new(&config));
-        let metrics = Metrics::new();
         let upstream = Arc::new(UpstreamAddrs::for_config(
             &config.upstream,
             metrics.egress_proxy_errors.clone(),

@@ -39,7 +39,7 @@ mod upstream;
 pub use admin::AdminConfig;
 pub use audit::{AuditConfig, AuditOutput};
 pub use auth::AuthConfig;
-pub use client_cert::ClientCertFiles;
+pub use client_cert::{ClientCertFiles, KeySource, Pkcs11Key, Pkcs11Uri};
 pub use environment::{EnvRules, Environment};
 pub use headers::HeaderConfig;
 pub use listener::ListenerConfig;

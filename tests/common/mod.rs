@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod egress;
+pub mod hsm;
 pub mod http;
 pub mod sidecar;
 pub mod traffic;
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 pub use config::*;
 pub use egress::*;
+pub use hsm::*;
 pub use http::*;
 pub use sidecar::*;
 pub use traffic::*;

@@ -14,8 +14,10 @@
 
 use ouroboros::self_referencing;
 use pingora_error::Result;
+use pingora_rustls::sign::SigningKey;
 use pingora_rustls::CertificateDer;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Get the organization and serial number associated with the given certificate
@@ -99,6 +101,8 @@ pub fn get_not_after(x509cert: &WrappedX509) -> String {
 pub struct CertKey {
     key: Vec<u8>,
     certificates: Vec<WrappedX509>,
+    /// Signs handshakes instead of `key` when the private key is held elsewhere (an HSM).
+    signing_key: Option<Arc<dyn SigningKey>>,
 }
 
 #[self_referencing(pub_extras)]
@@ -129,6 +133,7 @@ impl Clone for CertKey {
                 .iter()
                 .map(|wrapper| WrappedX509::new(wrapper.borrow_raw_cert().clone(), parse_x509))
                 .collect::<Vec<_>>(),
+            signing_key: self.signing_key.clone(),
         }
     }
 }
@@ -147,7 +152,25 @@ impl CertKey {
                 .into_iter()
                 .map(|raw_cert| WrappedX509::new(raw_cert, parse_x509))
                 .collect::<Vec<_>>(),
+            signing_key: None,
         }
+    }
+
+    /// Create a new `CertKey` whose private key never leaves an external signer (an HSM
+    /// through PKCS#11, a KMS): the TLS handshake signs through `signing_key`, and
+    /// [`CertKey::key`] is empty.
+    pub fn with_signing_key(
+        certificates: Vec<Vec<u8>>,
+        signing_key: Arc<dyn SigningKey>,
+    ) -> CertKey {
+        let mut ck = CertKey::new(certificates, Vec::new());
+        ck.signing_key = Some(signing_key);
+        ck
+    }
+
+    /// The external signer, when the key is not held in memory.
+    pub fn signing_key(&self) -> Option<&Arc<dyn SigningKey>> {
+        self.signing_key.as_ref()
     }
 
     /// Peek at the leaf certificate.
