@@ -221,3 +221,115 @@ async fn a_wrong_pin_is_a_clear_check_error_that_never_shows_the_pin() {
     assert!(!ok, "{stdout}");
     assert!(stdout.contains("client_cert.cert_file"), "{stdout}");
 }
+
+/// A PKCS#11 module that forwards to SoftHSM2 but blocks in `C_Sign` and `C_GetSessionInfo`
+/// while the file named by `PKCS11_HANG_FILE` exists: an HSM that stops answering, and comes
+/// back.
+const HANGING_MODULE_C: &str = r#"
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+typedef unsigned long CK_RV;
+typedef unsigned long CK_ULONG;
+typedef struct { unsigned char major, minor; } CK_VERSION;
+/* CK_FUNCTION_LIST of PKCS#11 2.40: the version, then 68 function pointers in spec order. */
+typedef struct { CK_VERSION version; void *f[68]; } LIST;
+enum { GET_SESSION_INFO = 15, SIGN = 43 };
+static LIST wrapped;
+static LIST *real;
+typedef CK_RV (*get_list_fn)(LIST **);
+typedef CK_RV (*session_info_fn)(CK_ULONG, void *);
+typedef CK_RV (*sign_fn)(CK_ULONG, unsigned char *, CK_ULONG, unsigned char *, CK_ULONG *);
+static void wait_while_hung(void) {
+  const char *f = getenv("PKCS11_HANG_FILE");
+  while (f && access(f, F_OK) == 0) usleep(10000);
+}
+static CK_RV session_info(CK_ULONG s, void *i) {
+  wait_while_hung();
+  return ((session_info_fn) real->f[GET_SESSION_INFO])(s, i);
+}
+static CK_RV sign(CK_ULONG s, unsigned char *d, CK_ULONG n, unsigned char *sig, CK_ULONG *len) {
+  wait_while_hung();
+  return ((sign_fn) real->f[SIGN])(s, d, n, sig, len);
+}
+CK_RV C_GetFunctionList(LIST **out) {
+  void *h = dlopen(getenv("PKCS11_REAL_MODULE"), RTLD_NOW | RTLD_LOCAL);
+  if (!h) return 5;
+  get_list_fn g = (get_list_fn) dlsym(h, "C_GetFunctionList");
+  if (!g || g(&real) != 0) return 5;
+  memcpy(&wrapped, real, sizeof wrapped);
+  wrapped.f[GET_SESSION_INFO] = (void *) session_info;
+  wrapped.f[SIGN] = (void *) sign;
+  *out = &wrapped;
+  return 0;
+}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_stops_answering_is_a_readiness_reason_and_a_metric_not_a_crash() {
+    let mut w = HsmWorld::new("EC:prime256v1");
+    let dir = w.world.dir.path().to_path_buf();
+    let source = dir.join("hanging.c");
+    let module = dir.join("libhanging-pkcs11.so");
+    std::fs::write(&source, HANGING_MODULE_C).unwrap();
+    let cc = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&module)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .expect("a C compiler (build-essential; .ci/run installs it)");
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let hang = dir.join("hang");
+    w.world
+        .sidecar_env
+        .push(("PKCS11_HANG_FILE".into(), path(&hang)));
+    w.world
+        .sidecar_env
+        .push(("PKCS11_REAL_MODULE".into(), SOFTHSM_MODULE.into()));
+    let emu = w.world.emulator().await;
+    let config = w
+        .config(emu.addr().port())
+        .set("client_cert.pkcs11_module", path(&module))
+        .set("client_cert.pkcs11_timeout", "300ms");
+    let sc = w.world.sidecar(config).await;
+    assert_eq!(get(&sc).await, 200);
+
+    std::fs::write(&hang, "").unwrap();
+    let reason = eventually(Duration::from_secs(10), || async {
+        let r = http_client()
+            .get(format!("http://{}/ready", sc.admin))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 503).then_some(())?;
+        r.text().await.ok()
+    })
+    .await;
+    let reason = reason.unwrap_or_else(|| panic!("never unready:\n{}", sc.log()));
+    assert!(reason.contains("client key token unavailable"), "{reason}");
+    assert!(reason.contains("did not answer within 300ms"), "{reason}");
+    assert!(
+        sc.counter("finhub_sidecar_pkcs11_errors_total{kind=\"timeout\"}")
+            .await
+            >= 1.0
+    );
+    assert!(
+        sc.child.lock().unwrap().try_wait().unwrap().is_none(),
+        "the sidecar is still running"
+    );
+
+    // The token answers again: ready again, requests served.
+    std::fs::remove_file(&hang).unwrap();
+    let back = eventually(Duration::from_secs(10), || async {
+        (sc.ready_status().await == 200).then_some(())
+    })
+    .await;
+    assert!(back.is_some(), "{}", sc.log());
+    assert_eq!(get(&sc).await, 200);
+}
