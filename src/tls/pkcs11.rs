@@ -8,7 +8,9 @@
 //! much and fails it, it never blocks a runtime thread for longer nor crashes the process. Each
 //! failure is counted (`finhub_sidecar_pkcs11_errors_total{kind}`) and kept as the token's
 //! health, which `/ready` reports until a call succeeds again (the reloader probes the token
-//! every `reload_interval`).
+//! every `reload_interval`). While the last call timed out (or found the queue full),
+//! signatures fail at once instead of waiting again: one hung token costs the handshakes of one
+//! timeout window, not a runtime thread per handshake.
 //!
 //! The session is opened on first use and again after any failure; the PIN is read then (a
 //! rotated `pin_file` is picked up). A PIN the token refused is not tried again until it
@@ -351,6 +353,12 @@ impl TokenKey {
             Mech::RsaPkcs1 => [hash.digest_info_prefix(), &digest].concat(),
             Mech::RsaPss(_) | Mech::Ecdsa => digest,
         };
+        // A token that just timed out is not waited for again by handshakes (each would hold a
+        // runtime thread for the whole timeout); the reloader's probe finds when it is back.
+        if let Some(e @ (TokenError::Timeout(_) | TokenError::Busy)) = self.health() {
+            self.errors.with_label_values(&[e.kind()]).inc();
+            return Err(e);
+        }
         let sig = self.call(|reply| Op::Sign { mech, data, reply })?;
         match mech {
             Mech::Ecdsa => ecdsa_raw_to_der(&sig).ok_or_else(|| {
