@@ -101,8 +101,21 @@ pub fn get_not_after(x509cert: &WrappedX509) -> String {
 pub struct CertKey {
     key: Vec<u8>,
     certificates: Vec<WrappedX509>,
+    /// The serial of each certificate as `get_serial` formats it, computed once: `Hash` runs on
+    /// every connection-pool lookup and release (twice per proxied request), and formatting a
+    /// serial costs one allocation per byte.
+    serials: Vec<String>,
     /// Signs handshakes instead of `key` when the private key is held elsewhere (an HSM).
     signing_key: Option<Arc<dyn SigningKey>>,
+}
+
+/// The serials `Hash` feeds, in certificate order (certificates whose serial cannot be read are
+/// skipped, as before).
+fn serials_of(certificates: &[WrappedX509]) -> Vec<String> {
+    certificates
+        .iter()
+        .filter_map(|certificate| get_serial(certificate).ok())
+        .collect()
 }
 
 #[self_referencing(pub_extras)]
@@ -133,6 +146,7 @@ impl Clone for CertKey {
                 .iter()
                 .map(|wrapper| WrappedX509::new(wrapper.borrow_raw_cert().clone(), parse_x509))
                 .collect::<Vec<_>>(),
+            serials: self.serials.clone(),
             signing_key: self.signing_key.clone(),
         }
     }
@@ -146,12 +160,14 @@ impl CertKey {
             "expected a non-empty vector of certificates in CertKey::new"
         );
 
+        let certificates = certificates
+            .into_iter()
+            .map(|raw_cert| WrappedX509::new(raw_cert, parse_x509))
+            .collect::<Vec<_>>();
         CertKey {
             key,
-            certificates: certificates
-                .into_iter()
-                .map(|raw_cert| WrappedX509::new(raw_cert, parse_x509))
-                .collect::<Vec<_>>(),
+            serials: serials_of(&certificates),
+            certificates,
             signing_key: None,
         }
     }
@@ -232,10 +248,8 @@ impl std::fmt::Display for CertKey {
 
 impl Hash for CertKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        for certificate in &self.certificates {
-            if let Ok(serial) = get_serial(certificate) {
-                serial.hash(state)
-            }
+        for serial in &self.serials {
+            serial.hash(state)
         }
     }
 }

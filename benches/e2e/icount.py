@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Instructions per request of sidecar binaries, counted by callgrind: an A/B that a busy box cannot skew.
+
+Wall-clock CPU per request (run.py) moves by 5-10 % when anything else runs on a 2-core box.
+Callgrind counts the instructions the sidecar executes, which do not depend on what else runs.
+For each binary this starts run.py's mTLS upstream and the sidecar under
+`valgrind --tool=callgrind --instr-atstart=no`, warms it up, switches collection on, sends
+`--requests` keep-alive requests over `--connections` connections (the same request wrk sends
+in run.py), switches collection off and reports instructions per request. Binaries alternate
+over `--rounds`; the report gives each round and the median.
+
+    python3 benches/e2e/icount.py --binary A=/tmp/a/finhub-sidecar --binary B=target/release/finhub-sidecar
+
+Instruction counts are not time (a cache miss costs no instructions), so a lever that only
+changes memory layout needs run.py on a quiet box; one that removes work shows here exactly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import run  # noqa: E402  (the harness's PKI, upstream and sidecar starters)
+
+
+def request_bytes(port: int) -> bytes:
+    return (f"GET {run.PAGE_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").encode()
+
+
+def drive(port: int, n: int, errors: list[str]) -> None:
+    """n sequential keep-alive requests on one connection; each answer read to its end."""
+    req = request_bytes(port)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            for _ in range(n):
+                s.sendall(req)
+                run.recv_response(s)
+    except OSError as e:
+        errors.append(str(e))
+
+
+def load(port: int, total: int, conns: int) -> None:
+    errors: list[str] = []
+    per = total // conns
+    threads = [threading.Thread(target=drive, args=(port, per, errors)) for _ in range(conns)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"load failed: {errors[0]}")
+
+
+def callgrind_control(*args: str) -> str:
+    return subprocess.run(["callgrind_control", *args], capture_output=True, text=True, check=True).stdout
+
+
+def measure(binary: Path, tmp: Path, up_port: int, requests: int, conns: int, preload: str) -> float:
+    sup = run.Supervisor()
+    out = tmp / f"callgrind.{binary.parent.name}.{time.monotonic_ns()}"
+    wrapper = tmp / "valgrind-sidecar"
+    env = f"env LD_PRELOAD={preload} " if preload else ""
+    wrapper.write_text(f"#!/bin/sh\nexec {env}valgrind --tool=callgrind --instr-atstart=no "
+                       f"--callgrind-out-file={out}.%p {binary} \"$@\"\n")
+    wrapper.chmod(0o755)
+    try:
+        s = run.start_sidecar(sup, tmp, wrapper, up_port, None)
+        load(s.port, max(conns * 20, requests // 10), conns)  # warm: pool, allocator, caches
+        pid = s.proc.popen.pid
+        callgrind_control("-i", "on", str(pid))
+        load(s.port, requests, conns)
+        callgrind_control("-i", "off", str(pid))
+        callgrind_control("-d", str(pid))
+    finally:
+        sup.stop_all()
+    total = 0
+    for f in tmp.glob(f"{out.name}.*"):
+        for line in f.read_text(errors="replace").splitlines():
+            m = re.match(r"^(?:summary|totals):\s+(\d+)", line)
+            if m:
+                total = max(total, int(m.group(1)))
+        if not os.environ.get("ICOUNT_KEEP"):
+            f.unlink()
+    done = (requests // conns) * conns
+    return total / done
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--binary", action="append", required=True,
+                    help="NAME=PATH or NAME=PATH@LIB (LIB is LD_PRELOADed, e.g. another malloc); repeat")
+    ap.add_argument("--requests", type=int, default=4000)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control", "nginx", "openssl"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} not on PATH")
+    tmp = Path(tempfile.mkdtemp(prefix="finhub-icount-"))
+    tmp.chmod(0o755)
+    bins = {}
+    for spec in args.binary:
+        name, _, path = spec.partition("=")
+        path, _, preload = path.partition("@")
+        d = tmp / name
+        d.mkdir()
+        shutil.copy2(path, d / "finhub-sidecar")  # a rebuild during the run cannot change it
+        bins[name] = (d / "finhub-sidecar", preload)
+    sup = run.Supervisor()
+    results: dict[str, list[float]] = {n: [] for n in bins}
+    try:
+        run.gen_pki(tmp)
+        user_line = "user root;" if os.geteuid() == 0 else ""
+        up_port, _ = run.start_upstream(sup, tmp, run.make_jwt(), None, user_line)
+        for r in range(args.rounds):
+            for name, (b, preload) in bins.items():
+                v = measure(b, tmp, up_port, args.requests, args.connections, preload)
+                results[name].append(v)
+                print(f"round {r + 1} {name}: {v:,.0f} instructions/request", flush=True)
+    finally:
+        sup.stop_all()
+        if not os.environ.get("ICOUNT_KEEP"):
+            shutil.rmtree(tmp, ignore_errors=True)
+    base = None
+    for name, vals in results.items():
+        m = statistics.median(vals)
+        rel = "" if base is None else f" ({(m / base - 1) * 100:+.1f} % vs {next(iter(results))})"
+        base = base or m
+        print(f"{name}: median {m:,.0f} instructions/request over {len(vals)} rounds{rel}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
