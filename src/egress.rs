@@ -124,7 +124,9 @@ impl L4Connect for Tunnel {
             Ok(stream) => Ok(stream.into()),
             Err(e) => {
                 self.errors.with_label_values(&[e.reason()]).inc();
-                tracing::warn!(reason = e.reason(), error = %e, %proxy, "egress proxy tunnel failed");
+                // The request's own failure line carries the code, the metric counts it: one
+                // detail line at debug, not a second warning per failed connection.
+                tracing::debug!(reason = e.reason(), error = %e, %proxy, "egress proxy tunnel failed");
                 let etype = match e {
                     EgressError::Timeout => ErrorType::ConnectTimedout,
                     _ => ErrorType::ConnectProxyFailure,

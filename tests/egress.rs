@@ -181,7 +181,7 @@ async fn a_proxy_restart_is_survived() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_to_needs_no_dns_and_keeps_the_base_urls_name_for_sni_and_host() {
+async fn connect_to_needs_no_dns_tries_its_addresses_in_order_and_keeps_the_base_urls_name() {
     let world = World::new();
     // FinHub's certificate names only the host that does not resolve.
     let server = world.pki.server_cert(&["finhub.invalid"], &[]).unwrap();
@@ -189,13 +189,21 @@ async fn connect_to_needs_no_dns_and_keeps_the_base_urls_name_for_sni_and_host()
         .await
         .unwrap();
     let port = emu.addr().port();
+    // The first address refuses connections: the next one is tried.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
     let config = world
         .config(port)
         .set(
             "upstream.base_url",
             format!("https://finhub.invalid:{port}"),
         )
-        .set("upstream.connect_to", vec![format!("127.0.0.1:{port}")]);
+        .set(
+            "upstream.connect_to",
+            vec![dead.to_string(), format!("127.0.0.1:{port}")],
+        );
     // Ready means the login (the auth client) got through as well.
     let sc = world.sidecar(config).await;
     let (status, body) = get(&sc).await;
