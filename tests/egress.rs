@@ -155,8 +155,24 @@ async fn a_proxy_restart_is_survived() {
             .await
             >= 1.0
     );
-    // Back, but now demanding credentials the sidecar does not have: 407.
+    // Back, but its policy no longer allows FinHub's port: 403.
     let mut opts = TinyproxyOpts {
+        connect_port: emu.addr().port().wrapping_add(1),
+        basic_auth: None,
+    };
+    proxy.reconfigure(&opts).await;
+    let (status, body) = get(&sc).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (502, Some("egress_proxy_refused")),
+        "{body}"
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("HTTP 403"),
+        "{body}"
+    );
+    // Allowed again, but demanding credentials the sidecar does not have: 407.
+    opts = TinyproxyOpts {
         connect_port: emu.addr().port(),
         basic_auth: Some(("svc", "pw")),
     };
