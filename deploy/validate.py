@@ -548,6 +548,56 @@ def check_metric_names(metrics_rs: Path, dashboard: Path, out_dir: Path, strict:
         warn(f"{what}: not (yet) defined: {', '.join(missing)} (FINHUB_METRICS_STRICT=1 makes this a failure)")
 
 
+def check_component(rendered: Path, proxy_path: Path, example_path: Path, k8s_version: str, name: str) -> None:
+    """The base rendered with one component of deploy/components/: schemas, its proxy.toml, and
+    every file that proxy.toml names on a read-only mount of the sidecar."""
+    try:
+        cfg = tomllib.loads(proxy_path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        check(f"{name}: proxy.toml parses as TOML", False, str(e))
+        return
+    unknown = sorted(toml_key_paths(cfg) - example_key_paths(example_path.read_text()))
+    check(f"{name}: proxy.toml uses only keys listed in {example_path.name}", not unknown,
+          f"unknown key(s): {', '.join(unknown)}")
+    resources = [r for r in yaml.safe_load_all(rendered.read_text()) if r]
+    print(f"     {name}: rendered {len(resources)} resources")
+    check_core_schemas(resources, k8s_version)
+    deps = by_kind(resources, "Deployment")
+    if not check(f"{name}: one Deployment rendered", len(deps) == 1, f"found {len(deps)}"):
+        return
+    pod = deps[0]["spec"]["template"]["spec"]
+    side = named(pod.get("initContainers"), "finhub-sidecar") or {}
+    mounts = {m["mountPath"]: m for m in side.get("volumeMounts", [])}
+    cc, up = cfg.get("client_cert", {}), cfg.get("upstream", {})
+    files = [cc.get("cert_file"), cc.get("key_file"), cc.get("pin_file"), cc.get("pkcs11_module"),
+             up.get("ca_file"), up.get("egress_proxy_password_file")]
+    for t in cfg.get("tenants", []):
+        files += [t.get("password_file"), t.get("customer_secret_file")]
+    for f in filter(None, files):
+        d = os.path.dirname(f)
+        m = mounts.get(d)
+        check(f"{name}: {f} is on a read-only volume mount of the sidecar",
+              m is not None and m.get("readOnly") is True, f"no readOnly mount at {d}")
+    cm = next((r for r in by_kind(resources, "ConfigMap")
+               if r["metadata"]["name"].startswith("finhub-sidecar-config")), None)
+    check(f"{name}: the rendered proxy.toml is the component's",
+          cm is not None and cm.get("data", {}).get("proxy.toml") == proxy_path.read_text(), "it is not")
+    if "key_uri" in cc:
+        check(f"{name}: no key file and no cert-manager Certificate (the key stays in the token)",
+              "key_file" not in cc and not by_kind(resources, "Certificate"), "a key file or Certificate remains")
+        check(f"{name}: the PKCS#11 module is copied before the sidecar starts",
+              [c.get("name") for c in pod.get("initContainers", [])][:2] == ["pkcs11-module", "finhub-sidecar"],
+              f"init containers {[c.get('name') for c in pod.get('initContainers', [])]}")
+    if "egress_proxy" in up:
+        port = int(up["egress_proxy"].rsplit(":", 1)[1].strip("/"))
+        nps = by_kind(resources, "NetworkPolicy")
+        allowed = {(p.get("protocol", "TCP"), p.get("port"))
+                   for np in nps for rule in np["spec"].get("egress", []) for p in rule.get("ports", [])}
+        check(f"{name}: NetworkPolicy egress only to the proxy port {port} and DNS",
+              allowed <= {("TCP", port), ("UDP", 53), ("TCP", 53)} and ("TCP", port) in allowed,
+              f"ports {sorted(allowed, key=str)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rendered", type=Path, required=True, help="output of kustomize build deploy/")
@@ -557,7 +607,15 @@ def main() -> int:
     ap.add_argument("--metrics-rs", type=Path, required=True)
     ap.add_argument("--k8s-version", required=True)
     ap.add_argument("--promql-dir", type=Path, required=True, help="where to write rule files for promtool")
+    ap.add_argument("--component", help="validate the base rendered with this deploy/components/ entry only")
     args = ap.parse_args()
+
+    if args.component:
+        print(f"== component {args.component}")
+        check_component(args.rendered, args.proxy_toml, args.example, args.k8s_version, args.component)
+        print(f"     validate.py: {PASSED} ok, {FAILED} failed, {WARNED} warnings")
+        (args.promql_dir / "counts").write_text(f"{PASSED} {FAILED}\n")
+        return 1 if FAILED else 0
 
     print(f"== proxy.toml ({args.proxy_toml})")
     cfg = check_proxy_toml(args.proxy_toml, args.example)

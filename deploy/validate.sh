@@ -61,6 +61,39 @@ python3 "$here/validate.py" \
   --k8s-version "$k8s_version" \
   --promql-dir "$work" || status=1
 
+# Each component of deploy/components/ (egress proxy, HSM key): the base rendered with it, from a
+# throwaway overlay outside deploy/ (kustomize refuses an overlay inside its base).
+component_passed=0
+component_failed=0
+for dir in "$here"/components/*/; do
+  name="$(basename "$dir")"
+  overlay="$work/overlay-$name"
+  mkdir -p "$overlay"
+  rel="$(python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$here" "$overlay")"
+  printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s\ncomponents:\n  - %s/components/%s\n' \
+    "$rel" "$rel" "$name" >"$overlay/kustomization.yaml"
+  echo "== render with components/$name"
+  if ! "${render[0]}" "${render[@]:1:$((${#render[@]} - 2))}" "$overlay" >"$overlay/rendered.yaml"; then
+    echo "FAIL render with components/$name"
+    component_failed=$((component_failed + 1))
+    status=1
+    continue
+  fi
+  python3 "$here/validate.py" \
+    --rendered "$overlay/rendered.yaml" \
+    --proxy-toml "$dir/proxy.toml" \
+    --example "$repo/proxy.toml.example" \
+    --dashboard "$here/grafana-dashboard.json" \
+    --metrics-rs "$repo/src/metrics.rs" \
+    --k8s-version "$k8s_version" \
+    --promql-dir "$overlay" \
+    --component "$name" || status=1
+  c_passed=0 c_failed=1
+  [ -f "$overlay/counts" ] && read -r c_passed c_failed <"$overlay/counts"
+  component_passed=$((component_passed + c_passed))
+  component_failed=$((component_failed + c_failed))
+done
+
 echo "== promtool ($(promtool --version 2>&1 | head -n1))"
 promtool_checks=0
 promtool_failed=0
@@ -89,8 +122,8 @@ fi
 
 py_passed=0 py_failed=1
 [ -f "$work/counts" ] && read -r py_passed py_failed <"$work/counts"
-passed=$((py_passed + promtool_checks - promtool_failed))
-failed=$((py_failed + promtool_failed))
+passed=$((py_passed + component_passed + promtool_checks - promtool_failed))
+failed=$((py_failed + component_failed + promtool_failed))
 [ "$failed" -eq 0 ] || status=1
 [ "$status" -eq 0 ] || echo "deploy/validate.sh: FAILED (see the FAIL lines above)"
 echo "validate: $passed passed, $failed failed"

@@ -64,6 +64,9 @@ impl Shared {
                 }
                 Some(_) => {}
             }
+            if let Some(e) = tls.token.as_ref().and_then(|t| t.health()) {
+                return Some(format!("client key token unavailable: {e}"));
+            }
         }
         let now = SystemTime::now();
         let missing: Vec<&str> = self

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::config::Config;
+use crate::config::{Config, KeySource};
 use crate::tls::ClientTls;
 
 /// Checks `path`, writing a report to `out`; returns whether the configuration is usable.
@@ -28,12 +28,14 @@ pub fn check(path: &Path, out: &mut dyn Write) -> std::io::Result<bool> {
         Ok(t) => t,
         Err(e) => {
             let p = e.path();
-            let key = if p.is_some() && config.upstream.ca_file.as_deref() == p {
+            let key = if let Some(key) = e.config_key() {
+                key
+            } else if p.is_some() && config.upstream.ca_file.as_deref() == p {
                 "upstream.ca_file"
             } else if config
                 .client_cert
                 .as_ref()
-                .is_some_and(|c| Some(c.key_file.as_path()) == p)
+                .is_some_and(|c| matches!(&c.key, KeySource::File(k) if Some(k.as_path()) == p))
             {
                 "client_cert.key_file"
             } else {
@@ -72,6 +74,14 @@ pub fn check(path: &Path, out: &mut dyn Write) -> std::io::Result<bool> {
             )?;
         }
         None => writeln!(out, "client cert: none (mTLS off)")?,
+    }
+    if let Some(token) = &tls.token {
+        // Loading verified the token, the object and a test signature against the certificate.
+        writeln!(
+            out,
+            "client key:  {} (PKCS#11; test signature verified with the certificate's key)",
+            token.uri()
+        )?;
     }
     for f in &tls.warnings {
         writeln!(

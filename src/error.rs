@@ -10,6 +10,7 @@ use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use pingora::{Error, ErrorSource, ErrorType};
 
+use crate::egress::EgressError;
 use crate::metrics::Outcome;
 
 /// Why a TLS handshake with FinHub failed.
@@ -100,6 +101,19 @@ pub enum ProxyError {
     /// FinHub could not be reached.
     #[error("FinHub upstream could not be reached")]
     UpstreamUnreachable,
+    /// The egress proxy (`upstream.egress_proxy`) could not be reached.
+    #[error("the egress proxy to FinHub could not be reached")]
+    EgressProxyUnreachable,
+    /// The egress proxy answered the CONNECT with this non-2xx status (407: its credentials,
+    /// 403: its policy, 502/503: it could not reach FinHub).
+    #[error("the egress proxy refused the tunnel to FinHub (HTTP {0})")]
+    EgressProxyRefused(u16),
+    /// The egress proxy's answer to the CONNECT was malformed, or it closed without one.
+    #[error("the egress proxy to FinHub sent a malformed answer")]
+    EgressProxyMalformed,
+    /// The egress proxy did not answer the CONNECT in time.
+    #[error("the egress proxy to FinHub did not answer in time")]
+    EgressProxyTimeout,
     /// FinHub did not answer in time.
     #[error("FinHub upstream did not answer in time")]
     UpstreamTimeout,
@@ -182,6 +196,10 @@ impl ProxyError {
             E::UpstreamUnresolved => (502, "upstream_unresolved", UpstreamError),
             E::UpstreamTls(f) => (502, tls_code(*f), UpstreamError),
             E::UpstreamUnreachable => (502, "upstream_unreachable", UpstreamError),
+            E::EgressProxyUnreachable => (502, "egress_proxy_unreachable", UpstreamError),
+            E::EgressProxyRefused(_) => (502, "egress_proxy_refused", UpstreamError),
+            E::EgressProxyMalformed => (502, "egress_proxy_failed", UpstreamError),
+            E::EgressProxyTimeout => (504, "egress_proxy_timeout", UpstreamTimeout),
             E::UpstreamFailed => (502, "upstream_failed", UpstreamError),
             E::UpstreamTimeout => (504, "upstream_timeout", UpstreamTimeout),
             E::Internal => (500, "internal_error", InternalError),
@@ -234,6 +252,14 @@ impl ProxyError {
                 _ => ProxyError::InvalidRequest,
             };
         }
+        if let Some(egress) = causes(e).find_map(|c| c.downcast_ref::<EgressError>()) {
+            return match egress {
+                EgressError::Unreachable(_) => ProxyError::EgressProxyUnreachable,
+                EgressError::Refused(status) => ProxyError::EgressProxyRefused(*status),
+                EgressError::Malformed => ProxyError::EgressProxyMalformed,
+                EgressError::Timeout => ProxyError::EgressProxyTimeout,
+            };
+        }
         let tls = || {
             ProxyError::UpstreamTls(
                 tls_cause(e).unwrap_or_else(|| classify_tls(&error_chain_text(e))),
@@ -254,6 +280,27 @@ impl ProxyError {
             _ => ProxyError::UpstreamFailed,
         }
     }
+}
+
+/// `e`'s causes, outermost first: through nested Pingora errors (whose `source()` is empty)
+/// by their `cause`, through other errors by `source()`.
+fn causes(e: &Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    let first = e
+        .cause
+        .as_deref()
+        .map(|c| c as &(dyn std::error::Error + 'static));
+    std::iter::successors(first, |c| {
+        let nested = c
+            .downcast_ref::<Error>()
+            .or_else(|| c.downcast_ref::<Box<Error>>().map(|b| &**b));
+        match nested {
+            Some(inner) => inner
+                .cause
+                .as_deref()
+                .map(|c| c as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        }
+    })
 }
 
 /// The TLS failure named by a `rustls::Error` in `e`'s cause chain (directly or inside an
@@ -433,6 +480,10 @@ mod tests {
             ProxyError::UpstreamTls(TlsFailure::ClientCertRejected),
             ProxyError::UpstreamTls(TlsFailure::Other),
             ProxyError::UpstreamUnreachable,
+            ProxyError::EgressProxyUnreachable,
+            ProxyError::EgressProxyRefused(407),
+            ProxyError::EgressProxyMalformed,
+            ProxyError::EgressProxyTimeout,
             ProxyError::UpstreamTimeout,
             ProxyError::UpstreamFailed,
             ProxyError::InvalidRequest,
@@ -514,6 +565,28 @@ mod tests {
             ProxyError::from_upstream(&e).code(),
             "upstream_tls_client_cert_rejected"
         );
+    }
+
+    #[test]
+    fn egress_failures_are_read_from_the_cause_chain_even_when_wrapped() {
+        let cases = [
+            (EgressError::Refused(407), "egress_proxy_refused", 502),
+            (
+                EgressError::Unreachable(std::io::ErrorKind::ConnectionRefused),
+                "egress_proxy_unreachable",
+                502,
+            ),
+            (EgressError::Malformed, "egress_proxy_failed", 502),
+            (EgressError::Timeout, "egress_proxy_timeout", 504),
+        ];
+        for (cause, code, status) in cases {
+            let inner = Error::because(ErrorType::ConnectProxyFailure, "tunnel", cause);
+            let outer = Error::because(ErrorType::ConnectError, "connecting", inner);
+            let got = ProxyError::from_upstream(&outer);
+            assert_eq!((got.code(), got.status()), (code, status));
+        }
+        let e = ProxyError::EgressProxyRefused(407);
+        assert!(e.to_string().contains("407"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod check;
 pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod egress;
 pub mod error;
 pub mod lifecycle;
 pub mod listener;

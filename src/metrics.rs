@@ -198,6 +198,12 @@ pub struct Metrics {
     pub listener_refusals: IntCounterVec,
     /// `finhub_sidecar_app_connections`: app connections open now.
     pub app_connections: IntGauge,
+    /// `finhub_sidecar_egress_proxy_errors_total{reason="unreachable|refused|malformed|timeout"}`:
+    /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened (API path).
+    pub egress_proxy_errors: IntCounterVec,
+    /// `finhub_sidecar_pkcs11_errors_total{kind="timeout|busy|login|not_found|error"}`: calls
+    /// into the PKCS#11 token holding the client key that failed (signatures, probes, loads).
+    pub pkcs11_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -361,6 +367,28 @@ impl Metrics {
         for reused in ["true", "false"] {
             upstream_connections.with_label_values(&[reused]);
         }
+        let egress_proxy_errors = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_egress_proxy_errors_total",
+                "CONNECT tunnels through the egress proxy that could not be opened, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
+        for reason in crate::egress::EgressError::REASONS {
+            egress_proxy_errors.with_label_values(&[reason]);
+        }
+        let pkcs11_errors = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_pkcs11_errors_total",
+                "Calls into the PKCS#11 token holding the client key that failed, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition is valid");
+        for kind in crate::tls::pkcs11::TokenError::KINDS {
+            pkcs11_errors.with_label_values(&[kind]);
+        }
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -383,6 +411,8 @@ impl Metrics {
             Box::new(auth_requests.clone()),
             Box::new(finhub_clock_offset.clone()),
             Box::new(upstream_401_replays.clone()),
+            Box::new(egress_proxy_errors.clone()),
+            Box::new(pkcs11_errors.clone()),
         ] {
             registry
                 .register(c)
@@ -415,6 +445,8 @@ impl Metrics {
             redis_connections,
             listener_refusals,
             app_connections,
+            egress_proxy_errors,
+            pkcs11_errors,
         }
     }
 

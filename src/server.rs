@@ -70,7 +70,8 @@ pub struct Sidecar {
 impl Sidecar {
     /// Loads the TLS material and binds the admin port; fails before anything is served.
     pub fn build(config: Config) -> Result<Sidecar, StartError> {
-        let tls_files = TlsFiles::from_config(&config);
+        let metrics = Metrics::new();
+        let tls_files = TlsFiles::from_config(&config, &metrics);
         let tls = tls_files.load(unix_now())?;
         for w in &tls.warnings {
             tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
@@ -92,12 +93,11 @@ impl Sidecar {
             addr: config.listen,
             source,
         })?;
-        let upstream = Arc::new(UpstreamAddrs::new(
-            &config.upstream.host,
-            config.upstream.port,
-        ));
         let sessions = Arc::new(SessionTable::new(&config));
-        let metrics = Metrics::new();
+        let upstream = Arc::new(UpstreamAddrs::for_config(
+            &config.upstream,
+            metrics.egress_proxy_errors.clone(),
+        ));
         sessions
             .clock()
             .set_gauge(metrics.finhub_clock_offset.clone());
@@ -257,7 +257,7 @@ impl BackgroundService for ControlPlane {
         let sh = &self.shared;
         let mut tasks = tokio::task::JoinSet::new();
         if let Err(e) = sh.upstream.resolve().await {
-            tracing::warn!(error = %e, host = %sh.config.upstream.host, "initial DNS resolution failed; retrying in the background");
+            tracing::warn!(error = %e, host = %sh.upstream.dialled_host(), "initial DNS resolution failed; retrying in the background");
         }
         tasks.spawn(
             sh.upstream

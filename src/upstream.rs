@@ -2,18 +2,31 @@
 //!
 //! `HttpPeer::new` with a host name would resolve DNS on every request; instead the request path
 //! reads the last good address list from an `ArcSwap`. A failed refresh keeps the previous list.
+//!
+//! What is dialled depends on `[upstream]`: FinHub's host (resolved), the fixed
+//! `upstream.connect_to` addresses (no DNS), or the egress proxy's host (resolved), in which
+//! case every connection is a CONNECT tunnel to FinHub's host and port ([`crate::egress`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use pingora::connectors::L4Connect;
+use prometheus::IntCounterVec;
 
-/// The upstream's addresses, as last resolved.
+use crate::config::UpstreamConfig;
+use crate::egress::Tunnel;
+
+/// The addresses dialled for FinHub, as last resolved, and the tunnel through the egress
+/// proxy when there is one.
 pub struct UpstreamAddrs {
     host: String,
     port: u16,
     addrs: ArcSwap<Vec<SocketAddr>>,
+    /// The addresses are fixed (`upstream.connect_to`): never resolved.
+    fixed: bool,
+    tunnel: Option<Arc<dyn L4Connect + Send + Sync>>,
 }
 
 impl UpstreamAddrs {
@@ -27,7 +40,44 @@ impl UpstreamAddrs {
             host: host.to_string(),
             port,
             addrs: ArcSwap::from_pointee(initial),
+            fixed: false,
+            tunnel: None,
         }
+    }
+
+    /// What `u` says to dial: the egress proxy (tunnels to FinHub, failures counted in
+    /// `egress_errors`), the fixed `connect_to` addresses, or FinHub's host.
+    pub fn for_config(u: &UpstreamConfig, egress_errors: IntCounterVec) -> Self {
+        if let Some(p) = &u.egress_proxy {
+            let tunnel = Tunnel::new(
+                &u.host,
+                u.port,
+                p.auth.clone(),
+                u.connect_timeout,
+                egress_errors,
+            );
+            let mut a = UpstreamAddrs::new(&p.host, p.port);
+            a.tunnel = Some(Arc::new(tunnel));
+            return a;
+        }
+        if !u.connect_to.is_empty() {
+            let mut a = UpstreamAddrs::new(&u.host, u.port);
+            a.addrs = ArcSwap::from_pointee(u.connect_to.clone());
+            a.fixed = true;
+            return a;
+        }
+        UpstreamAddrs::new(&u.host, u.port)
+    }
+
+    /// The connector Pingora opens new connections with (`PeerOptions::custom_l4`): the
+    /// CONNECT tunnel when an egress proxy is configured.
+    pub fn tunnel(&self) -> Option<&Arc<dyn L4Connect + Send + Sync>> {
+        self.tunnel.as_ref()
+    }
+
+    /// The host whose addresses are dialled (the egress proxy's, with one), for logs.
+    pub fn dialled_host(&self) -> &str {
+        &self.host
     }
 
     /// The `n`-th known address (wrapping): 0 for new connections (the first of the resolved
@@ -44,7 +94,7 @@ impl UpstreamAddrs {
 
     /// Resolves now; on success publishes the new list (IPv4 first) and returns how many.
     pub async fn resolve(&self) -> std::io::Result<usize> {
-        if self.host.parse::<IpAddr>().is_ok() {
+        if self.fixed || self.host.parse::<IpAddr>().is_ok() {
             return Ok(self.addrs.load().len());
         }
         let mut list: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
@@ -66,8 +116,12 @@ impl UpstreamAddrs {
         Ok(n)
     }
 
-    /// Re-resolves every `interval` forever (a failure is logged and retried sooner).
+    /// Re-resolves every `interval` forever (a failure is logged and retried sooner); returns
+    /// at once for fixed addresses.
     pub async fn refresh_forever(self: Arc<Self>, interval: Duration) {
+        if self.fixed {
+            return;
+        }
         loop {
             let wait = match self.resolve().await {
                 Ok(_) => interval,

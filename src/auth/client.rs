@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use super::clock::ClockOffset;
 use super::grant::{Grant, GrantError};
 use super::Session;
-use crate::config::{Config, EnvRules, TenantConfig};
+use crate::config::{Config, EgressProxy, EnvRules, TenantConfig};
 use crate::tls::{ClientTls, TlsStore};
 
 /// Why a login or refresh did not produce a session. Never carries a credential or token.
@@ -70,7 +70,14 @@ pub struct AuthClient {
     origin_ip: String,
     user_agent: http::HeaderValue,
     platform: http::HeaderValue,
-    cached: Mutex<Option<(Arc<ClientTls>, reqwest::Client)>>,
+    /// FinHub's host, for `connect_to`.
+    host: String,
+    /// `upstream.connect_to`: FinHub's addresses instead of DNS.
+    connect_to: Vec<std::net::SocketAddr>,
+    /// `upstream.egress_proxy`: every auth call is a CONNECT tunnel through it.
+    egress: Option<EgressProxy>,
+    /// The client, for this TLS snapshot and this keyed hash of the proxy password.
+    cached: Mutex<Option<(Arc<ClientTls>, u64, reqwest::Client)>>,
     /// Keys [`AuthClient::credentials_fingerprint`] (random per process).
     hasher: RandomState,
 }
@@ -115,6 +122,9 @@ impl AuthClient {
             origin_ip: config.headers.origin_ip.to_string(),
             user_agent: config.headers.user_agent.clone(),
             platform: config.headers.sec_ch_ua_platform.clone(),
+            host: u.host.clone(),
+            connect_to: u.connect_to.clone(),
+            egress: u.egress_proxy.clone(),
             cached: Mutex::new(None),
             hasher: RandomState::new(),
         }
@@ -143,23 +153,46 @@ impl AuthClient {
 
     fn http(&self) -> Result<reqwest::Client, AuthError> {
         let tls = self.tls.current();
+        // A rotated proxy password (file re-read) makes a new client, like a new certificate.
+        let password = self
+            .egress
+            .as_ref()
+            .and_then(|p| p.auth.as_ref())
+            .map(|a| a.password.current());
+        let password_key = self.hasher.hash_one(password.as_ref().map(|p| p.expose()));
         let mut cached = self
             .cached
             .lock()
             .map_err(|_| AuthError::Transport("auth client cache poisoned".into()))?;
-        if let Some((t, c)) = cached.as_ref() {
-            if Arc::ptr_eq(t, &tls) {
+        if let Some((t, k, c)) = cached.as_ref() {
+            if Arc::ptr_eq(t, &tls) && *k == password_key {
                 return Ok(c.clone());
             }
         }
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .tls_backend_preconfigured((*tls.rustls).clone())
             .timeout(self.timeout)
             .no_proxy()
-            .http1_only()
+            .http1_only();
+        if let Some(p) = &self.egress {
+            let host = if p.host.contains(':') {
+                format!("[{}]", p.host)
+            } else {
+                p.host.clone()
+            };
+            let mut proxy = reqwest::Proxy::https(format!("http://{host}:{}", p.port))
+                .map_err(|e| AuthError::Transport(format!("egress proxy: {e}")))?;
+            if let (Some(a), Some(pw)) = (&p.auth, &password) {
+                proxy = proxy.basic_auth(&a.username, pw.expose());
+            }
+            builder = builder.proxy(proxy);
+        } else if !self.connect_to.is_empty() {
+            builder = builder.resolve_to_addrs(&self.host, &self.connect_to);
+        }
+        let client = builder
             .build()
             .map_err(|e| AuthError::Transport(e.to_string()))?;
-        *cached = Some((tls, client.clone()));
+        *cached = Some((tls, password_key, client.clone()));
         Ok(client)
     }
 

@@ -39,7 +39,7 @@ mod upstream;
 pub use admin::AdminConfig;
 pub use audit::{AuditConfig, AuditOutput};
 pub use auth::AuthConfig;
-pub use client_cert::ClientCertFiles;
+pub use client_cert::{ClientCertFiles, KeySource, Pkcs11Key, Pkcs11Uri};
 pub use environment::{EnvRules, Environment};
 pub use headers::HeaderConfig;
 pub use listener::ListenerConfig;
@@ -49,7 +49,7 @@ pub use rate_limit::{Backend, Limit, RateLimitConfig, RouteLimit};
 pub use redis::{OnRedisError, RedisSettings};
 pub use shutdown::ShutdownConfig;
 pub use tenants::TenantConfig;
-pub use upstream::UpstreamConfig;
+pub use upstream::{EgressProxy, ProxyAuth, UpstreamConfig};
 
 use client_cert::{DEFAULT_EXPIRY_WARNING, DEFAULT_RELOAD_INTERVAL};
 use convert::Convert;

@@ -1,5 +1,6 @@
 //! `[upstream]`: the FinHub API, resolved from `upstream.base_url`, and its connection settings.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -7,6 +8,7 @@ use http::HeaderValue;
 use serde::Deserialize;
 
 use super::convert::{secs, Convert};
+use crate::secret::SecretSource;
 
 /// The FinHub upstream, resolved from `upstream.base_url`.
 #[derive(Debug, Clone)]
@@ -33,6 +35,33 @@ pub struct UpstreamConfig {
     pub dns_refresh: Duration,
     /// Host names an absolute-form (`HTTP_PROXY`) request may name, lower case, no port.
     pub allowed_hosts: Vec<String>,
+    /// Addresses to connect to instead of resolving `host` (curl's `--connect-to`): SNI,
+    /// certificate verification and `Host` stay `host`'s. Empty: resolve `host`.
+    pub connect_to: Vec<SocketAddr>,
+    /// The HTTP CONNECT proxy every FinHub connection goes through, if any.
+    pub egress_proxy: Option<EgressProxy>,
+}
+
+/// An HTTP CONNECT egress proxy (`upstream.egress_proxy`): each FinHub connection is a tunnel
+/// to `upstream.host:port` through it, with TLS end to end inside.
+#[derive(Debug, Clone)]
+pub struct EgressProxy {
+    /// Proxy host name or IP literal, lower case (resolved in the background like FinHub's).
+    pub host: String,
+    /// Proxy port.
+    pub port: u16,
+    /// `Proxy-Authorization: Basic` credentials sent on the CONNECT only.
+    pub auth: Option<ProxyAuth>,
+}
+
+/// User and password for the egress proxy. The password is re-read from its file for each
+/// new tunnel, so a rotation needs no restart.
+#[derive(Debug, Clone)]
+pub struct ProxyAuth {
+    /// User name (not secret; logged nowhere either).
+    pub username: String,
+    /// Password, from `egress_proxy_password_file` or `${ENV}`.
+    pub password: SecretSource,
 }
 
 /// `[upstream]` as written.
@@ -58,6 +87,20 @@ pub(super) struct FileUpstream {
     /// Extra host names apps may name in absolute-form requests (the base URL host is always allowed).
     #[serde(default)]
     extra_hosts: Vec<String>,
+    /// `IP:port` addresses to connect to instead of resolving the base URL's host (like curl's
+    /// `--connect-to`); SNI, certificate check and `Host` stay the base URL's. Tried in order on
+    /// connect failures. Not combinable with `egress_proxy`.
+    #[serde(default)]
+    connect_to: Vec<String>,
+    /// HTTP CONNECT proxy for every FinHub connection, `http://host:port` (TLS to FinHub runs end
+    /// to end inside the tunnel).
+    egress_proxy: Option<String>,
+    /// User for the egress proxy (`Proxy-Authorization: Basic`, sent on the CONNECT only).
+    egress_proxy_username: Option<String>,
+    /// Password for the egress proxy as `${ENV_VAR}`; or use `egress_proxy_password_file`.
+    egress_proxy_password: Option<String>,
+    /// File holding the egress proxy password (re-read for each new tunnel).
+    egress_proxy_password_file: Option<PathBuf>,
 }
 
 impl Convert<'_> {
@@ -96,6 +139,76 @@ impl Convert<'_> {
             }
         }
         let ca_file = u.ca_file.map(|p| self.path(p));
+        let mut connect_to = Vec::new();
+        for (i, a) in u.connect_to.iter().enumerate() {
+            match a.trim().parse::<SocketAddr>() {
+                Ok(addr) => connect_to.push(addr),
+                Err(_) => self.err(
+                    format!("upstream.connect_to[{i}]"),
+                    format!("`{a}` is not an IP:port address (connect_to uses no DNS)"),
+                ),
+            }
+        }
+        let password = self.secret(
+            "upstream",
+            "egress_proxy_password",
+            u.egress_proxy_password,
+            u.egress_proxy_password_file,
+            false,
+        );
+        let egress_proxy = match u.egress_proxy {
+            None => {
+                if u.egress_proxy_username.is_some() || password.is_some() {
+                    self.err(
+                        "upstream.egress_proxy_username",
+                        "proxy credentials are set but upstream.egress_proxy is not",
+                    );
+                }
+                None
+            }
+            Some(url) => match parse_proxy_url(&url) {
+                Err(m) => {
+                    self.err("upstream.egress_proxy", m);
+                    None
+                }
+                Ok((host, port)) => {
+                    let auth = match (u.egress_proxy_username, password) {
+                        (None, None) => None,
+                        (Some(username), Some(password)) if valid_proxy_user(&username) => {
+                            Some(ProxyAuth { username, password })
+                        }
+                        (Some(_), Some(_)) => {
+                            self.err(
+                                "upstream.egress_proxy_username",
+                                "must be non-empty, without `:` or control characters",
+                            );
+                            None
+                        }
+                        (Some(_), None) => {
+                            self.err(
+                                "upstream.egress_proxy_password",
+                                "missing: set egress_proxy_password = \"${ENV_VAR}\" or egress_proxy_password_file",
+                            );
+                            None
+                        }
+                        (None, Some(_)) => {
+                            self.err(
+                                "upstream.egress_proxy_username",
+                                "missing: a proxy password needs a user",
+                            );
+                            None
+                        }
+                    };
+                    Some(EgressProxy { host, port, auth })
+                }
+            },
+        };
+        if egress_proxy.is_some() && !connect_to.is_empty() {
+            self.err(
+                "upstream.connect_to",
+                "cannot be combined with upstream.egress_proxy (the proxy resolves FinHub's host; point the proxy at the private address instead)",
+            );
+        }
         let (host, port) = parsed.ok()?;
         let bracketed = if host.contains(':') {
             format!("[{host}]")
@@ -122,8 +235,52 @@ impl Convert<'_> {
             pool_size,
             dns_refresh,
             allowed_hosts,
+            connect_to,
+            egress_proxy,
         })
     }
+}
+
+/// `http://host:port[/]` -> (lower-case host, port). Only plain-HTTP proxies: the tunnel's
+/// content is TLS to FinHub already.
+pub(super) fn parse_proxy_url(url: &str) -> Result<(String, u16), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| "not a URL like http://proxy:3128".to_string())?;
+    if uri.scheme_str() != Some("http") {
+        return Err(
+            "must be http://host:port (an HTTP CONNECT proxy; https:// proxies are not supported)"
+                .into(),
+        );
+    }
+    if uri.path() != "/" && !uri.path().is_empty() || uri.query().is_some() {
+        return Err("must not have a path or query".into());
+    }
+    let authority = uri.authority().ok_or("has no host")?;
+    if authority.as_str().contains('@') {
+        // Not echoed: the user info may be a credential.
+        return Err(
+            "must not contain user info; use egress_proxy_username and egress_proxy_password_file"
+                .into(),
+        );
+    }
+    let port = authority
+        .port_u16()
+        .ok_or("must name the proxy's port, e.g. http://proxy:3128")?;
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    Ok((host, port))
+}
+
+/// A user name that fits `user:password` in Basic credentials.
+fn valid_proxy_user(u: &str) -> bool {
+    !u.is_empty() && !u.contains(':') && !u.chars().any(char::is_control)
 }
 
 /// `https://host[:port][/]` -> (lower-case host, port).
@@ -168,5 +325,107 @@ mod tests {
         );
         assert!(parse_base_url("https://api.finhub.cloud/api").is_err());
         assert!(parse_base_url("ftp://x").is_err());
+    }
+
+    #[test]
+    fn proxy_url_forms() {
+        assert_eq!(
+            parse_proxy_url("http://Egress.Infra:3128").unwrap(),
+            ("egress.infra".into(), 3128)
+        );
+        assert_eq!(
+            parse_proxy_url("http://[::1]:8080/").unwrap(),
+            ("::1".into(), 8080)
+        );
+        for bad in [
+            "https://proxy:3128",
+            "http://proxy",
+            "http://proxy:3128/path",
+            "socks5://proxy:1080",
+            "proxy:3128",
+        ] {
+            assert!(parse_proxy_url(bad).is_err(), "{bad}");
+        }
+        let e = parse_proxy_url("http://user:hunter2@proxy:3128").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    use super::super::testing::*;
+
+    fn with(extra: &str) -> String {
+        MINIMAL.replace(
+            "base_url = \"https://api.finhub.cloud\"",
+            &format!("base_url = \"https://api.finhub.cloud\"\n{extra}"),
+        )
+    }
+
+    fn keys(text: &str) -> Vec<String> {
+        load(text)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.key)
+            .collect()
+    }
+
+    #[test]
+    fn egress_proxy_and_connect_to_keys() {
+        let c = load(&with(
+            "egress_proxy = \"http://egress.infra:3128\"\negress_proxy_username = \"svc\"\negress_proxy_password = \"${PW}\"",
+        ))
+        .unwrap();
+        let p = c.upstream.egress_proxy.unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("egress.infra", 3128));
+        let auth = p.auth.unwrap();
+        assert_eq!(auth.username, "svc");
+        assert_eq!(auth.password.current().expose(), "s3cret-value");
+        assert!(c.upstream.connect_to.is_empty());
+
+        let c = load(&with("connect_to = [\"10.0.0.5:443\", \"[fd00::5]:8443\"]")).unwrap();
+        assert_eq!(c.upstream.connect_to.len(), 2);
+        assert!(c.upstream.egress_proxy.is_none());
+    }
+
+    #[test]
+    fn egress_mistakes_name_their_key() {
+        assert_eq!(
+            keys(&with("connect_to = [\"finhub.internal:443\"]")),
+            ["upstream.connect_to[0]"]
+        );
+        assert_eq!(
+            keys(&with("egress_proxy = \"https://p:3128\"")),
+            ["upstream.egress_proxy"]
+        );
+        assert_eq!(
+            keys(&with(
+                "egress_proxy = \"http://p:3128\"\negress_proxy_username = \"svc\""
+            )),
+            ["upstream.egress_proxy_password"]
+        );
+        assert_eq!(
+            keys(&with(
+                "egress_proxy = \"http://p:3128\"\negress_proxy_password = \"${PW}\""
+            )),
+            ["upstream.egress_proxy_username"]
+        );
+        assert_eq!(
+            keys(&with(
+                "egress_proxy_username = \"svc\"\negress_proxy_password = \"${PW}\""
+            )),
+            ["upstream.egress_proxy_username"]
+        );
+        assert_eq!(
+            keys(&with(
+                "egress_proxy = \"http://p:3128\"\nconnect_to = [\"10.0.0.5:443\"]"
+            )),
+            ["upstream.connect_to"]
+        );
+        // An inline password is refused and never echoed.
+        let e = load(&with(
+            "egress_proxy = \"http://p:3128\"\negress_proxy_username = \"svc\"\negress_proxy_password = \"hunter2\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.0[0].key, "upstream.egress_proxy_password");
+        assert!(!e.to_string().contains("hunter2"));
     }
 }

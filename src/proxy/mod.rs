@@ -139,6 +139,8 @@ impl FinHubProxy {
         peer.options.write_timeout = Some(u.write_timeout);
         peer.options.idle_timeout = Some(u.idle_timeout);
         peer.options.ca = tls.ca.clone();
+        // Through the egress proxy: a CONNECT tunnel to FinHub, TLS inside it.
+        peer.options.custom_l4 = self.shared.upstream.tunnel().cloned();
         // Second line behind admission's refusal: no upgrade handshake ever goes upstream.
         peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy::deny_upgrades();
         // A new certificate set means new connections: old pooled ones idle out (idle_timeout).
@@ -428,7 +430,12 @@ impl ProxyHttp for FinHubProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.connect_failures += 1;
-        e.set_retry(ctx.connect_failures < self.shared.upstream.count());
+        // A proxy that refused the tunnel refuses it again from its other addresses.
+        let refused = matches!(
+            ProxyError::from_upstream(&e),
+            ProxyError::EgressProxyRefused(_)
+        );
+        e.set_retry(!refused && ctx.connect_failures < self.shared.upstream.count());
         e
     }
 

@@ -8,6 +8,7 @@
 //! key panics at connect time), so everything handed to it is parsed and verified here first.
 
 pub mod identity;
+pub mod pkcs11;
 pub mod reload;
 pub mod rules;
 
@@ -20,8 +21,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::Config;
+use crate::config::{Config, KeySource};
+use crate::metrics::Metrics;
 pub use identity::{cert_identity, CertIdentity};
+use pkcs11::{cert_key_alg, kinds_agree, TokenError, TokenKey};
 pub use rules::{check_leaf, Finding};
 
 /// Why a set of TLS files cannot be used. Never carries key material.
@@ -59,6 +62,23 @@ pub enum TlsError {
         /// Every rule it breaks.
         findings: Vec<Finding>,
     },
+    /// The PKCS#11 token holding the key failed (`key` names the setting to fix, if one is).
+    #[error("{uri}: {error}")]
+    Token {
+        /// `client_cert.key_uri` as configured.
+        uri: String,
+        /// What went wrong.
+        error: TokenError,
+    },
+    /// The certificate is not for the token's key (a test signature by the token does not
+    /// verify with the certificate's public key), or of a kind the token key is not.
+    #[error("{}: {what}", path.display())]
+    TokenKeyMismatch {
+        /// The certificate file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
     /// The TLS provider refused the protocol settings (no file is at fault).
     #[error("TLS provider: {0}")]
     Provider(String),
@@ -82,8 +102,19 @@ impl TlsError {
             TlsError::Read { path, .. }
             | TlsError::Pem { path, .. }
             | TlsError::Key { path, .. }
-            | TlsError::Rules { path, .. } => Some(path),
-            TlsError::Provider(_) | TlsError::MissingClientCert => None,
+            | TlsError::Rules { path, .. }
+            | TlsError::TokenKeyMismatch { path, .. } => Some(path),
+            TlsError::Provider(_) | TlsError::MissingClientCert | TlsError::Token { .. } => None,
+        }
+    }
+
+    /// The configuration key at fault when no file is (a token setting).
+    pub fn config_key(&self) -> Option<&'static str> {
+        match self {
+            TlsError::Token { error, .. } => {
+                Some(error.config_key().unwrap_or("client_cert.key_uri"))
+            }
+            _ => None,
         }
     }
 }
@@ -97,11 +128,20 @@ pub enum RulePolicy {
     Warn,
 }
 
+/// Where the client certificate's private key is, as the TLS loader uses it.
+#[derive(Debug, Clone)]
+pub enum KeyRef {
+    /// A PEM file, read with the certificate.
+    File(PathBuf),
+    /// A key in a PKCS#11 token, reached through its thread.
+    Token(Arc<TokenKey>),
+}
+
 /// Which files make up the TLS set.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
-    /// Client certificate chain and key, if mTLS is configured.
-    pub cert_key: Option<(PathBuf, PathBuf)>,
+    /// Client certificate chain and its key, if mTLS is configured.
+    pub cert_key: Option<(PathBuf, KeyRef)>,
     /// CA bundle for FinHub's server certificate, if not the system roots.
     pub ca: Option<PathBuf>,
     /// How rule violations are treated.
@@ -117,13 +157,19 @@ pub struct Material {
 }
 
 impl TlsFiles {
-    /// The files named by `config`; rules are enforced in production.
-    pub fn from_config(config: &Config) -> TlsFiles {
+    /// The files named by `config`; rules are enforced in production. A token key starts its
+    /// thread here (it opens the token on first use), counting failures in `metrics`.
+    pub fn from_config(config: &Config, metrics: &Metrics) -> TlsFiles {
         TlsFiles {
-            cert_key: config
-                .client_cert
-                .as_ref()
-                .map(|c| (c.cert_file.clone(), c.key_file.clone())),
+            cert_key: config.client_cert.as_ref().map(|c| {
+                let key = match &c.key {
+                    KeySource::File(p) => KeyRef::File(p.clone()),
+                    KeySource::Pkcs11(k) => {
+                        KeyRef::Token(TokenKey::start(k, metrics.pkcs11_errors.clone()))
+                    }
+                };
+                (c.cert_file.clone(), key)
+            }),
             ca: config.upstream.ca_file.clone(),
             policy: if config.rules.strict_certificate_rules {
                 RulePolicy::Enforce
@@ -143,7 +189,9 @@ impl TlsFiles {
         };
         Ok(Material {
             cert_key: match &self.cert_key {
-                Some((c, k)) => Some((read(c)?, read(k)?)),
+                Some((c, KeyRef::File(k))) => Some((read(c)?, read(k)?)),
+                // The key stays in the token: only the certificate is read.
+                Some((c, KeyRef::Token(_))) => Some((read(c)?, Vec::new())),
                 None => None,
             },
             ca: match &self.ca {
@@ -190,6 +238,9 @@ pub struct ClientTls {
     pub warnings: Vec<Finding>,
     /// Fingerprint of the material this was built from.
     pub fingerprint: u64,
+    /// The PKCS#11 token that holds the key, when it is not in a file (its health is a
+    /// readiness reason).
+    pub token: Option<Arc<TokenKey>>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -213,7 +264,7 @@ pub fn unix_now() -> i64 {
 impl ClientTls {
     /// Reads and checks the files named by `config`.
     pub fn load(config: &Config) -> Result<ClientTls, TlsError> {
-        TlsFiles::from_config(config).load(unix_now())
+        TlsFiles::from_config(config, &Metrics::new()).load(unix_now())
     }
 
     /// Parses and checks `m` (read from `files`) at Unix time `now`.
@@ -223,12 +274,22 @@ impl ClientTls {
             _ => None,
         };
         let identity = match (&files.cert_key, &m.cert_key) {
-            (Some((cp, kp)), Some((cb, kb))) => Some((
+            (Some((cp, KeyRef::File(kp))), Some((cb, kb))) => Some((
                 parse_certs(cp, cb)?,
-                parse_key(kp, kb)?,
+                Key::Der(parse_key(kp, kb)?),
                 cp.as_path(),
                 kp.as_path(),
             )),
+            (Some((cp, KeyRef::Token(token))), Some((cb, _))) => {
+                let chain = parse_certs(cp, cb)?;
+                let signer = token_signer(token, cp, &chain[0])?;
+                Some((
+                    chain,
+                    Key::Token(token.clone(), signer),
+                    cp.as_path(),
+                    cp.as_path(),
+                ))
+            }
             _ => None,
         };
         let mut warnings = Vec::new();
@@ -253,7 +314,7 @@ impl ClientTls {
     }
 
     fn build(
-        identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>, &Path)>,
+        identity: Option<(Vec<CertificateDer<'static>>, Key, &Path)>,
         ca: Option<Vec<CertificateDer<'static>>>,
     ) -> Result<ClientTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -278,9 +339,32 @@ impl ClientTls {
             .map_err(|e| TlsError::Provider(e.to_string()))?
             .with_root_certificates(roots);
 
+        let mut token = None;
         let (cert_key, rustls_cfg, identity) = match identity {
             None => (None, builder.with_no_client_auth(), None),
-            Some((chain, key, key_path)) => {
+            Some((chain, Key::Token(t, signer), cert_path)) => {
+                token = Some(t);
+                let identity = cert_identity(&chain[0]);
+                let certified = rustls::sign::CertifiedKey::new(chain.clone(), signer.clone());
+                let cfg = builder.with_client_cert_resolver(Arc::new(
+                    rustls::sign::SingleCertAndKey::from(certified),
+                ));
+                let ders: Vec<Vec<u8>> = chain.iter().map(|c| c.as_ref().to_vec()).collect();
+                // As below: Pingora's own parser `expect`s.
+                // The signer is only moved in and out (AssertUnwindSafe): a panic leaves no
+                // half-updated state behind.
+                let signer = std::panic::AssertUnwindSafe(signer);
+                let ck = std::panic::catch_unwind(move || {
+                    let signer = signer;
+                    CertKey::with_signing_key(ders, signer.0)
+                })
+                .map_err(|_| TlsError::Pem {
+                    path: cert_path.to_path_buf(),
+                    what: "the certificate chain cannot be loaded by the TLS stack".into(),
+                })?;
+                (Some(Arc::new(ck)), cfg, identity)
+            }
+            Some((chain, Key::Der(key), key_path)) => {
                 let signing = provider
                     .key_provider
                     .load_private_key(key.clone_key())
@@ -336,8 +420,62 @@ impl ClientTls {
             identity,
             warnings: Vec::new(),
             fingerprint: 0,
+            token,
         })
     }
+}
+
+/// The private key of a set being built.
+enum Key {
+    /// Parsed from a PEM file.
+    Der(PrivateKeyDer<'static>),
+    /// Held by a token; handshakes sign through the signer.
+    Token(Arc<TokenKey>, Arc<dyn rustls::sign::SigningKey>),
+}
+
+/// A signer for `leaf` through `token`, once the token proves it holds the leaf's key: its key
+/// is of the leaf's kind and a fresh test signature verifies with the leaf's public key.
+fn token_signer(
+    token: &Arc<TokenKey>,
+    cert_path: &Path,
+    leaf: &CertificateDer<'_>,
+) -> Result<Arc<dyn rustls::sign::SigningKey>, TlsError> {
+    let mismatch = |what: String| TlsError::TokenKeyMismatch {
+        path: cert_path.to_path_buf(),
+        what,
+    };
+    let token_err = |error| TlsError::Token {
+        uri: token.uri().to_string(),
+        error,
+    };
+    let (_, cert) = X509Certificate::from_der(leaf.as_ref())
+        .map_err(|e| mismatch(format!("the certificate does not parse: {e}")))?;
+    let spki = cert.public_key();
+    let alg = cert_key_alg(spki).ok_or_else(|| {
+        mismatch("the certificate's key is neither RSA nor EC P-256/P-384".into())
+    })?;
+    let kind = token.describe().map_err(token_err)?;
+    if !kinds_agree(kind, alg) {
+        return Err(mismatch(format!(
+            "the certificate is for an {alg:?} key, the token's key (client_cert.key_uri) is {kind:?}"
+        )));
+    }
+    let scheme = alg.test_scheme();
+    let mut challenge = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut challenge)
+        .map_err(|_| TlsError::Provider("no randomness for the token test signature".into()))?;
+    let signature = token.sign(scheme, &challenge).map_err(token_err)?;
+    let verifier = alg
+        .verifier(scheme)
+        .ok_or_else(|| TlsError::Provider(format!("no verifier for {scheme:?}")))?;
+    ring::signature::UnparsedPublicKey::new(verifier, spki.subject_public_key.data.as_ref())
+        .verify(&challenge, &signature)
+        .map_err(|_| {
+            mismatch(
+                "the certificate's public key is not the token's key (client_cert.key_uri): a test signature does not verify".into(),
+            )
+        })?;
+    Ok(token.signing_key(alg))
 }
 
 /// Parses every certificate in PEM `bytes` (from `path`); each must parse as X.509.
@@ -403,7 +541,7 @@ mod tests {
             ca: Option<&Path>,
         ) -> Result<ClientTls, TlsError> {
             TlsFiles {
-                cert_key: cert_key.map(|(c, k)| (c.to_path_buf(), k.to_path_buf())),
+                cert_key: cert_key.map(|(c, k)| (c.to_path_buf(), KeyRef::File(k.to_path_buf()))),
                 ca: ca.map(Path::to_path_buf),
                 policy: RulePolicy::Enforce,
             }

@@ -170,11 +170,21 @@ impl Reloader {
         }
     }
 
-    /// Polls every `interval` forever.
+    /// Polls every `interval` forever, off the runtime's threads (file reads and, with a token
+    /// key, calls into the token, each bounded by `client_cert.pkcs11_timeout`). A token key is
+    /// probed on every round, so `/ready` follows its health even without handshakes.
     pub async fn run(self, interval: Duration) {
+        let me = Arc::new(self);
         loop {
             tokio::time::sleep(interval).await;
-            self.poll();
+            let r = me.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                r.poll();
+                if let Some(token) = r.store.current().token.clone() {
+                    let _ = token.probe();
+                }
+            })
+            .await;
         }
     }
 }

@@ -34,6 +34,20 @@ impl SidecarConfig {
         self
     }
 
+    /// Removes `key` (dotted), if set.
+    pub fn unset(mut self, key: &str) -> Self {
+        let (path, last) = key.rsplit_once('.').unwrap_or(("", key));
+        let mut table = &mut self.table;
+        for part in path.split('.').filter(|p| !p.is_empty()) {
+            match table.get_mut(part).and_then(Value::as_table_mut) {
+                Some(t) => table = t,
+                None => return self,
+            }
+        }
+        table.remove(last);
+        self
+    }
+
     /// The value at `key` (dotted), if set.
     pub fn get(&self, key: &str) -> Option<&Value> {
         let mut parts = key.split('.');

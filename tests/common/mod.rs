@@ -12,6 +12,8 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod config;
+pub mod egress;
+pub mod hsm;
 pub mod http;
 pub mod sidecar;
 pub mod traffic;
@@ -20,6 +22,8 @@ pub mod world;
 use std::time::{Duration, Instant};
 
 pub use config::*;
+pub use egress::*;
+pub use hsm::*;
 pub use http::*;
 pub use sidecar::*;
 pub use traffic::*;

@@ -35,11 +35,22 @@ impl SidecarProcess {
         log_file: PathBuf,
         within: Duration,
     ) -> Result<SidecarProcess, String> {
+        Self::spawn_with_env(config, log_file, within, &[]).await
+    }
+
+    /// [`SidecarProcess::spawn`] with extra environment variables (e.g. `SOFTHSM2_CONF`).
+    pub async fn spawn_with_env(
+        config: &Path,
+        log_file: PathBuf,
+        within: Duration,
+        env: &[(String, String)],
+    ) -> Result<SidecarProcess, String> {
         let log = std::fs::File::create(&log_file).unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
             .arg("run")
             .arg("--config")
             .arg(config)
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env_remove("RUST_LOG")
             .stdout(Stdio::from(log.try_clone().unwrap()))
             .stderr(Stdio::from(log))

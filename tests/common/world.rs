@@ -33,6 +33,8 @@ pub struct World {
     pub ca_file: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// Extra environment of the sidecars this world starts (e.g. `SOFTHSM2_CONF`).
+    pub sidecar_env: Vec<(String, String)>,
 }
 
 impl World {
@@ -57,6 +59,7 @@ impl World {
             ca_file,
             client_cert,
             client_key,
+            sidecar_env: Vec::new(),
         }
     }
 
@@ -125,7 +128,7 @@ impl World {
         let file = self.dir.path().join(format!("proxy-{n}.toml"));
         config.write_to(&file);
         let log = self.dir.path().join(format!("sidecar-{n}.log"));
-        SidecarProcess::spawn(&file, log, STARTUP)
+        SidecarProcess::spawn_with_env(&file, log, STARTUP, &self.sidecar_env)
             .await
             .unwrap_or_else(|e| panic!("sidecar did not start: {e}"))
     }

@@ -239,6 +239,46 @@ impl Pki {
         Ok(params.signed_by(&key, &self.issuer)?.pem())
     }
 
+    /// A client certificate (EKU clientAuth) for a public key held elsewhere (an HSM), given
+    /// as its DER `SubjectPublicKeyInfo` (RSA, or EC P-256/P-384); returns the certificate PEM.
+    pub fn client_cert_for_spki(
+        &self,
+        opts: &ClientCertOpts,
+        spki_der: &[u8],
+    ) -> Result<String, PkiError> {
+        use x509_parser::prelude::FromDer;
+        let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der)
+            .map_err(|e| PkiError::Invalid(format!("SubjectPublicKeyInfo: {e}")))?;
+        let oid = spki.algorithm.algorithm.to_id_string();
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .map(|o| o.to_id_string());
+        let alg = match (oid.as_str(), curve.as_deref()) {
+            ("1.2.840.113549.1.1.1", _) => &rcgen::PKCS_RSA_SHA256,
+            ("1.2.840.10045.2.1", Some("1.2.840.10045.3.1.7")) => &rcgen::PKCS_ECDSA_P256_SHA256,
+            ("1.2.840.10045.2.1", Some("1.3.132.0.34")) => &rcgen::PKCS_ECDSA_P384_SHA384,
+            _ => {
+                return Err(PkiError::Invalid(format!(
+                    "unsupported key algorithm {oid}"
+                )))
+            }
+        };
+        let mut params = CertificateParams::default();
+        params.distinguished_name = name(&opts.common_name, &opts.organization)?;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(random_serial());
+        set_validity(&mut params, opts.not_before_offset_days, opts.validity_days)?;
+        let key = RemotePublicKey {
+            raw: spki.subject_public_key.data.to_vec(),
+            alg,
+        };
+        Ok(params.signed_by(&key, &self.issuer)?.pem())
+    }
+
     fn sign(
         &self,
         mut params: CertificateParams,
@@ -258,6 +298,22 @@ impl Pki {
             serial_hex: id.serial_hex,
             subject: id.subject,
         })
+    }
+}
+
+/// A public key held elsewhere, as the bits of its `SubjectPublicKeyInfo`, for rcgen to certify.
+struct RemotePublicKey {
+    raw: Vec<u8>,
+    alg: &'static rcgen::SignatureAlgorithm,
+}
+
+impl rcgen::PublicKeyData for RemotePublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
     }
 }
 

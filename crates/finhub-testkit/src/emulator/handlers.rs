@@ -693,6 +693,7 @@ fn record(
         headers: header_list(parts),
         body_len,
         client_cert: conn.client_cert.clone(),
+        sni: conn.sni.clone(),
         status: status.as_u16(),
         tenant,
         answered_at: Instant::now(),

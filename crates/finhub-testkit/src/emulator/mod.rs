@@ -195,6 +195,7 @@ pub enum EmulatorError {
 /// What the handlers know about the connection a request came on.
 pub(crate) struct ConnInfo {
     pub client_cert: Option<CertIdentity>,
+    pub sni: Option<String>,
 }
 
 /// A running emulator. Stops accepting (and closes idle connections) on [`Emulator::shutdown`]
@@ -367,7 +368,8 @@ async fn serve_connection(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .and_then(|leaf| cert_identity(leaf));
-    let conn = Arc::new(ConnInfo { client_cert });
+    let sni = tls.get_ref().1.server_name().map(str::to_string);
+    let conn = Arc::new(ConnInfo { client_cert, sni });
     let service = hyper::service::service_fn(move |req| {
         let (shared, conn) = (shared.clone(), conn.clone());
         async move { Ok::<_, std::convert::Infallible>(handlers::handle(shared, conn, req).await) }

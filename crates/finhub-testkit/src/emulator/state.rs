@@ -77,6 +77,8 @@ pub struct RecordedRequest {
     pub body_len: u64,
     /// The TLS client certificate of the connection, if any.
     pub client_cert: Option<CertIdentity>,
+    /// The server name (SNI) the client sent in its TLS handshake, if any.
+    pub sni: Option<String>,
     /// Status the emulator answered.
     pub status: u16,
     /// The tenant of the presented token when the token was known, else the `X-Tenant-ID` header.

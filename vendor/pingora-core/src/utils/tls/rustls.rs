@@ -14,8 +14,10 @@
 
 use ouroboros::self_referencing;
 use pingora_error::Result;
+use pingora_rustls::sign::SigningKey;
 use pingora_rustls::CertificateDer;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Get the organization and serial number associated with the given certificate
@@ -103,6 +105,8 @@ pub struct CertKey {
     /// every connection-pool lookup and release (twice per proxied request), and formatting a
     /// serial costs one allocation per byte.
     serials: Vec<String>,
+    /// Signs handshakes instead of `key` when the private key is held elsewhere (an HSM).
+    signing_key: Option<Arc<dyn SigningKey>>,
 }
 
 /// The serials `Hash` feeds, in certificate order (certificates whose serial cannot be read are
@@ -143,6 +147,7 @@ impl Clone for CertKey {
                 .map(|wrapper| WrappedX509::new(wrapper.borrow_raw_cert().clone(), parse_x509))
                 .collect::<Vec<_>>(),
             serials: self.serials.clone(),
+            signing_key: self.signing_key.clone(),
         }
     }
 }
@@ -163,7 +168,25 @@ impl CertKey {
             key,
             serials: serials_of(&certificates),
             certificates,
+            signing_key: None,
         }
+    }
+
+    /// Create a new `CertKey` whose private key never leaves an external signer (an HSM
+    /// through PKCS#11, a KMS): the TLS handshake signs through `signing_key`, and
+    /// [`CertKey::key`] is empty.
+    pub fn with_signing_key(
+        certificates: Vec<Vec<u8>>,
+        signing_key: Arc<dyn SigningKey>,
+    ) -> CertKey {
+        let mut ck = CertKey::new(certificates, Vec::new());
+        ck.signing_key = Some(signing_key);
+        ck
+    }
+
+    /// The external signer, when the key is not held in memory.
+    pub fn signing_key(&self) -> Option<&Arc<dyn SigningKey>> {
+        self.signing_key.as_ref()
     }
 
     /// Peek at the leaf certificate.

@@ -20,6 +20,7 @@ use pingora_error::{
     ErrorType::{ConnectTimedout, InvalidCert},
     OrErr, Result,
 };
+use pingora_rustls::sign::{CertifiedKey, SingleCertAndKey};
 use pingora_rustls::{
     load_ca_file_into_store, load_certs_and_key_files, load_platform_certs_incl_env_into_store,
     version, CertificateDer, CertificateError, ClientConfig as RusTlsClientConfig,
@@ -179,8 +180,6 @@ where
                 .for_each(|i| cert_chain.push(i));
 
             let certs: Vec<CertificateDer> = cert_chain.into_iter().map(|c| c.into()).collect();
-            let private_key: PrivateKeyDer =
-                key_arc.key().as_slice().to_owned().try_into().unwrap();
 
             let builder = RusTlsClientConfig::builder_with_protocol_versions(&[
                 &version::TLS12,
@@ -189,10 +188,20 @@ where
             .with_root_certificates(Arc::clone(effective_ca_store));
             debug!("added root ca certificates");
 
-            let mut updated_config = builder.with_client_auth_cert(certs, private_key).or_err(
-                InvalidCert,
-                "Failed to use peer cert/key to update Rustls config",
-            )?;
+            let mut updated_config = match key_arc.signing_key() {
+                // The key is held by an external signer: present the chain, sign through it.
+                Some(signer) => builder.with_client_cert_resolver(Arc::new(
+                    SingleCertAndKey::from(CertifiedKey::new(certs, Arc::clone(signer))),
+                )),
+                None => {
+                    let private_key: PrivateKeyDer =
+                        key_arc.key().as_slice().to_owned().try_into().unwrap();
+                    builder.with_client_auth_cert(certs, private_key).or_err(
+                        InvalidCert,
+                        "Failed to use peer cert/key to update Rustls config",
+                    )?
+                }
+            };
             // Preserve keylog setting from original config
             updated_config.key_log = Arc::clone(&config.key_log);
             Some(updated_config)

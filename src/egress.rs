@@ -1,0 +1,307 @@
+//! Egress through an HTTP CONNECT proxy (`upstream.egress_proxy`).
+//!
+//! Every new FinHub connection of the API path is a tunnel: TCP to the proxy, `CONNECT
+//! host:port HTTP/1.1` (with `Proxy-Authorization: Basic` when configured, on the CONNECT only),
+//! a 2xx answer read within `upstream.connect_timeout` and capped in size, then the bare stream
+//! is handed to Pingora, which runs TLS with the client certificate end to end inside it. The
+//! proxy never sees plaintext. Pingora opens the stream through [`Tunnel`], its public
+//! `PeerOptions::custom_l4` hook; pooled tunnels are reused like direct connections.
+//!
+//! A refusal is typed ([`EgressError`]) and travels as the cause of the Pingora error, so
+//! `error.rs` classifies it by walking the cause chain; each failure is counted in
+//! `finhub_sidecar_egress_proxy_errors_total{reason}`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use pingora::connectors::L4Connect;
+use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+use pingora::protocols::l4::stream::Stream;
+use pingora::{Error, ErrorType};
+use prometheus::IntCounterVec;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::ProxyAuth;
+
+/// The largest CONNECT answer header read from a proxy.
+pub const MAX_ANSWER_BYTES: usize = 8 * 1024;
+
+/// Why a tunnel through the egress proxy could not be opened. Carries no credential and no
+/// byte of the proxy's answer beyond its status code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EgressError {
+    /// The proxy could not be reached (refused, unreachable, or no TCP connection in time).
+    #[error("the egress proxy could not be reached ({0:?})")]
+    Unreachable(std::io::ErrorKind),
+    /// The proxy answered the CONNECT with a non-2xx status (407, 403, 502, ...).
+    #[error("the egress proxy refused the tunnel (HTTP {0})")]
+    Refused(u16),
+    /// The proxy's answer was not a well-formed HTTP/1.x response header within the size cap,
+    /// it closed before answering, or it sent bytes after its 2xx answer.
+    #[error("the egress proxy sent a malformed answer")]
+    Malformed,
+    /// The proxy accepted the connection but did not answer the CONNECT in time.
+    #[error("the egress proxy did not answer the CONNECT in time")]
+    Timeout,
+}
+
+impl EgressError {
+    /// The `reason` label of `finhub_sidecar_egress_proxy_errors_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EgressError::Unreachable(_) => "unreachable",
+            EgressError::Refused(_) => "refused",
+            EgressError::Malformed => "malformed",
+            EgressError::Timeout => "timeout",
+        }
+    }
+
+    /// Every `reason` label, to create the series at 0.
+    pub const REASONS: [&'static str; 4] = ["unreachable", "refused", "malformed", "timeout"];
+}
+
+/// Opens CONNECT tunnels to one target through the proxy at the address Pingora dials.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// `host:port` sent in the CONNECT line and `Host` (IPv6 literals bracketed).
+    target: String,
+    auth: Option<ProxyAuth>,
+    /// Bound on TCP connect plus the CONNECT exchange (Pingora does not bound custom
+    /// connectors itself).
+    timeout: Duration,
+    errors: IntCounterVec,
+}
+
+impl Tunnel {
+    /// Tunnels to `host:port` with `auth`, each within `timeout`, counting failures in `errors`.
+    pub fn new(
+        host: &str,
+        port: u16,
+        auth: Option<ProxyAuth>,
+        timeout: Duration,
+        errors: IntCounterVec,
+    ) -> Tunnel {
+        let target = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        Tunnel {
+            target,
+            auth,
+            timeout,
+            errors,
+        }
+    }
+
+    /// Opens one tunnel through the proxy at `proxy`.
+    pub async fn open(&self, proxy: SocketAddr) -> Result<TcpStream, EgressError> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(proxy)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(EgressError::Unreachable(e.kind())),
+            Err(_) => return Err(EgressError::Unreachable(std::io::ErrorKind::TimedOut)),
+        };
+        let request = connect_request(&self.target, self.auth.as_ref());
+        match tokio::time::timeout_at(deadline, exchange(&mut stream, &request)).await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(EgressError::Timeout),
+        }
+    }
+}
+
+#[async_trait]
+impl L4Connect for Tunnel {
+    async fn connect(&self, addr: &PeerAddr) -> pingora::Result<Stream> {
+        let Some(proxy) = addr.as_inet().copied() else {
+            return Error::e_explain(ErrorType::InternalError, "egress proxy address is not IP");
+        };
+        match self.open(proxy).await {
+            Ok(stream) => Ok(stream.into()),
+            Err(e) => {
+                self.errors.with_label_values(&[e.reason()]).inc();
+                // The request's own failure line carries the code, the metric counts it: one
+                // detail line at debug, not a second warning per failed connection.
+                tracing::debug!(reason = e.reason(), error = %e, %proxy, "egress proxy tunnel failed");
+                let etype = match e {
+                    EgressError::Timeout => ErrorType::ConnectTimedout,
+                    _ => ErrorType::ConnectProxyFailure,
+                };
+                Err(Error::because(etype, "opening the egress proxy tunnel", e))
+            }
+        }
+    }
+}
+
+/// The CONNECT request for `target`; the only place the proxy password is put on the wire.
+fn connect_request(target: &str, auth: Option<&ProxyAuth>) -> Vec<u8> {
+    let mut req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+    if let Some(a) = auth {
+        let pair = format!("{}:{}", a.username, a.password.current().expose());
+        let b64 = base64::engine::general_purpose::STANDARD.encode(pair.as_bytes());
+        req.push_str("Proxy-Authorization: Basic ");
+        req.push_str(&b64);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req.into_bytes()
+}
+
+/// Sends `request` and reads the proxy's answer header.
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(), EgressError> {
+    stream
+        .write_all(request)
+        .await
+        .map_err(|e| EgressError::Unreachable(e.kind()))?;
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|_| EgressError::Malformed)?;
+        if n == 0 {
+            return Err(EgressError::Malformed);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some((status, len)) = parse_answer(&buf)? {
+            return verdict(status, buf.len() - len);
+        }
+    }
+}
+
+/// What a complete answer header means: only a 2xx with nothing after it opens the tunnel (the
+/// proxy must not speak before the TLS client does; any such bytes would be taken for TLS).
+fn verdict(status: u16, trailing: usize) -> Result<(), EgressError> {
+    match status {
+        200..=299 if trailing == 0 => Ok(()),
+        200..=299 => Err(EgressError::Malformed),
+        s => Err(EgressError::Refused(s)),
+    }
+}
+
+/// `Some((status, header length))` once `buf` holds a complete HTTP/1.x response header;
+/// `None` while more is needed; an error when it can never be one (or exceeds the cap).
+pub fn parse_answer(buf: &[u8]) -> Result<Option<(u16, usize)>, EgressError> {
+    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut resp = httparse::Response::new(&mut headers);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            let status = resp.code.ok_or(EgressError::Malformed)?;
+            Ok(Some((status, len)))
+        }
+        Ok(httparse::Status::Partial) if buf.len() < MAX_ANSWER_BYTES => Ok(None),
+        _ => Err(EgressError::Malformed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::{Secret, SecretSource};
+
+    #[test]
+    fn answers_are_read_strictly() {
+        assert_eq!(
+            parse_answer(b"HTTP/1.1 200 Connection established\r\n\r\n"),
+            Ok(Some((200, 39)))
+        );
+        assert_eq!(parse_answer(b"HTTP/1.1 200 OK\r\nVia: x"), Ok(None));
+        assert_eq!(
+            parse_answer(b"HTTP/1.0 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"x\"\r\n\r\n")
+                .unwrap()
+                .map(|a| a.0),
+            Some(407)
+        );
+        assert_eq!(
+            parse_answer(b"SSH-2.0-OpenSSH\r\n\r\n"),
+            Err(EgressError::Malformed)
+        );
+        assert_eq!(
+            parse_answer(b"HTTP/1.1 2000 OK\r\n\r\n"),
+            Err(EgressError::Malformed)
+        );
+        let endless = [b"HTTP/1.1 200 OK\r\n".as_slice(), &b"X: y\r\n".repeat(2000)].concat();
+        assert_eq!(parse_answer(&endless), Err(EgressError::Malformed));
+        assert_eq!(verdict(200, 0), Ok(()));
+        assert_eq!(verdict(200, 5), Err(EgressError::Malformed));
+        for s in [301, 403, 407, 502, 503] {
+            assert_eq!(verdict(s, 0), Err(EgressError::Refused(s)));
+        }
+    }
+
+    #[test]
+    fn the_request_carries_credentials_only_when_configured() {
+        let plain = String::from_utf8(connect_request("api.finhub.cloud:443", None)).unwrap();
+        assert_eq!(
+            plain,
+            "CONNECT api.finhub.cloud:443 HTTP/1.1\r\nHost: api.finhub.cloud:443\r\n\r\n"
+        );
+        let auth = ProxyAuth {
+            username: "svc".into(),
+            password: SecretSource::fixed(Secret::new("pw")),
+        };
+        let with = String::from_utf8(connect_request("[::1]:443", Some(&auth))).unwrap();
+        assert!(with.starts_with("CONNECT [::1]:443 HTTP/1.1\r\n"), "{with}");
+        // base64("svc:pw")
+        assert!(
+            with.contains("\r\nProxy-Authorization: Basic c3ZjOnB3\r\n"),
+            "{with}"
+        );
+        let t = Tunnel::new(
+            "::1",
+            443,
+            None,
+            Duration::from_secs(1),
+            IntCounterVec::new(prometheus::Opts::new("x", "x"), &["reason"]).unwrap(),
+        );
+        assert_eq!(t.target, "[::1]:443");
+    }
+
+    /// A one-shot proxy that answers `answer` to whatever it is sent.
+    async fn fake_proxy(answer: &'static [u8]) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            s.write_all(answer).await.unwrap();
+            // Hold the connection open until the client goes.
+            let _ = s.read(&mut buf).await;
+        });
+        addr
+    }
+
+    fn tunnel() -> Tunnel {
+        let errors = IntCounterVec::new(prometheus::Opts::new("e", "e"), &["reason"]).unwrap();
+        Tunnel::new("finhub.test", 443, None, Duration::from_millis(500), errors)
+    }
+
+    #[tokio::test]
+    async fn refusals_timeouts_and_dead_proxies_are_told_apart() {
+        let t = tunnel();
+        let ok = fake_proxy(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
+        assert!(t.open(ok).await.is_ok());
+        let denied = fake_proxy(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").await;
+        assert_eq!(t.open(denied).await.unwrap_err(), EgressError::Refused(407));
+        let early = fake_proxy(b"HTTP/1.1 200 OK\r\n\r\n\x16\x03\x01").await;
+        assert_eq!(t.open(early).await.unwrap_err(), EgressError::Malformed);
+        // Accepts, never answers: bounded by the timeout.
+        let silent = fake_proxy(b"").await;
+        assert_eq!(t.open(silent).await.unwrap_err(), EgressError::Timeout);
+        // Nothing listens there.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        assert!(matches!(
+            t.open(closed).await.unwrap_err(),
+            EgressError::Unreachable(_)
+        ));
+    }
+}
