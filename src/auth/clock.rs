@@ -276,6 +276,22 @@ impl ClockOffset {
         true
     }
 
+    /// Takes another replica's estimate `b` (a shared session's writer's) as a measurement
+    /// when this replica has none of its own yet; otherwise ignores it. Returns whether used.
+    pub fn adopt(&self, b: OffsetBounds, at: SystemTime) -> bool {
+        if self.known.load(Ordering::SeqCst) || b.lo_us > b.hi_us {
+            return false;
+        }
+        let mut s = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        if s.bounds.is_some() {
+            return false;
+        }
+        self.apply(&mut s, b, unix_us(at), true)
+    }
+
     /// The bounds now (lock-free): [`OffsetBounds::ZERO`] before FinHub's first `Date`.
     pub fn bounds(&self) -> OffsetBounds {
         self.bounds_at(SystemTime::now())

@@ -20,6 +20,8 @@ pub struct TenantSessions {
     pub(super) flight: tokio::sync::Mutex<()>,
     /// When the session task next calls FinHub (µs since the epoch, our clock; 0: unknown).
     pub(super) next_attempt_us: AtomicI64,
+    /// Whether the current session is the fleet's shared one (`auth.session_store = "redis"`).
+    pub(super) shared_source: AtomicBool,
 }
 
 /// What `/status` shows about a tenant (no secrets).
@@ -31,6 +33,8 @@ pub struct TenantStatus {
     pub last_attempt_unix: Option<u64>,
     /// Consecutive failures.
     pub failures: u32,
+    /// The shared store's view (`auth.session_store = "redis"` only).
+    pub shared: Option<super::shared::SharedStatus>,
 }
 
 impl TenantSessions {
@@ -45,6 +49,7 @@ impl TenantSessions {
             ending: watch::Sender::new(false),
             flight: tokio::sync::Mutex::new(()),
             next_attempt_us: AtomicI64::new(0),
+            shared_source: AtomicBool::new(false),
         }
     }
 
@@ -106,6 +111,11 @@ impl TenantSessions {
         let at = self.next_attempt_us.load(Ordering::SeqCst);
         (at != 0 && !self.is_ending())
             .then(|| Duration::from_micros((at - unix_us(now)).max(0) as u64))
+    }
+
+    /// Whether the current session is the fleet's shared one (never logged out by one replica).
+    pub fn is_shared(&self) -> bool {
+        self.shared_source.load(Ordering::SeqCst)
     }
 
     /// Whether logout has begun (no renewal from then on).
