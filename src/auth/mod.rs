@@ -29,7 +29,7 @@ pub use session::Session;
 use session::*;
 pub use slot::{SessionTable, TenantSessions, TenantStatus};
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 

@@ -160,7 +160,7 @@ impl Renewer {
             at_us: unix_us(SystemTime::now()),
         };
         if self.shared.is_some() {
-            self.init_shared();
+            self.init_shared().await;
         }
         loop {
             self.slot

@@ -20,8 +20,6 @@ pub struct TenantSessions {
     pub(super) flight: tokio::sync::Mutex<()>,
     /// When the session task next calls FinHub (µs since the epoch, our clock; 0: unknown).
     pub(super) next_attempt_us: AtomicI64,
-    /// Whether the current session is the fleet's shared one (`auth.session_store = "redis"`).
-    pub(super) shared_source: AtomicBool,
 }
 
 /// What `/status` shows about a tenant (no secrets).
@@ -49,7 +47,6 @@ impl TenantSessions {
             ending: watch::Sender::new(false),
             flight: tokio::sync::Mutex::new(()),
             next_attempt_us: AtomicI64::new(0),
-            shared_source: AtomicBool::new(false),
         }
     }
 
@@ -111,11 +108,6 @@ impl TenantSessions {
         let at = self.next_attempt_us.load(Ordering::SeqCst);
         (at != 0 && !self.is_ending())
             .then(|| Duration::from_micros((at - unix_us(now)).max(0) as u64))
-    }
-
-    /// Whether the current session is the fleet's shared one (never logged out by one replica).
-    pub fn is_shared(&self) -> bool {
-        self.shared_source.load(Ordering::SeqCst)
     }
 
     /// Whether logout has begun (no renewal from then on).

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod http;
+pub mod redis_server;
 pub mod sidecar;
 pub mod traffic;
 pub mod world;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 pub use config::*;
 pub use http::*;
+pub use redis_server::*;
 pub use sidecar::*;
 pub use traffic::*;
 pub use world::*;

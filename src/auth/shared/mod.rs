@@ -186,6 +186,15 @@ impl SharedStore {
         self.pool.clone().keep_connected().await
     }
 
+    /// Waits (up to twice the connect timeout) for the first connection, so that a replica
+    /// starting next to a working store reads it before deciding to log in.
+    async fn connected(&self) {
+        let deadline = Instant::now() + self.settings.connect_timeout * 2;
+        while self.pool.connected() == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// This replica's id in leases (`HOSTNAME`, i.e. the pod name, plus a random suffix).
     pub fn replica(&self) -> &str {
         &self.replica
@@ -285,7 +294,7 @@ impl SharedStore {
         s: &Session,
     ) -> Result<bool, Failure> {
         let now = SystemTime::now();
-        let ttl_ms = (s.timing().usable_until_us(s.clock.hi_us(now)) - unix_us(now)) / 1000;
+        let ttl_ms = record_ttl_us(s, now) / 1000;
         if ttl_ms <= 0 {
             return Ok(false);
         }
@@ -348,6 +357,24 @@ impl SharedStore {
             .with_label_values(&[label.as_str()])
             .inc();
     }
+}
+
+/// How long a record of `s` written at `now` lives: as long as FinHub may still take the token
+/// (its expiry at the offset's lower bound, within FinHub's own count) plus a second. Readers
+/// judge usability themselves; the record must not vanish while its token is still good (an
+/// estimate narrowed later extends the usable time).
+fn record_ttl_us(s: &Session, now: SystemTime) -> i64 {
+    let t = s.timing();
+    let lo = if t.on_finhub_clock {
+        s.clock.bounds_at(now).lo_us
+    } else {
+        0
+    };
+    t.expiry_us
+        .saturating_sub(lo)
+        .min(t.at_most_us)
+        .saturating_sub(unix_us(now))
+        .saturating_add(1_000_000)
 }
 
 /// The associated data of a record: its Redis key, tenant, generation and fence.
@@ -524,7 +551,7 @@ pub(super) struct Follower {
     asked: Option<(Instant, u64)>,
     /// When to look at the store next (µs, our clock).
     pub(super) next_look_us: i64,
-    /// Last lease extension (the owner extends every third of the TTL).
+    /// The slot's generation before the renewal step in progress.
     generation_before: u64,
 }
 
@@ -604,8 +631,12 @@ impl Renewer {
         s.shared = Some(status);
     }
 
-    /// The series of a tenant with a shared store, created at 0.
-    pub(super) fn init_shared(&mut self) {
+    /// The series of a tenant with a shared store, created at 0; waits for the store's first
+    /// connection (bounded).
+    pub(super) async fn init_shared(&mut self) {
+        if let Some(f) = self.shared.as_ref() {
+            f.store.connected().await;
+        }
         let tenant = self.tenant_id.clone();
         self.metrics
             .session_adopted
@@ -738,7 +769,11 @@ impl Renewer {
                     }
                 }
                 if forced {
-                    return self.follow_refusal(&tenant, &store, now_us).await;
+                    let turn = self.follow_refusal(&tenant, &store, now_us).await;
+                    if turn == Turn::Wait {
+                        next.at_us = self.shared.as_ref().map_or(now_us, |f| f.next_look_us);
+                    }
+                    return turn;
                 }
                 let source = self.shared.as_ref().map(|f| f.source);
                 if source == Some(Source::Local) && usable.is_some() {
@@ -818,7 +853,6 @@ impl Renewer {
                 self.early = 0;
                 self.failures = 0;
                 self.slot.publish(session);
-                self.slot.shared_source.store(true, Ordering::SeqCst);
                 self.set_source(Source::Shared);
                 if let Some(s) = self.slot.current() {
                     *next = self.plan_for(&s, unix_us(now));
@@ -908,7 +942,6 @@ impl Renewer {
         if f.role == Some(Role::Owner) {
             self.share_current().await;
         } else {
-            self.slot.shared_source.store(false, Ordering::SeqCst);
             self.set_source(Source::Local);
         }
     }
@@ -931,21 +964,18 @@ impl Renewer {
                     f.last_generation = generation;
                     f.adopted = Some((generation, fence));
                 }
-                self.slot.shared_source.store(true, Ordering::SeqCst);
                 self.set_source(Source::Shared);
                 tracing::debug!(tenant = %tenant, generation, "shared session written");
             }
             Ok(false) => {
                 tracing::info!(tenant = %tenant, "the shared record belongs to a newer owner; not written, following it");
                 self.set_owner(None);
-                self.slot.shared_source.store(false, Ordering::SeqCst);
                 self.set_source(Source::Local);
                 if let Some(f) = self.follower() {
                     f.next_look_us = 0;
                 }
             }
             Err(_) => {
-                self.slot.shared_source.store(false, Ordering::SeqCst);
                 self.set_source(Source::Local);
             }
         }
