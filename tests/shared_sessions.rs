@@ -507,3 +507,44 @@ async fn a_401_on_every_replica_is_one_renewal_for_the_fleet() {
     );
     assert!(converged(&all, Duration::from_secs(5)).await.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_store_error_wait_a_replica_never_logs_in_while_redis_is_down() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start().await;
+    let a = fleet
+        .world
+        .sidecar(
+            fleet
+                .config(&fleet.key)
+                .set("auth.shared.on_store_error", "wait"),
+        )
+        .await;
+    let before = fleet.stats();
+    fleet.redis.kill();
+    // The session runs out and is not renewed: apps get 503, FinHub sees no auth call.
+    let unavailable = eventually(LIFETIME * 3, || async {
+        let r = http_client()
+            .get(a.url("/api/v2/accounts"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    let during = fleet.stats();
+    assert!(unavailable.is_some(), "{}", a.log());
+    assert_eq!(
+        during.auth_requests, before.auth_requests,
+        "no login or refresh while the store is down: {during:?}"
+    );
+    // Redis back: the replica takes the lease, logs in once and shares the session.
+    fleet.redis.restart().await;
+    assert!(
+        a.wait_ready(Duration::from_secs(15)).await.is_ok(),
+        "{}",
+        a.log()
+    );
+    assert!(converged(&[&a], Duration::from_secs(5)).await.is_some());
+    assert_eq!(fleet.stats().logins, before.logins + 1);
+}

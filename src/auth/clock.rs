@@ -403,6 +403,25 @@ mod tests {
     }
 
     #[test]
+    fn another_replicas_estimate_is_taken_only_without_one_of_our_own() {
+        let c = ClockOffset::new();
+        let theirs = OffsetBounds {
+            lo_us: 2_000_000,
+            hi_us: 2_400_000,
+        };
+        // Nonsense is refused; a sane estimate is taken while we know nothing.
+        assert!(!c.adopt(OffsetBounds { lo_us: 5, hi_us: 1 }, t(0)));
+        assert!(c.adopt(theirs, t(0)));
+        assert_eq!(c.bounds_at(t(0)), theirs);
+        // Once we have our own, theirs never replaces it.
+        let ours = ClockOffset::new();
+        ours.observe(Some(&date(0)), t(0), t(1_000));
+        let before = ours.bounds_at(t(0));
+        assert!(!ours.adopt(theirs, t(0)));
+        assert_eq!(ours.bounds_at(t(0)), before);
+    }
+
+    #[test]
     fn a_contradicting_date_starts_over_and_an_inferred_bound_never_does() {
         let c = ClockOffset::new();
         c.observe(Some(&date(0)), t(0), t(1_000));
