@@ -289,10 +289,25 @@ impl BackgroundService for ControlPlane {
             sh.tls.clone(),
             sh.sessions.clock().clone(),
         ));
-        if sh.config.auth.logout_on_shutdown && store.is_some() {
+        if let Some(store) = &store {
             // The session is the fleet's: one replica stopping (a rollout always has another)
-            // must not end it for the others, and no replica can know it is the last one.
-            tracing::info!("auth.session_store = \"redis\": sessions are shared with other replicas and are not logged out at shutdown");
+            // must not end it for the others, and no replica can know it is the last one. After
+            // the drain it only gives its leases up, so another replica takes over at once.
+            if sh.config.auth.logout_on_shutdown {
+                tracing::info!("auth.session_store = \"redis\": sessions are shared with other replicas and are not logged out at shutdown");
+            }
+            let (sessions, store) = (sh.sessions.clone(), store.clone());
+            let runtime = tokio::runtime::Handle::current();
+            sh.lifecycle.on_drained(
+                std::time::Duration::from_secs(1),
+                Box::new(move || {
+                    Box::pin(async move {
+                        let _ = runtime
+                            .spawn(auth::shared::leave_all(sessions, store))
+                            .await;
+                    })
+                }),
+            );
         }
         if sh.config.auth.logout_on_shutdown && store.is_none() {
             // Runs from the drain (Pingora's signal task); the calls go out on this runtime,

@@ -548,3 +548,42 @@ async fn with_on_store_error_wait_a_replica_never_logs_in_while_redis_is_down() 
     assert!(converged(&[&a], Duration::from_secs(5)).await.is_some());
     assert_eq!(fleet.stats().logins, before.logins + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gracefully_stopping_owner_hands_its_lease_over_at_once_without_logging_out() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    // A long lease: a takeover well within it shows the lease was given up.
+    let config = || {
+        fleet
+            .config(&fleet.key)
+            .set("auth.shared.lease_ttl", "10s")
+            .shutdown("0s", "2s")
+    };
+    let a = fleet.world.sidecar(config()).await;
+    let b = fleet.world.sidecar(config()).await;
+    let both = [&a, &b];
+    let owner = one_owner(&both, Duration::from_secs(5))
+        .await
+        .expect("an owner");
+    let (leaving, staying) = if owner == 0 { (&a, &b) } else { (&b, &a) };
+    let stopped = Instant::now();
+    leaving.signal(libc::SIGTERM);
+    assert_eq!(leaving.exit_code(Duration::from_secs(15)).await, Some(0));
+    let took = one_owner(&[staying], Duration::from_secs(5)).await;
+    let takeover = stopped.elapsed();
+    eprintln!("FIGURE takeover after a graceful stop of the owner: {takeover:?} (lease_ttl 10s)");
+    assert!(took.is_some(), "{}", logs(&both));
+    assert!(takeover < Duration::from_secs(5), "{takeover:?}");
+    assert_eq!(
+        fleet.emu.controls().logouts().len(),
+        0,
+        "the fleet's session was not logged out"
+    );
+    let r = http_client()
+        .get(staying.url("/api/v2/accounts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}

@@ -377,6 +377,23 @@ fn record_ttl_us(s: &Session, now: SystemTime) -> i64 {
         .saturating_add(1_000_000)
 }
 
+/// At graceful shutdown (after the drain): stops every tenant's renewals and gives up the
+/// leases this replica holds, so another replica takes over at once instead of after
+/// `lease_ttl`. The sessions stay published until the process exits and are not logged out:
+/// they are the fleet's.
+pub async fn leave_all(table: Arc<SessionTable>, store: Arc<SharedStore>) {
+    for slot in table.tenants() {
+        slot.ending.send_replace(true);
+    }
+    let mut releases = tokio::task::JoinSet::new();
+    for slot in table.tenants() {
+        let (store, tenant) = (store.clone(), slot.tenant.id.clone());
+        releases.spawn(async move { store.release(&tenant).await });
+    }
+    while releases.join_next().await.is_some() {}
+    tracing::info!("renewal leases given up; the shared sessions live on for the other replicas");
+}
+
 /// The associated data of a record: its Redis key, tenant, generation and fence.
 fn aad(record_key: &str, tenant: &str, generation: u64, fence: u64) -> String {
     format!("finhub-sidecar/session/v1\n{record_key}\n{tenant}\n{generation}\n{fence}")
@@ -650,6 +667,10 @@ impl Renewer {
     /// renews now. `next` is the renewal plan, replanned when the role changes.
     pub(super) async fn look(&mut self, next: &mut Planned) -> Turn {
         let tenant = self.tenant_id.clone();
+        if self.slot.is_ending() {
+            // Shutting down: no new lease (the loop sees the end next).
+            return Turn::Wait;
+        }
         let Some(f) = self.follower() else {
             return Turn::Renew;
         };
