@@ -587,3 +587,46 @@ async fn a_gracefully_stopping_owner_hands_its_lease_over_at_once_without_loggin
         .unwrap();
     assert_eq!(r.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_cannot_get_a_session_hands_the_lease_to_a_replica_that_can() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    // Replica A presents a certificate FinHub does not accept: its logins fail at TLS.
+    let other = finhub_testkit::pki::Pki::new("Some Other CA").unwrap();
+    let bad = other
+        .client_cert(&finhub_testkit::pki::ClientCertOpts::default())
+        .unwrap();
+    let (cert, key) = bad.write_to(fleet.world.dir.path(), "untrusted").unwrap();
+    let a = fleet
+        .world
+        .spawn_sidecar(
+            fleet
+                .config(&fleet.key)
+                .client_cert(&cert, &key)
+                .set("auth.recovery_interval", "1s"),
+        )
+        .await;
+    let a_owned = eventually(Duration::from_secs(10), || async {
+        (a.counter(LEASE_OWNER).await == 1.0).then_some(())
+    })
+    .await;
+    assert!(a_owned.is_some(), "{}", a.log());
+    // B can: after A's failures it gets the lease, logs in once for both, and A serves the
+    // shared session (ready without a login of its own).
+    let b = fleet
+        .world
+        .sidecar(fleet.config(&fleet.key).set("auth.recovery_interval", "1s"))
+        .await;
+    assert_eq!(one_owner(&[&a, &b], Duration::from_secs(10)).await, Some(1));
+    assert!(
+        a.wait_ready(Duration::from_secs(10)).await.is_ok(),
+        "{}",
+        a.log()
+    );
+    assert_eq!(shared_status(&a).await["source"], "shared");
+    assert_eq!(fleet.stats().logins, 1, "{:?}", fleet.stats());
+    assert!(a
+        .log()
+        .contains("giving the renewal lease to another replica"));
+}

@@ -81,6 +81,10 @@ end
 return 0
 "#;
 
+/// An owner without a session gives its lease to another replica after this many failed
+/// attempts in a row (transient ones; rejected credentials are never rotated).
+const YIELD_AFTER_FAILURES: u32 = 3;
+
 /// While waiting for the owner's renewal after a 401, the record is read this often.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
 
@@ -570,6 +574,8 @@ pub(super) struct Follower {
     pub(super) next_look_us: i64,
     /// The slot's generation before the renewal step in progress.
     generation_before: u64,
+    /// After giving the lease up (repeated failures), not taking it again before this.
+    yielded_until: Option<Instant>,
 }
 
 impl Follower {
@@ -587,6 +593,7 @@ impl Follower {
             asked: None,
             next_look_us: 0,
             generation_before: 0,
+            yielded_until: None,
         }
     }
 }
@@ -705,6 +712,14 @@ impl Renewer {
                         self.set_owner(None);
                     }
                     Role::Alone
+                } else if self
+                    .shared
+                    .as_ref()
+                    .and_then(|f| f.yielded_until)
+                    .is_some_and(|t| Instant::now() < t)
+                {
+                    // Gave the lease up after failing: another replica's turn.
+                    Role::Follower
                 } else {
                     match store.acquire(&tenant).await {
                         Ok(Some(fence)) => {
@@ -751,6 +766,26 @@ impl Renewer {
         let forced = self.slot.forced_pending();
         match role {
             Role::Owner => {
+                if usable.is_none()
+                    && self.failures >= YIELD_AFTER_FAILURES
+                    && self.rejected.is_none()
+                {
+                    // This replica cannot get the fleet a session (its path to FinHub may be
+                    // what is broken): give the lease to another replica for a turn. Still one
+                    // replica at a time calls FinHub; rejected credentials are not rotated (each
+                    // owner would try them again).
+                    tracing::warn!(tenant = %tenant, failures = self.failures, "no session after repeated failures; giving the renewal lease to another replica");
+                    store.release(&tenant).await;
+                    self.set_owner(None);
+                    self.failures = 0;
+                    if let Some(f) = self.follower() {
+                        f.role = Some(Role::Follower);
+                        f.yielded_until = Some(Instant::now() + store.settings.poll_interval * 3);
+                        next.at_us = f.next_look_us;
+                    }
+                    self.show_shared();
+                    return Turn::Wait;
+                }
                 let source = self.shared.as_ref().map(|f| f.source);
                 if usable.is_some() && source == Some(Source::Local) {
                     // Ours, not yet shared (after a store outage or a lost write): share it.
@@ -882,9 +917,10 @@ impl Renewer {
             }
             Err((kid, generation, e)) => {
                 let kid = sanitize_id(&kid);
-                store.count_decrypt_error(&kid);
                 let logged = f.unreadable.as_ref() == Some(&(kid.clone(), generation));
                 if !logged {
+                    // Once per record (key id and generation), not per read.
+                    store.count_decrypt_error(&kid);
                     tracing::error!(
                         tenant = %tenant,
                         key_id = %kid,
