@@ -630,3 +630,99 @@ async fn an_owner_that_cannot_get_a_session_hands_the_lease_to_a_replica_that_ca
         .log()
         .contains("giving the renewal lease to another replica"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_moved_to_another_key_or_forged_is_refused_and_never_overwritten() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let _a = fleet.replica().await;
+    let mut conn = fleet.redis_conn();
+    let original = format!("{}{TENANT}:session", fleet.prefix);
+    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+        .arg(&original)
+        .query(&mut conn)
+        .unwrap();
+    assert!(!fields.is_empty());
+    // The fleet's record copied under another prefix (same key, same tenant): its associated
+    // data names the key it was written to, so it does not authenticate there.
+    let moved_prefix = format!("moved-{}:", uuid::Uuid::new_v4().simple());
+    let moved = format!("{moved_prefix}{TENANT}:session");
+    let mut hset = redis::cmd("HSET");
+    hset.arg(&moved);
+    for (k, v) in &fields {
+        hset.arg(k).arg(v);
+    }
+    let _: i64 = hset.query(&mut conn).unwrap();
+    let b = fleet
+        .world
+        .sidecar(
+            fleet
+                .config(&fleet.key)
+                .set("auth.shared.key_prefix", moved_prefix.as_str()),
+        )
+        .await;
+    let log = b.log();
+    assert!(
+        log.contains("cannot decrypt the shared session record")
+            && log.contains("does not authenticate"),
+        "{log}"
+    );
+    // Forged: hostile field values (a key id with a newline, no valid nonce): refused without
+    // echoing them, and the replica runs on its own session.
+    let forged_prefix = format!("forged-{}:", uuid::Uuid::new_v4().simple());
+    let forged = format!("{forged_prefix}{TENANT}:session");
+    let _: i64 = redis::cmd("HSET")
+        .arg(&forged)
+        .arg("v")
+        .arg("1")
+        .arg("kid")
+        .arg("k1\n{\"level\":\"ERROR\",\"fake\":true}")
+        .arg("nonce")
+        .arg("!!")
+        .arg("ct")
+        .arg("x".repeat(10_000))
+        .arg("gen")
+        .arg("99999999999999999999999")
+        .arg("fence")
+        .arg("-1")
+        .query(&mut conn)
+        .unwrap();
+    let c = fleet
+        .world
+        .sidecar(
+            fleet
+                .config(&fleet.key)
+                .set("auth.shared.key_prefix", forged_prefix.as_str()),
+        )
+        .await;
+    let log = c.log();
+    assert!(log.contains("\"key_id\":\"invalid\""), "{log}");
+    assert!(!log.contains("\"fake\":true"), "{log}");
+    assert_eq!(
+        c.counter("finhub_sidecar_session_decrypt_errors_total{key_id=\"invalid\"}")
+            .await,
+        1.0
+    );
+    // Both logged in on their own (the fleet's one login plus theirs) and wrote nothing.
+    assert_eq!(fleet.stats().logins, 3);
+    let after: Vec<(String, String)> = redis::cmd("HGETALL").arg(&moved).query(&mut conn).unwrap();
+    assert_eq!(after, fields, "the moved record was not overwritten");
+    let kid: String = redis::cmd("HGET")
+        .arg(&forged)
+        .arg("kid")
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        kid.starts_with("k1\n"),
+        "the forged record was not overwritten"
+    );
+    for sc in [&b, &c] {
+        assert_eq!(sc.counter(LEASE_OWNER).await, 0.0);
+        let r = http_client()
+            .get(sc.url("/api/v2/accounts"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
