@@ -638,7 +638,7 @@ async fn a_record_moved_to_another_key_or_forged_is_refused_and_never_overwritte
     let _a = fleet.replica().await;
     let mut conn = fleet.redis_conn();
     let original = format!("{}{TENANT}:session", fleet.prefix);
-    let fields: Vec<(String, String)> = redis::cmd("HGETALL")
+    let fields: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
         .arg(&original)
         .query(&mut conn)
         .unwrap();
@@ -705,7 +705,8 @@ async fn a_record_moved_to_another_key_or_forged_is_refused_and_never_overwritte
     );
     // Both logged in on their own (the fleet's one login plus theirs) and wrote nothing.
     assert_eq!(fleet.stats().logins, 3);
-    let after: Vec<(String, String)> = redis::cmd("HGETALL").arg(&moved).query(&mut conn).unwrap();
+    let after: std::collections::BTreeMap<String, String> =
+        redis::cmd("HGETALL").arg(&moved).query(&mut conn).unwrap();
     assert_eq!(after, fields, "the moved record was not overwritten");
     let kid: String = redis::cmd("HGET")
         .arg(&forged)
