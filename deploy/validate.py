@@ -254,6 +254,8 @@ def check_deployment(resources: list[dict], cfg: dict) -> dict | None:
              cfg.get("upstream", {}).get("ca_file")]
     for t in cfg.get("tenants", []):
         files += [t.get("password_file"), t.get("customer_secret_file")]
+    shared = cfg.get("auth", {}).get("shared", {})
+    files += [shared.get("encryption_key_file")] + list(shared.get("previous_key_files", []))
     for f in filter(None, files):
         d, base = os.path.split(f)
         m = mounts.get(d)

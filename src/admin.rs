@@ -110,6 +110,7 @@ impl Shared {
                     "last_result": st.last_result,
                     "last_attempt_unix": st.last_attempt_unix,
                     "consecutive_failures": st.failures,
+                    "shared": st.shared,
                 })
             })
             .collect();

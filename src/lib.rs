@@ -18,6 +18,7 @@ pub mod logging;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod redis_pool;
 pub mod secret;
 pub mod server;
 pub mod shared;

@@ -198,6 +198,25 @@ pub struct Metrics {
     pub listener_refusals: IntCounterVec,
     /// `finhub_sidecar_app_connections`: app connections open now.
     pub app_connections: IntGauge,
+    /// `finhub_sidecar_session_store_up`: 1 while the shared session store answered its last
+    /// call, 0 when it did not (or no shared store is configured).
+    pub session_store_up: IntGauge,
+    /// `finhub_sidecar_session_store_errors_total{kind="timeout|connection|unavailable|response"}`:
+    /// shared session store calls that failed.
+    pub session_store_errors: IntCounterVec,
+    /// `finhub_sidecar_session_store_connections`: pooled connections to the session store.
+    pub session_store_connections: IntGauge,
+    /// `finhub_sidecar_session_lease_owner{tenant}`: 1 while this replica holds the tenant's
+    /// renewal lease.
+    pub session_lease_owner: IntGaugeVec,
+    /// `finhub_sidecar_session_source{tenant,source="shared|local"}`: 1 for where the tenant's
+    /// current session came from.
+    pub session_source: IntGaugeVec,
+    /// `finhub_sidecar_session_adopted_total{tenant}`: sessions taken from the shared store.
+    pub session_adopted: IntCounterVec,
+    /// `finhub_sidecar_session_decrypt_errors_total{key_id}`: shared records this replica could
+    /// not decrypt, by the key id the record names.
+    pub session_decrypt_errors: IntCounterVec,
     /// `finhub_sidecar_egress_proxy_errors_total{reason="unreachable|refused|malformed|timeout"}`:
     /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened (API path).
     pub egress_proxy_errors: IntCounterVec,
@@ -389,6 +408,56 @@ impl Metrics {
         for kind in crate::tls::pkcs11::TokenError::KINDS {
             pkcs11_errors.with_label_values(&[kind]);
         }
+        let session_store_up = IntGauge::new(
+            "finhub_sidecar_session_store_up",
+            "1 while the shared session store answered its last call",
+        )
+        .expect("static metric definition is valid");
+        let session_store_errors = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_session_store_errors_total",
+                "Shared session store calls that failed, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition is valid");
+        let session_store_connections = IntGauge::new(
+            "finhub_sidecar_session_store_connections",
+            "Pooled connections to the shared session store",
+        )
+        .expect("static metric definition is valid");
+        let session_lease_owner = IntGaugeVec::new(
+            Opts::new(
+                "finhub_sidecar_session_lease_owner",
+                "1 while this replica holds the tenant's renewal lease in the shared store",
+            ),
+            &["tenant"],
+        )
+        .expect("static metric definition is valid");
+        let session_source = IntGaugeVec::new(
+            Opts::new(
+                "finhub_sidecar_session_source",
+                "1 for where the tenant's current session came from (shared store or this replica's own login)",
+            ),
+            &["tenant", "source"],
+        )
+        .expect("static metric definition is valid");
+        let session_adopted = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_session_adopted_total",
+                "Sessions taken from the shared store",
+            ),
+            &["tenant"],
+        )
+        .expect("static metric definition is valid");
+        let session_decrypt_errors = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_session_decrypt_errors_total",
+                "Shared session records this replica could not decrypt, by the record's key id",
+            ),
+            &["key_id"],
+        )
+        .expect("static metric definition is valid");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(request_duration.clone()),
@@ -411,6 +480,13 @@ impl Metrics {
             Box::new(auth_requests.clone()),
             Box::new(finhub_clock_offset.clone()),
             Box::new(upstream_401_replays.clone()),
+            Box::new(session_store_up.clone()),
+            Box::new(session_store_errors.clone()),
+            Box::new(session_store_connections.clone()),
+            Box::new(session_lease_owner.clone()),
+            Box::new(session_source.clone()),
+            Box::new(session_adopted.clone()),
+            Box::new(session_decrypt_errors.clone()),
             Box::new(egress_proxy_errors.clone()),
             Box::new(pkcs11_errors.clone()),
         ] {
@@ -443,6 +519,13 @@ impl Metrics {
             redis_errors,
             redis_call_duration,
             redis_connections,
+            session_store_up,
+            session_store_errors,
+            session_store_connections,
+            session_lease_owner,
+            session_source,
+            session_adopted,
+            session_decrypt_errors,
             listener_refusals,
             app_connections,
             egress_proxy_errors,

@@ -12,8 +12,9 @@ use pingora::services::background::{background_service, BackgroundService};
 use crate::admin;
 use crate::audit::Audit;
 use crate::auth::client::AuthClient;
+use crate::auth::shared::SharedStore;
 use crate::auth::{self, SessionTable};
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, SessionStore};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
 use crate::listener::{AppListener, Limits};
 use crate::metrics::Metrics;
@@ -274,12 +275,41 @@ impl BackgroundService for ControlPlane {
         if let Some(redis) = &self.redis {
             tasks.spawn(redis.clone().keep_connected());
         }
+        // The fleet-shared session store (`auth.session_store = "redis"`).
+        let store = match &sh.config.auth.session_store {
+            SessionStore::Local => None,
+            SessionStore::Redis(settings) => {
+                let store = SharedStore::new(settings, &sh.metrics);
+                tasks.spawn(store.clone().keep_connected());
+                Some(store)
+            }
+        };
         let client = Arc::new(AuthClient::new(
             &sh.config,
             sh.tls.clone(),
             sh.sessions.clock().clone(),
         ));
-        if sh.config.auth.logout_on_shutdown {
+        if let Some(store) = &store {
+            // The session is the fleet's: one replica stopping (a rollout always has another)
+            // must not end it for the others, and no replica can know it is the last one. After
+            // the drain it only gives its leases up, so another replica takes over at once.
+            if sh.config.auth.logout_on_shutdown {
+                tracing::info!("auth.session_store = \"redis\": sessions are shared with other replicas and are not logged out at shutdown");
+            }
+            let (sessions, store) = (sh.sessions.clone(), store.clone());
+            let runtime = tokio::runtime::Handle::current();
+            sh.lifecycle.on_drained(
+                std::time::Duration::from_secs(1),
+                Box::new(move || {
+                    Box::pin(async move {
+                        let _ = runtime
+                            .spawn(auth::shared::leave_all(sessions, store))
+                            .await;
+                    })
+                }),
+            );
+        }
+        if sh.config.auth.logout_on_shutdown && store.is_none() {
             // Runs from the drain (Pingora's signal task); the calls go out on this runtime,
             // which lives until the drain is over.
             let (sessions, client, metrics) =
@@ -298,18 +328,25 @@ impl BackgroundService for ControlPlane {
             );
         }
         for slot in sh.sessions.tenants() {
-            let (slot, client, auth, metrics) = (
+            let (slot, client, auth, metrics, store) = (
                 slot.clone(),
                 client.clone(),
                 sh.config.auth.clone(),
                 sh.metrics.clone(),
+                store.clone(),
             );
             // Supervised: a bug that panics the session task must not end renewals for good.
             tasks.spawn(supervise(
                 "session",
                 std::time::Duration::from_secs(1),
                 move || {
-                    auth::run_tenant(slot.clone(), client.clone(), auth.clone(), metrics.clone())
+                    auth::run_tenant(
+                        slot.clone(),
+                        client.clone(),
+                        auth.clone(),
+                        metrics.clone(),
+                        store.clone(),
+                    )
                 },
             ));
         }

@@ -276,6 +276,22 @@ impl ClockOffset {
         true
     }
 
+    /// Takes another replica's estimate `b` (a shared session's writer's) as a measurement
+    /// when this replica has none of its own yet; otherwise ignores it. Returns whether used.
+    pub fn adopt(&self, b: OffsetBounds, at: SystemTime) -> bool {
+        if self.known.load(Ordering::SeqCst) || b.lo_us > b.hi_us {
+            return false;
+        }
+        let mut s = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        if s.bounds.is_some() {
+            return false;
+        }
+        self.apply(&mut s, b, unix_us(at), true)
+    }
+
     /// The bounds now (lock-free): [`OffsetBounds::ZERO`] before FinHub's first `Date`.
     pub fn bounds(&self) -> OffsetBounds {
         self.bounds_at(SystemTime::now())
@@ -384,6 +400,25 @@ mod tests {
         let b = c.bounds_at(t(0));
         assert!(b.hi_us - b.lo_us < 50_000, "narrowed: {b:?}");
         assert!((b.mid_us() - truth).abs() < 25_000);
+    }
+
+    #[test]
+    fn another_replicas_estimate_is_taken_only_without_one_of_our_own() {
+        let c = ClockOffset::new();
+        let theirs = OffsetBounds {
+            lo_us: 2_000_000,
+            hi_us: 2_400_000,
+        };
+        // Nonsense is refused; a sane estimate is taken while we know nothing.
+        assert!(!c.adopt(OffsetBounds { lo_us: 5, hi_us: 1 }, t(0)));
+        assert!(c.adopt(theirs, t(0)));
+        assert_eq!(c.bounds_at(t(0)), theirs);
+        // Once we have our own, theirs never replaces it.
+        let ours = ClockOffset::new();
+        ours.observe(Some(&date(0)), t(0), t(1_000));
+        let before = ours.bounds_at(t(0));
+        assert!(!ours.adopt(theirs, t(0)));
+        assert_eq!(ours.bounds_at(t(0)), before);
     }
 
     #[test]

@@ -20,6 +20,7 @@ pub mod grant;
 mod plan;
 mod renew;
 mod session;
+pub mod shared;
 mod slot;
 
 use plan::*;

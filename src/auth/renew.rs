@@ -97,6 +97,8 @@ pub(super) struct Renewer {
     pub(super) last_forced: Option<Instant>,
     /// Forced renewals in quick succession (each within 4 spacings of the one before).
     pub(super) forced_streak: u32,
+    /// The tenant's view of the shared store (`auth.session_store = "redis"`).
+    pub(super) shared: Option<super::shared::Follower>,
 }
 
 impl Renewer {
@@ -157,15 +159,23 @@ impl Renewer {
             step: Step::Login,
             at_us: unix_us(SystemTime::now()),
         };
+        if self.shared.is_some() {
+            self.init_shared().await;
+        }
         loop {
             self.slot
                 .next_attempt_us
                 .store(next.at_us, Ordering::SeqCst);
             let backing_off = self.failures > 0 || self.rejected.is_some();
+            // With a shared store, also wake to look at it.
+            let wake_us = match &self.shared {
+                Some(f) => next.at_us.min(f.next_look_us),
+                None => next.at_us,
+            };
             if sleep_until(
                 &self.slot,
                 &mut ending,
-                next.at_us,
+                wake_us,
                 backing_off,
                 self.last_forced
                     .map(|t| t + forced_spacing(self.forced_streak)),
@@ -173,7 +183,11 @@ impl Renewer {
             .await
                 == Wake::End
             {
+                self.leave().await;
                 return;
+            }
+            if self.shared.is_some() && self.look(&mut next).await == super::shared::Turn::Wait {
+                continue;
             }
             let forced = self.slot.forced_pending();
             self.slot.forced.store(0, Ordering::SeqCst);
@@ -201,8 +215,11 @@ impl Renewer {
             let slot = self.slot.clone();
             let guard = slot.flight.lock().await;
             if slot.is_ending() {
+                drop(guard);
+                self.leave().await;
                 return;
             }
+            self.before_renewal();
             let current = self.slot.current();
             next = match current.as_deref() {
                 Some(s)
@@ -217,6 +234,7 @@ impl Renewer {
                 _ => self.login(current.as_deref()).await,
             };
             drop(guard);
+            self.after_renewal().await;
         }
     }
 
@@ -430,6 +448,7 @@ pub async fn run_tenant(
     client: Arc<AuthClient>,
     auth: AuthConfig,
     metrics: Metrics,
+    store: Option<Arc<super::shared::SharedStore>>,
 ) {
     let tenant_id = slot.tenant.id.clone();
     Renewer {
@@ -445,6 +464,7 @@ pub async fn run_tenant(
         rtt_us: 0,
         last_forced: None,
         forced_streak: 0,
+        shared: store.map(super::shared::Follower::new),
     }
     .run()
     .await

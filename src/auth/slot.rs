@@ -31,6 +31,8 @@ pub struct TenantStatus {
     pub last_attempt_unix: Option<u64>,
     /// Consecutive failures.
     pub failures: u32,
+    /// The shared store's view (`auth.session_store = "redis"` only).
+    pub shared: Option<super::shared::SharedStatus>,
 }
 
 impl TenantSessions {

@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::convert::{secs, Convert};
+use super::session_store::{FileSessionStore, FileShared, SessionStore};
 use super::Environment;
 
 /// Pingora keeps at most 64 KiB of a request body for retries.
@@ -37,6 +38,8 @@ pub struct AuthConfig {
     pub logout_on_shutdown: bool,
     /// Bound on the whole logout at shutdown (all tenants together).
     pub logout_timeout: Duration,
+    /// Where the sessions live: this process, or Redis shared by the fleet.
+    pub session_store: SessionStore,
 }
 
 /// `[auth]` as written.
@@ -69,6 +72,11 @@ pub(super) struct FileAuth {
     logout_on_shutdown: Option<bool>,
     /// Bound on the logout at shutdown, all tenants together; default 2 s, at most 30 s.
     logout_timeout: Option<String>,
+    /// `local` (default: each replica logs in and renews on its own) or `redis` (one session
+    /// per tenant shared by every replica using the same Redis and key prefix; `[auth.shared]`).
+    session_store: Option<FileSessionStore>,
+    /// `[auth.shared]`: the shared session store; required with `session_store = "redis"`.
+    shared: Option<FileShared>,
 }
 
 impl Convert<'_> {
@@ -136,7 +144,9 @@ impl Convert<'_> {
                 "must be at most 30s (it delays the process exit)",
             );
         }
+        let session_store = self.session_store(a.session_store, a.shared);
         Some(AuthConfig {
+            session_store,
             environment: env,
             replay_body_limit,
             login_path,

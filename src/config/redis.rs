@@ -88,20 +88,30 @@ enum FileOnRedisError {
     Local,
 }
 
+/// A Redis endpoint: connection (no password), password source, CA bundle.
+pub(super) type RedisEndpoint = (ConnectionInfo, Option<SecretSource>, Option<Vec<u8>>);
+
 impl Convert<'_> {
-    /// `[policy.rate_limit.redis]`; the URL and password never reach a message.
-    pub(super) fn redis(&mut self, r: FileRedis) -> Option<RedisSettings> {
-        const KEY: &str = "policy.rate_limit.redis";
+    /// A Redis endpoint under `KEY` (`url`, `password` / `password_file`, `ca_file`): shared by
+    /// every Redis user's section. The URL and password never reach a message.
+    pub(super) fn redis_endpoint(
+        &mut self,
+        key: &str,
+        url: &str,
+        password: Option<String>,
+        password_file: Option<PathBuf>,
+        ca_file: Option<PathBuf>,
+    ) -> Option<RedisEndpoint> {
         const NOT_A_REDIS_URL: &str = "not a redis:// or rediss:// URL (redis://host:6379/0)";
-        let url = r.url.trim();
+        let url = url.trim();
         let tls = url.starts_with("rediss://");
         let connection = if !tls && !url.starts_with("redis://") {
             // The URL is not echoed: a malformed one may still hold credentials.
-            self.err(format!("{KEY}.url"), NOT_A_REDIS_URL);
+            self.err(format!("{key}.url"), NOT_A_REDIS_URL);
             None
         } else if url.contains('#') {
             self.err(
-                format!("{KEY}.url"),
+                format!("{key}.url"),
                 "URL fragments such as #insecure are not accepted: the server certificate is always verified",
             );
             None
@@ -109,53 +119,66 @@ impl Convert<'_> {
             match redis::IntoConnectionInfo::into_connection_info(url) {
                 Ok(c) if c.redis_settings().password().is_some() => {
                     self.err(
-                        format!("{KEY}.url"),
+                        format!("{key}.url"),
                         "must not contain a password; use password_file or password = \"${ENV_VAR}\"",
                     );
                     None
                 }
                 Ok(c) => Some(c),
                 Err(_) => {
-                    self.err(format!("{KEY}.url"), NOT_A_REDIS_URL);
+                    self.err(format!("{key}.url"), NOT_A_REDIS_URL);
                     None
                 }
             }
         };
-        if r.ca_file.is_some() && !tls {
-            self.err(format!("{KEY}.ca_file"), "needs a rediss:// url (TLS)");
+        if ca_file.is_some() && !tls {
+            self.err(format!("{key}.ca_file"), "needs a rediss:// url (TLS)");
         }
         let user_without_password = connection
             .as_ref()
             .is_some_and(|c| c.redis_settings().username().is_some())
-            && r.password.is_none()
-            && r.password_file.is_none();
+            && password.is_none()
+            && password_file.is_none();
         if user_without_password {
             self.err(
-                format!("{KEY}.password"),
+                format!("{key}.password"),
                 "missing: the url names a user, which needs password_file or password = \"${ENV_VAR}\"",
             );
         }
-        let password = self.secret(KEY, "password", r.password, r.password_file, false);
-        let ca_pem = r.ca_file.and_then(|p| {
+        let password = self.secret(key, "password", password, password_file, false);
+        let ca_pem = ca_file.and_then(|p| {
             let p = self.path(p);
             match std::fs::read(&p) {
                 Ok(pem) if pem_has_certificates(&pem) => Some(pem),
                 Ok(_) => {
                     self.err(
-                        format!("{KEY}.ca_file"),
+                        format!("{key}.ca_file"),
                         format!("{} holds no readable PEM certificate", p.display()),
                     );
                     None
                 }
                 Err(e) => {
                     self.err(
-                        format!("{KEY}.ca_file"),
+                        format!("{key}.ca_file"),
                         format!("cannot read {}: {e}", p.display()),
                     );
                     None
                 }
             }
         });
+        Some((connection?, password, ca_pem))
+    }
+
+    /// `[policy.rate_limit.redis]`; the URL and password never reach a message.
+    pub(super) fn redis(&mut self, r: FileRedis) -> Option<RedisSettings> {
+        const KEY: &str = "policy.rate_limit.redis";
+        let endpoint = self.redis_endpoint(
+            KEY,
+            &r.url,
+            r.password.clone(),
+            r.password_file.clone(),
+            r.ca_file.clone(),
+        );
         let timeout = self.duration(
             &format!("{KEY}.timeout"),
             r.timeout.as_deref(),
@@ -208,8 +231,9 @@ impl Convert<'_> {
         if key_prefix.is_empty() {
             self.err(format!("{KEY}.key_prefix"), "must not be empty");
         }
+        let (connection, password, ca_pem) = endpoint?;
         Some(RedisSettings {
-            connection: connection?,
+            connection,
             password,
             ca_pem,
             key_prefix,

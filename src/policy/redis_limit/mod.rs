@@ -18,26 +18,20 @@
 //!   finds it. Recovery is automatic. A call that timed out may still have used a token in Redis.
 
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwapOption;
 use http::Method;
-use prometheus::{Histogram, IntCounter, IntGauge};
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ConnectionInfo, RedisError, Script, TlsCertificates};
-use tokio::sync::Notify;
-
-mod keeper;
-use keeper::Connector;
+use prometheus::{Histogram, IntCounter};
+use redis::Script;
 
 use super::ratelimit::{
     Check, Decision, DecisionCounters, Limiter, LocalBuckets, LocalLimiter, TenantLimiter,
 };
 use crate::config::{Backend, Limit, OnRedisError, RateLimitConfig, RedisSettings, RouteLimit};
 use crate::metrics::Metrics;
-use crate::secret::SecretSource;
+use crate::redis_pool::{Failure, Pool, PoolSpec};
+pub use crate::redis_pool::{BREAK_AFTER_TIMEOUTS, HEALTH_INTERVAL, MAX_RECONNECT, MIN_RECONNECT};
 
 /// GCRA (the generic cell rate algorithm, a token bucket stored as one timestamp).
 ///
@@ -62,18 +56,6 @@ redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_
 return {1, 0}
 "#;
 
-/// A connection that times out this many calls in a row is discarded and re-established.
-pub const BREAK_AFTER_TIMEOUTS: u32 = 3;
-
-/// First reconnect delay after a failed connect; doubles up to [`MAX_RECONNECT`].
-pub const MIN_RECONNECT: Duration = Duration::from_millis(50);
-
-/// Longest delay between reconnect attempts (so recovery takes at most about this long).
-pub const MAX_RECONNECT: Duration = Duration::from_secs(1);
-
-/// How often each pooled connection is checked with `PING` (bounded by `connect_timeout`).
-pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
-
 /// This pod's share of `limit` when `replicas` share it (rounded up, at least 1).
 pub fn share(limit: Limit, replicas: NonZeroU32) -> Limit {
     let part = |n: NonZeroU32| {
@@ -86,19 +68,6 @@ pub fn share(limit: Limit, replicas: NonZeroU32) -> Limit {
     }
 }
 
-/// Why a Redis call gave no decision (the `kind` label of `redis_errors_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
-    /// No usable connection: decided at once, without waiting.
-    Unavailable,
-    /// No answer within the timeout.
-    Timeout,
-    /// The connection broke.
-    Connection,
-    /// Redis answered with an error (script, auth, OOM, …) or something unexpected.
-    Response,
-}
-
 /// The shared limiter. Cheap to clone; [`RedisLimiter::keep_connected`] must run in the
 /// background for it to ever reach Redis.
 #[derive(Clone)]
@@ -109,12 +78,9 @@ pub struct RedisLimiter {
 struct Inner {
     config: RateLimitConfig,
     key_prefix: String,
-    slots: Box<[Slot]>,
-    next: AtomicUsize,
-    timeout: Duration,
+    pool: Arc<Pool>,
     fallback: Fallback,
     script: Script,
-    connector: Connector,
     metrics: RedisMetrics,
 }
 
@@ -138,16 +104,6 @@ struct RedisBuckets {
     tenant: Arc<TenantBuckets>,
 }
 
-struct Slot {
-    conn: ArcSwapOption<MultiplexedConnection>,
-    broken: Notify,
-    timeouts: AtomicU32,
-    /// Whether the current connection has answered a call or a `PING` (reset at each connect).
-    served: AtomicBool,
-    /// Whether a Redis error answer was logged for the current connection.
-    error_logged: AtomicBool,
-}
-
 enum Fallback {
     Allow,
     Deny,
@@ -162,7 +118,6 @@ struct RedisMetrics {
     connection: IntCounter,
     response: IntCounter,
     duration: Histogram,
-    connections: IntGauge,
 }
 
 impl RedisMetrics {
@@ -199,37 +154,24 @@ impl RedisLimiter {
                 Fallback::Local(LocalLimiter::new(shared))
             }
         };
-        let slots = (0..settings.connections.get())
-            .map(|_| Slot {
-                conn: ArcSwapOption::empty(),
-                broken: Notify::new(),
-                timeouts: AtomicU32::new(0),
-                served: AtomicBool::new(false),
-                error_logged: AtomicBool::new(false),
-            })
-            .collect();
         let errors = &metrics.redis_errors;
         let inner = Inner {
             config: config.clone(),
             key_prefix: settings.key_prefix.clone(),
-            slots,
-            next: AtomicUsize::new(0),
-            timeout: settings.timeout,
-            fallback,
-            script: Script::new(GCRA_SCRIPT),
-            connector: Connector {
-                // Calls are tiny and latency-bound: no Nagle delay behind an unacknowledged one.
-                connection: settings
-                    .connection
-                    .clone()
-                    .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)),
+            pool: Arc::new(Pool::new(PoolSpec {
+                connection: settings.connection.clone(),
                 password: settings.password.clone(),
                 ca_pem: settings.ca_pem.clone(),
                 connect_timeout: settings.connect_timeout,
-                options: AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(settings.connect_timeout))
-                    .set_response_timeout(Some(settings.timeout)),
-            },
+                timeout: settings.timeout,
+                connections: settings.connections.get(),
+                scripts: vec![Script::new(GCRA_SCRIPT)],
+                gauge: metrics.redis_connections.clone(),
+                purpose: "rate limits",
+                meanwhile: "rate-limit decisions follow on_redis_error",
+            })),
+            fallback,
+            script: Script::new(GCRA_SCRIPT),
             metrics: RedisMetrics {
                 redis: DecisionCounters::new(metrics, "redis"),
                 fallback: DecisionCounters::new(metrics, "fallback"),
@@ -238,7 +180,6 @@ impl RedisLimiter {
                 connection: errors.with_label_values(&["connection"]),
                 response: errors.with_label_values(&["response"]),
                 duration: metrics.redis_call_duration.clone(),
-                connections: metrics.redis_connections.clone(),
             },
         };
         RedisLimiter {
@@ -248,35 +189,12 @@ impl RedisLimiter {
 
     /// Keeps every pooled connection established, forever (run it as a background task).
     pub async fn keep_connected(self) {
-        let mut tasks = tokio::task::JoinSet::new();
-        for index in 0..self.inner.slots.len() {
-            let inner = self.inner.clone();
-            // Supervised: a panic in the connect path must not end this slot for good. A
-            // panicked keeper may have left a connection behind: the next one discards it.
-            tasks.spawn(crate::supervise::supervise(
-                "redis connection keeper",
-                MAX_RECONNECT,
-                move || {
-                    let inner = inner.clone();
-                    async move {
-                        if let Some(conn) = inner.slots[index].conn.load_full() {
-                            inner.discard(&inner.slots[index], &conn);
-                        }
-                        inner.keep_slot(index).await;
-                    }
-                },
-            ));
-        }
-        while tasks.join_next().await.is_some() {}
+        self.inner.pool.clone().keep_connected().await
     }
 
     /// Connections usable right now.
     pub fn connected(&self) -> usize {
-        self.inner
-            .slots
-            .iter()
-            .filter(|s| s.conn.load().is_some())
-            .count()
+        self.inner.pool.connected()
     }
 }
 
@@ -310,7 +228,7 @@ impl TenantLimiter for RedisBuckets {
             return Check::Ready(Decision::Allow);
         }
         // Fail fast without boxing a future when no connection is up.
-        if self.inner.slots.iter().all(|s| s.conn.load().is_none()) {
+        if self.inner.pool.connected() == 0 {
             return Check::Ready(
                 self.inner
                     .fall_back(&self.tenant, route, Failure::Unavailable),
@@ -356,62 +274,20 @@ impl Inner {
 
     /// One script call on the next usable connection, bounded by the timeout.
     async fn call(&self, bucket: &Bucket) -> Result<Decision, Failure> {
-        let (slot, conn) = self.pick().ok_or(Failure::Unavailable)?;
-        let mut handle = MultiplexedConnection::clone(&conn);
         let mut invocation = self.script.key(&bucket.key);
         invocation.arg(bucket.interval_us).arg(bucket.burst);
-        let answer = tokio::time::timeout(
-            self.timeout,
-            invocation.invoke_async::<(i64, i64)>(&mut handle),
-        )
-        .await;
-        match answer {
-            Ok(Ok((allowed, wait_us))) => {
-                slot.timeouts.store(0, Ordering::Relaxed);
-                slot.served.store(true, Ordering::Relaxed);
-                Ok(if allowed == 1 {
-                    Decision::Allow
-                } else {
-                    Decision::Deny {
-                        retry_after: Duration::from_micros(wait_us.max(0).unsigned_abs()),
-                    }
+        let (allowed, wait_us) =
+            self.pool
+                .call(|mut handle| async move {
+                    invocation.invoke_async::<(i64, i64)>(&mut handle).await
                 })
+                .await?;
+        Ok(if allowed == 1 {
+            Decision::Allow
+        } else {
+            Decision::Deny {
+                retry_after: Duration::from_micros(wait_us.max(0).unsigned_abs()),
             }
-            Ok(Err(e)) if e.is_timeout() => Err(self.timed_out(slot, &conn)),
-            Ok(Err(e)) if e.is_io_error() || e.is_connection_dropped() => {
-                self.discard(slot, &conn);
-                Err(Failure::Connection)
-            }
-            Ok(Err(e)) => {
-                // READONLY: the address now leads to a replica (failover); a new connection
-                // reaches the new primary.
-                let readonly = e.to_string().contains("READONLY");
-                if e.is_unrecoverable_error() || readonly {
-                    self.discard(slot, &conn);
-                }
-                if !slot.error_logged.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(error = %e, "redis answered the rate-limit script with an error; on_redis_error decides meanwhile");
-                }
-                Err(Failure::Response)
-            }
-            Err(_) => Err(self.timed_out(slot, &conn)),
-        }
-    }
-
-    fn timed_out(&self, slot: &Slot, conn: &Arc<MultiplexedConnection>) -> Failure {
-        if slot.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= BREAK_AFTER_TIMEOUTS {
-            self.discard(slot, conn);
-        }
-        Failure::Timeout
-    }
-
-    /// The next connected slot, round robin; `None` when none is connected.
-    fn pick(&self) -> Option<(&Slot, Arc<MultiplexedConnection>)> {
-        let n = self.slots.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).find_map(|i| {
-            let slot = &self.slots[(start + i) % n];
-            slot.conn.load_full().map(|c| (slot, c))
         })
     }
 }

@@ -597,7 +597,7 @@ async fn refresh(shared: &Shared, req: Request<Incoming>) -> Result<Resp, ApiErr
         shared.refreshes_not_needed.fetch_add(1, Ordering::SeqCst);
         let same_token = Issued {
             view,
-            refresh_token: format!("rt-{}", uuid::Uuid::new_v4()),
+            refresh_token: shared.hand_out(format!("rt-{}", uuid::Uuid::new_v4())),
         };
         return Ok(token_response(
             shared.shape(),

@@ -197,6 +197,9 @@ pub(crate) struct Shared {
     logout_records: Mutex<Vec<LogoutRecord>>,
     recorded: Mutex<VecDeque<RecordedRequest>>,
     tokens: Mutex<HashMap<String, TokenRecord>>,
+    /// Every credential handed out (tokens, internal keys, refresh tokens), for tests that
+    /// look for them where they must not be.
+    handed_out: Mutex<Vec<String>>,
 }
 
 impl Shared {
@@ -234,6 +237,7 @@ impl Shared {
             logout_records: Mutex::new(Vec::new()),
             recorded: Mutex::new(VecDeque::new()),
             tokens: Mutex::new(HashMap::new()),
+            handed_out: Mutex::new(Vec::new()),
         }
     }
 
@@ -295,6 +299,12 @@ impl Shared {
     /// Issues a new session token for `user` with the current lifetime. Like a JWT server,
     /// `iat` is the current whole second and `exp = iat + lifetime` (whole seconds, at least
     /// one); the token is valid until `exp` exactly.
+    /// Records a credential handed out; returns it.
+    pub(crate) fn hand_out(&self, secret: String) -> String {
+        lock(&self.handed_out).push(secret.clone());
+        secret
+    }
+
     pub(crate) fn issue(&self, user: &EmulatorUser) -> Result<Issued, jsonwebtoken::errors::Error> {
         let lifetime =
             Duration::from_secs(lock(&self.lifetime).as_secs().clamp(1, MAX_LIFETIME_SECS));
@@ -319,6 +329,10 @@ impl Shared {
             internal_token_key: internal_key.clone(),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)?;
+        self.hand_out(token.clone());
+        if let Some(k) = &internal_key {
+            self.hand_out(k.clone());
+        }
         let record = TokenRecord {
             token: token.clone(),
             username: user.username.clone(),
@@ -341,7 +355,7 @@ impl Shared {
         tokens.insert(jti, record);
         Ok(Issued {
             view,
-            refresh_token: format!("rt-{}", uuid::Uuid::new_v4()),
+            refresh_token: self.hand_out(format!("rt-{}", uuid::Uuid::new_v4())),
         })
     }
 
@@ -479,6 +493,11 @@ impl Controls {
             logouts: get(&s.logouts),
             auth_requests: get(&s.auth_requests),
         }
+    }
+
+    /// Every token, `internalTokenKey` and refresh token handed out so far.
+    pub fn handed_out_secrets(&self) -> Vec<String> {
+        lock(&self.shared.handed_out).clone()
     }
 
     /// Requests that reached the echo API (rejected ones too), oldest first. Only the most

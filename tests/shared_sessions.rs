@@ -1,0 +1,729 @@
+//! Fleet-shared sessions (`auth.session_store = "redis"`) with real parts: a `redis-server`
+//! started per test, several real sidecars, the FinHub emulator (tokens of a few seconds)
+//! counting logins and refreshes. The tests run one at a time (each starts several sidecars on
+//! a small machine) and print the figures the issue asks for.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::*;
+use finhub_testkit::emulator::{Emulator, Stats};
+use serde_json::Value;
+
+/// Token lifetime (whole seconds): FinHub's refresh window is its last 10 %.
+const LIFETIME_S: u64 = 4;
+const LIFETIME: Duration = Duration::from_secs(LIFETIME_S);
+/// Pause between one traffic worker's requests.
+const PAUSE: Duration = Duration::from_millis(20);
+/// A metric series of the test tenant.
+const LEASE_OWNER: &str = "finhub_sidecar_session_lease_owner{tenant=\"tenant-demo\"}";
+const LOGINS_OK: &str =
+    "finhub_sidecar_auth_requests_total{kind=\"login\",result=\"ok\",tenant=\"tenant-demo\"}";
+const REFRESHES_OK: &str =
+    "finhub_sidecar_auth_requests_total{kind=\"refresh\",result=\"ok\",tenant=\"tenant-demo\"}";
+
+/// One test at a time: each starts several sidecars and traffic.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The world, FinHub with short refreshable tokens, Redis, and the fleet's key.
+struct Fleet {
+    world: World,
+    emu: Emulator,
+    redis: Redis,
+    prefix: String,
+    key: PathBuf,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let world = World::new();
+        let mut cfg = world.emulator_config(&world.server);
+        cfg.token_lifetime = LIFETIME;
+        cfg.include_internal_token_key = true;
+        let emu = Emulator::start(cfg).await.unwrap();
+        let redis = Redis::start().await;
+        let key = write_key(&world, "fleet.key");
+        Fleet {
+            world,
+            emu,
+            redis,
+            prefix: format!("test-{}:", uuid::Uuid::new_v4().simple()),
+            key,
+        }
+    }
+
+    /// A replica's config: integration (refresh by key), the shared store with `key`.
+    fn config(&self, key: &std::path::Path) -> SidecarConfig {
+        self.world
+            .config(self.emu.addr().port())
+            .environment("integration")
+            .set("auth.session_store", "redis")
+            .set("auth.shared.url", self.redis.url())
+            .set("auth.shared.key_prefix", self.prefix.as_str())
+            .set("auth.shared.encryption_key_file", path(key))
+            .set("auth.shared.lease_ttl", "1s")
+            .set("auth.shared.poll_interval", "100ms")
+            .set("auth.shared.follow_timeout", "2s")
+    }
+
+    async fn replica(&self) -> SidecarProcess {
+        self.world.sidecar(self.config(&self.key)).await
+    }
+
+    fn stats(&self) -> Stats {
+        self.emu.controls().stats()
+    }
+
+    /// Waits until FinHub has seen `n` refreshes in all.
+    async fn refreshes_reach(&self, n: u64, within: Duration) -> bool {
+        eventually(within, || async {
+            (self.stats().refreshes >= n).then_some(())
+        })
+        .await
+        .is_some()
+    }
+
+    /// A synchronous connection to the test's Redis.
+    fn redis_conn(&self) -> redis::Connection {
+        redis::Client::open(self.redis.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// The key id of the tenant's shared record, if there is one.
+    fn record_key_id(&self) -> Option<String> {
+        redis::cmd("HGET")
+            .arg(format!("{}{TENANT}:session", self.prefix))
+            .arg("kid")
+            .query(&mut self.redis_conn())
+            .ok()
+            .flatten()
+    }
+}
+
+/// A fresh random 32-byte key, base64, in a file.
+fn write_key(world: &World, name: &str) -> PathBuf {
+    let bytes: [u8; 32] = rand::random();
+    let p = world.dir.path().join(name);
+    std::fs::write(
+        &p,
+        base64::engine::general_purpose::STANDARD.encode(bytes) + "\n",
+    )
+    .unwrap();
+    p
+}
+
+/// Which of `fleet` hold the lease now (by index).
+async fn owners(fleet: &[&SidecarProcess]) -> Vec<usize> {
+    let mut v = Vec::new();
+    for (i, sc) in fleet.iter().enumerate() {
+        if sc.counter(LEASE_OWNER).await == 1.0 {
+            v.push(i);
+        }
+    }
+    v
+}
+
+/// Waits until exactly one of `fleet` holds the lease; its index.
+async fn one_owner(fleet: &[&SidecarProcess], within: Duration) -> Option<usize> {
+    eventually(within, || async {
+        let o = owners(fleet).await;
+        (o.len() == 1).then(|| o[0])
+    })
+    .await
+}
+
+/// The tenant's `shared` object in `/status`.
+async fn shared_status(sc: &SidecarProcess) -> Value {
+    sc.status().await.unwrap_or_default()["tenants"][0]["shared"].clone()
+}
+
+/// Waits until every replica serves the shared record of one generation.
+async fn converged(fleet: &[&SidecarProcess], within: Duration) -> Option<u64> {
+    eventually(within, || async {
+        let mut gens = Vec::new();
+        for sc in fleet {
+            let s = shared_status(sc).await;
+            if s["source"] != "shared" || s["store"] != "ok" {
+                return None;
+            }
+            gens.push(s["generation"].as_u64()?);
+        }
+        (gens.windows(2).all(|w| w[0] == w[1])).then(|| gens[0])
+    })
+    .await
+}
+
+fn logs(fleet: &[&SidecarProcess]) -> String {
+    fleet
+        .iter()
+        .enumerate()
+        .map(|(i, sc)| format!("--- replica {i}:\n{}", sc.log()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_one_login_and_one_refresh_per_lifetime_and_redis_holds_no_secret() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let a = fleet.replica().await;
+    let b = fleet.replica().await;
+    let c = fleet.replica().await;
+    let all = [&a, &b, &c];
+    // The later pods became ready from the shared session: still the one login.
+    assert_eq!(fleet.stats().logins, 1, "{}", logs(&all));
+    for sc in [&b, &c] {
+        assert_eq!(sc.counter(LOGINS_OK).await, 0.0, "a follower logged in");
+    }
+    assert!(one_owner(&all, Duration::from_secs(5)).await.is_some());
+    let started = Instant::now();
+    let before = fleet.stats();
+    let traffic: Vec<_> = all.iter().map(|sc| Traffic::start(sc, 1, PAUSE)).collect();
+    const LIFETIMES: u64 = 10;
+    let done = fleet
+        .refreshes_reach(
+            before.refreshes + LIFETIMES,
+            LIFETIME * (LIFETIMES as u32 + 6),
+        )
+        .await;
+    let mut ok = 0;
+    let mut failed = 0;
+    for t in traffic {
+        let r = t.stop().await;
+        ok += r.answers.len();
+        failed += r.failures;
+    }
+    let elapsed = started.elapsed();
+    let stats = fleet.stats();
+    let lifetimes = elapsed.as_secs_f64() / LIFETIME_S as f64;
+    let refreshes = stats.refreshes - before.refreshes;
+    eprintln!(
+        "FIGURE 3 replicas: {} login(s) in all, {refreshes} refreshes over {lifetimes:.1} lifetimes = {:.2} refreshes per lifetime (+{} early 'not refreshed' probes); {ok} requests ok, {failed} failed",
+        stats.logins,
+        refreshes as f64 / lifetimes,
+        stats.refreshes_not_needed - before.refreshes_not_needed,
+    );
+    assert!(done, "{stats:?}\n{}", logs(&all));
+    assert_eq!(failed, 0, "every app request succeeds\n{}", logs(&all));
+    assert!(ok > 300, "traffic flowed on all three ({ok})");
+    assert_eq!(stats.logins, 1, "one login for the fleet: {stats:?}");
+    assert_eq!(stats.expired_token_seen, 0, "{stats:?}");
+    // One refresh per token for the fleet, not three: a single replica renews every token
+    // once, at most twice per lifetime of these short whole-second tokens (see the 1-replica
+    // figure); three unshared replicas would make it at least three.
+    assert!(
+        (refreshes as f64) <= 2.0 * lifetimes + 1.0,
+        "{refreshes} refreshes in {lifetimes:.1} lifetimes: {stats:?}"
+    );
+    assert_eq!(owners(&all).await.len(), 1, "exactly one lease owner");
+    let mut by_replica = Vec::new();
+    for sc in all {
+        by_replica.push(sc.counter(REFRESHES_OK).await);
+    }
+    assert_eq!(
+        by_replica.iter().sum::<f64>(),
+        stats.refreshes as f64,
+        "each refresh was made by one replica: {by_replica:?}"
+    );
+    // Every key Redis holds, every way it can be read: no credential FinHub handed out.
+    let secrets = fleet.emu.controls().handed_out_secrets();
+    assert!(secrets.len() >= 2 * LIFETIMES as usize, "{}", secrets.len());
+    let mut conn = fleet.redis_conn();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut conn).unwrap();
+    assert!(
+        keys.iter().any(|k| k.ends_with(":session")),
+        "the record is there: {keys:?}"
+    );
+    let mut dump: Vec<u8> = Vec::new();
+    for k in &keys {
+        dump.extend_from_slice(k.as_bytes());
+        let kind: String = redis::cmd("TYPE").arg(k).query(&mut conn).unwrap();
+        match kind.as_str() {
+            "string" => {
+                let v: Vec<u8> = redis::cmd("GET").arg(k).query(&mut conn).unwrap();
+                dump.extend_from_slice(&v);
+            }
+            "hash" => {
+                let v: Vec<Vec<u8>> = redis::cmd("HGETALL").arg(k).query(&mut conn).unwrap();
+                for f in v {
+                    dump.extend_from_slice(&f);
+                }
+            }
+            other => panic!("unexpected key type {other} for {k}"),
+        }
+        let raw: Option<Vec<u8>> = redis::cmd("DUMP").arg(k).query(&mut conn).unwrap();
+        dump.extend_from_slice(&raw.unwrap_or_default());
+    }
+    for s in &secrets {
+        assert!(
+            !dump.windows(s.len()).any(|w| w == s.as_bytes()),
+            "a credential FinHub handed out is readable in Redis"
+        );
+    }
+    // Nor in any replica's log.
+    for sc in all {
+        let log = sc.log();
+        assert!(secrets.iter().all(|s| !log.contains(s.as_str())));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pod_becomes_ready_from_the_shared_session_without_logging_in() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let a = fleet.replica().await;
+    // One replica alone: one login, then one refresh per lifetime.
+    let started = Instant::now();
+    let traffic = Traffic::start(&a, 1, PAUSE);
+    assert!(fleet.refreshes_reach(3, LIFETIME * 8).await, "{}", a.log());
+    let lifetimes = started.elapsed().as_secs_f64() / LIFETIME_S as f64;
+    let stats = fleet.stats();
+    eprintln!(
+        "FIGURE 1 replica: {} login(s), {} refreshes over {lifetimes:.1} lifetimes = {:.2} refreshes per lifetime",
+        stats.logins,
+        stats.refreshes,
+        stats.refreshes as f64 / lifetimes
+    );
+    assert_eq!(stats.logins, 1);
+    // A new pod: ready from the record, no login, and it serves.
+    let b = fleet.replica().await;
+    assert_eq!(fleet.stats().logins, 1, "{}", b.log());
+    assert_eq!(b.counter(LOGINS_OK).await, 0.0);
+    assert!(
+        b.counter("finhub_sidecar_session_adopted_total{tenant=\"tenant-demo\"}")
+            .await
+            >= 1.0
+    );
+    let r = http_client()
+        .get(b.url("/api/v2/accounts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let s = shared_status(&b).await;
+    assert_eq!(s["source"], "shared", "{s}");
+    assert_eq!(s["lease_owner"], false, "{s}");
+    let report = traffic.stop().await;
+    assert_eq!(report.failures, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_lease_owner_hands_renewals_to_another_replica_before_expiry() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let replicas = [
+        fleet.replica().await,
+        fleet.replica().await,
+        fleet.replica().await,
+    ];
+    let all: Vec<&SidecarProcess> = replicas.iter().collect();
+    let owner = one_owner(&all, Duration::from_secs(5))
+        .await
+        .expect("one owner");
+    let survivors: Vec<&SidecarProcess> = all
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != owner)
+        .map(|(_, s)| *s)
+        .collect();
+    let traffic: Vec<_> = survivors
+        .iter()
+        .map(|sc| Traffic::start(sc, 1, PAUSE))
+        .collect();
+    // Kill the owner right after one of its renewals (SIGKILL: no lease release).
+    let n = fleet.stats().refreshes;
+    assert!(fleet.refreshes_reach(n + 1, LIFETIME * 3).await);
+    converged(&all, Duration::from_secs(2)).await;
+    let killed = Instant::now();
+    all[owner].child.lock().unwrap().kill().unwrap();
+    let new_owner = one_owner(&survivors, Duration::from_secs(10)).await;
+    let takeover = killed.elapsed();
+    let refreshed_at = fleet.stats().refreshes;
+    // The new owner renews before the token expires; the survivors never fail.
+    let renewed = fleet.refreshes_reach(refreshed_at + 2, LIFETIME * 4).await;
+    let mut failed = 0;
+    for t in traffic {
+        failed += t.stop().await.failures;
+    }
+    let stats = fleet.stats();
+    eprintln!(
+        "FIGURE takeover after the lease owner was killed: {takeover:?} (lease_ttl 1s, poll 100ms); {stats:?}"
+    );
+    assert!(new_owner.is_some(), "{}", logs(&survivors));
+    assert!(takeover < Duration::from_secs(3), "{takeover:?}");
+    assert!(renewed, "{stats:?}\n{}", logs(&survivors));
+    assert_eq!(failed, 0, "{}", logs(&survivors));
+    assert_eq!(
+        stats.logins, 1,
+        "the new owner refreshed, it did not log in"
+    );
+    assert_eq!(stats.expired_token_seen, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_each_replica_serves_then_renews_alone_and_they_converge_when_it_returns() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start().await;
+    let a = fleet.replica().await;
+    let b = fleet.replica().await;
+    let both = [&a, &b];
+    assert!(converged(&both, Duration::from_secs(5)).await.is_some());
+    let traffic: Vec<_> = both.iter().map(|sc| Traffic::start(sc, 1, PAUSE)).collect();
+    let before = [a.counter(REFRESHES_OK).await, b.counter(REFRESHES_OK).await];
+    fleet.redis.kill();
+    // Each keeps serving and renews on its own.
+    let alone = eventually(LIFETIME * 4, || async {
+        (a.counter(REFRESHES_OK).await > before[0] && b.counter(REFRESHES_OK).await > before[1])
+            .then_some(())
+    })
+    .await;
+    for sc in both {
+        let s = shared_status(sc).await;
+        assert_eq!(s["store"], "unavailable", "{s}");
+    }
+    assert_eq!(a.counter("finhub_sidecar_session_store_up").await, 0.0);
+    fleet.redis.restart().await;
+    let back = Instant::now();
+    let generation = converged(&both, Duration::from_secs(10)).await;
+    let convergence = back.elapsed();
+    let owner = one_owner(&both, Duration::from_secs(5)).await;
+    // Converged: one renewal per lifetime again.
+    let n = fleet.stats().refreshes;
+    let since = Instant::now();
+    let renewed = fleet.refreshes_reach(n + 2, LIFETIME * 4).await;
+    let lifetimes = since.elapsed().as_secs_f64() / LIFETIME_S as f64;
+    let mut failed = 0;
+    for t in traffic {
+        failed += t.stop().await.failures;
+    }
+    let stats = fleet.stats();
+    eprintln!(
+        "redis outage: both renewed alone: {}; converged {convergence:?} after Redis returned (generation {generation:?}); {} refreshes in {lifetimes:.1} lifetimes after; {stats:?}",
+        alone.is_some(),
+        stats.refreshes - n
+    );
+    assert!(alone.is_some(), "{}", logs(&both));
+    assert!(generation.is_some(), "{}", logs(&both));
+    assert!(owner.is_some());
+    assert!(renewed, "{}", logs(&both));
+    assert!(
+        ((stats.refreshes - n) as f64) <= 2.0 * lifetimes + 1.0,
+        "converged: {stats:?}"
+    );
+    assert_eq!(failed, 0, "{}", logs(&both));
+    assert_eq!(stats.logins, 1, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_with_the_wrong_key_logs_in_alone_says_so_and_never_overwrites_the_record() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let a = fleet.replica().await;
+    let fleet_kid = fleet.record_key_id().expect("a record");
+    let wrong = write_key(&fleet.world, "wrong.key");
+    let odd = fleet.world.sidecar(fleet.config(&wrong)).await;
+    // It logged in on its own and says why, naming the record's key id.
+    assert_eq!(fleet.stats().logins, 2);
+    assert_eq!(odd.counter(LOGINS_OK).await, 1.0);
+    let log = odd.log();
+    assert!(
+        log.contains("cannot decrypt the shared session record") && log.contains(&fleet_kid),
+        "{log}"
+    );
+    let series = format!("finhub_sidecar_session_decrypt_errors_total{{key_id=\"{fleet_kid}\"}}");
+    assert!(odd.counter(&series).await >= 1.0);
+    let s = shared_status(&odd).await;
+    assert_eq!(
+        (s["source"].as_str(), s["lease_owner"].as_bool()),
+        (Some("local"), Some(false)),
+        "{s}"
+    );
+    assert_eq!(s["undecryptable_key_id"], fleet_kid.as_str());
+    // Over several renewals the record stays the fleet's, readable by the fleet.
+    let traffic = [Traffic::start(&a, 1, PAUSE), Traffic::start(&odd, 1, PAUSE)];
+    let n = fleet.stats().refreshes;
+    let until = Instant::now() + LIFETIME * 3;
+    while Instant::now() < until {
+        assert_eq!(
+            fleet.record_key_id().as_deref(),
+            Some(fleet_kid.as_str()),
+            "{}",
+            logs(&[&a, &odd])
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(fleet.stats().refreshes >= n + 2, "both kept renewing");
+    let mut failed = 0;
+    for t in traffic {
+        failed += t.stop().await.failures;
+    }
+    assert_eq!(failed, 0, "{}", logs(&[&a, &odd]));
+    assert_eq!(owners(&[&a, &odd]).await, vec![0]);
+    assert_eq!(shared_status(&a).await["source"], "shared");
+    assert_eq!(
+        a.counter(&series).await,
+        0.0,
+        "the fleet reads its record: {}",
+        a.log()
+    );
+    assert_eq!(odd.counter(LEASE_OWNER).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_on_every_replica_is_one_renewal_for_the_fleet() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let replicas = [
+        fleet.replica().await,
+        fleet.replica().await,
+        fleet.replica().await,
+    ];
+    let all: Vec<&SidecarProcess> = replicas.iter().collect();
+    assert!(converged(&all, Duration::from_secs(5)).await.is_some());
+    let before = fleet.stats();
+    fleet.emu.controls().revoke_all_sessions();
+    // Every replica's request meets a 401, is held while the fleet renews once, and is
+    // replayed with the new session.
+    let answers = futures_util::future::join_all(all.iter().map(|sc| async {
+        http_client()
+            .get(sc.url("/api/v2/accounts"))
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    }))
+    .await;
+    let stats = fleet.stats();
+    eprintln!("401 on every replica: answers {answers:?}; {stats:?}");
+    assert_eq!(answers, vec![200, 200, 200], "{}", logs(&all));
+    assert_eq!(
+        stats.logins,
+        before.logins + 1,
+        "one renewal for the fleet: {stats:?}"
+    );
+    assert!(converged(&all, Duration::from_secs(5)).await.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_on_store_error_wait_a_replica_never_logs_in_while_redis_is_down() {
+    let _serial = SERIAL.lock().await;
+    let mut fleet = Fleet::start().await;
+    let a = fleet
+        .world
+        .sidecar(
+            fleet
+                .config(&fleet.key)
+                .set("auth.shared.on_store_error", "wait"),
+        )
+        .await;
+    let before = fleet.stats();
+    fleet.redis.kill();
+    // The session runs out and is not renewed: apps get 503, FinHub sees no auth call.
+    let unavailable = eventually(LIFETIME * 3, || async {
+        let r = http_client()
+            .get(a.url("/api/v2/accounts"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    let during = fleet.stats();
+    assert!(unavailable.is_some(), "{}", a.log());
+    assert_eq!(
+        during.auth_requests, before.auth_requests,
+        "no login or refresh while the store is down: {during:?}"
+    );
+    // Redis back: the replica takes the lease, logs in once and shares the session.
+    fleet.redis.restart().await;
+    assert!(
+        a.wait_ready(Duration::from_secs(15)).await.is_ok(),
+        "{}",
+        a.log()
+    );
+    assert!(converged(&[&a], Duration::from_secs(5)).await.is_some());
+    assert_eq!(fleet.stats().logins, before.logins + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gracefully_stopping_owner_hands_its_lease_over_at_once_without_logging_out() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    // A long lease: a takeover well within it shows the lease was given up.
+    let config = || {
+        fleet
+            .config(&fleet.key)
+            .set("auth.shared.lease_ttl", "10s")
+            .shutdown("0s", "2s")
+    };
+    let a = fleet.world.sidecar(config()).await;
+    let b = fleet.world.sidecar(config()).await;
+    let both = [&a, &b];
+    let owner = one_owner(&both, Duration::from_secs(5))
+        .await
+        .expect("an owner");
+    let (leaving, staying) = if owner == 0 { (&a, &b) } else { (&b, &a) };
+    let stopped = Instant::now();
+    leaving.signal(libc::SIGTERM);
+    assert_eq!(leaving.exit_code(Duration::from_secs(15)).await, Some(0));
+    let took = one_owner(&[staying], Duration::from_secs(5)).await;
+    let takeover = stopped.elapsed();
+    eprintln!("FIGURE takeover after a graceful stop of the owner: {takeover:?} (lease_ttl 10s)");
+    assert!(took.is_some(), "{}", logs(&both));
+    assert!(takeover < Duration::from_secs(5), "{takeover:?}");
+    assert_eq!(
+        fleet.emu.controls().logouts().len(),
+        0,
+        "the fleet's session was not logged out"
+    );
+    let r = http_client()
+        .get(staying.url("/api/v2/accounts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_that_cannot_get_a_session_hands_the_lease_to_a_replica_that_can() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    // Replica A presents a certificate FinHub does not accept: its logins fail at TLS.
+    let other = finhub_testkit::pki::Pki::new("Some Other CA").unwrap();
+    let bad = other
+        .client_cert(&finhub_testkit::pki::ClientCertOpts::default())
+        .unwrap();
+    let (cert, key) = bad.write_to(fleet.world.dir.path(), "untrusted").unwrap();
+    let a = fleet
+        .world
+        .spawn_sidecar(
+            fleet
+                .config(&fleet.key)
+                .client_cert(&cert, &key)
+                .set("auth.recovery_interval", "1s"),
+        )
+        .await;
+    let a_owned = eventually(Duration::from_secs(10), || async {
+        (a.counter(LEASE_OWNER).await == 1.0).then_some(())
+    })
+    .await;
+    assert!(a_owned.is_some(), "{}", a.log());
+    // B can: after A's failures it gets the lease, logs in once for both, and A serves the
+    // shared session (ready without a login of its own).
+    let b = fleet
+        .world
+        .sidecar(fleet.config(&fleet.key).set("auth.recovery_interval", "1s"))
+        .await;
+    assert_eq!(one_owner(&[&a, &b], Duration::from_secs(10)).await, Some(1));
+    assert!(
+        a.wait_ready(Duration::from_secs(10)).await.is_ok(),
+        "{}",
+        a.log()
+    );
+    assert_eq!(shared_status(&a).await["source"], "shared");
+    assert_eq!(fleet.stats().logins, 1, "{:?}", fleet.stats());
+    assert!(a
+        .log()
+        .contains("giving the renewal lease to another replica"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_moved_to_another_key_or_forged_is_refused_and_never_overwritten() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let _a = fleet.replica().await;
+    let mut conn = fleet.redis_conn();
+    let original = format!("{}{TENANT}:session", fleet.prefix);
+    let fields: std::collections::BTreeMap<String, String> = redis::cmd("HGETALL")
+        .arg(&original)
+        .query(&mut conn)
+        .unwrap();
+    assert!(!fields.is_empty());
+    // The fleet's record copied under another prefix (same key, same tenant): its associated
+    // data names the key it was written to, so it does not authenticate there.
+    let moved_prefix = format!("moved-{}:", uuid::Uuid::new_v4().simple());
+    let moved = format!("{moved_prefix}{TENANT}:session");
+    let mut hset = redis::cmd("HSET");
+    hset.arg(&moved);
+    for (k, v) in &fields {
+        hset.arg(k).arg(v);
+    }
+    let _: i64 = hset.query(&mut conn).unwrap();
+    let b = fleet
+        .world
+        .sidecar(
+            fleet
+                .config(&fleet.key)
+                .set("auth.shared.key_prefix", moved_prefix.as_str()),
+        )
+        .await;
+    let log = b.log();
+    assert!(
+        log.contains("cannot decrypt the shared session record")
+            && log.contains("does not authenticate"),
+        "{log}"
+    );
+    // Forged: hostile field values (a key id with a newline, no valid nonce): refused without
+    // echoing them, and the replica runs on its own session.
+    let forged_prefix = format!("forged-{}:", uuid::Uuid::new_v4().simple());
+    let forged = format!("{forged_prefix}{TENANT}:session");
+    let _: i64 = redis::cmd("HSET")
+        .arg(&forged)
+        .arg("v")
+        .arg("1")
+        .arg("kid")
+        .arg("k1\n{\"level\":\"ERROR\",\"fake\":true}")
+        .arg("nonce")
+        .arg("!!")
+        .arg("ct")
+        .arg("x".repeat(10_000))
+        .arg("gen")
+        .arg("99999999999999999999999")
+        .arg("fence")
+        .arg("-1")
+        .query(&mut conn)
+        .unwrap();
+    let c = fleet
+        .world
+        .sidecar(
+            fleet
+                .config(&fleet.key)
+                .set("auth.shared.key_prefix", forged_prefix.as_str()),
+        )
+        .await;
+    let log = c.log();
+    assert!(log.contains("\"key_id\":\"invalid\""), "{log}");
+    assert!(!log.contains("\"fake\":true"), "{log}");
+    assert_eq!(
+        c.counter("finhub_sidecar_session_decrypt_errors_total{key_id=\"invalid\"}")
+            .await,
+        1.0
+    );
+    // Both logged in on their own (the fleet's one login plus theirs) and wrote nothing.
+    assert_eq!(fleet.stats().logins, 3);
+    let after: std::collections::BTreeMap<String, String> =
+        redis::cmd("HGETALL").arg(&moved).query(&mut conn).unwrap();
+    assert_eq!(after, fields, "the moved record was not overwritten");
+    let kid: String = redis::cmd("HGET")
+        .arg(&forged)
+        .arg("kid")
+        .query(&mut conn)
+        .unwrap();
+    assert!(
+        kid.starts_with("k1\n"),
+        "the forged record was not overwritten"
+    );
+    for sc in [&b, &c] {
+        assert_eq!(sc.counter(LEASE_OWNER).await, 0.0);
+        let r = http_client()
+            .get(sc.url("/api/v2/accounts"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
