@@ -19,8 +19,8 @@ use crate::proxy::RequestCtx;
 pub struct AuditRecord<'a> {
     /// Always `"audit"`, to tell these lines from diagnostics.
     pub kind: &'static str,
-    /// RFC 3339 UTC timestamp.
-    pub ts: String,
+    /// RFC 3339 UTC timestamp, milliseconds.
+    pub ts: Timestamp,
     /// `X-Request-ID` sent to FinHub and echoed to the app.
     pub request_id: Option<&'a str>,
     /// `X-Activity-ID` sent to FinHub.
@@ -55,6 +55,17 @@ pub struct AuditRecord<'a> {
     pub replayed: bool,
 }
 
+/// A point in time written as RFC 3339 UTC with milliseconds, formatted straight into the line
+/// (no intermediate string).
+#[derive(Debug, Clone, Copy)]
+pub struct Timestamp(pub std::time::SystemTime);
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_rfc3339_millis(self.0))
+    }
+}
+
 impl<'a> AuditRecord<'a> {
     /// The record of a finished request: what the app asked (`session`), what admission
     /// learnt and decided (`ctx`), the status sent and the decision label.
@@ -74,7 +85,7 @@ impl<'a> AuditRecord<'a> {
             .map_or("/", |p| p.as_str());
         AuditRecord {
             kind: "audit",
-            ts: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+            ts: Timestamp(std::time::SystemTime::now()),
             request_id: a.and_then(|a| a.request_id.to_str().ok()),
             activity_id: a.and_then(|a| a.activity_id.to_str().ok()),
             tenant: ctx.tenant.as_ref().map(|t| t.id()),
@@ -104,6 +115,9 @@ impl<'a> AuditRecord<'a> {
         }
     }
 }
+
+/// Room for a typical audit line, so serialising it does not regrow the buffer.
+const AUDIT_LINE_CAPACITY: usize = 512;
 
 /// Bytes of audit lines gathered into one write by the writer thread.
 const AUDIT_WRITE_BUFFER: usize = 64 * 1024;
@@ -172,10 +186,10 @@ impl Audit {
     /// Queues one line.
     pub fn write(&self, record: &AuditRecord<'_>) {
         let Some(w) = &self.writer else { return };
-        let mut line = match serde_json::to_vec(record) {
-            Ok(l) => l,
-            Err(_) => return,
-        };
+        let mut line = Vec::with_capacity(AUDIT_LINE_CAPACITY);
+        if serde_json::to_writer(&mut line, record).is_err() {
+            return;
+        }
         line.push(b'\n');
         let mut w = w.clone();
         if let Err(e) = w.write_all(&line) {
@@ -203,7 +217,9 @@ mod tests {
         let (a, g) = Audit::open(&AuditOutput::File(file.clone()), false).unwrap();
         a.write(&AuditRecord {
             kind: "audit",
-            ts: "2026-11-23T00:00:00Z".into(),
+            ts: Timestamp(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_392_000_250),
+            ),
             request_id: Some("r"),
             activity_id: None,
             tenant: Some("t"),
@@ -226,5 +242,6 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(v["decision"], "allow");
         assert_eq!(v["tenant"], "t");
+        assert_eq!(v["ts"], "2026-11-23T00:00:00.250Z");
     }
 }
