@@ -261,7 +261,7 @@ impl TransportConnector {
                         // test_reusable_stream: we assume server would never actively send data
                         // first on an idle stream.
                         #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
+                        if connected_to(peer, &stream)
                             && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
@@ -470,6 +470,24 @@ impl PreferredHttpVersion {
 
 use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
+
+/// Whether a pooled stream is connected to `peer`'s address. The address recorded in the
+/// stream's socket digest when it was connected answers without a syscall (a pool lookup runs on
+/// every proxied request); a stream without one, or a peer behind a proxy, asks the kernel
+/// (`getpeername`, [`Peer::matches_fd`]) as before. A broken connection is caught by
+/// [`test_reusable_stream`] either way.
+#[cfg(unix)]
+fn connected_to<P: Peer>(peer: &P, stream: &Stream) -> bool {
+    if peer.get_proxy().is_none() {
+        let recorded = stream
+            .get_socket_digest()
+            .and_then(|digest| digest.peer_addr.get().cloned().flatten());
+        if let Some(recorded) = recorded {
+            return &recorded == peer.address();
+        }
+    }
+    peer.matches_fd(stream.id())
+}
 
 /// Test whether a stream is already closed or not reusable (server sent unexpected data)
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {
