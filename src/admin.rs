@@ -362,8 +362,12 @@ password = "${PW}"
         let sessions = Arc::new(SessionTable::new(&config));
         let limiter = crate::policy::ratelimit::LocalLimiter::new(config.policy.rate_limit.clone());
         let tenants = crate::tenant::Tenants::new(&sessions, 0, &metrics, &limiter).unwrap();
-        let (audit, _guard) =
-            crate::audit::Audit::open(&crate::config::AuditOutput::Off, false).unwrap();
+        let (audit, _guard) = crate::audit::Audit::open(
+            &crate::config::AuditOutput::Off,
+            false,
+            crate::config::DEFAULT_AUDIT_FLUSH_INTERVAL,
+        )
+        .unwrap();
         Shared {
             upstream: Arc::new(crate::upstream::UpstreamAddrs::new("api.finhub.cloud", 443)),
             sessions,

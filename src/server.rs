@@ -63,7 +63,7 @@ pub struct Sidecar {
     tls_files: TlsFiles,
     metrics: Metrics,
     audit: Audit,
-    audit_guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+    audit_guard: Option<crate::audit::AuditGuard>,
     /// The shared limiter, when `backend = "redis"` (its connections live in the control plane).
     redis: Option<RedisLimiter>,
 }
@@ -105,8 +105,12 @@ impl Sidecar {
         for t in &config.tenants {
             metrics.init_tenant(&t.id);
         }
-        let (audit, audit_guard) = Audit::open(&config.audit.output, config.audit.include_query)
-            .map_err(StartError::Audit)?;
+        let (audit, audit_guard) = Audit::open(
+            &config.audit.output,
+            config.audit.include_query,
+            config.audit.flush_interval,
+        )
+        .map_err(StartError::Audit)?;
         let redis = match &config.policy.rate_limit.backend {
             Backend::Local => None,
             Backend::Redis(settings) => Some(RedisLimiter::new(
@@ -229,7 +233,7 @@ impl Sidecar {
         server.run(RunArgs {
             shutdown_signal: Box::new(DrainingSignal(lifecycle)),
         });
-        // Flush queued audit lines before the process exits.
+        // Write the queued audit lines before the process exits.
         drop(self.audit_guard);
         tracing::info!("finhub-sidecar stopped");
     }

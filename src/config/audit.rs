@@ -1,6 +1,7 @@
 //! `[audit]`: where the per-request audit line goes.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -24,7 +25,12 @@ pub struct AuditConfig {
     pub output: AuditOutput,
     /// Keep the query string in the logged path.
     pub include_query: bool,
+    /// Longest time a line waits in memory before it is written.
+    pub flush_interval: Duration,
 }
+
+/// `audit.flush_interval` when unset.
+pub const DEFAULT_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// `[audit]` as written.
 #[derive(Debug, Deserialize, Default)]
@@ -35,6 +41,10 @@ pub(super) struct FileAudit {
     /// Keep the query string in the logged path (it may carry personal data); default false.
     #[serde(default)]
     include_query: bool,
+    /// Longest time a line waits in memory before it is written (default `100ms`, at most
+    /// `10s`); lines are written in batches, earlier when 64 KiB are queued, and all of them at
+    /// shutdown.
+    flush_interval: Option<String>,
 }
 
 impl Convert<'_> {
@@ -51,6 +61,17 @@ impl Convert<'_> {
                 Some(p) => AuditOutput::File(self.path(PathBuf::from(p))),
             },
             include_query: a.include_query,
+            flush_interval: {
+                let d = self.duration(
+                    "audit.flush_interval",
+                    a.flush_interval.as_deref(),
+                    DEFAULT_AUDIT_FLUSH_INTERVAL,
+                );
+                if d > Duration::from_secs(10) {
+                    self.err("audit.flush_interval", "must be at most 10s");
+                }
+                d
+            },
         }
     }
 }

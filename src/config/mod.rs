@@ -38,7 +38,7 @@ mod tenants;
 mod upstream;
 
 pub use admin::AdminConfig;
-pub use audit::{AuditConfig, AuditOutput};
+pub use audit::{AuditConfig, AuditOutput, DEFAULT_AUDIT_FLUSH_INTERVAL};
 pub use auth::AuthConfig;
 pub use client_cert::{ClientCertFiles, KeySource, Pkcs11Key, Pkcs11Uri};
 pub use environment::{EnvRules, Environment};
