@@ -76,8 +76,16 @@ impl Shared {
             .filter(|t| t.usable(now).is_none())
             .map(|t| t.tenant.id.as_str())
             .collect();
-        (!missing.is_empty())
-            .then(|| format!("no valid session for tenant(s): {}", missing.join(", ")))
+        if missing.is_empty() {
+            return None;
+        }
+        let mut reason = format!("no valid session for tenant(s): {}", missing.join(", "));
+        if let Some(e) = self.upstream.auth_egress_failure() {
+            reason.push_str(&format!(
+                "; the last auth call could not pass upstream.egress_proxy: {e}"
+            ));
+        }
+        Some(reason)
     }
 
     /// The `/status` document. Built from identities and times only, never from secrets.

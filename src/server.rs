@@ -288,6 +288,7 @@ impl BackgroundService for ControlPlane {
             &sh.config,
             sh.tls.clone(),
             sh.sessions.clock().clone(),
+            sh.upstream.clone(),
         ));
         if let Some(store) = &store {
             // The session is the fleet's: one replica stopping (a rollout always has another)
