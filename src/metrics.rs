@@ -221,7 +221,7 @@ pub struct Metrics {
     /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened, for the API
     /// pool or for login/refresh/logout.
     pub egress_proxy_errors: IntCounterVec,
-    /// `finhub_sidecar_pkcs11_errors_total{kind="timeout|busy|login|not_found|error"}`: calls
+    /// `finhub_sidecar_pkcs11_errors_total{kind="timeout|busy|skipped|login|not_found|error"}`: calls
     /// into the PKCS#11 token holding the client key that failed (signatures, probes, loads).
     pub pkcs11_errors: IntCounterVec,
 }
