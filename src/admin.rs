@@ -70,6 +70,9 @@ impl Shared {
         }
         if self.config.client_cert.is_some() {
             let tls = self.tls.current();
+            if let Some(why) = &tls.unavailable {
+                return Some(why.clone());
+            }
             match &tls.identity {
                 None => return Some("client certificate not loaded".into()),
                 Some(id) if id.not_after_unix < unix_now() => {

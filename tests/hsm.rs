@@ -412,3 +412,41 @@ async fn pooled_connections_keep_being_served_while_handshakes_wait_for_a_hung_t
     }
     assert_eq!(get(&sc).await, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pin_at_run_keeps_the_sidecar_up_and_unready_until_the_pin_file_is_fixed() {
+    let w = HsmWorld::new("EC:prime256v1");
+    let emu = w.world.emulator().await;
+    std::fs::write(w.world.dir.path().join("pin"), "0000-wrong").unwrap();
+    // Exiting would have Kubernetes restart it into another attempt, and tokens lock the user
+    // after a few: it stays up, unready, naming the file to fix.
+    let sc = w.world.spawn_sidecar(w.config(emu.addr().port())).await;
+    let reason = eventually(Duration::from_secs(15), || async {
+        let r = http_client()
+            .get(format!("http://{}/ready", sc.admin))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 503).then_some(())?;
+        let body = r.text().await.ok()?;
+        body.contains("client_cert.pin_file").then_some(body)
+    })
+    .await;
+    let reason = reason.unwrap_or_else(|| panic!("no PIN reason:\n{}", sc.log()));
+    assert!(reason.contains("refused the PIN"), "{reason}");
+    assert!(
+        sc.child.lock().unwrap().try_wait().unwrap().is_none(),
+        "the sidecar exited:\n{}",
+        sc.log()
+    );
+    // No login with an empty client identity reached FinHub.
+    assert_eq!(emu.controls().stats().logins, 0);
+    // The PIN file is fixed: the next reload logs in to the token, the sidecar becomes ready.
+    std::fs::write(w.world.dir.path().join("pin"), PIN).unwrap();
+    sc.wait_ready(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", sc.log()));
+    assert_eq!(get(&sc).await, 200);
+    let log = sc.log();
+    assert!(!log.contains("0000-wrong") && !log.contains(PIN), "{log}");
+}

@@ -268,9 +268,15 @@ impl AuthClient {
     }
 
     async fn send_now(&self, req: http::Request<Full<Bytes>>) -> Result<Answer, AuthError> {
+        let tls = self.tls.current();
+        if tls.unavailable.is_some() {
+            // No client certificate set yet (the token refuses the PIN): nothing to send with.
+            return Err(AuthError::Transport(
+                "no client certificate set yet (see /ready)".into(),
+            ));
+        }
         let tcp = self.dial().await?;
         let _ = tcp.set_nodelay(true);
-        let tls = self.tls.current();
         let stream = tokio_rustls::TlsConnector::from(tls.rustls.clone())
             .connect(self.server_name.clone(), tcp)
             .await

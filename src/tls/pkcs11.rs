@@ -63,6 +63,10 @@ pub enum TokenError {
     /// The token locked the user PIN.
     #[error("the token's user PIN is locked (CKR_PIN_LOCKED)")]
     PinLocked,
+    /// The token allows one more PIN attempt only: none is made, so that a wrong PIN cannot
+    /// lock it.
+    #[error("the token allows one last user PIN attempt (CKF_USER_PIN_FINAL_TRY); not trying, so that a wrong PIN cannot lock the user: check the PIN, then clear the counter with one good login (e.g. pkcs11-tool --login)")]
+    PinFinalTry,
     /// No private key (or more than one) matches `object=`/`id=` of the key URI, or it is of a
     /// kind this cannot sign with.
     #[error("{0}")]
@@ -84,7 +88,9 @@ impl TokenError {
         match self {
             TokenError::Module(_) => Some("client_cert.pkcs11_module"),
             TokenError::Token(_) | TokenError::Key(_) => Some("client_cert.key_uri"),
-            TokenError::PinIncorrect | TokenError::PinLocked => Some("client_cert.pin_file"),
+            TokenError::PinIncorrect | TokenError::PinLocked | TokenError::PinFinalTry => {
+                Some("client_cert.pin_file")
+            }
             _ => None,
         }
     }
@@ -94,7 +100,7 @@ impl TokenError {
         match self {
             TokenError::Timeout(_) => "timeout",
             TokenError::Busy => "busy",
-            TokenError::PinIncorrect | TokenError::PinLocked => "login",
+            TokenError::PinIncorrect | TokenError::PinLocked | TokenError::PinFinalTry => "login",
             TokenError::Module(_) | TokenError::Token(_) | TokenError::Key(_) => "not_found",
             TokenError::Failed(_) => "error",
         }
@@ -667,11 +673,11 @@ impl Worker {
                 .as_deref()
                 .is_none_or(|s| info.serial_number().trim() == s);
             if label_ok && serial_ok {
-                matching.push(slot);
+                matching.push((slot, info));
             }
         }
-        let slot = match matching.as_slice() {
-            [one] => *one,
+        let (slot, info) = match matching.as_slice() {
+            [(slot, info)] => (*slot, info),
             [] => {
                 return Err(TokenError::Token(
                     "no token matches client_cert.key_uri".into(),
@@ -684,6 +690,13 @@ impl Worker {
                 )))
             }
         };
+        // Tokens lock the user after a few wrong PINs: never make the attempt that could.
+        if info.user_pin_locked() {
+            return Err(TokenError::PinLocked);
+        }
+        if info.user_pin_final_try() {
+            return Err(TokenError::PinFinalTry);
+        }
         let session = ctx
             .open_ro_session(slot)
             .map_err(|e| ck("C_OpenSession", e))?;
