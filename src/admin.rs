@@ -50,6 +50,19 @@ pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_
 pub type AdminState = Shared;
 
 impl Shared {
+    /// `None` while the process can still serve, else why a restart is needed: a PKCS#11
+    /// call that has not returned for [`crate::tls::pkcs11::STUCK_AFTER_TIMEOUTS`] ×
+    /// `pkcs11_timeout` (it cannot be cancelled; the token thread serves nothing else).
+    pub fn not_live_reason(&self) -> Option<String> {
+        let tls = self.tls.current();
+        let stuck = tls.token.as_ref()?.stuck()?;
+        Some(format!(
+            "a call into the client key token has not returned for {}s (client_cert.pkcs11_timeout × {})",
+            stuck.as_secs(),
+            crate::tls::pkcs11::STUCK_AFTER_TIMEOUTS
+        ))
+    }
+
     /// `None` when ready, else why not.
     pub fn not_ready_reason(&self) -> Option<String> {
         if self.lifecycle.is_draining() {
@@ -57,6 +70,9 @@ impl Shared {
         }
         if self.config.client_cert.is_some() {
             let tls = self.tls.current();
+            if let Some(why) = &tls.unavailable {
+                return Some(why.clone());
+            }
             match &tls.identity {
                 None => return Some("client certificate not loaded".into()),
                 Some(id) if id.not_after_unix < unix_now() => {
@@ -76,8 +92,16 @@ impl Shared {
             .filter(|t| t.usable(now).is_none())
             .map(|t| t.tenant.id.as_str())
             .collect();
-        (!missing.is_empty())
-            .then(|| format!("no valid session for tenant(s): {}", missing.join(", ")))
+        if missing.is_empty() {
+            return None;
+        }
+        let mut reason = format!("no valid session for tenant(s): {}", missing.join(", "));
+        if let Some(e) = self.upstream.auth_egress_failure() {
+            reason.push_str(&format!(
+                "; the last auth call could not pass upstream.egress_proxy: {e}"
+            ));
+        }
+        Some(reason)
     }
 
     /// The `/status` document. Built from identities and times only, never from secrets.
@@ -154,7 +178,13 @@ pub fn handle(
     peer: SocketAddr,
 ) -> Response<Full<Bytes>> {
     match (path, method) {
-        ("/live", &Method::GET) => json_response(StatusCode::OK, json!({"status": "live"})),
+        ("/live", &Method::GET) => match state.not_live_reason() {
+            None => json_response(StatusCode::OK, json!({"status": "live"})),
+            Some(reason) => json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "not_live", "reason": reason}),
+            ),
+        },
         ("/ready", &Method::GET) => match state.not_ready_reason() {
             None => json_response(StatusCode::OK, json!({"status": "ready"})),
             Some(reason) => json_response(

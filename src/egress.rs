@@ -29,6 +29,10 @@ use crate::config::ProxyAuth;
 /// The largest CONNECT answer header read from a proxy.
 pub const MAX_ANSWER_BYTES: usize = 8 * 1024;
 
+/// The most header lines read in one CONNECT answer (an 8 KiB answer of short headers stays
+/// readable).
+pub const MAX_ANSWER_HEADERS: usize = 128;
+
 /// Why a tunnel through the egress proxy could not be opened. Carries no credential and no
 /// byte of the proxy's answer beyond its status code.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -73,10 +77,14 @@ pub struct Tunnel {
     /// connectors itself).
     timeout: Duration,
     errors: IntCounterVec,
+    /// The `path` label of the failures counted: `api` (Pingora's pool) or `auth` (login,
+    /// refresh, logout).
+    path: &'static str,
 }
 
 impl Tunnel {
-    /// Tunnels to `host:port` with `auth`, each within `timeout`, counting failures in `errors`.
+    /// Tunnels to `host:port` with `auth`, each within `timeout`, counting failures in `errors`
+    /// under `path="api"` (see [`Tunnel::for_path`]).
     pub fn new(
         host: &str,
         port: u16,
@@ -94,11 +102,36 @@ impl Tunnel {
             auth,
             timeout,
             errors,
+            path: "api",
         }
     }
 
-    /// Opens one tunnel through the proxy at `proxy`.
+    /// The same tunnel, its failures counted under `path` (`"api"` or `"auth"`).
+    pub fn for_path(mut self, path: &'static str) -> Tunnel {
+        self.path = path;
+        self
+    }
+
+    /// Opens one tunnel through the proxy at `proxy`; a failure is counted in
+    /// `finhub_sidecar_egress_proxy_errors_total{path, reason}` and logged at debug (the
+    /// caller's own failure line names it).
     pub async fn open(&self, proxy: SocketAddr) -> Result<TcpStream, EgressError> {
+        let r = self.open_uncounted(proxy).await;
+        if let Err(e) = &r {
+            self.count(e);
+            tracing::debug!(path = self.path, reason = e.reason(), error = %e, %proxy, "egress proxy tunnel failed");
+        }
+        r
+    }
+
+    /// Counts `e` (a tunnel that could not be opened) under this tunnel's path.
+    pub fn count(&self, e: &EgressError) {
+        self.errors
+            .with_label_values(&[self.path, e.reason()])
+            .inc();
+    }
+
+    async fn open_uncounted(&self, proxy: SocketAddr) -> Result<TcpStream, EgressError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         let mut stream = match tokio::time::timeout_at(deadline, TcpStream::connect(proxy)).await {
             Ok(Ok(s)) => s,
@@ -123,10 +156,8 @@ impl L4Connect for Tunnel {
         match self.open(proxy).await {
             Ok(stream) => Ok(stream.into()),
             Err(e) => {
-                self.errors.with_label_values(&[e.reason()]).inc();
-                // The request's own failure line carries the code, the metric counts it: one
-                // detail line at debug, not a second warning per failed connection.
-                tracing::debug!(reason = e.reason(), error = %e, %proxy, "egress proxy tunnel failed");
+                // Counted and logged at debug by `open`: the request's own failure line
+                // carries the code, not a second warning per failed connection.
                 let etype = match e {
                     EgressError::Timeout => ErrorType::ConnectTimedout,
                     _ => ErrorType::ConnectProxyFailure,
@@ -151,7 +182,8 @@ fn connect_request(target: &str, auth: Option<&ProxyAuth>) -> Vec<u8> {
     req.into_bytes()
 }
 
-/// Sends `request` and reads the proxy's answer header.
+/// Sends `request` and reads the proxy's answer header. Interim 1xx answers (100, 102, 103)
+/// are skipped; the whole exchange stays within [`MAX_ANSWER_BYTES`].
 async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(), EgressError> {
     stream
         .write_all(request)
@@ -159,17 +191,30 @@ async fn exchange(stream: &mut TcpStream, request: &[u8]) -> Result<(), EgressEr
         .map_err(|e| EgressError::Unreachable(e.kind()))?;
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
+    let mut total = 0usize;
     loop {
+        // A reset is the proxy (or the path to it) going away, not a malformed answer.
         let n = stream
             .read(&mut chunk)
             .await
-            .map_err(|_| EgressError::Malformed)?;
+            .map_err(|e| EgressError::Unreachable(e.kind()))?;
         if n == 0 {
             return Err(EgressError::Malformed);
         }
+        total += n;
         buf.extend_from_slice(&chunk[..n]);
-        if let Some((status, len)) = parse_answer(&buf)? {
-            return verdict(status, buf.len() - len);
+        while let Some((status, len)) = parse_answer(&buf)? {
+            match status {
+                // Switching protocols is no answer to a CONNECT.
+                101 => return Err(EgressError::Malformed),
+                100..=199 => {
+                    buf.drain(..len);
+                }
+                _ => return verdict(status, buf.len() - len),
+            }
+        }
+        if total >= MAX_ANSWER_BYTES {
+            return Err(EgressError::Malformed);
         }
     }
 }
@@ -187,7 +232,7 @@ fn verdict(status: u16, trailing: usize) -> Result<(), EgressError> {
 /// `Some((status, header length))` once `buf` holds a complete HTTP/1.x response header;
 /// `None` while more is needed; an error when it can never be one (or exceeds the cap).
 pub fn parse_answer(buf: &[u8]) -> Result<Option<(u16, usize)>, EgressError> {
-    let mut headers = [httparse::EMPTY_HEADER; 32];
+    let mut headers = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(buf) {
         Ok(httparse::Status::Complete(len)) => {
@@ -257,7 +302,7 @@ mod tests {
             443,
             None,
             Duration::from_secs(1),
-            IntCounterVec::new(prometheus::Opts::new("x", "x"), &["reason"]).unwrap(),
+            IntCounterVec::new(prometheus::Opts::new("x", "x"), &["path", "reason"]).unwrap(),
         );
         assert_eq!(t.target, "[::1]:443");
     }
@@ -278,7 +323,8 @@ mod tests {
     }
 
     fn tunnel() -> Tunnel {
-        let errors = IntCounterVec::new(prometheus::Opts::new("e", "e"), &["reason"]).unwrap();
+        let errors =
+            IntCounterVec::new(prometheus::Opts::new("e", "e"), &["path", "reason"]).unwrap();
         Tunnel::new("finhub.test", 443, None, Duration::from_millis(500), errors)
     }
 
@@ -303,5 +349,58 @@ mod tests {
             t.open(closed).await.unwrap_err(),
             EgressError::Unreachable(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn interim_answers_many_headers_and_resets() {
+        let t = tunnel();
+        // 1xx answers are interim: the 2xx after them opens the tunnel.
+        let interim = fake_proxy(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+        )
+        .await;
+        assert!(t.open(interim).await.is_ok());
+        // Interim then a refusal: the refusal's code, not 100.
+        let then_no = fake_proxy(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 407 No\r\n\r\n").await;
+        assert_eq!(
+            t.open(then_no).await.unwrap_err(),
+            EgressError::Refused(407)
+        );
+        let switching = fake_proxy(b"HTTP/1.1 101 Switching Protocols\r\n\r\n").await;
+        assert_eq!(t.open(switching).await.unwrap_err(), EgressError::Malformed);
+        // Endless interim answers stay within the size cap.
+        let endless: &'static [u8] = b"HTTP/1.1 100 Continue\r\n\r\n".repeat(400).leak();
+        let many_100 = fake_proxy(endless).await;
+        assert_eq!(t.open(many_100).await.unwrap_err(), EgressError::Malformed);
+        // 40 short headers are well within 8 KiB: a normal 2xx.
+        let mut wordy = b"HTTP/1.1 200 Connection established\r\n".to_vec();
+        for i in 0..40 {
+            wordy.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+        }
+        wordy.extend_from_slice(b"\r\n");
+        let wordy = fake_proxy(wordy.leak()).await;
+        assert!(t.open(wordy).await.is_ok());
+        // A reset right after the CONNECT is the proxy going away, not a malformed answer.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let resetting = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await;
+            socket2::SockRef::from(&s)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(s);
+        });
+        assert_eq!(
+            t.open(resetting).await.unwrap_err(),
+            EgressError::Unreachable(std::io::ErrorKind::ConnectionReset)
+        );
+        // Every failure above is counted under the tunnel's path.
+        assert_eq!(t.errors.with_label_values(&["api", "malformed"]).get(), 2);
+        let auth = tunnel().for_path("auth");
+        let denied = fake_proxy(b"HTTP/1.1 407 No\r\n\r\n").await;
+        assert!(auth.open(denied).await.is_err());
+        assert_eq!(auth.errors.with_label_values(&["auth", "refused"]).get(), 1);
     }
 }

@@ -217,10 +217,11 @@ pub struct Metrics {
     /// `finhub_sidecar_session_decrypt_errors_total{key_id}`: shared records this replica could
     /// not decrypt, by the key id the record names.
     pub session_decrypt_errors: IntCounterVec,
-    /// `finhub_sidecar_egress_proxy_errors_total{reason="unreachable|refused|malformed|timeout"}`:
-    /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened (API path).
+    /// `finhub_sidecar_egress_proxy_errors_total{path="api|auth", reason="unreachable|refused|malformed|timeout"}`:
+    /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened, for the API
+    /// pool or for login/refresh/logout.
     pub egress_proxy_errors: IntCounterVec,
-    /// `finhub_sidecar_pkcs11_errors_total{kind="timeout|busy|login|not_found|error"}`: calls
+    /// `finhub_sidecar_pkcs11_errors_total{kind="timeout|busy|skipped|login|not_found|error"}`: calls
     /// into the PKCS#11 token holding the client key that failed (signatures, probes, loads).
     pub pkcs11_errors: IntCounterVec,
 }
@@ -389,13 +390,15 @@ impl Metrics {
         let egress_proxy_errors = IntCounterVec::new(
             Opts::new(
                 "finhub_sidecar_egress_proxy_errors_total",
-                "CONNECT tunnels through the egress proxy that could not be opened, by reason",
+                "CONNECT tunnels through the egress proxy that could not be opened, by path and reason",
             ),
-            &["reason"],
+            &["path", "reason"],
         )
         .expect("static metric definition is valid");
-        for reason in crate::egress::EgressError::REASONS {
-            egress_proxy_errors.with_label_values(&[reason]);
+        for path in ["api", "auth"] {
+            for reason in crate::egress::EgressError::REASONS {
+                egress_proxy_errors.with_label_values(&[path, reason]);
+            }
         }
         let pkcs11_errors = IntCounterVec::new(
             Opts::new(

@@ -73,11 +73,21 @@ impl Sidecar {
     pub fn build(config: Config) -> Result<Sidecar, StartError> {
         let metrics = Metrics::new();
         let tls_files = TlsFiles::from_config(&config, &metrics);
-        let tls = tls_files.load(unix_now())?;
+        let tls = match tls_files.load(unix_now()) {
+            Ok(tls) => tls,
+            // Exiting would restart the pod into another PIN attempt, and tokens lock the user
+            // after a few: stay up, unready, until pin_file holds a PIN the token takes.
+            Err(e) if crate::tls::ClientTls::is_pin_refusal(&e) => {
+                tracing::error!(error = %e, "the client key token refused the PIN (client_cert.pin_file); not ready until the file changes");
+                crate::tls::ClientTls::waiting_for_pin(&tls_files, &e)?
+            }
+            Err(e) => return Err(e.into()),
+        };
         for w in &tls.warnings {
             tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
         }
-        if config.rules.requires_client_cert && tls.cert_key.is_none() {
+        if config.rules.requires_client_cert && tls.cert_key.is_none() && tls.unavailable.is_none()
+        {
             // Config conversion already refuses this; keep the invariant local too.
             return Err(StartError::Tls(TlsError::MissingClientCert));
         }
@@ -292,6 +302,7 @@ impl BackgroundService for ControlPlane {
             &sh.config,
             sh.tls.clone(),
             sh.sessions.clock().clone(),
+            sh.upstream.clone(),
         ));
         if let Some(store) = &store {
             // The session is the fleet's: one replica stopping (a rollout always has another)

@@ -8,7 +8,7 @@
 //! case every connection is a CONNECT tunnel to FinHub's host and port ([`crate::egress`]).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -16,7 +16,7 @@ use pingora::connectors::L4Connect;
 use prometheus::IntCounterVec;
 
 use crate::config::UpstreamConfig;
-use crate::egress::Tunnel;
+use crate::egress::{EgressError, Tunnel};
 
 /// The addresses dialled for FinHub, as last resolved, and the tunnel through the egress
 /// proxy when there is one.
@@ -27,6 +27,10 @@ pub struct UpstreamAddrs {
     /// The addresses are fixed (`upstream.connect_to`): never resolved.
     fixed: bool,
     tunnel: Option<Arc<dyn L4Connect + Send + Sync>>,
+    /// The auth client's tunnel (failures counted under `path="auth"`).
+    auth_tunnel: Option<Arc<Tunnel>>,
+    /// Why the last auth call could not open a tunnel (`None` once one opened), for `/ready`.
+    auth_egress: Mutex<Option<EgressError>>,
 }
 
 impl UpstreamAddrs {
@@ -42,6 +46,8 @@ impl UpstreamAddrs {
             addrs: ArcSwap::from_pointee(initial),
             fixed: false,
             tunnel: None,
+            auth_tunnel: None,
+            auth_egress: Mutex::new(None),
         }
     }
 
@@ -54,10 +60,19 @@ impl UpstreamAddrs {
                 u.port,
                 p.auth.clone(),
                 u.connect_timeout,
-                egress_errors,
+                egress_errors.clone(),
             );
+            let auth = Tunnel::new(
+                &u.host,
+                u.port,
+                p.auth.clone(),
+                u.connect_timeout,
+                egress_errors,
+            )
+            .for_path("auth");
             let mut a = UpstreamAddrs::new(&p.host, p.port);
             a.tunnel = Some(Arc::new(tunnel));
+            a.auth_tunnel = Some(Arc::new(auth));
             return a;
         }
         if !u.connect_to.is_empty() {
@@ -73,6 +88,23 @@ impl UpstreamAddrs {
     /// CONNECT tunnel when an egress proxy is configured.
     pub fn tunnel(&self) -> Option<&Arc<dyn L4Connect + Send + Sync>> {
         self.tunnel.as_ref()
+    }
+
+    /// The tunnel login, refresh and logout open through the egress proxy, if there is one.
+    pub fn auth_tunnel(&self) -> Option<&Arc<Tunnel>> {
+        self.auth_tunnel.as_ref()
+    }
+
+    /// Records how the auth client's last tunnel went (`None`: it opened).
+    pub fn note_auth_egress(&self, failure: Option<EgressError>) {
+        if let Ok(mut slot) = self.auth_egress.lock() {
+            *slot = failure;
+        }
+    }
+
+    /// Why the auth client's last tunnel could not be opened, if it could not.
+    pub fn auth_egress_failure(&self) -> Option<EgressError> {
+        self.auth_egress.lock().ok().and_then(|s| s.clone())
     }
 
     /// The host whose addresses are dialled (the egress proxy's, with one), for logs.

@@ -266,8 +266,8 @@ CK_RV C_GetFunctionList(LIST **out) {
 }
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_that_stops_answering_is_a_readiness_reason_and_a_metric_not_a_crash() {
+/// A world whose token is reached through the hanging module: (world, module, hang file).
+fn hanging_world() -> (HsmWorld, PathBuf, PathBuf) {
     let mut w = HsmWorld::new("EC:prime256v1");
     let dir = w.world.dir.path().to_path_buf();
     let source = dir.join("hanging.c");
@@ -292,6 +292,22 @@ async fn a_token_that_stops_answering_is_a_readiness_reason_and_a_metric_not_a_c
     w.world
         .sidecar_env
         .push(("PKCS11_REAL_MODULE".into(), SOFTHSM_MODULE.into()));
+    (w, module, hang)
+}
+
+/// `GET /live`'s status.
+async fn live_status(sc: &SidecarProcess) -> u16 {
+    http_client()
+        .get(format!("http://{}/live", sc.admin))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_stops_answering_is_a_readiness_reason_and_a_metric_not_a_crash() {
+    let (w, module, hang) = hanging_world();
     let emu = w.world.emulator().await;
     let config = w
         .config(emu.addr().port())
@@ -299,6 +315,7 @@ async fn a_token_that_stops_answering_is_a_readiness_reason_and_a_metric_not_a_c
         .set("client_cert.pkcs11_timeout", "300ms");
     let sc = w.world.sidecar(config).await;
     assert_eq!(get(&sc).await, 200);
+    assert_eq!(live_status(&sc).await, 200);
 
     std::fs::write(&hang, "").unwrap();
     let reason = eventually(Duration::from_secs(10), || async {
@@ -323,13 +340,113 @@ async fn a_token_that_stops_answering_is_a_readiness_reason_and_a_metric_not_a_c
         sc.child.lock().unwrap().try_wait().unwrap().is_none(),
         "the sidecar is still running"
     );
+    // A call that never returns (here: the probe, held for longer than 10 × 300 ms) fails
+    // liveness, so that Kubernetes restarts the pod.
+    let unlive = eventually(Duration::from_secs(15), || async {
+        (live_status(&sc).await == 503).then_some(())
+    })
+    .await;
+    assert!(unlive.is_some(), "{}", sc.log());
 
-    // The token answers again: ready again, requests served.
+    // The token answers again: live and ready again, requests served.
     std::fs::remove_file(&hang).unwrap();
     let back = eventually(Duration::from_secs(10), || async {
-        (sc.ready_status().await == 200).then_some(())
+        (sc.ready_status().await == 200 && live_status(&sc).await == 200).then_some(())
     })
     .await;
     assert!(back.is_some(), "{}", sc.log());
     assert_eq!(get(&sc).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_keep_being_served_while_handshakes_wait_for_a_hung_token() {
+    let (w, module, hang) = hanging_world();
+    let emu = w.world.emulator().await;
+    // Handshakes wait up to 30 s for the token, on a 2-thread proxy.
+    let config = w
+        .config(emu.addr().port())
+        .set("listener.threads", 2)
+        .set("client_cert.pkcs11_module", path(&module))
+        .set("client_cert.pkcs11_timeout", "30s")
+        .cert_reload_interval("60s");
+    let sc = w.world.sidecar(config).await;
+    // One pooled connection to FinHub.
+    assert_eq!(get(&sc).await, 200);
+
+    std::fs::write(&hang, "").unwrap();
+    // Slow answers, so that concurrent requests cannot share the pooled connection: all but
+    // one open new connections, whose handshakes wait for the hung token.
+    emu.controls().set_delay(Duration::from_millis(500));
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let url = sc.url("/api/v2/accounts");
+        waiting.push(tokio::spawn(async move {
+            client_with_timeout(Duration::from_secs(60))
+                .get(url)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }));
+    }
+    // Requests keep being answered over the pooled connection meanwhile, long before the
+    // handshakes' 30 s are up.
+    let served = eventually(Duration::from_secs(10), || async {
+        let r = client_with_timeout(Duration::from_secs(3))
+            .get(sc.url("/api/v2/accounts"))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let log = sc.log();
+    std::fs::remove_file(&hang).unwrap();
+    emu.controls().set_delay(Duration::ZERO);
+    assert!(
+        served.is_some(),
+        "no request served during the hang:\n{log}"
+    );
+    for t in waiting {
+        let _ = t.await;
+    }
+    assert_eq!(get(&sc).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_pin_at_run_keeps_the_sidecar_up_and_unready_until_the_pin_file_is_fixed() {
+    let w = HsmWorld::new("EC:prime256v1");
+    let emu = w.world.emulator().await;
+    std::fs::write(w.world.dir.path().join("pin"), "0000-wrong").unwrap();
+    // Exiting would have Kubernetes restart it into another attempt, and tokens lock the user
+    // after a few: it stays up, unready, naming the file to fix.
+    let sc = w.world.spawn_sidecar(w.config(emu.addr().port())).await;
+    let reason = eventually(Duration::from_secs(15), || async {
+        let r = http_client()
+            .get(format!("http://{}/ready", sc.admin))
+            .send()
+            .await
+            .ok()?;
+        (r.status() == 503).then_some(())?;
+        let body = r.text().await.ok()?;
+        body.contains("client_cert.pin_file").then_some(body)
+    })
+    .await;
+    let reason = reason.unwrap_or_else(|| panic!("no PIN reason:\n{}", sc.log()));
+    assert!(reason.contains("refused the PIN"), "{reason}");
+    assert!(
+        sc.child.lock().unwrap().try_wait().unwrap().is_none(),
+        "the sidecar exited:\n{}",
+        sc.log()
+    );
+    // No login with an empty client identity reached FinHub.
+    assert_eq!(emu.controls().stats().logins, 0);
+    // The PIN file is fixed: the next reload logs in to the token, the sidecar becomes ready.
+    std::fs::write(w.world.dir.path().join("pin"), PIN).unwrap();
+    sc.wait_ready(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", sc.log()));
+    assert_eq!(get(&sc).await, 200);
+    let log = sc.log();
+    assert!(!log.contains("0000-wrong") && !log.contains(PIN), "{log}");
 }

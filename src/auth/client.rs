@@ -2,16 +2,27 @@
 //! certificate. Every answer's `Date` feeds the estimate of FinHub's clock ([`ClockOffset`]).
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
 use serde_json::{json, Map, Value};
+use tokio::net::TcpStream;
 
 use super::clock::ClockOffset;
 use super::grant::{Grant, GrantError};
 use super::Session;
-use crate::config::{Config, EgressProxy, EnvRules, TenantConfig};
-use crate::tls::{ClientTls, TlsStore};
+use crate::config::{Config, EnvRules, TenantConfig};
+use crate::egress::{EgressError, Tunnel};
+use crate::tls::TlsStore;
+use crate::upstream::UpstreamAddrs;
+
+/// The largest auth answer body read (FinHub's are a few KiB).
+pub const MAX_AUTH_ANSWER_BYTES: usize = 1024 * 1024;
 
 /// Why a login or refresh did not produce a session. Never carries a credential or token.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +48,10 @@ pub enum AuthError {
     /// Network or TLS.
     #[error("auth call failed: {0}")]
     Transport(String),
+    /// No tunnel through `upstream.egress_proxy` (counted in
+    /// `finhub_sidecar_egress_proxy_errors_total{path="auth"}`).
+    #[error("auth call failed: {0} (upstream.egress_proxy)")]
+    Egress(EgressError),
     /// No answer within the timeout.
     #[error("auth call timed out")]
     Timeout,
@@ -58,7 +73,6 @@ impl AuthError {
 pub struct AuthClient {
     tls: Arc<TlsStore>,
     clock: Arc<ClockOffset>,
-    base_url: String,
     /// The environment's rules (login body flavour, refresh support).
     rules: EnvRules,
     login_path: String,
@@ -70,14 +84,16 @@ pub struct AuthClient {
     origin_ip: String,
     user_agent: http::HeaderValue,
     platform: http::HeaderValue,
-    /// FinHub's host, for `connect_to`.
-    host: String,
-    /// `upstream.connect_to`: FinHub's addresses instead of DNS.
-    connect_to: Vec<std::net::SocketAddr>,
-    /// `upstream.egress_proxy`: every auth call is a CONNECT tunnel through it.
-    egress: Option<EgressProxy>,
-    /// The client, for this TLS snapshot and this keyed hash of the proxy password.
-    cached: Mutex<Option<(Arc<ClientTls>, u64, reqwest::Client)>>,
+    /// How each auth call reaches FinHub.
+    route: Route,
+    /// `upstream.connect_timeout`: each address attempt (and each tunnel) is bounded by it.
+    connect_timeout: Duration,
+    /// FinHub's host for SNI and certificate verification.
+    server_name: ServerName<'static>,
+    /// The base URL's authority, sent as `Host` (`host` alone on port 443).
+    authority: http::HeaderValue,
+    /// Where the last auth tunnel failure is published for `/ready`.
+    upstream: Arc<UpstreamAddrs>,
     /// Keys [`AuthClient::credentials_fingerprint`] (random per process).
     hasher: RandomState,
 }
@@ -98,20 +114,61 @@ pub enum Refreshed {
     },
 }
 
+/// How an auth call reaches FinHub: DNS, the fixed `connect_to` addresses, or a CONNECT
+/// tunnel through the egress proxy. Each call opens its own connection (auth calls are a few
+/// per tenant per token lifetime), dialled exactly as configured: reqwest's resolver override
+/// keeps the URL's port, so a `connect_to` port would be ignored on a non-443 base URL.
+enum Route {
+    /// FinHub's host, resolved per call, addresses tried in order.
+    Dns { host: String, port: u16 },
+    /// `upstream.connect_to`, tried in order.
+    Fixed(Vec<SocketAddr>),
+    /// A tunnel through the proxy at `host:port` (resolved per call).
+    Egress {
+        host: String,
+        port: u16,
+        tunnel: Arc<Tunnel>,
+    },
+}
+
 impl AuthClient {
     /// A client for the upstream and auth settings in `config`; FinHub's `Date` headers go
-    /// into `clock`.
-    pub fn new(config: &Config, tls: Arc<TlsStore>, clock: Arc<ClockOffset>) -> Self {
+    /// into `clock`; tunnel failures are counted and published through `upstream`.
+    pub fn new(
+        config: &Config,
+        tls: Arc<TlsStore>,
+        clock: Arc<ClockOffset>,
+        upstream: Arc<UpstreamAddrs>,
+    ) -> Self {
         let u = &config.upstream;
         let host = if u.host.contains(':') {
             format!("[{}]", u.host)
         } else {
             u.host.clone()
         };
+        let authority = if u.port == 443 {
+            host.clone()
+        } else {
+            format!("{host}:{}", u.port)
+        };
+        let route = match (&u.egress_proxy, upstream.auth_tunnel()) {
+            (Some(p), Some(tunnel)) => Route::Egress {
+                host: p.host.clone(),
+                port: p.port,
+                tunnel: tunnel.clone(),
+            },
+            _ if !u.connect_to.is_empty() => Route::Fixed(u.connect_to.clone()),
+            _ => Route::Dns {
+                host: u.host.clone(),
+                port: u.port,
+            },
+        };
+        // The config layer validated the host as a DNS name or an IP literal.
+        let server_name = ServerName::try_from(u.host.clone())
+            .unwrap_or_else(|_| ServerName::try_from("invalid.invalid").expect("static name"));
         AuthClient {
             tls,
             clock,
-            base_url: format!("https://{host}:{}", u.port),
             rules: config.rules,
             login_path: config.auth.login_path.clone(),
             refresh_path: config.auth.refresh_path.clone(),
@@ -122,10 +179,12 @@ impl AuthClient {
             origin_ip: config.headers.origin_ip.to_string(),
             user_agent: config.headers.user_agent.clone(),
             platform: config.headers.sec_ch_ua_platform.clone(),
-            host: u.host.clone(),
-            connect_to: u.connect_to.clone(),
-            egress: u.egress_proxy.clone(),
-            cached: Mutex::new(None),
+            route,
+            connect_timeout: u.connect_timeout,
+            server_name,
+            authority: http::HeaderValue::from_str(&authority)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("invalid.invalid")),
+            upstream,
             hasher: RandomState::new(),
         }
     }
@@ -151,49 +210,98 @@ impl AuthClient {
         ))
     }
 
-    fn http(&self) -> Result<reqwest::Client, AuthError> {
+    /// A TCP connection to FinHub (or a tunnel to it), dialled as `[upstream]` says.
+    async fn dial(&self) -> Result<TcpStream, AuthError> {
+        match &self.route {
+            Route::Dns { host, port } => {
+                let addrs = lookup(host, *port)
+                    .await
+                    .map_err(|e| AuthError::Transport(format!("resolving {host}: {e}")))?;
+                connect_any(&addrs, self.connect_timeout).await
+            }
+            Route::Fixed(addrs) => connect_any(addrs, self.connect_timeout).await,
+            Route::Egress { host, port, tunnel } => {
+                let r = self.tunnel(host, *port, tunnel).await;
+                self.upstream.note_auth_egress(r.as_ref().err().cloned());
+                r.map_err(AuthError::Egress)
+            }
+        }
+    }
+
+    /// A tunnel through the first of the proxy's addresses that opens one; a refusal is the
+    /// proxy's answer and is not retried on its other addresses.
+    async fn tunnel(
+        &self,
+        host: &str,
+        port: u16,
+        tunnel: &Tunnel,
+    ) -> Result<TcpStream, EgressError> {
+        let addrs = match lookup(host, port).await {
+            Ok(a) => a,
+            Err(e) => {
+                let e = EgressError::Unreachable(e.kind());
+                tunnel.count(&e);
+                return Err(e);
+            }
+        };
+        let mut last = EgressError::Unreachable(std::io::ErrorKind::NotFound);
+        for a in addrs {
+            match tunnel.open(a).await {
+                Ok(s) => return Ok(s),
+                Err(e @ EgressError::Refused(_)) => return Err(e),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
+    /// Sends `req` on a new TLS connection (client certificate, SNI the base URL's host) and
+    /// reads the answer, all within `within`.
+    async fn send(
+        &self,
+        req: http::Request<Full<Bytes>>,
+        within: Duration,
+    ) -> Result<Answer, AuthError> {
+        tokio::time::timeout(within, self.send_now(req))
+            .await
+            .map_err(|_| AuthError::Timeout)?
+    }
+
+    async fn send_now(&self, req: http::Request<Full<Bytes>>) -> Result<Answer, AuthError> {
         let tls = self.tls.current();
-        // A rotated proxy password (file re-read) makes a new client, like a new certificate.
-        let password = self
-            .egress
-            .as_ref()
-            .and_then(|p| p.auth.as_ref())
-            .map(|a| a.password.current());
-        let password_key = self.hasher.hash_one(password.as_ref().map(|p| p.expose()));
-        let mut cached = self
-            .cached
-            .lock()
-            .map_err(|_| AuthError::Transport("auth client cache poisoned".into()))?;
-        if let Some((t, k, c)) = cached.as_ref() {
-            if Arc::ptr_eq(t, &tls) && *k == password_key {
-                return Ok(c.clone());
-            }
+        if tls.unavailable.is_some() {
+            // No client certificate set yet (the token refuses the PIN): nothing to send with.
+            return Err(AuthError::Transport(
+                "no client certificate set yet (see /ready)".into(),
+            ));
         }
-        let mut builder = reqwest::Client::builder()
-            .tls_backend_preconfigured((*tls.rustls).clone())
-            .timeout(self.timeout)
-            .no_proxy()
-            .http1_only();
-        if let Some(p) = &self.egress {
-            let host = if p.host.contains(':') {
-                format!("[{}]", p.host)
-            } else {
-                p.host.clone()
-            };
-            let mut proxy = reqwest::Proxy::https(format!("http://{host}:{}", p.port))
-                .map_err(|e| AuthError::Transport(format!("egress proxy: {e}")))?;
-            if let (Some(a), Some(pw)) = (&p.auth, &password) {
-                proxy = proxy.basic_auth(&a.username, pw.expose());
-            }
-            builder = builder.proxy(proxy);
-        } else if !self.connect_to.is_empty() {
-            builder = builder.resolve_to_addrs(&self.host, &self.connect_to);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| AuthError::Transport(e.to_string()))?;
-        *cached = Some((tls, password_key, client.clone()));
-        Ok(client)
+        let tcp = self.dial().await?;
+        let _ = tcp.set_nodelay(true);
+        let stream = tokio_rustls::TlsConnector::from(tls.rustls.clone())
+            .connect(self.server_name.clone(), tcp)
+            .await
+            .map_err(|e| AuthError::Transport(format!("TLS with FinHub: {e}")))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| AuthError::Transport(format!("HTTP/1.1 with FinHub: {e}")))?;
+        // The connection task ends with this call (also when the call is given up).
+        let conn = AbortOnDrop(tokio::spawn(conn));
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| AuthError::Transport(format!("HTTP/1.1 with FinHub: {e}")))?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, MAX_AUTH_ANSWER_BYTES)
+            .collect()
+            .await
+            .map_err(|e| AuthError::Transport(format!("reading FinHub's answer: {e}")))?
+            .to_bytes();
+        drop(conn);
+        Ok(Answer {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
     }
 
     /// The login body for this environment (protocol notes §2.2–2.4, A9–A11).
@@ -221,13 +329,10 @@ impl AuthClient {
     }
 
     /// A POST to FinHub with the compliance headers every auth call carries.
-    fn post(
-        &self,
-        http: &reqwest::Client,
-        path: &str,
-        tenant: &TenantConfig,
-    ) -> reqwest::RequestBuilder {
-        http.post(format!("{}{}", self.base_url, path))
+    fn post(&self, path: &str, tenant: &TenantConfig) -> http::request::Builder {
+        http::Request::post(path)
+            .header(http::header::HOST, self.authority.clone())
+            .header(http::header::ACCEPT, "*/*")
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::USER_AGENT, self.user_agent.clone())
             .header("sec-ch-ua-platform", self.platform.clone())
@@ -235,18 +340,26 @@ impl AuthClient {
             .header("X-Tenant-ID", tenant.id_header.clone())
     }
 
+    /// `builder` with `body` as its JSON body.
+    fn finish(
+        builder: http::request::Builder,
+        body: &Value,
+    ) -> Result<http::Request<Full<Bytes>>, AuthError> {
+        let bytes = serde_json::to_vec(body)
+            .map_err(|e| AuthError::Transport(format!("encoding the auth body: {e}")))?;
+        builder
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| AuthError::Transport(format!("building the auth request: {e}")))
+    }
+
     /// Logs `tenant` in.
     pub async fn login(&self, tenant: &TenantConfig) -> Result<Session, AuthError> {
-        let http = self.http()?;
+        let body = self.login_body(tenant);
+        let req = Self::finish(self.post(&self.login_path, tenant), &body)?;
         let sent = SystemTime::now();
-        let resp = self
-            .post(&http, &self.login_path, tenant)
-            .json(&self.login_body(tenant))
-            .send()
-            .await
-            .map_err(transport)?;
+        let resp = self.send(req, self.timeout).await?;
         let received = SystemTime::now();
-        let grant = self.read_grant(resp, sent, received).await?;
+        let grant = self.read_grant(&resp, sent, received)?;
         Ok(Session::from_grant(grant, sent, received, &self.clock))
     }
 
@@ -260,23 +373,20 @@ impl AuthClient {
             .internal_token_key
             .as_ref()
             .ok_or(AuthError::NotRefreshable)?;
-        let http = self.http()?;
-        let sent = SystemTime::now();
         let body = json!({
             "userSessionToken": current.token.expose(),
             "internalTokenKey": key.expose(),
         });
-        let resp = self
-            .post(&http, &self.refresh_path, tenant)
+        let builder = self
+            .post(&self.refresh_path, tenant)
             .header(http::header::AUTHORIZATION, current.authorization.clone())
             .header("X-Session-Active", "true")
-            .header("X-User-Session-Token", current.session_token.clone())
-            .json(&body)
-            .send()
-            .await
-            .map_err(transport)?;
+            .header("X-User-Session-Token", current.session_token.clone());
+        let req = Self::finish(builder, &body)?;
+        let sent = SystemTime::now();
+        let resp = self.send(req, self.timeout).await?;
         let received = SystemTime::now();
-        let grant = self.read_grant(resp, sent, received).await?;
+        let grant = self.read_grant(&resp, sent, received)?;
         if grant.token.expose() == current.token.expose() {
             return Ok(Refreshed::NotYet {
                 remaining: grant.expires_in,
@@ -301,21 +411,17 @@ impl AuthClient {
         session: &Session,
         within: Duration,
     ) -> Result<Option<bool>, AuthError> {
-        let http = self.http()?;
+        let body = json!({"userSessionToken": session.token.expose()});
+        let builder = self
+            .post(&self.logout_path, tenant)
+            .header(http::header::AUTHORIZATION, session.authorization.clone());
+        let req = Self::finish(builder, &body)?;
         let sent = SystemTime::now();
-        let resp = self
-            .post(&http, &self.logout_path, tenant)
-            .header(http::header::AUTHORIZATION, session.authorization.clone())
-            .json(&json!({"userSessionToken": session.token.expose()}))
-            .timeout(within)
-            .send()
-            .await
-            .map_err(transport)?;
+        let resp = self.send(req, within).await?;
         let received = SystemTime::now();
         self.check_status(&resp, sent, received)?;
         // The answer is informational (§5: `{cleared, message, success}`); any 2xx ends it.
-        let body = resp.bytes().await.map_err(transport)?;
-        Ok(serde_json::from_slice::<Value>(&body)
+        Ok(serde_json::from_slice::<Value>(&resp.body)
             .ok()
             .and_then(|v| v.get("cleared").and_then(Value::as_bool)))
     }
@@ -323,14 +429,14 @@ impl AuthClient {
     /// Observes the answer's `Date`, then maps a non-2xx status to its error.
     fn check_status(
         &self,
-        resp: &reqwest::Response,
+        resp: &Answer,
         sent: SystemTime,
         received: SystemTime,
     ) -> Result<(), AuthError> {
-        let headers = resp.headers();
+        let headers = &resp.headers;
         self.clock
             .observe(headers.get(http::header::DATE), sent, received);
-        let status = resp.status().as_u16();
+        let status = resp.status.as_u16();
         match status {
             200..=299 => Ok(()),
             401 | 403 => Err(AuthError::Rejected(status)),
@@ -342,16 +448,61 @@ impl AuthClient {
         }
     }
 
-    async fn read_grant(
+    fn read_grant(
         &self,
-        resp: reqwest::Response,
+        resp: &Answer,
         sent: SystemTime,
         received: SystemTime,
     ) -> Result<Grant, AuthError> {
-        self.check_status(&resp, sent, received)?;
-        let body = resp.bytes().await.map_err(transport)?;
-        Ok(Grant::parse(&body)?)
+        self.check_status(resp, sent, received)?;
+        Ok(Grant::parse(&resp.body)?)
     }
+}
+
+/// One auth answer, read whole.
+struct Answer {
+    status: http::StatusCode,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+/// Aborts the connection task when the call that owns it ends (or is given up).
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `host:port`'s addresses (IPv4 first, like the API path).
+async fn lookup(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+    let mut list: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    list.sort_by_key(|a| a.is_ipv6());
+    if list.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no addresses",
+        ));
+    }
+    Ok(list)
+}
+
+/// A connection to the first of `addrs` that accepts one, each attempt bounded by `each` (a
+/// dead or blackholed address costs at most `each` before the next is tried).
+async fn connect_any(addrs: &[SocketAddr], each: Duration) -> Result<TcpStream, AuthError> {
+    let mut failures = Vec::new();
+    for a in addrs {
+        match tokio::time::timeout(each, TcpStream::connect(a)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => failures.push(format!("{a}: {e}")),
+            Err(_) => failures.push(format!("{a}: no connection within {each:?}")),
+        }
+    }
+    Err(AuthError::Transport(format!(
+        "could not connect to FinHub ({})",
+        failures.join("; ")
+    )))
 }
 
 /// `Retry-After` as delay-seconds or an HTTP-date (taken relative to the answer's own `Date`,
@@ -372,14 +523,6 @@ fn retry_after(headers: &http::HeaderMap, received: SystemTime) -> Option<Durati
         .and_then(|d| httpdate::parse_http_date(d).ok())
         .unwrap_or(received);
     Some(at.duration_since(base).unwrap_or_default())
-}
-
-fn transport(e: reqwest::Error) -> AuthError {
-    if e.is_timeout() {
-        return AuthError::Timeout;
-    }
-    // reqwest errors name the URL (no credentials in it) and the cause.
-    AuthError::Transport(e.without_url().to_string())
 }
 
 #[cfg(test)]

@@ -142,6 +142,10 @@ impl Convert<'_> {
         let mut connect_to = Vec::new();
         for (i, a) in u.connect_to.iter().enumerate() {
             match a.trim().parse::<SocketAddr>() {
+                Ok(addr) if addr.port() == 0 => self.err(
+                    format!("upstream.connect_to[{i}]"),
+                    format!("`{a}` names port 0; give FinHub's port, e.g. 10.0.0.5:443"),
+                ),
                 Ok(addr) => connect_to.push(addr),
                 Err(_) => self.err(
                     format!("upstream.connect_to[{i}]"),
@@ -266,7 +270,8 @@ pub(super) fn parse_proxy_url(url: &str) -> Result<(String, u16), String> {
     }
     let port = authority
         .port_u16()
-        .ok_or("must name the proxy's port, e.g. http://proxy:3128")?;
+        .filter(|p| *p != 0)
+        .ok_or("must name the proxy's port (not 0), e.g. http://proxy:3128")?;
     let host = authority
         .host()
         .trim_start_matches('[')
@@ -391,6 +396,14 @@ mod tests {
         assert_eq!(
             keys(&with("connect_to = [\"finhub.internal:443\"]")),
             ["upstream.connect_to[0]"]
+        );
+        assert_eq!(
+            keys(&with("connect_to = [\"10.0.0.5:443\", \"10.0.0.6:0\"]")),
+            ["upstream.connect_to[1]"]
+        );
+        assert_eq!(
+            keys(&with("egress_proxy = \"http://p:0\"")),
+            ["upstream.egress_proxy"]
         );
         assert_eq!(
             keys(&with("egress_proxy = \"https://p:3128\"")),

@@ -241,6 +241,10 @@ pub struct ClientTls {
     /// The PKCS#11 token that holds the key, when it is not in a file (its health is a
     /// readiness reason).
     pub token: Option<Arc<TokenKey>>,
+    /// Set only on the stand-in published while the token refuses the PIN at start
+    /// ([`ClientTls::waiting_for_pin`]): why there is no client certificate set yet. Nothing
+    /// is sent to FinHub with it; `/ready` reports it.
+    pub unavailable: Option<String>,
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -421,6 +425,42 @@ impl ClientTls {
             warnings: Vec::new(),
             fingerprint: 0,
             token,
+            unavailable: None,
+        })
+    }
+
+    /// Whether `e` is the token refusing to log the user in (wrong, locked or last-try PIN):
+    /// `run` then keeps running unready ([`ClientTls::waiting_for_pin`]) instead of exiting
+    /// and being restarted into another PIN attempt.
+    pub fn is_pin_refusal(e: &TlsError) -> bool {
+        matches!(e, TlsError::Token { error, .. } if error.kind() == "login")
+    }
+
+    /// A stand-in set without a client identity, published while the token refuses the PIN
+    /// (`refusal`): the reloader replaces it once `pin_file` holds a PIN the token takes.
+    pub fn waiting_for_pin(files: &TlsFiles, refusal: &TlsError) -> Result<ClientTls, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let rustls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Provider(e.to_string()))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let token = match &files.cert_key {
+            Some((_, KeyRef::Token(t))) => Some(t.clone()),
+            _ => None,
+        };
+        Ok(ClientTls {
+            cert_key: None,
+            ca: None,
+            rustls: Arc::new(rustls),
+            identity: None,
+            warnings: Vec::new(),
+            // No material hashes to this (a content hash of 0 is as likely as any other).
+            fingerprint: 0,
+            token,
+            unavailable: Some(format!(
+                "client key token refused the login: {refusal} (fix client_cert.pin_file; it is re-read every client_cert.reload_interval)"
+            )),
         })
     }
 }

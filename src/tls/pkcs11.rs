@@ -23,6 +23,7 @@
 //! DER-encoded for TLS.
 
 use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +44,10 @@ use crate::config::Pkcs11Key;
 /// Jobs that may wait for the token thread; more are refused at once (`busy`).
 const QUEUE: usize = 64;
 
+/// A token call running longer than this many `pkcs11_timeout`s is taken as never returning:
+/// `/live` fails so that Kubernetes restarts the pod (a PKCS#11 call cannot be cancelled).
+pub const STUCK_AFTER_TIMEOUTS: u32 = 10;
+
 /// Why the token could not do what was asked. Never carries the PIN.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
@@ -58,6 +63,10 @@ pub enum TokenError {
     /// The token locked the user PIN.
     #[error("the token's user PIN is locked (CKR_PIN_LOCKED)")]
     PinLocked,
+    /// The token allows one more PIN attempt only: none is made, so that a wrong PIN cannot
+    /// lock it.
+    #[error("the token allows one last user PIN attempt (CKF_USER_PIN_FINAL_TRY); not trying, so that a wrong PIN cannot lock the user: check the PIN, then clear the counter with one good login (e.g. pkcs11-tool --login)")]
+    PinFinalTry,
     /// No private key (or more than one) matches `object=`/`id=` of the key URI, or it is of a
     /// kind this cannot sign with.
     #[error("{0}")]
@@ -79,7 +88,9 @@ impl TokenError {
         match self {
             TokenError::Module(_) => Some("client_cert.pkcs11_module"),
             TokenError::Token(_) | TokenError::Key(_) => Some("client_cert.key_uri"),
-            TokenError::PinIncorrect | TokenError::PinLocked => Some("client_cert.pin_file"),
+            TokenError::PinIncorrect | TokenError::PinLocked | TokenError::PinFinalTry => {
+                Some("client_cert.pin_file")
+            }
             _ => None,
         }
     }
@@ -89,14 +100,16 @@ impl TokenError {
         match self {
             TokenError::Timeout(_) => "timeout",
             TokenError::Busy => "busy",
-            TokenError::PinIncorrect | TokenError::PinLocked => "login",
+            TokenError::PinIncorrect | TokenError::PinLocked | TokenError::PinFinalTry => "login",
             TokenError::Module(_) | TokenError::Token(_) | TokenError::Key(_) => "not_found",
             TokenError::Failed(_) => "error",
         }
     }
 
-    /// Every `kind` label, to create the series at 0.
-    pub const KINDS: [&'static str; 5] = ["timeout", "busy", "login", "not_found", "error"];
+    /// Every `kind` label, to create the series at 0 (`skipped`: a signature failed at once,
+    /// without asking the token, because its previous call is still running late).
+    pub const KINDS: [&'static str; 6] =
+        ["timeout", "busy", "skipped", "login", "not_found", "error"];
 }
 
 fn ck(what: &str, e: CkError) -> TokenError {
@@ -278,6 +291,10 @@ pub struct TokenKey {
     health: Mutex<Option<TokenError>>,
     /// The key URI as configured, for messages.
     uri: String,
+    /// When the token thread entered the call it is in, as milliseconds since `epoch` plus
+    /// one; 0 while it is idle.
+    in_call: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for TokenKey {
@@ -293,12 +310,16 @@ impl TokenKey {
     /// counting failures in `errors`.
     pub fn start(cfg: &Pkcs11Key, errors: IntCounterVec) -> Arc<TokenKey> {
         let (jobs, rx) = mpsc::sync_channel(QUEUE);
+        let in_call = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
         let worker = Worker {
             cfg: cfg.clone(),
             ctx: None,
             open: None,
             refused_pin: None,
             hasher: RandomState::new(),
+            in_call: in_call.clone(),
+            epoch,
         };
         // If the thread cannot be spawned, every call fails as "token thread stopped".
         let _ = std::thread::Builder::new()
@@ -310,7 +331,28 @@ impl TokenKey {
             errors,
             health: Mutex::new(None),
             uri: cfg.uri_text.clone(),
+            in_call,
+            epoch,
         })
+    }
+
+    /// How long the token thread has been inside its current call, if it is in one.
+    pub fn in_call_for(&self) -> Option<Duration> {
+        match self.in_call.load(Ordering::Acquire) {
+            0 => None,
+            since => {
+                let entered = self.epoch + Duration::from_millis(since - 1);
+                Some(Instant::now().saturating_duration_since(entered))
+            }
+        }
+    }
+
+    /// `Some(how long)` when one call has been running for more than
+    /// [`STUCK_AFTER_TIMEOUTS`] × `pkcs11_timeout`: the token thread will not serve again
+    /// without a restart.
+    pub fn stuck(&self) -> Option<Duration> {
+        self.in_call_for()
+            .filter(|d| *d > self.timeout * STUCK_AFTER_TIMEOUTS)
     }
 
     /// `client_cert.key_uri` as configured (no secret: a PIN in it is refused).
@@ -353,11 +395,14 @@ impl TokenKey {
             Mech::RsaPkcs1 => [hash.digest_info_prefix(), &digest].concat(),
             Mech::RsaPss(_) | Mech::Ecdsa => digest,
         };
-        // A token that just timed out is not waited for again by handshakes (each would hold a
-        // runtime thread for the whole timeout); the reloader's probe finds when it is back.
+        // While the call that timed out is still running, handshakes do not queue behind it
+        // (each would wait the whole timeout): they fail at once, counted as `skipped`. Once
+        // the token thread is idle again the next handshake asks the token.
         if let Some(e @ (TokenError::Timeout(_) | TokenError::Busy)) = self.health() {
-            self.errors.with_label_values(&[e.kind()]).inc();
-            return Err(e);
+            if self.in_call_for().is_some() {
+                self.errors.with_label_values(&["skipped"]).inc();
+                return Err(e);
+            }
         }
         let sig = self.call(|reply| Op::Sign { mech, data, reply })?;
         match mech {
@@ -374,8 +419,9 @@ impl TokenKey {
         op: impl FnOnce(SyncSender<Result<T, TokenError>>) -> Op,
     ) -> Result<T, TokenError> {
         let (reply, answer) = mpsc::sync_channel(1);
+        let deadline = Instant::now() + self.timeout;
         let job = Job {
-            deadline: Instant::now() + self.timeout,
+            deadline,
             op: op(reply),
         };
         let result = match self.jobs.try_send(job) {
@@ -383,9 +429,13 @@ impl TokenKey {
             Err(TrySendError::Disconnected(_)) => {
                 Err(TokenError::Failed("the token thread stopped".into()))
             }
-            Ok(()) => match answer.recv_timeout(self.timeout) {
+            Ok(()) => match blocking(|| answer.recv_timeout(self.timeout)) {
                 Ok(r) => r,
                 Err(RecvTimeoutError::Timeout) => Err(TokenError::Timeout(self.timeout)),
+                // The token thread drops a job it reaches after its deadline: a timeout.
+                Err(RecvTimeoutError::Disconnected) if Instant::now() >= deadline => {
+                    Err(TokenError::Timeout(self.timeout))
+                }
                 Err(RecvTimeoutError::Disconnected) => {
                     Err(TokenError::Failed("the token thread stopped".into()))
                 }
@@ -406,6 +456,22 @@ impl TokenKey {
             }
         }
         result
+    }
+}
+
+/// Runs `wait` (a bounded wait for the token thread) without holding up the async runtime
+/// when there is one that allows it: rustls signs synchronously inside a handshake, on a
+/// runtime thread. On a multi-thread runtime the thread's other tasks move to another thread
+/// while it waits (`block_in_place`); on a current-thread runtime (`listener.threads = 1`) that
+/// is not possible and the thread waits (at most `pkcs11_timeout`, once per hang: later
+/// handshakes fail at once while the late call runs, see [`TokenKey::sign`]).
+fn blocking<T>(wait: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
     }
 }
 
@@ -494,6 +560,9 @@ struct Worker {
     /// Keyed hash of a PIN the token refused: not sent again.
     refused_pin: Option<u64>,
     hasher: RandomState,
+    /// See [`TokenKey::in_call_for`].
+    in_call: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
 struct Open {
@@ -508,26 +577,33 @@ impl Worker {
             if Instant::now() >= job.deadline {
                 continue;
             }
-            match job.op {
-                Op::Describe(reply) => {
-                    let r = self.ensure().map(|o| o.kind);
-                    let _ = reply.send(r);
-                }
-                Op::Probe(reply) => {
-                    let r = self.ensure().and_then(|o| {
-                        o.session
-                            .get_session_info()
-                            .map(|_| ())
-                            .map_err(|e| ck("C_GetSessionInfo", e))
-                    });
-                    self.forget_on_error(&r);
-                    let _ = reply.send(r);
-                }
-                Op::Sign { mech, data, reply } => {
-                    let r = self.ensure().and_then(|o| sign(o, mech, &data));
-                    self.forget_on_error(&r);
-                    let _ = reply.send(r);
-                }
+            let since = self.epoch.elapsed().as_millis() as u64 + 1;
+            self.in_call.store(since, Ordering::Release);
+            self.serve(job.op);
+            self.in_call.store(0, Ordering::Release);
+        }
+    }
+
+    fn serve(&mut self, op: Op) {
+        match op {
+            Op::Describe(reply) => {
+                let r = self.ensure().map(|o| o.kind);
+                let _ = reply.send(r);
+            }
+            Op::Probe(reply) => {
+                let r = self.ensure().and_then(|o| {
+                    o.session
+                        .get_session_info()
+                        .map(|_| ())
+                        .map_err(|e| ck("C_GetSessionInfo", e))
+                });
+                self.forget_on_error(&r);
+                let _ = reply.send(r);
+            }
+            Op::Sign { mech, data, reply } => {
+                let r = self.ensure().and_then(|o| sign(o, mech, &data));
+                self.forget_on_error(&r);
+                let _ = reply.send(r);
             }
         }
     }
@@ -597,11 +673,11 @@ impl Worker {
                 .as_deref()
                 .is_none_or(|s| info.serial_number().trim() == s);
             if label_ok && serial_ok {
-                matching.push(slot);
+                matching.push((slot, info));
             }
         }
-        let slot = match matching.as_slice() {
-            [one] => *one,
+        let (slot, info) = match matching.as_slice() {
+            [(slot, info)] => (*slot, info),
             [] => {
                 return Err(TokenError::Token(
                     "no token matches client_cert.key_uri".into(),
@@ -614,6 +690,13 @@ impl Worker {
                 )))
             }
         };
+        // Tokens lock the user after a few wrong PINs: never make the attempt that could.
+        if info.user_pin_locked() {
+            return Err(TokenError::PinLocked);
+        }
+        if info.user_pin_final_try() {
+            return Err(TokenError::PinFinalTry);
+        }
         let session = ctx
             .open_ro_session(slot)
             .map_err(|e| ck("C_OpenSession", e))?;

@@ -64,15 +64,13 @@ impl Reloader {
     /// Reads the files once and publishes, rejects or ignores them.
     pub fn poll(&self) -> Poll {
         let now = unix_now();
-        let (fingerprint, result) = match self.files.read() {
-            Ok(m) => (
-                m.fingerprint(),
-                ClientTls::from_material(&self.files, &m, now),
-            ),
+        let (fingerprint, material) = match self.files.read() {
+            Ok(m) => (m.fingerprint(), Ok(m)),
             // A read error during a rotation is just another content to reject once.
             Err(e) => (text_fingerprint(&e.to_string()), Err(e)),
         };
         let current = self.store.current();
+        // Unchanged files are not parsed again, and cost no test signature by a token.
         if current.fingerprint == fingerprint {
             self.warn_if_expiring(&current, now);
             return Poll::Unchanged;
@@ -90,6 +88,7 @@ impl Reloader {
                 return Poll::Settling;
             }
         }
+        let result = material.and_then(|m| ClientTls::from_material(&self.files, &m, now));
         let mut last_rejected = match self.last_rejected.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
