@@ -251,11 +251,26 @@ async fn three_replicas_share_one_login_and_one_refresh_per_lifetime_and_redis_h
         let raw: Option<Vec<u8>> = redis::cmd("DUMP").arg(k).query(&mut conn).unwrap();
         dump.extend_from_slice(&raw.unwrap_or_default());
     }
+    // Every generation's secrets (all FinHub handed out), raw and in the encodings a careless
+    // writer would use: base64, base64url, hex, JSON-escaped.
     for s in &secrets {
-        assert!(
-            !dump.windows(s.len()).any(|w| w == s.as_bytes()),
-            "a credential FinHub handed out is readable in Redis"
-        );
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
+        let json = serde_json::to_string(s).unwrap();
+        for form in [
+            s.clone(),
+            b64.encode(s),
+            b64url.encode(s),
+            hex.clone(),
+            hex.to_uppercase(),
+            json.trim_matches('"').to_string(),
+        ] {
+            assert!(
+                !dump.windows(form.len()).any(|w| w == form.as_bytes()),
+                "a credential FinHub handed out is readable in Redis"
+            );
+        }
     }
     // Nor in any replica's log.
     for sc in all {
