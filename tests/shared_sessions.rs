@@ -323,6 +323,10 @@ async fn a_new_pod_becomes_ready_from_the_shared_session_without_logging_in() {
 async fn killing_the_lease_owner_hands_renewals_to_another_replica_before_expiry() {
     let _serial = SERIAL.lock().await;
     let fleet = Fleet::start().await;
+    // Tokens of 8 s: the lease (2 s, the shortest a renewal of 2 × 800 ms fits in) plus a poll
+    // is well inside the time from one renewal to the end of the next refresh window.
+    let lifetime = Duration::from_secs(8);
+    fleet.emu.controls().set_token_lifetime(lifetime);
     let replicas = [
         fleet.replica().await,
         fleet.replica().await,
@@ -344,7 +348,7 @@ async fn killing_the_lease_owner_hands_renewals_to_another_replica_before_expiry
         .collect();
     // Kill the owner right after one of its renewals (SIGKILL: no lease release).
     let n = fleet.stats().refreshes;
-    assert!(fleet.refreshes_reach(n + 1, LIFETIME * 3).await);
+    assert!(fleet.refreshes_reach(n + 1, lifetime * 3).await);
     assert!(
         converged(&all, Duration::from_secs(5)).await.is_some(),
         "{}",
@@ -356,7 +360,7 @@ async fn killing_the_lease_owner_hands_renewals_to_another_replica_before_expiry
     let takeover = killed.elapsed();
     let refreshed_at = fleet.stats().refreshes;
     // The new owner renews before the token expires; the survivors never fail.
-    let renewed = fleet.refreshes_reach(refreshed_at + 2, LIFETIME * 4).await;
+    let renewed = fleet.refreshes_reach(refreshed_at + 2, lifetime * 4).await;
     let mut failed = 0;
     for t in traffic {
         failed += t.stop().await.failures;
