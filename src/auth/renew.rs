@@ -99,6 +99,9 @@ pub(super) struct Renewer {
     pub(super) forced_streak: u32,
     /// The tenant's view of the shared store (`auth.session_store = "redis"`).
     pub(super) shared: Option<super::shared::Follower>,
+    /// Whether the last failed auth call failed on this replica's own path (connect, TLS,
+    /// egress, no answer) rather than with an answer from FinHub.
+    pub(super) last_failure_local: bool,
 }
 
 impl Renewer {
@@ -220,6 +223,7 @@ impl Renewer {
                 return;
             }
             self.before_renewal();
+            let beat = self.heartbeat();
             let current = self.slot.current();
             next = match current.as_deref() {
                 Some(s)
@@ -233,8 +237,9 @@ impl Renewer {
                 }
                 _ => self.login(current.as_deref()).await,
             };
+            self.heartbeat_done(beat);
             drop(guard);
-            self.after_renewal().await;
+            self.after_renewal(&next).await;
         }
     }
 
@@ -383,6 +388,7 @@ impl Renewer {
         usable_for: Option<Duration>,
     ) -> Duration {
         self.failures = self.failures.saturating_add(1);
+        self.last_failure_local = matches!(e, AuthError::Transport(_) | AuthError::Timeout);
         self.slot.record(label, false);
         let wait = retry_wait(
             self.failures,
@@ -465,6 +471,7 @@ pub async fn run_tenant(
         last_forced: None,
         forced_streak: 0,
         shared: store.map(super::shared::Follower::new),
+        last_failure_local: false,
     }
     .run()
     .await

@@ -42,6 +42,20 @@ pub struct AuthConfig {
     pub session_store: SessionStore,
 }
 
+impl AuthConfig {
+    /// How long a request refused with 401 waits for the renewed session before it is
+    /// answered without a replay: a forced renewal (a refresh, then a login) plus a second;
+    /// with a shared store, plus the follower's wait for the owner (`follow_timeout`), after
+    /// which it renews on its own.
+    pub fn replay_wait(&self) -> Duration {
+        let follow = match &self.session_store {
+            SessionStore::Redis(s) => s.follow_timeout,
+            SessionStore::Local => Duration::ZERO,
+        };
+        follow + self.request_timeout * 2 + Duration::from_secs(1)
+    }
+}
+
 /// `[auth]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -144,7 +158,7 @@ impl Convert<'_> {
                 "must be at most 30s (it delays the process exit)",
             );
         }
-        let session_store = self.session_store(a.session_store, a.shared);
+        let session_store = self.session_store(a.session_store, a.shared, request_timeout);
         Some(AuthConfig {
             session_store,
             environment: env,

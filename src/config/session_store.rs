@@ -127,6 +127,7 @@ impl Convert<'_> {
         &mut self,
         store: Option<FileSessionStore>,
         shared: Option<FileShared>,
+        request_timeout: Duration,
     ) -> SessionStore {
         const KEY: &str = "auth.shared";
         let shared = match (store.unwrap_or_default(), shared) {
@@ -174,13 +175,39 @@ impl Convert<'_> {
         {
             keys.extend(self.session_key(&format!("{KEY}.previous_key_files[{i}]"), p));
         }
+        let timeout = self.duration(
+            &format!("{KEY}.timeout"),
+            shared.timeout.as_deref(),
+            Duration::from_millis(250),
+        );
+        if !(Duration::from_millis(1)..=secs(5)).contains(&timeout) {
+            self.err(format!("{KEY}.timeout"), "must be between 1ms and 5s");
+        }
+        // A renewal is at most a refresh and a login, each up to auth.request_timeout, and the
+        // owner's extensions are store calls: the lease must outlast them all.
+        let renewal = request_timeout * 2 + timeout;
         let lease_ttl = self.duration(
             &format!("{KEY}.lease_ttl"),
             shared.lease_ttl.as_deref(),
-            secs(10),
+            secs(10).max(renewal + secs(1)),
         );
         if !(Duration::from_millis(500)..=secs(300)).contains(&lease_ttl) {
             self.err(format!("{KEY}.lease_ttl"), "must be between 500ms and 5m");
+        } else if lease_ttl < renewal {
+            self.err(
+                format!("{KEY}.lease_ttl"),
+                format!(
+                    "{} is shorter than a renewal can take: 2 × auth.request_timeout + auth.shared.timeout = {} (a refresh then a login); raise it or lower auth.request_timeout",
+                    humantime::format_duration(lease_ttl),
+                    humantime::format_duration(renewal)
+                ),
+            );
+        }
+        if timeout * 3 > lease_ttl {
+            self.err(
+                format!("{KEY}.timeout"),
+                "must be at most a third of auth.shared.lease_ttl (the owner extends the lease every third of it)",
+            );
         }
         let poll_interval = self.duration(
             &format!("{KEY}.poll_interval"),
@@ -200,22 +227,23 @@ impl Convert<'_> {
             shared.follow_timeout.as_deref(),
             secs(5),
         );
-        if follow_timeout > secs(60) {
-            self.err(format!("{KEY}.follow_timeout"), "must be at most 60s");
-        }
-        let timeout = self.duration(
-            &format!("{KEY}.timeout"),
-            shared.timeout.as_deref(),
-            Duration::from_millis(250),
-        );
-        if !(Duration::from_millis(1)..=secs(5)).contains(&timeout) {
-            self.err(format!("{KEY}.timeout"), "must be between 1ms and 5s");
+        if follow_timeout > secs(60) || follow_timeout < poll_interval || follow_timeout.is_zero() {
+            self.err(
+                format!("{KEY}.follow_timeout"),
+                "must be at least auth.shared.poll_interval (and not 0) and at most 60s",
+            );
         }
         let connect_timeout = self.duration(
             &format!("{KEY}.connect_timeout"),
             shared.connect_timeout.as_deref(),
             secs(1),
         );
+        if !(Duration::from_millis(10)..=secs(30)).contains(&connect_timeout) {
+            self.err(
+                format!("{KEY}.connect_timeout"),
+                "must be between 10ms and 30s",
+            );
+        }
         let on_store_error = match shared.on_store_error.unwrap_or(FileOnStoreError::Local) {
             FileOnStoreError::Local => OnStoreError::Local,
             FileOnStoreError::Wait => OnStoreError::Wait,
@@ -305,12 +333,27 @@ mod tests {
         );
         let c = load(&with_shared(&format!(
             "url = \"redis://sessions@redis.infra:6379/3\"\npassword = \"${{PW}}\"\nencryption_key_file = \"{k1}\"\nprevious_key_files = [\"{k0}\"]\nlease_ttl = \"2s\"\npoll_interval = \"100ms\"\non_store_error = \"wait\"\n"
-        )))
+        )).replace("environment = \"integration\"\n", "environment = \"integration\"\nrequest_timeout = \"800ms\"\n"))
         .expect("valid");
         let SessionStore::Redis(s) = &c.auth.session_store else {
             panic!("expected the redis store");
         };
         assert_eq!(s.lease_ttl, Duration::from_secs(2));
+        // Unset, the lease outlasts a renewal at the default request timeout (10s).
+        let c = load(&with_shared(&format!(
+            "url = \"redis://h\"\nencryption_key_file = \"{k1}\"\n"
+        )))
+        .expect("valid");
+        let SessionStore::Redis(d) = &c.auth.session_store else {
+            panic!("expected the redis store");
+        };
+        // A held request outwaits the follower's wait for the owner and its own renewal.
+        assert_eq!(c.auth.replay_wait(), Duration::from_secs(5 + 20 + 1));
+        assert!(
+            d.lease_ttl >= c.auth.request_timeout * 2 + d.timeout,
+            "{:?}",
+            d.lease_ttl
+        );
         assert_eq!(s.poll_interval, Duration::from_millis(100));
         assert_eq!(s.follow_timeout, Duration::from_secs(5));
         assert_eq!(s.timeout, Duration::from_millis(250));
@@ -367,8 +410,30 @@ mod tests {
                 &format!("url = \"redis://h\"\nencryption_key_file = \"{good}\"\nlease_ttl = \"10ms\""),
                 "auth.shared.lease_ttl",
             ),
+            // The default auth.request_timeout (10s) with the old default lease: a forced
+            // renewal (refresh, then login) could outlive the lease.
             (
-                &format!("url = \"redis://h\"\nencryption_key_file = \"{good}\"\npoll_interval = \"20s\""),
+                &format!("url = \"redis://h\"\nencryption_key_file = \"{good}\"\nlease_ttl = \"10s\""),
+                "auth.shared.lease_ttl",
+            ),
+            (
+                &format!("url = \"redis://h\"\nencryption_key_file = \"{good}\"\nlease_ttl = \"5s\"\ntimeout = \"2s\""),
+                "auth.shared.timeout",
+            ),
+            (
+                &format!("url = \"redis://h\"\nencryption_key_file = \"{good}\"\nconnect_timeout = \"10m\""),
+                "auth.shared.connect_timeout",
+            ),
+            (
+                &format!("url = \"redis://h\"\nencryption_key_file = \"{good}\"\npoll_interval = \"2s\"\nfollow_timeout = \"1s\""),
+                "auth.shared.follow_timeout",
+            ),
+            (
+                &format!("url = \"redis://h\"\nencryption_key_file = \"{good}\"\nfollow_timeout = \"0s\""),
+                "auth.shared.follow_timeout",
+            ),
+            (
+                &format!("url = \"redis://h\"\nencryption_key_file = \"{good}\"\npoll_interval = \"90s\""),
                 "auth.shared.poll_interval",
             ),
             (

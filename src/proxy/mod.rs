@@ -225,8 +225,8 @@ impl FinHubProxy {
         if !a.replay.wants_replay(body_truncated) {
             return false;
         }
-        // A forced renewal may refresh and then log in: two auth calls.
-        let wait = self.shared.config.auth.request_timeout * 2 + std::time::Duration::from_secs(1);
+        // A forced renewal may refresh and then log in (after a follower's wait for the owner).
+        let wait = self.shared.config.auth.replay_wait();
         let Some(renewed) = a.tenant.sessions.newer_than(&a.session, wait).await else {
             return false;
         };

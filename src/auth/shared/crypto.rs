@@ -15,6 +15,9 @@ use zeroize::Zeroizing;
 pub struct SessionKey {
     id: String,
     cipher: Aes256Gcm,
+    /// HMAC-SHA256 key derived from the key (never the AES key itself): fingerprints of
+    /// credentials that every replica holding the key computes alike.
+    mac: ring::hmac::Key,
 }
 
 impl std::fmt::Debug for SessionKey {
@@ -52,10 +55,15 @@ impl SessionKey {
                 .map(|b| format!("{b:02x}"))
                 .collect::<String>()
         );
+        let mut m = Sha256::new();
+        m.update(b"finhub-sidecar credential fingerprint\0");
+        m.update(bytes);
+        let mac_key = Zeroizing::new(m.finalize());
         SessionKey {
             id,
             // `Aes256Gcm` zeroizes its key schedule on drop (feature `zeroize`).
             cipher: Aes256Gcm::new(bytes.into()),
+            mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &mac_key[..]),
         }
     }
 
@@ -148,6 +156,24 @@ impl KeyRing {
             nonce,
             ciphertext,
         })
+    }
+
+    /// A fingerprint of `parts` (e.g. a tenant's credentials): HMAC-SHA256 with a key derived
+    /// from the current key, hex, truncated to 128 bits. Replicas with the same key and the same
+    /// parts compute the same one; without the key it tells nothing about the parts.
+    pub fn fingerprint(&self, parts: &[&[u8]]) -> String {
+        let Some(key) = self.keys.first() else {
+            return String::new();
+        };
+        let mut ctx = ring::hmac::Context::with_key(&key.mac);
+        for p in parts {
+            ctx.update(&(p.len() as u64).to_be_bytes());
+            ctx.update(p);
+        }
+        ctx.sign().as_ref()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 
     /// Decrypts `sealed`, which must be bound to `aad`.

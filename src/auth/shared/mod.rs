@@ -28,6 +28,7 @@ mod crypto;
 pub use crypto::{KeyRing, OpenError, Sealed, SessionKey};
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
 
 use base64::Engine;
 use redis::Script;
@@ -40,46 +41,100 @@ use crate::config::{OnStoreError, SharedSessionSettings};
 use crate::redis_pool::{Failure, Pool, PoolSpec};
 
 /// Takes or extends the lease. `KEYS`: lease, fence. `ARGV`: replica id, ttl ms.
-/// Returns `{1, fence}` when this replica holds it, `{0, fence}` when another does.
+/// Returns `{1, fence}` when this replica holds it, `{0, fence}` when another does, `{-1, 0}`
+/// when the lease or fence is not one this code writes (another type, garbage, a lease without
+/// a TTL, a fence beyond 2^53): a corrupt lease must not make every replica follow forever.
+/// Values are formatted with `%d`: Lua's `..` writes numbers above 1e14 as `1e+14`.
 pub const ACQUIRE_SCRIPT: &str = r#"
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local owner, f = string.match(cur, '^(.*):(%d+)$')
+local max = 9007199254740992
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'none' then
+  if t ~= 'string' then return {-1, 0} end
+  local owner, f = string.match(redis.call('GET', KEYS[1]), '^(.*):(%d+)$')
+  local n = tonumber(f)
+  if not owner or not n or n >= max then return {-1, 0} end
   if owner == ARGV[1] then
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    return {1, tonumber(f)}
+    return {1, n}
   end
-  return {0, tonumber(f) or 0}
+  if redis.call('PTTL', KEYS[1]) < 0 then return {-1, 0} end
+  return {0, n}
 end
-local f = redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1] .. ':' .. f, 'PX', ARGV[2])
-return {1, f}
+local ft = redis.call('TYPE', KEYS[2]).ok
+if ft ~= 'none' and ft ~= 'string' then return {-1, 0} end
+local r = redis.pcall('INCR', KEYS[2])
+if type(r) ~= 'number' or r >= max then return {-1, 0} end
+redis.call('SET', KEYS[1], string.format('%s:%d', ARGV[1], r), 'PX', ARGV[2])
+return {1, r}
 "#;
 
 /// Writes the record if the writer holds the lease with its fence and both fence and generation
-/// are not older than the stored record's. `KEYS`: record, lease. `ARGV`: replica id, fence,
-/// generation, key id, nonce, ciphertext, ttl ms. Returns 1, or a negative refusal: -1 not the
-/// lease holder, -2 an older fence, -3 not a newer generation.
+/// are not older than the stored record's. `KEYS`: record, lease, backoff. `ARGV`: replica id,
+/// fence, generation, key id, nonce, ciphertext, ttl ms. Returns 1, or a negative refusal: -1
+/// not the lease holder, -2 an older fence, -3 not a newer generation, -4 the record key holds
+/// another type. Fields are set first and stale ones removed after (no moment without a
+/// record, even if a step fails); a written session ends the fleet's auth backoff.
 pub const WRITE_SCRIPT: &str = r#"
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'none' and t ~= 'hash' then return -4 end
+if redis.call('TYPE', KEYS[2]).ok ~= 'string' then return -1 end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] .. ':' .. ARGV[2] then return -1 end
 local f = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') or 0
 local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0') or 0
 if tonumber(ARGV[2]) < f then return -2 end
 if tonumber(ARGV[3]) <= g then return -3 end
-redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', '1', 'kid', ARGV[4], 'nonce', ARGV[5], 'ct', ARGV[6], 'gen', ARGV[3], 'fence', ARGV[2], 'owner', ARGV[1])
+local known = {v = true, kid = true, nonce = true, ct = true, gen = true, fence = true, owner = true}
+for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if not known[k] then redis.call('HDEL', KEYS[1], k) end
+end
 redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('DEL', KEYS[3])
 return 1
+"#;
+
+/// Reads a tenant's keys in one round trip, checking types and sizes in Redis (a hostile or
+/// broken value is neither transferred nor decoded). `KEYS`: record, renew, rejected, backoff.
+/// `ARGV`: the largest field accepted (bytes). Returns `{state, fields, renew, rejected,
+/// backoff}`: state 0 no record, 1 a record (`fields` its `HGETALL`), 2 the key holds another
+/// type, 3 too large; a small value is nil unless it is a short string.
+pub const READ_SCRIPT: &str = r#"
+local max = tonumber(ARGV[1])
+local function small(k)
+  if redis.call('TYPE', k).ok ~= 'string' then return false end
+  if redis.call('STRLEN', k) > 256 then return false end
+  return redis.call('GET', k)
+end
+local t = redis.call('TYPE', KEYS[1]).ok
+local state, fields = 0, {}
+if t == 'hash' then
+  state = 1
+  if redis.call('HLEN', KEYS[1]) > 16 then
+    state = 3
+  else
+    for _, k in ipairs(redis.call('HKEYS', KEYS[1])) do
+      if #k > 16 or redis.call('HSTRLEN', KEYS[1], k) > max then state = 3 end
+    end
+  end
+  if state == 1 then fields = redis.call('HGETALL', KEYS[1]) end
+elseif t ~= 'none' then
+  state = 2
+end
+return {state, fields, small(KEYS[2]), small(KEYS[3]), small(KEYS[4])}
 "#;
 
 /// Gives the lease up if this replica holds it. `KEYS`: lease. `ARGV`: replica id.
 pub const RELEASE_SCRIPT: &str = r#"
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return 0 end
 local cur = redis.call('GET', KEYS[1])
-if cur and string.match(cur, '^(.*):%d+$') == ARGV[1] then
+if string.match(cur, '^(.*):%d+$') == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
 "#;
+
+/// The largest record field read (the ciphertext of a session is about 2 KiB).
+pub const MAX_FIELD_BYTES: usize = 16 * 1024;
 
 /// An owner without a session gives its lease to another replica after this many failed
 /// attempts in a row (transient ones; rejected credentials are never rotated).
@@ -99,6 +154,7 @@ pub struct SharedStore {
     replica: String,
     acquire: Script,
     write: Script,
+    read: Script,
     release: Script,
     metrics: Metrics,
     key_id_labels: Mutex<HashSet<String>>,
@@ -130,9 +186,44 @@ struct RawRecord {
 }
 
 /// One read of a tenant's keys.
+#[derive(Debug, Default, PartialEq, Eq)]
 struct Snapshot {
     record: Option<Result<RawRecord, String>>,
+    /// Why the record key holds nothing this code writes (another type, too large, not
+    /// text): an unreadable record, not a store outage.
+    malformed: Option<&'static str>,
     renew_requested: Option<u64>,
+    /// Credentials FinHub rejected (`<prefix><tenant>:rejected`).
+    rejected: Option<Marker>,
+    /// The fleet's auth backoff (`<prefix><tenant>:backoff`).
+    backoff: Option<Backoff>,
+}
+
+/// `<prefix><tenant>:rejected`: `<fingerprint>:<retry at, unix ms>:<rejections>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Marker {
+    fingerprint: String,
+    until_us: i64,
+    rejections: u32,
+}
+
+/// `<prefix><tenant>:backoff`: `<next attempt, unix ms>:<failures in a row>`, written by an
+/// owner after a failed auth call, honoured by every owner after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Backoff {
+    until_us: i64,
+    failures: u32,
+}
+
+/// The lease as [`ACQUIRE_SCRIPT`] found it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// This replica holds it, with this fence.
+    Held(u64),
+    /// Another replica does.
+    Other,
+    /// Not a lease this code writes (garbage, no TTL, another type, a fence beyond 2^53).
+    Corrupt,
 }
 
 /// The encrypted part of a record.
@@ -157,7 +248,7 @@ struct Payload {
 impl SharedStore {
     /// The store for `settings` (connections are made by [`SharedStore::keep_connected`]).
     pub fn new(settings: &SharedSessionSettings, metrics: &Metrics) -> Arc<SharedStore> {
-        let scripts = [ACQUIRE_SCRIPT, WRITE_SCRIPT, RELEASE_SCRIPT];
+        let scripts = [ACQUIRE_SCRIPT, WRITE_SCRIPT, READ_SCRIPT, RELEASE_SCRIPT];
         let pool = Pool::new(PoolSpec {
             connection: settings.connection.clone(),
             password: settings.password.clone(),
@@ -170,7 +261,13 @@ impl SharedStore {
             purpose: "session store",
             meanwhile: "sessions follow auth.shared.on_store_error",
         });
-        for kind in ["timeout", "connection", "unavailable", "response"] {
+        for kind in [
+            "timeout",
+            "connection",
+            "unavailable",
+            "response",
+            "malformed",
+        ] {
             metrics.session_store_errors.with_label_values(&[kind]);
         }
         Arc::new(SharedStore {
@@ -179,6 +276,7 @@ impl SharedStore {
             replica: replica_id(),
             acquire: Script::new(ACQUIRE_SCRIPT),
             write: Script::new(WRITE_SCRIPT),
+            read: Script::new(READ_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
             metrics: metrics.clone(),
             key_id_labels: Mutex::new(HashSet::new()),
@@ -221,30 +319,33 @@ impl SharedStore {
         self.metrics.session_store_up.set(1);
     }
 
-    /// The record and a pending renewal request, in one round trip.
+    /// The record, a pending renewal request, the rejected-credentials marker and the fleet's
+    /// backoff, in one round trip ([`READ_SCRIPT`]).
     async fn snapshot(&self, tenant: &str) -> Result<Snapshot, Failure> {
-        let (record_key, renew_key) = (self.key(tenant, "session"), self.key(tenant, "renew"));
-        let r = self
+        let mut inv = self.read.key(self.key(tenant, "session"));
+        inv.key(self.key(tenant, "renew"))
+            .key(self.key(tenant, "rejected"))
+            .key(self.key(tenant, "backoff"))
+            .arg(MAX_FIELD_BYTES);
+        let v = self
             .pool
-            .call(|mut c| async move {
-                redis::pipe()
-                    .hgetall(record_key)
-                    .get(renew_key)
-                    .query_async::<(HashMap<String, String>, Option<String>)>(&mut c)
-                    .await
-            })
+            .call(|mut c| async move { inv.invoke_async::<redis::Value>(&mut c).await })
             .await
             .map_err(|f| self.failed(f))?;
         self.answered();
-        let (fields, renew) = r;
-        Ok(Snapshot {
-            record: (!fields.is_empty()).then(|| parse_record(&fields)),
-            renew_requested: renew.and_then(|g| g.parse().ok()),
-        })
+        let snap = parse_snapshot(v);
+        if let Some(kind) = snap.malformed {
+            self.metrics
+                .session_store_errors
+                .with_label_values(&["malformed"])
+                .inc();
+            tracing::debug!(tenant, why = kind, "the shared record key holds no record");
+        }
+        Ok(snap)
     }
 
-    /// Takes or extends the lease: `Some(fence)` when this replica holds it.
-    async fn acquire(&self, tenant: &str) -> Result<Option<u64>, Failure> {
+    /// Takes or extends the lease.
+    async fn acquire(&self, tenant: &str) -> Result<Lease, Failure> {
         let mut inv = self.acquire.key(self.key(tenant, "lease"));
         inv.key(self.key(tenant, "fence"))
             .arg(&self.replica)
@@ -255,7 +356,63 @@ impl SharedStore {
             .await
             .map_err(|f| self.failed(f))?;
         self.answered();
-        Ok((held == 1).then_some(fence.max(0) as u64))
+        Ok(match held {
+            1 if fence > 0 => Lease::Held(fence as u64),
+            0 => Lease::Other,
+            _ => Lease::Corrupt,
+        })
+    }
+
+    /// The fingerprint of `tenant`'s credentials as they are now (see [`KeyRing::fingerprint`]).
+    fn credentials_fingerprint(&self, tenant: &TenantConfig) -> String {
+        let password = tenant.password.current();
+        let secret = tenant.customer_secret.as_ref().map(|s| s.current());
+        self.settings.keys.fingerprint(&[
+            tenant.id.as_bytes(),
+            tenant.username.as_bytes(),
+            password.expose().as_bytes(),
+            secret.as_ref().map_or(&b""[..], |s| s.expose().as_bytes()),
+        ])
+    }
+
+    /// Tells the fleet FinHub rejected the credentials with `fingerprint` (until `until_us`),
+    /// so replicas holding the same ones do not try them again meanwhile.
+    async fn mark_rejected(&self, tenant: &str, marker: &Marker) -> Result<(), Failure> {
+        let key = self.key(tenant, "rejected");
+        let ttl_ms = ((marker.until_us - unix_us(SystemTime::now())) / 1000).max(1);
+        let value = format!(
+            "{}:{}:{}",
+            marker.fingerprint,
+            marker.until_us / 1000,
+            marker.rejections
+        );
+        self.set_px(key, value, ttl_ms).await
+    }
+
+    /// Tells every later owner when the next auth attempt may be made.
+    async fn set_backoff(&self, tenant: &str, b: Backoff) -> Result<(), Failure> {
+        let key = self.key(tenant, "backoff");
+        let left_ms = (b.until_us - unix_us(SystemTime::now())) / 1000;
+        let ttl_ms = left_ms.max(0) + self.settings.lease_ttl.as_millis() as i64;
+        self.set_px(key, format!("{}:{}", b.until_us / 1000, b.failures), ttl_ms)
+            .await
+    }
+
+    async fn set_px(&self, key: String, value: String, ttl_ms: i64) -> Result<(), Failure> {
+        self.pool
+            .call(|mut c| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("PX")
+                    .arg(ttl_ms.max(1))
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await
+            .map_err(|f| self.failed(f))?;
+        self.answered();
+        Ok(())
     }
 
     /// Gives the lease up (at shutdown), best effort.
@@ -304,7 +461,12 @@ impl SharedStore {
         }
         let record_key = self.key(tenant, "session");
         let payload = payload_of(s);
-        let mut plain = Zeroizing::new(Vec::with_capacity(8192));
+        // Sized for the secrets and the JSON around them: a reallocation would leave a copy
+        // of the plaintext behind in freed memory.
+        let secrets = payload.token.len()
+            + payload.refresh_token.as_ref().map_or(0, String::len)
+            + payload.session_id.len();
+        let mut plain = Zeroizing::new(Vec::with_capacity(2 * secrets + 1024));
         if serde_json::to_writer(&mut *plain, &payload).is_err() {
             return Ok(false);
         }
@@ -315,6 +477,7 @@ impl SharedStore {
         let b64 = base64::engine::general_purpose::STANDARD;
         let mut inv = self.write.key(&record_key);
         inv.key(self.key(tenant, "lease"))
+            .key(self.key(tenant, "backoff"))
             .arg(&self.replica)
             .arg(fence)
             .arg(generation)
@@ -428,6 +591,84 @@ fn parse_record(fields: &HashMap<String, String>) -> Result<RawRecord, String> {
         })
     })();
     parsed.ok_or(key_id)
+}
+
+/// Whether a readable, usable shared session obtained at `obtained_us` may replace the current
+/// one: it must be newer than every shared session seen (`newest_us`), unless the current one
+/// is unusable anyway.
+fn adoptable(obtained_us: i64, newest_us: i64, current_usable: bool) -> bool {
+    obtained_us > newest_us || !current_usable
+}
+
+/// [`READ_SCRIPT`]'s answer as a snapshot. Anything unexpected in the record (another type,
+/// too large, a field that is not text) is an unreadable record; anything unexpected in the
+/// small keys is ignored.
+fn parse_snapshot(v: redis::Value) -> Snapshot {
+    use redis::Value;
+    let text = |v: &Value| -> Option<String> {
+        match v {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    };
+    let Value::Array(items) = v else {
+        return Snapshot {
+            malformed: Some("answer"),
+            ..Snapshot::default()
+        };
+    };
+    let mut snap = Snapshot::default();
+    match (items.first(), items.get(1)) {
+        (Some(Value::Int(1)), Some(Value::Array(flat))) => {
+            let mut fields = HashMap::new();
+            let mut utf8 = true;
+            for pair in flat.chunks(2) {
+                match (pair.first().and_then(text), pair.get(1).and_then(text)) {
+                    (Some(k), Some(v)) => {
+                        fields.insert(k, v);
+                    }
+                    _ => utf8 = false,
+                }
+            }
+            if !utf8 {
+                snap.malformed = Some("not_text");
+                snap.record = Some(Err("invalid".to_string()));
+            } else if !fields.is_empty() {
+                snap.record = Some(parse_record(&fields));
+            }
+        }
+        (Some(Value::Int(0)), _) => {}
+        (Some(Value::Int(3)), _) => {
+            snap.malformed = Some("too_large");
+            snap.record = Some(Err("invalid".to_string()));
+        }
+        _ => {
+            snap.malformed = Some("wrong_type");
+            snap.record = Some(Err("invalid".to_string()));
+        }
+    }
+    let small = |i: usize| items.get(i).and_then(text);
+    snap.renew_requested = small(2).and_then(|g| g.parse().ok());
+    snap.rejected = small(3).and_then(|m| {
+        let mut it = m.splitn(3, ':');
+        let fingerprint = it.next()?.to_string();
+        let until_ms: i64 = it.next()?.parse().ok()?;
+        let rejections = it.next()?.parse().ok()?;
+        (fingerprint.len() == 32).then_some(Marker {
+            fingerprint,
+            until_us: until_ms.saturating_mul(1000),
+            rejections,
+        })
+    });
+    snap.backoff = small(4).and_then(|b| {
+        let (until, failures) = b.split_once(':')?;
+        Some(Backoff {
+            until_us: until.parse::<i64>().ok()?.saturating_mul(1000),
+            failures: failures.parse().ok()?,
+        })
+    });
+    snap
 }
 
 /// A key id or replica id fit for a log line and a metric label: at most 32 characters of
@@ -554,6 +795,12 @@ pub(super) enum Turn {
     Renew,
 }
 
+/// The lease extension running while an owner renews ([`Renewer::heartbeat`]).
+pub(super) struct Heartbeat {
+    task: tokio::task::JoinHandle<()>,
+    lost: Arc<AtomicBool>,
+}
+
 /// One tenant's view of the shared store (inside its renewal task).
 pub(super) struct Follower {
     store: Arc<SharedStore>,
@@ -576,6 +823,14 @@ pub(super) struct Follower {
     generation_before: u64,
     /// After giving the lease up (repeated failures), not taking it again before this.
     yielded_until: Option<Instant>,
+    /// Since when this replica has had no usable session (and no newer record came).
+    stale_since: Option<Instant>,
+    /// `obtained` (unix µs) of the newest shared session adopted or written: an older record
+    /// (replayed, or restored by a failover that lost the last write) is not adopted while
+    /// the current session is usable.
+    newest_obtained_us: i64,
+    /// Whether the fallback (or a corrupt lease) was logged since the last normal look.
+    fallback_logged: bool,
 }
 
 impl Follower {
@@ -594,6 +849,9 @@ impl Follower {
             next_look_us: 0,
             generation_before: 0,
             yielded_until: None,
+            stale_since: None,
+            newest_obtained_us: 0,
+            fallback_logged: false,
         }
     }
 }
@@ -687,6 +945,7 @@ impl Renewer {
         f.next_look_us = now_us + us(settings_poll);
         let snapshot = store.snapshot(&tenant).await;
         let mut renew_requested = None;
+        let mut backoff = None;
         let role = match snapshot {
             Err(failure) => self.store_failed(failure),
             Ok(snap) => {
@@ -697,6 +956,7 @@ impl Renewer {
                     f.store_up = true;
                 }
                 renew_requested = snap.renew_requested;
+                backoff = snap.backoff;
                 let readable = match snap.record {
                     None => {
                         if let Some(f) = self.follower() {
@@ -706,29 +966,44 @@ impl Renewer {
                     }
                     Some(record) => self.consider(record, next),
                 };
+                self.note_staleness();
+                let held_back = self.held_back(&store, snap.rejected.as_ref());
                 if !readable {
                     if self.shared.as_ref().is_some_and(|f| f.fence.is_some()) {
                         store.release(&tenant).await;
                         self.set_owner(None);
                     }
                     Role::Alone
-                } else if self
-                    .shared
-                    .as_ref()
-                    .and_then(|f| f.yielded_until)
-                    .is_some_and(|t| Instant::now() < t)
+                } else if held_back
+                    || self
+                        .shared
+                        .as_ref()
+                        .and_then(|f| f.yielded_until)
+                        .is_some_and(|t| Instant::now() < t)
                 {
-                    // Gave the lease up after failing: another replica's turn.
+                    // Gave the lease up after failing, or holding credentials FinHub rejected:
+                    // another replica's turn.
+                    if held_back && self.shared.as_ref().is_some_and(|f| f.fence.is_some()) {
+                        self.give_way_rejected(&store).await;
+                    }
                     Role::Follower
                 } else {
                     match store.acquire(&tenant).await {
-                        Ok(Some(fence)) => {
+                        Ok(Lease::Held(fence)) => {
                             self.set_owner(Some(fence));
                             Role::Owner
                         }
-                        Ok(None) => {
+                        Ok(Lease::Other) => {
                             self.set_owner(None);
-                            Role::Follower
+                            if self.stranded(backoff.is_some()) {
+                                self.fallback("no usable session and no newer shared record for longer than auth.shared.lease_ttl; the lease holder is not renewing")
+                            } else {
+                                Role::Follower
+                            }
+                        }
+                        Ok(Lease::Corrupt) => {
+                            self.set_owner(None);
+                            self.fallback("the renewal lease or fence in Redis is not one a sidecar writes (garbage, no TTL, another type, or a fence beyond 2^53)")
                         }
                         Err(failure) => self.store_failed(failure),
                     }
@@ -763,17 +1038,24 @@ impl Renewer {
                 },
             };
         }
+        if let (Role::Owner, Some(b)) = (role, backoff) {
+            // The fleet's backoff (an earlier owner's failures): FinHub asked the fleet, not
+            // one replica, to slow down.
+            if b.until_us > next.at_us {
+                next.at_us = b.until_us;
+            }
+            self.failures = self.failures.max(b.failures);
+        }
         let forced = self.slot.forced_pending();
         match role {
             Role::Owner => {
                 if usable.is_none()
                     && self.failures >= YIELD_AFTER_FAILURES
-                    && self.rejected.is_none()
+                    && self.last_failure_local
                 {
-                    // This replica cannot get the fleet a session (its path to FinHub may be
-                    // what is broken): give the lease to another replica for a turn. Still one
-                    // replica at a time calls FinHub; rejected credentials are not rotated (each
-                    // owner would try them again).
+                    // This replica cannot reach FinHub (connect, TLS, egress: its own path):
+                    // give the lease to another replica for a turn. FinHub's own answers (429,
+                    // 5xx) are never a reason: the next owner would only ask again sooner.
                     tracing::warn!(tenant = %tenant, failures = self.failures, "no session after repeated failures; giving the renewal lease to another replica");
                     store.release(&tenant).await;
                     self.set_owner(None);
@@ -846,6 +1128,132 @@ impl Renewer {
         }
     }
 
+    /// Notes whether this replica has a usable session now (for [`Renewer::stranded`]).
+    fn note_staleness(&mut self) {
+        let usable = self
+            .slot
+            .current()
+            .is_some_and(|s| s.is_usable(SystemTime::now()));
+        if let Some(f) = self.follower() {
+            if usable {
+                f.stale_since = None;
+                f.fallback_logged = false;
+            } else {
+                f.stale_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    /// A follower without a usable session that has seen no newer record for longer than the
+    /// lease (plus two polls), while no owner reports a backoff: whoever holds the lease is not
+    /// renewing (stuck, or a lease written without a TTL).
+    fn stranded(&self, backoff: bool) -> bool {
+        let Some(f) = self.shared.as_ref() else {
+            return false;
+        };
+        let patience = f.store.settings.lease_ttl + f.store.settings.poll_interval * 2;
+        !backoff && f.stale_since.is_some_and(|t| t.elapsed() > patience)
+    }
+
+    /// The role when the lease cannot be followed: renew on its own (`on_store_error =
+    /// "local"`) or wait; logged once per episode.
+    fn fallback(&mut self, why: &str) -> Role {
+        let tenant = self.tenant_id.clone();
+        let Some(f) = self.follower() else {
+            return Role::Alone;
+        };
+        let mode = f.store.settings.on_store_error;
+        if !f.fallback_logged {
+            tracing::warn!(tenant = %tenant, on_store_error = ?mode, "{why}; renewing per auth.shared.on_store_error");
+            f.fallback_logged = true;
+        }
+        match mode {
+            OnStoreError::Wait => Role::Waiting,
+            OnStoreError::Local => Role::Alone,
+        }
+    }
+
+    /// Whether this replica holds credentials FinHub rejected (its own login, or another
+    /// replica's with the same credentials per `marker`) and may not try them yet. Adopts the
+    /// marker's retry time.
+    fn held_back(&mut self, store: &SharedStore, marker: Option<&Marker>) -> bool {
+        let now_us = unix_us(SystemTime::now());
+        if let Some(m) = marker.filter(|m| m.until_us > now_us) {
+            if m.fingerprint == store.credentials_fingerprint(&self.slot.tenant) {
+                if self.rejected.is_none_or(|(_, until)| until < m.until_us) {
+                    tracing::warn!(
+                        tenant = %self.tenant_id,
+                        retry_in_ms = (m.until_us - now_us) / 1000,
+                        "FinHub rejected another replica's login with the credentials this replica holds; not trying them before then (retried sooner if they change)"
+                    );
+                    self.rejected = Some((
+                        self.client.credentials_fingerprint(&self.slot.tenant),
+                        m.until_us,
+                    ));
+                    self.rejections = self.rejections.max(m.rejections);
+                }
+                return true;
+            }
+        }
+        self.rejected.is_some_and(|(fingerprint, until)| {
+            until > now_us && fingerprint == self.client.credentials_fingerprint(&self.slot.tenant)
+        })
+    }
+
+    /// The owner's login was rejected: tell the fleet (the credentials' fingerprint, so
+    /// replicas with the same ones hold back) and give the lease to a replica with other
+    /// credentials (e.g. one a rotation reached first).
+    async fn give_way_rejected(&mut self, store: &SharedStore) {
+        let tenant = self.tenant_id.clone();
+        if let Some((_, until_us)) = self.rejected {
+            let marker = Marker {
+                fingerprint: store.credentials_fingerprint(&self.slot.tenant),
+                until_us,
+                rejections: self.rejections,
+            };
+            let _ = store.mark_rejected(&tenant, &marker).await;
+        }
+        tracing::warn!(tenant = %tenant, "FinHub rejected this replica's credentials; giving the renewal lease to a replica with other credentials (replicas with the same ones hold back until the retry)");
+        store.release(&tenant).await;
+        self.set_owner(None);
+    }
+
+    /// While this replica renews as the lease owner: extends the lease every third of its TTL,
+    /// so a slow renewal (a refresh, then a login) never outlives it. `None` unless it owns.
+    pub(super) fn heartbeat(&self) -> Option<Heartbeat> {
+        let f = self.shared.as_ref()?;
+        let fence = f.fence?;
+        let (store, tenant) = (f.store.clone(), self.tenant_id.clone());
+        let lost = Arc::new(AtomicBool::new(false));
+        let flag = lost.clone();
+        let period = store.settings.lease_ttl / 3;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                match store.acquire(&tenant).await {
+                    Ok(Lease::Held(f)) if f == fence => {}
+                    _ => {
+                        flag.store(true, Ordering::SeqCst);
+                        tracing::warn!(tenant = %tenant, "could not extend the renewal lease during a renewal: its result is kept here, not shared");
+                        return;
+                    }
+                }
+            }
+        });
+        Some(Heartbeat { task, lost })
+    }
+
+    /// The renewal ended: stop the heartbeat; a lease it could not extend is given up (the new
+    /// session is not written).
+    pub(super) fn heartbeat_done(&mut self, beat: Option<Heartbeat>) {
+        if let Some(b) = beat {
+            b.task.abort();
+            if b.lost.load(Ordering::SeqCst) {
+                self.set_owner(None);
+            }
+        }
+    }
+
     /// The store failed: the role `on_store_error` gives.
     fn store_failed(&mut self, failure: Failure) -> Role {
         let tenant = self.tenant_id.clone();
@@ -888,14 +1296,23 @@ impl Renewer {
                 if f.adopted == Some((generation, fence)) {
                     return true;
                 }
+                let newest = f.newest_obtained_us;
                 let session = session_of(&payload, self.client.clock());
                 let now = SystemTime::now();
                 if !session.is_usable(now) {
                     return true;
                 }
+                let current_usable = self.slot.current().is_some_and(|c| c.is_usable(now));
+                if !adoptable(payload.obtained_us, newest, current_usable) {
+                    // Older than a shared session already seen (a replayed record, or a
+                    // failover that lost the last write): the current one serves on.
+                    tracing::warn!(tenant = %tenant, generation, "the shared record holds an older session than one already seen; not adopted");
+                    return true;
+                }
                 if let Some(f) = self.follower() {
                     f.adopted = Some((generation, fence));
                     f.asked = None;
+                    f.newest_obtained_us = f.newest_obtained_us.max(payload.obtained_us);
                 }
                 tracing::info!(tenant = %tenant, generation, lifetime_ms = session.lifetime().as_millis() as u64, "adopted the shared session");
                 self.metrics
@@ -987,16 +1404,28 @@ impl Renewer {
         }
     }
 
-    /// After a renewal step: an owner shares a new session; anyone else now serves its own.
-    pub(super) async fn after_renewal(&mut self) {
+    /// After a renewal step: an owner shares a new session, or, when none came, tells the fleet
+    /// when the next attempt may be made (`next`); anyone else now serves its own.
+    pub(super) async fn after_renewal(&mut self, next: &Planned) {
         let g = self.slot.generation();
+        let tenant = self.tenant_id.clone();
+        let failures = self.failures;
         let Some(f) = self.follower() else {
             return;
         };
+        let owner = f.role == Some(Role::Owner) && f.fence.is_some();
         if g == f.generation_before {
+            if owner && failures > 0 {
+                let store = f.store.clone();
+                let b = Backoff {
+                    until_us: next.at_us,
+                    failures,
+                };
+                let _ = store.set_backoff(&tenant, b).await;
+            }
             return;
         }
-        if f.role == Some(Role::Owner) {
+        if owner {
             self.share_current().await;
         } else {
             self.set_source(Source::Local);
@@ -1020,6 +1449,7 @@ impl Renewer {
                 if let Some(f) = self.follower() {
                     f.last_generation = generation;
                     f.adopted = Some((generation, fence));
+                    f.newest_obtained_us = f.newest_obtained_us.max(unix_us(s.obtained_at));
                 }
                 self.set_source(Source::Shared);
                 tracing::debug!(tenant = %tenant, generation, "shared session written");
@@ -1090,6 +1520,74 @@ mod tests {
         hostile.insert("v".into(), "9".into());
         assert_eq!(parse_record(&hostile), Err("invalid".to_string()));
         assert_eq!(sanitize_id(&"a".repeat(33)), "invalid");
+    }
+
+    #[test]
+    fn an_older_record_is_adopted_only_when_the_current_session_is_unusable() {
+        // A replayed record, or one a failover restored: older than what was seen.
+        assert!(!adoptable(1_000, 2_000, true));
+        assert!(!adoptable(2_000, 2_000, true));
+        assert!(adoptable(3_000, 2_000, true));
+        // Nothing usable here: an older but usable session beats none.
+        assert!(adoptable(1_000, 2_000, false));
+    }
+
+    #[test]
+    fn odd_store_values_are_an_unreadable_record_not_an_outage() {
+        use redis::Value;
+        let bulk = |s: &[u8]| Value::BulkString(s.to_vec());
+        let answer = |state: i64, fields: Vec<Value>, small: [Value; 3]| {
+            let [a, b, c] = small;
+            Value::Array(vec![Value::Int(state), Value::Array(fields), a, b, c])
+        };
+        let none = || [Value::Nil, Value::Nil, Value::Nil];
+        assert_eq!(
+            parse_snapshot(answer(0, vec![], none())),
+            Snapshot::default()
+        );
+        for state in [2, 3, 7] {
+            let s = parse_snapshot(answer(state, vec![], none()));
+            assert!(s.malformed.is_some(), "{state}");
+            assert_eq!(s.record, Some(Err("invalid".to_string())));
+        }
+        let s = parse_snapshot(answer(1, vec![bulk(b"kid"), bulk(b"\xff\xfe")], none()));
+        assert_eq!(s.malformed, Some("not_text"));
+        assert!(parse_snapshot(Value::Okay).malformed.is_some());
+        let s = parse_snapshot(answer(
+            0,
+            vec![],
+            [
+                bulk(b"7"),
+                bulk(b"0123456789abcdef0123456789abcdef:1700000000000:2"),
+                bulk(b"1700000000500:3"),
+            ],
+        ));
+        assert_eq!(s.renew_requested, Some(7));
+        assert_eq!(
+            s.rejected,
+            Some(Marker {
+                fingerprint: "0123456789abcdef0123456789abcdef".into(),
+                until_us: 1_700_000_000_000_000,
+                rejections: 2
+            })
+        );
+        assert_eq!(
+            s.backoff,
+            Some(Backoff {
+                until_us: 1_700_000_000_500_000,
+                failures: 3
+            })
+        );
+        // Garbage in the small keys is ignored.
+        let s = parse_snapshot(answer(
+            0,
+            vec![],
+            [bulk(b"x"), bulk(b"short:1:1"), bulk(b"1e+14:x")],
+        ));
+        assert_eq!(
+            (s.renew_requested, s.rejected, s.backoff),
+            (None, None, None)
+        );
     }
 
     #[test]
