@@ -334,15 +334,6 @@ mod tests {
         format!("{MINIMAL}\n[client_cert]\ncert_file = \"c.pem\"\n{keys}\n")
     }
 
-    fn keys(text: &str) -> Vec<String> {
-        load(text)
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| e.key)
-            .collect()
-    }
-
     #[test]
     fn a_token_key_is_configured_with_module_and_pin() {
         let c = load(&with_cert(

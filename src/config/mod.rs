@@ -248,6 +248,16 @@ password = "${PW}"
     pub(super) fn load(text: &str) -> Result<Config, ConfigErrors> {
         Config::from_toml(Path::new("/etc/finhub/proxy.toml"), text, &env)
     }
+
+    /// The keys named by the errors of loading `text` (which must fail).
+    pub(super) fn keys(text: &str) -> Vec<String> {
+        load(text)
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.key)
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -364,15 +364,6 @@ mod tests {
         )
     }
 
-    fn keys(text: &str) -> Vec<String> {
-        load(text)
-            .unwrap_err()
-            .0
-            .into_iter()
-            .map(|e| e.key)
-            .collect()
-    }
-
     #[test]
     fn egress_proxy_and_connect_to_keys() {
         let c = load(&with(
