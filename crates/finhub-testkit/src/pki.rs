@@ -229,12 +229,7 @@ impl Pki {
         opts: &ClientCertOpts,
         pkcs1_public_key_der: &[u8],
     ) -> Result<String, PkiError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name = name(&opts.common_name, &opts.organization)?;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.serial_number = Some(random_serial());
-        set_validity(&mut params, opts.not_before_offset_days, opts.validity_days)?;
+        let params = client_params_for_public_key(opts)?;
         let key = RsaPublicKeyDer(pkcs1_public_key_der.to_vec());
         Ok(params.signed_by(&key, &self.issuer)?.pem())
     }
@@ -266,12 +261,7 @@ impl Pki {
                 )))
             }
         };
-        let mut params = CertificateParams::default();
-        params.distinguished_name = name(&opts.common_name, &opts.organization)?;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.serial_number = Some(random_serial());
-        set_validity(&mut params, opts.not_before_offset_days, opts.validity_days)?;
+        let params = client_params_for_public_key(opts)?;
         let key = RemotePublicKey {
             raw: spki.subject_public_key.data.to_vec(),
             alg,
@@ -369,6 +359,17 @@ fn set_validity(
     params.not_before = at(not_before)?;
     params.not_after = at(not_after)?;
     Ok(())
+}
+
+/// Client-certificate parameters for a key the test kit does not hold (issued for its public key).
+fn client_params_for_public_key(opts: &ClientCertOpts) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(&opts.common_name, &opts.organization)?;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.serial_number = Some(random_serial());
+    set_validity(&mut params, opts.not_before_offset_days, opts.validity_days)?;
+    Ok(params)
 }
 
 /// 16 random bytes, positive and with the top byte non-zero, so the DER INTEGER is exactly

@@ -427,22 +427,9 @@ impl SharedStore {
 
     /// Asks the owner to renew generation `generation` (FinHub refused it).
     async fn ask_renewal(&self, tenant: &str, generation: u64) -> Result<(), Failure> {
-        let key = self.key(tenant, "renew");
-        let ttl = (self.settings.follow_timeout * 2).as_millis().max(1) as u64;
-        self.pool
-            .call(|mut c| async move {
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(generation)
-                    .arg("PX")
-                    .arg(ttl)
-                    .query_async::<()>(&mut c)
-                    .await
-            })
+        let ttl = i64::try_from((self.settings.follow_timeout * 2).as_millis()).unwrap_or(i64::MAX);
+        self.set_px(self.key(tenant, "renew"), generation.to_string(), ttl)
             .await
-            .map_err(|f| self.failed(f))?;
-        self.answered();
-        Ok(())
     }
 
     /// Encrypts `s` and writes it as generation `generation` under the lease with `fence`.
