@@ -10,12 +10,8 @@ ARG RUST_IMAGE=rust:1-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
 
 FROM ${RUST_IMAGE} AS build
-# Pingora's zlib-ng (libz-ng-sys) builds with cmake; the C compiler is in the rust image.
-# (Not version-pinned: bookworm's cmake only gets security fixes.)
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends cmake \
- && rm -rf /var/lib/apt/lists/*
+# Nothing to install: the C compiler (for ring) is in the rust image, and Pingora's flate2 uses
+# its Rust backend (vendor/PATCHES.md), so no cmake.
 WORKDIR /src
 COPY . .
 # BuildKit caches keep the crate registry and target/ between builds; the binary is copied out
