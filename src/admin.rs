@@ -391,7 +391,14 @@ password = "${PW}"
         let metrics = Metrics::new();
         let sessions = Arc::new(SessionTable::new(&config));
         let limiter = crate::policy::ratelimit::LocalLimiter::new(config.policy.rate_limit.clone());
-        let tenants = crate::tenant::Tenants::new(&sessions, 0, &metrics, &limiter).unwrap();
+        let tenants = crate::tenant::Tenants::new(
+            &sessions,
+            0,
+            &metrics,
+            &limiter,
+            &crate::config::RetryConfig::default(),
+        )
+        .unwrap();
         let (audit, _guard) = crate::audit::Audit::open(
             &crate::config::AuditOutput::Off,
             false,

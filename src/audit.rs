@@ -3,7 +3,8 @@
 //!
 //! Fields: `ts`, `request_id`, `activity_id`, `tenant`, `client_ip`, `forwarded_for`,
 //! `user_agent`, `method`, `path` (query dropped unless `audit.include_query`), `status`,
-//! `decision`, `reason`, `upstream_status`, `duration_ms`, `bytes_in`, `bytes_out`, `replayed`.
+//! `decision`, `reason`, `upstream_status`, `duration_ms`, `bytes_in`, `bytes_out`, `replayed`,
+//! `attempts`, `retry_reason`.
 //! Credential headers are never among them.
 
 use std::io::Write;
@@ -55,6 +56,11 @@ pub struct AuditRecord<'a> {
     pub bytes_out: usize,
     /// Whether the request was replayed after a 401.
     pub replayed: bool,
+    /// Upstream attempts (connects included; 0 when it never went upstream).
+    pub attempts: u32,
+    /// Why it was last sent again (`reset`, `status_503`, `unauthorized`, ...), if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_reason: Option<&'static str>,
 }
 
 /// A point in time written as RFC 3339 UTC with milliseconds, formatted straight into the line
@@ -113,7 +119,9 @@ impl<'a> AuditRecord<'a> {
             duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
             bytes_in: session.body_bytes_read(),
             bytes_out: session.body_bytes_sent(),
-            replayed: a.is_some_and(|a| a.replay.replayed()),
+            replayed: a.is_some_and(|a| a.retry.replayed()),
+            attempts: a.map_or(0, |a| a.retry.attempts()),
+            retry_reason: a.and_then(|a| a.retry.last_reason()).map(|r| r.label()),
         }
     }
 }
@@ -328,6 +336,8 @@ mod tests {
             bytes_in: 0,
             bytes_out: 10,
             replayed: false,
+            attempts: 1,
+            retry_reason: None,
         }
     }
 

@@ -120,6 +120,14 @@ pub enum ProxyError {
     /// FinHub broke the exchange (reset, malformed answer).
     #[error("FinHub upstream connection failed")]
     UpstreamFailed,
+    /// A request that changes state was sent and no answer came back (reset or timeout), and
+    /// it was not (or no longer) retried: FinHub may have executed it. Sending it again with
+    /// the answer's `X-Idempotency-Key` cannot execute it twice.
+    #[error("FinHub did not answer and may have executed the request; retry it with the same X-Idempotency-Key")]
+    UpstreamOutcomeUnknown {
+        /// No answer within `upstream.read_timeout` (504), rather than a broken connection (502).
+        timed_out: bool,
+    },
     /// The app's request was malformed (unparsable header, conflicting framing, broken body).
     #[error("malformed HTTP request")]
     InvalidRequest,
@@ -202,6 +210,12 @@ impl ProxyError {
             E::EgressProxyTimeout => (504, "egress_proxy_timeout", UpstreamTimeout),
             E::UpstreamFailed => (502, "upstream_failed", UpstreamError),
             E::UpstreamTimeout => (504, "upstream_timeout", UpstreamTimeout),
+            E::UpstreamOutcomeUnknown { timed_out: false } => {
+                (502, "upstream_outcome_unknown", UpstreamError)
+            }
+            E::UpstreamOutcomeUnknown { timed_out: true } => {
+                (504, "upstream_outcome_unknown", UpstreamTimeout)
+            }
             E::Internal => (500, "internal_error", InternalError),
         };
         Meta {
@@ -413,9 +427,42 @@ pub fn response(err: &ProxyError) -> pingora::Result<(ResponseHeader, Bytes)> {
 
 /// Writes `err` as the complete response (header and JSON body) and keeps the connection usable.
 pub async fn respond(session: &mut Session, err: &ProxyError) -> pingora::Result<()> {
-    let (resp, body) = response(err)?;
+    respond_keyed(session, err, None).await
+}
+
+/// As [`respond`], with the request's `X-Idempotency-Key` (sending the request again with it
+/// cannot execute it twice).
+pub async fn respond_keyed(
+    session: &mut Session,
+    err: &ProxyError,
+    idempotency_key: Option<&http::HeaderValue>,
+) -> pingora::Result<()> {
+    let (mut resp, body) = response(err)?;
+    if let Some(key) = idempotency_key {
+        resp.insert_header(
+            crate::policy::headers::names::X_IDEMPOTENCY_KEY,
+            key.clone(),
+        )?;
+    }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await
+}
+
+impl ProxyError {
+    /// The final answer for an upstream failure `self` of a request that FinHub may have
+    /// executed (`outcome_unknown`): a broken exchange or timeout becomes
+    /// `upstream_outcome_unknown`; a failure before anything was sent stays as it is.
+    pub fn with_outcome(self, outcome_unknown: bool) -> ProxyError {
+        match self {
+            ProxyError::UpstreamFailed if outcome_unknown => {
+                ProxyError::UpstreamOutcomeUnknown { timed_out: false }
+            }
+            ProxyError::UpstreamTimeout if outcome_unknown => {
+                ProxyError::UpstreamOutcomeUnknown { timed_out: true }
+            }
+            other => other,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -486,6 +533,7 @@ mod tests {
             ProxyError::EgressProxyTimeout,
             ProxyError::UpstreamTimeout,
             ProxyError::UpstreamFailed,
+            ProxyError::UpstreamOutcomeUnknown { timed_out: false },
             ProxyError::InvalidRequest,
             ProxyError::Internal,
             ProxyError::HeaderTimeout,
@@ -504,6 +552,23 @@ mod tests {
             assert_ne!(m.outcome, Outcome::Allow, "{e:?}");
             assert!(!e.to_string().is_empty());
         }
+    }
+
+    #[test]
+    fn a_lost_answer_to_a_mutation_says_its_outcome_is_unknown() {
+        let e = ProxyError::UpstreamFailed.with_outcome(true);
+        assert_eq!((e.status(), e.code()), (502, "upstream_outcome_unknown"));
+        let e = ProxyError::UpstreamTimeout.with_outcome(true);
+        assert_eq!((e.status(), e.code()), (504, "upstream_outcome_unknown"));
+        // Nothing was sent: it says so, whatever the method.
+        assert_eq!(
+            ProxyError::UpstreamUnreachable.with_outcome(true),
+            ProxyError::UpstreamUnreachable
+        );
+        assert_eq!(
+            ProxyError::UpstreamFailed.with_outcome(false),
+            ProxyError::UpstreamFailed
+        );
     }
 
     #[test]

@@ -100,6 +100,8 @@ pub struct RequestSeries {
     pub rate_limited: IntCounter,
     /// `upstream_401_replays_total{tenant}`.
     pub replays: IntCounter,
+    /// `upstream_retry_budget_exhausted_total{tenant}`.
+    pub budget_exhausted: IntCounter,
 }
 
 impl RequestSeries {
@@ -157,6 +159,17 @@ pub struct Metrics {
     /// `finhub_sidecar_upstream_401_replays_total{tenant}`: requests replayed once with a
     /// renewed session after FinHub answered 401.
     pub upstream_401_replays: IntCounterVec,
+    /// `finhub_sidecar_upstream_retries_total{reason,outcome}`: attempts sent again, by why
+    /// (`connect`, `reset`, `status_502`/`503`/`504`, `timeout`, `unauthorized`) and how the
+    /// request ended (`answered`: FinHub's answer reached the app; `gave_up`: it did not).
+    pub upstream_retries: IntCounterVec,
+    /// `finhub_sidecar_upstream_retry_budget_exhausted_total{tenant}`: retries not made because
+    /// the tenant's retry budget was spent.
+    pub upstream_retry_budget_exhausted: IntCounterVec,
+    /// `finhub_sidecar_upstream_give_ups_total{code}`: requests that ended in an upstream
+    /// failure although a retry was wanted or made, by the code the app got (FinHub's own
+    /// gateway answers as `finhub_502`/`finhub_503`/`finhub_504`).
+    pub upstream_give_ups: IntCounterVec,
     /// `finhub_sidecar_requests_total{tenant,decision,status_class}`: every request the proxy
     /// handled; `decision` is `allow` or why the sidecar answered itself, `tenant` is `-` when
     /// the request never got that far.
@@ -275,6 +288,30 @@ impl Metrics {
                 "Requests replayed once with a renewed session after FinHub answered 401",
             ),
             &["tenant"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_retries = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_upstream_retries_total",
+                "Attempts sent to FinHub again, by reason and by how the request ended",
+            ),
+            &["reason", "outcome"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_retry_budget_exhausted = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_upstream_retry_budget_exhausted_total",
+                "Retries not made because the tenant's retry budget was spent",
+            ),
+            &["tenant"],
+        )
+        .expect("static metric definition is valid");
+        let upstream_give_ups = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_upstream_give_ups_total",
+                "Requests that ended in an upstream failure although a retry was wanted or made, by the code the app got",
+            ),
+            &["code"],
         )
         .expect("static metric definition is valid");
         let requests = IntCounterVec::new(
@@ -483,6 +520,9 @@ impl Metrics {
             Box::new(auth_requests.clone()),
             Box::new(finhub_clock_offset.clone()),
             Box::new(upstream_401_replays.clone()),
+            Box::new(upstream_retries.clone()),
+            Box::new(upstream_retry_budget_exhausted.clone()),
+            Box::new(upstream_give_ups.clone()),
             Box::new(session_store_up.clone()),
             Box::new(session_store_errors.clone()),
             Box::new(session_store_connections.clone()),
@@ -510,6 +550,9 @@ impl Metrics {
             auth_requests,
             finhub_clock_offset,
             upstream_401_replays,
+            upstream_retries,
+            upstream_retry_budget_exhausted,
+            upstream_give_ups,
             requests,
             request_duration,
             upstream_duration,
@@ -549,6 +592,8 @@ impl Metrics {
                 .with_label_values(&[tenant, "logout", result]);
         }
         self.upstream_401_replays.with_label_values(&[tenant]);
+        self.upstream_retry_budget_exhausted
+            .with_label_values(&[tenant]);
         self.rate_limited.with_label_values(&[tenant]);
     }
 
@@ -561,6 +606,9 @@ impl Metrics {
             duration: self.request_duration.with_label_values(&[tenant]),
             rate_limited: self.rate_limited.with_label_values(&[tenant]),
             replays: self.upstream_401_replays.with_label_values(&[tenant]),
+            budget_exhausted: self
+                .upstream_retry_budget_exhausted
+                .with_label_values(&[tenant]),
         }
     }
 

@@ -183,9 +183,13 @@ impl Sidecar {
         server.bootstrap();
 
         let limiter = self.limiter();
-        let Some(tenants) =
-            Tenants::new(&self.sessions, c.default_tenant, &self.metrics, &*limiter)
-        else {
+        let Some(tenants) = Tenants::new(
+            &self.sessions,
+            c.default_tenant,
+            &self.metrics,
+            &*limiter,
+            &c.retry,
+        ) else {
             tracing::error!("finhub-sidecar cannot start: no tenant configured");
             return;
         };

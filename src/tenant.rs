@@ -9,9 +9,11 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use crate::auth::{SessionTable, TenantSessions};
+use crate::config::RetryConfig;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RequestSeries};
 use crate::policy::ratelimit::{Limiter, TenantLimiter, UpstreamHold};
+use crate::proxy::retry::RetryBudget;
 
 /// One tenant: configuration, session, FinHub's 429 hold, metric series.
 pub struct Tenant {
@@ -23,6 +25,8 @@ pub struct Tenant {
     pub hold: UpstreamHold,
     /// The tenant's request metrics, resolved once.
     pub series: RequestSeries,
+    /// How many retries of FinHub's blips its requests may still make.
+    pub retry_budget: RetryBudget,
 }
 
 impl Tenant {
@@ -48,6 +52,7 @@ impl Tenants {
         default: usize,
         metrics: &Metrics,
         limiter: &dyn Limiter,
+        retry: &RetryConfig,
     ) -> Option<Tenants> {
         let all: Vec<Arc<Tenant>> = sessions
             .tenants()
@@ -57,6 +62,7 @@ impl Tenants {
                     series: metrics.request_series(&s.tenant.id),
                     limits: limiter.tenant(&s.tenant.id),
                     hold: UpstreamHold::default(),
+                    retry_budget: RetryBudget::new(retry),
                     sessions: s.clone(),
                 })
             })

@@ -429,3 +429,283 @@ fn check_reports_the_certificate_and_refuses_a_mismatched_key() {
     assert!(stdout.contains("client_cert.key_file"), "{stdout}");
     assert!(stdout.contains("does not match"), "{stdout}");
 }
+
+/// One app request of the blip scenario and what came of it.
+struct Outcome {
+    post: bool,
+    status: u16,
+    /// The key FinHub saw (the app's or the sidecar's), from the answer.
+    key: Option<String>,
+    json: bool,
+}
+
+async fn blip_request(client: reqwest::Client, sc_url: String, i: usize) -> Outcome {
+    let post = i.is_multiple_of(2);
+    let req = if post {
+        let r = client
+            .post(format!("{sc_url}/api/v2/transfers"))
+            .header("Content-Type", "application/json")
+            .body(format!("{{\"amount\":{i}}}"));
+        if i.is_multiple_of(4) {
+            r.header("X-Idempotency-Key", uuid::Uuid::new_v4().to_string())
+        } else {
+            r
+        }
+    } else {
+        client.get(format!("{sc_url}/api/v2/accounts/{i}"))
+    };
+    match req.send().await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let key = resp
+                .headers()
+                .get("x-idempotency-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = resp.bytes().await.unwrap_or_default();
+            let json = serde_json::from_slice::<serde_json::Value>(&body).is_ok();
+            Outcome {
+                post,
+                status,
+                key,
+                json,
+            }
+        }
+        // A reset or an empty answer from the sidecar.
+        Err(_) => Outcome {
+            post,
+            status: 0,
+            key: None,
+            json: false,
+        },
+    }
+}
+
+/// Issue #23's scenario: 300 app requests (150 POSTs to /transfers, half with the app's own
+/// key, and 150 GETs) while FinHub answers 5 % of calls with a gateway 503, resets 3 % before
+/// processing and loses 5 % of answers after processing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finhub_blips_are_retried_exactly_once_per_key() {
+    use finhub_testkit::emulator::ApiFaults;
+    let (_world, emu, sc) = World::start(|c| c).await;
+    emu.controls().set_api_faults(Some(ApiFaults {
+        gateway_503: 0.05,
+        reset_before: 0.03,
+        lost_after: 0.05,
+        ..ApiFaults::none(23)
+    }));
+    let client = http_client();
+    let url = sc.url("");
+    let url = url.trim_end_matches('/').to_string();
+    let mut outcomes = Vec::new();
+    for batch in (0..300).collect::<Vec<_>>().chunks(10) {
+        let tasks: Vec<_> = batch
+            .iter()
+            .map(|&i| tokio::spawn(blip_request(client.clone(), url.clone(), i)))
+            .collect();
+        for t in tasks {
+            outcomes.push(t.await.unwrap());
+        }
+    }
+    let executions = emu.controls().executions();
+    let ok = outcomes
+        .iter()
+        .filter(|o| (200..300).contains(&o.status))
+        .count();
+    let doubles = executions.values().filter(|&&n| n > 1).count();
+    let failures: Vec<_> = outcomes
+        .iter()
+        .filter(|o| !(200..300).contains(&o.status))
+        .map(|o| (o.status, o.json, o.key.is_some()))
+        .collect();
+    println!(
+        "blip scenario: {ok}/300 answered 2xx, failures {failures:?}, keys executed twice: {doubles}, \
+         retries: {:?}",
+        sc.scrape().await.map(|m| m
+            .lines()
+            .filter(|l| l.starts_with("finhub_sidecar_upstream_retries_total"))
+            .map(str::to_string)
+            .collect::<Vec<_>>())
+    );
+    assert!(
+        ok >= 297,
+        "at least 99 % answered 2xx: {ok}; failures {failures:?}"
+    );
+    assert_eq!(doubles, 0, "no mutation executed twice: {executions:?}");
+    for o in outcomes.iter().filter(|o| o.post) {
+        let key = o
+            .key
+            .as_ref()
+            .expect("every answer to a POST carries its key");
+        if (200..300).contains(&o.status) {
+            assert_eq!(
+                executions.get(&(TENANT.to_string(), key.clone())),
+                Some(&1),
+                "a 2xx POST was executed exactly once"
+            );
+        }
+    }
+    for o in outcomes.iter().filter(|o| !(200..300).contains(&o.status)) {
+        assert!(
+            [502, 503, 504].contains(&o.status) && o.json,
+            "a failure is a JSON 502/503/504: {}",
+            o.status
+        );
+        if o.post {
+            assert!(o.key.is_some(), "a failed POST carries its key");
+        }
+    }
+    // The audit line counts the attempts and names the last reason.
+    let lines = sc.wait_audit(300).await;
+    assert!(lines
+        .iter()
+        .any(|l| l["attempts"].as_u64() > Some(1) && l["retry_reason"].is_string()));
+}
+
+/// FinHub fully down (every call a gateway 503): the retries stay within the tenant's budget,
+/// not attempts x requests, and apps get FinHub's 503 (JSON) rather than a stall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finhub_down_keeps_retries_within_the_budget() {
+    use finhub_testkit::emulator::ApiFaults;
+    let (_world, emu, sc) = World::start(|c| {
+        c.set("retry.budget_min_per_second", 1)
+            .set("retry.budget_ratio", 0.2)
+            .set("retry.budget_window", "10s")
+    })
+    .await;
+    let before = emu.controls().total_requests() - emu.controls().stats().auth_requests;
+    emu.controls().set_api_faults(Some(ApiFaults {
+        gateway_503: 1.0,
+        ..ApiFaults::none(1)
+    }));
+    let client = http_client();
+    let requests = 200u64;
+    let mut statuses = Vec::new();
+    let started = std::time::Instant::now();
+    for batch in 0..requests / 10 {
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let c = client.clone();
+                let u = sc.url(&format!("/api/v2/accounts/{batch}-{i}"));
+                tokio::spawn(async move { c.get(u).send().await.map(|r| r.status().as_u16()) })
+            })
+            .collect();
+        for t in tasks {
+            statuses.push(t.await.unwrap().unwrap_or(0));
+        }
+    }
+    let elapsed = started.elapsed();
+    let calls = emu.controls().total_requests() - emu.controls().stats().auth_requests - before;
+    // Budget: 1/s x 10 s floor plus 20 % of the requests (the window may roll once).
+    let budget = 2 * (10 + requests / 5);
+    println!(
+        "FinHub down: {requests} app requests made {calls} upstream calls ({:.2} per request) in {elapsed:?}; \
+         budget exhausted {}",
+        calls as f64 / requests as f64,
+        sc.counter("finhub_sidecar_upstream_retry_budget_exhausted_total{tenant=\"tenant-demo\"}").await
+    );
+    assert!(statuses.iter().all(|&s| s == 503), "{statuses:?}");
+    assert!(
+        calls <= requests + budget,
+        "{calls} upstream calls for {requests} requests: retries beyond the budget"
+    );
+    assert!(calls > requests, "some retries were made");
+    assert!(
+        sc.counter("finhub_sidecar_upstream_retry_budget_exhausted_total{tenant=\"tenant-demo\"}")
+            .await
+            > 0.0
+    );
+    assert!(
+        sc.counter("finhub_sidecar_upstream_give_ups_total{code=\"finhub_503\"}")
+            .await
+            > 0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_retried_and_what_passes_through() {
+    use finhub_testkit::emulator::ApiFaults;
+    let (_world, emu, sc) = World::start(|c| {
+        c.set("retry.max_attempts", 10)
+            .set("retry.backoff", "300ms")
+            .set("retry.backoff_max", "300ms")
+    })
+    .await;
+    let api_calls = || emu.controls().total_requests() - emu.controls().stats().auth_requests;
+
+    // A GET is retried: FinHub resets it until it comes back.
+    emu.controls().set_api_faults(Some(ApiFaults {
+        reset_before: 1.0,
+        ..ApiFaults::none(1)
+    }));
+    let before = api_calls();
+    let get = tokio::spawn(http_client().get(sc.url("/api/v2/accounts")).send());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            (api_calls() >= before + 2).then_some(())
+        })
+        .await
+        .is_some(),
+        "the GET was sent again"
+    );
+    emu.controls().set_api_faults(None);
+    let resp = get.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // A body over the hold limit is sent once: FinHub's 503 reaches the app.
+    emu.controls().set_api_faults(Some(ApiFaults {
+        gateway_503: 1.0,
+        ..ApiFaults::none(2)
+    }));
+    let before = api_calls();
+    let resp = http_client()
+        .put(sc.url("/api/v2/documents/1"))
+        .body(vec![b'x'; 100 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().get("x-idempotency-key").is_some());
+    assert_eq!(api_calls() - before, 1, "a streamed body is never resent");
+
+    // A 503 with a Retry-After beyond the deadline goes to the app with it, at once.
+    emu.controls().set_api_faults(Some(ApiFaults {
+        gateway_503: 1.0,
+        retry_after: Some(120),
+        ..ApiFaults::none(3)
+    }));
+    let before = api_calls();
+    let resp = http_client()
+        .get(sc.url("/api/v2/accounts"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "120");
+    assert_eq!(api_calls() - before, 1);
+
+    // A 409 (a key reused for a different request) goes to the app unchanged.
+    emu.controls().set_api_faults(None);
+    let key = uuid::Uuid::new_v4().to_string();
+    for (amount, want) in [(1, 200), (2, 409)] {
+        let resp = http_client()
+            .post(sc.url("/api/v2/transfers"))
+            .header("X-Idempotency-Key", &key)
+            .body(format!("{{\"amount\":{amount}}}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), want);
+    }
+    // And a repeat of the first is FinHub's replay, marked as such.
+    let resp = http_client()
+        .post(sc.url("/api/v2/transfers"))
+        .header("X-Idempotency-Key", &key)
+        .body("{\"amount\":1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-idempotent-replay"], "true");
+    assert_eq!(emu.controls().executions()[&(TENANT.to_string(), key)], 1);
+}

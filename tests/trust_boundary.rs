@@ -698,3 +698,152 @@ async fn nothing_secret_reaches_the_log_even_at_trace() {
         );
     }
 }
+
+/// Whether any request to `path` reached FinHub, once a later marker request has: what the
+/// sidecar forwards for one connection reaches FinHub before it answers a later one.
+async fn reached_finhub(
+    emu: &finhub_testkit::emulator::Emulator,
+    sc: &SidecarProcess,
+    path: &str,
+) -> bool {
+    let marker = format!("/api/v2/marker-{}", uuid::Uuid::new_v4());
+    let r = exchange(
+        sc.proxy,
+        format!("GET {marker} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "marker");
+    let seen = eventually(Duration::from_secs(10), || async {
+        emu.controls()
+            .api_requests()
+            .iter()
+            .any(|r| r.path_and_query == marker)
+            .then_some(())
+    })
+    .await;
+    assert!(seen.is_some(), "marker reached FinHub");
+    emu.controls()
+        .api_requests()
+        .iter()
+        .any(|r| r.path_and_query.starts_with(path))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_are_sent_whole_or_not_at_all() {
+    let (_world, emu, sc) = World::start(|c| c).await;
+
+    // A chunked POST whose first chunk size is not hex: a JSON 400, and nothing at FinHub.
+    let r = exchange(
+        sc.proxy,
+        b"POST /api/v2/transfers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert_eq!(r.code(), "invalid_request");
+    assert!(
+        !reached_finhub(&emu, &sc, "/api/v2/transfers").await,
+        "a malformed body must not reach FinHub, not even its header"
+    );
+
+    // A valid first chunk, then garbage.
+    let r = exchange(
+        sc.proxy,
+        b"POST /api/v2/transfers-2 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    assert!(!reached_finhub(&emu, &sc, "/api/v2/transfers-2").await);
+
+    // An app that dies mid-upload: nothing reaches FinHub.
+    let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+    s.write_all(
+        b"POST /api/v2/transfers-3 HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"amount\":",
+    )
+    .await
+    .unwrap();
+    drop(s);
+    assert!(!reached_finhub(&emu, &sc, "/api/v2/transfers-3").await);
+
+    // A chunked body just over the retry buffer, arriving in one write, reaches FinHub whole
+    // (vendor/PATCHES.md, pingora-proxy patch 3).
+    let size = 70 * 1024;
+    let mut req = b"POST /api/v2/documents HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    req.extend_from_slice(format!("{size:x}\r\n").as_bytes());
+    req.extend_from_slice(&vec![b'x'; size]);
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    let r = exchange(sc.proxy, &req).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["body_len"], size as u64);
+
+    // A small chunked body is held whole and sent whole.
+    let r = exchange(
+        sc.proxy,
+        b"POST /api/v2/documents HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["body_len"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_continue_is_answered_by_the_sidecar_and_the_body_goes_whole() {
+    let (_world, _emu, sc) = World::start(|c| c).await;
+    let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+    s.write_all(b"POST /api/v2/transfers HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let mut chunk = [0u8; 256];
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("a 100 Continue within 10 s")
+            .unwrap();
+        assert!(n > 0, "closed before 100 Continue");
+        got.extend_from_slice(&chunk[..n]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 100 Continue"),
+        "{}",
+        got.escape_ascii()
+    );
+    s.write_all(b"hello").await.unwrap();
+    let r = read_response(&mut s).await.expect("an answer");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["body_len"], 5);
+    assert!(
+        r.json()["headers"].get("expect").is_none(),
+        "FinHub is not asked for a 100 Continue: {}",
+        r.json()["headers"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finhub_resetting_after_a_streamed_post_gives_a_json_502_not_a_reset() {
+    use finhub_testkit::emulator::ApiFaults;
+    let (_world, emu, sc) = World::start(|c| c).await;
+    // FinHub executes each call, then resets the connection instead of answering.
+    emu.controls().set_api_faults(Some(ApiFaults {
+        lost_after: 1.0,
+        ..ApiFaults::none(1)
+    }));
+    // Larger than the hold limit: streamed, so sent exactly once and never retried.
+    let size = 100 * 1024;
+    let mut req = format!(
+        "POST /api/v2/transfers HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    req.extend_from_slice(&vec![b'x'; size]);
+    let r = exchange(sc.proxy, &req).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.code(), "upstream_outcome_unknown");
+    let key = r
+        .header("x-idempotency-key")
+        .expect("the key the app can retry with");
+    let executions = emu.controls().executions();
+    assert_eq!(
+        executions.get(&(TENANT.to_string(), key.to_string())),
+        Some(&1),
+        "sent exactly once: {executions:?}"
+    );
+}

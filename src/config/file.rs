@@ -15,6 +15,7 @@ use super::headers::FileHeaders;
 use super::listener::FileListener;
 use super::log::FileLog;
 use super::policy::FilePolicy;
+use super::retry::FileRetry;
 use super::shutdown::FileShutdown;
 use super::tenants::FileTenant;
 use super::upstream::FileUpstream;
@@ -51,6 +52,9 @@ pub(super) struct FileConfig {
     /// `[shutdown]`: graceful drain timing.
     #[serde(default)]
     pub(super) shutdown: FileShutdown,
+    /// `[retry]`: retries of FinHub's blips and their per-tenant budget.
+    #[serde(default)]
+    pub(super) retry: FileRetry,
     /// `[audit]`: the per-request audit line.
     #[serde(default)]
     pub(super) audit: FileAudit,

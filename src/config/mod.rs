@@ -32,6 +32,7 @@ mod log;
 mod policy;
 mod rate_limit;
 mod redis;
+mod retry;
 mod session_store;
 mod shutdown;
 mod tenants;
@@ -48,6 +49,7 @@ pub use log::{LogConfig, LogFormat, DEFAULT_LOG_LEVEL};
 pub use policy::PolicyConfig;
 pub use rate_limit::{Backend, Limit, RateLimitConfig, RouteLimit};
 pub use redis::{OnRedisError, RedisSettings};
+pub use retry::RetryConfig;
 pub use session_store::{OnStoreError, SessionStore, SharedSessionSettings};
 pub use shutdown::ShutdownConfig;
 pub use tenants::TenantConfig;
@@ -89,6 +91,8 @@ pub struct Config {
     pub log: LogConfig,
     /// Graceful shutdown.
     pub shutdown: ShutdownConfig,
+    /// Retries of FinHub's blips and their per-tenant budget.
+    pub retry: RetryConfig,
     /// Audit log.
     pub audit: AuditConfig,
     /// How app connections are accepted and read.
@@ -188,6 +192,7 @@ impl Convert<'_> {
         let policy = self.policy(f.policy);
         let headers = self.headers(f.headers, rules);
         let shutdown = self.shutdown(f.shutdown);
+        let retry = self.retry(f.retry);
         let audit = self.audit(f.audit);
         let log = f.log.convert();
         Some(Config {
@@ -205,6 +210,7 @@ impl Convert<'_> {
             headers: headers?,
             log,
             shutdown,
+            retry,
             audit,
             listener,
             admin,

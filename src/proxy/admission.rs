@@ -25,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderValue, Uri};
 use pingora::http::RequestHeader;
 
-use super::replay::Replay;
+use super::retry::Retry;
 use crate::auth::{Session, TenantSessions};
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -53,8 +53,10 @@ pub struct Admitted {
     pub forwarded_for: HeaderValue,
     /// Origin-form path and query to send when the app used absolute-form.
     pub upstream_uri: Option<Uri>,
-    /// Whether (and how far) the request may be replayed after a 401.
-    pub replay: Replay,
+    /// Its attempts at FinHub: whether it may be sent again (401 replay, blips), and how often
+    /// it was. Resendable here if its declared body fits the hold limit; settled once the body
+    /// is read.
+    pub retry: Retry,
 }
 
 /// A refusal, with what was learnt before it (for its metric series and audit line).
@@ -174,7 +176,7 @@ impl Admission<'_> {
         } else {
             req.headers.get(&names::X_IDEMPOTENCY_KEY).cloned()
         };
-        let replay = Replay::of(
+        let retry = Retry::new(
             &req.method,
             idempotency_key.is_some(),
             headers::body_fits(req, self.config.auth.replay_body_limit),
@@ -187,7 +189,7 @@ impl Admission<'_> {
             idempotency_key,
             forwarded_for,
             upstream_uri,
-            replay,
+            retry,
         };
         Ok((admitted, path))
     }
@@ -262,8 +264,14 @@ password = "${PW}"
             let metrics = crate::metrics::Metrics::new();
             let limiter =
                 crate::policy::ratelimit::LocalLimiter::new(config.policy.rate_limit.clone());
-            let tenants =
-                Tenants::new(&sessions, config.default_tenant, &metrics, &limiter).unwrap();
+            let tenants = Tenants::new(
+                &sessions,
+                config.default_tenant,
+                &metrics,
+                &limiter,
+                &config.retry,
+            )
+            .unwrap();
             World {
                 config,
                 sessions,
@@ -317,11 +325,11 @@ password = "${PW}"
         assert_eq!(a.tenant.id(), "t1", "default tenant");
         assert_eq!(a.forwarded_for, "192.0.2.10");
         assert!(a.upstream_uri.is_none());
-        assert_eq!(a.replay, Replay::Allowed);
+        assert!(a.retry.resendable());
         assert!(a.idempotency_key.is_none());
         let post = w.admit(&req("POST", "/api/v2/payments", &[]), APP).unwrap();
         assert!(post.idempotency_key.is_some(), "generated for POST");
-        assert_eq!(post.replay, Replay::Allowed, "idempotent by its key");
+        assert!(post.retry.resendable(), "idempotent by its key");
     }
 
     #[test]
@@ -453,7 +461,7 @@ password = "${PW}"
     }
 
     #[test]
-    fn large_or_chunked_bodies_are_not_replayable() {
+    fn large_bodies_are_not_resendable() {
         let w = World::new().with_sessions();
         let big = w
             .admit(
@@ -461,14 +469,7 @@ password = "${PW}"
                 APP,
             )
             .unwrap();
-        assert_eq!(big.replay, Replay::Never);
-        let chunked = w
-            .admit(
-                &req("GET", "/api/v2/x", &[("Transfer-Encoding", "chunked")]),
-                APP,
-            )
-            .unwrap();
-        assert_eq!(chunked.replay, Replay::Never);
+        assert!(!big.retry.resendable());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The data path: Pingora's `ProxyHttp` hooks, each a one-line contract delegating to a small
-//! function: admission (`admission.rs`), the 401 replay (`replay.rs`), the header rules
+//! function: admission (`admission.rs`), the body held whole (`body.rs`), every retry — the 401
+//! replay and FinHub's blips — (`retry.rs`), the header rules
 //! (`policy/headers.rs`), the refusal format (`error.rs`), the audit line (`audit.rs`).
 //!
 //! ```text
@@ -7,17 +8,24 @@
 //!                          header size/format -> target allowed? -> canonical, unreserved path
 //!                          -> tenant -> X-Forwarded-For -> FinHub 429 hold -> usable session?
 //!                          -> rate limit (last: a refused request consumes no token)
-//! upstream_peer            resolved FinHub address + SNI + current client cert + CA
+//!                          -> the body read whole (up to the hold limit) before going upstream
+//! request_body_filter      a streamed body: what was read while deciding goes first
+//! upstream_peer            the retry's backoff; resolved FinHub address + SNI + cert + CA
 //! upstream_request_filter  strip app credentials, set session + compliance headers, Host, path
-//! upstream_response_filter a 401 from FinHub renews the session (single flight) and replays once
-//! error_while_proxy        only that replay, or a safe retry on a reused connection, retries
-//! response_filter          echo X-Request-ID to the app; drop any header carrying a credential
+//! upstream_response_filter a 401 renews the session (single flight) and replays once; a gateway
+//!                          502/503/504 is retried (retry.rs: resendable, attempts, deadline,
+//!                          the tenant's budget)
+//! fail_to_connect          a failed connect tries the next address, then the retry policy
+//! error_while_proxy        a decided retry, or a reset/timeout before FinHub's answer
+//! response_filter          echo X-Request-ID (and the idempotency key) to the app; drop any
+//!                          header carrying a credential
 //! logging                  metrics and the audit line
 //! fail_to_proxy            map the failure to one JSON error (502 TLS / 504 timeout / ...)
 //! ```
 
 pub mod admission;
-pub mod replay;
+pub mod body;
+pub mod retry;
 
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -39,6 +47,8 @@ use crate::policy::ratelimit::{self, Check, Decision};
 use crate::shared::Shared;
 use crate::tenant::Tenant;
 use admission::{session_retry_after, Admission, Admitted};
+use body::{Body, BodyError};
+use retry::{Failure, Limits, Refusal};
 
 /// The data path: the shared state and a few series resolved once.
 pub struct FinHubProxy {
@@ -52,8 +62,9 @@ pub struct FinHubProxy {
 /// Headers the rewrite may add to the app's (session, ids, compliance, host, content type).
 const REWRITE_HEADERS: usize = 16;
 
-/// Error type that asks Pingora to send the request again (after a 401 and a renewal).
-const REPLAY: ErrorType = ErrorType::Custom("finhub_401_replay");
+/// Error type that asks Pingora to send the request again (a decided retry: after a 401 and a
+/// renewal, or after a gateway 502/503/504).
+const RETRY: ErrorType = ErrorType::Custom("finhub_retry");
 
 /// Per-request state shared between hooks.
 pub struct RequestCtx {
@@ -65,6 +76,12 @@ pub struct RequestCtx {
     pub(crate) upstream_sent: Option<SystemTime>,
     /// Failed connection attempts; the next attempt uses the next resolved address.
     pub(crate) connect_failures: usize,
+    /// This attempt's request header went to FinHub (it may have been executed).
+    pub(crate) attempt_sent: bool,
+    /// This attempt got FinHub's answer header (no retry after that).
+    pub(crate) answered: bool,
+    /// What the sidecar holds of the request body.
+    pub(crate) body: Body,
     /// The tenant the request selected (also when it was refused afterwards).
     pub(crate) tenant: Option<Arc<Tenant>>,
     /// Set once the request is admitted.
@@ -108,6 +125,7 @@ impl FinHubProxy {
         match admission.admit(req, peer, SystemTime::now()) {
             Ok((admitted, path)) => {
                 let check = admitted.tenant.limits.check(&req.method, &path);
+                admitted.tenant.retry_budget.deposit(ctx.start);
                 ctx.tenant = Some(admitted.tenant.clone());
                 ctx.admitted = Some(admitted);
                 Ok(check)
@@ -149,7 +167,12 @@ impl FinHubProxy {
     }
 
     /// Rewrites the request FinHub receives (protocol notes §3 header policy).
-    fn rewrite(&self, req: &mut RequestHeader, a: &mut Admitted) -> Result<(), ProxyError> {
+    fn rewrite(
+        &self,
+        req: &mut RequestHeader,
+        a: &mut Admitted,
+        body_read: bool,
+    ) -> Result<(), ProxyError> {
         // Connecting may have taken a while (or this is a retry): take the tenant's session as
         // it is now, and never send one that has expired meanwhile.
         let now = SystemTime::now();
@@ -170,6 +193,10 @@ impl FinHubProxy {
         let path = path.map_or(req.raw_path(), |p| p.as_str().as_bytes());
         *req = headers::without_app_credentials(req, path, REWRITE_HEADERS)
             .map_err(|_| ProxyError::Internal)?;
+        if body_read {
+            // The app got its `100 Continue` from the sidecar; FinHub gets the body whole.
+            req.remove_header(&http::header::EXPECT);
+        }
         let h = &self.shared.config.headers;
         let set = |req: &mut RequestHeader| -> pingora::Result<()> {
             headers::apply_session(req, &a.session, &a.tenant.sessions.tenant.id_header)?;
@@ -220,9 +247,9 @@ impl FinHubProxy {
 
     /// A 401 for the session `a` carried: renew (single flight) and, if the request can be sent
     /// again, wait for the new session. True when the request should be replayed.
-    async fn renew_after_401(&self, a: &mut Admitted, body_truncated: bool) -> bool {
+    async fn renew_after_401(&self, a: &mut Admitted) -> bool {
         a.tenant.sessions.request_renewal(&a.session);
-        if !a.replay.wants_replay(body_truncated) {
+        if !a.retry.wants_replay() {
             return false;
         }
         // A forced renewal may refresh and then log in (after a follower's wait for the owner).
@@ -231,9 +258,110 @@ impl FinHubProxy {
             return false;
         };
         a.session = renewed;
-        a.replay.start();
+        a.retry.replay();
         a.tenant.series.replays.inc();
         true
+    }
+
+    /// Reads the body (up to the hold limit) before anything goes upstream; a broken or slow
+    /// body is refused here, whole or not at all at FinHub.
+    async fn hold_body(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<(), BodyError> {
+        let limit = self.shared.config.auth.replay_body_limit;
+        let deadline = ctx.start + self.shared.config.listener.body_timeout;
+        let body = Body::read(session, limit, deadline).await?;
+        if let Some(a) = ctx.admitted.as_mut() {
+            a.retry.set_body_whole(body.resendable_within(limit));
+        }
+        ctx.body = body;
+        Ok(())
+    }
+
+    /// FinHub answered a gateway `status`: whether to send the request again (after the
+    /// backoff, which `upstream_peer` waits).
+    fn retry_after_status(&self, resp: &ResponseHeader, ctx: &mut RequestCtx) -> bool {
+        let retry_after = resp
+            .headers
+            .get(http::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| ratelimit::parse_retry_after(v, SystemTime::now()));
+        let status = resp.status.as_u16();
+        self.decide_retry(ctx, |retry, limits| {
+            retry.after_status(status, retry_after, limits).is_some()
+        })
+    }
+
+    /// An attempt failed with `failure` before FinHub's answer: whether to send it again.
+    fn retry_after_failure(&self, failure: Failure, ctx: &mut RequestCtx) -> bool {
+        let sent = ctx.attempt_sent;
+        self.decide_retry(ctx, |retry, limits| {
+            retry.after_failure(failure, sent, limits)
+        })
+    }
+
+    /// Runs a retry decision against the request's limits as of now; counts a retry the
+    /// tenant's budget refused.
+    fn decide_retry(
+        &self,
+        ctx: &mut RequestCtx,
+        decide: impl FnOnce(&mut retry::Retry, &Limits<'_>) -> bool,
+    ) -> bool {
+        let Some(a) = ctx.admitted.as_mut() else {
+            return false;
+        };
+        let tenant = a.tenant.clone();
+        let limits = Limits::now(&self.shared.config.retry, &tenant.retry_budget, ctx.start);
+        let retried = decide(&mut a.retry, &limits);
+        if a.retry.refused() == Some(Refusal::Budget) {
+            tenant.series.budget_exhausted.inc();
+        }
+        retried
+    }
+
+    /// The retry metrics of a finished request: its retries by reason and how it ended, and a
+    /// give-up by the code the app got. Nothing for a request that was not retried and needed
+    /// no retry (the common case costs one branch).
+    fn count_retries(&self, ctx: &RequestCtx) {
+        let Some(a) = &ctx.admitted else {
+            return;
+        };
+        let r = &a.retry;
+        if !r.retried() && r.refused().is_none() {
+            return;
+        }
+        let finhub_gateway = match ctx.upstream_status {
+            Some(502) => Some("finhub_502"),
+            Some(503) => Some("finhub_503"),
+            Some(504) => Some("finhub_504"),
+            _ => None,
+        };
+        let upstream_failure = ctx
+            .failure
+            .as_ref()
+            .filter(|f| f.status() >= 500)
+            .map(ProxyError::code);
+        let gave_up = upstream_failure.or(if ctx.failure.is_none() {
+            finhub_gateway
+        } else {
+            None
+        });
+        let m = &self.shared.metrics;
+        let outcome = if gave_up.is_some() {
+            "gave_up"
+        } else {
+            "answered"
+        };
+        for (reason, n) in r.made() {
+            m.upstream_retries
+                .with_label_values(&[reason.label(), outcome])
+                .inc_by(u64::from(n));
+        }
+        if let Some(code) = gave_up {
+            m.upstream_give_ups.with_label_values(&[code]).inc();
+        }
     }
 
     /// The metric series of a request's tenant (`-` before one was chosen).
@@ -292,6 +420,9 @@ impl ProxyHttp for FinHubProxy {
             upstream_start: None,
             upstream_sent: None,
             connect_failures: 0,
+            attempt_sent: false,
+            answered: false,
+            body: Body::default(),
             tenant: None,
             admitted: None,
             refused_forwarded_for: None,
@@ -302,7 +433,8 @@ impl ProxyHttp for FinHubProxy {
     }
 
     /// Contract: refuse (with a JSON error) anything that must not go upstream; the rate limit
-    /// is asked last and may await Redis.
+    /// is asked last and may await Redis; then the body is read whole (up to the hold limit),
+    /// so FinHub gets a request whole or not at all.
     async fn request_filter(
         &self,
         session: &mut Session,
@@ -313,14 +445,28 @@ impl ProxyHttp for FinHubProxy {
             Ok(Check::Wait(pending)) => rate_limit_verdict(pending.await),
             Err(e) => Err(e),
         };
-        let Err(e) = verdict else {
-            // A body that trickles in holds an app slot and a FinHub connection: each read of it
-            // waits at most body_timeout (request_body_filter bounds the total).
-            let body_timeout = self.shared.config.listener.body_timeout;
-            session
-                .as_downstream_mut()
-                .set_read_timeout(Some(body_timeout));
-            return Ok(false);
+        let e = match verdict {
+            Ok(()) => {
+                // A body that trickles in holds an app slot (and, streamed, a FinHub
+                // connection): each read waits at most body_timeout, and the whole body must
+                // arrive within body_timeout of the request's start.
+                let body_timeout = self.shared.config.listener.body_timeout;
+                session
+                    .as_downstream_mut()
+                    .set_read_timeout(Some(body_timeout));
+                match self.hold_body(session, ctx).await {
+                    Ok(()) => return Ok(false),
+                    // The app went away mid-body: nothing to answer, nothing sent upstream.
+                    Err(BodyError::Gone(e)) => return Err(e),
+                    Err(BodyError::Refuse(e)) => {
+                        // The body's framing is broken or unfinished: the connection cannot
+                        // carry another request.
+                        session.set_keepalive(None);
+                        e
+                    }
+                }
+            }
+            Err(e) => e,
         };
         if closes_connection(&e) {
             session.set_keepalive(None);
@@ -330,15 +476,16 @@ impl ProxyHttp for FinHubProxy {
         Ok(true)
     }
 
-    /// Contract: the whole request body arrives within `listener.body_timeout` of the request's
-    /// start.
+    /// Contract: a streamed body sends what was read while deciding first; the whole request
+    /// body arrives within `listener.body_timeout` of the request's start.
     async fn request_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<bytes::Bytes>,
+        body: &mut Option<bytes::Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        ctx.body.next_chunk(body);
         if ctx.start.elapsed() > self.shared.config.listener.body_timeout {
             ctx.failure = Some(ProxyError::BodyTimeout);
             return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");
@@ -346,12 +493,18 @@ impl ProxyHttp for FinHubProxy {
         Ok(())
     }
 
-    /// Contract: FinHub's resolved address, its SNI, the current client cert and CA.
+    /// Contract: a retry first waits its backoff; then FinHub's resolved address, its SNI, the
+    /// current client cert and CA.
     async fn upstream_peer(
         &self,
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
+        if let Some(delay) = ctx.admitted.as_mut().and_then(|a| a.retry.take_delay()) {
+            tokio::time::sleep(delay).await;
+        }
+        ctx.attempt_sent = false;
+        ctx.answered = false;
         ctx.upstream_start = Some(Instant::now());
         self.peer(ctx.connect_failures).map(Box::new).or_else(|e| {
             ctx.failure = Some(e);
@@ -369,16 +522,19 @@ impl ProxyHttp for FinHubProxy {
         let Some(a) = ctx.admitted.as_mut() else {
             return Error::e_explain(ErrorType::InternalError, "request was not admitted");
         };
-        if let Err(e) = self.rewrite(upstream_request, a) {
+        if let Err(e) = self.rewrite(upstream_request, a, ctx.body.was_read()) {
             ctx.failure = Some(e);
             return Error::e_explain(ErrorType::InternalError, "request not sent");
         }
+        a.retry.start_attempt();
+        ctx.attempt_sent = true;
         ctx.upstream_sent = Some(SystemTime::now());
         Ok(())
     }
 
     /// Contract: a 401 renews the tenant's session (single flight) and, if the request can be
     /// sent again, replays it once with the new session; otherwise the 401 goes to the app.
+    /// A gateway 502/503/504 is sent again within the retry limits, else passed on.
     /// A 429 with Retry-After holds the tenant's requests locally until then.
     async fn upstream_response_filter(
         &self,
@@ -394,6 +550,7 @@ impl ProxyHttp for FinHubProxy {
         }
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
+        ctx.answered = true;
         if let Some(sent) = ctx.upstream_sent {
             // An answer's Date may narrow the estimate of FinHub's clock, never reset it
             // (auth/clock.rs): the auth endpoints' answers are the reference.
@@ -410,18 +567,23 @@ impl ProxyHttp for FinHubProxy {
         };
         match status {
             429 => self.hold_after_429(upstream_response, &a.tenant),
-            401 => {
-                let truncated = session.as_ref().retry_buffer_truncated();
-                if self.renew_after_401(a, truncated).await {
-                    return Error::e_explain(REPLAY, "FinHub answered 401; replaying once");
-                }
+            401 if self.renew_after_401(a).await => {
+                return Error::e_explain(RETRY, "FinHub answered 401; replaying once");
+            }
+            502..=504
+                if session.response_written().is_none()
+                    && self.retry_after_status(upstream_response, ctx) =>
+            {
+                return Error::e_explain(RETRY, "FinHub's gateway failed; retrying");
             }
             _ => {}
         }
         Ok(())
     }
 
-    /// Contract: a failed connect is retried on the next resolved address, once per address.
+    /// Contract: a failed connect is retried on the next resolved address, once per address;
+    /// when every address failed, the retry policy decides (nothing was sent, so any request
+    /// may go again).
     fn fail_to_connect(
         &self,
         _session: &mut Session,
@@ -430,38 +592,50 @@ impl ProxyHttp for FinHubProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.connect_failures += 1;
+        if let Some(a) = ctx.admitted.as_mut() {
+            a.retry.connect_failed();
+        }
         // A proxy that refused the tunnel refuses it again from its other addresses.
         let refused = matches!(
             ProxyError::from_upstream(&e),
             ProxyError::EgressProxyRefused(_)
         );
-        e.set_retry(!refused && ctx.connect_failures < self.shared.upstream.count());
+        let retry = !refused
+            && (!ctx
+                .connect_failures
+                .is_multiple_of(self.shared.upstream.count().max(1))
+                || self.retry_after_failure(Failure::Connect, ctx));
+        e.set_retry(retry);
         e
     }
 
-    /// Contract: only our 401 replay, or an idempotent request on a reused connection, retries.
+    /// Contract: a decided retry (401 replay, gateway status) is sent again; a reset or timeout
+    /// before FinHub's answer goes to the retry policy; nothing is retried once FinHub's
+    /// answer started or the app is gone.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut RequestCtx,
-        client_reused: bool,
+        _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx
+        let pending = ctx
             .admitted
             .as_mut()
-            .is_some_and(|a| a.replay.take_pending())
+            .is_some_and(|a| a.retry.take_pending());
+        let retry = if pending {
+            true
+        } else if ctx.answered
+            || session.response_written().is_some()
+            || e.esource() == &ErrorSource::Downstream
         {
-            e.set_retry(true);
-        } else if !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-        {
-            e.set_retry(false);
+            false
         } else {
-            e.retry.decide_reuse(client_reused);
-        }
+            self.retry_after_failure(failure_of(&e), ctx)
+        };
+        e.set_retry(retry);
         e
     }
 
@@ -499,6 +673,10 @@ impl ProxyHttp for FinHubProxy {
             return Ok(());
         };
         headers::strip_response_credentials(upstream_response, &response_secrets(a));
+        if let Some(key) = &a.idempotency_key {
+            // The app can send the request again with this key and never execute it twice.
+            upstream_response.insert_header(names::X_IDEMPOTENCY_KEY, key.clone())?;
+        }
         upstream_response.insert_header(names::X_REQUEST_ID, a.request_id.clone())
     }
 
@@ -550,6 +728,7 @@ impl ProxyHttp for FinHubProxy {
                 "request failed"
             );
         }
+        self.count_retries(ctx);
         let record = AuditRecord::of(session, ctx, &self.shared.audit, status, outcome.label());
         self.shared.audit.write(&record);
         self.shared
@@ -571,21 +750,58 @@ impl ProxyHttp for FinHubProxy {
                 can_reuse_downstream: false,
             };
         }
+        let outcome_unknown = ctx
+            .admitted
+            .as_ref()
+            .is_some_and(|a| a.retry.outcome_unknown());
         let err = ctx
             .failure
             .clone()
-            .unwrap_or_else(|| ProxyError::from_upstream(e));
+            .unwrap_or_else(|| ProxyError::from_upstream(e).with_outcome(outcome_unknown));
         let code = err.status();
         if session.response_written().is_none() {
-            if let Err(write_err) = error::respond(session, &err).await {
+            let key = ctx
+                .admitted
+                .as_ref()
+                .and_then(|a| a.idempotency_key.as_ref());
+            if let Err(write_err) = error::respond_keyed(session, &err, key).await {
                 tracing::debug!(error = %write_err, "could not send error response to app");
             }
+            // Read what is left of a streamed body (bounded), so closing the connection does
+            // not reset it before the app has read the answer.
+            linger(session, self.shared.config.listener.body_timeout).await;
         }
         ctx.failure = Some(err);
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+}
+
+/// How long a failed request's unread body is drained before the connection closes.
+const LINGER_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Drains the rest of the request body (at most `LINGER_MAX` or `body_timeout`), as nginx's
+/// lingering close does: closing a socket with unread bytes sends a reset, and the app may
+/// lose the answer it was about to read.
+async fn linger(session: &mut Session, body_timeout: std::time::Duration) {
+    let downstream = session.as_downstream_mut();
+    if downstream.is_body_done() {
+        return;
+    }
+    let _ = tokio::time::timeout(
+        LINGER_MAX.min(body_timeout),
+        downstream.drain_request_body(),
+    )
+    .await;
+}
+
+/// How an upstream error before FinHub's answer header failed, for the retry policy.
+fn failure_of(e: &Error) -> Failure {
+    match e.etype() {
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout => Failure::Timeout,
+        _ => Failure::Reset,
     }
 }
 

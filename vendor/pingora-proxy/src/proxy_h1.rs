@@ -482,8 +482,9 @@ where
 
         let buffer = session.as_ref().get_retry_buffer();
 
-        // retry, send buffer if it exists or body empty
-        if buffer.is_some() || session.as_mut().is_body_empty() {
+        // retry, send buffer if it exists or body empty; a body already read whole (in a
+        // filter) but larger than the retry buffer goes to request_body_filter as its end
+        if buffer.is_some() || session.as_mut().is_body_empty() || downstream_state.is_done() {
             let send_permit = tx
                 .reserve()
                 .await

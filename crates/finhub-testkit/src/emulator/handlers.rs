@@ -12,6 +12,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 
+use super::faults::{Fault, Seen};
 use super::state::{Issued, Shared, TokenProblem, TokenView};
 use super::{ConnInfo, EmulatorUser, RecordedRequest, ResponseShape};
 
@@ -272,7 +273,7 @@ async fn too_many_requests(
     }
     if route == Route::Echo {
         let (parts, body) = req.into_parts();
-        let body_len = count_body(body).await.unwrap_or(0);
+        let body_len = count_body(body).await.map_or(0, |(n, _)| n);
         let tenant = header(&parts.headers, "x-tenant-id").map(str::to_string);
         record(
             shared,
@@ -640,15 +641,43 @@ async fn logout(shared: &Shared, req: Request<Incoming>) -> Result<Resp, ApiErro
     Ok(json_response(StatusCode::OK, &body))
 }
 
-/// Counts the body without keeping it.
-async fn count_body(mut body: Incoming) -> Result<u64, hyper::Error> {
+/// Counts the body without keeping it; also hashes it (for the idempotency fingerprint).
+async fn count_body(mut body: Incoming) -> Result<(u64, u64), hyper::Error> {
+    use std::hash::Hasher;
     let mut n = 0u64;
+    let mut hash = std::collections::hash_map::DefaultHasher::new();
     while let Some(frame) = body.frame().await {
         if let Some(data) = frame?.data_ref() {
             n += data.len() as u64;
+            hash.write(data);
         }
     }
-    Ok(n)
+    Ok((n, hash.finish()))
+}
+
+/// A keyed call's fingerprint: method, path and query, body.
+fn fingerprint(parts: &http::request::Parts, body_hash: u64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    parts.method.as_str().hash(&mut h);
+    parts.uri.path_and_query().map(|p| p.as_str()).hash(&mut h);
+    body_hash.hash(&mut h);
+    h.finish()
+}
+
+/// FinHub's gateway, when the API behind it is unavailable.
+fn gateway_unavailable(retry_after: Option<u64>) -> Resp {
+    let mut resp = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "SERVICE_UNAVAILABLE",
+        "The service is temporarily unavailable",
+    )
+    .into_response();
+    if let Some(secs) = retry_after {
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+    }
+    resp
 }
 
 fn header_list(parts: &http::request::Parts) -> Vec<(String, String)> {
@@ -740,8 +769,15 @@ fn check_api_call(
 }
 
 async fn echo(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Resp {
+    let fault = shared.faults.draw();
+    match fault {
+        Fault::Gateway503(retry_after) => return gateway_unavailable(retry_after),
+        Fault::ResetBefore => conn.abort().await,
+        Fault::Slow(d) => tokio::time::sleep(d).await,
+        Fault::None | Fault::LostAfter => {}
+    }
     let (parts, body) = req.into_parts();
-    let body_len = match count_body(body).await {
+    let (body_len, body_hash) = match count_body(body).await {
         Ok(n) => n,
         Err(_) => {
             let e = ApiError::new(
@@ -761,6 +797,35 @@ async fn echo(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Resp 
             return e.into_response();
         }
     };
+    let key = header(&parts.headers, "x-idempotency-key").map(str::to_string);
+    let fp = fingerprint(&parts, body_hash);
+    if let Some(key) = &key {
+        match shared.faults.lookup(&view.tenant, key, fp) {
+            Seen::New => {}
+            Seen::Replay(status, body) => {
+                let mut resp = Response::new(Full::new(body));
+                *resp.status_mut() = status;
+                let h = resp.headers_mut();
+                h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                h.insert(
+                    HeaderName::from_static("x-idempotent-replay"),
+                    HeaderValue::from_static("true"),
+                );
+                if fault == Fault::LostAfter {
+                    conn.abort().await;
+                }
+                return resp;
+            }
+            Seen::Conflict => {
+                return ApiError::new(
+                    StatusCode::CONFLICT,
+                    "IDEMPOTENCY_KEY_REUSED",
+                    "X-Idempotency-Key was already used for a different request",
+                )
+                .into_response();
+            }
+        }
+    }
     // The echo shows what arrived, but like a real API never hands a credential back: the
     // caller is an app behind the sidecar, which must never see the sidecar's session.
     let headers_json: Map<String, Value> = header_list(&parts)
@@ -804,6 +869,13 @@ async fn echo(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Resp 
         Some(view.tenant.clone()),
     );
     let mut resp = json_response(StatusCode::OK, &body);
+    let executed_key = key.as_deref().map(|k| (view.tenant.as_str(), k, fp));
+    shared
+        .faults
+        .executed(executed_key, StatusCode::OK, &Bytes::from(body.to_string()));
+    if fault == Fault::LostAfter {
+        conn.abort().await;
+    }
     if let Some(id) = parts.headers.get("x-request-id") {
         resp.headers_mut()
             .insert(HeaderName::from_static("x-request-id"), id.clone());

@@ -17,6 +17,7 @@
 //!
 //! Nothing secret is logged; only `debug` lines with method, path and status.
 
+mod faults;
 mod handlers;
 mod state;
 
@@ -35,6 +36,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::pki::{cert_identity, CertIdentity};
+pub use faults::ApiFaults;
 pub use state::{Controls, LogoutRecord, RecordedRequest, Stats};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -196,6 +198,16 @@ pub enum EmulatorError {
 pub(crate) struct ConnInfo {
     pub client_cert: Option<CertIdentity>,
     pub sni: Option<String>,
+    /// Notified to reset the connection (RST, no answer): a fault of FinHub's.
+    pub reset: tokio::sync::Notify,
+}
+
+impl ConnInfo {
+    /// Resets the connection; the caller's request then never completes.
+    pub(crate) async fn abort(&self) -> ! {
+        self.reset.notify_one();
+        std::future::pending().await
+    }
 }
 
 /// A running emulator. Stops accepting (and closes idle connections) on [`Emulator::shutdown`]
@@ -313,6 +325,28 @@ fn tls_config(cfg: &EmulatorConfig) -> Result<rustls::ServerConfig, EmulatorErro
     Ok(config)
 }
 
+/// Makes the close of `fd` a reset (SO_LINGER 0); the caller then drops the connection.
+fn abort(fd: std::os::fd::RawFd) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `fd` is the connection's socket, still open (the connection that owns it is
+    // dropped only after this returns); `linger` is a valid `struct linger` of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            std::ptr::from_ref(&linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!("emulator could not set SO_LINGER for a reset");
+    }
+}
+
 /// Resolves once shutdown was requested (or the [`Emulator`] is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard returned by `wait_for` is not `Send`; drop it right here.
@@ -351,6 +385,7 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&tcp);
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -369,7 +404,12 @@ async fn serve_connection(
         .and_then(|chain| chain.first())
         .and_then(|leaf| cert_identity(leaf));
     let sni = tls.get_ref().1.server_name().map(str::to_string);
-    let conn = Arc::new(ConnInfo { client_cert, sni });
+    let conn = Arc::new(ConnInfo {
+        client_cert,
+        sni,
+        reset: tokio::sync::Notify::new(),
+    });
+    let control = conn.clone();
     let service = hyper::service::service_fn(move |req| {
         let (shared, conn) = (shared.clone(), conn.clone());
         async move { Ok::<_, std::convert::Infallible>(handlers::handle(shared, conn, req).await) }
@@ -386,6 +426,10 @@ async fn serve_connection(
         _ = stopped(&mut stop) => {
             served.as_mut().graceful_shutdown();
             served.await
+        }
+        _ = control.reset.notified() => {
+            abort(fd);
+            return;
         }
     };
     if let Err(e) = result {

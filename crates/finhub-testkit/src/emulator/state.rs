@@ -200,6 +200,8 @@ pub(crate) struct Shared {
     /// Every credential handed out (tokens, internal keys, refresh tokens), for tests that
     /// look for them where they must not be.
     handed_out: Mutex<Vec<String>>,
+    /// Business API faults and the idempotency store.
+    pub(crate) faults: super::faults::Faults,
 }
 
 impl Shared {
@@ -238,6 +240,7 @@ impl Shared {
             recorded: Mutex::new(VecDeque::new()),
             tokens: Mutex::new(HashMap::new()),
             handed_out: Mutex::new(Vec::new()),
+            faults: Default::default(),
         }
     }
 
@@ -504,6 +507,22 @@ impl Controls {
     /// recent `EmulatorConfig::max_recorded` are kept.
     pub fn api_requests(&self) -> Vec<RecordedRequest> {
         lock(&self.shared.recorded).iter().cloned().collect()
+    }
+
+    /// Injects FinHub's blips into business API calls from now on (`None`: none).
+    pub fn set_api_faults(&self, faults: Option<super::ApiFaults>) {
+        self.shared.faults.set(faults);
+    }
+
+    /// How often each (tenant, `X-Idempotency-Key`) was executed (a replay is not an
+    /// execution).
+    pub fn executions(&self) -> HashMap<(String, String), u32> {
+        self.shared.faults.executions()
+    }
+
+    /// Business API calls executed (keyed or not; replays and refusals excluded).
+    pub fn executed_calls(&self) -> u64 {
+        self.shared.faults.executed.load(Ordering::SeqCst)
     }
 
     /// Every HTTP request on any endpoint since start.
