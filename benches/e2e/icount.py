@@ -11,6 +11,11 @@ over `--rounds`; the report gives each round and the median.
 
     python3 benches/e2e/icount.py --binary A=/tmp/a/finhub-sidecar --binary B=target/release/finhub-sidecar
 
+`--env NAME:KEY=VALUE` sets an environment variable for binary NAME only (repeat). The value
+`{otlp}` is replaced by the address of an OTLP/HTTP sink the script runs (it answers every
+export 200 and counts bytes), so tracing can be measured on, e.g.
+`--binary off=B --binary on=B --env on:OTEL_EXPORTER_OTLP_ENDPOINT={otlp}`.
+
 Instruction counts are not time (a cache miss costs no instructions), so a lever that only
 changes memory layout needs run.py on a quiet box; one that removes work shows here exactly.
 """
@@ -66,11 +71,40 @@ def callgrind_control(*args: str) -> str:
     return subprocess.run(["callgrind_control", *args], capture_output=True, text=True, check=True).stdout
 
 
-def measure(binary: Path, tmp: Path, up_port: int, requests: int, conns: int, preload: str) -> float:
+class OtlpSink:
+    """An OTLP/HTTP receiver that accepts every export (200) and counts the bytes."""
+
+    def __init__(self) -> None:
+        import http.server
+
+        sink = self
+        self.bytes = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                n = int(self.headers.get("Content-Length") or 0)
+                sink.bytes += len(self.rfile.read(n))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def measure(binary: Path, tmp: Path, up_port: int, requests: int, conns: int, preload: str,
+            extra_env: dict[str, str] | None = None) -> float:
     sup = run.Supervisor()
     out = tmp / f"callgrind.{binary.parent.name}.{time.monotonic_ns()}"
     wrapper = tmp / "valgrind-sidecar"
-    env = f"env LD_PRELOAD={preload} " if preload else ""
+    pairs = ([f"LD_PRELOAD={preload}"] if preload else []) + [
+        f"{k}={v}" for k, v in (extra_env or {}).items()]
+    env = f"env {' '.join(pairs)} " if pairs else ""
     wrapper.write_text(f"#!/bin/sh\nexec {env}valgrind --tool=callgrind --instr-atstart=no "
                        f"--callgrind-out-file={out}.%p {binary} \"$@\"\n")
     wrapper.chmod(0o755)
@@ -100,6 +134,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", action="append", required=True,
                     help="NAME=PATH or NAME=PATH@LIB (LIB is LD_PRELOADed, e.g. another malloc); repeat")
+    ap.add_argument("--env", action="append", default=[],
+                    help="NAME:KEY=VALUE, an environment variable for binary NAME ({otlp}: the sink)")
     ap.add_argument("--requests", type=int, default=4000)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=2)
@@ -117,6 +153,14 @@ def main(argv=None) -> int:
         d.mkdir()
         shutil.copy2(path, d / "finhub-sidecar")  # a rebuild during the run cannot change it
         bins[name] = (d / "finhub-sidecar", preload)
+    sink = OtlpSink()
+    envs: dict[str, dict[str, str]] = {n: {} for n in bins}
+    for spec in args.env:
+        name, _, kv = spec.partition(":")
+        key, _, value = kv.partition("=")
+        if name not in envs:
+            raise SystemExit(f"--env {spec}: no binary named {name}")
+        envs[name][key] = value.replace("{otlp}", sink.url)
     sup = run.Supervisor()
     results: dict[str, list[float]] = {n: [] for n in bins}
     try:
@@ -125,13 +169,15 @@ def main(argv=None) -> int:
         up_port, _ = run.start_upstream(sup, tmp, run.make_jwt(), None, user_line)
         for r in range(args.rounds):
             for name, (b, preload) in bins.items():
-                v = measure(b, tmp, up_port, args.requests, args.connections, preload)
+                v = measure(b, tmp, up_port, args.requests, args.connections, preload, envs[name])
                 results[name].append(v)
                 print(f"round {r + 1} {name}: {v:,.0f} instructions/request", flush=True)
     finally:
         sup.stop_all()
         if not os.environ.get("ICOUNT_KEEP"):
             shutil.rmtree(tmp, ignore_errors=True)
+    if sink.bytes:
+        print(f"OTLP sink received {sink.bytes:,} bytes")
     base = None
     for name, vals in results.items():
         m = statistics.median(vals)

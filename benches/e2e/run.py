@@ -39,9 +39,9 @@ TEMPLATES = HERE / "templates"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_PATH = "/api/v2/accounts"
 TENANT = "tenant-demo"
-SYSTEMS = ("sidecar", "nginx", "haproxy")
-# Report order: the sidecar, then the peers doing its work, then their cheapest configs.
-VARIANTS = ("sidecar", "nginx-equal", "haproxy-equal", "nginx", "haproxy")
+SYSTEMS = ("sidecar", "pingora-minimal", "nginx", "haproxy")
+# Report order: the sidecar, the framework floor, the peers doing its work, their cheapest configs.
+VARIANTS = ("sidecar", "pingora-minimal", "nginx-equal", "haproxy-equal", "nginx", "haproxy")
 FIXED_RATE_CONNS = 32
 
 
@@ -355,6 +355,20 @@ def start_sidecar(sup, tmp, binary, up_port, cpu) -> System:
     else:
         raise SkipSystem(f"sidecar /ready not 200 after 30 s (last: {last}):\n{tail(proc.logfile)}")
     return System("sidecar", port, proc, admin_port=admin)
+
+
+def start_minimal(sup, tmp, binary, up_port, cpu) -> System:
+    """The framework floor: examples/pingora_minimal.rs (the smallest ProxyHttp over the same
+    vendored Pingora, same mTLS upstream and pool, two static headers)."""
+    port = free_port()
+    proc = sup.start("pingora-minimal",
+                     [str(binary), f"127.0.0.1:{port}", str(up_port), str(tmp / "ca.crt"),
+                      str(tmp / "client.crt"), str(tmp / "client.key")], tmp, cpu=cpu)
+    try:
+        wait_tcp(port, proc.popen)
+    except RuntimeError as e:
+        raise SkipSystem(f"pingora-minimal: {e}\n{tail(proc.logfile)}")
+    return System("pingora-minimal", port, proc)
 
 
 def variant(name: str, work: str) -> str:
@@ -724,6 +738,12 @@ def targets_table(L: list[str], args, results, idle, fixed, startup_rss) -> None
     rows.append((f"CPU per request ≤ 1.3× {peer}'s ({c} connections)",
                  f"{fmt(med(side, 'cpu_us_per_req'), 1)} vs {fmt(med(ng, 'cpu_us_per_req'), 1)} µs ({r:.2f}×)",
                  r <= 1.3))
+    floor = results.get(("pingora-minimal", c))
+    if floor:
+        r = med(side, "cpu_us_per_req") / med(floor, "cpu_us_per_req")
+        rows.append((f"CPU per request ≤ 1.15× pingora-minimal's ({c} connections)",
+                     f"{fmt(med(side, 'cpu_us_per_req'), 1)} vs {fmt(med(floor, 'cpu_us_per_req'), 1)} µs ({r:.2f}×)",
+                     r <= 1.15))
     r = med(side, "rps") / med(ng, "rps")
     rows.append((f"req/s ≥ 0.75× {peer}'s ({c} connections)",
                  f"{fmt(med(side, 'rps'), 0)} vs {fmt(med(ng, 'rps'), 0)} ({r:.2f}×)", r >= 0.75))
@@ -790,7 +810,7 @@ def build_report(args, results, idle, fixed, startup_rss, startup_pss, skipped, 
     groups = []
     if any(s in systems for s in ("nginx-equal", "haproxy-equal")):
         groups.append(("Equal work: nginx and HAProxy doing the sidecar's per-request work",
-                       ["sidecar", "nginx-equal", "haproxy-equal"]))
+                       ["sidecar", "pingora-minimal", "nginx-equal", "haproxy-equal"]))
     if any(s in systems for s in ("nginx", "haproxy")):
         groups.append(("Cheapest configurations of nginx and HAProxy", ["sidecar", "nginx", "haproxy"]))
     if not groups:
@@ -893,6 +913,8 @@ def parse_args(argv=None):
                     type=lambda s: [x.strip() for x in s.split(",") if x.strip()])
     ap.add_argument("--binary", default=str(REPO / "target/release/finhub-sidecar"),
                     help="sidecar binary (copied to the temp dir before the run)")
+    ap.add_argument("--minimal-binary", default=str(REPO / "target/release/examples/pingora_minimal"),
+                    help="the framework floor (cargo build --release --example pingora_minimal)")
     ap.add_argument("--pin", choices=("on", "off"), default="on",
                     help="on: proxies on CPU 0, wrk and the upstream on CPU 1 (default)")
     ap.add_argument("--idle-conns", type=int, default=1000)
@@ -927,6 +949,9 @@ def preflight(args) -> None:
     if missing:
         sys.exit(f"missing tools: {', '.join(missing)}\n"
                  f"install: apt-get install -y nginx haproxy wrk openssl")
+    if "pingora-minimal" in args.systems and not os.access(args.minimal_binary, os.X_OK):
+        sys.exit(f"floor binary not found: {args.minimal_binary} "
+                 "(cargo build --release --example pingora_minimal)")
     if "sidecar" in args.systems and not os.access(args.binary, os.X_OK):
         sys.exit(f"sidecar binary not found: {args.binary} (cargo build --release)")
     if args.pin == "on" and (os.cpu_count() or 1) < 2:
@@ -985,14 +1010,17 @@ def main(argv=None) -> int:
         log(f"upstream nginx (mTLS) on 127.0.0.1:{up_port}")
 
         systems: dict[str, System] = {}
-        starters = {"sidecar": lambda: start_sidecar(sup, tmp, binary, up_port, proxy_cpu)}
+        starters = {"sidecar": lambda: start_sidecar(sup, tmp, binary, up_port, proxy_cpu),
+                    "pingora-minimal": lambda: start_minimal(sup, tmp, args.minimal_binary, up_port,
+                                                             proxy_cpu)}
         modes = ("equal", "cheapest") if args.work == "both" else (args.work,)
         for mode in modes:
             starters[variant("nginx", mode)] = (
                 lambda mode=mode: start_nginx_proxy(sup, tmp, up_port, jwt, proxy_cpu, user_line, mode))
             starters[variant("haproxy", mode)] = (
                 lambda mode=mode: start_haproxy(sup, tmp, up_port, jwt, proxy_cpu, mode))
-        wanted = [n for n in starters if n.split("-")[0] in args.systems]
+        wanted = [n for n in starters
+                  if (n if n == "pingora-minimal" else n.split("-")[0]) in args.systems]
         for name in wanted:
             try:
                 s = starters[name]()
