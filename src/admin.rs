@@ -408,6 +408,7 @@ password = "${PW}"
             metrics,
             audit,
             started: Instant::now(),
+            tracer: None,
         }
     }
 

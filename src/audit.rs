@@ -3,8 +3,9 @@
 //!
 //! Fields: `ts`, `request_id`, `activity_id`, `tenant`, `client_ip`, `forwarded_for`,
 //! `user_agent`, `method`, `path` (query dropped unless `audit.include_query`), `status`,
-//! `decision`, `reason`, `upstream_status`, `duration_ms`, `bytes_in`, `bytes_out`, `replayed`.
-//! Credential headers are never among them.
+//! `decision`, `reason`, `upstream_status`, `duration_ms`, `bytes_in`, `bytes_out`, `replayed`,
+//! and with tracing on `trace_id` and `span_id` (the sidecar's server span). Credential headers
+//! are never among them.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use serde::Serialize;
 
 use crate::config::AuditOutput;
 use crate::proxy::RequestCtx;
+use crate::telemetry::{SpanIdHex, TraceIdHex};
 
 /// One request's audit record.
 #[derive(Debug, Serialize)]
@@ -55,6 +57,12 @@ pub struct AuditRecord<'a> {
     pub bytes_out: usize,
     /// Whether the request was replayed after a 401.
     pub replayed: bool,
+    /// The request's trace id (tracing on only; also when the trace is not sampled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<TraceIdHex>,
+    /// The sidecar's server span id for the request (tracing on only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<SpanIdHex>,
 }
 
 /// A point in time written as RFC 3339 UTC with milliseconds, formatted straight into the line
@@ -80,6 +88,7 @@ impl<'a> AuditRecord<'a> {
     ) -> AuditRecord<'a> {
         let req = session.req_header();
         let a = ctx.admitted.as_ref();
+        let ids = ctx.trace.as_ref().map(|t| t.ids());
         let path_and_query = a
             .map_or(ctx.refused_uri.as_ref(), |a| a.upstream_uri.as_ref())
             .and_then(|u| u.path_and_query())
@@ -114,6 +123,8 @@ impl<'a> AuditRecord<'a> {
             bytes_in: session.body_bytes_read(),
             bytes_out: session.body_bytes_sent(),
             replayed: a.is_some_and(|a| a.replay.replayed()),
+            trace_id: ids.map(|i| TraceIdHex(i.trace_id)),
+            span_id: ids.map(|i| SpanIdHex(i.span_id)),
         }
     }
 }
@@ -328,6 +339,8 @@ mod tests {
             bytes_in: 0,
             bytes_out: 10,
             replayed: false,
+            trace_id: None,
+            span_id: None,
         }
     }
 

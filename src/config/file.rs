@@ -17,6 +17,7 @@ use super::log::FileLog;
 use super::policy::FilePolicy;
 use super::shutdown::FileShutdown;
 use super::tenants::FileTenant;
+use super::tracing::FileTracing;
 use super::upstream::FileUpstream;
 use super::ConfigError;
 
@@ -54,6 +55,9 @@ pub(super) struct FileConfig {
     /// `[audit]`: the per-request audit line.
     #[serde(default)]
     pub(super) audit: FileAudit,
+    /// `[tracing]`: OpenTelemetry traces (OTLP/HTTP); the `OTEL_*` variables otherwise.
+    #[serde(default)]
+    pub(super) tracing: FileTracing,
 }
 
 /// Parses `text` (read from `path`) into the file structs; the error names the key.

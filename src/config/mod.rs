@@ -35,6 +35,7 @@ mod redis;
 mod session_store;
 mod shutdown;
 mod tenants;
+mod tracing;
 mod upstream;
 
 pub use admin::AdminConfig;
@@ -51,6 +52,7 @@ pub use redis::{OnRedisError, RedisSettings};
 pub use session_store::{OnStoreError, SessionStore, SharedSessionSettings};
 pub use shutdown::ShutdownConfig;
 pub use tenants::TenantConfig;
+pub use tracing::{ParentRoot, Sampler, TracingConfig};
 pub use upstream::{EgressProxy, ProxyAuth, UpstreamConfig};
 
 use client_cert::{DEFAULT_EXPIRY_WARNING, DEFAULT_RELOAD_INTERVAL};
@@ -95,6 +97,8 @@ pub struct Config {
     pub listener: ListenerConfig,
     /// Admin listener options.
     pub admin: AdminConfig,
+    /// OpenTelemetry tracing; `None` when off (no endpoint configured).
+    pub tracing: Option<TracingConfig>,
 }
 
 /// One thing wrong with the configuration: which file, which key, what.
@@ -135,17 +139,31 @@ impl Config {
                 message: format!("cannot read: {e}"),
             }])
         })?;
-        Self::from_toml(path, &text, &|name| std::env::var(name).ok())
+        let env = |name: &str| std::env::var(name).ok();
+        Self::from_toml_with_otel(path, &text, &env, &env)
     }
 
-    /// Parses TOML text as if read from `path`; `env` looks up `${VAR}` references.
+    /// Parses TOML text as if read from `path`; `env` looks up `${VAR}` references. No
+    /// `OTEL_*` variable is read (see [`Config::from_toml_with_otel`]).
     pub fn from_toml(
         path: &Path,
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
+        Self::from_toml_with_otel(path, text, env, &|_| None)
+    }
+
+    /// [`Config::from_toml`], with `otel_env` looking up the standard `OTEL_*` variables that
+    /// configure tracing where `[tracing]` does not.
+    pub fn from_toml_with_otel(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        otel_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         let file: FileConfig = parse_file(path, text).map_err(|e| ConfigErrors(vec![e]))?;
         let mut cx = Convert::new(path, env);
+        cx.otel_env = otel_env;
         let config = cx.config(file);
         match config {
             Some(c) if cx.errors.is_empty() => Ok(c),
@@ -190,6 +208,7 @@ impl Convert<'_> {
         let shutdown = self.shutdown(f.shutdown);
         let audit = self.audit(f.audit);
         let log = f.log.convert();
+        let tracing = self.tracing(f.tracing);
         Some(Config {
             file: self.file.clone(),
             listen: listen?,
@@ -208,6 +227,7 @@ impl Convert<'_> {
             audit,
             listener,
             admin,
+            tracing,
         })
     }
 }

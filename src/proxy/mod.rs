@@ -37,6 +37,7 @@ use crate::metrics::{Outcome, RequestSeries};
 use crate::policy::headers::{self, names};
 use crate::policy::ratelimit::{self, Check, Decision};
 use crate::shared::Shared;
+use crate::telemetry::{self, RequestTrace};
 use crate::tenant::Tenant;
 use admission::{session_retry_after, Admission, Admitted};
 
@@ -75,6 +76,8 @@ pub struct RequestCtx {
     pub(crate) upstream_status: Option<u16>,
     /// A refusal decided by our own code (takes precedence over Pingora's error type).
     pub(crate) failure: Option<ProxyError>,
+    /// The request's spans; `None` when tracing is off.
+    pub(crate) trace: Option<Box<RequestTrace>>,
 }
 
 impl FinHubProxy {
@@ -298,6 +301,7 @@ impl ProxyHttp for FinHubProxy {
             refused_uri: None,
             upstream_status: None,
             failure: None,
+            trace: None,
         }
     }
 
@@ -308,9 +312,15 @@ impl ProxyHttp for FinHubProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        ctx.trace = telemetry::start_request(self.shared.tracer.as_ref(), session.req_header());
         let verdict = match self.admit(session, ctx) {
             Ok(Check::Ready(decision)) => rate_limit_verdict(decision),
-            Ok(Check::Wait(pending)) => rate_limit_verdict(pending.await),
+            Ok(Check::Wait(pending)) => {
+                let wait = ctx.trace.as_ref().map(|t| t.wait("rate limit decision"));
+                let verdict = rate_limit_verdict(pending.await);
+                telemetry::end_wait(wait, verdict.as_ref().map_or("refused", |()| "allowed"));
+                verdict
+            }
             Err(e) => Err(e),
         };
         let Err(e) = verdict else {
@@ -353,6 +363,10 @@ impl ProxyHttp for FinHubProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
         ctx.upstream_start = Some(Instant::now());
+        if let Some(t) = ctx.trace.as_mut() {
+            let u = &self.shared.config.upstream;
+            t.start_attempt(&u.host, u.port);
+        }
         self.peer(ctx.connect_failures).map(Box::new).or_else(|e| {
             ctx.failure = Some(e);
             Error::e_explain(ErrorType::ConnectNoRoute, "upstream address not resolved")
@@ -372,6 +386,9 @@ impl ProxyHttp for FinHubProxy {
         if let Err(e) = self.rewrite(upstream_request, a) {
             ctx.failure = Some(e);
             return Error::e_explain(ErrorType::InternalError, "request not sent");
+        }
+        if let Some(t) = &ctx.trace {
+            t.propagate(upstream_request);
         }
         ctx.upstream_sent = Some(SystemTime::now());
         Ok(())
@@ -394,6 +411,9 @@ impl ProxyHttp for FinHubProxy {
         }
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
+        if let Some(t) = ctx.trace.as_mut() {
+            t.end_attempt(status);
+        }
         if let Some(sent) = ctx.upstream_sent {
             // An answer's Date may narrow the estimate of FinHub's clock, never reset it
             // (auth/clock.rs): the auth endpoints' answers are the reference.
@@ -412,7 +432,10 @@ impl ProxyHttp for FinHubProxy {
             429 => self.hold_after_429(upstream_response, &a.tenant),
             401 => {
                 let truncated = session.as_ref().retry_buffer_truncated();
-                if self.renew_after_401(a, truncated).await {
+                let wait = ctx.trace.as_ref().map(|t| t.wait("session renewal wait"));
+                let replay = self.renew_after_401(a, truncated).await;
+                telemetry::end_wait(wait, if replay { "renewed" } else { "not_replayed" });
+                if replay {
                     return Error::e_explain(REPLAY, "FinHub answered 401; replaying once");
                 }
             }
@@ -430,6 +453,9 @@ impl ProxyHttp for FinHubProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.connect_failures += 1;
+        if let Some(t) = ctx.trace.as_mut() {
+            t.end_attempt_error(ProxyError::from_upstream(&e).code());
+        }
         // A proxy that refused the tunnel refuses it again from its other addresses.
         let refused = matches!(
             ProxyError::from_upstream(&e),
@@ -449,6 +475,9 @@ impl ProxyHttp for FinHubProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        if let Some(t) = ctx.trace.as_mut() {
+            t.end_attempt_error(ProxyError::from_upstream(&e).code());
+        }
         if ctx
             .admitted
             .as_mut()
@@ -547,11 +576,20 @@ impl ProxyHttp for FinHubProxy {
                 code = ctx.failure.as_ref().map_or("-", ProxyError::code),
                 kind = e.etype().as_str(),
                 side = e.esource().as_str(),
+                trace_id = ctx
+                    .trace
+                    .as_ref()
+                    .map(|t| t.ids().trace_id)
+                    .map(tracing::field::display),
                 "request failed"
             );
         }
         let record = AuditRecord::of(session, ctx, &self.shared.audit, status, outcome.label());
         self.shared.audit.write(&record);
+        if let Some(t) = ctx.trace.take() {
+            let code = ctx.failure.as_ref().map(ProxyError::code);
+            t.finish(status, ctx.tenant.as_ref().map(|t| t.id()), code);
+        }
         self.shared
             .metrics
             .audit_dropped
