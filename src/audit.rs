@@ -378,6 +378,22 @@ mod tests {
     }
 
     #[test]
+    fn trace_ids_are_lowercase_hex_and_absent_when_tracing_is_off() {
+        let mut r = record("r");
+        let line = serde_json::to_value(&r).unwrap();
+        assert!(line.get("trace_id").is_none() && line.get("span_id").is_none());
+        r.trace_id = Some(TraceIdHex(opentelemetry::trace::TraceId::from_bytes(
+            [0xab; 16],
+        )));
+        r.span_id = Some(SpanIdHex(opentelemetry::trace::SpanId::from_bytes(
+            [0x0c; 8],
+        )));
+        let line = serde_json::to_value(&r).unwrap();
+        assert_eq!(line["trace_id"], "ab".repeat(16));
+        assert_eq!(line["span_id"], "0c".repeat(8));
+    }
+
+    #[test]
     fn lines_are_written_within_the_flush_interval_while_running() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("audit.log");
