@@ -415,6 +415,7 @@ password = "${PW}"
             metrics,
             audit,
             started: Instant::now(),
+            tracer: None,
         }
     }
 

@@ -4,8 +4,8 @@
 //! Fields: `ts`, `request_id`, `activity_id`, `tenant`, `client_ip`, `forwarded_for`,
 //! `user_agent`, `method`, `path` (query dropped unless `audit.include_query`), `status`,
 //! `decision`, `reason`, `upstream_status`, `duration_ms`, `bytes_in`, `bytes_out`, `replayed`,
-//! `attempts`, `retry_reason`.
-//! Credential headers are never among them.
+//! `attempts`, `retry_reason`, and with tracing on `trace_id` and `span_id` (the sidecar's
+//! server span). Credential headers are never among them.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use crate::config::AuditOutput;
 use crate::proxy::RequestCtx;
+use crate::telemetry::{SpanIdHex, TraceIdHex};
 
 /// One request's audit record.
 #[derive(Debug, Serialize)]
@@ -61,6 +62,12 @@ pub struct AuditRecord<'a> {
     /// Why it was last sent again (`reset`, `status_503`, `unauthorized`, ...), if it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_reason: Option<&'static str>,
+    /// The request's trace id (tracing on only; also when the trace is not sampled).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<TraceIdHex>,
+    /// The sidecar's server span id for the request (tracing on only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<SpanIdHex>,
 }
 
 /// A point in time written as RFC 3339 UTC with milliseconds, formatted straight into the line
@@ -86,6 +93,7 @@ impl<'a> AuditRecord<'a> {
     ) -> AuditRecord<'a> {
         let req = session.req_header();
         let a = ctx.admitted.as_ref();
+        let ids = ctx.trace.as_ref().map(|t| t.ids());
         let path_and_query = a
             .map_or(ctx.refused_uri.as_ref(), |a| a.upstream_uri.as_ref())
             .and_then(|u| u.path_and_query())
@@ -122,6 +130,8 @@ impl<'a> AuditRecord<'a> {
             replayed: a.is_some_and(|a| a.retry.replayed()),
             attempts: a.map_or(0, |a| a.retry.attempts()),
             retry_reason: a.and_then(|a| a.retry.last_reason()).map(|r| r.label()),
+            trace_id: ids.map(|i| TraceIdHex(i.trace_id)),
+            span_id: ids.map(|i| SpanIdHex(i.span_id)),
         }
     }
 }
@@ -338,6 +348,8 @@ mod tests {
             replayed: false,
             attempts: 1,
             retry_reason: None,
+            trace_id: None,
+            span_id: None,
         }
     }
 
@@ -372,6 +384,22 @@ mod tests {
         assert_eq!(v[0]["user_agent"], "app \"quoted\"\n");
         assert_eq!(v[0]["ts"], "2026-11-23T00:00:00.250Z");
         assert_eq!(a.dropped(), 0);
+    }
+
+    #[test]
+    fn trace_ids_are_lowercase_hex_and_absent_when_tracing_is_off() {
+        let mut r = record("r");
+        let line = serde_json::to_value(&r).unwrap();
+        assert!(line.get("trace_id").is_none() && line.get("span_id").is_none());
+        r.trace_id = Some(TraceIdHex(opentelemetry::trace::TraceId::from_bytes(
+            [0xab; 16],
+        )));
+        r.span_id = Some(SpanIdHex(opentelemetry::trace::SpanId::from_bytes(
+            [0x0c; 8],
+        )));
+        let line = serde_json::to_value(&r).unwrap();
+        assert_eq!(line["trace_id"], "ab".repeat(16));
+        assert_eq!(line["span_id"], "0c".repeat(8));
     }
 
     #[test]

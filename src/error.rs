@@ -128,6 +128,9 @@ pub enum ProxyError {
         /// No answer within `upstream.read_timeout` (504), rather than a broken connection (502).
         timed_out: bool,
     },
+    /// `Expect` asks for something other than a single `100-continue`.
+    #[error("the only expectation the sidecar meets is Expect: 100-continue")]
+    ExpectationFailed,
     /// The app's request was malformed (unparsable header, conflicting framing, broken body).
     #[error("malformed HTTP request")]
     InvalidRequest,
@@ -192,6 +195,7 @@ impl ProxyError {
             E::InvalidPath => (400, "invalid_path", BadRequest),
             E::UpgradeNotSupported => (400, "upgrade_not_supported", BadRequest),
             E::InvalidRequest => (400, "invalid_request", BadRequest),
+            E::ExpectationFailed => (417, "expectation_failed", BadRequest),
             E::ConnectNotSupported => (405, "connect_not_supported", BadRequest),
             E::MethodNotAllowed => (405, "method_not_allowed", BadRequest),
             E::HeaderTimeout => (408, "request_header_timeout", BadRequest),
@@ -450,18 +454,15 @@ pub async fn respond_keyed(
 
 impl ProxyError {
     /// The final answer for an upstream failure `self` of a request that FinHub may have
-    /// executed (`outcome_unknown`): a broken exchange or timeout becomes
-    /// `upstream_outcome_unknown`; a failure before anything was sent stays as it is.
+    /// executed on some attempt (`outcome_unknown`): whatever the last attempt's failure, it is
+    /// `upstream_outcome_unknown` (504 after a timeout, else 502). Without that, a failure
+    /// before anything was sent keeps saying so.
     pub fn with_outcome(self, outcome_unknown: bool) -> ProxyError {
-        match self {
-            ProxyError::UpstreamFailed if outcome_unknown => {
-                ProxyError::UpstreamOutcomeUnknown { timed_out: false }
-            }
-            ProxyError::UpstreamTimeout if outcome_unknown => {
-                ProxyError::UpstreamOutcomeUnknown { timed_out: true }
-            }
-            other => other,
+        if !outcome_unknown || self.status() < 500 {
+            return self;
         }
+        let timed_out = self.status() == 504;
+        ProxyError::UpstreamOutcomeUnknown { timed_out }
     }
 }
 
@@ -534,6 +535,7 @@ mod tests {
             ProxyError::UpstreamTimeout,
             ProxyError::UpstreamFailed,
             ProxyError::UpstreamOutcomeUnknown { timed_out: false },
+            ProxyError::ExpectationFailed,
             ProxyError::InvalidRequest,
             ProxyError::Internal,
             ProxyError::HeaderTimeout,
@@ -560,9 +562,17 @@ mod tests {
         assert_eq!((e.status(), e.code()), (502, "upstream_outcome_unknown"));
         let e = ProxyError::UpstreamTimeout.with_outcome(true);
         assert_eq!((e.status(), e.code()), (504, "upstream_outcome_unknown"));
-        // Nothing was sent: it says so, whatever the method.
+        // An earlier attempt may have run: a later connect failure cannot say "not sent".
         assert_eq!(
             ProxyError::UpstreamUnreachable.with_outcome(true),
+            ProxyError::UpstreamOutcomeUnknown { timed_out: false }
+        );
+        assert_eq!(
+            ProxyError::UpstreamTls(TlsFailure::Other).with_outcome(true),
+            ProxyError::UpstreamOutcomeUnknown { timed_out: false }
+        );
+        assert_eq!(
+            ProxyError::UpstreamUnreachable.with_outcome(false),
             ProxyError::UpstreamUnreachable
         );
         assert_eq!(

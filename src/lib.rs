@@ -23,6 +23,7 @@ pub mod secret;
 pub mod server;
 pub mod shared;
 pub mod supervise;
+pub mod telemetry;
 pub mod tenant;
 pub mod tls;
 pub mod trim;

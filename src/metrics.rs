@@ -237,6 +237,11 @@ pub struct Metrics {
     /// `finhub_sidecar_pkcs11_errors_total{kind="timeout|busy|skipped|login|not_found|error"}`: calls
     /// into the PKCS#11 token holding the client key that failed (signatures, probes, loads).
     pub pkcs11_errors: IntCounterVec,
+    /// `finhub_sidecar_trace_spans_dropped_total{reason="queue_full|export_failed"}`: spans
+    /// not delivered to the collector (the export queue was full, or the export failed).
+    pub trace_spans_dropped: IntCounterVec,
+    /// `finhub_sidecar_trace_spans_exported_total`: spans the collector accepted.
+    pub trace_spans_exported: IntCounter,
 }
 
 impl Metrics {
@@ -498,8 +503,23 @@ impl Metrics {
             &["key_id"],
         )
         .expect("static metric definition is valid");
+        let trace_spans_dropped = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_trace_spans_dropped_total",
+                "Spans not delivered to the OTLP collector: export queue full, or export failed",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition is valid");
+        let trace_spans_exported = IntCounter::new(
+            "finhub_sidecar_trace_spans_exported_total",
+            "Spans the OTLP collector accepted",
+        )
+        .expect("static metric definition is valid");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(trace_spans_dropped.clone()),
+            Box::new(trace_spans_exported.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(requests_in_flight.clone()),
@@ -576,6 +596,8 @@ impl Metrics {
             app_connections,
             egress_proxy_errors,
             pkcs11_errors,
+            trace_spans_dropped,
+            trace_spans_exported,
         }
     }
 

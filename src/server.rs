@@ -23,6 +23,7 @@ use crate::policy::redis_limit::RedisLimiter;
 use crate::proxy::FinHubProxy;
 use crate::shared::Shared;
 use crate::supervise::supervise;
+use crate::telemetry::Telemetry;
 use crate::tenant::Tenants;
 use crate::tls::reload::Reloader;
 use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
@@ -37,6 +38,9 @@ pub enum StartError {
     /// The audit file could not be opened.
     #[error("audit.output: {0}")]
     Audit(std::io::Error),
+    /// The OTLP exporter could not be built.
+    #[error(transparent)]
+    Tracing(#[from] crate::telemetry::TelemetryError),
     /// A listen address could not be bound.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -66,6 +70,8 @@ pub struct Sidecar {
     audit_guard: Option<crate::audit::AuditGuard>,
     /// The shared limiter, when `backend = "redis"` (its connections live in the control plane).
     redis: Option<RedisLimiter>,
+    /// The tracing pipeline, when `[tracing]` or `OTEL_*` configure a collector.
+    telemetry: Option<Telemetry>,
 }
 
 impl Sidecar {
@@ -129,7 +135,13 @@ impl Sidecar {
                 &metrics,
             )),
         };
+        let telemetry = config
+            .tracing
+            .as_ref()
+            .map(|t| Telemetry::install(t, &metrics))
+            .transpose()?;
         Ok(Sidecar {
+            telemetry,
             redis,
             audit,
             audit_guard,
@@ -203,6 +215,7 @@ impl Sidecar {
             lifecycle: lifecycle.clone(),
             audit: self.audit.clone(),
             started: std::time::Instant::now(),
+            tracer: self.telemetry.as_ref().map(Telemetry::tracer),
         });
         let proxy = FinHubProxy::new(shared.clone());
         // CONNECT reaches request_filter (instead of Pingora's bare 405) so that it gets the
@@ -249,6 +262,10 @@ impl Sidecar {
         });
         // Write the queued audit lines before the process exits.
         drop(self.audit_guard);
+        // Send the queued spans, bounded: a dead collector cannot hold the exit up.
+        if let Some(t) = self.telemetry {
+            t.shutdown(std::time::Duration::from_secs(2));
+        }
         tracing::info!("finhub-sidecar stopped");
     }
 }

@@ -35,4 +35,6 @@ pub struct Shared {
     pub audit: Audit,
     /// Process start (uptime in `/status`).
     pub started: Instant,
+    /// The tracer for request spans; `None` when tracing is off.
+    pub tracer: Option<crate::telemetry::Tracer>,
 }

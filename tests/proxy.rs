@@ -437,6 +437,8 @@ struct Outcome {
     /// The key FinHub saw (the app's or the sidecar's), from the answer.
     key: Option<String>,
     json: bool,
+    /// The client's error when there was no answer.
+    error: Option<String>,
 }
 
 async fn blip_request(client: reqwest::Client, sc_url: String, i: usize) -> Outcome {
@@ -469,10 +471,12 @@ async fn blip_request(client: reqwest::Client, sc_url: String, i: usize) -> Outc
                 status,
                 key,
                 json,
+                error: None,
             }
         }
         // A reset or an empty answer from the sidecar.
-        Err(_) => Outcome {
+        Err(e) => Outcome {
+            error: Some(format!("{e:?}")),
             post,
             status: 0,
             key: None,
@@ -516,7 +520,7 @@ async fn finhub_blips_are_retried_exactly_once_per_key() {
     let failures: Vec<_> = outcomes
         .iter()
         .filter(|o| !(200..300).contains(&o.status))
-        .map(|o| (o.status, o.json, o.key.is_some()))
+        .map(|o| (o.status, o.json, o.key.is_some(), o.error.clone()))
         .collect();
     println!(
         "blip scenario: {ok}/300 answered 2xx, failures {failures:?}, keys executed twice: {doubles}, \
@@ -526,6 +530,15 @@ async fn finhub_blips_are_retried_exactly_once_per_key() {
             .filter(|l| l.starts_with("finhub_sidecar_upstream_retries_total"))
             .map(str::to_string)
             .collect::<Vec<_>>())
+    );
+    let lines = sc.wait_audit(300).await;
+    for l in lines.iter().filter(|l| l["status"].as_u64() >= Some(500)) {
+        println!("failed: {l}");
+    }
+    println!(
+        "budget exhausted: {}",
+        sc.counter("finhub_sidecar_upstream_retry_budget_exhausted_total{tenant=\"tenant-demo\"}")
+            .await
     );
     assert!(
         ok >= 297,

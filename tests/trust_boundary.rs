@@ -820,7 +820,6 @@ async fn expect_continue_is_answered_by_the_sidecar_and_the_body_goes_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finhub_resetting_after_a_streamed_post_gives_a_json_502_not_a_reset() {
-    use finhub_testkit::emulator::ApiFaults;
     let (_world, emu, sc) = World::start(|c| c).await;
     // FinHub executes each call, then resets the connection instead of answering.
     emu.controls().set_api_faults(Some(ApiFaults {
@@ -846,4 +845,406 @@ async fn finhub_resetting_after_a_streamed_post_gives_a_json_502_not_a_reset() {
         Some(&1),
         "sent exactly once: {executions:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expectation_other_than_100_continue_is_a_417() {
+    let (_world, emu, sc) = World::start(|c| c).await;
+    let r = exchange(
+        sc.proxy,
+        b"POST /api/v2/expect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue, x\r\nContent-Length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert_eq!(r.status, 417, "{r:?}");
+    assert_eq!(r.code(), "expectation_failed");
+    assert!(!reached_finhub(&emu, &sc, "/api/v2/expect").await);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The retry mechanism as an attacker sees it (adversarial review of issues 22.3, 22.4 and 23):
+// a connect that fails once, a hold limit below the retry buffer, refusals that would fund
+// retries, a session lost between attempts, an earlier attempt that FinHub executed.
+
+use finhub_testkit::emulator::ApiFaults;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+struct Flaky {
+    addr: SocketAddr,
+    fail_next: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+}
+
+impl Flaky {
+    async fn start(target: SocketAddr) -> Flaky {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let fail_next = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let (f, a) = (fail_next.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let fail = f
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if fail {
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    if let Ok(mut out) = TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                    }
+                });
+            }
+        });
+        Flaky {
+            addr,
+            fail_next,
+            accepted,
+        }
+    }
+}
+
+/// World + emulator + flaky forwarder + sidecar whose upstream is the forwarder.
+async fn start_flaky(
+    adjust: impl FnOnce(SidecarConfig) -> SidecarConfig,
+) -> (
+    World,
+    finhub_testkit::emulator::Emulator,
+    Flaky,
+    SidecarProcess,
+) {
+    let world = World::new();
+    let emu = world.emulator().await;
+    let flaky = Flaky::start(emu.addr()).await;
+    let sc = world.sidecar(adjust(world.config(flaky.addr.port()))).await;
+    (world, emu, flaky, sc)
+}
+
+fn api_calls(emu: &finhub_testkit::emulator::Emulator) -> u64 {
+    emu.controls().total_requests() - emu.controls().stats().auth_requests
+}
+
+/// Review finding 1a. A connect failure decides a retry (`pending = Connect`) that `fail_to_connect`
+/// never consumes; the next attempt's first error is taken as that decided retry and resent
+/// unconditionally — here a streamed (non-resendable) POST that FinHub executed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_post_is_never_resent_even_after_a_connect_failure() {
+    let (_world, emu, flaky, sc) = start_flaky(|c| c).await;
+    emu.controls().set_api_faults(Some(ApiFaults {
+        lost_after: 1.0,
+        ..ApiFaults::none(1)
+    }));
+    let accepted = flaky.accepted.load(Ordering::SeqCst);
+    flaky.fail_next.store(1, Ordering::SeqCst);
+    let before = api_calls(&emu);
+    let size = 100 * 1024;
+    let mut req = format!(
+        "POST /api/v2/transfers HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    req.extend_from_slice(&vec![b'x'; size]);
+    let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+    s.write_all(&req).await.unwrap();
+    let r = read_response(&mut s).await.expect("an answer");
+    assert!(
+        flaky.accepted.load(Ordering::SeqCst) >= accepted + 2,
+        "the first connect failed and a second was made"
+    );
+    let calls = api_calls(&emu) - before;
+    let audit = sc.wait_audit(1).await;
+    println!(
+        "status {} code {} calls {calls} audit {:?}",
+        r.status,
+        r.code(),
+        audit.last()
+    );
+    assert_eq!(calls, 1, "a streamed body reached FinHub {calls} times");
+    assert_eq!(
+        (r.status, r.code().as_str()),
+        (502, "upstream_outcome_unknown")
+    );
+}
+
+/// Review finding 1b. Same stale decision: the app goes away while FinHub works on its request; the
+/// sidecar sends the request to FinHub again (at once, while the original still runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_went_away_is_not_retried_for_after_a_connect_failure() {
+    let (_world, emu, flaky, sc) = start_flaky(|c| c).await;
+    emu.controls().set_api_faults(Some(ApiFaults {
+        slow: 1.0,
+        slow_for: Duration::from_millis(1500),
+        ..ApiFaults::none(1)
+    }));
+    flaky.fail_next.store(1, Ordering::SeqCst);
+    let before = api_calls(&emu);
+    let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+    s.write_all(
+        b"POST /api/v2/transfers HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"amount\":1}\n",
+    )
+    .await
+    .unwrap();
+    // FinHub has the request (second connection); the app gives up.
+    assert!(eventually(Duration::from_secs(10), || async {
+        (api_calls(&emu) > before).then_some(())
+    })
+    .await
+    .is_some());
+    drop(s);
+    // The request is over once its audit line is written.
+    let audit = sc.wait_audit(1).await;
+    let calls = api_calls(&emu) - before;
+    println!("calls {calls} audit {:?}", audit.last());
+    assert_eq!(
+        calls, 1,
+        "FinHub got the POST {calls} times after the app left"
+    );
+}
+
+/// Review finding 2. With `auth.replay_body_limit` below 64 KiB, a chunked body larger than the
+/// limit used to end the hold loop with the body unfinished but Pingora's retry buffer not
+/// truncated: Pingora sent the buffer, and request_body_filter prepended the same bytes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_a_lowered_hold_limit_reaches_finhub_unchanged() {
+    let (_world, _emu, sc) = World::start(|c| c.set("auth.replay_body_limit", 1024)).await;
+    let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+    let chunk = |c: u8| {
+        let mut v = format!("{:x}\r\n", 800).into_bytes();
+        v.extend_from_slice(&[c; 800]);
+        v.extend_from_slice(b"\r\n");
+        v
+    };
+    let mut first = b"POST /api/v2/documents HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    first.extend(chunk(b'a'));
+    first.extend(chunk(b'b'));
+    s.write_all(&first).await.unwrap();
+    // The body is held whole (it is under the retry buffer), whatever the replay limit.
+    let mut rest = chunk(b'c');
+    rest.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&rest).await.unwrap();
+    let r = read_response(&mut s).await.expect("an answer");
+    println!("{} {}", r.status, r.json());
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], 2400, "FinHub got a different body");
+}
+
+/// Review finding 4. Requests the sidecar refuses itself (local 429) still deposit into the tenant's
+/// retry budget, so a flood of refused requests buys retries against a FinHub that is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locally_refused_requests_do_not_fund_retries() {
+    let mut route = toml::Table::new();
+    route.insert("method".into(), "GET".into());
+    route.insert("path_prefix".into(), "/api/v2/limited".into());
+    route.insert("rate".into(), 1.into());
+    route.insert("burst".into(), 1.into());
+    let (_world, emu, sc) = World::start(|c| {
+        c.set("retry.budget_min_per_second", 0)
+            .set("retry.budget_ratio", 0.2)
+            .set("retry.budget_window", "60s")
+            .set("retry.backoff", "10ms")
+            .set("retry.backoff_max", "10ms")
+            .set("retry.max_attempts", 10)
+            .push("policy.rate_limit.routes", route)
+    })
+    .await;
+    let client = http_client();
+    // 200 requests, all but one refused locally (never sent to FinHub).
+    let mut limited = 0;
+    for _ in 0..200 {
+        let r = client.get(sc.url("/api/v2/limited")).send().await.unwrap();
+        if r.status() == 429 {
+            limited += 1;
+        }
+    }
+    assert!(limited >= 190, "{limited}");
+    emu.controls().set_api_faults(Some(ApiFaults {
+        gateway_503: 1.0,
+        ..ApiFaults::none(1)
+    }));
+    let before = api_calls(&emu);
+    let sent = 5u64;
+    for i in 0..sent {
+        let r = client
+            .get(sc.url(&format!("/api/v2/accounts/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+    }
+    let calls = api_calls(&emu) - before;
+    // Forwarded requests: 1 (the one the limiter let through) + 5; ratio 0.2, no floor.
+    let allowed = sent + ((sent + 1) as f64 * 0.2).ceil() as u64;
+    println!("{calls} upstream calls for {sent} requests (budget allows {allowed})");
+    assert!(
+        calls <= allowed,
+        "{calls} upstream calls for {sent} requests"
+    );
+}
+
+/// Review finding 5. A body refused while held (broken chunk) is answered, then the connection is
+/// closed with the app's bytes unread: a reset, and the app may never read its JSON 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_held_body_is_answered_not_reset() {
+    let (_world, _emu, sc) = World::start(|c| c).await;
+    let mut failures = 0;
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+        let mut req = b"POST /api/v2/transfers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n".to_vec();
+        req.extend_from_slice(&vec![b'x'; 32 * 1024]);
+        // The trailing bytes may not all be accepted once the sidecar closes.
+        let _ = s.write_all(&req).await;
+        match read_response(&mut s).await {
+            Some(r) if r.status == 400 => {}
+            other => {
+                println!("got {other:?}");
+                failures += 1;
+            }
+        }
+    }
+    assert_eq!(failures, 0, "{failures}/20 apps got no JSON 400");
+}
+
+/// Review finding 3. When the request cannot be sent because the session became unusable between
+/// attempts (rewrite fails in upstream_request_filter), error_while_proxy classifies that
+/// local refusal as an upstream "reset" and retries it; `attempts` is never incremented (no
+/// start_attempt), so only the deadline stops it: retries, budget and a connection per loop
+/// for a request that can no longer be sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_lost_between_attempts_is_not_retried_as_a_reset() {
+    let world = World::new();
+    let mut cfg = world.emulator_config(&world.server);
+    cfg.token_lifetime = Duration::from_secs(3);
+    let emu = finhub_testkit::emulator::Emulator::start(cfg)
+        .await
+        .unwrap();
+    let sc = world
+        .sidecar(
+            world
+                .config(emu.addr().port())
+                .environment("integration")
+                .set("retry.max_attempts", 10)
+                .set("retry.backoff", "700ms")
+                .set("retry.backoff_max", "700ms"),
+        )
+        .await;
+    emu.controls().set_auth_down(true);
+    emu.controls().set_api_faults(Some(ApiFaults {
+        gateway_503: 1.0,
+        ..ApiFaults::none(1)
+    }));
+    let r = http_client()
+        .get(sc.url("/api/v2/accounts"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap_or(Value::Null);
+    let audit = sc.wait_audit(1).await;
+    let resets: Vec<String> = sc
+        .scrape()
+        .await
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("finhub_sidecar_upstream_retries_total") && l.contains("reset"))
+        .map(str::to_string)
+        .collect();
+    println!("{status} {body} audit {:?} resets {resets:?}", audit.last());
+    assert!(
+        resets.iter().all(|l| l.ends_with(" 0")),
+        "FinHub never reset a connection, yet: {resets:?}"
+    );
+}
+
+/// Review finding 6. A keyed POST whose first attempt FinHub executed (answer lost) and whose retries
+/// then cannot connect is answered `upstream_unreachable` ("surely not sent", README) instead of
+/// `upstream_outcome_unknown`: `with_outcome` keeps connect errors as they are, whatever an
+/// earlier attempt did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mutation_executed_on_an_earlier_attempt_is_never_reported_as_not_sent() {
+    let (_world, emu, flaky, sc) = start_flaky(|c| c).await;
+    emu.controls().set_api_faults(Some(ApiFaults {
+        lost_after: 1.0,
+        ..ApiFaults::none(1)
+    }));
+    let before = api_calls(&emu);
+    let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+    s.write_all(
+        b"POST /api/v2/transfers HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\nConnection: close\r\n\r\n{\"amount\":1}\n",
+    )
+    .await
+    .unwrap();
+    // FinHub executed the first attempt (and lost its answer); from now on FinHub is unreachable
+    // (the retry waits retry.mutation_delay, 1 s, first).
+    assert!(eventually(Duration::from_secs(10), || async {
+        (api_calls(&emu) > before).then_some(())
+    })
+    .await
+    .is_some());
+    flaky.fail_next.store(1000, Ordering::SeqCst);
+    let r = read_response(&mut s).await.expect("an answer");
+    println!("{} {}", r.status, r.json());
+    assert_eq!(emu.controls().executed_calls(), 1, "FinHub executed it");
+    assert_eq!(
+        r.code(),
+        "upstream_outcome_unknown",
+        "the app is told its executed transfer was not sent"
+    );
+}
+
+/// Suspicion (boundaries): chunked and Content-Length bodies of exactly 64 KiB and one byte
+/// more, in one write and split; and Expect: 100-continue on a body over the limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_at_the_hold_limit_reach_finhub_whole() {
+    let (_world, _emu, sc) = World::start(|c| c).await;
+    for size in [65535usize, 65536, 65537, 131072] {
+        for chunked in [true, false] {
+            for split in [false, true] {
+                let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+                let head = if chunked {
+                    "POST /api/v2/documents HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_string()
+                } else {
+                    format!("POST /api/v2/documents HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n")
+                };
+                let mut body = Vec::new();
+                if chunked {
+                    // Two chunks: size-1 and 1.
+                    body.extend_from_slice(format!("{:x}\r\n", size - 1).as_bytes());
+                    body.extend_from_slice(&vec![b'x'; size - 1]);
+                    body.extend_from_slice(b"\r\n1\r\ny\r\n0\r\n\r\n");
+                } else {
+                    body.extend_from_slice(&vec![b'x'; size]);
+                }
+                let mut all = head.into_bytes();
+                if split {
+                    s.write_all(&all).await.unwrap();
+                    let (a, b) = body.split_at(body.len() / 2);
+                    s.write_all(a).await.unwrap();
+                    s.flush().await.unwrap();
+                    s.write_all(b).await.unwrap();
+                } else {
+                    all.extend_from_slice(&body);
+                    s.write_all(&all).await.unwrap();
+                }
+                let r = read_response(&mut s).await.expect("an answer");
+                assert_eq!(r.status, 200, "{size} chunked={chunked} split={split}");
+                assert_eq!(
+                    r.json()["body_len"],
+                    size as u64,
+                    "{size} chunked={chunked} split={split}"
+                );
+            }
+        }
+    }
+    // Expect on a body over the limit: FinHub's 100 Continue (or the sidecar's) lets it flow.
+    let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+    let size = 100 * 1024;
+    s.write_all(format!("POST /api/v2/documents HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let r = read_response(&mut s).await.expect("a 100 Continue");
+    assert_eq!(r.status, 100);
+    s.write_all(&vec![b'x'; size]).await.unwrap();
+    let r = read_response(&mut s).await.expect("an answer");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body_len"], size as u64);
 }

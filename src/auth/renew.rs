@@ -2,6 +2,7 @@
 //! every session at shutdown ([`logout_all`]).
 
 use super::*;
+use crate::telemetry::BackgroundSpan;
 
 /// Label value of an auth outcome for metrics and `/status`.
 pub(super) fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'static str {
@@ -245,9 +246,11 @@ impl Renewer {
 
     /// One refresh call; `None` when a login should follow at once.
     pub(super) async fn refresh(&mut self, s: &Session, forced: bool) -> Option<Planned> {
+        let span = BackgroundSpan::start("finhub.auth.refresh", &self.tenant_id);
         let r = self.client.refresh(&self.slot.tenant, s).await;
         let not_yet = matches!(r, Ok(Refreshed::NotYet { .. }));
         let label = result_label(&r, not_yet);
+        span.end(label);
         self.count("refresh", label);
         let now = SystemTime::now();
         match r {
@@ -329,6 +332,7 @@ impl Renewer {
 
     /// One login call.
     pub(super) async fn login(&mut self, current: Option<&Session>) -> Planned {
+        let span = BackgroundSpan::start("finhub.auth.login", &self.tenant_id);
         let r = self.client.login(&self.slot.tenant).await;
         let now = SystemTime::now();
         // A token that is already (nearly) expired on arrival (clock trouble, absurd lifetime)
@@ -341,6 +345,7 @@ impl Renewer {
             }
         });
         let label = result_label(&r, false);
+        span.end(label);
         self.count("login", label);
         match r {
             Ok(s) => {
@@ -496,6 +501,7 @@ pub async fn logout_all(
             slot.ending.send_replace(true);
             let started = Instant::now();
             let tenant = slot.tenant.id.as_str();
+            let span = BackgroundSpan::start("finhub.auth.logout", tenant);
             let ended = tokio::time::timeout_at(deadline, async {
                 let _flight = slot.flight.lock().await;
                 let session = slot.current.swap(None)?;
@@ -510,6 +516,7 @@ pub async fn logout_all(
             let result = match &ended {
                 Ok(None) => {
                     tracing::info!(tenant, "no valid session to log out");
+                    span.end("no_session");
                     return;
                 }
                 Ok(Some(Ok(cleared))) => {
@@ -529,6 +536,7 @@ pub async fn logout_all(
                     "timeout"
                 }
             };
+            span.end(result);
             metrics
                 .auth_requests
                 .with_label_values(&[tenant, "logout", result])

@@ -16,6 +16,8 @@ pub(super) struct Convert<'a> {
     base_dir: PathBuf,
     /// Looks up `${VAR}` references.
     pub(super) env: &'a dyn Fn(&str) -> Option<String>,
+    /// Looks up the standard `OTEL_*` variables (tracing only).
+    pub(super) otel_env: &'a dyn Fn(&str) -> Option<String>,
     /// Everything wrong so far.
     pub(super) errors: Vec<ConfigError>,
 }
@@ -27,6 +29,7 @@ impl<'a> Convert<'a> {
             file: file.to_path_buf(),
             base_dir: file.parent().map(Path::to_path_buf).unwrap_or_default(),
             env,
+            otel_env: &|_| None,
             errors: Vec::new(),
         }
     }

@@ -18,6 +18,7 @@ use super::policy::FilePolicy;
 use super::retry::FileRetry;
 use super::shutdown::FileShutdown;
 use super::tenants::FileTenant;
+use super::tracing::FileTracing;
 use super::upstream::FileUpstream;
 use super::ConfigError;
 
@@ -58,6 +59,9 @@ pub(super) struct FileConfig {
     /// `[audit]`: the per-request audit line.
     #[serde(default)]
     pub(super) audit: FileAudit,
+    /// `[tracing]`: OpenTelemetry traces (OTLP/HTTP); the `OTEL_*` variables otherwise.
+    #[serde(default)]
+    pub(super) tracing: FileTracing,
 }
 
 /// Parses `text` (read from `path`) into the file structs; the error names the key.

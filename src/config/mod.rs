@@ -36,6 +36,7 @@ mod retry;
 mod session_store;
 mod shutdown;
 mod tenants;
+mod tracing;
 mod upstream;
 
 pub use admin::AdminConfig;
@@ -53,6 +54,7 @@ pub use retry::RetryConfig;
 pub use session_store::{OnStoreError, SessionStore, SharedSessionSettings};
 pub use shutdown::ShutdownConfig;
 pub use tenants::TenantConfig;
+pub use tracing::{ParentRoot, Sampler, TracingConfig};
 pub use upstream::{EgressProxy, ProxyAuth, UpstreamConfig};
 
 use client_cert::{DEFAULT_EXPIRY_WARNING, DEFAULT_RELOAD_INTERVAL};
@@ -99,6 +101,8 @@ pub struct Config {
     pub listener: ListenerConfig,
     /// Admin listener options.
     pub admin: AdminConfig,
+    /// OpenTelemetry tracing; `None` when off (no endpoint configured).
+    pub tracing: Option<TracingConfig>,
 }
 
 /// One thing wrong with the configuration: which file, which key, what.
@@ -139,17 +143,31 @@ impl Config {
                 message: format!("cannot read: {e}"),
             }])
         })?;
-        Self::from_toml(path, &text, &|name| std::env::var(name).ok())
+        let env = |name: &str| std::env::var(name).ok();
+        Self::from_toml_with_otel(path, &text, &env, &env)
     }
 
-    /// Parses TOML text as if read from `path`; `env` looks up `${VAR}` references.
+    /// Parses TOML text as if read from `path`; `env` looks up `${VAR}` references. No
+    /// `OTEL_*` variable is read (see [`Config::from_toml_with_otel`]).
     pub fn from_toml(
         path: &Path,
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
+        Self::from_toml_with_otel(path, text, env, &|_| None)
+    }
+
+    /// [`Config::from_toml`], with `otel_env` looking up the standard `OTEL_*` variables that
+    /// configure tracing where `[tracing]` does not.
+    pub fn from_toml_with_otel(
+        path: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        otel_env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         let file: FileConfig = parse_file(path, text).map_err(|e| ConfigErrors(vec![e]))?;
         let mut cx = Convert::new(path, env);
+        cx.otel_env = otel_env;
         let config = cx.config(file);
         match config {
             Some(c) if cx.errors.is_empty() => Ok(c),
@@ -195,6 +213,7 @@ impl Convert<'_> {
         let retry = self.retry(f.retry);
         let audit = self.audit(f.audit);
         let log = f.log.convert();
+        let tracing = self.tracing(f.tracing);
         Some(Config {
             file: self.file.clone(),
             listen: listen?,
@@ -214,6 +233,7 @@ impl Convert<'_> {
             audit,
             listener,
             admin,
+            tracing,
         })
     }
 }

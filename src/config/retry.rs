@@ -33,7 +33,7 @@ pub struct RetryConfig {
 impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
-            max_attempts: 3,
+            max_attempts: 4,
             deadline: secs(10),
             backoff: Duration::from_millis(100),
             backoff_max: secs(2),
@@ -49,7 +49,7 @@ impl Default for RetryConfig {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct FileRetry {
-    /// Upstream attempts per app request, the first included, 1 to 10; default 3 (1 turns
+    /// Upstream attempts per app request, the first included, 1 to 10; default 4 (1 turns
     /// retries of blips off; the 401 replay is separate and stays).
     max_attempts: Option<u32>,
     /// No retry starts later than this after the request arrived; default 10 s.
@@ -124,7 +124,7 @@ mod tests {
     fn defaults_are_a_banks() {
         let c = load(MINIMAL).unwrap();
         assert_eq!(c.retry, RetryConfig::default());
-        assert_eq!(c.retry.max_attempts, 3);
+        assert_eq!(c.retry.max_attempts, 4);
     }
 
     #[test]

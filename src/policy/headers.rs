@@ -131,6 +131,17 @@ pub fn body_fits(req: &RequestHeader, limit: usize) -> bool {
     }
 }
 
+/// Whether the request's `Expect` (if any) is the one expectation the sidecar meets:
+/// a single `100-continue` (RFC 9110 §10.1.1; anything else is answered 417).
+pub fn expectation_ok(req: &RequestHeader) -> bool {
+    let mut all = req.headers.get_all(http::header::EXPECT).iter();
+    match (all.next(), all.next()) {
+        (None, _) => true,
+        (Some(v), None) => v.as_bytes().eq_ignore_ascii_case(b"100-continue"),
+        (Some(_), Some(_)) => false,
+    }
+}
+
 /// Which single IP goes in `X-Forwarded-For` (§8, A25): a trusted forwarder's single valid IP
 /// (the real end user), else the configured origin IP. An untrusted peer's header is ignored.
 ///
@@ -302,6 +313,23 @@ mod tests {
             let method = http::Method::from_bytes(m.as_bytes()).unwrap();
             assert_eq!(method_allowed(&method), want, "{m}");
         }
+    }
+
+    #[test]
+    fn only_a_single_100_continue_is_an_expectation_met() {
+        let with = |values: &[&str]| {
+            let mut req = RequestHeader::build("POST", b"/", None).unwrap();
+            for v in values {
+                req.append_header("Expect", *v).unwrap();
+            }
+            expectation_ok(&req)
+        };
+        assert!(with(&[]));
+        assert!(with(&["100-continue"]));
+        assert!(with(&["100-Continue"]));
+        assert!(!with(&["100-continue, x"]));
+        assert!(!with(&["x-custom"]));
+        assert!(!with(&["100-continue", "100-continue"]));
     }
 
     #[test]

@@ -117,6 +117,9 @@ impl Admission<'_> {
         if !headers::content_length_ok(req) {
             return Err(ProxyError::InvalidRequest.into());
         }
+        if !headers::expectation_ok(req) {
+            return Err(ProxyError::ExpectationFailed.into());
+        }
         let (raw_path, upstream_uri) =
             match allow::destination(req.raw_path(), &self.config.upstream.allowed_hosts)? {
                 allow::Target::Origin => (req.raw_path(), None),

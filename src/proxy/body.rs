@@ -15,6 +15,9 @@ use crate::error::ProxyError;
 /// which is what a retry resends.
 pub const HOLD_LIMIT: usize = 64 * 1024;
 
+/// Pieces kept apart while reading before they are joined into one buffer.
+const MAX_CHUNKS: usize = 32;
+
 /// What the sidecar holds of a request body before the request goes upstream.
 #[derive(Debug)]
 pub enum Body {
@@ -48,15 +51,11 @@ pub enum BodyError {
 }
 
 impl Body {
-    /// Reads the body of `session`'s request while it is at most `limit` bytes (at most
-    /// [`HOLD_LIMIT`]), all of it by `deadline`. A body whose `Content-Length` already says it
-    /// is larger is not read here.
-    pub async fn read(
-        session: &mut Session,
-        limit: usize,
-        deadline: Instant,
-    ) -> Result<Body, BodyError> {
-        let limit = limit.min(HOLD_LIMIT);
+    /// Reads the body of `session`'s request while it is at most [`HOLD_LIMIT`] (Pingora's
+    /// retry buffer: whatever it holds whole, it sends), all of it by `deadline`. A body whose
+    /// `Content-Length` already says it is larger is not read here.
+    pub async fn read(session: &mut Session, deadline: Instant) -> Result<Body, BodyError> {
+        let limit = HOLD_LIMIT;
         if session.as_downstream_mut().is_body_empty() {
             return Ok(Body::default());
         }
@@ -85,6 +84,10 @@ impl Body {
                 Ok(Ok(Some(chunk))) => {
                     total += chunk.len();
                     chunks.push(chunk);
+                    if chunks.len() >= MAX_CHUNKS {
+                        // A body in tiny pieces: one buffer, not thousands of small ones.
+                        chunks = vec![concat(std::mem::take(&mut chunks), total)];
+                    }
                 }
             }
         }
@@ -96,6 +99,11 @@ impl Body {
         Ok(Body::Streamed {
             prefix: Some(concat(chunks, total)),
         })
+    }
+
+    /// Whether the body streams (it is larger than the hold limit).
+    pub fn is_streamed(&self) -> bool {
+        matches!(self, Body::Streamed { .. })
     }
 
     /// Whether every attempt can send the body whole and it is at most `limit` bytes.

@@ -45,6 +45,7 @@ use crate::metrics::{Outcome, RequestSeries};
 use crate::policy::headers::{self, names};
 use crate::policy::ratelimit::{self, Check, Decision};
 use crate::shared::Shared;
+use crate::telemetry::{self, RequestTrace};
 use crate::tenant::Tenant;
 use admission::{session_retry_after, Admission, Admitted};
 use body::{Body, BodyError};
@@ -92,6 +93,8 @@ pub struct RequestCtx {
     pub(crate) upstream_status: Option<u16>,
     /// A refusal decided by our own code (takes precedence over Pingora's error type).
     pub(crate) failure: Option<ProxyError>,
+    /// The request's spans; `None` when tracing is off.
+    pub(crate) trace: Option<Box<RequestTrace>>,
 }
 
 impl FinHubProxy {
@@ -125,7 +128,6 @@ impl FinHubProxy {
         match admission.admit(req, peer, SystemTime::now()) {
             Ok((admitted, path)) => {
                 let check = admitted.tenant.limits.check(&req.method, &path);
-                admitted.tenant.retry_budget.deposit(ctx.start);
                 ctx.tenant = Some(admitted.tenant.clone());
                 ctx.admitted = Some(admitted);
                 Ok(check)
@@ -272,9 +274,11 @@ impl FinHubProxy {
     ) -> Result<(), BodyError> {
         let limit = self.shared.config.auth.replay_body_limit;
         let deadline = ctx.start + self.shared.config.listener.body_timeout;
-        let body = Body::read(session, limit, deadline).await?;
+        let body = Body::read(session, deadline).await?;
         if let Some(a) = ctx.admitted.as_mut() {
             a.retry.set_body_whole(body.resendable_within(limit));
+            // Only a request that goes upstream earns retries: refusals fund no retry storm.
+            a.tenant.retry_budget.deposit(ctx.start);
         }
         ctx.body = body;
         Ok(())
@@ -429,6 +433,7 @@ impl ProxyHttp for FinHubProxy {
             refused_uri: None,
             upstream_status: None,
             failure: None,
+            trace: None,
         }
     }
 
@@ -440,9 +445,15 @@ impl ProxyHttp for FinHubProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        ctx.trace = telemetry::start_request(self.shared.tracer.as_ref(), session.req_header());
         let verdict = match self.admit(session, ctx) {
             Ok(Check::Ready(decision)) => rate_limit_verdict(decision),
-            Ok(Check::Wait(pending)) => rate_limit_verdict(pending.await),
+            Ok(Check::Wait(pending)) => {
+                let wait = ctx.trace.as_ref().map(|t| t.wait("rate limit decision"));
+                let verdict = rate_limit_verdict(pending.await);
+                telemetry::end_wait(wait, verdict.as_ref().map_or("refused", |()| "allowed"));
+                verdict
+            }
             Err(e) => Err(e),
         };
         let e = match verdict {
@@ -486,7 +497,9 @@ impl ProxyHttp for FinHubProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         ctx.body.next_chunk(body);
-        if ctx.start.elapsed() > self.shared.config.listener.body_timeout {
+        // A held body arrived in time already (a retry resends it from memory).
+        if ctx.body.is_streamed() && ctx.start.elapsed() > self.shared.config.listener.body_timeout
+        {
             ctx.failure = Some(ProxyError::BodyTimeout);
             return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");
         }
@@ -500,12 +513,19 @@ impl ProxyHttp for FinHubProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
-        if let Some(delay) = ctx.admitted.as_mut().and_then(|a| a.retry.take_delay()) {
-            tokio::time::sleep(delay).await;
+        if let Some(a) = ctx.admitted.as_mut() {
+            if let Some(delay) = a.retry.take_delay() {
+                tokio::time::sleep(delay).await;
+            }
+            a.retry.start_attempt();
         }
         ctx.attempt_sent = false;
         ctx.answered = false;
         ctx.upstream_start = Some(Instant::now());
+        if let Some(t) = ctx.trace.as_mut() {
+            let u = &self.shared.config.upstream;
+            t.start_attempt(&u.host, u.port);
+        }
         self.peer(ctx.connect_failures).map(Box::new).or_else(|e| {
             ctx.failure = Some(e);
             Error::e_explain(ErrorType::ConnectNoRoute, "upstream address not resolved")
@@ -526,8 +546,10 @@ impl ProxyHttp for FinHubProxy {
             ctx.failure = Some(e);
             return Error::e_explain(ErrorType::InternalError, "request not sent");
         }
-        a.retry.start_attempt();
         ctx.attempt_sent = true;
+        if let Some(t) = &ctx.trace {
+            t.propagate(upstream_request);
+        }
         ctx.upstream_sent = Some(SystemTime::now());
         Ok(())
     }
@@ -551,6 +573,9 @@ impl ProxyHttp for FinHubProxy {
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
         ctx.answered = true;
+        if let Some(t) = ctx.trace.as_mut() {
+            t.end_attempt(status);
+        }
         if let Some(sent) = ctx.upstream_sent {
             // An answer's Date may narrow the estimate of FinHub's clock, never reset it
             // (auth/clock.rs): the auth endpoints' answers are the reference.
@@ -567,14 +592,31 @@ impl ProxyHttp for FinHubProxy {
         };
         match status {
             429 => self.hold_after_429(upstream_response, &a.tenant),
-            401 if self.renew_after_401(a).await => {
-                return Error::e_explain(RETRY, "FinHub answered 401; replaying once");
+            401 => {
+                let wait = ctx.trace.as_ref().map(|t| t.wait("session renewal wait"));
+                let replay = self.renew_after_401(a).await;
+                telemetry::end_wait(wait, if replay { "renewed" } else { "not_replayed" });
+                if replay {
+                    return Error::e_explain(RETRY, "FinHub answered 401; replaying once");
+                }
             }
-            502..=504
-                if session.response_written().is_none()
-                    && self.retry_after_status(upstream_response, ctx) =>
-            {
-                return Error::e_explain(RETRY, "FinHub's gateway failed; retrying");
+            502..=504 if session.response_written().is_none() => {
+                if self.retry_after_status(upstream_response, ctx) {
+                    return Error::e_explain(RETRY, "FinHub's gateway failed; retrying");
+                }
+                if ctx
+                    .admitted
+                    .as_ref()
+                    .is_some_and(|a| a.retry.outcome_unknown())
+                {
+                    // An earlier attempt may have run: FinHub's "not now" must not read as
+                    // "not executed".
+                    ctx.failure = Some(ProxyError::UpstreamOutcomeUnknown { timed_out: false });
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(status),
+                        "FinHub's gateway failed after an attempt whose answer was lost",
+                    );
+                }
             }
             _ => {}
         }
@@ -592,8 +634,8 @@ impl ProxyHttp for FinHubProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.connect_failures += 1;
-        if let Some(a) = ctx.admitted.as_mut() {
-            a.retry.connect_failed();
+        if let Some(t) = ctx.trace.as_mut() {
+            t.end_attempt_error(ProxyError::from_upstream(&e).code());
         }
         // A proxy that refused the tunnel refuses it again from its other addresses.
         let refused = matches!(
@@ -621,13 +663,19 @@ impl ProxyHttp for FinHubProxy {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let pending = ctx
-            .admitted
-            .as_mut()
-            .is_some_and(|a| a.retry.take_pending());
+        if let Some(t) = ctx.trace.as_mut() {
+            t.end_attempt_error(ProxyError::from_upstream(&e).code());
+        }
+        // Only our own signal carries a decided retry; anything else is judged on its own.
+        let pending = e.etype() == &RETRY
+            && ctx
+                .admitted
+                .as_mut()
+                .is_some_and(|a| a.retry.take_pending());
         let retry = if pending {
             true
-        } else if ctx.answered
+        } else if ctx.failure.is_some()
+            || ctx.answered
             || session.response_written().is_some()
             || e.esource() == &ErrorSource::Downstream
         {
@@ -725,12 +773,21 @@ impl ProxyHttp for FinHubProxy {
                 code = ctx.failure.as_ref().map_or("-", ProxyError::code),
                 kind = e.etype().as_str(),
                 side = e.esource().as_str(),
+                trace_id = ctx
+                    .trace
+                    .as_ref()
+                    .map(|t| t.ids().trace_id)
+                    .map(tracing::field::display),
                 "request failed"
             );
         }
         self.count_retries(ctx);
         let record = AuditRecord::of(session, ctx, &self.shared.audit, status, outcome.label());
         self.shared.audit.write(&record);
+        if let Some(t) = ctx.trace.take() {
+            let code = ctx.failure.as_ref().map(ProxyError::code);
+            t.finish(status, ctx.tenant.as_ref().map(|t| t.id()), code);
+        }
         self.shared
             .metrics
             .audit_dropped
@@ -757,9 +814,13 @@ impl ProxyHttp for FinHubProxy {
         let err = ctx
             .failure
             .clone()
-            .unwrap_or_else(|| ProxyError::from_upstream(e).with_outcome(outcome_unknown));
+            .unwrap_or_else(|| ProxyError::from_upstream(e))
+            .with_outcome(outcome_unknown);
         let code = err.status();
         if session.response_written().is_none() {
+            // The connection closes after this answer: say so in it, or an app's keep-alive
+            // pool may send its next request into the closing socket and see a reset.
+            session.set_keepalive(None);
             let key = ctx
                 .admitted
                 .as_ref()

@@ -154,14 +154,11 @@ impl Retry {
         self.resendable
     }
 
-    /// An attempt starts (its request header goes out now).
+    /// An attempt starts (a connection is picked or opened for it). A retry decided for the
+    /// previous attempt was carried out by now: nothing pending survives into this one.
     pub fn start_attempt(&mut self) {
         self.attempts += 1;
-    }
-
-    /// A connect attempt failed (nothing was sent).
-    pub fn connect_failed(&mut self) {
-        self.attempts += 1;
+        self.pending = None;
     }
 
     /// Upstream attempts made so far.
@@ -192,7 +189,8 @@ impl Retry {
         self.replayed
     }
 
-    /// Whether FinHub may have executed an attempt whose answer was lost (an unsafe request).
+    /// Whether FinHub may have executed an attempt whose answer was lost (an unsafe request):
+    /// then no later failure can say it was surely not sent.
     pub fn outcome_unknown(&self) -> bool {
         self.maybe_executed && !self.safe
     }
@@ -227,7 +225,14 @@ impl Retry {
 
     /// An attempt failed with `failure` before an answer header: whether to send it again (the
     /// delay is then taken by [`Retry::take_delay`]). `sent`: the request header went out.
+    /// The caller acts on the answer at once: nothing is left pending.
     pub fn after_failure(&mut self, failure: Failure, sent: bool, limits: &Limits<'_>) -> bool {
+        let retry = self.decide_failure(failure, sent, limits);
+        self.pending = None;
+        retry
+    }
+
+    fn decide_failure(&mut self, failure: Failure, sent: bool, limits: &Limits<'_>) -> bool {
         if sent && failure != Failure::Connect {
             self.maybe_executed = true;
         }
@@ -398,7 +403,13 @@ impl RetryBudget {
         if retries + 1.0 > self.floor + self.ratio * requests {
             return false;
         }
-        self.retries[cur].fetch_add(1, Ordering::Relaxed);
+        // Take the retry, then check again that no concurrent withdrawal took the last one.
+        let taken = self.retries[cur].fetch_add(1, Ordering::Relaxed) as f64 + 1.0;
+        let prev = fade * self.retries[prev].load(Ordering::Relaxed) as f64;
+        if taken + prev > self.floor + self.ratio * requests {
+            self.retries[cur].fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
         true
     }
 
@@ -476,7 +487,10 @@ mod tests {
 
     #[test]
     fn gateway_statuses_are_retried_with_growing_backoff() {
-        let c = config();
+        let c = RetryConfig {
+            max_attempts: 3,
+            ..config()
+        };
         let b = RetryBudget::new(&c);
         let mut r = Retry::new(&Method::GET, false, true);
         r.start_attempt();
@@ -534,6 +548,10 @@ mod tests {
         assert!(r.after_failure(Failure::Reset, true, &limits(&c, &b, 0)));
         assert_eq!(r.take_delay(), Some(c.mutation_delay));
         assert!(r.outcome_unknown());
+        assert!(
+            !r.take_pending(),
+            "a failure's decision is acted on at once, never left pending"
+        );
         // A GET's lost answer is retried at the ordinary backoff and is never "unknown".
         let mut g = Retry::new(&Method::GET, false, true);
         g.start_attempt();
@@ -560,7 +578,7 @@ mod tests {
         let c = config();
         let b = RetryBudget::new(&c);
         let mut streamed = Retry::new(&Method::POST, true, false);
-        streamed.connect_failed();
+        streamed.start_attempt();
         assert!(streamed.after_failure(Failure::Connect, false, &limits(&c, &b, 0)));
         assert!(!streamed.outcome_unknown(), "nothing was sent");
         // But a reset of a streamed body is never resent.

@@ -5,4 +5,6 @@
 pub mod emulator;
 #[path = "../../../src/tls/identity.rs"]
 pub mod identity;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod pki;

@@ -344,8 +344,20 @@ impl SharedStore {
         Ok(snap)
     }
 
-    /// Takes or extends the lease.
+    /// Takes or extends the lease (in a `finhub.session.lease` span).
     async fn acquire(&self, tenant: &str) -> Result<Lease, Failure> {
+        let span = crate::telemetry::BackgroundSpan::start("finhub.session.lease", tenant);
+        let lease = self.acquire_lease(tenant).await;
+        span.end(match &lease {
+            Ok(Lease::Held(_)) => "held",
+            Ok(Lease::Other) => "other",
+            Ok(Lease::Corrupt) => "corrupt",
+            Err(_) => "error",
+        });
+        lease
+    }
+
+    async fn acquire_lease(&self, tenant: &str) -> Result<Lease, Failure> {
         let mut inv = self.acquire.key(self.key(tenant, "lease"));
         inv.key(self.key(tenant, "fence"))
             .arg(&self.replica)
