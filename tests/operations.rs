@@ -187,3 +187,93 @@ async fn metrics_scrape_after_traffic_passes_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue 28.9: SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM used to kill the process at once (no drain,
+/// no logout). They are logged and ignored; SIGQUIT drains like SIGTERM, with the logout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_signals_are_ignored_and_sigquit_drains_with_logout() {
+    let (_world, emu, sc) = World::start(|c| c.shutdown("0s", "5s")).await;
+    let client = http_client();
+    for (signal, name) in [
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGALRM, "SIGALRM"),
+    ] {
+        sc.signal(signal);
+        let logged = eventually(Duration::from_secs(5), || async {
+            sc.log()
+                .lines()
+                .any(|l| l.contains("signal ignored") && l.contains(name))
+                .then_some(())
+        })
+        .await;
+        assert!(
+            logged.is_some(),
+            "{name} is logged as ignored (the process is still up)\n{}",
+            sc.log()
+        );
+        let r = client.get(sc.url("/api/v2/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "still serving after {name}");
+        assert_eq!(sc.ready_status().await, 200, "still ready after {name}");
+    }
+    assert!(emu.controls().logouts().is_empty());
+    sc.signal(libc::SIGQUIT);
+    assert_eq!(
+        sc.exit_code(Duration::from_secs(20)).await,
+        Some(0),
+        "SIGQUIT drains and exits 0\n{}",
+        sc.log()
+    );
+    assert_eq!(
+        emu.controls().logouts().len(),
+        1,
+        "the drain logged the session out\n{}",
+        sc.log()
+    );
+}
+
+/// Issue 28.11: a password or secret file that other users can read or change (mode 0666) was
+/// accepted silently by `check` and `run`. Both warn, naming the key and the mode, never the
+/// content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_files_other_users_can_read_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = World::new();
+    let emu = world.emulator().await;
+    let password = world.dir.path().join("password");
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let secret = world.dir.path().join("customer_secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = world.config(emu.addr().port());
+    let file = world.dir.path().join("check.toml");
+    config.write_to(&file);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a warning is not an error:\n{text}");
+    let warning = text
+        .lines()
+        .find(|l| l.starts_with("warning:") && l.contains("tenants[0].password_file"))
+        .unwrap_or_else(|| panic!("check warns about the password file:\n{text}"));
+    assert!(warning.contains("0666"), "{warning}");
+    assert!(
+        !text.contains("customer_secret_file"),
+        "a 0600 file is fine:\n{text}"
+    );
+    assert!(!text.contains("demo-password"));
+
+    let sc = world.sidecar(config).await;
+    let log = sc.log();
+    assert!(
+        log.lines().any(|l| l.contains("configuration warning")
+            && l.contains("tenants[0].password_file")
+            && l.contains("0666")),
+        "run logs the warning\n{log}"
+    );
+    assert!(!log.contains("demo-password"));
+}
