@@ -332,6 +332,9 @@ async fn a_certificate_close_to_expiry_is_warned_about() {
     );
 }
 
+/// An odd file: what the log says about it, and how to put it at a path.
+type OddFile = (&'static str, Box<dyn Fn(&Path)>);
+
 /// Replaces whatever is at `path` by a FIFO.
 fn fifo_at(path: &Path) {
     let _ = std::fs::remove_file(path);
@@ -356,7 +359,7 @@ async fn odd_files_at_the_certificate_path_are_rejected_without_blocking_or_read
     let cert = world.client_cert.clone();
     let baseline_rss = sc.peak_rss_kib();
 
-    let stages: [(&str, Box<dyn Fn(&Path)>); 4] = [
+    let stages: [OddFile; 4] = [
         ("a FIFO", Box::new(fifo_at)),
         (
             "larger than",

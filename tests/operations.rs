@@ -277,3 +277,73 @@ async fn secret_files_other_users_can_read_are_warned_about() {
     );
     assert!(!log.contains("demo-password"));
 }
+
+/// Issue 28.6: with `connect_to = [blackholed, good]` every request used to dial the blackholed
+/// address first and pay for it (new connections always started at address 0, and the pooled
+/// connection to address 1 was found only after that). The blackhole here is a listener whose
+/// accept queue is full: the kernel drops every SYN, as a firewall that drops packets does. Its
+/// breaker opens after the first failure: the next requests go to the good address (and its
+/// pooled connection) at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_first_address_is_paid_for_once_not_per_request() {
+    let world = World::new();
+    let emu = world.emulator().await;
+    let (blackhole, _held) = full_backlog_listener();
+    let config = world
+        .config(emu.addr().port())
+        .set(
+            "upstream.connect_to",
+            vec![blackhole.to_string(), emu.addr().to_string()],
+        )
+        .set("upstream.connect_timeout", "1s")
+        .set("auth.request_timeout", "5s");
+    let sc = world.sidecar(config).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut latencies = Vec::new();
+    for i in 0..10 {
+        let started = Instant::now();
+        let r = client
+            .get(sc.url(&format!("/api/v2/seq-{i}")))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", sc.log()));
+        assert_eq!(r.status(), 200, "request {i}");
+        latencies.push(started.elapsed());
+    }
+    println!("latencies of 10 sequential requests: {latencies:?}");
+    let slow = latencies
+        .iter()
+        .filter(|l| **l >= Duration::from_millis(900))
+        .count();
+    assert!(
+        slow <= 1,
+        "{slow} of 10 requests waited for the blackholed address's connect timeout: {latencies:?}\n{}",
+        sc.log()
+    );
+}
+
+/// A loopback listener that never accepts, with its accept queue filled: connects to it hang
+/// until their timeout. Returns its address and what must stay alive.
+fn full_backlog_listener() -> (std::net::SocketAddr, Vec<socket2::Socket>) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut held = vec![listener];
+    // Fill the queue: once full, the kernel drops SYNs (a connect then hangs).
+    loop {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        match s.connect_timeout(&addr.into(), Duration::from_millis(200)) {
+            Ok(()) => held.push(s),
+            Err(_) => break,
+        }
+        assert!(held.len() < 64, "the accept queue never filled");
+    }
+    (addr, held)
+}

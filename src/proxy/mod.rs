@@ -121,12 +121,13 @@ impl FinHubProxy {
         }
     }
 
-    /// The peer for FinHub with the current certificate snapshot.
-    fn peer(&self, attempt: usize) -> Result<HttpPeer, ProxyError> {
+    /// The peer for FinHub with the current certificate snapshot, at the address the upstream
+    /// table prefers now (its circuit breakers skip addresses that failed; `upstream.rs`).
+    fn peer(&self) -> Result<HttpPeer, ProxyError> {
         let addr = self
             .shared
             .upstream
-            .pick_nth(attempt)
+            .pick()
             .ok_or(ProxyError::UpstreamUnresolved)?;
         let u = &self.shared.config.upstream;
         let tls = self.shared.tls.current();
@@ -135,6 +136,8 @@ impl FinHubProxy {
             None => HttpPeer::new(addr, true, u.host.clone()),
         };
         peer.options.connection_timeout = Some(u.connect_timeout);
+        // The TLS handshake too: an address that accepts and never answers must not hang.
+        peer.options.total_connection_timeout = Some(u.connect_timeout.saturating_mul(2));
         peer.options.read_timeout = Some(u.read_timeout);
         peer.options.write_timeout = Some(u.write_timeout);
         peer.options.idle_timeout = Some(u.idle_timeout);
@@ -353,7 +356,7 @@ impl ProxyHttp for FinHubProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
         ctx.upstream_start = Some(Instant::now());
-        self.peer(ctx.connect_failures).map(Box::new).or_else(|e| {
+        self.peer().map(Box::new).or_else(|e| {
             ctx.failure = Some(e);
             Error::e_explain(ErrorType::ConnectNoRoute, "upstream address not resolved")
         })
@@ -421,11 +424,12 @@ impl ProxyHttp for FinHubProxy {
         Ok(())
     }
 
-    /// Contract: a failed connect is retried on the next resolved address, once per address.
+    /// Contract: a failed connect opens that address's breaker and is retried on the next
+    /// address, once per address.
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
@@ -435,6 +439,9 @@ impl ProxyHttp for FinHubProxy {
             ProxyError::from_upstream(&e),
             ProxyError::EgressProxyRefused(_)
         );
+        if let (false, Some(addr)) = (refused, peer._address.as_inet()) {
+            self.shared.upstream.connect_failed(*addr);
+        }
         e.set_retry(!refused && ctx.connect_failures < self.shared.upstream.count());
         e
     }
