@@ -47,6 +47,7 @@ use tokio::time::{Instant, Sleep};
 mod guard;
 mod stream;
 
+pub(crate) use guard::LineState;
 use guard::{HeaderGuard, Phase};
 pub use stream::GuardedStream;
 
