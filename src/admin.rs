@@ -23,7 +23,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -32,7 +34,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::listener::LineState;
 use crate::shared::Shared;
 use crate::tls::unix_now;
 
@@ -42,6 +46,10 @@ pub const MAX_ADMIN_CONNECTIONS: usize = 256;
 /// Admin connections one source (this pod, or one remote address) may hold; its next one
 /// closes its own oldest.
 pub const ADMIN_CONNECTIONS_PER_SOURCE: usize = 64;
+
+/// The largest admin request header: probes and scrapes send a few hundred bytes. A larger
+/// one is answered 431 (JSON) and the connection closed, so no admin connection buffers more.
+pub const ADMIN_MAX_HEADER_BYTES: usize = 16 * 1024;
 
 /// An admin request header must arrive whole within this (probes send theirs at once).
 pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -263,11 +271,111 @@ pub async fn serve(listener: std::net::TcpListener, state: Arc<AdminState>) {
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(ADMIN_HEADER_TIMEOUT);
             tokio::select! {
-                _ = builder.serve_connection(TokioIo::new(stream), svc) => {}
+                _ = builder.serve_connection(TokioIo::new(CappedHeader::new(stream)), svc) => {}
                 _ = close.notified() => {}
             }
             lock(&open).remove(source, id);
         });
+    }
+}
+
+/// The admin connection's stream: each request header is capped at
+/// [`ADMIN_MAX_HEADER_BYTES`] while it is read (hyper would buffer about 400 KiB). Reads never
+/// take more than what is left of the cap; past it the peer gets a JSON 431 and end of stream.
+/// Bytes after a header's end (a body, the next request) count toward the next header: no
+/// admin endpoint takes a body.
+struct CappedHeader {
+    inner: tokio::net::TcpStream,
+    line: LineState,
+    read: usize,
+    refused: bool,
+}
+
+/// The answer to an admin request header over the cap: 431 with a JSON body, then close.
+fn header_too_large() -> Vec<u8> {
+    let body = json!({
+        "error": "request_headers_too_large",
+        "message": format!("admin request header over {} KiB", ADMIN_MAX_HEADER_BYTES / 1024),
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+impl CappedHeader {
+    fn new(inner: tokio::net::TcpStream) -> Self {
+        CappedHeader {
+            inner,
+            line: LineState::Leading,
+            read: 0,
+            refused: false,
+        }
+    }
+
+    /// Accounts `bytes` just read: header ends reset the count.
+    fn saw(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            match self.line.feed(bytes) {
+                Some(end) => {
+                    bytes = &bytes[end..];
+                    self.line = LineState::Leading;
+                    self.read = 0;
+                }
+                None => {
+                    self.read += bytes.len();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl AsyncRead for CappedHeader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if self.refused {
+            return Poll::Ready(Ok(()));
+        }
+        let budget = ADMIN_MAX_HEADER_BYTES.saturating_sub(self.read);
+        if budget == 0 {
+            // Best effort, never waits: a fresh socket's send buffer takes these bytes.
+            let _ = self.inner.try_write(&header_too_large());
+            self.refused = true;
+            return Poll::Ready(Ok(()));
+        }
+        let mut capped = buf.take(budget);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut capped))?;
+        let n = capped.filled().len();
+        let this = &mut *self;
+        this.saw(&capped.filled()[..n]);
+        // SAFETY: `capped` wrote these `n` bytes into `buf`'s unfilled part.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for CappedHeader {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -45,6 +45,9 @@ pub fn check(path: &Path, out: &mut dyn Write) -> std::io::Result<bool> {
             return Ok(false);
         }
     };
+    for w in &config.warnings {
+        writeln!(out, "warning: {w}")?;
+    }
     writeln!(out, "config:      {}", path.display())?;
     writeln!(out, "listener:    {}", config.listen)?;
     writeln!(out, "admin:       {}", config.admin_listen)?;

@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod egress;
 pub mod error;
+pub mod files;
 pub mod lifecycle;
 pub mod listener;
 pub mod logging;

@@ -11,7 +11,8 @@
 //! 5. only then is Pingora told to shut down gracefully (listeners close, runtimes stop), and the
 //!    process exits 0.
 //!
-//! SIGINT (Ctrl-C in a terminal) skips the drain and the logout.
+//! SIGQUIT drains like SIGTERM; SIGINT (Ctrl-C in a terminal) skips the drain and the logout;
+//! SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM are logged and ignored ([`HANDLED_SIGNALS`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -145,40 +146,121 @@ impl Drop for InFlight {
     }
 }
 
+/// What a signal does to the sidecar (README, Operations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalAction {
+    /// The graceful drain, then logout and exit 0 (SIGTERM, SIGQUIT).
+    Drain,
+    /// Stop at once, without drain or logout (SIGINT).
+    Stop,
+    /// Logged at INFO and otherwise ignored (SIGHUP, SIGUSR1, SIGUSR2, SIGALRM): their default
+    /// action would kill the process with no drain and no logout.
+    Ignore,
+}
+
+/// The signals the sidecar handles, with what each does. Every other signal keeps its default.
+pub const HANDLED_SIGNALS: [(libc::c_int, &str, SignalAction); 7] = [
+    (libc::SIGTERM, "SIGTERM", SignalAction::Drain),
+    (libc::SIGQUIT, "SIGQUIT", SignalAction::Drain),
+    (libc::SIGINT, "SIGINT", SignalAction::Stop),
+    (libc::SIGHUP, "SIGHUP", SignalAction::Ignore),
+    (libc::SIGUSR1, "SIGUSR1", SignalAction::Ignore),
+    (libc::SIGUSR2, "SIGUSR2", SignalAction::Ignore),
+    (libc::SIGALRM, "SIGALRM", SignalAction::Ignore),
+];
+
+/// Ignores every handled signal but SIGINT and SIGTERM until [`DrainingSignal`] installs its
+/// handlers, so that a stray signal in the first moments of the process does not kill it
+/// (SIGINT and SIGTERM keep their default until then: stopping a sidecar that is still
+/// starting loses nothing). Call once, first thing in `run`.
+pub fn ignore_signals_until_handled() {
+    for (signal, _, action) in HANDLED_SIGNALS {
+        if action != SignalAction::Stop && signal != libc::SIGTERM {
+            // SAFETY: SIG_IGN for a valid, catchable signal number; no handler code runs.
+            unsafe {
+                libc::signal(signal, libc::SIG_IGN);
+            }
+        }
+    }
+}
+
+/// The handlers of [`HANDLED_SIGNALS`], each with its action.
+struct Signals(Vec<(tokio::signal::unix::Signal, &'static str, SignalAction)>);
+
+impl Signals {
+    /// Installs a handler for each handled signal; `None` if any cannot be installed.
+    fn install() -> Option<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        HANDLED_SIGNALS
+            .iter()
+            .map(|&(n, name, action)| {
+                signal(SignalKind::from_raw(n))
+                    .ok()
+                    .map(|s| (s, name, action))
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(Signals)
+    }
+
+    /// The next signal that arrives: its name and action.
+    async fn next(&mut self) -> (&'static str, SignalAction) {
+        std::future::poll_fn(|cx| {
+            for (s, name, action) in &mut self.0 {
+                if s.poll_recv(cx).is_ready() {
+                    return std::task::Poll::Ready((*name, *action));
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
 /// Pingora's shutdown trigger: resolves only after the drain is complete.
 pub struct DrainingSignal(pub Arc<Lifecycle>);
 
 #[async_trait]
 impl ShutdownSignalWatch for DrainingSignal {
     async fn recv(&self) -> ShutdownSignal {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (mut term, mut int) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(t), Ok(i)) => (t, i),
-            _ => {
-                tracing::error!("cannot install signal handlers; shutdown only via POST /shutdown");
-                self.0.shutdown_requested.notified().await;
-                self.0.drain().await;
-                return ShutdownSignal::GracefulTerminate;
-            }
+        let Some(mut signals) = Signals::install() else {
+            tracing::error!("cannot install signal handlers; shutdown only via POST /shutdown");
+            self.0.shutdown_requested.notified().await;
+            self.0.drain().await;
+            return ShutdownSignal::GracefulTerminate;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = self.0.shutdown_requested.notified() => {}
-            _ = int.recv() => {
-                tracing::info!("SIGINT: stopping without drain");
-                self.0.draining.store(true, Ordering::SeqCst);
-                return ShutdownSignal::FastShutdown;
+        loop {
+            tokio::select! {
+                _ = self.0.shutdown_requested.notified() => break,
+                (name, action) = signals.next() => match action {
+                    SignalAction::Drain => {
+                        tracing::info!(signal = name, "graceful shutdown requested");
+                        break;
+                    }
+                    SignalAction::Stop => {
+                        tracing::info!(signal = name, "stopping without drain");
+                        self.0.draining.store(true, Ordering::SeqCst);
+                        return ShutdownSignal::FastShutdown;
+                    }
+                    SignalAction::Ignore => {
+                        tracing::info!(signal = name, "signal ignored (SIGTERM or SIGQUIT drains, SIGINT stops)");
+                    }
+                },
             }
         }
-        // During the drain, SIGINT (an impatient operator) still stops at once.
-        tokio::select! {
-            _ = self.0.drain() => ShutdownSignal::GracefulTerminate,
-            _ = int.recv() => {
-                tracing::info!("SIGINT during the drain: stopping now");
-                ShutdownSignal::FastShutdown
+        // During the drain, SIGINT (an impatient operator) still stops at once; the others
+        // change nothing.
+        let drain = self.0.drain();
+        tokio::pin!(drain);
+        loop {
+            tokio::select! {
+                _ = &mut drain => return ShutdownSignal::GracefulTerminate,
+                (name, action) = signals.next() => {
+                    if action == SignalAction::Stop {
+                        tracing::info!(signal = name, "stopping now, during the drain");
+                        return ShutdownSignal::FastShutdown;
+                    }
+                    tracing::info!(signal = name, "already draining");
+                }
             }
         }
     }
@@ -187,6 +269,22 @@ impl ShutdownSignalWatch for DrainingSignal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_fatal_by_default_signal_an_operator_may_send_is_handled() {
+        let action = |n| {
+            HANDLED_SIGNALS
+                .iter()
+                .find(|(s, _, _)| *s == n)
+                .map(|(_, _, a)| *a)
+        };
+        assert_eq!(action(libc::SIGTERM), Some(SignalAction::Drain));
+        assert_eq!(action(libc::SIGQUIT), Some(SignalAction::Drain));
+        assert_eq!(action(libc::SIGINT), Some(SignalAction::Stop));
+        for s in [libc::SIGHUP, libc::SIGUSR1, libc::SIGUSR2, libc::SIGALRM] {
+            assert_eq!(action(s), Some(SignalAction::Ignore), "{s}");
+        }
+    }
 
     #[tokio::test]
     async fn drain_waits_for_in_flight_requests() {

@@ -39,6 +39,7 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Run { config } => {
+            finhub_sidecar::lifecycle::ignore_signals_until_handled();
             let config = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -47,6 +48,9 @@ fn main() -> ExitCode {
                 }
             };
             logging::init(config.log.format, &config.log.level);
+            for w in &config.warnings {
+                tracing::warn!(warning = %w, "configuration warning");
+            }
             match server::Sidecar::build(config) {
                 Ok(s) => {
                     s.run();

@@ -209,6 +209,9 @@ pub struct Metrics {
     /// before Pingora read a request (`client_not_allowed`, `too_many_connections`,
     /// `header_timeout`, `header_too_large`).
     pub listener_refusals: IntCounterVec,
+    /// `finhub_sidecar_listener_idle_evictions_total`: idle keep-alive app connections closed
+    /// to make room for a new one when every slot was taken.
+    pub listener_evictions: IntCounter,
     /// `finhub_sidecar_app_connections`: app connections open now.
     pub app_connections: IntGauge,
     /// `finhub_sidecar_session_store_up`: 1 while the shared session store answered its last
@@ -423,6 +426,11 @@ impl Metrics {
         ] {
             listener_refusals.with_label_values(&[reason]);
         }
+        let listener_evictions = IntCounter::new(
+            "finhub_sidecar_listener_idle_evictions_total",
+            "Idle keep-alive app connections closed to make room for a new connection",
+        )
+        .expect("static metric definition is valid");
         let app_connections =
             IntGauge::new("finhub_sidecar_app_connections", "App connections open now")
                 .expect("static metric definition is valid");
@@ -532,6 +540,7 @@ impl Metrics {
             Box::new(redis_call_duration.clone()),
             Box::new(redis_connections.clone()),
             Box::new(listener_refusals.clone()),
+            Box::new(listener_evictions.clone()),
             Box::new(app_connections.clone()),
             Box::new(cert_expiration.clone()),
             Box::new(cert_reloads.clone()),
@@ -593,6 +602,7 @@ impl Metrics {
             session_adopted,
             session_decrypt_errors,
             listener_refusals,
+            listener_evictions,
             app_connections,
             egress_proxy_errors,
             pkcs11_errors,

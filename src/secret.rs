@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 /// A credential or token that must never reach a log, a metric label, an error or a panic.
 #[derive(Clone, PartialEq, Eq)]
@@ -42,11 +43,14 @@ impl fmt::Display for Secret {
 
 /// Where a credential comes from. A file-backed secret (a Kubernetes Secret mount) is re-read
 /// each time it is used, so a rotated credential is picked up without a restart; if the file
-/// cannot be read at that moment, the value read at start is used.
+/// cannot be read at that moment (gone, empty, not a regular file, too large), the value read
+/// at start is used and the problem is logged once until it changes.
 #[derive(Clone, Debug)]
 pub struct SecretSource {
     loaded: Secret,
     file: Option<PathBuf>,
+    /// The last problem logged for `file` (logged again only when it changes).
+    last_problem: Arc<Mutex<Option<String>>>,
 }
 
 impl SecretSource {
@@ -55,6 +59,7 @@ impl SecretSource {
         SecretSource {
             loaded: value,
             file: None,
+            last_problem: Arc::default(),
         }
     }
 
@@ -63,26 +68,43 @@ impl SecretSource {
         SecretSource {
             loaded: value,
             file: Some(file),
+            last_problem: Arc::default(),
         }
     }
 
     /// The value now.
     pub fn current(&self) -> Secret {
-        if let Some(path) = &self.file {
-            match std::fs::read_to_string(path) {
-                Ok(v) => {
-                    let v = v.trim_end_matches(['\n', '\r']);
-                    if !v.is_empty() {
-                        return Secret::new(v);
-                    }
-                    tracing::warn!(file = %path.display(), "secret file is empty; using the value read at start");
+        let Some(path) = &self.file else {
+            return self.loaded.clone();
+        };
+        let problem = match crate::files::read_to_string(path) {
+            Ok(v) => {
+                let v = v.trim_end_matches(['\n', '\r']);
+                if !v.is_empty() {
+                    self.note_problem(path, None);
+                    return Secret::new(v);
                 }
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "secret file unreadable; using the value read at start");
-                }
+                "secret file is empty".to_string()
             }
-        }
+            Err(e) => format!("secret file unreadable: {e}"),
+        };
+        self.note_problem(path, Some(problem));
         self.loaded.clone()
+    }
+
+    /// Logs `problem` (which never holds the secret) unless it is the one logged last.
+    fn note_problem(&self, path: &std::path::Path, problem: Option<String>) {
+        let mut last = match self.last_problem.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if *last == problem {
+            return;
+        }
+        if let Some(p) = &problem {
+            tracing::warn!(file = %path.display(), problem = %p, "using the value read at start");
+        }
+        *last = problem;
     }
 }
 
@@ -113,6 +135,11 @@ mod tests {
             "one",
             "falls back to the value read at start"
         );
+        // A FIFO put in its place neither blocks nor is read.
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo has no other memory effects.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(src.current().expose(), "one");
         assert_eq!(
             SecretSource::fixed(Secret::new("env")).current().expose(),
             "env"

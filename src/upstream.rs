@@ -8,8 +8,9 @@
 //! case every connection is a CONNECT tunnel to FinHub's host and port ([`crate::egress`]).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use pingora::connectors::L4Connect;
@@ -18,12 +19,130 @@ use prometheus::IntCounterVec;
 use crate::config::UpstreamConfig;
 use crate::egress::{EgressError, Tunnel};
 
+/// How long an address that failed to connect is tried only after the others.
+pub const BREAKER_BASE: Duration = Duration::from_secs(5);
+
+/// The longest an address stays behind the others after failures in a row.
+pub const BREAKER_MAX: Duration = Duration::from_secs(300);
+
+/// A failure this long after an address's breaker closed again starts the count over.
+pub const BREAKER_RESET: Duration = Duration::from_secs(60);
+
+/// The known addresses, each with its circuit breaker, and the preferred one.
+struct Table {
+    addrs: Vec<SocketAddr>,
+    /// Per address: until when (ms since [`UpstreamAddrs`]'s epoch) it is tried last; 0 never
+    /// failed.
+    open_until: Vec<AtomicU64>,
+    /// Per address: failures in a row.
+    failures: Vec<AtomicU32>,
+    /// Per address: when it last failed (ms since the epoch): among open addresses the one
+    /// that failed longest ago is tried first.
+    last_failure: Vec<AtomicU64>,
+    /// Index of the address new connections try first.
+    preferred: AtomicUsize,
+}
+
+impl Table {
+    /// A fresh table for `addrs`, keeping the state of addresses `old` also knows.
+    fn new(addrs: Vec<SocketAddr>, old: Option<&Table>) -> Table {
+        let carried = |i: usize| old.and_then(|o| o.addrs.iter().position(|a| *a == addrs[i]));
+        let load = |v: Option<&Vec<AtomicU64>>, j: Option<usize>| {
+            v.zip(j).map_or(0, |(v, j)| v[j].load(Ordering::Relaxed))
+        };
+        let n = addrs.len();
+        let open_until = (0..n)
+            .map(|i| AtomicU64::new(load(old.map(|o| &o.open_until), carried(i))))
+            .collect();
+        let last_failure = (0..n)
+            .map(|i| AtomicU64::new(load(old.map(|o| &o.last_failure), carried(i))))
+            .collect();
+        let failures = (0..n)
+            .map(|i| {
+                AtomicU32::new(
+                    old.zip(carried(i))
+                        .map_or(0, |(o, j)| o.failures[j].load(Ordering::Relaxed)),
+                )
+            })
+            .collect();
+        let preferred = old
+            .and_then(|o| {
+                let p = o.addrs.get(o.preferred.load(Ordering::Relaxed))?;
+                addrs.iter().position(|a| a == p)
+            })
+            .unwrap_or(0);
+        Table {
+            addrs,
+            open_until,
+            failures,
+            last_failure,
+            preferred: AtomicUsize::new(preferred),
+        }
+    }
+
+    fn is_open(&self, i: usize, now: u64) -> bool {
+        self.open_until[i].load(Ordering::Relaxed) > now
+    }
+
+    /// The address to dial now: the preferred one unless its breaker is open, else the next
+    /// closed one, else the open one that failed longest ago.
+    fn pick(&self, now: u64) -> Option<SocketAddr> {
+        let n = self.addrs.len();
+        if n == 0 {
+            return None;
+        }
+        let p = self.preferred.load(Ordering::Relaxed) % n;
+        if let Some(i) = (0..n).map(|k| (p + k) % n).find(|&i| !self.is_open(i, now)) {
+            return Some(self.addrs[i]);
+        }
+        (0..n)
+            .min_by_key(|&i| self.last_failure[i].load(Ordering::Relaxed))
+            .map(|i| self.addrs[i])
+    }
+
+    /// Records that connecting to `addr` failed; the cool-down it gets, if it is known.
+    fn failed(&self, addr: SocketAddr, now: u64) -> Option<Duration> {
+        let n = self.addrs.len();
+        let i = self.addrs.iter().position(|a| *a == addr)?;
+        let until = self.open_until[i].load(Ordering::Relaxed);
+        let fresh = until == 0 || now > until.saturating_add(ms(BREAKER_RESET));
+        let failures = if fresh {
+            self.failures[i].store(1, Ordering::Relaxed);
+            1
+        } else {
+            self.failures[i]
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1)
+        };
+        let cool = BREAKER_BASE
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(BREAKER_MAX);
+        self.open_until[i].store(now.saturating_add(ms(cool)), Ordering::Relaxed);
+        self.last_failure[i].store(now, Ordering::Relaxed);
+        if self.preferred.load(Ordering::Relaxed) % n == i {
+            let next = (1..n)
+                .map(|k| (i + k) % n)
+                .find(|&j| !self.is_open(j, now))
+                .unwrap_or((i + 1) % n);
+            self.preferred.store(next, Ordering::Relaxed);
+        }
+        Some(cool)
+    }
+}
+
+/// Whole milliseconds of `d` (saturating).
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The addresses dialled for FinHub, as last resolved, and the tunnel through the egress
 /// proxy when there is one.
 pub struct UpstreamAddrs {
     host: String,
     port: u16,
-    addrs: ArcSwap<Vec<SocketAddr>>,
+    table: ArcSwap<Table>,
+    /// The zero of the breakers' clock.
+    epoch: Instant,
     /// The addresses are fixed (`upstream.connect_to`): never resolved.
     fixed: bool,
     tunnel: Option<Arc<dyn L4Connect + Send + Sync>>,
@@ -43,7 +162,8 @@ impl UpstreamAddrs {
         UpstreamAddrs {
             host: host.to_string(),
             port,
-            addrs: ArcSwap::from_pointee(initial),
+            table: ArcSwap::from_pointee(Table::new(initial, None)),
+            epoch: Instant::now(),
             fixed: false,
             tunnel: None,
             auth_tunnel: None,
@@ -77,7 +197,7 @@ impl UpstreamAddrs {
         }
         if !u.connect_to.is_empty() {
             let mut a = UpstreamAddrs::new(&u.host, u.port);
-            a.addrs = ArcSwap::from_pointee(u.connect_to.clone());
+            a.table = ArcSwap::from_pointee(Table::new(u.connect_to.clone(), None));
             a.fixed = true;
             return a;
         }
@@ -112,22 +232,47 @@ impl UpstreamAddrs {
         &self.host
     }
 
-    /// The `n`-th known address (wrapping): 0 for new connections (the first of the resolved
-    /// list, so pooled connections keep being reused), the next one after a failed connect.
+    /// The address a new connection should dial now (module doc: the preferred address unless
+    /// its breaker is open, else the next closed one, else the open one that failed longest
+    /// ago). A request whose connect failed asks again and gets the next one, since the failure
+    /// was recorded with [`UpstreamAddrs::connect_failed`].
+    pub fn pick(&self) -> Option<SocketAddr> {
+        self.table.load().pick(self.now_ms())
+    }
+
+    /// The `n`-th known address (wrapping), in configured or resolved order.
     pub fn pick_nth(&self, n: usize) -> Option<SocketAddr> {
-        let addrs = self.addrs.load();
-        (!addrs.is_empty()).then(|| addrs[n % addrs.len()])
+        let t = self.table.load();
+        (!t.addrs.is_empty()).then(|| t.addrs[n % t.addrs.len()])
+    }
+
+    /// Records that connecting to `addr` failed (TCP, TLS or tunnel): its breaker opens and
+    /// new connections prefer another address.
+    pub fn connect_failed(&self, addr: SocketAddr) {
+        if let Some(cool) = self.table.load().failed(addr, self.now_ms()) {
+            tracing::warn!(
+                host = %self.host,
+                %addr,
+                retry_after_ms = ms(cool),
+                "cannot connect to this upstream address; trying the others first"
+            );
+        }
     }
 
     /// How many addresses are known.
     pub fn count(&self) -> usize {
-        self.addrs.load().len()
+        self.table.load().addrs.len()
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1: 0 means "never failed" in the table.
+        ms(self.epoch.elapsed()).saturating_add(1)
     }
 
     /// Resolves now; on success publishes the new list (IPv4 first) and returns how many.
     pub async fn resolve(&self) -> std::io::Result<usize> {
         if self.fixed || self.host.parse::<IpAddr>().is_ok() {
-            return Ok(self.addrs.load().len());
+            return Ok(self.count());
         }
         let mut list: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await?
@@ -141,9 +286,10 @@ impl UpstreamAddrs {
         list.sort_by_key(|a| (a.is_ipv6(), *a));
         list.dedup();
         let n = list.len();
-        if **self.addrs.load() != list {
+        let old = self.table.load();
+        if old.addrs != list {
             tracing::info!(host = %self.host, addrs = ?list, "upstream DNS updated");
-            self.addrs.store(Arc::new(list));
+            self.table.store(Arc::new(Table::new(list, Some(&old))));
         }
         Ok(n)
     }
@@ -180,5 +326,67 @@ mod tests {
         assert!(b.resolve().await.unwrap() >= 1);
         assert_eq!(b.pick_nth(0).unwrap().port(), 9443);
         assert_eq!(b.pick_nth(b.count()), b.pick_nth(0), "wraps around");
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn a_failed_address_is_skipped_until_its_breaker_half_opens() {
+        let t = Table::new(vec![addr(1), addr(2), addr(3)], None);
+        assert_eq!(t.pick(10), Some(addr(1)));
+        assert_eq!(t.failed(addr(1), 10), Some(BREAKER_BASE));
+        // Every later request goes to the next address at once (where the pool is).
+        for now in [11, 100, 4_000] {
+            assert_eq!(t.pick(now), Some(addr(2)));
+        }
+        // Preferred stays with the address that works, even after the breaker's time is up:
+        // the failed one is a fallback again (half-open), tried when its turn comes.
+        assert_eq!(t.pick(10 + ms(BREAKER_BASE) + 1), Some(addr(2)));
+        assert_eq!(t.failed(addr(2), 20_000), Some(BREAKER_BASE));
+        assert_eq!(t.pick(20_001), Some(addr(3)));
+        assert!(t.failed(addr(99), 1).is_none(), "unknown address: nothing");
+    }
+
+    #[test]
+    fn failures_in_a_row_double_the_cool_down_and_a_quiet_minute_resets_it() {
+        let t = Table::new(vec![addr(1), addr(2)], None);
+        let mut now = 1;
+        let mut expected = BREAKER_BASE;
+        for _ in 0..8 {
+            let cool = t.failed(addr(1), now).unwrap();
+            assert_eq!(cool, expected.min(BREAKER_MAX));
+            now += ms(cool) + 1; // the probe after the cool-down fails again
+            expected *= 2;
+        }
+        assert_eq!(t.failed(addr(1), now).unwrap(), BREAKER_MAX);
+        let long_after = now + ms(BREAKER_MAX) + ms(BREAKER_RESET) + 1;
+        assert_eq!(t.failed(addr(1), long_after).unwrap(), BREAKER_BASE);
+    }
+
+    #[test]
+    fn a_request_tries_every_address_once_even_when_all_fail() {
+        let t = Table::new(vec![addr(1), addr(2), addr(3)], None);
+        let mut tried = Vec::new();
+        for now in 1..=3 {
+            let a = t.pick(now).unwrap();
+            tried.push(a);
+            t.failed(a, now);
+        }
+        tried.sort();
+        assert_eq!(tried, [addr(1), addr(2), addr(3)]);
+        // All open: the one that failed longest ago first.
+        assert_eq!(t.pick(4), Some(addr(1)));
+    }
+
+    #[test]
+    fn a_new_dns_answer_keeps_what_is_known_about_each_address() {
+        let old = Table::new(vec![addr(1), addr(2)], None);
+        old.failed(addr(1), 5);
+        let new = Table::new(vec![addr(3), addr(2), addr(1)], Some(&old));
+        assert_eq!(new.pick(6), Some(addr(2)), "still preferred");
+        new.failed(addr(2), 7);
+        assert_eq!(new.pick(8), Some(addr(3)), "addr 1 is still cooling down");
     }
 }

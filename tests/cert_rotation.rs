@@ -331,3 +331,107 @@ async fn a_certificate_close_to_expiry_is_warned_about() {
         "warned once, not every poll"
     );
 }
+
+/// An odd file: what the log says about it, and how to put it at a path.
+type OddFile = (&'static str, Box<dyn Fn(&Path)>);
+
+/// Replaces whatever is at `path` by a FIFO.
+fn fifo_at(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo has no other memory effects.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Issue 28.10: a FIFO at the certificate path used to hang the reloader for good (a later
+/// valid rotation was never published); `/dev/zero` or a 1 GiB file cost about 1 GB of RSS per
+/// poll. Each is now a rejected set, named in the log once, and the last good set keeps serving
+/// until a valid rotation arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_files_at_the_certificate_path_are_rejected_without_blocking_or_reading_them() {
+    let world = World::new();
+    let first = world.client.clone();
+    let emu = world.emulator().await;
+    let config = world.config(emu.addr().port()).cert_reload_interval(RELOAD);
+    let sc = world.sidecar(config).await;
+    let client = http_client();
+    let rejected = "finhub_sidecar_cert_reloads_total{result=\"rejected\"}";
+    let cert = world.client_cert.clone();
+    let baseline_rss = sc.peak_rss_kib();
+
+    let stages: [OddFile; 4] = [
+        ("a FIFO", Box::new(fifo_at)),
+        (
+            "larger than",
+            Box::new(|p: &Path| {
+                let _ = std::fs::remove_file(p);
+                // Sparse: costs no disk, but reading it whole would cost 1 GiB of memory.
+                let f = std::fs::File::create(p).unwrap();
+                f.set_len(1 << 30).unwrap();
+            }),
+        ),
+        (
+            "character device",
+            Box::new(|p: &Path| {
+                let _ = std::fs::remove_file(p);
+                std::os::unix::fs::symlink("/dev/zero", p).unwrap();
+            }),
+        ),
+        (
+            "No such file",
+            Box::new(|p: &Path| {
+                let _ = std::fs::remove_file(p);
+            }),
+        ),
+    ];
+    for (n, (what, put)) in stages.iter().enumerate() {
+        put(&cert);
+        let counted = eventually(Duration::from_secs(10), || async {
+            (sc.counter(rejected).await >= (n + 1) as f64).then_some(())
+        })
+        .await;
+        assert!(
+            counted.is_some(),
+            "stage {n} ({what}) rejected by the reloader\n{}",
+            sc.log()
+        );
+        assert!(
+            sc.log()
+                .lines()
+                .any(|l| l.contains(what) && l.contains(cert.to_str().unwrap())),
+            "the log names the file and the problem ({what})\n{}",
+            sc.log()
+        );
+        let r = client.get(sc.url("/api/v2/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "the last good set keeps serving ({what})");
+    }
+    let peak = sc.peak_rss_kib();
+    println!("peak RSS: {baseline_rss} KiB at start, {peak} KiB after the odd files");
+    assert!(
+        peak < baseline_rss + 64 * 1024,
+        "no odd file was read into memory: peak RSS {peak} KiB (start {baseline_rss} KiB)"
+    );
+
+    // A valid rotation after all that is published.
+    let second = world.another_client_cert();
+    std::fs::write(&world.client_key, &second.key_pem).unwrap();
+    std::fs::write(&cert, &second.cert_pem).unwrap();
+    let published = eventually(Duration::from_secs(10), || async {
+        client.get(sc.url("/api/v2/x")).send().await.ok()?;
+        let seen = emu.controls().api_requests();
+        seen.iter()
+            .any(|r| {
+                r.client_cert
+                    .as_ref()
+                    .is_some_and(|c| c.serial_hex == second.serial_hex)
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(
+        published.is_some(),
+        "the valid rotation reached FinHub\n{}",
+        sc.log()
+    );
+    assert!(first.serial_hex != second.serial_hex);
+}

@@ -187,3 +187,231 @@ async fn metrics_scrape_after_traffic_passes_promtool() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Issue 28.9: SIGHUP, SIGUSR1, SIGUSR2 and SIGALRM used to kill the process at once (no drain,
+/// no logout). They are logged and ignored; SIGQUIT drains like SIGTERM, with the logout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_signals_are_ignored_and_sigquit_drains_with_logout() {
+    let (_world, emu, sc) = World::start(|c| c.shutdown("0s", "5s")).await;
+    let client = http_client();
+    for (signal, name) in [
+        (libc::SIGHUP, "SIGHUP"),
+        (libc::SIGUSR1, "SIGUSR1"),
+        (libc::SIGUSR2, "SIGUSR2"),
+        (libc::SIGALRM, "SIGALRM"),
+    ] {
+        sc.signal(signal);
+        let logged = eventually(Duration::from_secs(5), || async {
+            sc.log()
+                .lines()
+                .any(|l| l.contains("signal ignored") && l.contains(name))
+                .then_some(())
+        })
+        .await;
+        assert!(
+            logged.is_some(),
+            "{name} is logged as ignored (the process is still up)\n{}",
+            sc.log()
+        );
+        let r = client.get(sc.url("/api/v2/x")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "still serving after {name}");
+        assert_eq!(sc.ready_status().await, 200, "still ready after {name}");
+    }
+    assert!(emu.controls().logouts().is_empty());
+    sc.signal(libc::SIGQUIT);
+    assert_eq!(
+        sc.exit_code(Duration::from_secs(20)).await,
+        Some(0),
+        "SIGQUIT drains and exits 0\n{}",
+        sc.log()
+    );
+    assert_eq!(
+        emu.controls().logouts().len(),
+        1,
+        "the drain logged the session out\n{}",
+        sc.log()
+    );
+}
+
+/// Issue 28.11: a password or secret file that other users can read or change (mode 0666) was
+/// accepted silently by `check` and `run`. Both warn, naming the key and the mode, never the
+/// content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_files_other_users_can_read_are_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let world = World::new();
+    let emu = world.emulator().await;
+    let password = world.dir.path().join("password");
+    std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let secret = world.dir.path().join("customer_secret");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let config = world.config(emu.addr().port());
+    let file = world.dir.path().join("check.toml");
+    config.write_to(&file);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_finhub-sidecar"))
+        .args(["check", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "a warning is not an error:\n{text}");
+    let warning = text
+        .lines()
+        .find(|l| l.starts_with("warning:") && l.contains("tenants[0].password_file"))
+        .unwrap_or_else(|| panic!("check warns about the password file:\n{text}"));
+    assert!(warning.contains("0666"), "{warning}");
+    assert!(
+        !text.contains("customer_secret_file"),
+        "a 0600 file is fine:\n{text}"
+    );
+    assert!(!text.contains("demo-password"));
+
+    let sc = world.sidecar(config).await;
+    let log = sc.log();
+    assert!(
+        log.lines().any(|l| l.contains("configuration warning")
+            && l.contains("tenants[0].password_file")
+            && l.contains("0666")),
+        "run logs the warning\n{log}"
+    );
+    assert!(!log.contains("demo-password"));
+}
+
+/// Issue 28.6: with `connect_to = [blackholed, good]` every request used to dial the blackholed
+/// address first and pay for it (new connections always started at address 0, and the pooled
+/// connection to address 1 was found only after that). The blackhole here is a listener whose
+/// accept queue is full: the kernel drops every SYN, as a firewall that drops packets does. Its
+/// breaker opens after the first failure: the next requests go to the good address (and its
+/// pooled connection) at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blackholed_first_address_is_paid_for_once_not_per_request() {
+    let world = World::new();
+    let emu = world.emulator().await;
+    let (blackhole, _held) = full_backlog_listener();
+    let config = world
+        .config(emu.addr().port())
+        .set(
+            "upstream.connect_to",
+            vec![blackhole.to_string(), emu.addr().to_string()],
+        )
+        .set("upstream.connect_timeout", "1s")
+        .set("auth.request_timeout", "5s");
+    let sc = world.sidecar(config).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let mut latencies = Vec::new();
+    for i in 0..10 {
+        let started = Instant::now();
+        let r = client
+            .get(sc.url(&format!("/api/v2/seq-{i}")))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("request {i}: {e}\n{}", sc.log()));
+        assert_eq!(r.status(), 200, "request {i}");
+        latencies.push(started.elapsed());
+    }
+    println!("latencies of 10 sequential requests: {latencies:?}");
+    let slow = latencies
+        .iter()
+        .filter(|l| **l >= Duration::from_millis(900))
+        .count();
+    assert!(
+        slow <= 1,
+        "{slow} of 10 requests waited for the blackholed address's connect timeout: {latencies:?}\n{}",
+        sc.log()
+    );
+}
+
+/// A loopback listener that never accepts, with its accept queue filled: connects to it hang
+/// until their timeout. Returns its address and what must stay alive.
+fn full_backlog_listener() -> (std::net::SocketAddr, Vec<socket2::Socket>) {
+    use socket2::{Domain, Socket, Type};
+    let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    listener
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    listener.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap().as_socket().unwrap();
+    let mut held = vec![listener];
+    // Fill the queue: once full, the kernel drops SYNs (a connect then hangs).
+    loop {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        match s.connect_timeout(&addr.into(), Duration::from_millis(200)) {
+            Ok(()) => held.push(s),
+            Err(_) => break,
+        }
+        assert!(held.len() < 64, "the accept queue never filled");
+    }
+    (addr, held)
+}
+
+/// Current resident memory of a process (VmRSS), in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 28.8: the admin listener buffered about 400 KB of request header per connection (64
+/// connections took RSS from 7.7 to 38 MB). A header over 16 KiB is answered 431 with a JSON
+/// body and the connection closed; a normal large header still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_request_headers_are_capped_with_a_json_431() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_world, _emu, sc) = World::start(|c| c).await;
+    // 8 KiB of header: fine.
+    let ok = http_client()
+        .get(format!("http://{}/live", sc.admin))
+        .header("x-filler", "a".repeat(8 * 1024))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+
+    let rss_before = rss_kib(sc.pid());
+    let mut conns = Vec::new();
+    for _ in 0..60 {
+        let mut s = tokio::net::TcpStream::connect(sc.admin).await.unwrap();
+        s.write_all(b"GET /live HTTP/1.1\r\nHost: a\r\nX-Filler: ")
+            .await
+            .unwrap();
+        let chunk = vec![b'a'; 64 * 1024];
+        // Up to 400 KB, never ending the header; the sidecar may close first.
+        for _ in 0..6 {
+            if s.write_all(&chunk).await.is_err() {
+                break;
+            }
+        }
+        conns.push(s);
+    }
+    let mut first = conns.remove(0);
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    let rss_after = rss_kib(sc.pid());
+    println!("admin RSS with 60 oversized headers: {rss_before} KiB -> {rss_after} KiB");
+    assert!(
+        text.starts_with("HTTP/1.1 431"),
+        "431 for an oversized admin header, got: {text:?}"
+    );
+    let body: serde_json::Value =
+        serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap();
+    assert_eq!(body["error"], "request_headers_too_large");
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "admin headers are not buffered: RSS {rss_before} -> {rss_after} KiB"
+    );
+    drop(conns);
+    assert_eq!(
+        sc.ready_status().await,
+        200,
+        "the admin listener still answers"
+    );
+}

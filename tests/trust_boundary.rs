@@ -589,15 +589,21 @@ async fn connections_beyond_the_cap_are_refused_with_503() {
     })
     .await
     .expect("no app connection left open");
+    // Every slot busy: each connection is in the middle of its request header (an idle
+    // keep-alive connection would give its slot up, see below).
     let mut held = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(sc.proxy).await.unwrap();
-        s.write_all(b"GET /api/v2/accounts HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"GET /api/v2/accounts HTTP/1.1\r\nHost: x\r\n")
             .await
             .unwrap();
-        assert_eq!(read_response(&mut s).await.map(|r| r.status), Some(200));
         held.push(s);
     }
+    eventually(Duration::from_secs(5), || async {
+        (sc.metric("finhub_sidecar_app_connections").await == Some(4.0)).then_some(())
+    })
+    .await
+    .expect("four connections open");
     let mut extra = TcpStream::connect(sc.proxy).await.unwrap();
     let r = read_response(&mut extra).await.expect("a 503 at accept");
     assert_eq!((r.status, r.code().as_str()), (503, "too_many_connections"));
@@ -617,6 +623,57 @@ async fn connections_beyond_the_cap_are_refused_with_503() {
     })
     .await;
     assert!(served.is_some());
+}
+
+/// Issue 28.14: 100 idle keep-alive connections from one app with `max_connections` 100
+/// locked every other app out for the keep-alive idle time (60 s). A new connection that finds
+/// every slot taken closes the connection idle longest and is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connections_give_their_slot_to_a_new_app() {
+    let (_world, _emu, sc) = World::start(|c| policy(c).set("listener.max_connections", 4)).await;
+    eventually(Duration::from_secs(5), || async {
+        (sc.metric("finhub_sidecar_app_connections").await == Some(0.0)).then_some(())
+    })
+    .await
+    .expect("no app connection left open");
+    let mut hog = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(sc.proxy).await.unwrap();
+        s.write_all(b"GET /api/v2/accounts HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_response(&mut s).await.map(|r| r.status), Some(200));
+        hog.push(s);
+    }
+    // Every slot is held by an idle keep-alive connection; another app arrives.
+    let mut other = TcpStream::connect(sc.proxy).await.unwrap();
+    other
+        .write_all(b"GET /api/v2/accounts HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut other).await.expect("an answer");
+    assert_eq!(r.status, 200, "served, not refused: {}", r.code());
+    // The oldest idle connection was closed for it.
+    assert!(
+        closed_by_peer(&mut hog[0]).await,
+        "the oldest idle connection closed"
+    );
+    assert_eq!(
+        sc.counter("finhub_sidecar_listener_idle_evictions_total")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        sc.counter("finhub_sidecar_listener_refusals_total{reason=\"too_many_connections\"}")
+            .await,
+        0.0
+    );
+    // The others still work.
+    let s = &mut hog[1];
+    s.write_all(b"GET /api/v2/accounts HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(s).await.map(|r| r.status), Some(200));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -161,7 +161,9 @@ impl Convert<'_> {
                         self.err(key, "only used with key_uri (the key is in key_file)");
                     }
                 }
-                return Some(KeySource::File(self.path(f)));
+                let f = self.path(f);
+                self.check_secret_mode("client_cert.key_file", &f);
+                return Some(KeySource::File(f));
             }
             (None, Some(u)) => u,
         };

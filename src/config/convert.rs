@@ -20,6 +20,8 @@ pub(super) struct Convert<'a> {
     pub(super) otel_env: &'a dyn Fn(&str) -> Option<String>,
     /// Everything wrong so far.
     pub(super) errors: Vec<ConfigError>,
+    /// Everything unwise so far ([`super::Config::warnings`]).
+    pub(super) warnings: Vec<String>,
 }
 
 impl<'a> Convert<'a> {
@@ -31,6 +33,7 @@ impl<'a> Convert<'a> {
             env,
             otel_env: &|_| None,
             errors: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 }
@@ -43,6 +46,14 @@ impl Convert<'_> {
             key: key.into(),
             message: message.into(),
         });
+    }
+
+    /// Records a warning about `key` for the secret file `p` if other users can read or change
+    /// it (as ssh does for private keys).
+    pub(super) fn check_secret_mode(&mut self, key: &str, p: &Path) {
+        if let Some(w) = crate::files::loose_secret_warning(key, p) {
+            self.warnings.push(format!("{}: {w}", self.file.display()));
+        }
     }
 
     /// `p`, relative to the configuration file's directory unless absolute.
@@ -160,13 +171,14 @@ impl Convert<'_> {
             },
             (None, Some(p)) => {
                 let p = self.path(p);
-                match std::fs::read_to_string(&p) {
+                match crate::files::read_to_string(&p) {
                     Ok(s) => {
                         let s = s.trim_end_matches(['\n', '\r']);
                         if s.is_empty() {
                             self.err(&file_key, format!("{} is empty", p.display()));
                             None
                         } else {
+                            self.check_secret_mode(&file_key, &p);
                             Some(SecretSource::file(Secret::new(s), p.clone()))
                         }
                     }

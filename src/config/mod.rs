@@ -103,6 +103,9 @@ pub struct Config {
     pub admin: AdminConfig,
     /// OpenTelemetry tracing; `None` when off (no endpoint configured).
     pub tracing: Option<TracingConfig>,
+    /// What is allowed but unwise (a secret file other users can read), one line each naming
+    /// the key and the file, never a secret: logged by `run`, printed by `check`.
+    pub warnings: Vec<String>,
 }
 
 /// One thing wrong with the configuration: which file, which key, what.
@@ -136,7 +139,7 @@ impl fmt::Display for ConfigErrors {
 impl Config {
     /// Reads, parses and converts `path`, reading every secret file it names.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let text = crate::files::read_to_string(path).map_err(|e| {
             ConfigErrors(vec![ConfigError {
                 file: path.to_path_buf(),
                 key: "(file)".into(),
@@ -234,6 +237,7 @@ impl Convert<'_> {
             listener,
             admin,
             tracing,
+            warnings: std::mem::take(&mut self.warnings),
         })
     }
 }

@@ -148,7 +148,7 @@ impl Convert<'_> {
         let password = self.secret(key, "password", password, password_file, false);
         let ca_pem = ca_file.and_then(|p| {
             let p = self.path(p);
-            match std::fs::read(&p) {
+            match crate::files::read(&p) {
                 Ok(pem) if pem_has_certificates(&pem) => Some(pem),
                 Ok(_) => {
                     self.err(

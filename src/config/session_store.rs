@@ -273,8 +273,11 @@ impl Convert<'_> {
     /// bytes never reach a message.
     fn session_key(&mut self, key: &str, p: PathBuf) -> Option<SessionKey> {
         let p = self.path(p);
-        let text = match std::fs::read(&p) {
-            Ok(t) => zeroize::Zeroizing::new(t),
+        let text = match crate::files::read(&p) {
+            Ok(t) => {
+                self.check_secret_mode(key, &p);
+                zeroize::Zeroizing::new(t)
+            }
             Err(e) => {
                 self.err(key, format!("cannot read {}: {e}", p.display()));
                 return None;

@@ -20,7 +20,7 @@ pub(super) enum Phase {
 
 /// Line-end scanner state (a header ends at an empty line; LF or CRLF line ends).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum LineState {
+pub(crate) enum LineState {
     /// Only empty lines so far (ignored before the request line, RFC 9112 §2.2).
     Leading,
     /// Inside a line.
@@ -33,7 +33,7 @@ pub(super) enum LineState {
 
 impl LineState {
     /// Feeds `bytes`; returns how many bytes belong to the header if its end is among them.
-    pub(super) fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
         let mut i = 0;
         while i < bytes.len() {
             if *self == LineState::Text {

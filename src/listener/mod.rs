@@ -7,9 +7,11 @@
 //! ([`AppListener`], a Pingora service with its own runtime) and hands each to Pingora's
 //! [`HttpProxy`] through its public `process_new_http`, one request at a time:
 //!
-//! 1. **at accept**: a peer outside the allowlist is closed before a byte is read; beyond
-//!    `listener.max_connections` open connections a new one gets 503 `too_many_connections`
-//!    and is closed;
+//! 1. **at accept**: a peer outside the allowlist is closed before a byte is read; when
+//!    `listener.max_connections` connections are open, a new one closes the connection that
+//!    has been idle between requests the longest (keep-alive, as nginx reuses idle keep-alive
+//!    connections when it runs out) and takes its slot; with none idle it gets 503
+//!    `too_many_connections` and is closed ([`IdleConnections`]);
 //! 2. **while a header is read** ([`GuardedStream`]): the header block must arrive whole within
 //!    `listener.header_timeout` (from accept for the first request, from its first byte for the
 //!    next ones; 408 `request_header_timeout` and close) and is capped at
@@ -19,11 +21,13 @@
 //!
 //! Every refusal here is counted in `finhub_sidecar_listener_refusals_total{reason}`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -41,12 +45,13 @@ use pingora::server::ShutdownWatch;
 use prometheus::{IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 mod guard;
 mod stream;
 
+pub(crate) use guard::LineState;
 use guard::{HeaderGuard, Phase};
 pub use stream::GuardedStream;
 
@@ -61,6 +66,114 @@ const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Keep-alive: how long an idle app connection waits for its next request (Pingora's value).
 const KEEPALIVE_SECS: u64 = 60;
+
+/// How long a new connection that closed an idle one waits for that one's slot.
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// One open app connection as the eviction sees it.
+struct ConnState {
+    /// 0 while a request is being read or served; else when it became idle (ms since the
+    /// listener's epoch, + 1).
+    idle_since: AtomicU64,
+    /// Closes the connection when it is idle.
+    close: Notify,
+}
+
+/// The open app connections, so that a new connection finding every slot taken can close the
+/// one idle longest. Locked at connect, at close and on eviction only; a request only stores
+/// an atomic.
+pub struct IdleConnections {
+    epoch: Instant,
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<ConnState>>>,
+    /// New connections waiting for an evicted connection's slot (at most one per eviction).
+    waiting: AtomicUsize,
+}
+
+impl IdleConnections {
+    fn new() -> Self {
+        IdleConnections {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+            waiting: AtomicUsize::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<ConnState>>> {
+        match self.open.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Registers a new connection (idle until its first bytes arrive).
+    fn register(self: &Arc<Self>) -> Registered {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = Arc::new(ConnState {
+            idle_since: AtomicU64::new(self.now()),
+            close: Notify::new(),
+        });
+        self.lock().insert(id, state.clone());
+        Registered {
+            table: self.clone(),
+            id,
+            state,
+        }
+    }
+
+    /// Closes the connection idle longest, if any is idle; whether one was.
+    fn evict_oldest_idle(&self) -> bool {
+        let open = self.lock();
+        let victim = open
+            .values()
+            .filter_map(|c| {
+                let since = c.idle_since.load(Ordering::Relaxed);
+                (since != 0).then_some((since, c))
+            })
+            .min_by_key(|(since, _)| *since);
+        match victim {
+            Some((_, c)) => {
+                // Stores a permit: the connection closes at its next idle moment even if a
+                // request arrived meanwhile.
+                c.close.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+}
+
+/// A connection's entry in [`IdleConnections`], removed when dropped.
+struct Registered {
+    table: Arc<IdleConnections>,
+    id: u64,
+    state: Arc<ConnState>,
+}
+
+impl Registered {
+    fn idle(&self) {
+        self.state
+            .idle_since
+            .store(self.table.now(), Ordering::Relaxed);
+    }
+
+    fn busy(&self) {
+        self.state.idle_since.store(0, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.id);
+    }
+}
 
 /// What the listener enforces before Pingora reads a request.
 #[derive(Debug, Clone)]
@@ -82,6 +195,7 @@ struct Counters {
     too_many: IntCounter,
     timeout: IntCounter,
     too_large: IntCounter,
+    evicted: IntCounter,
     open: IntGauge,
 }
 
@@ -93,6 +207,7 @@ impl Counters {
             too_many: r("too_many_connections"),
             timeout: r("header_timeout"),
             too_large: r("header_too_large"),
+            evicted: m.listener_evictions.clone(),
             open: m.app_connections.clone(),
         }
     }
@@ -159,6 +274,7 @@ impl pingora::services::Service for AppListener {
             }
         };
         let slots = Arc::new(Semaphore::new(self.limits.max_connections));
+        let idle = Arc::new(IdleConnections::new());
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -184,20 +300,52 @@ impl pingora::services::Service for AppListener {
                 drop(tcp);
                 continue;
             }
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                self.counters.too_many.inc();
-                refuse_at_accept(tcp, &ProxyError::TooManyConnections);
-                continue;
-            };
-            let (app, limits, counters, shutdown) = (
+            let (app, limits, counters, shutdown, idle) = (
                 self.app.clone(),
                 self.limits.clone(),
                 self.counters.clone(),
                 shutdown.clone(),
+                idle.clone(),
             );
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                // Full: close the connection idle longest and wait for its slot (one waiter
+                // per eviction, so a flood cannot pile up tasks).
+                Err(_)
+                    if idle.waiting.load(Ordering::Relaxed) < self.limits.max_connections
+                        && idle.evict_oldest_idle() =>
+                {
+                    self.counters.evicted.inc();
+                    None
+                }
+                Err(_) => {
+                    self.counters.too_many.inc();
+                    refuse_at_accept(tcp, &ProxyError::TooManyConnections);
+                    continue;
+                }
+            };
+            let slots = slots.clone();
             tokio::spawn(async move {
+                let permit = match permit {
+                    Some(p) => p,
+                    None => {
+                        idle.waiting.fetch_add(1, Ordering::Relaxed);
+                        let p = tokio::time::timeout(EVICTION_WAIT, slots.acquire_owned()).await;
+                        idle.waiting.fetch_sub(1, Ordering::Relaxed);
+                        match p {
+                            Ok(Ok(p)) => p,
+                            _ => {
+                                counters.too_many.inc();
+                                refuse_at_accept(tcp, &ProxyError::TooManyConnections);
+                                return;
+                            }
+                        }
+                    }
+                };
                 let _open = OpenGuard::new(&counters.open);
-                serve(tcp, peer, app, &limits, &counters, &shutdown).await;
+                let registered = idle.register();
+                serve(tcp, peer, app, &limits, &counters, &shutdown, &registered).await;
+                drop(registered);
                 drop(permit);
             });
         }
@@ -245,6 +393,7 @@ async fn serve(
     limits: &Limits,
     counters: &Counters,
     shutdown: &ShutdownWatch,
+    registered: &Registered,
 ) {
     let _ = tcp.set_nodelay(true);
     let mut stream = Box::new(GuardedStream::new(tcp, peer, limits, counters.clone()));
@@ -264,6 +413,8 @@ async fn serve(
                     return;
                 }
             }
+            // Another app needs the slot and this connection has been idle longest.
+            _ = registered.state.close.notified() => return,
             _ = tokio::time::sleep(idle_limit) => {
                 if first {
                     // Connected, never sent a byte: as a header that did not arrive in time.
@@ -279,6 +430,7 @@ async fn serve(
                 continue;
             }
         }
+        registered.busy();
         let mut session = ServerSession::new_http1(stream);
         match settings.take() {
             Some(s) => HttpPersistentSettings::apply_to_session(s, &mut session),
@@ -294,6 +446,7 @@ async fn serve(
         let Some(next) = rearm(next) else { return };
         stream = next;
         settings = next_settings;
+        registered.idle();
         first = false;
         idle_limit = Duration::from_secs(KEEPALIVE_SECS);
     }

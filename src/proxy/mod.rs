@@ -141,12 +141,13 @@ impl FinHubProxy {
         }
     }
 
-    /// The peer for FinHub with the current certificate snapshot.
-    fn peer(&self, attempt: usize) -> Result<HttpPeer, ProxyError> {
+    /// The peer for FinHub with the current certificate snapshot, at the address the upstream
+    /// table prefers now (its circuit breakers skip addresses that failed; `upstream.rs`).
+    fn peer(&self) -> Result<HttpPeer, ProxyError> {
         let addr = self
             .shared
             .upstream
-            .pick_nth(attempt)
+            .pick()
             .ok_or(ProxyError::UpstreamUnresolved)?;
         let u = &self.shared.config.upstream;
         let tls = self.shared.tls.current();
@@ -155,6 +156,8 @@ impl FinHubProxy {
             None => HttpPeer::new(addr, true, u.host.clone()),
         };
         peer.options.connection_timeout = Some(u.connect_timeout);
+        // The TLS handshake too: an address that accepts and never answers must not hang.
+        peer.options.total_connection_timeout = Some(u.connect_timeout.saturating_mul(2));
         peer.options.read_timeout = Some(u.read_timeout);
         peer.options.write_timeout = Some(u.write_timeout);
         peer.options.idle_timeout = Some(u.idle_timeout);
@@ -526,7 +529,7 @@ impl ProxyHttp for FinHubProxy {
             let u = &self.shared.config.upstream;
             t.start_attempt(&u.host, u.port);
         }
-        self.peer(ctx.connect_failures).map(Box::new).or_else(|e| {
+        self.peer().map(Box::new).or_else(|e| {
             ctx.failure = Some(e);
             Error::e_explain(ErrorType::ConnectNoRoute, "upstream address not resolved")
         })
@@ -623,13 +626,13 @@ impl ProxyHttp for FinHubProxy {
         Ok(())
     }
 
-    /// Contract: a failed connect is retried on the next resolved address, once per address;
-    /// when every address failed, the retry policy decides (nothing was sent, so any request
-    /// may go again).
+    /// Contract: a failed connect opens that address's breaker and is retried on the next
+    /// address, once per address; when every address failed, the retry policy decides (nothing
+    /// was sent, so any request may go again).
     fn fail_to_connect(
         &self,
         _session: &mut Session,
-        _peer: &HttpPeer,
+        peer: &HttpPeer,
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
@@ -642,6 +645,9 @@ impl ProxyHttp for FinHubProxy {
             ProxyError::from_upstream(&e),
             ProxyError::EgressProxyRefused(_)
         );
+        if let (false, Some(addr)) = (refused, peer._address.as_inet()) {
+            self.shared.upstream.connect_failed(*addr);
+        }
         let retry = !refused
             && (!ctx
                 .connect_failures

@@ -182,7 +182,7 @@ impl TlsFiles {
     /// Reads every file (following symlinks, so a Kubernetes `..data` swap is seen whole).
     pub fn read(&self) -> Result<Material, TlsError> {
         let read = |p: &Path| {
-            std::fs::read(p).map_err(|source| TlsError::Read {
+            crate::files::read(p).map_err(|source| TlsError::Read {
                 path: p.to_path_buf(),
                 source,
             })
