@@ -1286,21 +1286,34 @@ impl Renewer {
                     // with no newer record (an owner that is stuck, a lease held by no sidecar,
                     // an old record restored), this replica renews on its own, before its token
                     // becomes unusable.
-                    // The plan as the owner made it (not moved to now: a refresh planned
-                    // inside FinHub's window stays a refresh).
+                    let generation = self.shared.as_ref().and_then(|f| f.adopted).map(|a| a.0);
+                    let tried = self.shared.as_ref().is_some_and(|f| {
+                        f.renewed_alone.is_some() && f.renewed_alone == generation
+                    });
+                    if tried {
+                        // Renewed on its own already and got no new token ("not refreshed" or
+                        // a failure): its own plan from that answer, as for one replica.
+                        return if now_us >= next.at_us && !self.held_back() {
+                            Turn::Renew
+                        } else {
+                            Turn::Wait
+                        };
+                    }
+                    // The plan as the owner made it (not moved to now: a refresh planned inside
+                    // FinHub's window stays a refresh).
                     let planned = self.plan_for(s, 0);
                     let latest = self
                         .usable_for(Some(s), now)
                         .map_or(now_us, |l| now_us + us(l));
-                    let at = own_renewal_at(planned.at_us, latest);
+                    // The fleet's backoff (authenticated) may delay it, never past `latest`.
+                    let at = own_renewal_at(planned.at_us, latest)
+                        .max(backoff.map_or(0, |b| b.until_us))
+                        .min(latest);
                     if now_us >= at && !self.held_back() {
-                        let generation = self.shared.as_ref().and_then(|f| f.adopted).map(|a| a.0);
                         if let Some(f) = self.follower() {
-                            if f.renewed_alone != generation {
-                                f.renewed_alone = generation;
-                                tracing::warn!(tenant = %tenant, generation = generation.unwrap_or(0), "no newer shared session after its refresh point; renewing on our own before the token becomes unusable");
-                            }
+                            f.renewed_alone = generation;
                         }
+                        tracing::warn!(tenant = %tenant, generation = generation.unwrap_or(0), "no newer shared session after its refresh point; renewing on our own before the token becomes unusable");
                         *next = planned;
                         return Turn::Renew;
                     }
