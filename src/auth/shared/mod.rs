@@ -180,6 +180,9 @@ const CLOCK_SLACK: Duration = Duration::from_secs(5);
 /// A refused write (the lease or record belongs to another owner) is logged at most this often.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
 
+/// Lease changes logged at info per minute (more are logged at debug).
+const LEASE_LINES_PER_MINUTE: u32 = 6;
+
 /// At most this many distinct key ids are metric labels (a hostile store cannot grow the
 /// exposition without bound); others count as `other`.
 const MAX_KEY_ID_LABELS: usize = 16;
@@ -945,7 +948,8 @@ pub(super) struct Follower {
     /// (re-derived at every look, 0 for none).
     hold_until_us: i64,
     /// Credentials rejected per the fleet's marker as of the last look: this replica's
-    /// credentials' fingerprint and the retry time (re-derived at every look).
+    /// credentials' fingerprint and the retry time (re-derived at every look that reads the
+    /// store; kept until that time while the store cannot be read).
     marker_hold: Option<(u64, i64)>,
     /// The last renewal request honoured (each is honoured once).
     honoured: Option<RenewRequest>,
@@ -954,6 +958,8 @@ pub(super) struct Follower {
     refused_logged: Option<Instant>,
     /// The generation whose session this follower renewed on its own (logged once).
     renewed_alone: Option<u64>,
+    /// Lease changes logged in the current minute: since when, how many.
+    lease_lines: (Instant, u32),
 }
 
 impl Follower {
@@ -982,6 +988,7 @@ impl Follower {
             refused: 0,
             refused_logged: None,
             renewed_alone: None,
+            lease_lines: (Instant::now(), 0),
         }
     }
 
@@ -1019,10 +1026,31 @@ impl Renewer {
         };
         let was = f.fence.is_some();
         f.fence = fence;
-        if fence.is_some() && !was {
-            tracing::info!(tenant = %tenant, fence = fence.unwrap_or(0), replica = f.store.replica(), "took the tenant's renewal lease: this replica renews the shared session");
-        } else if fence.is_none() && was {
-            tracing::info!(tenant = %tenant, "gave up the tenant's renewal lease");
+        if fence.is_some() != was {
+            // A lease that keeps changing hands (someone rewriting it) is not a log flood.
+            let now = Instant::now();
+            let (since, lines) = f.lease_lines;
+            let (since, lines) = if now - since >= REFUSED_LOG_EVERY {
+                (now, 0)
+            } else {
+                (since, lines)
+            };
+            f.lease_lines = (since, lines.saturating_add(1));
+            let loud = lines < LEASE_LINES_PER_MINUTE;
+            match (fence, loud) {
+                (Some(n), true) => {
+                    tracing::info!(tenant = %tenant, fence = n, replica = f.store.replica(), "took the tenant's renewal lease: this replica renews the shared session")
+                }
+                (Some(n), false) => {
+                    tracing::debug!(tenant = %tenant, fence = n, "took the tenant's renewal lease")
+                }
+                (None, true) => {
+                    tracing::info!(tenant = %tenant, "gave up the tenant's renewal lease")
+                }
+                (None, false) => {
+                    tracing::debug!(tenant = %tenant, "gave up the tenant's renewal lease")
+                }
+            }
         }
         self.metrics
             .session_lease_owner
@@ -1084,10 +1112,9 @@ impl Renewer {
         let mut renew_requested = None;
         let mut backoff = None;
         let role = match snapshot {
-            Err(failure) => {
-                self.apply_marker(&store, None);
-                self.store_failed(failure)
-            }
+            // An authenticated rejected-credentials hold from the last look stays until its
+            // retry time (at most 5 min): the store cannot say it is over.
+            Err(failure) => self.store_failed(failure),
             Ok(snap) => {
                 if let Some(f) = self.follower() {
                     if !f.store_up {
