@@ -96,8 +96,9 @@ return {1, r}
 /// are not older than the stored record's. `KEYS`: record, lease, backoff. `ARGV`: replica id,
 /// fence, generation, key id, nonce, ciphertext, ttl ms. Returns 1, or a negative refusal: -1
 /// not the lease holder, -2 an older fence, -3 not a newer generation, -4 the record key holds
-/// another type (or fence or generation fields longer than 32 bytes). Fields are set first and stale ones removed after (no moment without a
-/// record, even if a step fails); a written session ends the fleet's auth backoff.
+/// another type (or fence or generation fields longer than 32 bytes). Fields are set first and
+/// stale ones removed after (no moment without a record, even if a step fails); a written
+/// session ends the fleet's auth backoff.
 pub const WRITE_SCRIPT: &str = r#"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'none' and t ~= 'hash' then return -4 end
@@ -956,7 +957,8 @@ pub(super) struct Follower {
     /// Writes refused since the last log line about them, and when that was.
     refused: u32,
     refused_logged: Option<Instant>,
-    /// The generation whose session this follower renewed on its own (logged once).
+    /// The generation whose session this follower renewed on its own: logged once, and from
+    /// then on it follows the plan of its own attempt's answer (no new attempt per look).
     renewed_alone: Option<u64>,
     /// Lease changes logged in the current minute: since when, how many.
     lease_lines: (Instant, u32),
