@@ -402,9 +402,15 @@ impl SharedStore {
         snap.rejected = rejected
             .as_deref()
             .and_then(|raw| verified_marker(keys, &self.key(tenant, "rejected"), raw, now_us));
-        snap.backoff = backoff
-            .as_deref()
-            .and_then(|raw| verified_backoff(keys, &self.key(tenant, "backoff"), raw, now_us));
+        snap.backoff = backoff.as_deref().and_then(|raw| {
+            verified_backoff(
+                keys,
+                &self.key(tenant, "backoff"),
+                raw,
+                now_us,
+                self.settings.lease_ttl,
+            )
+        });
         if let Some(kind) = snap.malformed {
             self.metrics
                 .session_store_errors
@@ -759,15 +765,24 @@ fn verified_marker(keys: &KeyRing, key: &str, raw: &str, now_us: i64) -> Option<
     })
 }
 
-/// The fleet's backoff read from `key`, if it authenticates and its next attempt is ahead but
-/// no further than the longest wait the sidecar writes ([`MAX_STORED_BACKOFF`]).
-fn verified_backoff(keys: &KeyRing, key: &str, raw: &str, now_us: i64) -> Option<Backoff> {
+/// The fleet's backoff read from `key`, if it authenticates and its next attempt is no further
+/// ahead than the longest wait the sidecar writes ([`MAX_STORED_BACKOFF`]) and no longer ago
+/// than the key lives after it (`lease_ttl`): an owner between two attempts still reports one
+/// (it holds nothing back once its time has passed).
+fn verified_backoff(
+    keys: &KeyRing,
+    key: &str,
+    raw: &str,
+    now_us: i64,
+    lease_ttl: Duration,
+) -> Option<Backoff> {
     let mut it = keys.verify(key, raw)?.splitn(3, ':');
     let until_us = it.next()?.parse::<i64>().ok()?.checked_mul(1000)?;
     let failures: u32 = it.next()?.parse().ok()?;
     let generation = it.next()?.parse().ok()?;
     let latest = now_us.saturating_add(us(MAX_STORED_BACKOFF + CLOCK_SLACK));
-    (until_us > now_us && until_us <= latest).then_some(Backoff {
+    let earliest = now_us.saturating_sub(us(lease_ttl + CLOCK_SLACK));
+    (until_us > earliest && until_us <= latest).then_some(Backoff {
         until_us,
         failures: failures.min(MAX_STORED_COUNT),
         generation,
@@ -1840,9 +1855,10 @@ mod tests {
         let fp = "0123456789abcdef0123456789abcdef";
         let sign = |key: &str, v: String| ring.sign(key, &v).unwrap();
         // The fleet's backoff: ahead, at most 15 min (+ slack), counts capped.
+        let ttl = Duration::from_secs(2);
         let b = |until_ms: i64, failures: u64| {
             let v = sign("p:t:backoff", format!("{until_ms}:{failures}:4"));
-            verified_backoff(&ring, "p:t:backoff", &v, now_us)
+            verified_backoff(&ring, "p:t:backoff", &v, now_us, ttl)
         };
         assert_eq!(
             b(now_ms + 2_000, 3),
@@ -1859,10 +1875,12 @@ mod tests {
             "beyond what a sidecar writes"
         );
         assert_eq!(b(4_102_444_800_000, 1), None);
-        assert_eq!(b(now_ms - 1, 1), None, "over");
+        // Just over (an owner between attempts): still reported; long over: not.
+        assert!(b(now_ms - 1, 1).is_some());
+        assert_eq!(b(now_ms - 60_000, 1), None, "over");
         let unsigned = format!("{}:0:4", now_ms + 2_000);
         assert_eq!(
-            verified_backoff(&ring, "p:t:backoff", &unsigned, now_us),
+            verified_backoff(&ring, "p:t:backoff", &unsigned, now_us, ttl),
             None
         );
         // Altered after signing (the 28.2 replay): refused.
