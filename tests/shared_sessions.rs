@@ -938,3 +938,444 @@ async fn a_record_key_of_another_type_is_an_unreadable_record_not_a_store_outage
         .unwrap();
     assert_eq!(v, "x");
 }
+
+// ---- Issue 28 (1, 2, 4, 5, 13) and 22.6: a writer to Redis without the key. ----
+
+impl Fleet {
+    /// `<prefix><tenant>:<what>`.
+    fn key_of(&self, what: &str) -> String {
+        format!("{}{TENANT}:{what}", self.prefix)
+    }
+
+    /// Redis's commands processed so far and its CPU seconds (user + sys).
+    fn redis_load(&self) -> (u64, f64) {
+        let info: String = redis::cmd("INFO")
+            .arg("all")
+            .query(&mut self.redis_conn())
+            .unwrap();
+        let field = |name: &str| -> f64 {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+                .unwrap_or(0.0)
+        };
+        (
+            field("total_commands_processed") as u64,
+            field("used_cpu_user") + field("used_cpu_sys"),
+        )
+    }
+
+    /// Redis commands per second and CPU share while `f` runs.
+    async fn load_during<F: std::future::Future>(&self, f: F) -> (F::Output, f64, f64) {
+        let (c0, cpu0) = self.redis_load();
+        let t0 = Instant::now();
+        let out = f.await;
+        let secs = t0.elapsed().as_secs_f64();
+        let (c1, cpu1) = self.redis_load();
+        (out, (c1 - c0) as f64 / secs, (cpu1 - cpu0) / secs)
+    }
+
+    fn set(&self, what: &str, value: &[u8]) {
+        let _: () = redis::cmd("SET")
+            .arg(self.key_of(what))
+            .arg(value)
+            .query(&mut self.redis_conn())
+            .unwrap();
+    }
+
+    fn del(&self, what: &str) {
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.key_of(what))
+            .query(&mut self.redis_conn())
+            .unwrap();
+    }
+
+    fn get(&self, what: &str) -> Option<Vec<u8>> {
+        redis::cmd("GET")
+            .arg(self.key_of(what))
+            .query(&mut self.redis_conn())
+            .ok()
+            .flatten()
+    }
+}
+
+/// Sends requests to each of `fleet` for `dur` (one every [`PAUSE`]) and returns, per replica,
+/// how long it answered other than 200 (from each failing request to the next request).
+async fn unavailable_during(fleet: &[&SidecarProcess], dur: Duration) -> Vec<Duration> {
+    let until = Instant::now() + dur;
+    futures_util::future::join_all(fleet.iter().map(|sc| async move {
+        let client = http_client();
+        let mut down = Duration::ZERO;
+        let mut failing_since: Option<Instant> = None;
+        while Instant::now() < until {
+            let sent = Instant::now();
+            let ok = client
+                .get(sc.url("/api/v2/accounts"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if let Some(t) = failing_since.take() {
+                down += sent - t;
+            }
+            if !ok {
+                failing_since = Some(sent);
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+        if let Some(t) = failing_since {
+            down += Instant::now() - t;
+        }
+        down
+    }))
+    .await
+}
+
+fn secs(v: &[Duration]) -> Vec<String> {
+    v.iter()
+        .map(|d| format!("{:.2}s", d.as_secs_f64()))
+        .collect()
+}
+
+/// Two replicas sharing one session, converged.
+async fn two(fleet: &Fleet) -> [SidecarProcess; 2] {
+    let pair = [fleet.replica().await, fleet.replica().await];
+    assert!(
+        converged(&[&pair[0], &pair[1]], Duration::from_secs(5))
+            .await
+            .is_some(),
+        "{}",
+        logs(&[&pair[0], &pair[1]])
+    );
+    pair
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_backoff_key_neither_stops_renewals_nor_stays_in_the_plan() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let pair = two(&fleet).await;
+    let both = [&pair[0], &pair[1]];
+    let before = fleet.stats();
+    // Written by someone without the key: the next attempt in the year 2100, and a huge
+    // failure count.
+    fleet.set("backoff", b"4102444800000:4294967295");
+    let forged = unavailable_during(&both, LIFETIME * 3).await;
+    let during = fleet.stats();
+    fleet.del("backoff");
+    let after = unavailable_during(&both, LIFETIME * 2).await;
+    let stats = fleet.stats();
+    eprintln!(
+        "FIGURE 28.1 forged backoff: 503 time per replica {:?} while it stood, {:?} after it was deleted; refreshes {} → {} → {}",
+        secs(&forged),
+        secs(&after),
+        before.refreshes,
+        during.refreshes,
+        stats.refreshes
+    );
+    assert!(
+        forged.iter().chain(&after).all(|d| d.is_zero()),
+        "{}",
+        logs(&both)
+    );
+    assert!(during.refreshes >= before.refreshes + 2, "renewals went on");
+    assert_eq!(stats.logins, 1, "{stats:?}");
+    for sc in both {
+        assert_eq!(sc.ready_status().await, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_marker_rewritten_to_a_far_future_retry_stops_no_login() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    // FinHub refuses the fleet's (correct) credentials once: the replica marks them rejected.
+    fleet.emu.controls().fail_logins(true);
+    let a = fleet
+        .world
+        .spawn_sidecar(fleet.config(&fleet.key).set("auth.recovery_interval", "1s"))
+        .await;
+    let marker = eventually(Duration::from_secs(10), || async { fleet.get("rejected") }).await;
+    let marker = String::from_utf8(marker.expect("a rejected marker")).unwrap();
+    a.child.lock().unwrap().kill().unwrap();
+    fleet.emu.controls().fail_logins(false);
+    // The captured marker, its retry time rewritten to the year 2100, kept without a TTL.
+    let mut parts: Vec<&str> = marker.split(':').collect();
+    parts[1] = "4102444800000";
+    fleet.set("rejected", parts.join(":").as_bytes());
+    let b = fleet.world.spawn_sidecar(fleet.config(&fleet.key)).await;
+    let c = fleet.world.spawn_sidecar(fleet.config(&fleet.key)).await;
+    let started = Instant::now();
+    let mut ready = Vec::new();
+    for sc in [&b, &c] {
+        ready.push(sc.wait_ready(Duration::from_secs(10)).await.is_ok());
+    }
+    let stats = fleet.stats();
+    eprintln!(
+        "FIGURE 28.2 replayed rejected marker (retry in 2100): replicas ready {ready:?} within {:?}; {stats:?}",
+        started.elapsed()
+    );
+    assert_eq!(ready, vec![true, true], "{}", logs(&[&b, &c]));
+    assert_eq!(stats.logins, 1, "one login for the fleet: {stats:?}");
+    assert_eq!(stats.failed_logins, 1, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_lease_with_a_lower_fence_costs_no_hot_loop() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    // The first owner's fence is 2, so a fence below it exists.
+    fleet.set("fence", b"1");
+    let pair = two(&fleet).await;
+    let both = [&pair[0], &pair[1]];
+    let lease = String::from_utf8(fleet.get("lease").unwrap()).unwrap();
+    let (owner_id, fence) = lease.rsplit_once(':').unwrap();
+    assert_eq!(fence, "2", "{lease}");
+    // The lease set to the owner's own id with fence 1 (the record's is 2).
+    let _: () = redis::cmd("SET")
+        .arg(fleet.key_of("lease"))
+        .arg(format!("{owner_id}:1"))
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut fleet.redis_conn())
+        .unwrap();
+    let gen_before = converged(&both, Duration::from_secs(5)).await.unwrap();
+    let (down, per_s, cpu) = fleet
+        .load_during(unavailable_during(&both, LIFETIME * 2))
+        .await;
+    let refused: usize = both
+        .iter()
+        .map(|sc| sc.log().matches("not written").count())
+        .sum();
+    let gen_after = converged(&both, Duration::from_secs(5)).await;
+    eprintln!(
+        "FIGURE 28.4 forged lease with a lower fence: {per_s:.0} Redis commands/s, Redis CPU {:.0} %, {refused} refused-write log lines, 503 time {:?}; generation {gen_before} → {gen_after:?}",
+        cpu * 100.0,
+        secs(&down)
+    );
+    // Two replicas polling every 100 ms make about 400 commands/s (each script's calls
+    // count); the hot loop made about 2,000.
+    assert!(per_s < 1000.0, "{per_s:.0} commands/s\n{}", logs(&both));
+    assert!(refused <= 2, "{refused} refused-write lines");
+    assert!(down.iter().all(|d| d.is_zero()), "{}", logs(&both));
+    assert!(
+        gen_after.is_some_and(|g| g > gen_before),
+        "the owner took a fresh fence and shared again: {}",
+        logs(&both)
+    );
+    let lease = String::from_utf8(fleet.get("lease").unwrap()).unwrap();
+    let fresh: u64 = lease.rsplit_once(':').unwrap().1.parse().unwrap();
+    assert!(fresh > 2, "{lease}");
+    // Forged again and again (every 20 ms for 4 s): every write of the owner may be refused
+    // now, but at the polling pace, and the log says so a few times, not per attempt.
+    let lines = |sc: &SidecarProcess| {
+        let log = sc.log();
+        ["not written", "took the tenant's", "gave up the tenant's"]
+            .iter()
+            .map(|m| log.matches(m).count())
+            .sum::<usize>()
+    };
+    let before: usize = both.iter().map(|sc| lines(sc)).sum();
+    let forge = async {
+        let until = Instant::now() + Duration::from_secs(4);
+        while Instant::now() < until {
+            let _: () = redis::cmd("SET")
+                .arg(fleet.key_of("lease"))
+                .arg(format!("{owner_id}:1"))
+                .arg("PX")
+                .arg(60_000)
+                .query(&mut fleet.redis_conn())
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let ((), per_s, _) = fleet.load_during(forge).await;
+    let after: usize = both.iter().map(|sc| lines(sc)).sum();
+    eprintln!(
+        "FIGURE 28.4 lease re-forged every 20 ms for 4 s: {per_s:.0} Redis commands/s (the test's own SETs included), {} lease log lines",
+        after - before
+    );
+    assert!(per_s < 1000.0, "{per_s:.0} commands/s\n{}", logs(&both));
+    assert!(
+        after - before <= 16,
+        "{} lines\n{}",
+        after - before,
+        logs(&both)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_renew_before_their_token_ends_when_an_outsider_holds_the_lease() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let pair = two(&fleet).await;
+    let both = [&pair[0], &pair[1]];
+    // An outsider holds the lease (and keeps it) from now on: nobody writes a newer record.
+    let _: () = redis::cmd("SET")
+        .arg(fleet.key_of("lease"))
+        .arg("outsider:999999")
+        .arg("PX")
+        .arg(600_000)
+        .query(&mut fleet.redis_conn())
+        .unwrap();
+    let before = fleet.stats();
+    let down = unavailable_during(&both, LIFETIME * 3).await;
+    let stats = fleet.stats();
+    eprintln!(
+        "FIGURE 28.5 outsider holds the lease: 503 time per replica {:?} over {:?} (lease_ttl 2s, poll 100ms); refreshes {} → {}, logins {} → {}",
+        secs(&down),
+        LIFETIME * 3,
+        before.refreshes,
+        stats.refreshes,
+        before.logins,
+        stats.logins
+    );
+    assert!(down.iter().all(|d| d.is_zero()), "{}", logs(&both));
+    assert_eq!(stats.expired_token_seen, 0, "{stats:?}");
+    assert_eq!(
+        stats.logins,
+        before.logins,
+        "they refreshed: {}",
+        logs(&both)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renew_request_no_sidecar_wrote_forces_no_renewal() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    // Long tokens: no planned renewal within the test.
+    fleet
+        .emu
+        .controls()
+        .set_token_lifetime(Duration::from_secs(120));
+    let pair = two(&fleet).await;
+    let both = [&pair[0], &pair[1]];
+    let before = fleet.stats();
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        let generation: String = redis::cmd("HGET")
+            .arg(fleet.key_of("session"))
+            .arg("gen")
+            .query(&mut fleet.redis_conn())
+            .unwrap();
+        fleet.set("renew", generation.as_bytes());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stats = fleet.stats();
+    eprintln!(
+        "FIGURE 28.13 forged renew requests for 12 s: logins {} → {}, refreshes {} → {} (+{} 'not refreshed')",
+        before.logins,
+        stats.logins,
+        before.refreshes,
+        stats.refreshes,
+        stats.refreshes_not_needed - before.refreshes_not_needed
+    );
+    assert_eq!(stats.logins, before.logins, "{}", logs(&both));
+    assert_eq!(stats.auth_requests, before.auth_requests, "{stats:?}");
+}
+
+/// Hostile values for every key a sidecar reads, one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_values_in_every_key_neither_stall_nor_storm_nor_stop_the_fleet() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let pair = two(&fleet).await;
+    let both = [&pair[0], &pair[1]];
+    // Each replaces the key atomically (a replica may write it in between otherwise).
+    let big = |key: &str| {
+        let _: () = redis::pipe()
+            .atomic()
+            .del(key)
+            .ignore()
+            .cmd("SETRANGE")
+            .arg(key)
+            .arg(100 * 1024 * 1024 - 1)
+            .arg("x")
+            .ignore()
+            .query(&mut fleet.redis_conn())
+            .unwrap();
+    };
+    let hash = |key: &str| {
+        let _: () = redis::pipe()
+            .atomic()
+            .del(key)
+            .ignore()
+            .hset(key, "a", "b")
+            .ignore()
+            .query(&mut fleet.redis_conn())
+            .unwrap();
+    };
+    let mut worst_cmds: f64 = 0.0;
+    let mut worst_cpu: f64 = 0.0;
+    let mut worst_case = String::new();
+    let mut failures = Vec::new();
+    for what in ["lease", "fence", "backoff", "rejected", "renew"] {
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("hash", vec![]),
+            ("100 MB", vec![]),
+            ("non-UTF-8", b"\xff\xfe:\xc3(:1".to_vec()),
+            ("negative", b"-1:-1:-1".to_vec()),
+            (
+                "overflow",
+                b"18446744073709551616:99999999999999999999999".to_vec(),
+            ),
+            // What a sidecar once wrote, with a retry time in 2100.
+            ("sidecar-like", b"4102444800000:1".to_vec()),
+        ];
+        for (name, value) in cases {
+            let key = fleet.key_of(what);
+            fleet.del(what);
+            match name {
+                "hash" => hash(&key),
+                "100 MB" => big(&key),
+                _ => fleet.set(what, &value),
+            }
+            let (down, per_s, cpu) = fleet
+                .load_during(unavailable_during(&both, Duration::from_millis(1500)))
+                .await;
+            fleet.del(what);
+            if per_s > worst_cmds {
+                worst_cmds = per_s;
+                worst_case = format!("{what} = {name}");
+            }
+            worst_cpu = worst_cpu.max(cpu);
+            eprintln!(
+                "hostile {what} = {name}: {per_s:.0} commands/s, Redis CPU {:.0} %, 503 time {:?}",
+                cpu * 100.0,
+                secs(&down)
+            );
+            // About 400 commands/s is the two replicas' polling (each script's calls count).
+            if per_s > 1000.0 || cpu > 0.5 || down.iter().any(|d| !d.is_zero()) {
+                failures.push(format!("{what} = {name}"));
+            }
+        }
+    }
+    // The record itself: fields a sidecar never writes.
+    for (field, value) in [("gen", "inf"), ("fence", "nan"), ("gen", "-1")] {
+        let _: i64 = redis::cmd("HSET")
+            .arg(fleet.key_of("session"))
+            .arg(field)
+            .arg(value)
+            .query(&mut fleet.redis_conn())
+            .unwrap();
+        let down = unavailable_during(&both, Duration::from_millis(1500)).await;
+        eprintln!(
+            "hostile record {field} = {value}: 503 time {:?}",
+            secs(&down)
+        );
+        if down.iter().any(|d| !d.is_zero()) {
+            failures.push(format!("record {field} = {value}"));
+        }
+        fleet.del("session");
+    }
+    let stats = fleet.stats();
+    eprintln!(
+        "FIGURE 22.6 hostile values: worst {worst_cmds:.0} commands/s ({worst_case}), worst Redis CPU {:.0} %; {stats:?}",
+        worst_cpu * 100.0
+    );
+    assert!(failures.is_empty(), "{failures:?}\n{}", logs(&both));
+    for sc in both {
+        assert!(sc.child.lock().unwrap().try_wait().unwrap().is_none());
+        assert!(!sc.log().contains("panicked"), "{}", sc.log());
+        assert_eq!(sc.ready_status().await, 200);
+    }
+}

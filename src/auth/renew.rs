@@ -170,10 +170,10 @@ impl Renewer {
             self.slot
                 .next_attempt_us
                 .store(next.at_us, Ordering::SeqCst);
-            let backing_off = self.failures > 0 || self.rejected.is_some();
+            let backing_off = self.failures > 0 || self.rejected_now().is_some();
             // With a shared store, also wake to look at it.
             let wake_us = match &self.shared {
-                Some(f) => next.at_us.min(f.next_look_us),
+                Some(f) => f.wake_us(next.at_us),
                 None => next.at_us,
             };
             if sleep_until(
@@ -206,7 +206,7 @@ impl Renewer {
                 self.last_forced = Some(now);
             }
             let now = SystemTime::now();
-            if let Some((fingerprint, until)) = self.rejected {
+            if let Some((fingerprint, until)) = self.rejected_now() {
                 if unix_us(now) < until
                     && self.client.credentials_fingerprint(&self.slot.tenant) == fingerprint
                 {

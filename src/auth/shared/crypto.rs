@@ -18,6 +18,10 @@ pub struct SessionKey {
     /// HMAC-SHA256 key derived from the key (never the AES key itself): fingerprints of
     /// credentials that every replica holding the key computes alike.
     mac: ring::hmac::Key,
+    /// HMAC-SHA256 key derived from the key for the small values that steer replicas (renewal
+    /// requests, the fleet's backoff, rejected-credentials markers): a writer to Redis without
+    /// the key cannot forge or alter them.
+    tag: ring::hmac::Key,
 }
 
 impl std::fmt::Debug for SessionKey {
@@ -59,11 +63,16 @@ impl SessionKey {
         m.update(b"finhub-sidecar credential fingerprint\0");
         m.update(bytes);
         let mac_key = Zeroizing::new(m.finalize());
+        let mut t = Sha256::new();
+        t.update(b"finhub-sidecar store value tag\0");
+        t.update(bytes);
+        let tag_key = Zeroizing::new(t.finalize());
         SessionKey {
             id,
             // `Aes256Gcm` zeroizes its key schedule on drop (feature `zeroize`).
             cipher: Aes256Gcm::new(bytes.into()),
             mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &mac_key[..]),
+            tag: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &tag_key[..]),
         }
     }
 
@@ -176,6 +185,30 @@ impl KeyRing {
             .collect()
     }
 
+    /// `value` as stored under the Redis key `key`, authenticated with the current key:
+    /// `<value>:<key id>:<tag>` (tag: HMAC-SHA256 of the key name and the value, base64url).
+    /// `None` without a key.
+    pub fn sign(&self, key: &str, value: &str) -> Option<String> {
+        let k = self.keys.first()?;
+        let tag = ring::hmac::sign(&k.tag, &tag_input(key, value));
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        Some(format!("{value}:{}:{}", k.id, b64.encode(tag.as_ref())))
+    }
+
+    /// The value of `signed` (see [`KeyRing::sign`]) if it authenticates, with any key of this
+    /// ring, as stored under `key`; `None` for anything else (no tag, an unknown key, another
+    /// key name, an altered value).
+    pub fn verify<'a>(&self, key: &str, signed: &'a str) -> Option<&'a str> {
+        let (rest, tag) = signed.rsplit_once(':')?;
+        let (value, key_id) = rest.rsplit_once(':')?;
+        let k = self.keys.iter().find(|k| k.id == key_id)?;
+        let tag = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(tag)
+            .ok()?;
+        ring::hmac::verify(&k.tag, &tag_input(key, value), &tag).ok()?;
+        Some(value)
+    }
+
     /// Decrypts `sealed`, which must be bound to `aad`.
     pub fn open(&self, aad: &[u8], sealed: &Sealed) -> Result<Zeroizing<Vec<u8>>, OpenError> {
         let key = self
@@ -194,6 +227,21 @@ impl KeyRing {
             .map(Zeroizing::new)
             .map_err(|_| OpenError::Corrupt)
     }
+}
+
+/// What a steering value's tag covers: a domain, the Redis key's name and the value, each
+/// length-prefixed.
+fn tag_input(key: &str, value: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(64 + key.len() + value.len());
+    for part in [
+        &b"finhub-sidecar/store-value/v1"[..],
+        key.as_bytes(),
+        value.as_bytes(),
+    ] {
+        v.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        v.extend_from_slice(part);
+    }
+    v
 }
 
 #[cfg(test)]
@@ -239,6 +287,34 @@ mod tests {
         // Fresh nonces: the same plaintext never gives the same ciphertext.
         let again = ring.seal(b"p:t:session|t|7", b"token-bytes").unwrap();
         assert_ne!(again.nonce, sealed.nonce);
+    }
+
+    #[test]
+    fn steering_values_verify_only_unaltered_under_their_own_key_name() {
+        let ring = KeyRing::new(vec![key(1)]);
+        let signed = ring.sign("p:t:backoff", "1700000000000:3:7").unwrap();
+        assert!(signed.len() < 100, "{signed}");
+        assert_eq!(
+            ring.verify("p:t:backoff", &signed),
+            Some("1700000000000:3:7")
+        );
+        // Another key name, an altered value, a truncated or missing tag, another fleet's key.
+        assert_eq!(ring.verify("p:u:backoff", &signed), None);
+        assert_eq!(ring.verify("p:t:renew", &signed), None);
+        let altered = signed.replacen("1700000000000", "4102444800000", 1);
+        assert_eq!(ring.verify("p:t:backoff", &altered), None);
+        assert_eq!(
+            ring.verify("p:t:backoff", &signed[..signed.len() - 2]),
+            None
+        );
+        assert_eq!(ring.verify("p:t:backoff", "4102444800000:0"), None);
+        assert_eq!(ring.verify("p:t:backoff", ""), None);
+        assert_eq!(ring.verify("p:t:backoff", "::"), None);
+        let other = KeyRing::new(vec![key(2)]);
+        assert_eq!(other.verify("p:t:backoff", &signed), None);
+        // After a rotation the old key still verifies.
+        let rotated = KeyRing::new(vec![key(2), key(1)]);
+        assert!(rotated.verify("p:t:backoff", &signed).is_some());
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!   usable.
 //! - **401 on a follower**: it asks the owner (`<prefix><tenant>:renew` = the generation FinHub
 //!   refused) and waits up to `follow_timeout` for a newer generation, then renews on its own.
+//! - **Steering values** (`:renew`, `:backoff`, `:rejected`) carry an HMAC tag under a key
+//!   derived from the session key ([`KeyRing::sign`]) and are bounded by what a sidecar writes;
+//!   they are re-read at every look and never kept, and none keeps a follower from renewing its
+//!   own session before it becomes unusable ([`own_renewal_at`]).
 //! - **Failures**: store unavailable → keep the last good session, renew on its own when due
 //!   (`on_store_error = "local"`) or never (`"wait"`); a record this replica cannot decrypt →
 //!   error metric and a log line naming the key id, own login, and it never takes the lease (so
@@ -40,31 +44,51 @@ use super::*;
 use crate::config::{OnStoreError, SharedSessionSettings};
 use crate::redis_pool::{Failure, Pool, PoolSpec};
 
-/// Takes or extends the lease. `KEYS`: lease, fence. `ARGV`: replica id, ttl ms.
-/// Returns `{1, fence}` when this replica holds it, `{0, fence}` when another does, `{-1, 0}`
-/// when the lease or fence is not one this code writes (another type, garbage, a lease without
-/// a TTL, a fence beyond 2^53): a corrupt lease must not make every replica follow forever.
-/// Values are formatted with `%d`: Lua's `..` writes numbers above 1e14 as `1e+14`.
+/// Takes or extends the lease. `KEYS`: lease, fence. `ARGV`: replica id, ttl ms, the highest
+/// fence of an authenticated record this replica has seen. Returns `{1, fence}` when this
+/// replica holds it, `{0, fence}` when another does, `{-1, 0}` when the lease or fence is not
+/// one this code writes (another type, garbage, longer than 256 bytes, a lease without a TTL, a
+/// fence beyond 2^53): a corrupt lease must not make every replica follow forever. A lease of
+/// this replica's with a fence below that highest one (forged, or a fence counter set back) is
+/// replaced by a fresh fence, as is a new fence not above it: the next write is then not
+/// refused for an old fence. Values are formatted with `%d`: Lua's `..` writes numbers above
+/// 1e14 as `1e+14`.
 pub const ACQUIRE_SCRIPT: &str = r#"
 local max = 9007199254740992
+local seen = tonumber(ARGV[3]) or 0
+local function fresh()
+  local ft = redis.call('TYPE', KEYS[2]).ok
+  if ft ~= 'none' and ft ~= 'string' then return nil end
+  local r = redis.pcall('INCR', KEYS[2])
+  if type(r) ~= 'number' or r >= max then return nil end
+  if r <= seen then
+    r = seen + 1
+    if r >= max then return nil end
+    redis.call('SET', KEYS[2], string.format('%d', r))
+  end
+  redis.call('SET', KEYS[1], string.format('%s:%d', ARGV[1], r), 'PX', ARGV[2])
+  return r
+end
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'none' then
-  if t ~= 'string' then return {-1, 0} end
+  if t ~= 'string' or redis.call('STRLEN', KEYS[1]) > 256 then return {-1, 0} end
   local owner, f = string.match(redis.call('GET', KEYS[1]), '^(.*):(%d+)$')
   local n = tonumber(f)
   if not owner or not n or n >= max then return {-1, 0} end
   if owner == ARGV[1] then
+    if n < seen then
+      local r = fresh()
+      if not r then return {-1, 0} end
+      return {1, r}
+    end
     redis.call('PEXPIRE', KEYS[1], ARGV[2])
     return {1, n}
   end
   if redis.call('PTTL', KEYS[1]) < 0 then return {-1, 0} end
   return {0, n}
 end
-local ft = redis.call('TYPE', KEYS[2]).ok
-if ft ~= 'none' and ft ~= 'string' then return {-1, 0} end
-local r = redis.pcall('INCR', KEYS[2])
-if type(r) ~= 'number' or r >= max then return {-1, 0} end
-redis.call('SET', KEYS[1], string.format('%s:%d', ARGV[1], r), 'PX', ARGV[2])
+local r = fresh()
+if not r then return {-1, 0} end
 return {1, r}
 "#;
 
@@ -72,12 +96,14 @@ return {1, r}
 /// are not older than the stored record's. `KEYS`: record, lease, backoff. `ARGV`: replica id,
 /// fence, generation, key id, nonce, ciphertext, ttl ms. Returns 1, or a negative refusal: -1
 /// not the lease holder, -2 an older fence, -3 not a newer generation, -4 the record key holds
-/// another type. Fields are set first and stale ones removed after (no moment without a
-/// record, even if a step fails); a written session ends the fleet's auth backoff.
+/// another type (or fence or generation fields longer than 32 bytes). Fields are set first and
+/// stale ones removed after (no moment without a record, even if a step fails); a written
+/// session ends the fleet's auth backoff.
 pub const WRITE_SCRIPT: &str = r#"
 local t = redis.call('TYPE', KEYS[1]).ok
 if t ~= 'none' and t ~= 'hash' then return -4 end
-if redis.call('TYPE', KEYS[2]).ok ~= 'string' then return -1 end
+if redis.call('HSTRLEN', KEYS[1], 'fence') > 32 or redis.call('HSTRLEN', KEYS[1], 'gen') > 32 then return -4 end
+if redis.call('TYPE', KEYS[2]).ok ~= 'string' or redis.call('STRLEN', KEYS[2]) > 256 then return -1 end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] .. ':' .. ARGV[2] then return -1 end
 local f = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0') or 0
 local g = tonumber(redis.call('HGET', KEYS[1], 'gen') or '0') or 0
@@ -125,7 +151,7 @@ return {state, fields, small(KEYS[2]), small(KEYS[3]), small(KEYS[4])}
 
 /// Gives the lease up if this replica holds it. `KEYS`: lease. `ARGV`: replica id.
 pub const RELEASE_SCRIPT: &str = r#"
-if redis.call('TYPE', KEYS[1]).ok ~= 'string' then return 0 end
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' or redis.call('STRLEN', KEYS[1]) > 256 then return 0 end
 local cur = redis.call('GET', KEYS[1])
 if string.match(cur, '^(.*):%d+$') == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -142,6 +168,21 @@ const YIELD_AFTER_FAILURES: u32 = 3;
 
 /// While waiting for the owner's renewal after a 401, the record is read this often.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
+
+/// The longest fleet backoff a replica honours: the longest wait the sidecar itself ever
+/// writes (FinHub's `Retry-After` is honoured up to 15 min; without one the backoff is at most
+/// 30 s, or `auth.recovery_interval`).
+const MAX_STORED_BACKOFF: Duration = MAX_RETRY_AFTER;
+/// Failure and rejection counts read from the store are capped here (the waits they drive are
+/// capped long before).
+const MAX_STORED_COUNT: u32 = 16;
+/// Slack for another replica's clock when a stored time is bounded.
+const CLOCK_SLACK: Duration = Duration::from_secs(5);
+/// A refused write (the lease or record belongs to another owner) is logged at most this often.
+const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Lease changes logged at info per minute (more are logged at debug).
+const LEASE_LINES_PER_MINUTE: u32 = 6;
 
 /// At most this many distinct key ids are metric labels (a hostile store cannot grow the
 /// exposition without bound); others count as `other`.
@@ -192,14 +233,24 @@ struct Snapshot {
     /// Why the record key holds nothing this code writes (another type, too large, not
     /// text): an unreadable record, not a store outage.
     malformed: Option<&'static str>,
-    renew_requested: Option<u64>,
-    /// Credentials FinHub rejected (`<prefix><tenant>:rejected`).
+    /// The small keys as read (`renew`, `rejected`, `backoff`), not yet authenticated.
+    raw: [Option<String>; 3],
+    /// A follower's authenticated request to renew (`<prefix><tenant>:renew`).
+    renew_requested: Option<RenewRequest>,
+    /// Credentials FinHub rejected (`<prefix><tenant>:rejected`), authenticated and bounded.
     rejected: Option<Marker>,
-    /// The fleet's auth backoff (`<prefix><tenant>:backoff`).
+    /// The fleet's auth backoff (`<prefix><tenant>:backoff`), authenticated and bounded.
     backoff: Option<Backoff>,
 }
 
-/// `<prefix><tenant>:rejected`: `<fingerprint>:<retry at, unix ms>:<rejections>`.
+/// `<prefix><tenant>:renew`: `<generation>:<asked at, unix ms>`, tagged ([`KeyRing::sign`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RenewRequest {
+    generation: u64,
+    at_ms: i64,
+}
+
+/// `<prefix><tenant>:rejected`: `<fingerprint>:<retry at, unix ms>:<rejections>`, tagged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Marker {
     fingerprint: String,
@@ -207,12 +258,14 @@ struct Marker {
     rejections: u32,
 }
 
-/// `<prefix><tenant>:backoff`: `<next attempt, unix ms>:<failures in a row>`, written by an
-/// owner after a failed auth call, honoured by every owner after it.
+/// `<prefix><tenant>:backoff`: `<next attempt, unix ms>:<failures in a row>:<generation>`,
+/// tagged; written by an owner after a failed auth call, honoured by every owner after it
+/// while no newer record than `generation` was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Backoff {
     until_us: i64,
     failures: u32,
+    generation: u64,
 }
 
 /// The lease as [`ACQUIRE_SCRIPT`] found it.
@@ -333,7 +386,31 @@ impl SharedStore {
             .await
             .map_err(|f| self.failed(f))?;
         self.answered();
-        let snap = parse_snapshot(v);
+        let mut snap = parse_snapshot(v);
+        let now_us = unix_us(SystemTime::now());
+        let keys = &self.settings.keys;
+        let [renew, rejected, backoff] = &snap.raw;
+        snap.renew_requested = renew.as_deref().and_then(|raw| {
+            verified_renew(
+                keys,
+                &self.key(tenant, "renew"),
+                raw,
+                now_us,
+                self.settings.follow_timeout * 2,
+            )
+        });
+        snap.rejected = rejected
+            .as_deref()
+            .and_then(|raw| verified_marker(keys, &self.key(tenant, "rejected"), raw, now_us));
+        snap.backoff = backoff.as_deref().and_then(|raw| {
+            verified_backoff(
+                keys,
+                &self.key(tenant, "backoff"),
+                raw,
+                now_us,
+                self.settings.lease_ttl,
+            )
+        });
         if let Some(kind) = snap.malformed {
             self.metrics
                 .session_store_errors
@@ -344,10 +421,12 @@ impl SharedStore {
         Ok(snap)
     }
 
-    /// Takes or extends the lease (in a `finhub.session.lease` span).
-    async fn acquire(&self, tenant: &str) -> Result<Lease, Failure> {
+    /// Takes or extends the lease (in a `finhub.session.lease` span); a fence not above `seen`
+    /// (the highest fence of an authenticated record this replica knows) is replaced by a fresh
+    /// one.
+    async fn acquire(&self, tenant: &str, seen: u64) -> Result<Lease, Failure> {
         let span = crate::telemetry::BackgroundSpan::start("finhub.session.lease", tenant);
-        let lease = self.acquire_lease(tenant).await;
+        let lease = self.acquire_lease(tenant, seen).await;
         span.end(match &lease {
             Ok(Lease::Held(_)) => "held",
             Ok(Lease::Other) => "other",
@@ -357,11 +436,12 @@ impl SharedStore {
         lease
     }
 
-    async fn acquire_lease(&self, tenant: &str) -> Result<Lease, Failure> {
+    async fn acquire_lease(&self, tenant: &str, seen: u64) -> Result<Lease, Failure> {
         let mut inv = self.acquire.key(self.key(tenant, "lease"));
         inv.key(self.key(tenant, "fence"))
             .arg(&self.replica)
-            .arg(self.settings.lease_ttl.as_millis() as u64);
+            .arg(self.settings.lease_ttl.as_millis() as u64)
+            .arg(seen);
         let (held, fence) = self
             .pool
             .call(|mut c| async move { inv.invoke_async::<(i64, i64)>(&mut c).await })
@@ -398,7 +478,10 @@ impl SharedStore {
             marker.until_us / 1000,
             marker.rejections
         );
-        self.set_px(key, value, ttl_ms).await
+        let Some(signed) = self.settings.keys.sign(&key, &value) else {
+            return Ok(());
+        };
+        self.set_px(key, signed, ttl_ms).await
     }
 
     /// Tells every later owner when the next auth attempt may be made.
@@ -406,8 +489,11 @@ impl SharedStore {
         let key = self.key(tenant, "backoff");
         let left_ms = (b.until_us - unix_us(SystemTime::now())) / 1000;
         let ttl_ms = left_ms.max(0) + self.settings.lease_ttl.as_millis() as i64;
-        self.set_px(key, format!("{}:{}", b.until_us / 1000, b.failures), ttl_ms)
-            .await
+        let value = format!("{}:{}:{}", b.until_us / 1000, b.failures, b.generation);
+        let Some(signed) = self.settings.keys.sign(&key, &value) else {
+            return Ok(());
+        };
+        self.set_px(key, signed, ttl_ms).await
     }
 
     async fn set_px(&self, key: String, value: String, ttl_ms: i64) -> Result<(), Failure> {
@@ -440,8 +526,12 @@ impl SharedStore {
     /// Asks the owner to renew generation `generation` (FinHub refused it).
     async fn ask_renewal(&self, tenant: &str, generation: u64) -> Result<(), Failure> {
         let ttl = i64::try_from((self.settings.follow_timeout * 2).as_millis()).unwrap_or(i64::MAX);
-        self.set_px(self.key(tenant, "renew"), generation.to_string(), ttl)
-            .await
+        let key = self.key(tenant, "renew");
+        let value = format!("{generation}:{}", unix_us(SystemTime::now()) / 1000);
+        let Some(signed) = self.settings.keys.sign(&key, &value) else {
+            return Ok(());
+        };
+        self.set_px(key, signed, ttl).await
     }
 
     /// Encrypts `s` and writes it as generation `generation` under the lease with `fence`.
@@ -648,26 +738,76 @@ fn parse_snapshot(v: redis::Value) -> Snapshot {
         }
     }
     let small = |i: usize| items.get(i).and_then(text);
-    snap.renew_requested = small(2).and_then(|g| g.parse().ok());
-    snap.rejected = small(3).and_then(|m| {
-        let mut it = m.splitn(3, ':');
-        let fingerprint = it.next()?.to_string();
-        let until_ms: i64 = it.next()?.parse().ok()?;
-        let rejections = it.next()?.parse().ok()?;
-        (fingerprint.len() == 32).then_some(Marker {
-            fingerprint,
-            until_us: until_ms.saturating_mul(1000),
-            rejections,
-        })
-    });
-    snap.backoff = small(4).and_then(|b| {
-        let (until, failures) = b.split_once(':')?;
-        Some(Backoff {
-            until_us: until.parse::<i64>().ok()?.saturating_mul(1000),
-            failures: failures.parse().ok()?,
-        })
-    });
+    snap.raw = [small(2), small(3), small(4)];
     snap
+}
+
+/// A renewal request read from `key`, if it authenticates and was asked within `window` (plus
+/// [`CLOCK_SLACK`]) of `now_us`: a replayed or forged one forces nothing.
+fn verified_renew(
+    keys: &KeyRing,
+    key: &str,
+    raw: &str,
+    now_us: i64,
+    window: Duration,
+) -> Option<RenewRequest> {
+    let (generation, at_ms) = keys.verify(key, raw)?.split_once(':')?;
+    let r = RenewRequest {
+        generation: generation.parse().ok()?,
+        at_ms: at_ms.parse().ok()?,
+    };
+    let at_us = r.at_ms.checked_mul(1000)?;
+    let slack = us(CLOCK_SLACK);
+    (at_us <= now_us.saturating_add(slack)
+        && at_us >= now_us.saturating_sub(us(window)).saturating_sub(slack))
+    .then_some(r)
+}
+
+/// A rejected-credentials marker read from `key`, if it authenticates and its retry time is
+/// ahead but no further than the longest wait for rejected credentials (5 min).
+fn verified_marker(keys: &KeyRing, key: &str, raw: &str, now_us: i64) -> Option<Marker> {
+    let mut it = keys.verify(key, raw)?.splitn(3, ':');
+    let fingerprint = it.next()?.to_string();
+    let until_us = it.next()?.parse::<i64>().ok()?.checked_mul(1000)?;
+    let rejections: u32 = it.next()?.parse().ok()?;
+    let latest = now_us.saturating_add(us(REJECTED_MAX + CLOCK_SLACK));
+    (fingerprint.len() == 32 && until_us > now_us && until_us <= latest).then(|| Marker {
+        fingerprint,
+        until_us,
+        rejections: rejections.min(MAX_STORED_COUNT),
+    })
+}
+
+/// The fleet's backoff read from `key`, if it authenticates and its next attempt is no further
+/// ahead than the longest wait the sidecar writes ([`MAX_STORED_BACKOFF`]) and no longer ago
+/// than the key lives after it (`lease_ttl`): an owner between two attempts still reports one
+/// (it holds nothing back once its time has passed).
+fn verified_backoff(
+    keys: &KeyRing,
+    key: &str,
+    raw: &str,
+    now_us: i64,
+    lease_ttl: Duration,
+) -> Option<Backoff> {
+    let mut it = keys.verify(key, raw)?.splitn(3, ':');
+    let until_us = it.next()?.parse::<i64>().ok()?.checked_mul(1000)?;
+    let failures: u32 = it.next()?.parse().ok()?;
+    let generation = it.next()?.parse().ok()?;
+    let latest = now_us.saturating_add(us(MAX_STORED_BACKOFF + CLOCK_SLACK));
+    let earliest = now_us.saturating_sub(us(lease_ttl + CLOCK_SLACK));
+    (until_us > earliest && until_us <= latest).then_some(Backoff {
+        until_us,
+        failures: failures.min(MAX_STORED_COUNT),
+        generation,
+    })
+}
+
+/// When a follower whose session came from the store renews it on its own: the owner's
+/// renewal was planned at `planned_us` and the token can be renewed in time until
+/// `latest_us`; half of the time between is the owner's (its renewal and a poll to see it),
+/// the rest the follower's, so that it still renews before its token becomes unusable.
+fn own_renewal_at(planned_us: i64, latest_us: i64) -> i64 {
+    planned_us + (latest_us - planned_us).max(0) / 2
 }
 
 /// A key id or replica id fit for a log line and a metric label: at most 32 characters of
@@ -830,6 +970,26 @@ pub(super) struct Follower {
     newest_obtained_us: i64,
     /// Whether the fallback (or a corrupt lease) was logged since the last normal look.
     fallback_logged: bool,
+    /// The highest fence of an authenticated record seen or written: a lease of this
+    /// replica's with a lower one is replaced by a fresh fence ([`ACQUIRE_SCRIPT`]).
+    max_fence: u64,
+    /// Not renewing before this (µs, our clock): the fleet's backoff as of the last look
+    /// (re-derived at every look, 0 for none).
+    hold_until_us: i64,
+    /// Credentials rejected per the fleet's marker as of the last look: this replica's
+    /// credentials' fingerprint and the retry time (re-derived at every look that reads the
+    /// store; kept until that time while the store cannot be read).
+    marker_hold: Option<(u64, i64)>,
+    /// The last renewal request honoured (each is honoured once).
+    honoured: Option<RenewRequest>,
+    /// Writes refused since the last log line about them, and when that was.
+    refused: u32,
+    refused_logged: Option<Instant>,
+    /// The generation whose session this follower renewed on its own: logged once, and from
+    /// then on it follows the plan of its own attempt's answer (no new attempt per look).
+    renewed_alone: Option<u64>,
+    /// Lease changes logged in the current minute: since when, how many.
+    lease_lines: (Instant, u32),
 }
 
 impl Follower {
@@ -851,7 +1011,21 @@ impl Follower {
             stale_since: None,
             newest_obtained_us: 0,
             fallback_logged: false,
+            max_fence: 0,
+            hold_until_us: 0,
+            marker_hold: None,
+            honoured: None,
+            refused: 0,
+            refused_logged: None,
+            renewed_alone: None,
+            lease_lines: (Instant::now(), 0),
         }
+    }
+
+    /// When the renewal loop wakes next for a plan due at `at_us`: not before the fleet's
+    /// backoff (as of the last look), and never after the next look.
+    pub(super) fn wake_us(&self, at_us: i64) -> i64 {
+        at_us.max(self.hold_until_us).min(self.next_look_us)
     }
 }
 
@@ -882,10 +1056,31 @@ impl Renewer {
         };
         let was = f.fence.is_some();
         f.fence = fence;
-        if fence.is_some() && !was {
-            tracing::info!(tenant = %tenant, fence = fence.unwrap_or(0), replica = f.store.replica(), "took the tenant's renewal lease: this replica renews the shared session");
-        } else if fence.is_none() && was {
-            tracing::info!(tenant = %tenant, "gave up the tenant's renewal lease");
+        if fence.is_some() != was {
+            // A lease that keeps changing hands (someone rewriting it) is not a log flood.
+            let now = Instant::now();
+            let (since, lines) = f.lease_lines;
+            let (since, lines) = if now - since >= REFUSED_LOG_EVERY {
+                (now, 0)
+            } else {
+                (since, lines)
+            };
+            f.lease_lines = (since, lines.saturating_add(1));
+            let loud = lines < LEASE_LINES_PER_MINUTE;
+            match (fence, loud) {
+                (Some(n), true) => {
+                    tracing::info!(tenant = %tenant, fence = n, replica = f.store.replica(), "took the tenant's renewal lease: this replica renews the shared session")
+                }
+                (Some(n), false) => {
+                    tracing::debug!(tenant = %tenant, fence = n, "took the tenant's renewal lease")
+                }
+                (None, true) => {
+                    tracing::info!(tenant = %tenant, "gave up the tenant's renewal lease")
+                }
+                (None, false) => {
+                    tracing::debug!(tenant = %tenant, "gave up the tenant's renewal lease")
+                }
+            }
         }
         self.metrics
             .session_lease_owner
@@ -942,10 +1137,13 @@ impl Renewer {
         let settings_poll = store.settings.poll_interval;
         let now_us = unix_us(SystemTime::now());
         f.next_look_us = now_us + us(settings_poll);
+        f.hold_until_us = 0;
         let snapshot = store.snapshot(&tenant).await;
         let mut renew_requested = None;
         let mut backoff = None;
         let role = match snapshot {
+            // An authenticated rejected-credentials hold from the last look stays until its
+            // retry time (at most 5 min): the store cannot say it is over.
             Err(failure) => self.store_failed(failure),
             Ok(snap) => {
                 if let Some(f) = self.follower() {
@@ -955,7 +1153,6 @@ impl Renewer {
                     f.store_up = true;
                 }
                 renew_requested = snap.renew_requested;
-                backoff = snap.backoff;
                 let readable = match snap.record {
                     None => {
                         if let Some(f) = self.follower() {
@@ -965,8 +1162,12 @@ impl Renewer {
                     }
                     Some(record) => self.consider(record, next),
                 };
+                // A backoff written before the newest record is over (a replay).
+                let last_generation = self.shared.as_ref().map_or(0, |f| f.last_generation);
+                backoff = snap.backoff.filter(|b| b.generation >= last_generation);
                 self.note_staleness();
-                let held_back = self.held_back(&store, snap.rejected.as_ref());
+                self.apply_marker(&store, snap.rejected.as_ref());
+                let held_back = self.held_back();
                 if !readable {
                     if self.shared.as_ref().is_some_and(|f| f.fence.is_some()) {
                         store.release(&tenant).await;
@@ -987,7 +1188,8 @@ impl Renewer {
                     }
                     Role::Follower
                 } else {
-                    match store.acquire(&tenant).await {
+                    let seen = self.shared.as_ref().map_or(0, |f| f.max_fence);
+                    match store.acquire(&tenant, seen).await {
                         Ok(Lease::Held(fence)) => {
                             self.set_owner(Some(fence));
                             Role::Owner
@@ -1039,12 +1241,18 @@ impl Renewer {
         }
         if let (Role::Owner, Some(b)) = (role, backoff) {
             // The fleet's backoff (an earlier owner's failures): FinHub asked the fleet, not
-            // one replica, to slow down.
-            if b.until_us > next.at_us {
-                next.at_us = b.until_us;
+            // one replica, to slow down. Held for this look only, and never past the moment
+            // this replica's own session must be renewed.
+            let mut until = b.until_us;
+            if let Some(left) = self.usable_for(usable.as_deref(), now) {
+                until = until.min(now_us + us(left));
             }
             self.failures = self.failures.max(b.failures);
+            if let Some(f) = self.follower() {
+                f.hold_until_us = until;
+            }
         }
+        let hold_us = self.shared.as_ref().map_or(0, |f| f.hold_until_us);
         let forced = self.slot.forced_pending();
         match role {
             Role::Owner => {
@@ -1073,16 +1281,24 @@ impl Renewer {
                     self.share_current().await;
                 }
                 let adopted = self.shared.as_ref().and_then(|f| f.adopted);
-                if let (Some(g), Some((mine, _))) = (renew_requested, adopted) {
-                    if g == mine && !forced && self.forced_allowed() {
-                        tracing::info!(tenant = %tenant, generation = g, "another replica's request was refused by FinHub: renewing the shared session");
+                let honoured = self.shared.as_ref().and_then(|f| f.honoured);
+                if let (Some(r), Some((mine, _))) = (renew_requested, adopted) {
+                    if r.generation == mine
+                        && honoured != Some(r)
+                        && !forced
+                        && self.forced_allowed()
+                    {
+                        tracing::info!(tenant = %tenant, generation = r.generation, "another replica's request was refused by FinHub: renewing the shared session");
+                        if let Some(f) = self.follower() {
+                            f.honoured = Some(r);
+                        }
                         self.slot
                             .forced
                             .store(self.slot.generation(), Ordering::SeqCst);
                         return Turn::Renew;
                     }
                 }
-                if forced || now_us >= next.at_us {
+                if forced || now_us >= next.at_us.max(hold_us) {
                     Turn::Renew
                 } else {
                     Turn::Wait
@@ -1121,7 +1337,47 @@ impl Renewer {
                         Turn::Wait
                     };
                 }
-                next.at_us = self.shared.as_ref().map_or(now_us, |f| f.next_look_us);
+                let look_us = self.shared.as_ref().map_or(now_us, |f| f.next_look_us);
+                if let Some(s) = usable.as_deref() {
+                    // The shared session: the owner renews it at its plan. When that has passed
+                    // with no newer record (an owner that is stuck, a lease held by no sidecar,
+                    // an old record restored), this replica renews on its own, before its token
+                    // becomes unusable.
+                    let generation = self.shared.as_ref().and_then(|f| f.adopted).map(|a| a.0);
+                    let tried = self.shared.as_ref().is_some_and(|f| {
+                        f.renewed_alone.is_some() && f.renewed_alone == generation
+                    });
+                    if tried {
+                        // Renewed on its own already and got no new token ("not refreshed" or
+                        // a failure): its own plan from that answer, as for one replica.
+                        return if now_us >= next.at_us && !self.held_back() {
+                            Turn::Renew
+                        } else {
+                            Turn::Wait
+                        };
+                    }
+                    // The plan as the owner made it (not moved to now: a refresh planned inside
+                    // FinHub's window stays a refresh).
+                    let planned = self.plan_for(s, 0);
+                    let latest = self
+                        .usable_for(Some(s), now)
+                        .map_or(now_us, |l| now_us + us(l));
+                    // The fleet's backoff (authenticated) may delay it, never past `latest`.
+                    let at = own_renewal_at(planned.at_us, latest)
+                        .max(backoff.map_or(0, |b| b.until_us))
+                        .min(latest);
+                    if now_us >= at && !self.held_back() {
+                        if let Some(f) = self.follower() {
+                            f.renewed_alone = generation;
+                        }
+                        tracing::warn!(tenant = %tenant, generation = generation.unwrap_or(0), "no newer shared session after its refresh point; renewing on our own before the token becomes unusable");
+                        *next = planned;
+                        return Turn::Renew;
+                    }
+                    next.at_us = at.min(look_us);
+                    return Turn::Wait;
+                }
+                next.at_us = look_us;
                 Turn::Wait
             }
         }
@@ -1172,29 +1428,50 @@ impl Renewer {
         }
     }
 
-    /// Whether this replica holds credentials FinHub rejected (its own login, or another
-    /// replica's with the same credentials per `marker`) and may not try them yet. Adopts the
-    /// marker's retry time.
-    fn held_back(&mut self, store: &SharedStore, marker: Option<&Marker>) -> bool {
+    /// Takes the fleet's rejected-credentials marker as of this look (`None`: none, or not
+    /// authenticated, or not about this replica's credentials): re-derived at every look,
+    /// never kept once the marker is gone.
+    fn apply_marker(&mut self, store: &SharedStore, marker: Option<&Marker>) {
         let now_us = unix_us(SystemTime::now());
-        if let Some(m) = marker.filter(|m| m.until_us > now_us) {
-            if m.fingerprint == store.credentials_fingerprint(&self.slot.tenant) {
-                if self.rejected.is_none_or(|(_, until)| until < m.until_us) {
-                    tracing::warn!(
-                        tenant = %self.tenant_id,
-                        retry_in_ms = (m.until_us - now_us) / 1000,
-                        "FinHub rejected another replica's login with the credentials this replica holds; not trying them before then (retried sooner if they change)"
-                    );
-                    self.rejected = Some((
-                        self.client.credentials_fingerprint(&self.slot.tenant),
-                        m.until_us,
-                    ));
-                    self.rejections = self.rejections.max(m.rejections);
-                }
-                return true;
+        let hold = marker.filter(|m| {
+            m.until_us > now_us && m.fingerprint == store.credentials_fingerprint(&self.slot.tenant)
+        });
+        let tenant = self.tenant_id.clone();
+        let fingerprint = self.client.credentials_fingerprint(&self.slot.tenant);
+        let own_until = self.rejected.map_or(0, |(_, until)| until);
+        let Some(f) = self.follower() else {
+            return;
+        };
+        let was = f.marker_hold;
+        f.marker_hold = hold.map(|m| (fingerprint, m.until_us));
+        if let Some(m) = hold {
+            if was.is_none() && m.until_us > own_until {
+                tracing::warn!(
+                    tenant = %tenant,
+                    retry_in_ms = (m.until_us - now_us) / 1000,
+                    "FinHub rejected another replica's login with the credentials this replica holds; not trying them before then (retried sooner if they change)"
+                );
             }
+            self.rejections = self.rejections.max(m.rejections);
         }
-        self.rejected.is_some_and(|(fingerprint, until)| {
+    }
+
+    /// The credentials FinHub rejected and until when they are not tried again: this
+    /// replica's own rejected login, or the fleet's marker as of the last look, whichever
+    /// ends later.
+    pub(super) fn rejected_now(&self) -> Option<(u64, i64)> {
+        let marker = self.shared.as_ref().and_then(|f| f.marker_hold);
+        match (self.rejected, marker) {
+            (Some(own), Some(m)) => Some(if m.1 > own.1 { m } else { own }),
+            (own, m) => own.or(m),
+        }
+    }
+
+    /// Whether this replica holds credentials FinHub rejected ([`Renewer::rejected_now`]) and
+    /// may not try them yet.
+    fn held_back(&self) -> bool {
+        let now_us = unix_us(SystemTime::now());
+        self.rejected_now().is_some_and(|(fingerprint, until)| {
             until > now_us && fingerprint == self.client.credentials_fingerprint(&self.slot.tenant)
         })
     }
@@ -1204,7 +1481,7 @@ impl Renewer {
     /// credentials (e.g. one a rotation reached first).
     async fn give_way_rejected(&mut self, store: &SharedStore) {
         let tenant = self.tenant_id.clone();
-        if let Some((_, until_us)) = self.rejected {
+        if let Some((_, until_us)) = self.rejected_now() {
             let marker = Marker {
                 fingerprint: store.credentials_fingerprint(&self.slot.tenant),
                 until_us,
@@ -1229,7 +1506,7 @@ impl Renewer {
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
-                match store.acquire(&tenant).await {
+                match store.acquire(&tenant, fence).await {
                     Ok(Lease::Held(f)) if f == fence => {}
                     _ => {
                         flag.store(true, Ordering::SeqCst);
@@ -1292,6 +1569,7 @@ impl Renewer {
             Ok((generation, fence, payload)) => {
                 f.unreadable = None;
                 f.last_generation = f.last_generation.max(generation);
+                f.max_fence = f.max_fence.max(fence);
                 if f.adopted == Some((generation, fence)) {
                     return true;
                 }
@@ -1419,6 +1697,7 @@ impl Renewer {
                 let b = Backoff {
                     until_us: next.at_us,
                     failures,
+                    generation: f.last_generation,
                 };
                 let _ = store.set_backoff(&tenant, b).await;
             }
@@ -1447,6 +1726,8 @@ impl Renewer {
             Ok(true) => {
                 if let Some(f) = self.follower() {
                     f.last_generation = generation;
+                    f.max_fence = f.max_fence.max(fence);
+                    f.refused = 0;
                     f.adopted = Some((generation, fence));
                     f.newest_obtained_us = f.newest_obtained_us.max(unix_us(s.obtained_at));
                 }
@@ -1454,12 +1735,23 @@ impl Renewer {
                 tracing::debug!(tenant = %tenant, generation, "shared session written");
             }
             Ok(false) => {
-                tracing::info!(tenant = %tenant, "the shared record belongs to a newer owner; not written, following it");
+                // Refused (the lease or the record belongs to another owner, or the lease's
+                // fence is older than the record's): follow; the next look comes at the usual
+                // pace (it takes a fresh fence if this replica still holds the lease), and the
+                // line is logged at most once a minute.
+                if let Some(f) = self.follower() {
+                    f.refused = f.refused.saturating_add(1);
+                    let now = Instant::now();
+                    if f.refused_logged
+                        .is_none_or(|t| now - t >= REFUSED_LOG_EVERY)
+                    {
+                        tracing::info!(tenant = %tenant, refused = f.refused, "the shared record belongs to a newer owner; not written, following it");
+                        f.refused_logged = Some(now);
+                        f.refused = 0;
+                    }
+                }
                 self.set_owner(None);
                 self.set_source(Source::Local);
-                if let Some(f) = self.follower() {
-                    f.next_look_us = 0;
-                }
             }
             Err(_) => {
                 self.set_source(Source::Local);
@@ -1552,41 +1844,101 @@ mod tests {
         let s = parse_snapshot(answer(1, vec![bulk(b"kid"), bulk(b"\xff\xfe")], none()));
         assert_eq!(s.malformed, Some("not_text"));
         assert!(parse_snapshot(Value::Okay).malformed.is_some());
+        // The small keys are passed on as text (non-UTF-8 dropped), to be authenticated.
         let s = parse_snapshot(answer(
             0,
             vec![],
-            [
-                bulk(b"7"),
-                bulk(b"0123456789abcdef0123456789abcdef:1700000000000:2"),
-                bulk(b"1700000000500:3"),
-            ],
+            [bulk(b"7"), bulk(b"\xff:1"), bulk(b"1700000000500:3")],
         ));
-        assert_eq!(s.renew_requested, Some(7));
         assert_eq!(
-            s.rejected,
-            Some(Marker {
-                fingerprint: "0123456789abcdef0123456789abcdef".into(),
-                until_us: 1_700_000_000_000_000,
-                rejections: 2
-            })
+            s.raw,
+            [Some("7".into()), None, Some("1700000000500:3".into())]
         );
-        assert_eq!(
-            s.backoff,
-            Some(Backoff {
-                until_us: 1_700_000_000_500_000,
-                failures: 3
-            })
-        );
-        // Garbage in the small keys is ignored.
-        let s = parse_snapshot(answer(
-            0,
-            vec![],
-            [bulk(b"x"), bulk(b"short:1:1"), bulk(b"1e+14:x")],
-        ));
         assert_eq!(
             (s.renew_requested, s.rejected, s.backoff),
             (None, None, None)
         );
+    }
+
+    #[test]
+    fn steering_values_count_only_authenticated_and_within_what_a_sidecar_writes() {
+        let ring = KeyRing::new(vec![SessionKey::from_bytes(&[5; 32])]);
+        let now_ms: i64 = 1_700_000_000_000;
+        let now_us = now_ms * 1000;
+        let fp = "0123456789abcdef0123456789abcdef";
+        let sign = |key: &str, v: String| ring.sign(key, &v).unwrap();
+        // The fleet's backoff: ahead, at most 15 min (+ slack), counts capped.
+        let ttl = Duration::from_secs(2);
+        let b = |until_ms: i64, failures: u64| {
+            let v = sign("p:t:backoff", format!("{until_ms}:{failures}:4"));
+            verified_backoff(&ring, "p:t:backoff", &v, now_us, ttl)
+        };
+        assert_eq!(
+            b(now_ms + 2_000, 3),
+            Some(Backoff {
+                until_us: (now_ms + 2_000) * 1000,
+                failures: 3,
+                generation: 4
+            })
+        );
+        assert_eq!(b(now_ms + 900_000, 99).map(|b| b.failures), Some(16));
+        assert_eq!(
+            b(now_ms + 3_600_000, 1),
+            None,
+            "beyond what a sidecar writes"
+        );
+        assert_eq!(b(4_102_444_800_000, 1), None);
+        // Just over (an owner between attempts): still reported; long over: not.
+        assert!(b(now_ms - 1, 1).is_some());
+        assert_eq!(b(now_ms - 60_000, 1), None, "over");
+        let unsigned = format!("{}:0:4", now_ms + 2_000);
+        assert_eq!(
+            verified_backoff(&ring, "p:t:backoff", &unsigned, now_us, ttl),
+            None
+        );
+        // Altered after signing (the 28.2 replay): refused.
+        let genuine = sign("p:t:rejected", format!("{fp}:{}:1", now_ms + 30_000));
+        let m = verified_marker(&ring, "p:t:rejected", &genuine, now_us).unwrap();
+        assert_eq!((m.fingerprint.as_str(), m.rejections), (fp, 1));
+        let rewritten = genuine.replacen(&(now_ms + 30_000).to_string(), "4102444800000", 1);
+        assert_eq!(
+            verified_marker(&ring, "p:t:rejected", &rewritten, now_us),
+            None
+        );
+        let far = sign("p:t:rejected", format!("{fp}:{}:1", now_ms + 400_000));
+        assert_eq!(verified_marker(&ring, "p:t:rejected", &far, now_us), None);
+        // Moved to another key: refused.
+        assert_eq!(
+            verified_marker(&ring, "p:u:rejected", &genuine, now_us),
+            None
+        );
+        // Renewal requests: authenticated, asked within the window.
+        let window = Duration::from_secs(10);
+        let r = |at_ms: i64| {
+            let v = sign("p:t:renew", format!("7:{at_ms}"));
+            verified_renew(&ring, "p:t:renew", &v, now_us, window)
+        };
+        assert_eq!(
+            r(now_ms - 1_000),
+            Some(RenewRequest {
+                generation: 7,
+                at_ms: now_ms - 1_000
+            })
+        );
+        assert_eq!(r(now_ms - 60_000), None, "a replay of an old request");
+        assert_eq!(r(now_ms + 60_000), None);
+        assert_eq!(
+            verified_renew(&ring, "p:t:renew", "7", now_us, window),
+            None
+        );
+    }
+
+    #[test]
+    fn a_follower_renews_on_its_own_halfway_between_the_owners_plan_and_its_last_moment() {
+        assert_eq!(own_renewal_at(1_000, 2_000), 1_500);
+        assert_eq!(own_renewal_at(1_000, 1_000), 1_000);
+        // Already past the last moment: at once.
+        assert_eq!(own_renewal_at(1_000, 500), 1_000);
     }
 
     #[test]
