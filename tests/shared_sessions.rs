@@ -968,7 +968,11 @@ fn ha_config(fleet: &Fleet, url: &str) -> SidecarConfig {
 
 /// Waits until every replica's pools (session store and rate limit) use `port` as primary and
 /// the limiter decides through Redis again; how long that took.
-async fn fleet_on_primary(fleet: &[&SidecarProcess], port: u16, within: Duration) -> Option<Duration> {
+async fn fleet_on_primary(
+    fleet: &[&SidecarProcess],
+    port: u16,
+    within: Duration,
+) -> Option<Duration> {
     let started = Instant::now();
     let mut marks = Vec::new();
     for sc in fleet {
@@ -1009,7 +1013,9 @@ async fn a_sentinel_failover_is_followed_by_both_fleet_features() {
     let (first, second) = (set.primary.port, set.replica.port);
     let traffic: Vec<Traffic> = all.iter().map(|sc| Traffic::start(sc, 2, PAUSE)).collect();
     assert!(
-        fleet_on_primary(&all, first, Duration::from_secs(20)).await.is_some(),
+        fleet_on_primary(&all, first, Duration::from_secs(20))
+            .await
+            .is_some(),
         "the fleet did not reach the primary through the sentinels:\n{}",
         a.log()
     );
@@ -1027,7 +1033,10 @@ async fn a_sentinel_failover_is_followed_by_both_fleet_features() {
     // 1. A planned failover.
     let bound = Duration::from_secs(10);
     let _: String = set.sentinels[0].cmd(&["failover", "mymaster"]).unwrap();
-    assert!(set.wait_primary(second, Duration::from_secs(20)).await, "sentinel failover");
+    assert!(
+        set.wait_primary(second, Duration::from_secs(20)).await,
+        "sentinel failover"
+    );
     let took = fleet_on_primary(&all, second, bound).await;
     assert!(took.is_some(), "fleet not on the new primary:\n{}", a.log());
     let logins_1 = fleet.stats().logins - logins;
@@ -1038,25 +1047,40 @@ async fn a_sentinel_failover_is_followed_by_both_fleet_features() {
     assert!(logins_1 <= 1, "extra logins: {logins_1}");
     for sc in &all {
         assert!(
-            sc.counter(r#"finhub_sidecar_redis_failovers_total{pool="session_store"}"#).await >= 1.0
+            sc.counter(r#"finhub_sidecar_redis_failovers_total{pool="session_store"}"#)
+                .await
+                >= 1.0
         );
     }
 
     // 2. The primary dies (the old one, now a replica again, is promoted).
     let linked = eventually(Duration::from_secs(20), || async {
         let mut conn = redis_conn(first);
-        let info: String = redis::cmd("INFO").arg("replication").query(&mut conn).ok()?;
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut conn)
+            .ok()?;
         info.contains("master_link_status:up").then_some(())
     })
     .await;
-    assert!(linked.is_some(), "the demoted primary did not sync from the new one");
+    assert!(
+        linked.is_some(),
+        "the demoted primary did not sync from the new one"
+    );
     let logins = fleet.stats().logins;
     let killed_at = Instant::now();
     set.replica.kill();
-    assert!(set.wait_primary(first, Duration::from_secs(30)).await, "failover after the kill");
+    assert!(
+        set.wait_primary(first, Duration::from_secs(30)).await,
+        "failover after the kill"
+    );
     let promoted = killed_at.elapsed();
     let took = fleet_on_primary(&all, first, bound).await;
-    assert!(took.is_some(), "fleet not on the promoted replica:\n{}", a.log());
+    assert!(
+        took.is_some(),
+        "fleet not on the promoted replica:\n{}",
+        a.log()
+    );
     let logins_2 = fleet.stats().logins - logins;
     eprintln!(
         "figures: primary killed: sentinels promoted the replica after {promoted:?}; fleet on it {:?} later ({:?} from the kill); extra logins {logins_2}",
@@ -1073,7 +1097,9 @@ async fn a_sentinel_failover_is_followed_by_both_fleet_features() {
     assert_eq!(readonly_errors(first), 0, "a write was tried on a replica");
     for sc in &all {
         assert!(
-            sc.counter(r#"finhub_sidecar_redis_failovers_total{pool="rate_limit"}"#).await >= 2.0,
+            sc.counter(r#"finhub_sidecar_redis_failovers_total{pool="rate_limit"}"#)
+                .await
+                >= 2.0,
             "{}",
             sc.log()
         );
@@ -1098,13 +1124,24 @@ async fn a_cluster_shares_the_session_and_the_limit_across_a_primary_loss() {
     let node = cluster.primary_of(&tagged("session"));
     let written = eventually(Duration::from_secs(20), || async {
         let mut conn = redis_conn(cluster.nodes[cluster.primary_of(&tagged("session"))].port);
-        let n: i64 = redis::cmd("EXISTS").arg(tagged("session")).query(&mut conn).ok()?;
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(tagged("session"))
+            .query(&mut conn)
+            .ok()?;
         (n == 1).then_some(())
     })
     .await;
-    assert!(written.is_some(), "no shared record in the cluster:\n{}", a.log());
+    assert!(
+        written.is_some(),
+        "no shared record in the cluster:\n{}",
+        a.log()
+    );
     for what in ["lease", "fence", "renew", "rejected", "backoff"] {
-        assert_eq!(cluster.primary_of(&tagged(what)), node, "{what} in another slot");
+        assert_eq!(
+            cluster.primary_of(&tagged(what)),
+            node,
+            "{what} in another slot"
+        );
     }
     let traffic: Vec<Traffic> = all.iter().map(|sc| Traffic::start(sc, 2, PAUSE)).collect();
     let decided = eventually(Duration::from_secs(10), || async {
@@ -1112,14 +1149,22 @@ async fn a_cluster_shares_the_session_and_the_limit_across_a_primary_loss() {
             .then_some(())
     })
     .await;
-    assert!(decided.is_some(), "the limit is not decided in the cluster:\n{}", a.log());
+    assert!(
+        decided.is_some(),
+        "the limit is not decided in the cluster:\n{}",
+        a.log()
+    );
     let logins = fleet.stats().logins;
     assert_eq!(logins, 1, "one login for the fleet");
 
     let killed_at = Instant::now();
     cluster.nodes[node].kill();
+    let promoted = eventually(Duration::from_secs(30), || async {
+        (cluster.primary_of(&tagged("session")) != node).then_some(())
+    })
+    .await;
     assert!(
-        cluster.wait_ok(Duration::from_secs(30)).await,
+        promoted.is_some() && cluster.wait_ok(Duration::from_secs(30)).await,
         "the cluster did not promote the replica"
     );
     let promoted = killed_at.elapsed();
@@ -1138,11 +1183,25 @@ async fn a_cluster_shares_the_session_and_the_limit_across_a_primary_loss() {
         Some(killed_at.elapsed())
     })
     .await;
-    assert!(back.is_some(), "not back on the cluster:\n{}", a.log());
+    if back.is_none() {
+        let text = a.scrape().await.unwrap_or_default();
+        let redis: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("redis") || l.contains("session_store"))
+            .filter(|l| !l.starts_with('#'))
+            .collect();
+        panic!(
+            "not back on the cluster:\n{}\n{}",
+            redis.join("\n"),
+            a.log()
+        );
+    }
     // The session store writes again: the renewal after the loss lands in the new primary.
     let renewed = fleet.stats().refreshes;
     assert!(
-        fleet.refreshes_reach(renewed + 1, Duration::from_secs(15)).await,
+        fleet
+            .refreshes_reach(renewed + 1, Duration::from_secs(15))
+            .await,
         "no renewal after the failover"
     );
     let extra = fleet.stats().logins - logins;
@@ -1158,7 +1217,11 @@ async fn a_cluster_shares_the_session_and_the_limit_across_a_primary_loss() {
     assert!(extra <= 1, "extra logins: {extra}");
     let status = a.status().await.unwrap();
     assert!(
-        status["redis"].as_array().unwrap().iter().all(|p| p["mode"] == "cluster"),
+        status["redis"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["mode"] == "cluster"),
         "{status}"
     );
 }

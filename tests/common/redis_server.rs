@@ -349,10 +349,7 @@ impl SentinelSet {
             .arg("replication")
             .query(&mut c)
             .unwrap_or_default();
-        (
-            self.replica.port,
-            info.contains("master_link_status:up"),
-        )
+        (self.replica.port, info.contains("master_link_status:up"))
     }
 
     /// Waits until every live Sentinel names `port` as the primary and it answers `ROLE
@@ -391,6 +388,9 @@ impl Cluster {
                 "1000".into(),
                 "--cluster-port".into(),
                 free_port().to_string(),
+                // A replica that never finished its first sync cannot be promoted.
+                "--repl-diskless-sync-delay".into(),
+                "0".into(),
             ];
             nodes.push(Redis::start_with(n).await);
         }
@@ -416,6 +416,19 @@ impl Cluster {
             cluster.wait_ok(Duration::from_secs(30)).await,
             "the cluster did not reach cluster_state:ok"
         );
+        let synced = super::eventually(Duration::from_secs(30), || async {
+            let mut linked = 0;
+            for n in &cluster.nodes {
+                let mut c = redis_conn(n.port);
+                let info: String = redis::cmd("INFO").arg("replication").query(&mut c).ok()?;
+                if info.contains("master_link_status:up") {
+                    linked += 1;
+                }
+            }
+            (linked == 3).then_some(())
+        })
+        .await;
+        assert!(synced.is_some(), "the cluster's replicas did not sync");
         cluster
     }
 
@@ -451,16 +464,27 @@ impl Cluster {
     /// The index of the node that serves `key`'s slot as primary now.
     pub fn primary_of(&self, key: &str) -> usize {
         let mut c = redis_conn(self.nodes.iter().find(|n| n.child.is_some()).unwrap().port);
-        let slot: u16 = redis::cmd("CLUSTER").arg("KEYSLOT").arg(key).query(&mut c).unwrap();
+        // A slot whose primary failed has no live primary until its replica is promoted.
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut c)
+            .unwrap();
         let slots: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut c).unwrap();
         for range in slots {
-            let redis::Value::Array(r) = range else { continue };
+            let redis::Value::Array(r) = range else {
+                continue;
+            };
             let (redis::Value::Int(lo), redis::Value::Int(hi)) = (&r[0], &r[1]) else {
                 continue;
             };
             if (*lo..=*hi).contains(&i64::from(slot)) {
-                let redis::Value::Array(node) = &r[2] else { break };
-                let redis::Value::Int(port) = node[1] else { break };
+                let redis::Value::Array(node) = &r[2] else {
+                    break;
+                };
+                let redis::Value::Int(port) = node[1] else {
+                    break;
+                };
                 return self
                     .nodes
                     .iter()
