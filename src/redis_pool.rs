@@ -687,6 +687,9 @@ enum ConnectError {
 }
 
 fn describe(e: &RedisError) -> String {
+    if e.kind() == redis::ErrorKind::Parse {
+        return "answered bytes that are not the Redis protocol".into();
+    }
     format!(
         "{:?}{}",
         e.kind(),

@@ -495,3 +495,70 @@ impl Cluster {
         panic!("no primary serves slot {slot}");
     }
 }
+
+/// A raw TCP server speaking just enough RESP: each command (an array of bulk strings) is
+/// answered with `answer(args)`'s bytes, verbatim. For hostile Sentinels and cluster nodes.
+pub struct FakeRedis {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeRedis {
+    pub async fn start(
+        answer: impl Fn(&[String], u16) -> Vec<u8> + Send + Sync + 'static,
+    ) -> FakeRedis {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let answer = std::sync::Arc::new(answer);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Some((args, used)) = parse_command(&buf) {
+                            buf.drain(..used);
+                            if s.write_all(&answer(&args, port)).await.is_err() {
+                                return;
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        FakeRedis { port, task }
+    }
+}
+
+impl Drop for FakeRedis {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One RESP command at the start of `buf`: its arguments and the bytes it used.
+fn parse_command(buf: &[u8]) -> Option<(Vec<String>, usize)> {
+    fn line(buf: &[u8], at: usize) -> Option<(&str, usize)> {
+        let end = buf[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        Some((std::str::from_utf8(&buf[at..end]).ok()?, end + 2))
+    }
+    let (head, mut at) = line(buf, 0)?;
+    let n: usize = head.strip_prefix('*')?.parse().ok()?;
+    let mut args = Vec::new();
+    for _ in 0..n {
+        let (len, next) = line(buf, at)?;
+        let len: usize = len.strip_prefix('$')?.parse().ok()?;
+        if buf.len() < next + len + 2 {
+            return None;
+        }
+        args.push(String::from_utf8_lossy(&buf[next..next + len]).into_owned());
+        at = next + len + 2;
+    }
+    Some((args, at))
+}
