@@ -199,7 +199,7 @@ fn parse_hosts_and_path(rest: &str, tls: bool, sentinel: bool) -> Result<MultiHo
                 "must not contain a password; use password_file or password = \"${ENV_VAR}\"",
             )
         }
-        Some((u, _)) if u.is_empty() => return Err("names an empty user"),
+        Some(("", _)) => return Err("names an empty user"),
         Some((u, h)) => (Some(u.to_string()), h),
         None => (None, authority),
     };
