@@ -86,6 +86,7 @@ fn ratelimit(c: &mut Criterion) {
             format!("redis://127.0.0.1:{port}/").as_str(),
         )
         .expect("url"),
+        topology: finhub_sidecar::config::RedisTopology::Single,
         password: None,
         ca_pem: None,
         key_prefix: "bench:".into(),

@@ -9,7 +9,8 @@
 //! |                  | with the reason.                                                          |
 //! | `GET /metrics`   | Prometheus text exposition of every metric in `metrics.rs`.               |
 //! | `GET /status`    | JSON for people: version, uptime, certificate subject/serial/expiry,      |
-//! |                  | FinHub's clock offset, per-tenant session expiry and last auth result.    |
+//! |                  | FinHub's clock offset, per-tenant session expiry and last auth result,    |
+//! |                  | each Redis pool's mode, primary in use and its role.                      |
 //! |                  | Never a secret.                                                           |
 //! | `POST /shutdown` | Only with `admin.shutdown_endpoint = true`: starts the graceful drain, as |
 //! |                  | SIGTERM does (for Jobs). Loopback peers only (IPv4-mapped included);      |
@@ -158,6 +159,7 @@ impl Shared {
             "finhub_clock": self.sessions.clock().report(),
             "tenants": tenants,
             "rate_limits": null,
+            "redis": self.metrics.redis_pools.report(),
         })
     }
 }

@@ -40,15 +40,24 @@ pub const WIRE_TARGETS: &[&str] = &[
     "mio",
 ];
 
+/// Modules that log a `warn` line per retry of a call, several per millisecond while a Redis
+/// Cluster node is lost (the crate's cluster client): errors only, or one node loss writes
+/// gigabytes of log. The pool logs the outage itself, once per state change.
+pub const FLOOD_TARGETS: &[&str] = &["redis::cluster_handling", "redis::cluster_async"];
+
 /// Whether an event may be logged: wire-data crates only at `info` and above, whatever
 /// `RUST_LOG` or the configured level asks for (a module directive such as
-/// `pingora_proxy::proxy_h1=trace` included).
+/// `pingora_proxy::proxy_h1=trace` included); flooding modules only at `error`.
 pub fn allowed(meta: &Metadata<'_>) -> bool {
-    *meta.level() <= Level::INFO || !is_wire_target(meta.target())
+    let level = *meta.level();
+    if level > Level::ERROR && in_targets(FLOOD_TARGETS, meta.target()) {
+        return false;
+    }
+    level <= Level::INFO || !in_targets(WIRE_TARGETS, meta.target())
 }
 
-fn is_wire_target(target: &str) -> bool {
-    WIRE_TARGETS.iter().any(|t| {
+fn in_targets(targets: &[&str], target: &str) -> bool {
+    targets.iter().any(|t| {
         target
             .strip_prefix(t)
             .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
@@ -96,11 +105,19 @@ mod tests {
             "rustls::client::hs",
             "hyper_util::client",
         ] {
-            assert!(is_wire_target(t), "{t}");
+            assert!(in_targets(WIRE_TARGETS, t), "{t}");
         }
         for t in ["finhub_sidecar::proxy", "pingora_like", "hyperx", "log"] {
-            assert!(!is_wire_target(t), "{t}");
+            assert!(!in_targets(WIRE_TARGETS, t), "{t}");
         }
+    }
+
+    #[test]
+    fn cluster_retry_warnings_are_capped_at_error() {
+        let t = "redis::cluster_handling::cluster_async";
+        assert!(in_targets(FLOOD_TARGETS, t));
+        assert!(!in_targets(FLOOD_TARGETS, "redis::aio"));
+        assert!(!in_targets(FLOOD_TARGETS, "redis_pool"));
     }
 
     #[test]

@@ -383,3 +383,125 @@ async fn connections_cut_while_idle_are_replaced_before_a_request_needs_them() {
     assert_eq!(sc.counter(FALLBACK_DENY).await, 0.0);
     assert!(sc.counter(REDIS_ALLOW).await >= 5.0);
 }
+
+/// Hostile or wrong Redis HA endpoints: a Sentinel that knows no such master, one answering
+/// garbage, one naming a replica as the primary, and a cluster node answering `MOVED` to itself
+/// forever. Each sidecar starts, decides by `on_redis_error` (`deny`: 503
+/// `rate_limit_unavailable`) without hanging, says why in its log, and never writes to the
+/// replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_sentinels_and_cluster_nodes_give_a_bounded_fallback() {
+    let primary = Redis::start().await;
+    let mut replica = Redis::unstarted();
+    replica.args = vec![
+        "--replicaof".into(),
+        "127.0.0.1".into(),
+        primary.port.to_string(),
+    ];
+    let replica = Redis::start_with(replica).await;
+    let sentinel = Sentinel::start(primary.port).await;
+    let garbage = FakeRedis::start(|_, _| b"\x00\xff%%not resp at all\r\n:x\r\n".to_vec()).await;
+    let replica_port = replica.port;
+    let names_replica = FakeRedis::start(move |args, _| {
+        if args
+            .first()
+            .is_some_and(|a| a.eq_ignore_ascii_case("SENTINEL"))
+        {
+            let port = replica_port.to_string();
+            format!("*2\r\n$9\r\n127.0.0.1\r\n${}\r\n{port}\r\n", port.len()).into_bytes()
+        } else {
+            b"+OK\r\n".to_vec()
+        }
+    })
+    .await;
+    let moved_loop = FakeRedis::start(|args, port| {
+        let upper: Vec<String> = args.iter().map(|a| a.to_ascii_uppercase()).collect();
+        match upper
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            ["CLUSTER", "SLOTS", ..] => {
+                format!("*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{port}\r\n")
+                    .into_bytes()
+            }
+            ["CLIENT", ..] | ["READONLY"] => b"+OK\r\n".to_vec(),
+            _ => format!("-MOVED 866 127.0.0.1:{port}\r\n").into_bytes(),
+        }
+    })
+    .await;
+
+    let world = World::new();
+    let emu = world.emulator().await;
+    let cases = [
+        (
+            format!("redis+sentinel://127.0.0.1:{}/nosuchmaster", sentinel.port),
+            "knows no master",
+        ),
+        (
+            format!("redis+sentinel://127.0.0.1:{}/mymaster", garbage.port),
+            "sentinel 127.0.0.1",
+        ),
+        (
+            format!("redis+sentinel://127.0.0.1:{}/mymaster", names_replica.port),
+            "is not a primary",
+        ),
+        (
+            format!("redis+cluster://127.0.0.1:{}", moved_loop.port),
+            "finhub_sidecar::redis_pool",
+        ),
+    ];
+    let client = client();
+    for (url, why) in cases {
+        let cfg = through_redis(
+            world.config(emu.addr().port()),
+            &url,
+            (1000, 1000),
+            "50ms",
+            "deny",
+        );
+        let sc = world.sidecar(cfg).await;
+        // Several requests: none hangs, each decided by the failure mode.
+        for _ in 0..5 {
+            let (status, code, took) = get(&client, &sc).await;
+            assert_eq!(
+                (status, code.as_str()),
+                (503, "rate_limit_unavailable"),
+                "{url}"
+            );
+            assert!(took < Duration::from_secs(5), "{url}: took {took:?}");
+        }
+        if !why.is_empty() {
+            let logged = eventually(Duration::from_secs(10), || async {
+                sc.log().contains(why).then_some(())
+            })
+            .await;
+            assert!(
+                logged.is_some(),
+                "{url}: no log line saying {why:?}:\n{}",
+                sc.log()
+            );
+        }
+        assert_eq!(
+            sc.counter(REDIS_ALLOW).await + sc.counter(REDIS_DENY).await,
+            0.0,
+            "{url}"
+        );
+        for l in sc
+            .log()
+            .lines()
+            .filter(|l| l.contains("finhub_sidecar::redis_pool"))
+        {
+            eprintln!("{url}: {l}");
+        }
+    }
+    // The replica was never used for a decision (nor asked to run a script).
+    let mut conn = redis_conn(replica.port);
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut conn)
+        .unwrap();
+    assert!(!stats.contains("cmdstat_evalsha"), "{stats}");
+    assert!(!stats.contains("cmdstat_script"), "{stats}");
+}

@@ -1379,3 +1379,290 @@ async fn hostile_values_in_every_key_neither_stall_nor_storm_nor_stop_the_fleet(
         assert_eq!(sc.ready_status().await, 200);
     }
 }
+
+/// `finhub_sidecar_redis_primary` of `pool` in `mode` on `port` (1 while in use).
+fn primary_series(pool: &str, mode: &str, port: u16) -> String {
+    format!(
+        "finhub_sidecar_redis_primary{{address=\"127.0.0.1:{port}\",mode=\"{mode}\",pool=\"{pool}\"}}"
+    )
+}
+
+const RL_REDIS_ALLOW: &str =
+    r#"finhub_sidecar_rate_limit_decisions_total{backend="redis",decision="allow"}"#;
+
+/// A fleet replica whose session store and rate limit both use `url` (Sentinel or Cluster);
+/// the limit is generous (no 429 under the test's load) and falls back to the local share.
+fn ha_config(fleet: &Fleet, url: &str) -> SidecarConfig {
+    fleet
+        .config(&fleet.key)
+        .set("auth.shared.url", url)
+        .rate_limit(1000, 1000)
+        .set("policy.rate_limit.backend", "redis")
+        .set("policy.rate_limit.redis.url", url)
+        .set(
+            "policy.rate_limit.redis.key_prefix",
+            format!("rl-{}:", uuid::Uuid::new_v4().simple()),
+        )
+        .set("policy.rate_limit.redis.timeout", "50ms")
+        .set("policy.rate_limit.redis.replicas", 3)
+}
+
+/// Waits until every replica's pools (session store and rate limit) use `port` as primary and
+/// the limiter decides through Redis again; how long that took.
+async fn fleet_on_primary(
+    fleet: &[&SidecarProcess],
+    port: u16,
+    within: Duration,
+) -> Option<Duration> {
+    let started = Instant::now();
+    let mut marks = Vec::new();
+    for sc in fleet {
+        marks.push(sc.counter(RL_REDIS_ALLOW).await);
+    }
+    eventually(within, || async {
+        for (sc, mark) in fleet.iter().zip(&marks) {
+            for pool in ["session_store", "rate_limit"] {
+                if sc.counter(&primary_series(pool, "sentinel", port)).await != 1.0 {
+                    return None;
+                }
+            }
+            if sc.counter(RL_REDIS_ALLOW).await <= *mark
+                || sc.counter("finhub_sidecar_session_store_up").await != 1.0
+            {
+                return None;
+            }
+        }
+        Some(started.elapsed())
+    })
+    .await
+}
+
+/// Sentinel, 1 primary + 1 replica + 3 Sentinels; three replicas share one session and one
+/// limit under load. A `SENTINEL FAILOVER`, then killing the primary: no failed request, at
+/// most one extra login each, both features back on the new primary within the bound, and no
+/// write ever tried on a replica (`READONLY` refusals stay 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_is_followed_by_both_fleet_features() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let mut set = SentinelSet::start().await;
+    let url = set.url();
+    let a = fleet.world.sidecar(ha_config(&fleet, &url)).await;
+    let b = fleet.world.sidecar(ha_config(&fleet, &url)).await;
+    let c = fleet.world.sidecar(ha_config(&fleet, &url)).await;
+    let all = [&a, &b, &c];
+    let (first, second) = (set.primary.port, set.replica.port);
+    let traffic: Vec<Traffic> = all.iter().map(|sc| Traffic::start(sc, 2, PAUSE)).collect();
+    assert!(
+        fleet_on_primary(&all, first, Duration::from_secs(20))
+            .await
+            .is_some(),
+        "the fleet did not reach the primary through the sentinels:\n{}",
+        a.log()
+    );
+    let status = a.status().await.unwrap();
+    let pools = status["redis"].as_array().unwrap();
+    assert!(
+        pools.iter().all(|p| p["mode"] == "sentinel"
+            && p["role"] == "master"
+            && p["primary"] == format!("127.0.0.1:{first}")),
+        "{status}"
+    );
+    let logins = fleet.stats().logins;
+    assert_eq!(logins, 1, "one login for the fleet");
+
+    // 1. A planned failover.
+    let bound = Duration::from_secs(10);
+    let _: String = set.sentinels[0].cmd(&["failover", "mymaster"]).unwrap();
+    assert!(
+        set.wait_primary(second, Duration::from_secs(20)).await,
+        "sentinel failover"
+    );
+    let took = fleet_on_primary(&all, second, bound).await;
+    assert!(took.is_some(), "fleet not on the new primary:\n{}", a.log());
+    let logins_1 = fleet.stats().logins - logins;
+    eprintln!(
+        "figures: SENTINEL FAILOVER: fleet on the new primary {:?} after the sentinels named it; extra logins {logins_1}",
+        took.unwrap()
+    );
+    assert!(logins_1 <= 1, "extra logins: {logins_1}");
+    for sc in &all {
+        assert!(
+            sc.counter(r#"finhub_sidecar_redis_failovers_total{pool="session_store"}"#)
+                .await
+                >= 1.0
+        );
+    }
+
+    // 2. The primary dies (the old one, now a replica again, is promoted).
+    let linked = eventually(Duration::from_secs(20), || async {
+        let mut conn = redis_conn(first);
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query(&mut conn)
+            .ok()?;
+        info.contains("master_link_status:up").then_some(())
+    })
+    .await;
+    assert!(
+        linked.is_some(),
+        "the demoted primary did not sync from the new one"
+    );
+    let logins = fleet.stats().logins;
+    let killed_at = Instant::now();
+    set.replica.kill();
+    assert!(
+        set.wait_primary(first, Duration::from_secs(30)).await,
+        "failover after the kill"
+    );
+    let promoted = killed_at.elapsed();
+    let took = fleet_on_primary(&all, first, bound).await;
+    assert!(
+        took.is_some(),
+        "fleet not on the promoted replica:\n{}",
+        a.log()
+    );
+    let logins_2 = fleet.stats().logins - logins;
+    eprintln!(
+        "figures: primary killed: sentinels promoted the replica after {promoted:?}; fleet on it {:?} later ({:?} from the kill); extra logins {logins_2}",
+        took.unwrap(),
+        killed_at.elapsed()
+    );
+    assert!(logins_2 <= 1, "extra logins: {logins_2}");
+
+    let mut failures = 0;
+    for t in traffic {
+        failures += t.stop().await.failures;
+    }
+    assert_eq!(failures, 0, "failed app requests during the failovers");
+    assert_eq!(readonly_errors(first), 0, "a write was tried on a replica");
+    for sc in &all {
+        assert!(
+            sc.counter(r#"finhub_sidecar_redis_failovers_total{pool="rate_limit"}"#)
+                .await
+                >= 2.0,
+            "{}",
+            sc.log()
+        );
+    }
+}
+
+/// Redis Cluster, three primaries each with a replica: the tenant's session keys sit in one
+/// slot, the session is shared and the limit decided in the cluster; the primary serving the
+/// tenant is killed and its replica promoted: no failed request, at most one extra login, both
+/// features back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_shares_the_session_and_the_limit_across_a_primary_loss() {
+    let _serial = SERIAL.lock().await;
+    let fleet = Fleet::start().await;
+    let mut cluster = Cluster::start().await;
+    let url = cluster.url();
+    let a = fleet.world.sidecar(ha_config(&fleet, &url)).await;
+    let b = fleet.world.sidecar(ha_config(&fleet, &url)).await;
+    let all = [&a, &b];
+    let tagged = |what: &str| format!("{}{{{TENANT}}}:{what}", fleet.prefix);
+    // The record is written by the lease owner: wait for it (in the tenant's slot).
+    let node = cluster.primary_of(&tagged("session"));
+    let written = eventually(Duration::from_secs(20), || async {
+        let mut conn = redis_conn(cluster.nodes[cluster.primary_of(&tagged("session"))].port);
+        let n: i64 = redis::cmd("EXISTS")
+            .arg(tagged("session"))
+            .query(&mut conn)
+            .ok()?;
+        (n == 1).then_some(())
+    })
+    .await;
+    assert!(
+        written.is_some(),
+        "no shared record in the cluster:\n{}",
+        a.log()
+    );
+    for what in ["lease", "fence", "renew", "rejected", "backoff"] {
+        assert_eq!(
+            cluster.primary_of(&tagged(what)),
+            node,
+            "{what} in another slot"
+        );
+    }
+    let traffic: Vec<Traffic> = all.iter().map(|sc| Traffic::start(sc, 2, PAUSE)).collect();
+    let decided = eventually(Duration::from_secs(10), || async {
+        (a.counter(RL_REDIS_ALLOW).await > 0.0 && b.counter(RL_REDIS_ALLOW).await > 0.0)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        decided.is_some(),
+        "the limit is not decided in the cluster:\n{}",
+        a.log()
+    );
+    let logins = fleet.stats().logins;
+    assert_eq!(logins, 1, "one login for the fleet");
+
+    let killed_at = Instant::now();
+    cluster.nodes[node].kill();
+    let promoted = eventually(Duration::from_secs(30), || async {
+        (cluster.primary_of(&tagged("session")) != node).then_some(())
+    })
+    .await;
+    assert!(
+        promoted.is_some() && cluster.wait_ok(Duration::from_secs(30)).await,
+        "the cluster did not promote the replica"
+    );
+    let promoted = killed_at.elapsed();
+    let mut marks = Vec::new();
+    for sc in &all {
+        marks.push(sc.counter(RL_REDIS_ALLOW).await);
+    }
+    let back = eventually(Duration::from_secs(15), || async {
+        for (sc, mark) in all.iter().zip(&marks) {
+            if sc.counter(RL_REDIS_ALLOW).await <= *mark
+                || sc.counter("finhub_sidecar_session_store_up").await != 1.0
+            {
+                return None;
+            }
+        }
+        Some(killed_at.elapsed())
+    })
+    .await;
+    if back.is_none() {
+        let text = a.scrape().await.unwrap_or_default();
+        let redis: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("redis") || l.contains("session_store"))
+            .filter(|l| !l.starts_with('#'))
+            .collect();
+        panic!(
+            "not back on the cluster:\n{}\n{}",
+            redis.join("\n"),
+            a.log()
+        );
+    }
+    // The session store writes again: the renewal after the loss lands in the new primary.
+    let renewed = fleet.stats().refreshes;
+    assert!(
+        fleet
+            .refreshes_reach(renewed + 1, Duration::from_secs(15))
+            .await,
+        "no renewal after the failover"
+    );
+    let extra = fleet.stats().logins - logins;
+    eprintln!(
+        "figures: cluster primary killed: replica promoted after {promoted:?}; both features back {:?} after the kill; extra logins {extra}",
+        back.unwrap()
+    );
+    let mut failures = 0;
+    for t in traffic {
+        failures += t.stop().await.failures;
+    }
+    assert_eq!(failures, 0, "failed app requests during the failover");
+    assert!(extra <= 1, "extra logins: {extra}");
+    let status = a.status().await.unwrap();
+    assert!(
+        status["redis"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["mode"] == "cluster"),
+        "{status}"
+    );
+}

@@ -49,7 +49,7 @@ pub use listener::ListenerConfig;
 pub use log::{LogConfig, LogFormat, DEFAULT_LOG_LEVEL};
 pub use policy::PolicyConfig;
 pub use rate_limit::{Backend, Limit, RateLimitConfig, RouteLimit};
-pub use redis::{OnRedisError, RedisSettings};
+pub use redis::{OnRedisError, RedisSettings, RedisTopology, SentinelTopology};
 pub use retry::RetryConfig;
 pub use session_store::{OnStoreError, SessionStore, SharedSessionSettings};
 pub use shutdown::ShutdownConfig;

@@ -11,11 +11,51 @@ use serde::Deserialize;
 use super::convert::{pem_has_certificates, secs, Convert};
 use crate::secret::SecretSource;
 
+/// How the Redis nodes are found, from the `url` scheme.
+#[derive(Debug, Clone)]
+pub enum RedisTopology {
+    /// `redis://` or `rediss://`: one server, or a primary behind a stable address.
+    Single,
+    /// `redis+sentinel://` or `rediss+sentinel://`: the primary is found through Sentinels and
+    /// followed on failover.
+    Sentinel(SentinelTopology),
+    /// `redis+cluster://`: a Redis Cluster discovered from seed nodes.
+    Cluster {
+        /// Seed nodes (`host`, `port`); the client learns the others from them.
+        seeds: Vec<(String, u16)>,
+    },
+}
+
+/// Sentinels and the primary they watch (`redis+sentinel://h1:26379,h2:26379/mymaster/0`).
+#[derive(Debug, Clone)]
+pub struct SentinelTopology {
+    /// Sentinel addresses (`host`, `port`), asked in turn.
+    pub sentinels: Vec<(String, u16)>,
+    /// The name the Sentinels monitor the primary under.
+    pub master_name: String,
+    /// The Sentinels' own password (`sentinel_password`), re-read at each connect.
+    pub password: Option<SecretSource>,
+}
+
+impl RedisTopology {
+    /// The mode's name, as `/status` and the `mode` metric label show it.
+    pub fn mode(&self) -> &'static str {
+        match self {
+            RedisTopology::Single => "single",
+            RedisTopology::Sentinel(_) => "sentinel",
+            RedisTopology::Cluster { .. } => "cluster",
+        }
+    }
+}
+
 /// Redis backend settings (`[policy.rate_limit.redis]`).
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
-    /// Address, TLS (`rediss://`), database and user name from `url`; never a password.
+    /// Address, TLS (`rediss://`), database and user name from `url`; never a password. With
+    /// Sentinel or Cluster, the template of every node's connection (its address is replaced).
     pub connection: ConnectionInfo,
+    /// How the nodes are found: one server, Sentinel or Cluster.
+    pub topology: RedisTopology,
     /// Password (`AUTH`), re-read from its file at each connect.
     pub password: Option<SecretSource>,
     /// PEM CA bundle that verifies a `rediss://` server (system roots otherwise).
@@ -51,12 +91,17 @@ pub enum OnRedisError {
 #[serde(deny_unknown_fields)]
 pub(super) struct FileRedis {
     /// `redis://host:6379/0`, or `rediss://host:6380/0` for TLS; may name a user
-    /// (`redis://user@host`), never a password.
+    /// (`redis://user@host`), never a password. Sentinel:
+    /// `redis+sentinel://h1:26379,h2:26379/mymaster/0`; Cluster: `redis+cluster://h1:7000,h2:7000`.
     url: String,
     /// Redis password as exactly `"${ENV_VAR}"`; or use `password_file`.
     password: Option<String>,
     /// File holding the Redis password (re-read at each reconnect).
     password_file: Option<PathBuf>,
+    /// The Sentinels' own password as exactly `"${ENV_VAR}"` (`redis+sentinel://` only).
+    sentinel_password: Option<String>,
+    /// File holding the Sentinels' password (re-read at each connect).
+    sentinel_password_file: Option<PathBuf>,
     /// PEM CA bundle that verifies a `rediss://` server; default the system roots.
     ca_file: Option<PathBuf>,
     /// Prefix of every key; default `finhub-sidecar:rl:`. Replicas share a bucket when prefix,
@@ -88,32 +133,220 @@ enum FileOnRedisError {
     Local,
 }
 
-/// A Redis endpoint: connection (no password), password source, CA bundle.
-pub(super) type RedisEndpoint = (ConnectionInfo, Option<SecretSource>, Option<Vec<u8>>);
+/// A Redis endpoint as configured under one section's key.
+pub(super) struct RedisEndpoint {
+    /// The (template) connection: TLS, database, user; never a password.
+    pub connection: ConnectionInfo,
+    /// The nodes' password.
+    pub password: Option<SecretSource>,
+    /// PEM CA bundle for TLS.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Single, Sentinel or Cluster.
+    pub topology: RedisTopology,
+}
+
+/// The Redis keys of one `url`, `password`, ... group, as written.
+pub(super) struct FileEndpoint {
+    pub url: String,
+    pub password: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub sentinel_password: Option<String>,
+    pub sentinel_password_file: Option<PathBuf>,
+}
+
+/// A `redis+sentinel://` or `redis+cluster://` URL taken apart.
+#[derive(Debug, PartialEq, Eq)]
+struct MultiHost {
+    tls: bool,
+    sentinel: bool,
+    user: Option<String>,
+    hosts: Vec<(String, u16)>,
+    /// The Sentinel master name (Sentinel only).
+    master_name: String,
+    db: i64,
+}
+
+/// Longest Sentinel master name accepted (they are short identifiers).
+const MAX_MASTER_NAME: usize = 128;
+
+/// Parses `redis[s]+sentinel://[user@]h1:p1,h2:p2/master[/db]` or
+/// `redis[s]+cluster://[user@]h1:p1,h2:p2[/0]`; `None` for other schemes. The error never
+/// quotes the URL (it may hold a credential).
+fn parse_multi_host(url: &str) -> Option<Result<MultiHost, &'static str>> {
+    let (rest, tls, sentinel) = if let Some(r) = url.strip_prefix("redis+sentinel://") {
+        (r, false, true)
+    } else if let Some(r) = url.strip_prefix("rediss+sentinel://") {
+        (r, true, true)
+    } else if let Some(r) = url.strip_prefix("redis+cluster://") {
+        (r, false, false)
+    } else if let Some(r) = url.strip_prefix("rediss+cluster://") {
+        (r, true, false)
+    } else {
+        return None;
+    };
+    Some(parse_hosts_and_path(rest, tls, sentinel))
+}
+
+fn parse_hosts_and_path(rest: &str, tls: bool, sentinel: bool) -> Result<MultiHost, &'static str> {
+    if rest.contains(['#', '?']) {
+        return Err("query strings and fragments are not accepted");
+    }
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (user, hosts) = match authority.rsplit_once('@') {
+        Some((u, _)) if u.contains(':') => {
+            return Err(
+                "must not contain a password; use password_file or password = \"${ENV_VAR}\"",
+            )
+        }
+        Some(("", _)) => return Err("names an empty user"),
+        Some((u, h)) => (Some(u.to_string()), h),
+        None => (None, authority),
+    };
+    let default_port = if sentinel { 26379 } else { 6379 };
+    let mut parsed = Vec::new();
+    for h in hosts.split(',') {
+        let (host, port) = match h.strip_prefix('[') {
+            Some(v6) => {
+                let (host, after) = v6.split_once(']').ok_or("an IPv6 address lacks its ]")?;
+                match after {
+                    "" => (host, None),
+                    p => (
+                        host,
+                        Some(p.strip_prefix(':').ok_or("a port must follow ':'")?),
+                    ),
+                }
+            }
+            None => match h.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (h, None),
+            },
+        };
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '@') {
+            return Err("names an empty or malformed host (h1:26379,h2:26379)");
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => match p.parse::<u16>() {
+                Ok(p) if p > 0 => p,
+                _ => return Err("names a port that is not 1 to 65535"),
+            },
+        };
+        parsed.push((host.to_string(), port));
+    }
+    let mut segments = path.split('/').filter(|s| !s.is_empty());
+    let master_name = if sentinel {
+        match segments.next() {
+            Some(m)
+                if m.len() <= MAX_MASTER_NAME
+                    && m.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) =>
+            {
+                m.to_string()
+            }
+            Some(_) => {
+                return Err("names a malformed master name (letters, digits, '.', '_', '-')")
+            }
+            None => return Err("names no master: redis+sentinel://h1:26379,h2:26379/mymaster/0"),
+        }
+    } else {
+        String::new()
+    };
+    let db = match segments.next() {
+        None => 0,
+        Some(d) => d
+            .parse::<i64>()
+            .ok()
+            .filter(|d| *d >= 0)
+            .ok_or("names a database that is not a number")?,
+    };
+    if segments.next().is_some() {
+        return Err("has a path longer than /master/db");
+    }
+    if !sentinel && db != 0 {
+        return Err("names a database: Redis Cluster has only database 0");
+    }
+    Ok(MultiHost {
+        tls,
+        sentinel,
+        user,
+        hosts: parsed,
+        master_name,
+        db,
+    })
+}
 
 impl Convert<'_> {
-    /// A Redis endpoint under `KEY` (`url`, `password` / `password_file`, `ca_file`): shared by
-    /// every Redis user's section. The URL and password never reach a message.
-    pub(super) fn redis_endpoint(
-        &mut self,
-        key: &str,
-        url: &str,
-        password: Option<String>,
-        password_file: Option<PathBuf>,
-        ca_file: Option<PathBuf>,
-    ) -> Option<RedisEndpoint> {
-        const NOT_A_REDIS_URL: &str = "not a redis:// or rediss:// URL (redis://host:6379/0)";
-        let url = url.trim();
-        let tls = url.starts_with("rediss://");
-        let connection = if !tls && !url.starts_with("redis://") {
-            // The URL is not echoed: a malformed one may still hold credentials.
-            self.err(format!("{key}.url"), NOT_A_REDIS_URL);
-            None
-        } else if url.contains('#') {
+    /// A Redis endpoint under `KEY` (`url`, `password` / `password_file`, `ca_file`,
+    /// `sentinel_password` / `sentinel_password_file`): shared by every Redis user's section.
+    /// The URL and passwords never reach a message.
+    pub(super) fn redis_endpoint(&mut self, key: &str, e: FileEndpoint) -> Option<RedisEndpoint> {
+        const NOT_A_REDIS_URL: &str = "not a redis://, rediss://, redis+sentinel:// or redis+cluster:// URL (redis://host:6379/0)";
+        let url = e.url.trim();
+        let multi = parse_multi_host(url);
+        let tls = match &multi {
+            Some(Ok(m)) => m.tls,
+            _ => url.starts_with("rediss://"),
+        };
+        let mut topology = RedisTopology::Single;
+        let connection = if url.contains('#') {
             self.err(
                 format!("{key}.url"),
                 "URL fragments such as #insecure are not accepted: the server certificate is always verified",
             );
+            None
+        } else if let Some(m) = multi {
+            match m {
+                Err(why) => {
+                    self.err(format!("{key}.url"), why);
+                    None
+                }
+                Ok(m) if m.tls && !m.sentinel => {
+                    self.err(
+                        format!("{key}.url"),
+                        "rediss+cluster:// (Redis Cluster with TLS) is not supported yet; use Sentinel with TLS (rediss+sentinel://) or a plain cluster on a private network",
+                    );
+                    None
+                }
+                Ok(m) => {
+                    // The template of every node's connection: TLS, user, database; the address
+                    // is replaced by the resolved primary's (or the cluster's nodes').
+                    let (host, port) = m.hosts[0].clone();
+                    let host = if host.contains(':') {
+                        format!("[{host}]")
+                    } else {
+                        host
+                    };
+                    let template = format!(
+                        "{}://{}{host}:{port}/{}",
+                        if m.tls { "rediss" } else { "redis" },
+                        m.user
+                            .as_deref()
+                            .map(|u| format!("{u}@"))
+                            .unwrap_or_default(),
+                        m.db
+                    );
+                    topology = if m.sentinel {
+                        RedisTopology::Sentinel(SentinelTopology {
+                            sentinels: m.hosts,
+                            master_name: m.master_name,
+                            password: None,
+                        })
+                    } else {
+                        RedisTopology::Cluster { seeds: m.hosts }
+                    };
+                    match redis::IntoConnectionInfo::into_connection_info(template.as_str()) {
+                        Ok(c) => Some(c),
+                        Err(_) => {
+                            self.err(format!("{key}.url"), NOT_A_REDIS_URL);
+                            None
+                        }
+                    }
+                }
+            }
+        } else if !tls && !url.starts_with("redis://") {
+            // The URL is not echoed: a malformed one may still hold credentials.
+            self.err(format!("{key}.url"), NOT_A_REDIS_URL);
             None
         } else {
             match redis::IntoConnectionInfo::into_connection_info(url) {
@@ -131,22 +364,38 @@ impl Convert<'_> {
                 }
             }
         };
-        if ca_file.is_some() && !tls {
+        if e.ca_file.is_some() && !tls {
             self.err(format!("{key}.ca_file"), "needs a rediss:// url (TLS)");
         }
         let user_without_password = connection
             .as_ref()
             .is_some_and(|c| c.redis_settings().username().is_some())
-            && password.is_none()
-            && password_file.is_none();
+            && e.password.is_none()
+            && e.password_file.is_none();
         if user_without_password {
             self.err(
                 format!("{key}.password"),
                 "missing: the url names a user, which needs password_file or password = \"${ENV_VAR}\"",
             );
         }
-        let password = self.secret(key, "password", password, password_file, false);
-        let ca_pem = ca_file.and_then(|p| {
+        let password = self.secret(key, "password", e.password, e.password_file, false);
+        let sentinel_set = e.sentinel_password.is_some() || e.sentinel_password_file.is_some();
+        let sentinel_password = self.secret(
+            key,
+            "sentinel_password",
+            e.sentinel_password,
+            e.sentinel_password_file,
+            false,
+        );
+        match &mut topology {
+            RedisTopology::Sentinel(s) => s.password = sentinel_password,
+            _ if sentinel_set && connection.is_some() => self.err(
+                format!("{key}.sentinel_password"),
+                "is only read with a redis+sentinel:// url",
+            ),
+            _ => {}
+        }
+        let ca_pem = e.ca_file.and_then(|p| {
             let p = self.path(p);
             match crate::files::read(&p) {
                 Ok(pem) if pem_has_certificates(&pem) => Some(pem),
@@ -166,7 +415,12 @@ impl Convert<'_> {
                 }
             }
         });
-        Some((connection?, password, ca_pem))
+        Some(RedisEndpoint {
+            connection: connection?,
+            password,
+            ca_pem,
+            topology,
+        })
     }
 
     /// `[policy.rate_limit.redis]`; the URL and password never reach a message.
@@ -174,10 +428,14 @@ impl Convert<'_> {
         const KEY: &str = "policy.rate_limit.redis";
         let endpoint = self.redis_endpoint(
             KEY,
-            &r.url,
-            r.password.clone(),
-            r.password_file.clone(),
-            r.ca_file.clone(),
+            FileEndpoint {
+                url: r.url,
+                password: r.password,
+                password_file: r.password_file,
+                ca_file: r.ca_file,
+                sentinel_password: r.sentinel_password,
+                sentinel_password_file: r.sentinel_password_file,
+            },
         );
         let timeout = self.duration(
             &format!("{KEY}.timeout"),
@@ -231,11 +489,21 @@ impl Convert<'_> {
         if key_prefix.is_empty() {
             self.err(format!("{KEY}.key_prefix"), "must not be empty");
         }
-        let (connection, password, ca_pem) = endpoint?;
+        let endpoint = endpoint?;
+        if matches!(endpoint.topology, RedisTopology::Cluster { .. })
+            && key_prefix.contains(['{', '}'])
+        {
+            self.err(
+                format!("{KEY}.key_prefix"),
+                "must not contain { or } with Redis Cluster (the tenant id is the keys' hash tag)",
+            );
+            return None;
+        }
         Some(RedisSettings {
-            connection,
-            password,
-            ca_pem,
+            connection: endpoint.connection,
+            topology: endpoint.topology,
+            password: endpoint.password,
+            ca_pem: endpoint.ca_pem,
             key_prefix,
             timeout,
             connect_timeout,
@@ -278,6 +546,103 @@ mod tests {
         assert_eq!(r.connection.redis_settings().username(), Some("rl-user"));
         assert_eq!(r.connection.redis_settings().db(), 2);
         assert!(!format!("{r:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn sentinel_and_cluster_urls_are_typed() {
+        let m = parse_multi_host("redis+sentinel://u@h1:26380,h2,[::1]:26381/mymaster/2")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            m,
+            MultiHost {
+                tls: false,
+                sentinel: true,
+                user: Some("u".into()),
+                hosts: vec![
+                    ("h1".into(), 26380),
+                    ("h2".into(), 26379),
+                    ("::1".into(), 26381)
+                ],
+                master_name: "mymaster".into(),
+                db: 2,
+            }
+        );
+        let c = parse_multi_host("redis+cluster://h1:7000,h2:7001")
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.hosts, vec![("h1".into(), 7000), ("h2".into(), 7001)]);
+        assert!(parse_multi_host("redis://h").is_none());
+        for bad in [
+            "redis+sentinel://h1:26379",
+            "redis+sentinel://h1:26379/",
+            "redis+sentinel://u:pw@h1/m",
+            "redis+sentinel://h1:0/m",
+            "redis+sentinel://h1:x/m",
+            "redis+sentinel://,h2/m",
+            "redis+sentinel://h1/m a",
+            "redis+sentinel://h1/m/x",
+            "redis+sentinel://h1/m/0/extra",
+            "redis+sentinel://[::1/m",
+            "redis+cluster://h1/3",
+            "redis+cluster://h1?x=1",
+        ] {
+            let why = parse_multi_host(bad).unwrap().unwrap_err();
+            assert!(!why.contains("pw"), "{bad}: {why}");
+        }
+        let text = format!(
+            "{MINIMAL}\n[policy.rate_limit]\nrate = 10\nbackend = \"redis\"\n[policy.rate_limit.redis]\nurl = \"redis+sentinel://127.0.0.1:26379,127.0.0.2/mymaster/1\"\nsentinel_password = \"${{PW}}\"\non_redis_error = \"deny\"\n"
+        );
+        let c = load(&text).expect("valid");
+        let Backend::Redis(r) = &c.policy.rate_limit.backend else {
+            panic!("expected redis backend");
+        };
+        let RedisTopology::Sentinel(s) = &r.topology else {
+            panic!("expected sentinel");
+        };
+        assert_eq!(s.master_name, "mymaster");
+        assert_eq!(s.sentinels.len(), 2);
+        assert_eq!(
+            s.password.as_ref().unwrap().current().expose(),
+            "s3cret-value"
+        );
+        assert_eq!(r.connection.redis_settings().db(), 1);
+        assert!(!format!("{r:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn sentinel_and_cluster_mistakes_are_named() {
+        let base = format!("{MINIMAL}\n[policy.rate_limit]\nrate = 10\nbackend = \"redis\"\n[policy.rate_limit.redis]\non_redis_error = \"deny\"\n");
+        for (extra, key) in [
+            (
+                "url = \"redis+sentinel://h1\"",
+                "policy.rate_limit.redis.url",
+            ),
+            (
+                "url = \"redis+sentinel://u:hunter2@h1/m\"",
+                "policy.rate_limit.redis.url",
+            ),
+            (
+                "url = \"rediss+cluster://h1\"",
+                "policy.rate_limit.redis.url",
+            ),
+            (
+                "url = \"redis://h1\"\nsentinel_password = \"${PW}\"",
+                "policy.rate_limit.redis.sentinel_password",
+            ),
+            (
+                "url = \"redis+cluster://h1\"\nkey_prefix = \"{x}:\"",
+                "policy.rate_limit.redis.key_prefix",
+            ),
+            (
+                "url = \"redis+sentinel://h1/m\"\nca_file = \"/etc/hosts\"",
+                "policy.rate_limit.redis.ca_file",
+            ),
+        ] {
+            let e = load(&format!("{base}{extra}\n")).unwrap_err();
+            assert!(e.0.iter().any(|e| e.key == key), "{extra}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use redis::ConnectionInfo;
 use serde::Deserialize;
 
 use super::convert::{secs, Convert};
+use super::redis::{FileEndpoint, RedisTopology};
 use crate::auth::shared::{KeyRing, SessionKey};
 use crate::secret::SecretSource;
 
@@ -37,8 +38,11 @@ pub enum OnStoreError {
 /// `[auth.shared]` typed.
 #[derive(Debug, Clone)]
 pub struct SharedSessionSettings {
-    /// Address, TLS, database and user name (never a password).
+    /// Address, TLS, database and user name (never a password); with Sentinel or Cluster the
+    /// template of every node's connection.
     pub connection: ConnectionInfo,
+    /// How the nodes are found: one server, Sentinel or Cluster.
+    pub topology: RedisTopology,
     /// Redis password, re-read at each connect.
     pub password: Option<SecretSource>,
     /// PEM CA bundle for `rediss://`.
@@ -94,6 +98,10 @@ pub(super) struct FileShared {
     password: Option<String>,
     /// File holding the Redis password (re-read at each reconnect).
     password_file: Option<PathBuf>,
+    /// The Sentinels' own password as exactly `"${ENV_VAR}"` (`redis+sentinel://` only).
+    sentinel_password: Option<String>,
+    /// File holding the Sentinels' password (re-read at each connect).
+    sentinel_password_file: Option<PathBuf>,
     /// PEM CA bundle that verifies a `rediss://` server; default the system roots.
     ca_file: Option<PathBuf>,
     /// Prefix of every key; default `finhub-sidecar:session:`. Replicas share a tenant's session
@@ -147,10 +155,14 @@ impl Convert<'_> {
         };
         let endpoint = self.redis_endpoint(
             KEY,
-            &shared.url,
-            shared.password,
-            shared.password_file,
-            shared.ca_file,
+            FileEndpoint {
+                url: shared.url,
+                password: shared.password,
+                password_file: shared.password_file,
+                ca_file: shared.ca_file,
+                sentinel_password: shared.sentinel_password,
+                sentinel_password_file: shared.sentinel_password_file,
+            },
         );
         let key_prefix = shared
             .key_prefix
@@ -248,16 +260,26 @@ impl Convert<'_> {
             FileOnStoreError::Local => OnStoreError::Local,
             FileOnStoreError::Wait => OnStoreError::Wait,
         };
-        let Some((connection, password, ca_pem)) = endpoint else {
+        let Some(endpoint) = endpoint else {
             return SessionStore::Local;
         };
+        if matches!(endpoint.topology, RedisTopology::Cluster { .. })
+            && key_prefix.contains(['{', '}'])
+        {
+            self.err(
+                format!("{KEY}.key_prefix"),
+                "must not contain { or } with Redis Cluster (the tenant id is the keys' hash tag)",
+            );
+            return SessionStore::Local;
+        }
         if !current_ok {
             return SessionStore::Local;
         }
         SessionStore::Redis(Box::new(SharedSessionSettings {
-            connection,
-            password,
-            ca_pem,
+            connection: endpoint.connection,
+            topology: endpoint.topology,
+            password: endpoint.password,
+            ca_pem: endpoint.ca_pem,
             connect_timeout,
             timeout,
             key_prefix,

@@ -304,6 +304,9 @@ impl SharedStore {
         let scripts = [ACQUIRE_SCRIPT, WRITE_SCRIPT, READ_SCRIPT, RELEASE_SCRIPT];
         let pool = Pool::new(PoolSpec {
             connection: settings.connection.clone(),
+            topology: settings.topology.clone(),
+            name: "session_store",
+            metrics: metrics.clone(),
             password: settings.password.clone(),
             ca_pem: settings.ca_pem.clone(),
             connect_timeout: settings.connect_timeout,
@@ -355,8 +358,11 @@ impl SharedStore {
         &self.replica
     }
 
+    /// `<prefix><tenant>:<what>`; with Redis Cluster `<prefix>{<tenant>}:<what>` (one slot
+    /// per tenant, so each script touches one slot).
     fn key(&self, tenant: &str, what: &str) -> String {
-        format!("{}{tenant}:{what}", self.settings.key_prefix)
+        self.pool
+            .tenant_key(&self.settings.key_prefix, tenant, what)
     }
 
     fn failed(&self, f: Failure) -> Failure {

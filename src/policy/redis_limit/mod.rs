@@ -160,6 +160,9 @@ impl RedisLimiter {
             key_prefix: settings.key_prefix.clone(),
             pool: Arc::new(Pool::new(PoolSpec {
                 connection: settings.connection.clone(),
+                topology: settings.topology.clone(),
+                name: "rate_limit",
+                metrics: metrics.clone(),
                 password: settings.password.clone(),
                 ca_pem: settings.ca_pem.clone(),
                 connect_timeout: settings.connect_timeout,
@@ -204,7 +207,13 @@ impl Limiter for RedisLimiter {
         let buckets = (0..=config.routes.len())
             .map(|route| {
                 config.limit_of(route).map(|limit| Bucket {
-                    key: bucket_key(&self.inner.key_prefix, tenant, config, route),
+                    key: bucket_key(
+                        &self.inner.pool,
+                        &self.inner.key_prefix,
+                        tenant,
+                        config,
+                        route,
+                    ),
                     interval_us: (1_000_000 / u64::from(limit.per_second.get())).max(1),
                     burst: limit.burst.get(),
                 })
@@ -293,16 +302,24 @@ impl Inner {
 }
 
 /// `<prefix><tenant>:<route>` where route is `default` or `<METHOD|*> <path prefix>`: stable
-/// across replicas with the same configuration, whatever the order of other routes.
-fn bucket_key(prefix: &str, tenant: &str, config: &RateLimitConfig, route: usize) -> String {
-    match route.checked_sub(1).and_then(|r| config.routes.get(r)) {
-        None => format!("{prefix}{tenant}:default"),
+/// across replicas with the same configuration, whatever the order of other routes. With Redis
+/// Cluster the tenant is the hash tag (`<prefix>{<tenant>}:<route>`, [`Pool::tenant_key`]).
+fn bucket_key(
+    pool: &Pool,
+    prefix: &str,
+    tenant: &str,
+    config: &RateLimitConfig,
+    route: usize,
+) -> String {
+    let route = match route.checked_sub(1).and_then(|r| config.routes.get(r)) {
+        None => "default".to_string(),
         Some(r) => format!(
-            "{prefix}{tenant}:{} {}",
+            "{} {}",
             r.method.as_ref().map_or("*", Method::as_str),
             r.path_prefix
         ),
-    }
+    };
+    pool.tenant_key(prefix, tenant, &route)
 }
 
 #[cfg(test)]
@@ -322,6 +339,7 @@ mod tests {
         RedisSettings {
             connection: redis::IntoConnectionInfo::into_connection_info("redis://127.0.0.1:1/")
                 .unwrap(),
+            topology: crate::config::RedisTopology::Single,
             password: None,
             ca_pem: None,
             key_prefix: "t:".into(),
@@ -362,10 +380,25 @@ mod tests {
     #[test]
     fn keys_name_tenant_and_route_stably() {
         let c = config();
-        assert_eq!(bucket_key("p:", "acme", &c, 0), "p:acme:default");
+        let m = Metrics::new();
+        let single = RedisLimiter::new(&c, &settings(OnRedisError::Deny), &m);
+        let pool = &single.inner.pool;
+        assert_eq!(bucket_key(pool, "p:", "acme", &c, 0), "p:acme:default");
         assert_eq!(
-            bucket_key("p:", "acme", &c, 1),
+            bucket_key(pool, "p:", "acme", &c, 1),
             "p:acme:POST /api/v2/payments"
+        );
+        // Cluster: the tenant is the hash tag, so all its buckets share one slot.
+        let mut s = settings(OnRedisError::Deny);
+        s.topology = crate::config::RedisTopology::Cluster {
+            seeds: vec![("127.0.0.1".into(), 1)],
+        };
+        let cluster = RedisLimiter::new(&c, &s, &m);
+        let pool = &cluster.inner.pool;
+        assert_eq!(bucket_key(pool, "p:", "acme", &c, 0), "p:{acme}:default");
+        assert_eq!(
+            bucket_key(pool, "p:", "acme", &c, 1),
+            "p:{acme}:POST /api/v2/payments"
         );
     }
 
