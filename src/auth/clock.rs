@@ -300,20 +300,19 @@ impl ClockOffset {
         true
     }
 
-    /// Takes another replica's estimate `b` (a shared session's writer's) as a measurement
-    /// when this replica has none of its own yet; otherwise ignores it. Returns whether used.
+    /// Takes another replica's estimate `b` (a shared session's writer's): as a measurement
+    /// when this replica has none of its own yet, else only to narrow its own where they agree
+    /// (a follower that never logs in learns what the owner learnt). Returns whether used.
     pub fn adopt(&self, b: OffsetBounds, at: SystemTime) -> bool {
-        if self.known.load(Ordering::SeqCst) || b.lo_us > b.hi_us {
+        if b.lo_us > b.hi_us {
             return false;
         }
         let mut s = match self.state.lock() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        if s.bounds.is_some() {
-            return false;
-        }
-        self.apply(&mut s, b, unix_us(at), true)
+        let measured = s.bounds.is_none();
+        self.apply(&mut s, b, unix_us(at), measured)
     }
 
     /// The bounds now (lock-free): [`OffsetBounds::ZERO`] before FinHub's first `Date`.
@@ -430,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn another_replicas_estimate_is_taken_only_without_one_of_our_own() {
+    fn another_replicas_estimate_is_taken_without_one_of_our_own_and_else_only_narrows() {
         let c = ClockOffset::new();
         let theirs = OffsetBounds {
             lo_us: 2_000_000,
@@ -446,6 +445,13 @@ mod tests {
         let before = ours.bounds_at(t(0));
         assert!(!ours.adopt(theirs, t(0)));
         assert_eq!(ours.bounds_at(t(0)), before);
+        // One that agrees narrows ours (a follower learns what the owner learnt).
+        let narrower = OffsetBounds {
+            lo_us: before.lo_us + 100_000,
+            hi_us: before.hi_us - 100_000,
+        };
+        assert!(ours.adopt(narrower, t(0)));
+        assert_eq!(ours.bounds_at(t(0)), narrower);
     }
 
     #[test]
