@@ -1,5 +1,7 @@
 //! The FinHub auth endpoints: login, refresh and logout, over mTLS with the current client
-//! certificate. Every answer's `Date` feeds the estimate of FinHub's clock ([`ClockOffset`]).
+//! certificate. Every answer's `Date` feeds the estimate of FinHub's gateway clock, every
+//! token's claims the estimate of its token issuer's clock ([`ClockOffset`]): the two need not
+//! agree, and only the second says anything about a token.
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
@@ -21,8 +23,9 @@ use crate::egress::{EgressError, Tunnel};
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
 
-/// The largest auth answer body read (FinHub's are a few KiB).
-pub const MAX_AUTH_ANSWER_BYTES: usize = 1024 * 1024;
+/// The largest auth answer body read (FinHub's are a few KiB); a longer one is an error,
+/// and nothing beyond this is buffered.
+pub const MAX_AUTH_ANSWER_BYTES: usize = 64 * 1024;
 
 /// Why a login or refresh did not produce a session. Never carries a credential or token.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +75,10 @@ impl AuthError {
 /// Calls FinHub's auth endpoints. Rebuilds its HTTP client when the TLS snapshot changes.
 pub struct AuthClient {
     tls: Arc<TlsStore>,
-    clock: Arc<ClockOffset>,
+    /// FinHub's gateway clock (its answers' `Date`), for `/status` and the metric.
+    date_clock: Arc<ClockOffset>,
+    /// FinHub's token issuer's clock (its tokens' claims), on which sessions are planned.
+    token_clock: Arc<ClockOffset>,
     /// The environment's rules (login body flavour, refresh support).
     rules: EnvRules,
     login_path: String,
@@ -133,11 +139,12 @@ enum Route {
 
 impl AuthClient {
     /// A client for the upstream and auth settings in `config`; FinHub's `Date` headers go
-    /// into `clock`; tunnel failures are counted and published through `upstream`.
+    /// into `date_clock` (the token clock is the client's own, [`AuthClient::clock`]); tunnel
+    /// failures are counted and published through `upstream`.
     pub fn new(
         config: &Config,
         tls: Arc<TlsStore>,
-        clock: Arc<ClockOffset>,
+        date_clock: Arc<ClockOffset>,
         upstream: Arc<UpstreamAddrs>,
     ) -> Self {
         let u = &config.upstream;
@@ -168,7 +175,8 @@ impl AuthClient {
             .unwrap_or_else(|_| ServerName::try_from("invalid.invalid").expect("static name"));
         AuthClient {
             tls,
-            clock,
+            date_clock,
+            token_clock: Arc::new(ClockOffset::new()),
             rules: config.rules,
             login_path: config.auth.login_path.clone(),
             refresh_path: config.auth.refresh_path.clone(),
@@ -194,9 +202,15 @@ impl AuthClient {
         &self.rules
     }
 
-    /// The estimate of FinHub's clock this client feeds.
+    /// The estimate of FinHub's token issuer's clock (from its tokens' claims and what FinHub
+    /// did with them), on which every session this client obtains is planned.
     pub fn clock(&self) -> &Arc<ClockOffset> {
-        &self.clock
+        &self.token_clock
+    }
+
+    /// The estimate of FinHub's gateway clock (from its answers' `Date`).
+    pub fn date_clock(&self) -> &Arc<ClockOffset> {
+        &self.date_clock
     }
 
     /// A keyed hash of `tenant`'s current credentials (files re-read), to notice a rotated
@@ -360,7 +374,12 @@ impl AuthClient {
         let resp = self.send(req, self.timeout).await?;
         let received = SystemTime::now();
         let grant = self.read_grant(&resp, sent, received)?;
-        Ok(Session::from_grant(grant, sent, received, &self.clock))
+        Ok(Session::from_grant(
+            grant,
+            sent,
+            received,
+            &self.token_clock,
+        ))
     }
 
     /// Refreshes `current` through the refresh endpoint with its `internalTokenKey` (§4.1).
@@ -398,7 +417,7 @@ impl AuthClient {
             grant,
             sent,
             received,
-            &self.clock,
+            &self.token_clock,
         ))))
     }
 
@@ -434,7 +453,7 @@ impl AuthClient {
         received: SystemTime,
     ) -> Result<(), AuthError> {
         let headers = &resp.headers;
-        self.clock
+        self.date_clock
             .observe(headers.get(http::header::DATE), sent, received);
         let status = resp.status.as_u16();
         match status {

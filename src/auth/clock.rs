@@ -1,19 +1,25 @@
-//! FinHub's clock as seen from its answers.
+//! A FinHub clock as seen from its answers.
 //!
-//! FinHub states times on its own clock: the JWT's `exp`, and the 10 % refresh window that
-//! ends there. The sidecar converts them to its clock with an estimate of the offset
-//! (`finhub = local + offset`), kept as an interval that surely holds the true offset:
+//! FinHub runs two clocks that need not agree (different hosts, a few hundred ms to seconds
+//! apart, more when one is misconfigured): its API gateway's, read from `Date` headers, and
+//! its token issuer's, on which a token's `iat`/`exp`, `expires_in` and the 10 % refresh window
+//! are stated. Each is estimated by one [`ClockOffset`]: the gateway's for `/status` and the
+//! metric, the token issuer's for everything about a token (its expiry, the refresh plan).
+//! `Date` never moves the token clock: what FinHub says about a token wins.
 //!
-//! - A `Date` header (whole seconds, RFC 9110) says FinHub's clock read `D..D+1` at some moment
-//!   between sending the request and receiving the answer, so the offset lies in
-//!   `[D - received, D + 1 - sent]`. Samples are intersected: answers arriving at different
-//!   points of a second narrow the interval towards the round-trip time.
+//! An estimate of an offset (`finhub = local + offset`) is kept as an interval that surely
+//! holds the true offset:
+//!
+//! - A whole-second reading (a `Date` header, a token's `iat`, or `exp` minus a whole-second
+//!   `expires_in`) says FinHub's clock read `D..D+1` at some moment between sending the request
+//!   and receiving the answer, so the offset lies in `[D - received, D + 1 - sent]`. Samples
+//!   are intersected: answers arriving at different points of a second narrow the interval
+//!   towards the round-trip time.
 //! - *Inferred* bounds come from what FinHub did, not from a clock reading (the refresh window
-//!   opened or not, the whole seconds left in `expires_in`). They only narrow an interval they
-//!   agree with and are ignored otherwise, so a FinHub that rounds differently than assumed
-//!   cannot pull the estimate away from its `Date` headers.
+//!   opened or not, the whole seconds left in a "not refreshed" answer). They only narrow an
+//!   interval they agree with and are ignored otherwise.
 //! - Clocks drift: an interval widens by 100 ppm of its age on each side.
-//! - A `Date` sample that contradicts the interval (a clock was stepped) replaces it.
+//! - A measured sample that contradicts the interval (a clock was stepped) replaces it.
 //!
 //! The midpoint is the estimate (the metric and `/status`); planning uses the bounds, so an
 //! uncertain offset makes the sidecar careful, never wrong.
@@ -80,7 +86,8 @@ impl OffsetBounds {
         (self.hi_us - self.lo_us) / 2
     }
 
-    fn intersect(&self, other: &OffsetBounds) -> Option<OffsetBounds> {
+    /// The interval both hold, if they overlap.
+    pub fn intersect(&self, other: &OffsetBounds) -> Option<OffsetBounds> {
         let lo = self.lo_us.max(other.lo_us);
         let hi = self.hi_us.min(other.hi_us);
         (lo <= hi).then_some(OffsetBounds {
@@ -225,6 +232,23 @@ impl ClockOffset {
         }
     }
 
+    /// A measured interval (e.g. a token's own whole-second claims read against when its answer
+    /// was sent and received, [`second_sample`]): narrows the estimate, or replaces it when they
+    /// disagree (the clock was stepped). Offsets beyond a year are ignored. Returns whether used.
+    pub fn measure(&self, sample: OffsetBounds, at: SystemTime) -> bool {
+        if sample.lo_us > sample.hi_us
+            || sample.lo_us.unsigned_abs() > MAX_OFFSET_US.unsigned_abs()
+            || sample.hi_us.unsigned_abs() > MAX_OFFSET_US.unsigned_abs()
+        {
+            return false;
+        }
+        let mut s = match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        self.apply(&mut s, sample, unix_us(at), true)
+    }
+
     /// A bound inferred from FinHub's behaviour rather than read from its clock: narrows the
     /// interval if it agrees with it, else is ignored. `at` is when it was learnt.
     pub fn infer(&self, lo_us: Option<i64>, hi_us: Option<i64>, at: SystemTime) -> bool {
@@ -254,7 +278,7 @@ impl ClockOffset {
                     tracing::info!(
                         previous_offset_ms = cur.mid_us() / 1000,
                         new_offset_ms = sample.mid_us() / 1000,
-                        "FinHub's Date contradicts the clock offset estimate (a clock was stepped?); starting over"
+                        "a reading of FinHub's clock contradicts the offset estimate (a clock was stepped?); starting over"
                     );
                     sample
                 }
@@ -276,20 +300,19 @@ impl ClockOffset {
         true
     }
 
-    /// Takes another replica's estimate `b` (a shared session's writer's) as a measurement
-    /// when this replica has none of its own yet; otherwise ignores it. Returns whether used.
+    /// Takes another replica's estimate `b` (a shared session's writer's): as a measurement
+    /// when this replica has none of its own yet, else only to narrow its own where they agree
+    /// (a follower that never logs in learns what the owner learnt). Returns whether used.
     pub fn adopt(&self, b: OffsetBounds, at: SystemTime) -> bool {
-        if self.known.load(Ordering::SeqCst) || b.lo_us > b.hi_us {
+        if b.lo_us > b.hi_us {
             return false;
         }
         let mut s = match self.state.lock() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        if s.bounds.is_some() {
-            return false;
-        }
-        self.apply(&mut s, b, unix_us(at), true)
+        let measured = s.bounds.is_none();
+        self.apply(&mut s, b, unix_us(at), measured)
     }
 
     /// The bounds now (lock-free): [`OffsetBounds::ZERO`] before FinHub's first `Date`.
@@ -335,8 +358,9 @@ impl ClockOffset {
     }
 }
 
-/// The offset interval from one whole-second reading of FinHub's clock.
-fn second_sample(
+/// The offset interval from one whole-second reading `second` of a FinHub clock, taken between
+/// `sent` and `received` (our clock); `None` when out of order or beyond a year.
+pub fn second_sample(
     second: SystemTime,
     sent: SystemTime,
     received: SystemTime,
@@ -350,7 +374,9 @@ fn second_sample(
         lo_us: d.saturating_sub(received),
         hi_us: d.saturating_add(DATE_RESOLUTION_US).saturating_sub(sent),
     };
-    (b.lo_us.abs() <= MAX_OFFSET_US && b.hi_us.abs() <= MAX_OFFSET_US).then_some(b)
+    (b.lo_us.unsigned_abs() <= MAX_OFFSET_US.unsigned_abs()
+        && b.hi_us.unsigned_abs() <= MAX_OFFSET_US.unsigned_abs())
+    .then_some(b)
 }
 
 #[cfg(test)]
@@ -403,7 +429,7 @@ mod tests {
     }
 
     #[test]
-    fn another_replicas_estimate_is_taken_only_without_one_of_our_own() {
+    fn another_replicas_estimate_is_taken_without_one_of_our_own_and_else_only_narrows() {
         let c = ClockOffset::new();
         let theirs = OffsetBounds {
             lo_us: 2_000_000,
@@ -419,6 +445,13 @@ mod tests {
         let before = ours.bounds_at(t(0));
         assert!(!ours.adopt(theirs, t(0)));
         assert_eq!(ours.bounds_at(t(0)), before);
+        // One that agrees narrows ours (a follower learns what the owner learnt).
+        let narrower = OffsetBounds {
+            lo_us: before.lo_us + 100_000,
+            hi_us: before.hi_us - 100_000,
+        };
+        assert!(ours.adopt(narrower, t(0)));
+        assert_eq!(ours.bounds_at(t(0)), narrower);
     }
 
     #[test]

@@ -13,6 +13,17 @@ use crate::secret::Secret;
 /// The longest session lifetime believed from FinHub's answers (docs say 1800–10000 s).
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
+/// The longest `sessionId` taken from FinHub (it is sent as `X-Session-ID` on every request);
+/// a longer one is replaced by a UUID.
+pub const MAX_SESSION_ID: usize = 256;
+
+/// The largest JWT payload decoded for its claims.
+const MAX_CLAIMS_BYTES: usize = 16 * 1024;
+
+/// A NumericDate beyond this (the year 5138) is taken to be in milliseconds, a common issuer
+/// bug; beyond it again, garbage.
+const MAX_SECONDS_DATE: f64 = 1e11;
+
 /// What a successful login or refresh handed us.
 #[derive(Debug, Clone)]
 pub struct Grant {
@@ -83,11 +94,12 @@ impl Grant {
         let expires_in = ["expires_in", "expiresIn"]
             .iter()
             .find_map(|k| obj.get(*k).and_then(number))
-            .filter(|s| *s > 0.0)
-            // Clamped: a lifetime beyond a day is treated as a day (and never panics on
-            // `inf` or values beyond u64 seconds).
+            .filter(|s| !s.is_nan())
+            // Clamped: zero or less is FinHub saying the token is already over; a lifetime
+            // beyond a day is treated as a day (and never panics on `inf` or values beyond u64
+            // seconds).
             .map(|s| {
-                Duration::try_from_secs_f64(s.min(MAX_LIFETIME.as_secs_f64()))
+                Duration::try_from_secs_f64(s.clamp(0.0, MAX_LIFETIME.as_secs_f64()))
                     .unwrap_or(MAX_LIFETIME)
             });
         let refresh_token = ["refreshToken", "refresh_token"]
@@ -97,6 +109,7 @@ impl Grant {
         let session_id = obj
             .get("sessionId")
             .and_then(Value::as_str)
+            .filter(|s| s.len() <= MAX_SESSION_ID)
             .map(str::to_string);
         Ok(Grant {
             token: Secret::new(token),
@@ -113,31 +126,66 @@ fn number(v: &Value) -> Option<f64> {
 }
 
 impl Claims {
-    /// Reads the claims of `token` if it is a JWT; an opaque token gives empty claims.
+    /// Reads the claims of `token` if it is a JWT; an opaque token gives empty claims. The
+    /// payload is decoded whatever the header's `alg` says (`none` included: the signature is
+    /// never checked, A3), and `iat`/`exp` are NumericDates: seconds, fractions allowed; a value
+    /// beyond the year 5138 is read as milliseconds (an issuer bug), negative or absurd ones
+    /// are ignored.
     pub fn of(token: &str) -> Claims {
-        let Ok(data) = jsonwebtoken::dangerous::insecure_decode::<Value>(token) else {
+        let Some(c) = payload(token) else {
             return Claims::default();
         };
-        let c = data.claims;
-        let time = |k: &str| {
+        let time = |k: &str| c.get(k).and_then(numeric_date);
+        let secret = |k: &str| {
             c.get(k)
-                .and_then(Value::as_u64)
-                .and_then(|s| UNIX_EPOCH.checked_add(Duration::from_secs(s)))
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
         };
         Claims {
             exp: time("exp"),
             iat: time("iat"),
-            internal_token_key: c
-                .get("internalTokenKey")
-                .and_then(Value::as_str)
-                .filter(|s| !s.is_empty())
-                .map(Secret::new),
+            internal_token_key: secret("internalTokenKey"),
             session_id: c
                 .get("sessionId")
                 .and_then(Value::as_str)
+                .filter(|s| s.len() <= MAX_SESSION_ID)
                 .map(str::to_string),
         }
     }
+}
+
+/// The JSON object in a JWT's payload part, if `token` has one.
+fn payload(token: &str) -> Option<serde_json::Map<String, Value>> {
+    use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+    use base64::engine::DecodePaddingMode;
+    use base64::Engine;
+    const URL_SAFE_ANY_PADDING: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::URL_SAFE,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    let mut parts = token.split('.');
+    let (_header, body) = (parts.next()?, parts.next()?);
+    if body.len() > MAX_CLAIMS_BYTES {
+        return None;
+    }
+    let bytes = URL_SAFE_ANY_PADDING.decode(body).ok()?;
+    match serde_json::from_slice(&bytes).ok()? {
+        Value::Object(m) => Some(m),
+        _ => None,
+    }
+}
+
+/// A NumericDate (RFC 7519: seconds, fractions allowed) as a time; milliseconds tolerated.
+fn numeric_date(v: &Value) -> Option<SystemTime> {
+    let mut s = v.as_f64().filter(|s| s.is_finite() && *s >= 0.0)?;
+    if s > MAX_SECONDS_DATE {
+        s /= 1000.0;
+    }
+    if s > MAX_SECONDS_DATE {
+        return None;
+    }
+    UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(s).ok()?)
 }
 
 #[cfg(test)]

@@ -29,7 +29,7 @@ pub use session::Session;
 use session::*;
 pub use slot::{SessionTable, TenantSessions, TenantStatus};
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,9 +56,15 @@ const MIN_FORCED_INTERVAL: Duration = Duration::from_secs(5);
 /// able to drive a login every few seconds.
 const MAX_FORCED_INTERVAL: Duration = Duration::from_secs(300);
 
-/// A JWT `exp` later than `expires_in` allows (plus its whole-second rounding) by more than
-/// this is not believed: the answer's `expires_in` bounds it.
-const EXPIRY_SANITY_SLACK: Duration = Duration::from_secs(2);
+/// The smallest spacing between two successful renewals of a tenant (issue 28.3; the floor
+/// is otherwise a tenth of the granted validity).
+const MIN_RENEWAL_SPACING: Duration = Duration::from_secs(1);
+/// While a tenant has no usable session, retries wait `auth.recovery_interval` plus up to
+/// this fraction of it (jitter above the floor, never below).
+const RECOVERY_JITTER: f64 = 0.25;
+/// A request FinHub answered 401 is held for a renewal only if one can start within this;
+/// otherwise (forced renewals are spaced, or a backoff runs) the 401 goes to the app at once.
+const FORCED_HOLD: Duration = Duration::from_millis(1500);
 /// "Not refreshed, still valid" answers accepted for one session; then it is replaced by a
 /// login before it becomes unusable (FinHub's window is not where the sidecar thinks).
 const MAX_EARLY_REFRESHES: u32 = 8;
@@ -143,51 +149,108 @@ mod tests {
         }
     }
 
+    /// `choose_expiry` after `read_claims`, as `Session::from_grant` runs them.
+    fn expiry_of(
+        claims: &Claims,
+        expires_in: Option<u64>,
+        sent: i64,
+        received: i64,
+        offset: OffsetBounds,
+    ) -> Expiry {
+        let e = expires_in.map(Duration::from_secs);
+        let reading = read_claims(claims, e, at(sent), at(received));
+        choose_expiry(claims, e, reading, at(sent), at(received), offset)
+    }
+
     #[test]
-    fn exp_is_the_truth_and_expires_in_only_a_fallback_and_bound() {
+    fn exp_agreeing_with_expires_in_is_the_truth_else_expires_in_wins() {
         let zero = OffsetBounds::ZERO;
         // exp 6 s after iat; expires_in floored to 5 while 5.7 s were left: exp wins.
-        let e = choose_expiry(
+        let e = expiry_of(
             &claims_of(Some(6 * S), Some(0)),
-            Some(Duration::from_secs(5)),
-            at(300_000),
-            at(310_000),
+            Some(5),
+            300_000,
+            310_000,
             zero,
         );
         assert_eq!(e.at_us, BASE + 6 * S);
-        assert!(e.on_finhub_clock && !e.capped);
+        assert!(e.on_finhub_clock && e.window_known && !e.distrusted);
         assert_eq!(e.validity_us, 6 * S);
-        // exp far beyond what expires_in allows: capped by it (plus rounding and slack).
-        let e = choose_expiry(
-            &claims_of(Some(86_000 * S), Some(0)),
-            Some(Duration::from_secs(60)),
-            at(0),
-            at(0),
+        // exp far beyond what iat + expires_in allow (a 10-year exp): expires_in wins, from
+        // when the request was sent, on our clock.
+        let e = expiry_of(
+            &claims_of(Some(10 * 365 * 86_400 * S), Some(0)),
+            Some(60),
+            0,
+            1_000,
             zero,
         );
-        assert!(e.capped);
-        assert_eq!(e.at_us, BASE + 63 * S);
+        assert!(e.distrusted && !e.on_finhub_clock && !e.window_known);
+        assert_eq!((e.at_us, e.validity_us), (BASE + 60 * S, 60 * S));
+        // exp before iat (already past when issued): expires_in wins.
+        let e = expiry_of(&claims_of(Some(-8 * S), Some(0)), Some(8), 0, 1_000, zero);
+        assert!(e.distrusted);
+        assert_eq!(e.at_us, BASE + 8 * S);
         // Without exp: expires_in from when the request was sent, on our clock.
-        let e = choose_expiry(
-            &claims_of(None, None),
-            Some(Duration::from_secs(60)),
-            at(5),
-            at(9),
-            zero,
-        );
+        let e = expiry_of(&claims_of(None, None), Some(60), 5, 9, zero);
         assert_eq!((e.at_us, e.on_finhub_clock), (BASE + 5 + 60 * S, false));
         // Neither: the fallback.
-        let e = choose_expiry(&claims_of(None, None), None, at(0), at(0), zero);
+        let e = expiry_of(&claims_of(None, None), None, 0, 0, zero);
         assert_eq!(e.validity_us, us(FALLBACK_LIFETIME));
         // exp without iat or expires_in: validity counted from the request on FinHub's clock.
         let skew = OffsetBounds {
             lo_us: 2 * S,
             hi_us: 2 * S,
         };
-        let e = choose_expiry(&claims_of(Some(10 * S), None), None, at(0), at(0), skew);
+        let e = expiry_of(&claims_of(Some(10 * S), None), None, 0, 0, skew);
         assert_eq!(e.validity_us, 8 * S);
     }
 
+    #[test]
+    fn a_tokens_claims_are_a_reading_of_its_issuers_clock() {
+        // Issued an hour behind our clock: iat and exp - expires_in agree on -3600 s.
+        let claims = claims_of(Some(-3600 * S + 8 * S), Some(-3600 * S));
+        let r = read_claims(
+            &claims,
+            Some(Duration::from_secs(7)),
+            at(300_000),
+            at(310_000),
+        );
+        let Reading::Sample(b) = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            b.lo_us <= -3600 * S + 1 && b.hi_us >= -3600 * S - 300_000,
+            "{b:?}"
+        );
+        assert!(b.hi_us - b.lo_us <= S + 10_000, "{b:?}");
+        // A token handed out again long after its iat: the two readings disagree.
+        let old = claims_of(Some(600 * S), Some(-1200 * S));
+        assert_eq!(
+            read_claims(&old, Some(Duration::from_secs(600)), at(0), at(1_000)),
+            Reading::Contradicts
+        );
+        // Claims beyond a year from our clock are not a clock.
+        let far = claims_of(Some(400 * 86_400 * S + 8 * S), Some(400 * 86_400 * S));
+        assert_eq!(read_claims(&far, None, at(0), at(0)), Reading::Contradicts);
+        assert_eq!(
+            read_claims(&claims_of(None, Some(0)), None, at(0), at(0)),
+            Reading::Silent
+        );
+    }
+
+    #[test]
+    fn a_token_clock_ahead_of_date_is_read_from_the_token_not_from_date() {
+        // Issue 22.1: the gateway's Date agrees with our clock, the issuer runs 2 s ahead.
+        let clock = Arc::new(ClockOffset::new());
+        let s = issued(&clock, 2_000_000, 0, 10_000, 8);
+        let b = clock.bounds_at(at(0));
+        assert!(b.lo_us <= 2_005_000 && 2_005_000 <= b.hi_us, "{b:?}");
+        // iat is FinHub's second 2 (our 0 + 2.005 s, floored), exp its second 10: our 8 s.
+        // The sidecar never sends it past then, and uses it until shortly before.
+        assert!(!s.is_usable(at(8 * S)));
+        assert!(s.is_usable(at(6_800_000)));
+    }
     #[test]
     fn a_far_off_date_never_expires_a_token_finhub_said_has_time_left() {
         // The session is issued with FinHub's clock agreeing with ours; then one answer's Date
@@ -486,36 +549,36 @@ mod tests {
     }
 
     #[test]
-    fn recovery_is_fast_without_a_session_and_backs_off_with_one() {
+    fn the_recovery_interval_is_a_floor_with_jitter_above_it() {
         let recovery = Duration::from_secs(3);
         let err = AuthError::Status(503, None);
         for failures in 1..20 {
             for jitter in [0.0, 0.5, 0.999] {
-                // No usable token: within the second half of a recovery step, every time.
+                // No usable token: one attempt per interval, never sooner, at most a quarter
+                // later (recovery within one interval of FinHub's return, ≤ 3.75 s).
                 let w = retry_wait(failures, &err, None, recovery, jitter);
                 assert!(
-                    w >= recovery / 2 && w <= recovery,
+                    w >= recovery && w <= recovery.mul_f64(1.25),
                     "{failures} {jitter}: {w:?}"
                 );
-                // A usable token: exponential, capped at 30 s, never past the renewal point.
-                let w = retry_wait(
-                    failures,
-                    &err,
-                    Some(Duration::from_secs(3600)),
-                    recovery,
-                    jitter,
-                );
-                assert!(w <= BACKOFF_CAP && w >= Duration::from_millis(100));
-                let w = retry_wait(
-                    failures,
-                    &err,
-                    Some(Duration::from_secs(2)),
-                    recovery,
-                    jitter,
-                );
-                assert!(w <= Duration::from_secs(2));
+                // A usable token: exponential, capped at 30 s, never below the floor either.
+                for left in [3600, 2, 0] {
+                    let w = retry_wait(
+                        failures,
+                        &err,
+                        Some(Duration::from_secs(left)),
+                        recovery,
+                        jitter,
+                    );
+                    assert!(w <= BACKOFF_CAP && w >= recovery, "{left}: {w:?}");
+                }
             }
         }
+        // At the default, at most 20 attempts a minute whatever the jitter.
+        let minute: Duration = (1..=20)
+            .map(|n| retry_wait(n, &err, None, recovery, 0.0))
+            .sum();
+        assert!(minute >= Duration::from_secs(60));
         assert_eq!(
             retry_wait(12, &err, Some(Duration::from_secs(3600)), recovery, 0.999).as_secs(),
             29
@@ -537,6 +600,50 @@ mod tests {
             retry_after: Some(Duration::from_secs(86_400)),
         };
         assert_eq!(retry_wait(1, &absurd, None, recovery, 0.0), MAX_RETRY_AFTER);
+    }
+
+    #[test]
+    fn successful_renewals_are_spaced_by_a_tenth_of_the_lifetime() {
+        let v = Duration::from_secs(8);
+        // A tenth of the lifetime (at least a second), doubling while tokens arrive due, but
+        // not past the last moment a renewal lands in time; the floor itself always holds.
+        assert_eq!(renewal_not_before(0, v, 0, 100 * S), S);
+        assert_eq!(
+            renewal_not_before(0, Duration::from_secs(1800), 0, 3600 * S),
+            180 * S
+        );
+        assert_eq!(renewal_not_before(0, v, 2, 100 * S), 4 * S);
+        assert_eq!(renewal_not_before(0, v, 20, 100 * S), 64 * S);
+        assert_eq!(renewal_not_before(0, v, 3, 5 * S), 5 * S);
+        assert_eq!(renewal_not_before(0, v, 3, 0), S);
+    }
+
+    #[test]
+    fn a_count_only_token_is_planned_within_fin_hubs_count() {
+        // No trusted exp: FinHub said 7 s (floored) for a request sent at 0, answered 10 ms
+        // later. The end lies in [7 s, 8.01 s]; the plan probes from where the window may
+        // open and never goes past 7 s.
+        let clock = Arc::new(ClockOffset::new());
+        let s = Session::from_grant(grant("opaque".into(), Some(7)), at(0), at(10_000), &clock);
+        let t = s.timing();
+        assert_eq!(
+            t.count_bounds(),
+            OffsetBounds {
+                lo_us: -S - 10_000,
+                hi_us: 0
+            }
+        );
+        let p = plan(t, clock.bounds(), 0.92, 30_000, true, 0);
+        assert_eq!(p.step, Step::Refresh);
+        assert!(p.at_us < BASE + 7 * S - 140_000 - 30_000, "{p:?}");
+        // "Not refreshed": 1 s left at 7.2 s. The counts intersect: the end is within
+        // [8.2 s, 8.01 s] ∩ … = it narrows, it does not move past the first count's end.
+        s.note_remaining(Duration::from_secs(0), at(7_200_000), at(7_210_000));
+        let t = s.timing();
+        assert_eq!(t.at_least_us, BASE + 7_200_000);
+        assert_eq!(t.at_most_us, BASE + 8_010_000);
+        assert!(s.is_usable(at(7_000_000)));
+        assert!(!s.is_usable(at(7_200_000)));
     }
 
     #[test]

@@ -39,16 +39,17 @@ pub(super) fn plan(
     refreshable: bool,
     not_before_us: i64,
 ) -> Planned {
+    let own = t.count_bounds();
     let (lo, hi) = if t.on_finhub_clock {
         (offset.lo_us, offset.hi_us)
     } else {
-        (0, 0)
+        (own.lo_us, own.hi_us)
     };
     let mid = lo + (hi - lo) / 2;
     let l = t.validity_us.max(1);
     let margin = t.margin_us();
     let lead = lead_us.clamp(0, l / 20);
-    let unusable = t.usable_until_us(hi);
+    let unusable = t.usable_until_us(if t.on_finhub_clock { hi } else { 0 });
     let latest = unusable - lead;
     let tail = ((1.0 - refresh_at) * l as f64).round() as i64;
     let login = |at: i64| Planned {
@@ -101,10 +102,13 @@ pub(super) fn can_refresh(refresh_supported: bool, session: &Session, now: Syste
 /// `failures` (≥ 1) in a row. `usable_for`: how long the tenant's token can still be renewed
 /// in time, `None` when it has no usable token. `jitter` is uniform in `[0, 1)`.
 ///
-/// - No usable token (apps are failing now): one attempt per recovery step, jittered within
-///   its second half, so apps recover within one step of FinHub's return.
-/// - A usable token: exponential backoff with full jitter (500 ms to 30 s), but awake in time
-///   to renew before the token becomes unusable.
+/// `recovery` (`auth.recovery_interval`) is a floor, never undercut: FinHub sees at most one
+/// attempt per interval from a tenant after a failure, refreshes and logins together (at the
+/// default 3 s, at most 20 a minute).
+/// - No usable token (apps are failing now): one attempt per interval, jittered above it by
+///   up to a quarter, so apps recover within 1.25 intervals of FinHub's return.
+/// - A usable token: exponential backoff with full jitter (500 ms to 30 s) above the floor,
+///   awake in time to renew before the token becomes unusable where the floor allows.
 /// - `Retry-After` (429, 503) is honoured either way, up to 15 minutes.
 pub(super) fn retry_wait(
     failures: u32,
@@ -122,16 +126,28 @@ pub(super) fn retry_wait(
         .retry_after()
         .map(|r| r.min(MAX_RETRY_AFTER))
         .unwrap_or_default();
+    let jitter = jitter.clamp(0.0, 1.0);
     let base = match usable_for {
-        None => recovery.mul_f64(0.5 + 0.5 * jitter),
+        None => recovery.mul_f64(1.0 + RECOVERY_JITTER * jitter),
         Some(left) => BACKOFF_MIN
             .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
             .min(BACKOFF_CAP)
             .mul_f64(jitter)
-            .min(left)
-            .max(Duration::from_millis(100)),
+            .min(left),
     };
-    base.max(asked)
+    base.max(recovery).max(asked)
+}
+
+/// The earliest next renewal after a successful one at `now_us` (issue 28.3): at least a tenth
+/// of the granted validity (and [`MIN_RENEWAL_SPACING`]) later, so FinHub's token timing can
+/// never drive a renewal storm. When tokens keep arriving with their renewal already due
+/// (`hot` in a row), the spacing doubles each time, but only up to the last moment a renewal
+/// still lands in time (`latest_us`): the floor itself is never undercut.
+pub(super) fn renewal_not_before(now_us: i64, validity: Duration, hot: u32, latest_us: i64) -> i64 {
+    let floor = us((validity / 10).max(MIN_RENEWAL_SPACING));
+    let backed_off = floor.saturating_mul(1i64 << hot.min(6));
+    let backed_off = backed_off.min(latest_us.saturating_sub(now_us));
+    now_us.saturating_add(backed_off.max(floor))
 }
 
 /// Wait after the `rejections`-th rejected login in a row: 30 s doubling to 5 min. FinHub locks

@@ -103,6 +103,9 @@ pub(super) struct Renewer {
     /// Whether the last failed auth call failed on this replica's own path (connect, TLS,
     /// egress, no answer) rather than with an answer from FinHub.
     pub(super) last_failure_local: bool,
+    /// Successful renewals in a row whose new token arrived with its renewal already due
+    /// (issue 28.3: the spacing after them doubles).
+    pub(super) hot: u32,
 }
 
 impl Renewer {
@@ -122,7 +125,7 @@ impl Renewer {
         let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
         let p = plan(
             s.timing(),
-            self.client.clock().bounds(),
+            s.clock.bounds(),
             self.auth.refresh_at,
             self.lead_us(),
             refreshable,
@@ -132,7 +135,7 @@ impl Renewer {
             // FinHub keeps saying "not yet": log in before the token becomes unusable.
             return plan(
                 s.timing(),
-                self.client.clock().bounds(),
+                s.clock.bounds(),
                 self.auth.refresh_at,
                 self.lead_us(),
                 false,
@@ -149,8 +152,17 @@ impl Renewer {
         now: SystemTime,
     ) -> Option<Duration> {
         let s = current.filter(|s| s.is_usable(now))?;
-        let latest = s.timing().usable_until_us(self.client.clock().hi_us(now)) - self.lead_us();
+        let latest = s.timing().usable_until_us(s.clock.hi_us(now)) - self.lead_us();
         Some(Duration::from_micros((latest - unix_us(now)).max(0) as u64))
+    }
+
+    /// When the next forced renewal may start (µs, our clock): spaced from the last one.
+    pub(super) fn forced_earliest_us(&self) -> i64 {
+        self.last_forced.map_or(0, |t| {
+            let wait =
+                (t + forced_spacing(self.forced_streak)).saturating_duration_since(Instant::now());
+            unix_us(SystemTime::now()).saturating_add(us(wait))
+        })
     }
 
     pub(super) fn jitter() -> f64 {
@@ -171,6 +183,15 @@ impl Renewer {
                 .next_attempt_us
                 .store(next.at_us, Ordering::SeqCst);
             let backing_off = self.failures > 0 || self.rejected_now().is_some();
+            self.slot.forced_earliest_us.store(
+                if backing_off {
+                    // Forced renewals wait for the backoff.
+                    next.at_us
+                } else {
+                    self.forced_earliest_us()
+                },
+                Ordering::SeqCst,
+            );
             // With a shared store, also wake to look at it.
             let wake_us = match &self.shared {
                 Some(f) => f.wake_us(next.at_us),
@@ -204,6 +225,13 @@ impl Renewer {
                     _ => 0,
                 };
                 self.last_forced = Some(now);
+                // The next forced renewal is spaced from this one: requests refused on the
+                // session it brings are answered at once (see `TenantSessions::newer_than`),
+                // those refused before it wait for it (`renewing`).
+                self.slot.renewing.store(true, Ordering::SeqCst);
+                self.slot
+                    .forced_earliest_us
+                    .store(self.forced_earliest_us(), Ordering::SeqCst);
             }
             let now = SystemTime::now();
             if let Some((fingerprint, until)) = self.rejected_now() {
@@ -213,6 +241,7 @@ impl Renewer {
                     // Same credentials as the rejected ones: keep waiting (looking again
                     // every recovery step for a rotated secret).
                     next.at_us = until.min(unix_us(now) + us(self.auth.recovery_interval));
+                    self.slot.renewing.store(false, Ordering::SeqCst);
                     continue;
                 }
             }
@@ -225,6 +254,7 @@ impl Renewer {
             }
             self.before_renewal();
             let beat = self.heartbeat();
+            self.slot.renewing.store(true, Ordering::SeqCst);
             let current = self.slot.current();
             next = match current.as_deref() {
                 Some(s)
@@ -238,6 +268,7 @@ impl Renewer {
                 }
                 _ => self.login(current.as_deref()).await,
             };
+            self.slot.renewing.store(false, Ordering::SeqCst);
             self.heartbeat_done(beat);
             drop(guard);
             self.after_renewal(&next).await;
@@ -268,9 +299,7 @@ impl Renewer {
                 self.rtt_us = next_rtt(self.rtt_us, sent, received);
                 if let Some(opens) = s.window_opens_us() {
                     // FinHub's window had not opened when it answered.
-                    self.client
-                        .clock()
-                        .infer(None, Some(opens - unix_us(sent)), received);
+                    s.clock.infer(None, Some(opens - unix_us(sent)), received);
                 }
                 if let Some(r) = remaining {
                     s.note_remaining(r, sent, received);
@@ -298,8 +327,9 @@ impl Renewer {
             }
             Ok(Refreshed::New(new)) => {
                 if let Some(opens) = s.window_opens_us() {
-                    // FinHub's window was open when it answered.
-                    self.client.clock().infer(
+                    // FinHub's window was open when it answered (on the token clock the old
+                    // token was read on).
+                    s.clock.infer(
                         Some(opens - unix_us(new.received_at)),
                         None,
                         new.received_at,
@@ -434,12 +464,33 @@ impl Renewer {
             .session_expiration
             .with_label_values(&[self.tenant_id.as_str()])
             .set(unix_secs(s.expires_at()));
+        // Requests refused on the new session no longer wait for this renewal.
+        self.slot.renewing.store(false, Ordering::SeqCst);
         self.slot.publish(s);
+        let now_us = unix_us(SystemTime::now());
         match self.slot.current() {
-            Some(s) => self.plan_for(&s, unix_us(SystemTime::now())),
+            Some(s) => {
+                let due = self.plan_for(&s, now_us);
+                let latest =
+                    s.timing().usable_until_us(s.clock.hi_us(SystemTime::now())) - self.lead_us();
+                let floor = renewal_not_before(now_us, s.validity, 0, latest);
+                // A token whose renewal is due on arrival (odd claims, a clock far off): space
+                // the renewals out, more each time it happens again.
+                self.hot = if due.at_us < floor {
+                    self.hot.saturating_add(1)
+                } else {
+                    0
+                };
+                if self.hot > 0 {
+                    tracing::debug!(tenant = %self.tenant_id, in_a_row = self.hot, "the new token's renewal was due on arrival; spacing renewals out");
+                }
+                let not_before =
+                    renewal_not_before(now_us, s.validity, self.hot.saturating_sub(1), latest);
+                self.plan_for(&s, not_before)
+            }
             None => Planned {
                 step: Step::Login,
-                at_us: unix_us(SystemTime::now()),
+                at_us: now_us,
             },
         }
     }
@@ -477,6 +528,7 @@ pub async fn run_tenant(
         forced_streak: 0,
         shared: store.map(super::shared::Follower::new),
         last_failure_local: false,
+        hot: 0,
     }
     .run()
     .await

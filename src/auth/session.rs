@@ -56,41 +56,116 @@ impl std::fmt::Debug for Session {
 pub(super) struct Expiry {
     /// µs since the epoch.
     pub(super) at_us: i64,
-    /// On FinHub's clock (JWT `exp`) rather than ours (`expires_in`).
+    /// On FinHub's token clock (JWT `exp`) rather than ours (`expires_in`).
     pub(super) on_finhub_clock: bool,
     /// FinHub's validity (`exp - iat`, else `expires_in`), µs.
     pub(super) validity_us: i64,
-    /// `exp` was later than `expires_in` allows and was capped.
-    pub(super) capped: bool,
+    /// `iat` and `exp` agree with each other and with `expires_in`: FinHub's refresh window
+    /// (the last tenth of `exp - iat`) is known on its token clock.
+    pub(super) window_known: bool,
+    /// The claims contradicted `expires_in` (or each other) and were not believed.
+    pub(super) distrusted: bool,
 }
 
-/// The expiry rule (§4.3, issue 14): the JWT `exp` is the truth. `expires_in` is whole seconds
-/// counted when FinHub answered, so the token lives up to a second longer than it says: it is
-/// not a reason to expire early, only a sanity bound on an `exp` far beyond it. Without `exp`,
-/// `expires_in` from the moment the request was sent; without either, a fallback lifetime.
+/// What a token's claims say about its issuer's clock, read against when the answer that
+/// carried it was sent and received (our clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reading {
+    /// No `exp`: nothing about the issuer's clock.
+    Silent,
+    /// The offset of the issuer's clock lies in these bounds: `exp` minus `expires_in` (whole
+    /// seconds left when FinHub answered, floored) and, for a fresh token, `iat` (the second
+    /// it was issued), intersected.
+    Sample(OffsetBounds),
+    /// The claims contradict `expires_in` or each other (`iat` after `exp`, `exp` ten years
+    /// past `iat + expires_in`, claims beyond a year from our clock): not believed.
+    Contradicts,
+}
+
+/// Reads `claims` and `expires_in` of an answer sent at `sent` and received at `received`
+/// (issue 22.1, 28.3): `exp - expires_in` and `iat` are two readings of the token issuer's
+/// clock; they must agree (within the whole-second rounding and the round trip).
+pub(super) fn read_claims(
+    claims: &Claims,
+    expires_in: Option<Duration>,
+    sent: SystemTime,
+    received: SystemTime,
+) -> Reading {
+    let Some(exp) = claims.exp else {
+        return Reading::Silent;
+    };
+    let iat = claims.iat;
+    if iat.is_some_and(|iat| iat >= exp) {
+        return Reading::Contradicts;
+    }
+    let from_count = expires_in.map(|e| {
+        // FinHub's clock read `exp - e - 1 s .. exp - e` when it answered (e floored).
+        let at = unix_us(exp).saturating_sub(us(e));
+        OffsetBounds {
+            lo_us: at
+                .saturating_sub(1_000_000)
+                .saturating_sub(unix_us(received)),
+            hi_us: at.saturating_sub(unix_us(sent)),
+        }
+    });
+    let from_iat = iat.and_then(|iat| clock::second_sample(iat, sent, received));
+    let sample = match (from_count, from_iat, iat) {
+        (Some(a), Some(b), _) => a.intersect(&b),
+        (Some(a), None, None) => Some(a),
+        // An `iat` beyond a year from our clock (milliseconds read as seconds, garbage).
+        (Some(_), None, Some(_)) => None,
+        (None, Some(b), _) => Some(b),
+        (None, None, Some(_)) => None,
+        (None, None, None) => return Reading::Silent,
+    };
+    let plausible = |b: &OffsetBounds| {
+        b.lo_us.unsigned_abs() <= MAX_OFFSET.unsigned_abs()
+            && b.hi_us.unsigned_abs() <= MAX_OFFSET.unsigned_abs()
+    };
+    match sample.filter(plausible) {
+        Some(b) => Reading::Sample(b),
+        None => Reading::Contradicts,
+    }
+}
+
+/// Offsets of FinHub's token clock beyond this are taken as garbage, not as a clock.
+const MAX_OFFSET: i64 = 366 * 86_400 * 1_000_000;
+
+/// The expiry rule (§4.3, issues 14, 22.1, 28.3). A JWT `exp` whose claims agree with
+/// `expires_in` ([`read_claims`]) is the truth, on FinHub's token clock (`offset`, the
+/// estimate of that clock after this token's own reading). Claims that contradict `expires_in`
+/// are not believed: `expires_in` is FinHub's own count and wins, from the moment the request
+/// was sent. Without `exp`, `expires_in` from then; without either, a fallback lifetime.
 pub(super) fn choose_expiry(
     claims: &Claims,
     expires_in: Option<Duration>,
+    reading: Reading,
     sent: SystemTime,
     received: SystemTime,
     offset: OffsetBounds,
 ) -> Expiry {
     let (sent, received) = (unix_us(sent), unix_us(received));
-    match (claims.exp.map(unix_us), expires_in.map(us)) {
-        (Some(exp), expires_in) => {
-            // Latest FinHub time of the answer, plus what it said was left.
-            let bound = expires_in.map(|e| {
-                received
-                    .saturating_add(offset.hi_us)
-                    .saturating_add(e)
-                    .saturating_add(1_000_000 + us(EXPIRY_SANITY_SLACK))
-            });
+    let counted = |e: i64, distrusted: bool| Expiry {
+        at_us: sent.saturating_add(e),
+        on_finhub_clock: false,
+        validity_us: e,
+        window_known: false,
+        distrusted,
+    };
+    let fallback = |distrusted: bool| Expiry {
+        validity_us: us(FALLBACK_LIFETIME),
+        ..counted(us(FALLBACK_LIFETIME), distrusted)
+    };
+    match (claims.exp.map(unix_us), expires_in.map(us), reading) {
+        (Some(_), Some(e), Reading::Contradicts) => counted(e, true),
+        (Some(_), None, Reading::Contradicts) => fallback(true),
+        (Some(exp), e, _) => {
+            // Like every lifetime believed from FinHub, at most a day from now.
             let latest = received
                 .saturating_add(offset.hi_us)
                 .saturating_add(us(grant::MAX_LIFETIME));
-            let cap = bound.unwrap_or(latest).min(latest);
-            let at_us = exp.min(cap);
-            let validity_us = match (claims.iat.map(unix_us), expires_in) {
+            let at_us = exp.min(latest);
+            let validity_us = match (claims.iat.map(unix_us), e) {
                 (Some(iat), _) if iat < exp => exp - iat,
                 (_, Some(e)) => e,
                 _ => exp - sent.saturating_add(offset.mid_us()),
@@ -98,25 +173,38 @@ pub(super) fn choose_expiry(
             Expiry {
                 at_us,
                 on_finhub_clock: true,
-                // Like every lifetime believed from FinHub, at most a day.
                 validity_us: validity_us.clamp(0, us(grant::MAX_LIFETIME)),
-                capped: at_us < exp,
+                window_known: claims.iat.is_some()
+                    && matches!(reading, Reading::Sample(_))
+                    && at_us == exp,
+                distrusted: false,
             }
         }
-        (None, Some(e)) => Expiry {
-            at_us: sent.saturating_add(e),
-            on_finhub_clock: false,
-            validity_us: e,
-            capped: false,
-        },
-        (None, None) => Expiry {
-            at_us: sent.saturating_add(us(FALLBACK_LIFETIME)),
-            on_finhub_clock: false,
-            validity_us: us(FALLBACK_LIFETIME),
-            capped: false,
-        },
+        (None, Some(e), _) => counted(e, false),
+        (None, None, _) => fallback(false),
     }
 }
+
+/// Logs a warning about FinHub's token timing at most once per [`ANOMALY_LOG_EVERY`] (then at
+/// debug): a FinHub that keeps sending odd claims must not fill the log, one line per renewal.
+pub(super) fn warn_rarely(last_us: &AtomicI64, message: &'static str) {
+    let now = unix_us(SystemTime::now());
+    let last = last_us.load(Ordering::Relaxed);
+    if now.saturating_sub(last) >= us(ANOMALY_LOG_EVERY)
+        && last_us
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!("{message}");
+    } else {
+        tracing::debug!("{message}");
+    }
+}
+
+/// How often one kind of token-timing anomaly is logged as a warning.
+const ANOMALY_LOG_EVERY: Duration = Duration::from_secs(600);
+static CLAIMS_DISTRUSTED: AtomicI64 = AtomicI64::new(i64::MIN);
+static COUNT_DISAGREES: AtomicI64 = AtomicI64::new(i64::MIN);
 
 impl Session {
     /// Builds a session from a grant whose request was sent at `sent` and answered at
@@ -129,16 +217,24 @@ impl Session {
         clock: &Arc<ClockOffset>,
     ) -> Session {
         let claims = Claims::of(grant.token.expose());
+        let reading = read_claims(&claims, grant.expires_in, sent, received);
+        if let Reading::Sample(b) = reading {
+            // The token's own reading of its issuer's clock: what FinHub says about the token
+            // wins over any earlier estimate (never over this one).
+            clock.measure(b, received);
+        }
         let expiry = choose_expiry(
             &claims,
             grant.expires_in,
+            reading,
             sent,
             received,
             clock.bounds_at(received),
         );
-        if expiry.capped {
-            tracing::warn!(
-                "the token's exp is later than the answer's expires_in allows; using expires_in"
+        if expiry.distrusted {
+            warn_rarely(
+                &CLAIMS_DISTRUSTED,
+                "the token's iat/exp contradict the answer's expires_in (or each other); using expires_in",
             );
         }
         let session_id = grant
@@ -159,7 +255,7 @@ impl Session {
             generation: 0,
             expiry_us: AtomicI64::new(expiry.at_us),
             on_finhub_clock: expiry.on_finhub_clock,
-            window_known: expiry.on_finhub_clock && claims.iat.is_some() && !expiry.capped,
+            window_known: expiry.window_known,
             valid_until_at_least_us: AtomicI64::new(
                 grant
                     .expires_in
@@ -230,9 +326,10 @@ impl Session {
     }
 
     /// A "not refreshed, still valid" answer said `remaining` (whole seconds, floored) was
-    /// left when FinHub answered a request sent at `sent` and received at `received`. For an
-    /// opaque token that is its new expiry; for a JWT, whose `exp` stays the truth, a bound:
-    /// an `exp` beyond what FinHub now says is capped, as at login.
+    /// left when FinHub answered a request sent at `sent` and received at `received`. That
+    /// count narrows what is known of the token's end on our clock (or, when it contradicts it
+    /// — FinHub's clock was stepped — replaces it); for a JWT it is also a reading of FinHub's
+    /// token clock.
     pub(super) fn note_remaining(
         &self,
         remaining: Duration,
@@ -240,29 +337,42 @@ impl Session {
         received: SystemTime,
     ) {
         let r = us(remaining);
-        // FinHub's latest count supersedes the earlier one (its clock may have been stepped
-        // since: the token then lives longer or shorter on ours).
-        self.valid_until_at_least_us
-            .store(unix_us(sent).saturating_add(r), Ordering::SeqCst);
-        self.valid_until_at_most_us.store(
+        let (lo, hi) = (
+            unix_us(sent).saturating_add(r),
             unix_us(received)
                 .saturating_add(r)
                 .saturating_add(1_000_000),
-            Ordering::SeqCst,
         );
-        if self.on_finhub_clock {
-            let bound = unix_us(received)
-                .saturating_add(self.clock.hi_us(received))
-                .saturating_add(r)
-                .saturating_add(1_000_000 + us(EXPIRY_SANITY_SLACK));
-            if self.expiry_us.fetch_min(bound, Ordering::SeqCst) > bound {
-                tracing::warn!(
-                    "FinHub reports less validity left than the token's exp; using its answer"
-                );
-            }
+        let (old_lo, old_hi) = (
+            self.valid_until_at_least_us.load(Ordering::SeqCst),
+            self.valid_until_at_most_us.load(Ordering::SeqCst),
+        );
+        let (lo, hi) = if lo.max(old_lo) <= hi.min(old_hi) {
+            (lo.max(old_lo), hi.min(old_hi))
         } else {
-            self.expiry_us
-                .store(unix_us(sent).saturating_add(r), Ordering::SeqCst);
+            warn_rarely(
+                &COUNT_DISAGREES,
+                "FinHub's count of the token's validity changed (its clock was stepped?); using its latest answer",
+            );
+            (lo, hi)
+        };
+        self.valid_until_at_least_us.store(lo, Ordering::SeqCst);
+        self.valid_until_at_most_us.store(hi, Ordering::SeqCst);
+        if self.on_finhub_clock {
+            // FinHub's token clock read `exp - r - 1 s .. exp - r` when it answered: a reading
+            // like the `expires_in` at login, which wins over an older estimate (a clock step).
+            let at = self.expiry_us.load(Ordering::SeqCst).saturating_sub(r);
+            self.clock.measure(
+                OffsetBounds {
+                    lo_us: at
+                        .saturating_sub(1_000_000)
+                        .saturating_sub(unix_us(received)),
+                    hi_us: at.saturating_sub(unix_us(sent)),
+                },
+                received,
+            );
+        } else {
+            self.expiry_us.store(lo, Ordering::SeqCst);
         }
     }
 }
@@ -303,6 +413,19 @@ impl Timing {
             .max(self.at_least_us)
             .min(self.at_most_us)
             .saturating_sub(margin)
+    }
+
+    /// The offset bounds to plan a token whose expiry is on our clock with: `expiry_us` is the
+    /// earliest end FinHub's count allows and the latest is `at_most_us`, so the true end lies
+    /// `[0, at_most - at_least]` after it (zero width without a count).
+    pub(super) fn count_bounds(&self) -> OffsetBounds {
+        if self.at_least_us == i64::MIN || self.at_most_us == i64::MAX {
+            return OffsetBounds::ZERO;
+        }
+        OffsetBounds {
+            lo_us: self.expiry_us.saturating_sub(self.at_most_us).min(0),
+            hi_us: self.expiry_us.saturating_sub(self.at_least_us).max(0),
+        }
     }
 
     /// FinHub's 10 % window opens here (on the expiry's clock).

@@ -20,6 +20,11 @@ pub struct TenantSessions {
     pub(super) flight: tokio::sync::Mutex<()>,
     /// When the session task next calls FinHub (µs since the epoch, our clock; 0: unknown).
     pub(super) next_attempt_us: AtomicI64,
+    /// The earliest a forced renewal may start (µs since the epoch, our clock; 0: now), set by
+    /// the session task: forced renewals are spaced and wait for a running backoff.
+    pub(super) forced_earliest_us: AtomicI64,
+    /// Whether a login or refresh is in flight (its session will be published, or it failed).
+    pub(super) renewing: AtomicBool,
 }
 
 /// What `/status` shows about a tenant (no secrets).
@@ -47,6 +52,8 @@ impl TenantSessions {
             ending: watch::Sender::new(false),
             flight: tokio::sync::Mutex::new(()),
             next_attempt_us: AtomicI64::new(0),
+            forced_earliest_us: AtomicI64::new(0),
+            renewing: AtomicBool::new(false),
         }
     }
 
@@ -85,21 +92,37 @@ impl TenantSessions {
         g != 0
     }
 
-    /// Waits up to `within` for a usable session other than `old`.
+    /// Waits up to `within` for a usable session other than `old` (after
+    /// [`TenantSessions::request_renewal`]). A newer session already published is returned at
+    /// once; when no renewal can start within a second or two (forced renewals are spaced, a
+    /// backoff is running: issue 28.7) nothing is waited for and `None` comes back at once, so
+    /// the caller answers with what it has instead of holding the app's connection.
     pub async fn newer_than(&self, old: &Arc<Session>, within: Duration) -> Option<Arc<Session>> {
         let mut rx = self.published.subscribe();
         let deadline = tokio::time::Instant::now() + within;
+        let mut first = true;
         loop {
             if let Some(cur) = self.usable(SystemTime::now()) {
                 if !Arc::ptr_eq(&cur, old) {
                     return Some(cur);
                 }
             }
+            if first && !self.renewal_starts_within(FORCED_HOLD, SystemTime::now()) {
+                return None;
+            }
+            first = false;
             match tokio::time::timeout_at(deadline, rx.changed()).await {
                 Ok(Ok(())) => {}
                 _ => return None,
             }
         }
+    }
+
+    /// Whether a renewal is in flight, or a forced one may start within `within` of `now`.
+    pub(super) fn renewal_starts_within(&self, within: Duration, now: SystemTime) -> bool {
+        self.renewing.load(Ordering::SeqCst)
+            || self.forced_earliest_us.load(Ordering::SeqCst)
+                <= unix_us(now).saturating_add(us(within))
     }
 
     /// How long until the session task next calls FinHub (for an app's `Retry-After` while

@@ -32,7 +32,8 @@ pub struct AuthConfig {
     pub replay_body_limit: usize,
     /// Logout endpoint path.
     pub logout_path: String,
-    /// While a tenant has no usable session, a failed login is retried at least this often.
+    /// The least wait after a failed login or refresh (a floor: jitter goes above it); while a
+    /// tenant has no usable session, retries come every interval plus up to a quarter of it.
     pub recovery_interval: Duration,
     /// End each tenant's session with FinHub's logout during a graceful shutdown.
     pub logout_on_shutdown: bool,
@@ -79,8 +80,9 @@ pub(super) struct FileAuth {
     replay_body_limit: Option<usize>,
     /// Logout path; default `/api/v2/auth/logout`.
     logout_path: Option<String>,
-    /// While a tenant has no usable session, retry a failed login at least this often
-    /// (jittered, `Retry-After` honoured); default 3 s, range 1–60 s.
+    /// The least wait after a failed login or refresh (jitter above it, `Retry-After`
+    /// honoured); while a tenant has no usable session, retries come about this often;
+    /// default 3 s, range 1–60 s.
     recovery_interval: Option<String>,
     /// Log each tenant's session out during a graceful shutdown; default true.
     logout_on_shutdown: Option<bool>,

@@ -458,7 +458,7 @@ async fn login(shared: &Shared, kind: LoginKind, req: Request<Incoming>) -> Resu
     }
     let issued = shared.issue(user).map_err(|_| ApiError::internal())?;
     shared.logins.fetch_add(1, Ordering::SeqCst);
-    let left = seconds_left(issued.view.expires_at, shared.now());
+    let left = seconds_left(issued.view.expires_at, shared.token_now());
     Ok(token_response(shared.shape(), user, &issued, left))
 }
 
@@ -590,7 +590,7 @@ async fn refresh(shared: &Shared, req: Request<Incoming>) -> Result<Resp, ApiErr
         .field("internalTokenKey"));
     }
     let user = shared.user(&view.username).ok_or_else(ApiError::internal)?;
-    let now = shared.now();
+    let now = shared.token_now();
     let remaining = view.expires_at.duration_since(now).unwrap_or_default();
     // 10 % rule (§4.1), on this server's clock: with more than a tenth of the token's validity
     // (`exp - iat`) left nothing is renewed and the answer reports the validity left.
@@ -610,7 +610,7 @@ async fn refresh(shared: &Shared, req: Request<Incoming>) -> Result<Resp, ApiErr
     // The old token stays valid until its own expiry (in-flight requests).
     let issued = shared.issue(user).map_err(|_| ApiError::internal())?;
     shared.refreshes.fetch_add(1, Ordering::SeqCst);
-    let left = seconds_left(issued.view.expires_at, shared.now());
+    let left = seconds_left(issued.view.expires_at, shared.token_now());
     Ok(token_response(shared.shape(), user, &issued, left))
 }
 
@@ -797,6 +797,15 @@ async fn echo(shared: &Shared, conn: &ConnInfo, req: Request<Incoming>) -> Resp 
             return e.into_response();
         }
     };
+    if shared.answers_401(parts.uri.path()) {
+        let e = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "Not authorized for this resource",
+        );
+        record(shared, conn, &parts, body_len, e.status, Some(view.tenant));
+        return e.into_response();
+    }
     let key = header(&parts.headers, "x-idempotency-key").map(str::to_string);
     let fp = fingerprint(&parts, body_hash);
     if let Some(key) = &key {

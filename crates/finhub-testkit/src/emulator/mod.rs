@@ -13,7 +13,9 @@
 //! Times are FinHub's: whole-second `iat`/`exp`, `expires_in` = whole seconds left when the
 //! answer is made, the 10 % refresh rule and every expiry check on the emulator's own clock,
 //! which can be set off the real one ([`Controls::set_clock_offset_ms`]); every answer carries
-//! a `Date` header from that clock.
+//! a `Date` header from that clock. The token issuer's clock can differ from the gateway's
+//! `Date` clock ([`Controls::set_token_clock_offset_ms`]), and tokens can carry the claims of
+//! a buggy issuer ([`ClaimStyle`]).
 //!
 //! Nothing secret is logged; only `debug` lines with method, path and status.
 
@@ -66,6 +68,21 @@ pub enum ResponseShape {
     S3,
     /// Envelope `{code,message,data{userSessionToken,expiresIn,…}}` (try-it widgets).
     S4,
+}
+
+/// How the emulator writes `iat`/`exp` into tokens (issuer bugs seen in the wild). The
+/// server-side validity, `expires_in` and the 10 % rule stay the real ones in every style.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ClaimStyle {
+    /// Whole seconds (RFC 7519), `exp = iat + lifetime`.
+    #[default]
+    Seconds,
+    /// `iat` and `exp` in milliseconds.
+    Milliseconds,
+    /// `exp` ten years after `iat`.
+    FarFutureExp,
+    /// `exp` a lifetime before `iat` (already past when issued).
+    PastExp,
 }
 
 /// A user the emulator accepts. `Debug` hides the password and the customer secret.

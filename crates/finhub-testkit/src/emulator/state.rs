@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use super::{EmulatorConfig, EmulatorUser, ResponseShape};
+use super::{ClaimStyle, EmulatorConfig, EmulatorUser, ResponseShape};
 use crate::pki::CertIdentity;
 
 /// Expired tokens are forgotten this long after their expiry (bounded memory under load).
@@ -178,6 +178,12 @@ pub(crate) struct Shared {
     pub auth_down: AtomicBool,
     /// Milliseconds the emulator's clock is ahead of the real one (negative: behind).
     clock_offset_ms: AtomicI64,
+    /// Milliseconds the token issuer's clock is ahead of the gateway's `Date` clock.
+    token_clock_offset_ms: AtomicI64,
+    /// How `iat`/`exp` are written into issued tokens.
+    claim_style: Mutex<ClaimStyle>,
+    /// Echo paths starting with this answer 401 to a valid session (FinHub's own reasons).
+    always_401: Mutex<Option<String>>,
     inject_429: Mutex<(u32, Option<u64>)>,
     delay: Mutex<Duration>,
     shape: Mutex<ResponseShape>,
@@ -222,6 +228,9 @@ impl Shared {
             fail_logins: AtomicBool::new(false),
             auth_down: AtomicBool::new(false),
             clock_offset_ms: AtomicI64::new(cfg.clock_offset_ms),
+            token_clock_offset_ms: AtomicI64::new(0),
+            claim_style: Mutex::new(ClaimStyle::Seconds),
+            always_401: Mutex::new(None),
             inject_429: Mutex::new((0, None)),
             delay: Mutex::new(Duration::ZERO),
             shape: Mutex::new(cfg.response_shape),
@@ -248,15 +257,27 @@ impl Shared {
     /// time FinHub states (`iat`, `exp`, `expires_in`, `Date`, expiry checks, the 10 % rule)
     /// is on this clock.
     pub(crate) fn now(&self) -> SystemTime {
-        let real = SystemTime::now();
-        let ms = self.clock_offset_ms.load(Ordering::SeqCst);
-        let shift = Duration::from_millis(ms.unsigned_abs());
-        let shifted = if ms >= 0 {
-            real.checked_add(shift)
-        } else {
-            real.checked_sub(shift)
-        };
-        shifted.unwrap_or(real)
+        shift(
+            SystemTime::now(),
+            self.clock_offset_ms.load(Ordering::SeqCst),
+        )
+    }
+
+    /// The token issuer's notion of now: [`Shared::now`] shifted by the token clock offset.
+    /// Every time about a token (`iat`, `exp`, `expires_in`, expiry checks, the 10 % rule) is on
+    /// this clock; only the `Date` header is on the gateway's ([`Shared::now`]).
+    pub(crate) fn token_now(&self) -> SystemTime {
+        shift(
+            self.now(),
+            self.token_clock_offset_ms.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Whether an echo request to `path` is answered 401 whatever its session.
+    pub(crate) fn answers_401(&self, path: &str) -> bool {
+        lock(&self.always_401)
+            .as_deref()
+            .is_some_and(|p| path.starts_with(p))
     }
 
     pub(crate) fn record_logout(&self, tenant: Option<String>, cleared: bool) {
@@ -311,9 +332,16 @@ impl Shared {
     pub(crate) fn issue(&self, user: &EmulatorUser) -> Result<Issued, jsonwebtoken::errors::Error> {
         let lifetime =
             Duration::from_secs(lock(&self.lifetime).as_secs().clamp(1, MAX_LIFETIME_SECS));
-        let now = self.now();
+        let now = self.token_now();
         let iat = unix_secs(now);
         let expires_at = SystemTime::UNIX_EPOCH + Duration::from_secs(iat) + lifetime;
+        let exp = unix_secs(expires_at);
+        let (iat_claim, exp_claim) = match *lock(&self.claim_style) {
+            ClaimStyle::Seconds => (iat, exp),
+            ClaimStyle::Milliseconds => (iat.saturating_mul(1000), exp.saturating_mul(1000)),
+            ClaimStyle::FarFutureExp => (iat, iat.saturating_add(10 * 365 * 86_400)),
+            ClaimStyle::PastExp => (iat, iat.saturating_sub(lifetime.as_secs())),
+        };
         let jti = uuid::Uuid::new_v4().to_string();
         let session_id = uuid::Uuid::new_v4().to_string();
         let user_id = user_id_of(user);
@@ -322,8 +350,8 @@ impl Shared {
             .then(|| uuid::Uuid::new_v4().to_string());
         let claims = Claims {
             sub: user.username.clone(),
-            iat,
-            exp: unix_secs(expires_at),
+            iat: iat_claim,
+            exp: exp_claim,
             tenant_id: user.tenant_id.clone(),
             customer_id: user.customer_id.clone(),
             user_id: user_id.clone(),
@@ -376,7 +404,7 @@ impl Shared {
         if record.revoked {
             return Err(TokenProblem::Revoked(Box::new(view)));
         }
-        if self.now() >= record.expires_at {
+        if self.token_now() >= record.expires_at {
             return Err(TokenProblem::Expired(Box::new(view)));
         }
         Ok(view)
@@ -396,6 +424,17 @@ impl Shared {
     pub(crate) fn user(&self, username: &str) -> Option<&EmulatorUser> {
         self.users.iter().find(|u| u.username == username)
     }
+}
+
+/// `t` moved by `ms` milliseconds (negative: back).
+fn shift(t: SystemTime, ms: i64) -> SystemTime {
+    let d = Duration::from_millis(ms.unsigned_abs());
+    let shifted = if ms >= 0 {
+        t.checked_add(d)
+    } else {
+        t.checked_sub(d)
+    };
+    shifted.unwrap_or(t)
 }
 
 pub(crate) fn user_id_of(user: &EmulatorUser) -> String {
@@ -474,6 +513,27 @@ impl Controls {
     /// 10 % refresh rule together, as a FinHub whose clock is off would.
     pub fn set_clock_offset_ms(&self, ms: i64) {
         self.shared.clock_offset_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Runs the token issuer's clock `ms` milliseconds ahead of the gateway's `Date` clock
+    /// (negative: behind), as when FinHub's token service and API gateway are different hosts:
+    /// `iat`, `exp`, `expires_in`, expiry checks and the 10 % rule move; `Date` does not.
+    pub fn set_token_clock_offset_ms(&self, ms: i64) {
+        self.shared
+            .token_clock_offset_ms
+            .store(ms, Ordering::SeqCst);
+    }
+
+    /// How `iat`/`exp` are written into tokens issued from now on (issuer bugs); the
+    /// server-side validity, `expires_in` and the 10 % rule stay the real ones.
+    pub fn set_claim_style(&self, style: ClaimStyle) {
+        *lock(&self.shared.claim_style) = style;
+    }
+
+    /// Echo requests whose path starts with `prefix` are answered 401 (`UNAUTHORIZED`) even
+    /// with a valid session, as an endpoint that refuses for reasons of its own; `None` ends it.
+    pub fn answer_401_on(&self, prefix: Option<&str>) {
+        *lock(&self.shared.always_401) = prefix.map(str::to_string);
     }
 
     /// Every logout call so far, oldest first.
