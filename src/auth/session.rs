@@ -20,6 +20,8 @@ pub struct Session {
     /// The validity FinHub granted: the JWT's `exp - iat`, else `expires_in`. FinHub's refresh
     /// window is the last tenth of it.
     pub validity: Duration,
+    /// Every spelling of its credentials no response header may carry (built once).
+    pub reflections: crate::policy::headers::Reflections,
     /// `internalTokenKey` claim, needed to refresh (A3).
     pub internal_token_key: Option<Secret>,
     /// `refreshToken` from the login, kept but unused (A2).
@@ -241,7 +243,13 @@ impl Session {
             .session_id
             .or(claims.session_id)
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let reflections = crate::policy::headers::Reflections::of(
+            grant.token.expose(),
+            grant.refresh_token.as_ref().map(|r| r.expose()),
+            claims.internal_token_key.as_ref().map(|k| k.expose()),
+        );
         Session {
+            reflections,
             authorization: sensitive(&format!("Bearer {}", grant.token.expose())),
             session_token: sensitive(grant.token.expose()),
             session_id: HeaderValue::from_str(&session_id)

@@ -8,7 +8,7 @@ use pingora::http::RequestHeader;
 use crate::auth::Session;
 pub use crate::policy::strip::{
     is_stripped, strip_response_credentials, token_fingerprint, without_app_credentials,
-    APP_CREDENTIAL_HEADERS,
+    Reflections, APP_CREDENTIAL_HEADERS,
 };
 
 /// Header names the sidecar looks up on every request, parsed once.

@@ -125,16 +125,64 @@ static RESPONSE_CREDENTIAL_HEADERS: [HeaderName; 4] = [
     names::X_USER_SESSION_TOKEN,
 ];
 
+/// Every spelling of a session's credentials that a response header must not carry, built once
+/// per session: the JWT's signature part (or the whole opaque token), its `header.payload`
+/// part, the token in base64 and base64url at each of the three alignments it can have inside
+/// an encoded value, the refresh token and the `internalTokenKey`. A token split over two
+/// headers is caught by its parts. `Debug` never shows them.
+pub struct Reflections(Box<[Box<[u8]>]>);
+
+impl Reflections {
+    /// The spellings of `token`, `refresh_token` and `internal_token_key`.
+    pub fn of(token: &str, refresh_token: Option<&str>, internal_token_key: Option<&str>) -> Self {
+        use base64::engine::general_purpose::{STANDARD_NO_PAD, URL_SAFE_NO_PAD};
+        use base64::Engine;
+        let mut all: Vec<Box<[u8]>> = vec![token_fingerprint(token).into()];
+        if let Some((header_payload, _)) = token.rsplit_once('.') {
+            all.push(header_payload.as_bytes().into());
+        }
+        let raw = token.as_bytes();
+        for skip in 0..3.min(raw.len()) {
+            // Whole 3-byte groups only: their encoding is the same wherever the token sits.
+            let part = &raw[skip..];
+            let part = &part[..part.len() - part.len() % 3];
+            for engine in [&STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+                all.push(engine.encode(part).into_bytes().into());
+            }
+        }
+        all.extend(
+            [refresh_token, internal_token_key]
+                .into_iter()
+                .flatten()
+                .map(|s| s.as_bytes().into()),
+        );
+        // Too short to be told apart from ordinary header values.
+        all.retain(|s| s.len() >= 8);
+        all.dedup();
+        Reflections(all.into_boxed_slice())
+    }
+
+    /// The needles.
+    pub fn needles(&self) -> &[Box<[u8]>] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Reflections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reflections({} redacted)", self.0.len())
+    }
+}
+
 /// Removes from a response every header that names a credential or whose value contains one of
-/// `secrets` (the session token, the refresh token): FinHub's answer never hands the app the
-/// sidecar's session.
-pub fn strip_response_credentials(resp: &mut ResponseHeader, secrets: &[Option<&[u8]>]) {
+/// `secrets` ([`Reflections`]: the session token in any of its spellings, the refresh token,
+/// the internal key): FinHub's answer never hands the app the sidecar's session.
+pub fn strip_response_credentials(resp: &mut ResponseHeader, secrets: &[Box<[u8]>]) {
     let carries = |v: &[u8]| {
         secrets
             .iter()
-            .flatten()
             // Shorter values cannot contain the secret: most headers are skipped at once.
-            .filter(|s| s.len() >= 8 && v.len() >= s.len())
+            .filter(|s| v.len() >= s.len())
             .any(|s| memchr::memmem::find(v, s).is_some())
     };
     // Allocates only when something is to be removed.
@@ -259,12 +307,42 @@ mod tests {
             .unwrap();
         resp.append_header("Content-Type", "application/json")
             .unwrap();
-        strip_response_credentials(
-            &mut resp,
-            &[Some(token_fingerprint(token)), Some(b"rt-12345678-abcdef")],
-        );
+        let r = Reflections::of(token, Some("rt-12345678-abcdef"), None);
+        strip_response_credentials(&mut resp, r.needles());
         assert_eq!(resp.headers.len(), 1, "{:?}", resp.headers);
         assert!(resp.headers.contains_key("content-type"));
         assert_eq!(token_fingerprint("opaque-token"), b"opaque-token");
+    }
+
+    #[test]
+    fn other_spellings_of_the_token_are_caught_too() {
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        use base64::Engine;
+        let token =
+            "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ1IiwiaXRrIjoiazEifQ.c2lnbmF0dXJlLW9mLXRoZS10b2tlbg";
+        let (header_payload, sig) = token.rsplit_once('.').unwrap();
+        let r = Reflections::of(token, None, Some("internal-key-0123"));
+        let mut hostile = vec![
+            ("X-A", format!("{header_payload}.")),
+            ("X-B", sig.to_string()),
+            ("X-Key", "k=internal-key-0123".to_string()),
+        ];
+        // Base64 of the token inside a larger value, at every offset modulo 3, both alphabets.
+        for prefix in ["", "a", "ab", "abc:"] {
+            hostile.push(("X-B64", STANDARD.encode(format!("{prefix}{token}"))));
+            hostile.push((
+                "X-B64url",
+                URL_SAFE_NO_PAD.encode(format!("{prefix}{token};x")),
+            ));
+        }
+        for (name, value) in hostile {
+            let mut resp = ResponseHeader::build(200, None).unwrap();
+            resp.append_header(name, value.as_str()).unwrap();
+            resp.append_header("X-Fine", "an ordinary value").unwrap();
+            strip_response_credentials(&mut resp, r.needles());
+            assert!(!resp.headers.contains_key(name), "{name}: {value}");
+            assert!(resp.headers.contains_key("x-fine"));
+        }
+        assert!(!format!("{r:?}").contains("c2ln"), "Debug shows no needle");
     }
 }

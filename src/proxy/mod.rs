@@ -399,18 +399,6 @@ fn closes_connection(e: &ProxyError) -> bool {
     )
 }
 
-/// The secrets no response header may carry: the session token (a JWT's signature part) and
-/// the refresh token.
-fn response_secrets(a: &Admitted) -> [Option<&[u8]>; 2] {
-    [
-        Some(headers::token_fingerprint(a.session.token.expose())),
-        a.session
-            .refresh_token
-            .as_ref()
-            .map(|r| r.expose().as_bytes()),
-    ]
-}
-
 #[async_trait]
 impl ProxyHttp for FinHubProxy {
     type CTX = RequestCtx;
@@ -726,7 +714,7 @@ impl ProxyHttp for FinHubProxy {
         let Some(a) = &ctx.admitted else {
             return Ok(());
         };
-        headers::strip_response_credentials(upstream_response, &response_secrets(a));
+        headers::strip_response_credentials(upstream_response, a.session.reflections.needles());
         if let Some(key) = &a.idempotency_key {
             // The app can send the request again with this key and never execute it twice.
             upstream_response.insert_header(names::X_IDEMPOTENCY_KEY, key.clone())?;

@@ -879,6 +879,11 @@ fn session_of(p: &Payload, clock: &Arc<ClockOffset>) -> Session {
     }
     let claims = Claims::of(&p.token);
     Session {
+        reflections: crate::policy::headers::Reflections::of(
+            &p.token,
+            p.refresh_token.as_deref(),
+            claims.internal_token_key.as_ref().map(|k| k.expose()),
+        ),
         authorization: sensitive(&format!("Bearer {}", p.token)),
         session_token: sensitive(&p.token),
         session_id: HeaderValue::from_str(&p.session_id)
