@@ -58,15 +58,19 @@ impl RequestTrace {
             None => (Context::new(), None),
         };
         let method = method_name(&req.method);
-        let span = tracer
+        // Attributes only for a span that is recorded: an unsampled request pays for its ids
+        // (FinHub still gets a traceparent), not for strings nobody exports.
+        let mut span = tracer
             .span_builder(method)
             .with_kind(SpanKind::Server)
-            .with_attributes([
+            .start_with_context(tracer, &parent.0);
+        if span.is_recording() {
+            span.set_attributes([
                 KeyValue::new("http.request.method", method),
                 KeyValue::new("url.path", req.uri.path().to_string()),
                 KeyValue::new("url.scheme", "http"),
-            ])
-            .start_with_context(tracer, &parent.0);
+            ]);
+        }
         RequestTrace {
             tracer: tracer.clone(),
             server: Context::new().with_span(span),
@@ -90,23 +94,24 @@ impl RequestTrace {
     pub fn start_attempt(&mut self, host: &str, port: u16) {
         self.end_attempt_error("aborted");
         self.attempts += 1;
-        let mut attrs = vec![
-            KeyValue::new("http.request.method", self.method),
-            KeyValue::new("server.address", host.to_string()),
-            KeyValue::new("server.port", i64::from(port)),
-        ];
-        if self.attempts > 1 {
-            attrs.push(KeyValue::new(
-                "http.request.resend_count",
-                i64::from(self.attempts - 1),
-            ));
-        }
-        let span = self
+        let mut span = self
             .tracer
             .span_builder(self.method)
             .with_kind(SpanKind::Client)
-            .with_attributes(attrs)
             .start_with_context(&self.tracer, &self.server);
+        if span.is_recording() {
+            span.set_attributes([
+                KeyValue::new("http.request.method", self.method),
+                KeyValue::new("server.address", host.to_string()),
+                KeyValue::new("server.port", i64::from(port)),
+            ]);
+            if self.attempts > 1 {
+                span.set_attribute(KeyValue::new(
+                    "http.request.resend_count",
+                    i64::from(self.attempts - 1),
+                ));
+            }
+        }
         self.client = Some(span);
     }
 
