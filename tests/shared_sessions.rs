@@ -430,7 +430,8 @@ async fn redis_outage_each_replica_serves_then_renews_alone_and_they_converge_wh
     assert!(renewed, "{}", logs(&both));
     assert!(
         ((stats.refreshes - n) as f64) <= 2.0 * lifetimes + 1.0,
-        "converged: {stats:?}"
+        "converged: {stats:?}\n{}",
+        logs(&both)
     );
     assert_eq!(failed, 0, "{}", logs(&both));
     assert_eq!(stats.logins, 1, "{stats:?}");

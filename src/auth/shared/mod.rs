@@ -1274,6 +1274,20 @@ impl Renewer {
                 },
             };
         }
+        if role == Role::Owner
+            && !matches!(previous, Some(Role::Owner | Role::Follower | Role::Waiting))
+            && self.failures == 0
+        {
+            // Taking the lease with a session renewed alone (a store outage, the first look):
+            // its plan left the followers no grace ([`Renewer::plan_for`]); an earlier one
+            // does (a backoff is not shortened: no failures).
+            if let Some(s) = &usable {
+                let p = self.plan_for(s, now_us);
+                if p.step == next.step && p.at_us < next.at_us {
+                    *next = p;
+                }
+            }
+        }
         if let (Role::Owner, Some(b)) = (role, backoff) {
             // The fleet's backoff (an earlier owner's failures): FinHub asked the fleet, not
             // one replica, to slow down. Held for this look only, and never past the moment
@@ -1400,8 +1414,24 @@ impl Renewer {
                     let latest = self
                         .usable_for(Some(s), now)
                         .map_or(now_us, |l| now_us + us(l));
+                    // An owner whose plan is an early probe ("not refreshed" answers are not
+                    // shared) refreshes at the latest where the window surely opens: when that
+                    // is still in time here, it is the owner's renewal point (and a renewal of
+                    // this replica's own from then on is a refresh that surely lands).
+                    let opens = window_surely_open_us(
+                        s.timing(),
+                        writer.unwrap_or_else(|| s.clock.bounds()),
+                    );
+                    let owners_at = if planned.step == Step::Refresh
+                        && planned.at_us < opens
+                        && opens <= latest
+                    {
+                        opens
+                    } else {
+                        planned.at_us
+                    };
                     // The fleet's backoff (authenticated) may delay it, never past `latest`.
-                    let at = takeover_at(planned.at_us, latest, owner_grace_us(s.validity))
+                    let at = takeover_at(owners_at, latest, owner_grace_us(s.validity))
                         .max(backoff.map_or(0, |b| b.until_us))
                         .min(latest);
                     if now_us >= at && !self.held_back() {
