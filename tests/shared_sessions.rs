@@ -219,7 +219,8 @@ async fn three_replicas_share_one_login_and_one_refresh_per_lifetime_and_redis_h
     // figure); three unshared replicas would make it at least three.
     assert!(
         (refreshes as f64) <= 2.0 * lifetimes + 1.0,
-        "{refreshes} refreshes in {lifetimes:.1} lifetimes: {stats:?}"
+        "{refreshes} refreshes in {lifetimes:.1} lifetimes: {stats:?}\n{}",
+        logs(&all)
     );
     assert_eq!(owners(&all).await.len(), 1, "exactly one lease owner");
     // Every key Redis holds, every way it can be read: no credential FinHub handed out.
@@ -429,7 +430,8 @@ async fn redis_outage_each_replica_serves_then_renews_alone_and_they_converge_wh
     assert!(renewed, "{}", logs(&both));
     assert!(
         ((stats.refreshes - n) as f64) <= 2.0 * lifetimes + 1.0,
-        "converged: {stats:?}"
+        "converged: {stats:?}\n{}",
+        logs(&both)
     );
     assert_eq!(failed, 0, "{}", logs(&both));
     assert_eq!(stats.logins, 1, "{stats:?}");

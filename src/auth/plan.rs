@@ -91,6 +91,17 @@ pub(super) fn plan(
     }
 }
 
+/// When FinHub's refresh window of a token with times `t` is surely open (our clock, µs)
+/// given the offset `offset` of FinHub's clock ([`plan`]'s early probes end there).
+pub(super) fn window_surely_open_us(t: Timing, offset: OffsetBounds) -> i64 {
+    let lo = if t.on_finhub_clock {
+        offset.lo_us
+    } else {
+        t.count_bounds().lo_us
+    };
+    t.window_opens_us() - lo
+}
+
 /// Whether `session` can be refreshed (A3, A6): it carries the key, the environment has
 /// refresh (`refresh_supported`, from [`crate::config::EnvRules`]), and FinHub still accepts
 /// the token.

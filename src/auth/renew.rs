@@ -68,6 +68,12 @@ pub(super) async fn sleep_until(
     }
 }
 
+/// How long before a token becomes unusable a renewal starts, for a smoothed auth round trip
+/// of `rtt_us`: three round trips (a refresh, then a login if FinHub refuses it) and 20 ms.
+pub(super) fn lead_for(rtt_us: i64) -> i64 {
+    rtt_us.saturating_mul(3).saturating_add(20_000)
+}
+
 /// Smoothed auth round trip: rises at once, decays slowly.
 pub(super) fn next_rtt(rtt_us: i64, sent: SystemTime, received: SystemTime) -> i64 {
     let last = unix_us(received) - unix_us(sent);
@@ -117,17 +123,26 @@ impl Renewer {
     }
 
     pub(super) fn lead_us(&self) -> i64 {
-        3 * self.rtt_us + 20_000
+        lead_for(self.rtt_us)
     }
 
-    /// When to renew `s` (and how), not before `not_before_us`.
+    /// When to renew `s` (and how), not before `not_before_us`. A shared session's lease
+    /// owner plans its renewal to land the owner's grace earlier than alone
+    /// ([`super::shared::owner_grace_us`]): the followers take a renewal over only after that
+    /// grace, before their own last moment, so the owner must leave it to them.
     pub(super) fn plan_for(&self, s: &Session, not_before_us: i64) -> Planned {
         let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
+        let lead = if self.shared.as_ref().is_some_and(|f| f.owns()) {
+            self.lead_us()
+                .saturating_add(super::shared::owner_grace_us(s.validity))
+        } else {
+            self.lead_us()
+        };
         let p = plan(
             s.timing(),
             s.clock.bounds(),
             self.auth.refresh_at,
-            self.lead_us(),
+            lead,
             refreshable,
             not_before_us,
         );
@@ -137,12 +152,28 @@ impl Renewer {
                 s.timing(),
                 s.clock.bounds(),
                 self.auth.refresh_at,
-                self.lead_us(),
+                lead,
                 false,
                 not_before_us,
             );
         }
         p
+    }
+
+    /// The renewal of `s` as a lease owner plans it, worked out by a follower: on `writer`'s
+    /// estimate of FinHub's clock (the record's; this replica's own without one) and with the
+    /// shortest lead an owner plans with (its grace on top of the lead for no round trip; an
+    /// owner's own is at least as long, so its plan is no later than this).
+    pub(super) fn owner_plan(&self, s: &Session, writer: Option<OffsetBounds>) -> Planned {
+        let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
+        plan(
+            s.timing(),
+            writer.unwrap_or_else(|| s.clock.bounds()),
+            self.auth.refresh_at,
+            lead_for(0).saturating_add(super::shared::owner_grace_us(s.validity)),
+            refreshable,
+            0,
+        )
     }
 
     /// How long the current token can still be renewed in time, if it is usable.

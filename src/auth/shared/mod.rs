@@ -178,6 +178,8 @@ const MAX_STORED_BACKOFF: Duration = MAX_RETRY_AFTER;
 const MAX_STORED_COUNT: u32 = 16;
 /// Slack for another replica's clock when a stored time is bounded.
 const CLOCK_SLACK: Duration = Duration::from_secs(5);
+/// The shortest grace a follower gives the owner's planned renewal ([`owner_grace_us`]).
+const MIN_OWNER_GRACE: Duration = Duration::from_millis(50);
 /// A refused write (the lease or record belongs to another owner) is logged at most this often.
 const REFUSED_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -816,6 +818,23 @@ fn own_renewal_at(planned_us: i64, latest_us: i64) -> i64 {
     planned_us + (latest_us - planned_us).max(0) / 2
 }
 
+/// When a follower takes the renewal of the shared session over ([`own_renewal_at`]), but
+/// never sooner than `grace_us` after the owner's planned renewal (the owner's call, its
+/// write and the follower's read of the record: with short tokens half of the span can be a
+/// few ms, and a follower renewing the same token as the owner is a second refresh), and
+/// never after `latest_us`, its own last moment.
+fn takeover_at(planned_us: i64, latest_us: i64, grace_us: i64) -> i64 {
+    own_renewal_at(planned_us, latest_us)
+        .max(planned_us.saturating_add(grace_us))
+        .min(latest_us.max(planned_us))
+}
+
+/// The owner's grace before a follower takes a renewal over ([`takeover_at`]): a fiftieth
+/// of the token's validity (80 ms for 4 s tokens), at least [`MIN_OWNER_GRACE`].
+pub(super) fn owner_grace_us(validity: Duration) -> i64 {
+    us(validity / 50).max(us(MIN_OWNER_GRACE))
+}
+
 /// A key id or replica id fit for a log line and a metric label: at most 32 characters of
 /// `[A-Za-z0-9._-]`, else `invalid`.
 fn sanitize_id(id: &str) -> String {
@@ -999,6 +1018,10 @@ pub(super) struct Follower {
     /// The generation whose session this follower renewed on its own: logged once, and from
     /// then on it follows the plan of its own attempt's answer (no new attempt per look).
     renewed_alone: Option<u64>,
+    /// The writer's estimate of FinHub's token clock in the adopted record: the owner planned
+    /// its renewal with it, so a follower works out that plan with it too (its own estimate
+    /// may be narrower or wider and would put the owner's renewal elsewhere).
+    writer_offset: Option<OffsetBounds>,
     /// Lease changes logged in the current minute: since when, how many.
     lease_lines: (Instant, u32),
 }
@@ -1029,8 +1052,14 @@ impl Follower {
             refused: 0,
             refused_logged: None,
             renewed_alone: None,
+            writer_offset: None,
             lease_lines: (Instant::now(), 0),
         }
+    }
+
+    /// Whether this replica holds the tenant's renewal lease.
+    pub(super) fn owns(&self) -> bool {
+        self.fence.is_some()
     }
 
     /// When the renewal loop wakes next for a plan due at `at_us`: not before the fleet's
@@ -1250,6 +1279,20 @@ impl Renewer {
                 },
             };
         }
+        if role == Role::Owner
+            && !matches!(previous, Some(Role::Owner | Role::Follower | Role::Waiting))
+            && self.failures == 0
+        {
+            // Taking the lease with a session renewed alone (a store outage, the first look):
+            // its plan left the followers no grace ([`Renewer::plan_for`]); an earlier one
+            // does (a backoff is not shortened: no failures).
+            if let Some(s) = &usable {
+                let p = self.plan_for(s, now_us);
+                if p.step == next.step && p.at_us < next.at_us {
+                    *next = p;
+                }
+            }
+        }
         if let (Role::Owner, Some(b)) = (role, backoff) {
             // The fleet's backoff (an earlier owner's failures): FinHub asked the fleet, not
             // one replica, to slow down. Held for this look only, and never past the moment
@@ -1368,13 +1411,32 @@ impl Renewer {
                         };
                     }
                     // The plan as the owner made it (not moved to now: a refresh planned inside
-                    // FinHub's window stays a refresh).
-                    let planned = self.plan_for(s, 0);
+                    // FinHub's window stays a refresh): on the writer's estimate of FinHub's
+                    // clock, with the shortest lead a sidecar plans with (so never sooner
+                    // than the owner's plan).
+                    let writer = self.shared.as_ref().and_then(|f| f.writer_offset);
+                    let planned = self.owner_plan(s, writer);
                     let latest = self
                         .usable_for(Some(s), now)
                         .map_or(now_us, |l| now_us + us(l));
+                    // An owner whose plan is an early probe ("not refreshed" answers are not
+                    // shared) refreshes at the latest where the window surely opens: when that
+                    // is still in time here, it is the owner's renewal point (and a renewal of
+                    // this replica's own from then on is a refresh that surely lands).
+                    let opens = window_surely_open_us(
+                        s.timing(),
+                        writer.unwrap_or_else(|| s.clock.bounds()),
+                    );
+                    let owners_at = if planned.step == Step::Refresh
+                        && planned.at_us < opens
+                        && opens <= latest
+                    {
+                        opens
+                    } else {
+                        planned.at_us
+                    };
                     // The fleet's backoff (authenticated) may delay it, never past `latest`.
-                    let at = own_renewal_at(planned.at_us, latest)
+                    let at = takeover_at(owners_at, latest, owner_grace_us(s.validity))
                         .max(backoff.map_or(0, |b| b.until_us))
                         .min(latest);
                     if now_us >= at && !self.held_back() {
@@ -1599,6 +1661,12 @@ impl Renewer {
                 }
                 if let Some(f) = self.follower() {
                     f.adopted = Some((generation, fence));
+                    f.writer_offset = match (payload.offset_lo_us, payload.offset_hi_us) {
+                        (Some(lo_us), Some(hi_us)) if lo_us <= hi_us => {
+                            Some(OffsetBounds { lo_us, hi_us })
+                        }
+                        _ => None,
+                    };
                     f.asked = None;
                     f.newest_obtained_us = f.newest_obtained_us.max(payload.obtained_us);
                 }
@@ -1740,6 +1808,7 @@ impl Renewer {
                     f.max_fence = f.max_fence.max(fence);
                     f.refused = 0;
                     f.adopted = Some((generation, fence));
+                    f.writer_offset = None;
                     f.newest_obtained_us = f.newest_obtained_us.max(unix_us(s.obtained_at));
                 }
                 self.set_source(Source::Shared);
@@ -1950,6 +2019,22 @@ mod tests {
         assert_eq!(own_renewal_at(1_000, 1_000), 1_000);
         // Already past the last moment: at once.
         assert_eq!(own_renewal_at(1_000, 500), 1_000);
+    }
+
+    #[test]
+    fn a_follower_gives_the_owners_plan_a_grace_before_taking_over_but_never_past_its_last_moment()
+    {
+        // A wide span: halfway, as before.
+        assert_eq!(takeover_at(1_000_000, 3_000_000, 80_000), 2_000_000);
+        // A narrow one (4 s tokens, a 0.4 s window): the grace, not a few ms after the plan.
+        assert_eq!(takeover_at(1_000_000, 1_100_000, 80_000), 1_080_000);
+        // Never after its own last moment...
+        assert_eq!(takeover_at(1_000_000, 1_030_000, 80_000), 1_030_000);
+        // ...and a plan already past it stays the plan (the caller caps it).
+        assert_eq!(takeover_at(1_000_000, 900_000, 80_000), 1_000_000);
+        assert_eq!(owner_grace_us(Duration::from_secs(4)), 80_000);
+        assert_eq!(owner_grace_us(Duration::from_secs(1)), 50_000);
+        assert_eq!(owner_grace_us(Duration::from_secs(3600)), 72_000_000);
     }
 
     #[test]
