@@ -38,7 +38,7 @@ use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::listener::LineState;
-use crate::shared::Shared;
+use crate::state::AppState;
 use crate::tls::unix_now;
 
 /// Admin connections kept open; a new one beyond this closes one of the largest source's.
@@ -55,10 +55,10 @@ pub const ADMIN_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// An admin request header must arrive whole within this (probes send theirs at once).
 pub const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// What the admin endpoints look at: the sidecar's shared state.
-pub type AdminState = Shared;
+/// What the admin endpoints look at: the application state.
+pub type AdminState = AppState;
 
-impl Shared {
+impl AppState {
     /// `None` while the process can still serve, else why a restart is needed: a PKCS#11
     /// call that has not returned for [`crate::tls::pkcs11::STUCK_AFTER_TIMEOUTS`] ×
     /// `pkcs11_timeout` (it cannot be cancelled; the token thread serves nothing else).
@@ -143,7 +143,7 @@ impl Shared {
                     "last_result": st.last_result,
                     "last_attempt_unix": st.last_attempt_unix,
                     "consecutive_failures": st.failures,
-                    "shared": st.shared,
+                    "shared": st.fleet,
                 })
             })
             .collect();
@@ -515,7 +515,7 @@ password = "${PW}"
             crate::config::DEFAULT_AUDIT_FLUSH_INTERVAL,
         )
         .unwrap();
-        Shared {
+        AppState {
             upstream: Arc::new(crate::upstream::UpstreamAddrs::new("api.finhub.cloud", 443)),
             sessions,
             tenants,

@@ -22,7 +22,7 @@ pub mod proxy;
 pub mod redis_pool;
 pub mod secret;
 pub mod server;
-pub mod shared;
+pub mod state;
 pub mod supervise;
 pub mod telemetry;
 pub mod tenant;

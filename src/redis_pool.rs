@@ -1,5 +1,5 @@
 //! A small pool of multiplexed Redis connections, shared by the Redis users (the fleet-wide
-//! rate limit, `policy::redis_limit`, and the fleet-shared session store, `auth::shared`).
+//! rate limit, `policy::redis_limit`, and the fleet-shared session store, `auth::fleet`).
 //!
 //! - Each pooled connection lives in an `ArcSwapOption` slot kept by one background task
 //!   ([`Pool::keep_connected`]): connect with a timeout (the password as it is now, TLS with the

@@ -12,7 +12,7 @@ use pingora::services::background::{background_service, BackgroundService};
 use crate::admin;
 use crate::audit::Audit;
 use crate::auth::client::AuthClient;
-use crate::auth::shared::SharedStore;
+use crate::auth::fleet::FleetStore;
 use crate::auth::{self, SessionTable};
 use crate::config::{Backend, Config, SessionStore};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
@@ -21,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::policy::ratelimit::{DecisionCounters, Limiter, LocalLimiter};
 use crate::policy::redis_limit::RedisLimiter;
 use crate::proxy::FinHubProxy;
-use crate::shared::Shared;
+use crate::state::AppState;
 use crate::supervise::supervise;
 use crate::telemetry::Telemetry;
 use crate::tenant::Tenants;
@@ -205,7 +205,7 @@ impl Sidecar {
             tracing::error!("finhub-sidecar cannot start: no tenant configured");
             return;
         };
-        let shared = Arc::new(Shared {
+        let state = Arc::new(AppState {
             config: c.clone(),
             tls: self.tls.clone(),
             upstream: self.upstream.clone(),
@@ -217,7 +217,7 @@ impl Sidecar {
             started: std::time::Instant::now(),
             tracer: self.telemetry.as_ref().map(Telemetry::tracer),
         });
-        let proxy = FinHubProxy::new(shared.clone());
+        let proxy = FinHubProxy::new(state.clone());
         // CONNECT reaches request_filter (instead of Pingora's bare 405) so that it gets the
         // same JSON refusal as every other request; it is never tunnelled.
         let mut server_options = pingora::apps::HttpServerOptions::default();
@@ -240,7 +240,7 @@ impl Sidecar {
         );
 
         let control = ControlPlane {
-            shared,
+            state,
             admin_listener: std::sync::Mutex::new(Some(self.admin_listener)),
             tls_files: self.tls_files.clone(),
             redis: self.redis.clone(),
@@ -279,9 +279,9 @@ fn bound(
 }
 
 /// DNS refresh, certificate reloads, one session task per tenant, the Redis keepers and the
-/// admin listener, over the shared state.
+/// admin listener, over the application state.
 struct ControlPlane {
-    shared: Arc<Shared>,
+    state: Arc<AppState>,
     admin_listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     tls_files: TlsFiles,
     redis: Option<RedisLimiter>,
@@ -290,7 +290,7 @@ struct ControlPlane {
 #[async_trait]
 impl BackgroundService for ControlPlane {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let sh = &self.shared;
+        let sh = &self.state;
         let mut tasks = tokio::task::JoinSet::new();
         if let Err(e) = sh.upstream.resolve().await {
             tracing::warn!(error = %e, host = %sh.upstream.dialled_host(), "initial DNS resolution failed; retrying in the background");
@@ -314,7 +314,7 @@ impl BackgroundService for ControlPlane {
         let store = match &sh.config.auth.session_store {
             SessionStore::Local => None,
             SessionStore::Redis(settings) => {
-                let store = SharedStore::new(settings, &sh.metrics);
+                let store = FleetStore::new(settings, &sh.metrics);
                 tasks.spawn(store.clone().keep_connected());
                 Some(store)
             }
@@ -338,9 +338,7 @@ impl BackgroundService for ControlPlane {
                 std::time::Duration::from_secs(1),
                 Box::new(move || {
                     Box::pin(async move {
-                        let _ = runtime
-                            .spawn(auth::shared::leave_all(sessions, store))
-                            .await;
+                        let _ = runtime.spawn(auth::fleet::leave_all(sessions, store)).await;
                     })
                 }),
             );
@@ -389,7 +387,7 @@ impl BackgroundService for ControlPlane {
         tasks.spawn(trim_when_serving(sh.sessions.clone()));
         let listener = self.admin_listener.lock().ok().and_then(|mut l| l.take());
         if let Some(listener) = listener {
-            tasks.spawn(admin::serve(listener, self.shared.clone()));
+            tasks.spawn(admin::serve(listener, self.state.clone()));
         }
         let _ = shutdown.changed().await;
         tasks.abort_all();

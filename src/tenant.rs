@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use http::HeaderValue;
 
-use crate::auth::{SessionTable, TenantSessions};
+use crate::auth::{SessionSlot, SessionTable};
 use crate::config::RetryConfig;
 use crate::error::ProxyError;
 use crate::metrics::{Metrics, RequestSeries};
@@ -17,8 +17,8 @@ use crate::proxy::retry::RetryBudget;
 
 /// One tenant: configuration, session, FinHub's 429 hold, metric series.
 pub struct Tenant {
-    /// The session slot (and the tenant's configuration, `sessions.tenant`).
-    pub sessions: Arc<TenantSessions>,
+    /// The session slot (and the tenant's configuration, `slot.tenant`).
+    pub slot: Arc<SessionSlot>,
     /// Its rate-limit buckets (local or in Redis).
     pub limits: Box<dyn TenantLimiter>,
     /// Set when FinHub answered 429 with `Retry-After`: requests wait locally until then.
@@ -32,7 +32,7 @@ pub struct Tenant {
 impl Tenant {
     /// The tenant's id (as configured, byte-exact).
     pub fn id(&self) -> &str {
-        &self.sessions.tenant.id
+        &self.slot.tenant.id
     }
 }
 
@@ -63,7 +63,7 @@ impl Tenants {
                     limits: limiter.tenant(&s.tenant.id),
                     hold: UpstreamHold::default(),
                     retry_budget: RetryBudget::new(retry),
-                    sessions: s.clone(),
+                    slot: s.clone(),
                 })
             })
             .collect();

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 
 use super::clock::ClockOffset;
 use super::grant::{Grant, GrantError};
-use super::Session;
+use super::FinHubSession;
 use crate::config::{Config, EnvRules, TenantConfig};
 use crate::egress::{EgressError, Tunnel};
 use crate::tls::TlsStore;
@@ -108,7 +108,7 @@ pub struct AuthClient {
 #[derive(Debug)]
 pub enum Refreshed {
     /// A new token.
-    New(Box<Session>),
+    New(Box<FinHubSession>),
     /// FinHub kept the current token (more than 10 % of its lifetime left).
     NotYet {
         /// The validity FinHub reports left (`expires_in`, whole seconds), if it said.
@@ -367,14 +367,14 @@ impl AuthClient {
     }
 
     /// Logs `tenant` in.
-    pub async fn login(&self, tenant: &TenantConfig) -> Result<Session, AuthError> {
+    pub async fn login(&self, tenant: &TenantConfig) -> Result<FinHubSession, AuthError> {
         let body = self.login_body(tenant);
         let req = Self::finish(self.post(&self.login_path, tenant), &body)?;
         let sent = SystemTime::now();
         let resp = self.send(req, self.timeout).await?;
         let received = SystemTime::now();
         let grant = self.read_grant(&resp, sent, received)?;
-        Ok(Session::from_grant(
+        Ok(FinHubSession::from_grant(
             grant,
             sent,
             received,
@@ -386,7 +386,7 @@ impl AuthClient {
     pub async fn refresh(
         &self,
         tenant: &TenantConfig,
-        current: &Session,
+        current: &FinHubSession,
     ) -> Result<Refreshed, AuthError> {
         let key = current
             .internal_token_key
@@ -413,7 +413,7 @@ impl AuthClient {
                 received,
             });
         }
-        Ok(Refreshed::New(Box::new(Session::from_grant(
+        Ok(Refreshed::New(Box::new(FinHubSession::from_grant(
             grant,
             sent,
             received,
@@ -427,7 +427,7 @@ impl AuthClient {
     pub async fn logout(
         &self,
         tenant: &TenantConfig,
-        session: &Session,
+        session: &FinHubSession,
         within: Duration,
     ) -> Result<Option<bool>, AuthError> {
         let body = json!({"userSessionToken": session.token.expose()});

@@ -1,6 +1,6 @@
 //! FinHub sessions: one per tenant, obtained and renewed in the background.
 //!
-//! Each tenant has a [`TenantSessions`] slot holding the current [`Session`] as an immutable
+//! Each tenant has a [`SessionSlot`] holding the current [`FinHubSession`] as an immutable
 //! snapshot (`ArcSwapOption`). A background task per tenant ([`run_tenant`]) logs in, renews the
 //! token inside FinHub's refresh window (refresh endpoint with the JWT's `internalTokenKey`, or
 //! a fresh login when that is not possible or fails), and retries failures: quickly while the
@@ -16,18 +16,18 @@
 
 pub mod client;
 pub mod clock;
+pub mod fleet;
 pub mod grant;
 mod plan;
 mod renew;
 mod session;
-pub mod shared;
 mod slot;
 
 use plan::*;
 pub use renew::{logout_all, run_tenant};
-pub use session::Session;
+pub use session::FinHubSession;
 use session::*;
-pub use slot::{SessionTable, TenantSessions, TenantStatus};
+pub use slot::{SessionSlot, SessionTable, TenantStatus};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -124,7 +124,13 @@ mod tests {
     /// A session as FinHub (clock `offset` µs ahead) would issue it for a request sent at
     /// local `sent` and answered `rtt` later (FinHub answering halfway), with the answer's
     /// `Date` observed into `clock` first.
-    fn issued(clock: &Arc<ClockOffset>, offset: i64, sent: i64, rtt: i64, life_s: i64) -> Session {
+    fn issued(
+        clock: &Arc<ClockOffset>,
+        offset: i64,
+        sent: i64,
+        rtt: i64,
+        life_s: i64,
+    ) -> FinHubSession {
         let finhub_now = BASE + sent + rtt / 2 + offset;
         let iat = finhub_now.div_euclid(S);
         let exp = iat + life_s;
@@ -132,7 +138,7 @@ mod tests {
         clock.observe(Some(&date), at(sent), at(sent + rtt));
         let token = jwt(serde_json::json!({"iat": iat, "exp": exp, "internalTokenKey": "k"}));
         let left = (exp * S - finhub_now) / S;
-        Session::from_grant(
+        FinHubSession::from_grant(
             grant(token, Some(left as u64)),
             at(sent),
             at(sent + rtt),
@@ -149,7 +155,7 @@ mod tests {
         }
     }
 
-    /// `choose_expiry` after `read_claims`, as `Session::from_grant` runs them.
+    /// `choose_expiry` after `read_claims`, as `FinHubSession::from_grant` runs them.
     fn expiry_of(
         claims: &Claims,
         expires_in: Option<u64>,
@@ -511,7 +517,7 @@ mod tests {
                     .as_bytes(),
             )
             .unwrap();
-            let s = Session::from_grant(g, now, now, &clock);
+            let s = FinHubSession::from_grant(g, now, now, &clock);
             let _ = s.is_usable(now);
             let _ = s.expires_at();
             assert!(s.lifetime() <= grant::MAX_LIFETIME);
@@ -543,7 +549,7 @@ mod tests {
             &s,
             now
         ));
-        let opaque = Session::from_grant(grant("opaque".into(), Some(100)), now, now, &clock);
+        let opaque = FinHubSession::from_grant(grant("opaque".into(), Some(100)), now, now, &clock);
         assert!(!can_refresh(production, &opaque, now));
         assert!(!can_refresh(production, &s, now + Duration::from_secs(200)));
     }
@@ -624,7 +630,8 @@ mod tests {
         // later. The end lies in [7 s, 8.01 s]; the plan probes from where the window may
         // open and never goes past 7 s.
         let clock = Arc::new(ClockOffset::new());
-        let s = Session::from_grant(grant("opaque".into(), Some(7)), at(0), at(10_000), &clock);
+        let s =
+            FinHubSession::from_grant(grant("opaque".into(), Some(7)), at(0), at(10_000), &clock);
         let t = s.timing();
         assert_eq!(
             t.count_bounds(),
@@ -662,7 +669,7 @@ mod tests {
     fn session_header_values_are_sensitive() {
         let clock = Arc::new(ClockOffset::new());
         let g = grant("tok-zzz-never-in-a-uuid".into(), Some(60));
-        let s = Session::from_grant(g, SystemTime::now(), SystemTime::now(), &clock);
+        let s = FinHubSession::from_grant(g, SystemTime::now(), SystemTime::now(), &clock);
         assert!(s.authorization.is_sensitive());
         assert!(!format!("{s:?}").contains("zzz"));
         assert_eq!(s.lifetime().as_secs(), 60);
@@ -672,7 +679,7 @@ mod tests {
     #[test]
     fn not_yet_updates_an_opaque_tokens_validity() {
         let clock = Arc::new(ClockOffset::new());
-        let s = Session::from_grant(grant("opaque".into(), Some(60)), at(0), at(0), &clock);
+        let s = FinHubSession::from_grant(grant("opaque".into(), Some(60)), at(0), at(0), &clock);
         s.note_remaining(Duration::from_secs(100), at(10 * S), at(10 * S + 5));
         assert_eq!(unix_us(s.expires_at()), BASE + 110 * S);
     }

@@ -105,7 +105,11 @@ pub(super) fn window_surely_open_us(t: Timing, offset: OffsetBounds) -> i64 {
 /// Whether `session` can be refreshed (A3, A6): it carries the key, the environment has
 /// refresh (`refresh_supported`, from [`crate::config::EnvRules`]), and FinHub still accepts
 /// the token.
-pub(super) fn can_refresh(refresh_supported: bool, session: &Session, now: SystemTime) -> bool {
+pub(super) fn can_refresh(
+    refresh_supported: bool,
+    session: &FinHubSession,
+    now: SystemTime,
+) -> bool {
     session.internal_token_key.is_some() && refresh_supported && session.is_usable(now)
 }
 

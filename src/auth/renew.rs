@@ -38,7 +38,7 @@ pub(super) enum Wake {
 /// never shortened, so rejected credentials are not hammered; a forced renewal waits until
 /// `forced_earliest`, see [`forced_spacing`]), or the end.
 pub(super) async fn sleep_until(
-    slot: &TenantSessions,
+    slot: &SessionSlot,
     ending: &mut watch::Receiver<bool>,
     at_us: i64,
     backing_off: bool,
@@ -86,7 +86,7 @@ pub(super) fn next_rtt(rtt_us: i64, sent: SystemTime, received: SystemTime) -> i
 
 /// The per-tenant renewal loop's state.
 pub(super) struct Renewer {
-    pub(super) slot: Arc<TenantSessions>,
+    pub(super) slot: Arc<SessionSlot>,
     pub(super) client: Arc<AuthClient>,
     pub(super) auth: AuthConfig,
     pub(super) metrics: Metrics,
@@ -105,7 +105,7 @@ pub(super) struct Renewer {
     /// Forced renewals in quick succession (each within 4 spacings of the one before).
     pub(super) forced_streak: u32,
     /// The tenant's view of the shared store (`auth.session_store = "redis"`).
-    pub(super) shared: Option<super::shared::Follower>,
+    pub(super) fleet: Option<super::fleet::FleetState>,
     /// Whether the last failed auth call failed on this replica's own path (connect, TLS,
     /// egress, no answer) rather than with an answer from FinHub.
     pub(super) last_failure_local: bool,
@@ -128,13 +128,13 @@ impl Renewer {
 
     /// When to renew `s` (and how), not before `not_before_us`. A shared session's lease
     /// owner plans its renewal to land the owner's grace earlier than alone
-    /// ([`super::shared::owner_grace_us`]): the followers take a renewal over only after that
+    /// ([`super::fleet::owner_grace_us`]): the followers take a renewal over only after that
     /// grace, before their own last moment, so the owner must leave it to them.
-    pub(super) fn plan_for(&self, s: &Session, not_before_us: i64) -> Planned {
+    pub(super) fn plan_for(&self, s: &FinHubSession, not_before_us: i64) -> Planned {
         let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
-        let lead = if self.shared.as_ref().is_some_and(|f| f.owns()) {
+        let lead = if self.fleet.as_ref().is_some_and(|f| f.owns()) {
             self.lead_us()
-                .saturating_add(super::shared::owner_grace_us(s.validity))
+                .saturating_add(super::fleet::owner_grace_us(s.validity))
         } else {
             self.lead_us()
         };
@@ -164,13 +164,13 @@ impl Renewer {
     /// estimate of FinHub's clock (the record's; this replica's own without one) and with the
     /// shortest lead an owner plans with (its grace on top of the lead for no round trip; an
     /// owner's own is at least as long, so its plan is no later than this).
-    pub(super) fn owner_plan(&self, s: &Session, writer: Option<OffsetBounds>) -> Planned {
+    pub(super) fn owner_plan(&self, s: &FinHubSession, writer: Option<OffsetBounds>) -> Planned {
         let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
         plan(
             s.timing(),
             writer.unwrap_or_else(|| s.clock.bounds()),
             self.auth.refresh_at,
-            lead_for(0).saturating_add(super::shared::owner_grace_us(s.validity)),
+            lead_for(0).saturating_add(super::fleet::owner_grace_us(s.validity)),
             refreshable,
             0,
         )
@@ -179,7 +179,7 @@ impl Renewer {
     /// How long the current token can still be renewed in time, if it is usable.
     pub(super) fn usable_for(
         &self,
-        current: Option<&Session>,
+        current: Option<&FinHubSession>,
         now: SystemTime,
     ) -> Option<Duration> {
         let s = current.filter(|s| s.is_usable(now))?;
@@ -206,8 +206,8 @@ impl Renewer {
             step: Step::Login,
             at_us: unix_us(SystemTime::now()),
         };
-        if self.shared.is_some() {
-            self.init_shared().await;
+        if self.fleet.is_some() {
+            self.init_fleet().await;
         }
         loop {
             self.slot
@@ -224,7 +224,7 @@ impl Renewer {
                 Ordering::SeqCst,
             );
             // With a shared store, also wake to look at it.
-            let wake_us = match &self.shared {
+            let wake_us = match &self.fleet {
                 Some(f) => f.wake_us(next.at_us),
                 None => next.at_us,
             };
@@ -242,7 +242,7 @@ impl Renewer {
                 self.leave().await;
                 return;
             }
-            if self.shared.is_some() && self.look(&mut next).await == super::shared::Turn::Wait {
+            if self.fleet.is_some() && self.look(&mut next).await == super::fleet::Turn::Wait {
                 continue;
             }
             let forced = self.slot.forced_pending();
@@ -257,7 +257,7 @@ impl Renewer {
                 };
                 self.last_forced = Some(now);
                 // The next forced renewal is spaced from this one: requests refused on the
-                // session it brings are answered at once (see `TenantSessions::newer_than`),
+                // session it brings are answered at once (see `SessionSlot::newer_than`),
                 // those refused before it wait for it (`renewing`).
                 self.slot.renewing.store(true, Ordering::SeqCst);
                 self.slot
@@ -307,7 +307,7 @@ impl Renewer {
     }
 
     /// One refresh call; `None` when a login should follow at once.
-    pub(super) async fn refresh(&mut self, s: &Session, forced: bool) -> Option<Planned> {
+    pub(super) async fn refresh(&mut self, s: &FinHubSession, forced: bool) -> Option<Planned> {
         let span = BackgroundSpan::start("finhub.auth.refresh", &self.tenant_id);
         let r = self.client.refresh(&self.slot.tenant, s).await;
         let not_yet = matches!(r, Ok(Refreshed::NotYet { .. }));
@@ -392,7 +392,7 @@ impl Renewer {
     }
 
     /// One login call.
-    pub(super) async fn login(&mut self, current: Option<&Session>) -> Planned {
+    pub(super) async fn login(&mut self, current: Option<&FinHubSession>) -> Planned {
         let span = BackgroundSpan::start("finhub.auth.login", &self.tenant_id);
         let r = self.client.login(&self.slot.tenant).await;
         let now = SystemTime::now();
@@ -475,7 +475,7 @@ impl Renewer {
     }
 
     /// Publishes a new session (the old one served until this moment) and plans its renewal.
-    pub(super) fn publish(&mut self, s: Session, via: Step) -> Planned {
+    pub(super) fn publish(&mut self, s: FinHubSession, via: Step) -> Planned {
         self.failures = 0;
         self.rejections = 0;
         self.rejected = None;
@@ -537,11 +537,11 @@ impl Renewer {
 /// once (a rotated password recovers within one step, an unchanged bad one is never
 /// hammered).
 pub async fn run_tenant(
-    slot: Arc<TenantSessions>,
+    slot: Arc<SessionSlot>,
     client: Arc<AuthClient>,
     auth: AuthConfig,
     metrics: Metrics,
-    store: Option<Arc<super::shared::SharedStore>>,
+    store: Option<Arc<super::fleet::FleetStore>>,
 ) {
     let tenant_id = slot.tenant.id.clone();
     Renewer {
@@ -557,7 +557,7 @@ pub async fn run_tenant(
         rtt_us: 0,
         last_forced: None,
         forced_streak: 0,
-        shared: store.map(super::shared::Follower::new),
+        fleet: store.map(super::fleet::FleetState::new),
         last_failure_local: false,
         hot: 0,
     }

@@ -4,7 +4,7 @@
 use super::*;
 
 /// One FinHub session token and what the sidecar derived from it.
-pub struct Session {
+pub struct FinHubSession {
     /// The token itself.
     pub token: Secret,
     /// `Bearer <token>`, built once, marked sensitive.
@@ -43,9 +43,9 @@ pub struct Session {
     pub(super) clock: Arc<ClockOffset>,
 }
 
-impl std::fmt::Debug for Session {
+impl std::fmt::Debug for FinHubSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session")
+        f.debug_struct("FinHubSession")
             .field("session_id", &self.session_id)
             .field("expires_at", &self.expires_at())
             .field("refreshable", &self.internal_token_key.is_some())
@@ -53,7 +53,7 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// Where a session's expiry comes from (pure; [`Session::from_grant`] uses it).
+/// Where a session's expiry comes from (pure; [`FinHubSession::from_grant`] uses it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Expiry {
     /// µs since the epoch.
@@ -208,7 +208,7 @@ const ANOMALY_LOG_EVERY: Duration = Duration::from_secs(600);
 static CLAIMS_DISTRUSTED: AtomicI64 = AtomicI64::new(i64::MIN);
 static COUNT_DISAGREES: AtomicI64 = AtomicI64::new(i64::MIN);
 
-impl Session {
+impl FinHubSession {
     /// Builds a session from a grant whose request was sent at `sent` and answered at
     /// `received` (our clock); `clock` is FinHub's clock as estimated so far (the answer's
     /// own `Date` already included).
@@ -217,7 +217,7 @@ impl Session {
         sent: SystemTime,
         received: SystemTime,
         clock: &Arc<ClockOffset>,
-    ) -> Session {
+    ) -> FinHubSession {
         let claims = Claims::of(grant.token.expose());
         let reading = read_claims(&claims, grant.expires_in, sent, received);
         if let Reading::Sample(b) = reading {
@@ -248,7 +248,7 @@ impl Session {
             grant.refresh_token.as_ref().map(|r| r.expose()),
             claims.internal_token_key.as_ref().map(|k| k.expose()),
         );
-        Session {
+        FinHubSession {
             reflections,
             authorization: sensitive(&format!("Bearer {}", grant.token.expose())),
             session_token: sensitive(grant.token.expose()),
@@ -312,7 +312,7 @@ impl Session {
             .then(|| from_unix_us(self.expiry_us.load(Ordering::SeqCst)))
     }
 
-    /// The validity FinHub granted (see [`Session::validity`]).
+    /// The validity FinHub granted (see [`FinHubSession::validity`]).
     pub fn lifetime(&self) -> Duration {
         self.validity
     }

@@ -4,10 +4,10 @@
 use super::*;
 
 /// One tenant's session slot.
-pub struct TenantSessions {
+pub struct SessionSlot {
     /// The tenant.
     pub tenant: TenantConfig,
-    pub(super) current: ArcSwapOption<Session>,
+    pub(super) current: ArcSwapOption<FinHubSession>,
     pub(super) renew_now: Notify,
     /// Generation of the session FinHub refused (0: none), set by the request path.
     pub(super) forced: AtomicU64,
@@ -37,12 +37,12 @@ pub struct TenantStatus {
     /// Consecutive failures.
     pub failures: u32,
     /// The shared store's view (`auth.session_store = "redis"` only).
-    pub shared: Option<super::shared::SharedStatus>,
+    pub fleet: Option<super::fleet::FleetStatus>,
 }
 
-impl TenantSessions {
+impl SessionSlot {
     pub(super) fn new(tenant: TenantConfig) -> Self {
-        TenantSessions {
+        SessionSlot {
             tenant,
             current: ArcSwapOption::empty(),
             renew_now: Notify::new(),
@@ -58,19 +58,19 @@ impl TenantSessions {
     }
 
     /// The current session if it may be sent now.
-    pub fn usable(&self, now: SystemTime) -> Option<Arc<Session>> {
+    pub fn usable(&self, now: SystemTime) -> Option<Arc<FinHubSession>> {
         self.current.load_full().filter(|s| s.is_usable(now))
     }
 
     /// The current session, usable or not.
-    pub fn current(&self) -> Option<Arc<Session>> {
+    pub fn current(&self) -> Option<Arc<FinHubSession>> {
         self.current.load_full()
     }
 
     /// FinHub refused `refused`: ask the background task to renew now, unless a newer session
     /// is already published (then the caller should just use it). Many refusals of the same
     /// session coalesce into one renewal (single flight).
-    pub fn request_renewal(&self, refused: &Arc<Session>) {
+    pub fn request_renewal(&self, refused: &Arc<FinHubSession>) {
         if refused.generation == self.generation() {
             self.forced.store(refused.generation, Ordering::SeqCst);
             self.renew_now.notify_one();
@@ -93,11 +93,15 @@ impl TenantSessions {
     }
 
     /// Waits up to `within` for a usable session other than `old` (after
-    /// [`TenantSessions::request_renewal`]). A newer session already published is returned at
+    /// [`SessionSlot::request_renewal`]). A newer session already published is returned at
     /// once; when no renewal can start within a second or two (forced renewals are spaced, a
     /// backoff is running: issue 28.7) nothing is waited for and `None` comes back at once, so
     /// the caller answers with what it has instead of holding the app's connection.
-    pub async fn newer_than(&self, old: &Arc<Session>, within: Duration) -> Option<Arc<Session>> {
+    pub async fn newer_than(
+        &self,
+        old: &Arc<FinHubSession>,
+        within: Duration,
+    ) -> Option<Arc<FinHubSession>> {
         let mut rx = self.published.subscribe();
         let deadline = tokio::time::Instant::now() + within;
         let mut first = true;
@@ -161,11 +165,11 @@ impl TenantSessions {
 
     /// Publishes `s` as the current session (unit tests of the request path).
     #[cfg(test)]
-    pub(crate) fn publish_for_test(&self, s: Session) {
+    pub(crate) fn publish_for_test(&self, s: FinHubSession) {
         self.publish(s);
     }
 
-    pub(super) fn publish(&self, mut s: Session) {
+    pub(super) fn publish(&self, mut s: FinHubSession) {
         s.generation = self.generation() + 1;
         let generation = s.generation;
         self.current.store(Some(Arc::new(s)));
@@ -176,7 +180,7 @@ impl TenantSessions {
 /// All tenants' session slots (configuration order) and FinHub's clock. Requests find their
 /// tenant through `tenant::Tenants`.
 pub struct SessionTable {
-    pub(super) all: Vec<Arc<TenantSessions>>,
+    pub(super) all: Vec<Arc<SessionSlot>>,
     pub(super) clock: Arc<ClockOffset>,
 }
 
@@ -186,7 +190,7 @@ impl SessionTable {
         let all: Vec<_> = config
             .tenants
             .iter()
-            .map(|t| Arc::new(TenantSessions::new(t.clone())))
+            .map(|t| Arc::new(SessionSlot::new(t.clone())))
             .collect();
         SessionTable {
             all,
@@ -195,7 +199,7 @@ impl SessionTable {
     }
 
     /// Every tenant, in configuration order.
-    pub fn tenants(&self) -> &[Arc<TenantSessions>] {
+    pub fn tenants(&self) -> &[Arc<SessionSlot>] {
         &self.all
     }
 

@@ -5,7 +5,7 @@ use http::header::HeaderName;
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 
-use crate::auth::Session;
+use crate::auth::FinHubSession;
 pub use crate::policy::strip::{
     is_stripped, strip_response_credentials, token_fingerprint, without_app_credentials,
     Reflections, APP_CREDENTIAL_HEADERS,
@@ -53,7 +53,7 @@ pub mod names {
 /// `X-Session-Active` carry the same token) and the tenant and session ids.
 pub fn apply_session(
     req: &mut RequestHeader,
-    session: &Session,
+    session: &FinHubSession,
     tenant_id: &HeaderValue,
 ) -> pingora::Result<()> {
     req.insert_header(http::header::AUTHORIZATION, session.authorization.clone())?;

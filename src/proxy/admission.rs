@@ -26,7 +26,7 @@ use http::{HeaderValue, Uri};
 use pingora::http::RequestHeader;
 
 use super::retry::Retry;
-use crate::auth::{Session, TenantSessions};
+use crate::auth::{FinHubSession, SessionSlot};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::policy::headers::{self, names};
@@ -42,7 +42,7 @@ pub struct Admitted {
     /// The tenant whose session is used.
     pub tenant: Arc<Tenant>,
     /// The session to send (refreshed again just before sending).
-    pub session: Arc<Session>,
+    pub session: Arc<FinHubSession>,
     /// `X-Request-ID` (the app's UUID or a new one); echoed to the app.
     pub request_id: HeaderValue,
     /// `X-Activity-ID`.
@@ -165,10 +165,10 @@ impl Admission<'_> {
                 .unwrap_or(1);
             return Err(refuse(ProxyError::RateLimited { retry_after_secs }));
         }
-        let session = tenant.sessions.usable(now).ok_or_else(|| {
+        let session = tenant.slot.usable(now).ok_or_else(|| {
             refuse(ProxyError::SessionUnavailable {
                 retry_after_secs: session_retry_after(
-                    &tenant.sessions,
+                    &tenant.slot,
                     now,
                     self.config.auth.recovery_interval,
                 ),
@@ -200,7 +200,7 @@ impl Admission<'_> {
 
 /// `Retry-After` for a tenant without a usable session: when its next login or refresh attempt
 /// is due (rounded up), between 1 s and the recovery interval.
-pub fn session_retry_after(tenant: &TenantSessions, now: SystemTime, recovery: Duration) -> u64 {
+pub fn session_retry_after(tenant: &SessionSlot, now: SystemTime, recovery: Duration) -> u64 {
     let max = recovery.as_secs().max(1);
     tenant
         .next_attempt_in(now)
@@ -285,7 +285,7 @@ password = "${PW}"
         fn with_sessions(self) -> World {
             let now = SystemTime::now();
             for t in self.sessions.tenants() {
-                t.publish_for_test(Session::from_grant(
+                t.publish_for_test(FinHubSession::from_grant(
                     Grant {
                         token: Secret::new("tok"),
                         expires_in: Some(Duration::from_secs(600)),

@@ -44,16 +44,16 @@ use crate::lifecycle::InFlight;
 use crate::metrics::{Outcome, RequestSeries};
 use crate::policy::headers::{self, names};
 use crate::policy::ratelimit::{self, Check, Decision};
-use crate::shared::Shared;
+use crate::state::AppState;
 use crate::telemetry::{self, RequestTrace};
 use crate::tenant::Tenant;
 use admission::{session_retry_after, Admission, Admitted};
 use body::{Body, BodyError};
 use retry::{Failure, Limits, Refusal};
 
-/// The data path: the shared state and a few series resolved once.
+/// The data path: the application state and a few series resolved once.
 pub struct FinHubProxy {
-    shared: Arc<Shared>,
+    state: Arc<AppState>,
     /// The series of requests refused before a tenant was chosen (`tenant="-"`).
     no_tenant: RequestSeries,
     /// `upstream_connections_total{reused}`: `[new, reused]`.
@@ -98,17 +98,17 @@ pub struct RequestCtx {
 }
 
 impl FinHubProxy {
-    /// The proxy over the shared state.
-    pub fn new(shared: Arc<Shared>) -> Self {
-        let no_tenant = shared.metrics.request_series("-");
+    /// The proxy over the application state.
+    pub fn new(state: Arc<AppState>) -> Self {
+        let no_tenant = state.metrics.request_series("-");
         let connections = ["false", "true"].map(|reused| {
-            shared
+            state
                 .metrics
                 .upstream_connections
                 .with_label_values(&[reused])
         });
         FinHubProxy {
-            shared,
+            state,
             no_tenant,
             connections,
         }
@@ -122,8 +122,8 @@ impl FinHubProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         let admission = Admission {
-            config: &self.shared.config,
-            tenants: &self.shared.tenants,
+            config: &self.state.config,
+            tenants: &self.state.tenants,
         };
         match admission.admit(req, peer, SystemTime::now()) {
             Ok((admitted, path)) => {
@@ -145,12 +145,12 @@ impl FinHubProxy {
     /// table prefers now (its circuit breakers skip addresses that failed; `upstream.rs`).
     fn peer(&self) -> Result<HttpPeer, ProxyError> {
         let addr = self
-            .shared
+            .state
             .upstream
             .pick()
             .ok_or(ProxyError::UpstreamUnresolved)?;
-        let u = &self.shared.config.upstream;
-        let tls = self.shared.tls.current();
+        let u = &self.state.config.upstream;
+        let tls = self.state.tls.current();
         let mut peer = match &tls.cert_key {
             Some(ck) => HttpPeer::new_mtls(addr, u.host.clone(), ck.clone()),
             None => HttpPeer::new(addr, true, u.host.clone()),
@@ -163,7 +163,7 @@ impl FinHubProxy {
         peer.options.idle_timeout = Some(u.idle_timeout);
         peer.options.ca = tls.ca.clone();
         // Through the egress proxy: a CONNECT tunnel to FinHub, TLS inside it.
-        peer.options.custom_l4 = self.shared.upstream.tunnel().cloned();
+        peer.options.custom_l4 = self.state.upstream.tunnel().cloned();
         // Second line behind admission's refusal: no upgrade handshake ever goes upstream.
         peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy::deny_upgrades();
         // A new certificate set means new connections: old pooled ones idle out (idle_timeout).
@@ -181,17 +181,17 @@ impl FinHubProxy {
         // Connecting may have taken a while (or this is a retry): take the tenant's session as
         // it is now, and never send one that has expired meanwhile.
         let now = SystemTime::now();
-        a.session =
-            a.tenant
-                .sessions
-                .usable(now)
-                .ok_or_else(|| ProxyError::SessionUnavailable {
-                    retry_after_secs: session_retry_after(
-                        &a.tenant.sessions,
-                        now,
-                        self.shared.config.auth.recovery_interval,
-                    ),
-                })?;
+        a.session = a
+            .tenant
+            .slot
+            .usable(now)
+            .ok_or_else(|| ProxyError::SessionUnavailable {
+                retry_after_secs: session_retry_after(
+                    &a.tenant.slot,
+                    now,
+                    self.state.config.auth.recovery_interval,
+                ),
+            })?;
         // One fresh header, sized for everything the sidecar adds: the app's headers minus the
         // stripped ones, in one pass (no map growth while ours are inserted).
         let path = a.upstream_uri.as_ref().and_then(|u| u.path_and_query());
@@ -202,12 +202,12 @@ impl FinHubProxy {
             // The app got its `100 Continue` from the sidecar; FinHub gets the body whole.
             req.remove_header(&http::header::EXPECT);
         }
-        let h = &self.shared.config.headers;
+        let h = &self.state.config.headers;
         let set = |req: &mut RequestHeader| -> pingora::Result<()> {
-            headers::apply_session(req, &a.session, &a.tenant.sessions.tenant.id_header)?;
+            headers::apply_session(req, &a.session, &a.tenant.slot.tenant.id_header)?;
             req.insert_header(
                 http::header::HOST,
-                self.shared.config.upstream.host_header.clone(),
+                self.state.config.upstream.host_header.clone(),
             )?;
             req.insert_header(names::X_REQUEST_ID, a.request_id.clone())?;
             let correlation =
@@ -253,13 +253,13 @@ impl FinHubProxy {
     /// A 401 for the session `a` carried: renew (single flight) and, if the request can be sent
     /// again, wait for the new session. True when the request should be replayed.
     async fn renew_after_401(&self, a: &mut Admitted) -> bool {
-        a.tenant.sessions.request_renewal(&a.session);
+        a.tenant.slot.request_renewal(&a.session);
         if !a.retry.wants_replay() {
             return false;
         }
         // A forced renewal may refresh and then log in (after a follower's wait for the owner).
-        let wait = self.shared.config.auth.replay_wait();
-        let Some(renewed) = a.tenant.sessions.newer_than(&a.session, wait).await else {
+        let wait = self.state.config.auth.replay_wait();
+        let Some(renewed) = a.tenant.slot.newer_than(&a.session, wait).await else {
             return false;
         };
         a.session = renewed;
@@ -275,8 +275,8 @@ impl FinHubProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<(), BodyError> {
-        let limit = self.shared.config.auth.replay_body_limit;
-        let deadline = ctx.start + self.shared.config.listener.body_timeout;
+        let limit = self.state.config.auth.replay_body_limit;
+        let deadline = ctx.start + self.state.config.listener.body_timeout;
         let body = Body::read(session, deadline).await?;
         if let Some(a) = ctx.admitted.as_mut() {
             a.retry.set_body_whole(body.resendable_within(limit));
@@ -320,7 +320,7 @@ impl FinHubProxy {
             return false;
         };
         let tenant = a.tenant.clone();
-        let limits = Limits::now(&self.shared.config.retry, &tenant.retry_budget, ctx.start);
+        let limits = Limits::now(&self.state.config.retry, &tenant.retry_budget, ctx.start);
         let retried = decide(&mut a.retry, &limits);
         if a.retry.refused() == Some(Refusal::Budget) {
             tenant.series.budget_exhausted.inc();
@@ -355,7 +355,7 @@ impl FinHubProxy {
         } else {
             None
         });
-        let m = &self.shared.metrics;
+        let m = &self.state.metrics;
         let outcome = if gave_up.is_some() {
             "gave_up"
         } else {
@@ -411,7 +411,7 @@ impl ProxyHttp for FinHubProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             start: Instant::now(),
-            _in_flight: self.shared.lifecycle.track(),
+            _in_flight: self.state.lifecycle.track(),
             upstream_start: None,
             upstream_sent: None,
             connect_failures: 0,
@@ -436,7 +436,7 @@ impl ProxyHttp for FinHubProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
-        ctx.trace = telemetry::start_request(self.shared.tracer.as_ref(), session.req_header());
+        ctx.trace = telemetry::start_request(self.state.tracer.as_ref(), session.req_header());
         let verdict = match self.admit(session, ctx) {
             Ok(Check::Ready(decision)) => rate_limit_verdict(decision),
             Ok(Check::Wait(pending)) => {
@@ -452,7 +452,7 @@ impl ProxyHttp for FinHubProxy {
                 // A body that trickles in holds an app slot (and, streamed, a FinHub
                 // connection): each read waits at most body_timeout, and the whole body must
                 // arrive within body_timeout of the request's start.
-                let body_timeout = self.shared.config.listener.body_timeout;
+                let body_timeout = self.state.config.listener.body_timeout;
                 session
                     .as_downstream_mut()
                     .set_read_timeout(Some(body_timeout));
@@ -489,8 +489,7 @@ impl ProxyHttp for FinHubProxy {
     ) -> pingora::Result<()> {
         ctx.body.next_chunk(body);
         // A held body arrived in time already (a retry resends it from memory).
-        if ctx.body.is_streamed() && ctx.start.elapsed() > self.shared.config.listener.body_timeout
-        {
+        if ctx.body.is_streamed() && ctx.start.elapsed() > self.state.config.listener.body_timeout {
             ctx.failure = Some(ProxyError::BodyTimeout);
             return Error::e_explain(ErrorType::ReadTimedout, "request body too slow");
         }
@@ -514,7 +513,7 @@ impl ProxyHttp for FinHubProxy {
         ctx.answered = false;
         ctx.upstream_start = Some(Instant::now());
         if let Some(t) = ctx.trace.as_mut() {
-            let u = &self.shared.config.upstream;
+            let u = &self.state.config.upstream;
             t.start_attempt(&u.host, u.port);
         }
         self.peer().map(Box::new).or_else(|e| {
@@ -556,7 +555,7 @@ impl ProxyHttp for FinHubProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if let Some(t) = ctx.upstream_start.take() {
-            self.shared
+            self.state
                 .metrics
                 .upstream_duration
                 .observe(t.elapsed().as_secs_f64());
@@ -573,7 +572,7 @@ impl ProxyHttp for FinHubProxy {
             let h = &upstream_response.headers;
             let cached = h.contains_key(http::header::AGE);
             let date = h.get(http::header::DATE);
-            self.shared
+            self.state
                 .sessions
                 .clock()
                 .observe_api(date, cached, sent, SystemTime::now());
@@ -634,12 +633,12 @@ impl ProxyHttp for FinHubProxy {
             ProxyError::EgressProxyRefused(_)
         );
         if let (false, Some(addr)) = (refused, peer._address.as_inet()) {
-            self.shared.upstream.connect_failed(*addr);
+            self.state.upstream.connect_failed(*addr);
         }
         let retry = !refused
             && (!ctx
                 .connect_failures
-                .is_multiple_of(self.shared.upstream.count().max(1))
+                .is_multiple_of(self.state.upstream.count().max(1))
                 || self.retry_after_failure(Failure::Connect, ctx));
         e.set_retry(retry);
         e
@@ -776,16 +775,16 @@ impl ProxyHttp for FinHubProxy {
             );
         }
         self.count_retries(ctx);
-        let record = AuditRecord::of(session, ctx, &self.shared.audit, status, outcome.label());
-        self.shared.audit.write(&record);
+        let record = AuditRecord::of(session, ctx, &self.state.audit, status, outcome.label());
+        self.state.audit.write(&record);
         if let Some(t) = ctx.trace.take() {
             let code = ctx.failure.as_ref().map(ProxyError::code);
             t.finish(status, ctx.tenant.as_ref().map(|t| t.id()), code);
         }
-        self.shared
+        self.state
             .metrics
             .audit_dropped
-            .set(i64::try_from(self.shared.audit.dropped()).unwrap_or(i64::MAX));
+            .set(i64::try_from(self.state.audit.dropped()).unwrap_or(i64::MAX));
     }
 
     /// Contract: every failure reaches the app as one JSON error with a stable code.
@@ -824,7 +823,7 @@ impl ProxyHttp for FinHubProxy {
             }
             // Read what is left of a streamed body (bounded), so closing the connection does
             // not reset it before the app has read the answer.
-            linger(session, self.shared.config.listener.body_timeout).await;
+            linger(session, self.state.config.listener.body_timeout).await;
         }
         ctx.failure = Some(err);
         FailToProxy {

@@ -191,7 +191,7 @@ const LEASE_LINES_PER_MINUTE: u32 = 6;
 const MAX_KEY_ID_LABELS: usize = 16;
 
 /// The shared store: the Redis pool, the scripts and the keys. One per process.
-pub struct SharedStore {
+pub struct FleetStore {
     pool: Arc<Pool>,
     settings: SharedSessionSettings,
     replica: String,
@@ -205,7 +205,7 @@ pub struct SharedStore {
 
 /// What `/status` shows about a tenant's shared session (no secret).
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct SharedStatus {
+pub struct FleetStatus {
     /// `ok` or `unavailable`.
     pub store: &'static str,
     /// Whether this replica holds the renewal lease.
@@ -300,9 +300,9 @@ struct Payload {
     offset_hi_us: Option<i64>,
 }
 
-impl SharedStore {
-    /// The store for `settings` (connections are made by [`SharedStore::keep_connected`]).
-    pub fn new(settings: &SharedSessionSettings, metrics: &Metrics) -> Arc<SharedStore> {
+impl FleetStore {
+    /// The store for `settings` (connections are made by [`FleetStore::keep_connected`]).
+    pub fn new(settings: &SharedSessionSettings, metrics: &Metrics) -> Arc<FleetStore> {
         let scripts = [ACQUIRE_SCRIPT, WRITE_SCRIPT, READ_SCRIPT, RELEASE_SCRIPT];
         let pool = Pool::new(PoolSpec {
             connection: settings.connection.clone(),
@@ -328,7 +328,7 @@ impl SharedStore {
         ] {
             metrics.session_store_errors.with_label_values(&[kind]);
         }
-        Arc::new(SharedStore {
+        Arc::new(FleetStore {
             pool: Arc::new(pool),
             settings: settings.clone(),
             replica: replica_id(),
@@ -549,7 +549,7 @@ impl SharedStore {
         tenant: &str,
         fence: u64,
         generation: u64,
-        s: &Session,
+        s: &FinHubSession,
     ) -> Result<bool, Failure> {
         let now = SystemTime::now();
         let ttl_ms = record_ttl_us(s, now) / 1000;
@@ -627,7 +627,7 @@ impl SharedStore {
 /// (its expiry at the offset's lower bound, within FinHub's own count) plus a second. Readers
 /// judge usability themselves; the record must not vanish while its token is still good (an
 /// estimate narrowed later extends the usable time).
-fn record_ttl_us(s: &Session, now: SystemTime) -> i64 {
+fn record_ttl_us(s: &FinHubSession, now: SystemTime) -> i64 {
     let t = s.timing();
     let lo = if t.on_finhub_clock {
         s.clock.bounds_at(now).lo_us
@@ -645,7 +645,7 @@ fn record_ttl_us(s: &Session, now: SystemTime) -> i64 {
 /// leases this replica holds, so another replica takes over at once instead of after
 /// `lease_ttl`. The sessions stay published until the process exits and are not logged out:
 /// they are the fleet's.
-pub async fn leave_all(table: Arc<SessionTable>, store: Arc<SharedStore>) {
+pub async fn leave_all(table: Arc<SessionTable>, store: Arc<FleetStore>) {
     for slot in table.tenants() {
         slot.ending.send_replace(true);
     }
@@ -867,7 +867,7 @@ fn replica_id() -> String {
     }
 }
 
-fn payload_of(s: &Session) -> Payload {
+fn payload_of(s: &FinHubSession) -> Payload {
     let t = s.timing();
     let offset = s
         .clock
@@ -892,12 +892,12 @@ fn payload_of(s: &Session) -> Payload {
 
 /// The session a record describes, on this replica's estimate of FinHub's clock (which takes
 /// the writer's estimate if it has none of its own yet).
-fn session_of(p: &Payload, clock: &Arc<ClockOffset>) -> Session {
+fn session_of(p: &Payload, clock: &Arc<ClockOffset>) -> FinHubSession {
     if let (Some(lo_us), Some(hi_us)) = (p.offset_lo_us, p.offset_hi_us) {
         clock.adopt(OffsetBounds { lo_us, hi_us }, SystemTime::now());
     }
     let claims = Claims::of(&p.token);
-    Session {
+    FinHubSession {
         reflections: crate::policy::headers::Reflections::of(
             &p.token,
             p.refresh_token.as_deref(),
@@ -947,7 +947,7 @@ enum Role {
     /// Holds the lease: renews and writes.
     Owner,
     /// Another replica renews.
-    Follower,
+    FleetState,
     /// Renews on its own (store unavailable with `on_store_error = "local"`, or a record it
     /// cannot read).
     Alone,
@@ -971,8 +971,8 @@ pub(super) struct Heartbeat {
 }
 
 /// One tenant's view of the shared store (inside its renewal task).
-pub(super) struct Follower {
-    store: Arc<SharedStore>,
+pub(super) struct FleetState {
+    store: Arc<FleetStore>,
     /// Fence of the lease this replica holds.
     fence: Option<u64>,
     /// Highest record generation seen or written.
@@ -1026,10 +1026,10 @@ pub(super) struct Follower {
     lease_lines: (Instant, u32),
 }
 
-impl Follower {
+impl FleetState {
     /// A follower of `store` for one tenant.
-    pub(super) fn new(store: Arc<SharedStore>) -> Follower {
-        Follower {
+    pub(super) fn new(store: Arc<FleetStore>) -> FleetState {
+        FleetState {
             store,
             fence: None,
             last_generation: 0,
@@ -1070,13 +1070,13 @@ impl Follower {
 }
 
 impl Renewer {
-    fn follower(&mut self) -> Option<&mut Follower> {
-        self.shared.as_mut()
+    fn follower(&mut self) -> Option<&mut FleetState> {
+        self.fleet.as_mut()
     }
 
     fn set_source(&mut self, source: Source) {
         let tenant = self.tenant_id.clone();
-        let Some(f) = self.shared.as_mut() else {
+        let Some(f) = self.fleet.as_mut() else {
             return;
         };
         f.source = source;
@@ -1086,12 +1086,12 @@ impl Renewer {
                 .with_label_values(&[tenant.as_str(), s.label()])
                 .set(i64::from(s == source));
         }
-        self.show_shared();
+        self.show_fleet();
     }
 
     fn set_owner(&mut self, fence: Option<u64>) {
         let tenant = self.tenant_id.clone();
-        let Some(f) = self.shared.as_mut() else {
+        let Some(f) = self.fleet.as_mut() else {
             return;
         };
         let was = f.fence.is_some();
@@ -1128,11 +1128,11 @@ impl Renewer {
             .set(i64::from(fence.is_some()));
     }
 
-    fn show_shared(&self) {
-        let Some(f) = self.shared.as_ref() else {
+    fn show_fleet(&self) {
+        let Some(f) = self.fleet.as_ref() else {
             return;
         };
-        let status = SharedStatus {
+        let status = FleetStatus {
             store: if f.store_up { "ok" } else { "unavailable" },
             lease_owner: f.fence.is_some(),
             source: f.source.label(),
@@ -1144,13 +1144,13 @@ impl Renewer {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        s.shared = Some(status);
+        s.fleet = Some(status);
     }
 
     /// The series of a tenant with a shared store, created at 0; waits for the store's first
     /// connection (bounded).
-    pub(super) async fn init_shared(&mut self) {
-        if let Some(f) = self.shared.as_ref() {
+    pub(super) async fn init_fleet(&mut self) {
+        if let Some(f) = self.fleet.as_ref() {
             f.store.connected().await;
         }
         let tenant = self.tenant_id.clone();
@@ -1203,32 +1203,32 @@ impl Renewer {
                     Some(record) => self.consider(record, next),
                 };
                 // A backoff written before the newest record is over (a replay).
-                let last_generation = self.shared.as_ref().map_or(0, |f| f.last_generation);
+                let last_generation = self.fleet.as_ref().map_or(0, |f| f.last_generation);
                 backoff = snap.backoff.filter(|b| b.generation >= last_generation);
                 self.note_staleness();
                 self.apply_marker(&store, snap.rejected.as_ref());
                 let held_back = self.held_back();
                 if !readable {
-                    if self.shared.as_ref().is_some_and(|f| f.fence.is_some()) {
+                    if self.fleet.as_ref().is_some_and(|f| f.fence.is_some()) {
                         store.release(&tenant).await;
                         self.set_owner(None);
                     }
                     Role::Alone
                 } else if held_back
                     || self
-                        .shared
+                        .fleet
                         .as_ref()
                         .and_then(|f| f.yielded_until)
                         .is_some_and(|t| Instant::now() < t)
                 {
                     // Gave the lease up after failing, or holding credentials FinHub rejected:
                     // another replica's turn.
-                    if held_back && self.shared.as_ref().is_some_and(|f| f.fence.is_some()) {
+                    if held_back && self.fleet.as_ref().is_some_and(|f| f.fence.is_some()) {
                         self.give_way_rejected(&store).await;
                     }
-                    Role::Follower
+                    Role::FleetState
                 } else {
-                    let seen = self.shared.as_ref().map_or(0, |f| f.max_fence);
+                    let seen = self.fleet.as_ref().map_or(0, |f| f.max_fence);
                     match store.acquire(&tenant, seen).await {
                         Ok(Lease::Held(fence)) => {
                             self.set_owner(Some(fence));
@@ -1239,7 +1239,7 @@ impl Renewer {
                             if self.stranded(backoff.is_some()) {
                                 self.fallback("no usable session and no newer shared record for longer than auth.shared.lease_ttl; the lease holder is not renewing")
                             } else {
-                                Role::Follower
+                                Role::FleetState
                             }
                         }
                         Ok(Lease::Corrupt) => {
@@ -1255,7 +1255,7 @@ impl Renewer {
         let now_us = unix_us(now);
         let current = self.slot.current();
         let usable = current.as_ref().filter(|s| s.is_usable(now)).cloned();
-        let previous = self.shared.as_ref().and_then(|f| f.role);
+        let previous = self.fleet.as_ref().and_then(|f| f.role);
         if let Some(f) = self.follower() {
             f.role = Some(role);
             if role == Role::Owner {
@@ -1264,11 +1264,11 @@ impl Renewer {
                 f.next_look_us = f.next_look_us.min(extend);
             }
         }
-        self.show_shared();
+        self.show_fleet();
         let acts = matches!(role, Role::Owner | Role::Alone);
         if acts
             && previous != Some(role)
-            && matches!(previous, Some(Role::Follower | Role::Waiting))
+            && matches!(previous, Some(Role::FleetState | Role::Waiting))
         {
             // Taking over: plan from the session as it is.
             *next = match &usable {
@@ -1280,7 +1280,10 @@ impl Renewer {
             };
         }
         if role == Role::Owner
-            && !matches!(previous, Some(Role::Owner | Role::Follower | Role::Waiting))
+            && !matches!(
+                previous,
+                Some(Role::Owner | Role::FleetState | Role::Waiting)
+            )
             && self.failures == 0
         {
             // Taking the lease with a session renewed alone (a store outage, the first look):
@@ -1306,7 +1309,7 @@ impl Renewer {
                 f.hold_until_us = until;
             }
         }
-        let hold_us = self.shared.as_ref().map_or(0, |f| f.hold_until_us);
+        let hold_us = self.fleet.as_ref().map_or(0, |f| f.hold_until_us);
         let forced = self.slot.forced_pending();
         match role {
             Role::Owner => {
@@ -1322,20 +1325,20 @@ impl Renewer {
                     self.set_owner(None);
                     self.failures = 0;
                     if let Some(f) = self.follower() {
-                        f.role = Some(Role::Follower);
+                        f.role = Some(Role::FleetState);
                         f.yielded_until = Some(Instant::now() + store.settings.poll_interval * 3);
                         next.at_us = f.next_look_us;
                     }
-                    self.show_shared();
+                    self.show_fleet();
                     return Turn::Wait;
                 }
-                let source = self.shared.as_ref().map(|f| f.source);
+                let source = self.fleet.as_ref().map(|f| f.source);
                 if usable.is_some() && source == Some(Source::Local) {
                     // Ours, not yet shared (after a store outage or a lost write): share it.
                     self.share_current().await;
                 }
-                let adopted = self.shared.as_ref().and_then(|f| f.adopted);
-                let honoured = self.shared.as_ref().and_then(|f| f.honoured);
+                let adopted = self.fleet.as_ref().and_then(|f| f.adopted);
+                let honoured = self.fleet.as_ref().and_then(|f| f.honoured);
                 if let (Some(r), Some((mine, _))) = (renew_requested, adopted) {
                     if r.generation == mine
                         && honoured != Some(r)
@@ -1366,10 +1369,10 @@ impl Renewer {
                 }
             }
             Role::Waiting => {
-                next.at_us = self.shared.as_ref().map_or(now_us, |f| f.next_look_us);
+                next.at_us = self.fleet.as_ref().map_or(now_us, |f| f.next_look_us);
                 Turn::Wait
             }
-            Role::Follower => {
+            Role::FleetState => {
                 if let Some(f) = self.follower() {
                     if !forced {
                         f.asked = None;
@@ -1378,11 +1381,11 @@ impl Renewer {
                 if forced {
                     let turn = self.follow_refusal(&tenant, &store, now_us).await;
                     if turn == Turn::Wait {
-                        next.at_us = self.shared.as_ref().map_or(now_us, |f| f.next_look_us);
+                        next.at_us = self.fleet.as_ref().map_or(now_us, |f| f.next_look_us);
                     }
                     return turn;
                 }
-                let source = self.shared.as_ref().map(|f| f.source);
+                let source = self.fleet.as_ref().map(|f| f.source);
                 if source == Some(Source::Local) && usable.is_some() {
                     // Our own session (from an outage), no shared one yet: keep it renewed.
                     return if now_us >= next.at_us {
@@ -1391,14 +1394,14 @@ impl Renewer {
                         Turn::Wait
                     };
                 }
-                let look_us = self.shared.as_ref().map_or(now_us, |f| f.next_look_us);
+                let look_us = self.fleet.as_ref().map_or(now_us, |f| f.next_look_us);
                 if let Some(s) = usable.as_deref() {
                     // The shared session: the owner renews it at its plan. When that has passed
                     // with no newer record (an owner that is stuck, a lease held by no sidecar,
                     // an old record restored), this replica renews on its own, before its token
                     // becomes unusable.
-                    let generation = self.shared.as_ref().and_then(|f| f.adopted).map(|a| a.0);
-                    let tried = self.shared.as_ref().is_some_and(|f| {
+                    let generation = self.fleet.as_ref().and_then(|f| f.adopted).map(|a| a.0);
+                    let tried = self.fleet.as_ref().is_some_and(|f| {
                         f.renewed_alone.is_some() && f.renewed_alone == generation
                     });
                     if tried {
@@ -1414,7 +1417,7 @@ impl Renewer {
                     // FinHub's window stays a refresh): on the writer's estimate of FinHub's
                     // clock, with the shortest lead a sidecar plans with (so never sooner
                     // than the owner's plan).
-                    let writer = self.shared.as_ref().and_then(|f| f.writer_offset);
+                    let writer = self.fleet.as_ref().and_then(|f| f.writer_offset);
                     let planned = self.owner_plan(s, writer);
                     let latest = self
                         .usable_for(Some(s), now)
@@ -1476,7 +1479,7 @@ impl Renewer {
     /// lease (plus two polls), while no owner reports a backoff: whoever holds the lease is not
     /// renewing (stuck, or a lease written without a TTL).
     fn stranded(&self, backoff: bool) -> bool {
-        let Some(f) = self.shared.as_ref() else {
+        let Some(f) = self.fleet.as_ref() else {
             return false;
         };
         let patience = f.store.settings.lease_ttl + f.store.settings.poll_interval * 2;
@@ -1504,7 +1507,7 @@ impl Renewer {
     /// Takes the fleet's rejected-credentials marker as of this look (`None`: none, or not
     /// authenticated, or not about this replica's credentials): re-derived at every look,
     /// never kept once the marker is gone.
-    fn apply_marker(&mut self, store: &SharedStore, marker: Option<&Marker>) {
+    fn apply_marker(&mut self, store: &FleetStore, marker: Option<&Marker>) {
         let now_us = unix_us(SystemTime::now());
         let hold = marker.filter(|m| {
             m.until_us > now_us && m.fingerprint == store.credentials_fingerprint(&self.slot.tenant)
@@ -1533,7 +1536,7 @@ impl Renewer {
     /// replica's own rejected login, or the fleet's marker as of the last look, whichever
     /// ends later.
     pub(super) fn rejected_now(&self) -> Option<(u64, i64)> {
-        let marker = self.shared.as_ref().and_then(|f| f.marker_hold);
+        let marker = self.fleet.as_ref().and_then(|f| f.marker_hold);
         match (self.rejected, marker) {
             (Some(own), Some(m)) => Some(if m.1 > own.1 { m } else { own }),
             (own, m) => own.or(m),
@@ -1552,7 +1555,7 @@ impl Renewer {
     /// The owner's login was rejected: tell the fleet (the credentials' fingerprint, so
     /// replicas with the same ones hold back) and give the lease to a replica with other
     /// credentials (e.g. one a rotation reached first).
-    async fn give_way_rejected(&mut self, store: &SharedStore) {
+    async fn give_way_rejected(&mut self, store: &FleetStore) {
         let tenant = self.tenant_id.clone();
         if let Some((_, until_us)) = self.rejected_now() {
             let marker = Marker {
@@ -1570,7 +1573,7 @@ impl Renewer {
     /// While this replica renews as the lease owner: extends the lease every third of its TTL,
     /// so a slow renewal (a refresh, then a login) never outlives it. `None` unless it owns.
     pub(super) fn heartbeat(&self) -> Option<Heartbeat> {
-        let f = self.shared.as_ref()?;
+        let f = self.fleet.as_ref()?;
         let fence = f.fence?;
         let (store, tenant) = (f.store.clone(), self.tenant_id.clone());
         let lost = Arc::new(AtomicBool::new(false));
@@ -1606,10 +1609,7 @@ impl Renewer {
     /// The store failed: the role `on_store_error` gives.
     fn store_failed(&mut self, failure: Failure) -> Role {
         let tenant = self.tenant_id.clone();
-        let mode = self
-            .shared
-            .as_ref()
-            .map(|f| f.store.settings.on_store_error);
+        let mode = self.fleet.as_ref().map(|f| f.store.settings.on_store_error);
         if let Some(f) = self.follower() {
             if f.store_up {
                 tracing::warn!(tenant = %tenant, kind = failure.label(), on_store_error = ?mode, "session store unavailable; serving the last good session, renewing per auth.shared.on_store_error");
@@ -1711,13 +1711,13 @@ impl Renewer {
 
     /// A follower's session was refused by FinHub: ask the owner, wait for its renewal up to
     /// `follow_timeout`, then renew on its own.
-    async fn follow_refusal(&mut self, tenant: &str, store: &SharedStore, now_us: i64) -> Turn {
+    async fn follow_refusal(&mut self, tenant: &str, store: &FleetStore, now_us: i64) -> Turn {
         let generation = self
-            .shared
+            .fleet
             .as_ref()
             .and_then(|f| f.adopted)
             .map_or(0, |(g, _)| g);
-        let asked = self.shared.as_ref().and_then(|f| f.asked);
+        let asked = self.fleet.as_ref().and_then(|f| f.asked);
         match asked {
             Some((since, g)) if g == generation => {
                 if since.elapsed() >= store.settings.follow_timeout {
@@ -2054,7 +2054,7 @@ mod tests {
             refresh_token: Some(Secret::new("rt-secret-9999")),
             session_id: Some("sess-1".into()),
         };
-        let s = Session::from_grant(g, now, now, &clock);
+        let s = FinHubSession::from_grant(g, now, now, &clock);
         let ring = KeyRing::new(vec![SessionKey::from_bytes(&[3; 32])]);
         let mut plain = Vec::new();
         serde_json::to_writer(&mut plain, &payload_of(&s)).unwrap();

@@ -1,5 +1,5 @@
 //! The state every part of the sidecar shares, built once and handed to the proxy, the admin
-//! listener and the control plane as one `Arc<Shared>`. All of it is immutable, atomic, or a
+//! listener and the control plane as one `Arc<AppState>`. All of it is immutable, atomic, or a
 //! published snapshot: nothing here is locked on the request path.
 
 use std::sync::Arc;
@@ -14,9 +14,9 @@ use crate::tenant::Tenants;
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
 
-/// Shared state: configuration, certificates, FinHub's addresses, tenants and their sessions,
+/// The application state: configuration, certificates, FinHub's addresses, tenants and their sessions,
 /// metrics, drain state, audit writer.
-pub struct Shared {
+pub struct AppState {
     /// Configuration.
     pub config: Arc<Config>,
     /// The published client TLS snapshot.
