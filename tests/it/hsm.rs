@@ -2,12 +2,10 @@
 //! folder; keys generated inside it with pkcs11-tool), certificates issued for the token's
 //! public keys by the test CA, against the emulator requiring mTLS.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use finhub_testkit::pki::{cert_identity, ClientCertOpts};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;

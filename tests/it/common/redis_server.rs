@@ -461,8 +461,16 @@ impl Cluster {
         .is_some()
     }
 
-    /// The index of the node that serves `key`'s slot as primary now.
+    /// The index of the node that serves `key`'s slot as primary now (there must be one).
     pub fn primary_of(&self, key: &str) -> usize {
+        self.live_primary_of(key)
+            .unwrap_or_else(|slot| panic!("no primary serves slot {slot}"))
+    }
+
+    /// The index of the node that serves `key`'s slot as primary now, or `Err(slot)` while no
+    /// live node does (between a primary's failure and its replica's promotion): for polling
+    /// through a failover.
+    pub fn live_primary_of(&self, key: &str) -> Result<usize, u16> {
         let mut c = redis_conn(self.nodes.iter().find(|n| n.child.is_some()).unwrap().port);
         // A slot whose primary failed has no live primary until its replica is promoted.
         let slot: u16 = redis::cmd("CLUSTER")
@@ -485,14 +493,14 @@ impl Cluster {
                 let redis::Value::Int(port) = node[1] else {
                     break;
                 };
-                return self
+                return Ok(self
                     .nodes
                     .iter()
                     .position(|n| i64::from(n.port) == port)
-                    .unwrap();
+                    .unwrap());
             }
         }
-        panic!("no primary serves slot {slot}");
+        Err(slot)
     }
 }
 

@@ -3,13 +3,11 @@
 //! counting logins and refreshes. The tests run one at a time (each starts several sidecars on
 //! a small machine) and print the figures the issue asks for.
 
-mod common;
-
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use finhub_testkit::emulator::{Emulator, Stats};
 use serde_json::Value;
 
@@ -1603,7 +1601,7 @@ async fn a_cluster_shares_the_session_and_the_limit_across_a_primary_loss() {
     let killed_at = Instant::now();
     cluster.nodes[node].kill();
     let promoted = eventually(Duration::from_secs(30), || async {
-        (cluster.primary_of(&tagged("session")) != node).then_some(())
+        (cluster.live_primary_of(&tagged("session")).ok()? != node).then_some(())
     })
     .await;
     assert!(

@@ -1,12 +1,10 @@
 //! The foundation data path, end to end: the real sidecar binary between a real HTTP client and
 //! the real FinHub emulator (HTTPS + mTLS), all on loopback.
 
-mod common;
-
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use finhub_testkit::emulator::{Emulator, MtlsMode};
 use finhub_testkit::pki::{ClientCertOpts, Pki};
 use serde_json::Value;

@@ -4,12 +4,10 @@
 //! the tenant's FinHub session, hold the sidecar's memory or connections, or see a secret in
 //! its logs.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -511,12 +509,15 @@ async fn oversized_headers_are_refused_while_they_are_read() {
 
 /// A hostile slow client: sends `start`, then `drip` every 200 ms until the sidecar closes the
 /// connection (at most 30 s, else the test fails). Returns what the sidecar answered and how
-/// long the connection was held.
+/// long the connection was held (timed from before the connect).
 async fn trickle(to: SocketAddr, start: &[u8], drip: &'static [u8]) -> (String, Duration) {
+    // The sidecar's deadline runs from its accept (header) or its read of the header (body),
+    // which can come before this task resumes from `connect` or `write_all` on a busy box:
+    // the clock starts first, so the hold is never under-measured.
+    let started = Instant::now();
     let s = TcpStream::connect(to).await.unwrap();
     let (mut rd, mut wr) = s.into_split();
     wr.write_all(start).await.unwrap();
-    let started = Instant::now();
     let dripping = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         loop {

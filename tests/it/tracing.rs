@@ -2,11 +2,9 @@
 //! (protobuf decoded with the `opentelemetry-proto` types) while the FinHub emulator records
 //! the `traceparent` it receives.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use finhub_testkit::otlp::{BlackHole, Collector, ReceivedSpan, SpanKind};
 
 /// An app span: trace `4bf9…4736`, span `00f0…02b7`, sampled.

@@ -2,9 +2,7 @@
 //! X-Forwarded-For from trusted forwarders only, rate limits and FinHub 429 holds, the FinHub
 //! header rules as the emulator sees them, and the audit line for each case.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use finhub_testkit::emulator::Emulator;
 use serde_json::Value;
 

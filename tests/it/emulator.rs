@@ -2,14 +2,12 @@
 //! refresh, logout, the echo API and the failure knobs. Certificates come from `Pki` at test
 //! time; nothing sleeps for a fixed time (waits poll with a deadline).
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::{json, TENANT};
 use base64::Engine;
-use common::{json, TENANT};
 use finhub_testkit::emulator::{Emulator, EmulatorConfig, MtlsMode, ResponseShape};
 use finhub_testkit::pki::{CertPair, ClientCertOpts, Pki};
 use rustls::pki_types::pem::PemObject;

@@ -2,11 +2,9 @@
 //! refresh, fallback to login, outage and recovery, 401 replay, several tenants, no secret in
 //! the logs.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use finhub_testkit::emulator::{ClaimStyle, Emulator, EmulatorUser};
 use finhub_testkit::pki::CertPair;
 use serde_json::Value;

@@ -1,11 +1,9 @@
 //! Operations: readiness, graceful drain on SIGTERM and POST /shutdown, /status, and a real
 //! Prometheus scrape checked by promtool.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

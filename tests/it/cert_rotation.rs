@@ -1,12 +1,10 @@
 //! Certificate lifecycle: the client certificate rotates on disk while traffic flows; the
 //! sidecar picks up every valid new set without a restart and never publishes a broken one.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use finhub_testkit::pki::{CertPair, ClientCertOpts};
 use serde_json::Value;
 

@@ -2,11 +2,9 @@
 //! loopback port and killed at the end): two sidecars share one limit, and a Redis that dies or
 //! hangs is handled by `on_redis_error` within the timeout, with automatic recovery.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use finhub_testkit::emulator::Emulator;
 use serde_json::Value;
 

@@ -1,12 +1,10 @@
 //! Egress through a real HTTP CONNECT proxy (Debian's tinyproxy, started by each test) and the
 //! connect-address override, against the mTLS emulator.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use base64::Engine;
-use common::*;
 use finhub_testkit::emulator::{Emulator, EmulatorConfig};
 
 /// `Proxy-Authorization: Basic` as it goes on the wire for `user:password`: no log line may
