@@ -10,7 +10,6 @@ mod common;
 
 mod cert_rotation;
 mod egress;
-mod emulator;
 mod hsm;
 mod operations;
 mod policy;

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{json, TENANT};
 use base64::Engine;
 use finhub_testkit::emulator::{Emulator, EmulatorConfig, MtlsMode, ResponseShape};
 use finhub_testkit::pki::{CertPair, ClientCertOpts, Pki};
@@ -15,6 +14,21 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{json, Value};
 
 const DEADLINE: Duration = Duration::from_secs(15);
+/// The tenant of the emulator's default user.
+const TENANT: &str = "tenant-demo";
+
+/// Status and JSON body of a response; panics (showing the body) if it is not JSON.
+async fn json(resp: reqwest::Response) -> (u16, Value) {
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.unwrap();
+    let v = serde_json::from_slice(&body).unwrap_or_else(|_| {
+        panic!(
+            "status {status}: body is not JSON: {}",
+            String::from_utf8_lossy(&body)
+        )
+    });
+    (status, v)
+}
 
 /// A rustls client config trusting `pki`'s CA, presenting `cert` if given.
 fn tls_client(pki: &Pki, cert: Option<&CertPair>, alpn_h2: bool) -> rustls::ClientConfig {
