@@ -7,7 +7,8 @@
 //! Pingora's rustls connector wants DER and `unwrap`s while converting (a PEM or truncated
 //! key panics at connect time), so everything handed to it is parsed and verified here first.
 
-pub mod identity;
+/// Who a certificate names (the `cert-identity` crate, shared with the test kit).
+pub use ::cert_identity as identity;
 pub mod pkcs11;
 pub mod reload;
 pub mod rules;

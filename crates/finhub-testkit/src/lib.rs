@@ -3,8 +3,9 @@
 //! `demo` feature). Not part of the product: the release image is built without it.
 
 pub mod emulator;
-#[path = "../../../src/tls/identity.rs"]
-pub mod identity;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 pub mod pki;
+
+/// Who a certificate names, exactly as the sidecar reports it (the `cert-identity` crate).
+pub use cert_identity as identity;

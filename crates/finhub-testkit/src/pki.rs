@@ -1,5 +1,5 @@
 //! Certificates for the demo and the tests (rcgen, ring backend). [`cert_identity`] (re-exported
-//! from [`crate::identity`], the sidecar's own `tls::identity`) names what they generate.
+//! from the `cert-identity` crate, the sidecar's own `tls::identity`) names what they generate.
 //!
 //! Nothing here is meant for production key management: keys are generated in memory and
 //! handed out as PEM strings.

@@ -1,11 +1,11 @@
 //! Who a certificate names ([`cert_identity`]): subject, issuer, serial and expiry, for the
 //! sidecar's logs, `/status`, `check` and metrics.
 //!
-//! This file is also compiled into `crates/finhub-testkit` (`#[path]` include, as
-//! `finhub_testkit::identity`) so the emulator's echo and the generated certificates name a
-//! certificate exactly as the sidecar does, without the test kit depending on the sidecar (the
-//! sidecar's `demo` feature depends on the test kit). Keep it self-contained: no `crate::`
-//! paths, only `serde` and `x509_parser`.
+//! Its own crate so that both the sidecar (`finhub_sidecar::tls::identity`) and the test kit
+//! (`finhub_testkit::identity`) depend on it: the emulator's echo and the generated
+//! certificates name a certificate exactly as the sidecar does, without the test kit depending
+//! on the sidecar (the sidecar's `demo` feature depends on the test kit). Keep it small: only
+//! `serde` and `x509_parser`.
 
 use serde::{Deserialize, Serialize};
 
