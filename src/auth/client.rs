@@ -20,6 +20,8 @@ use super::grant::{Grant, GrantError};
 use super::FinHubSession;
 use crate::config::{Config, EnvRules, TenantConfig};
 use crate::egress::{EgressError, Tunnel};
+use crate::policy::compliance::ComplianceHeaders;
+use crate::policy::names;
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
 
@@ -87,9 +89,8 @@ pub struct AuthClient {
     account_type: String,
     grant_type: String,
     timeout: Duration,
-    origin_ip: String,
-    user_agent: http::HeaderValue,
-    platform: http::HeaderValue,
+    /// The compliance headers every FinHub call carries.
+    compliance: ComplianceHeaders,
     /// How each auth call reaches FinHub.
     route: Route,
     /// `upstream.connect_timeout`: each address attempt (and each tunnel) is bounded by it.
@@ -184,9 +185,7 @@ impl AuthClient {
             account_type: config.auth.account_type.clone(),
             grant_type: config.auth.grant_type.clone(),
             timeout: config.auth.request_timeout,
-            origin_ip: config.headers.origin_ip.to_string(),
-            user_agent: config.headers.user_agent.clone(),
-            platform: config.headers.sec_ch_ua_platform.clone(),
+            compliance: ComplianceHeaders::new(&config.headers),
             route,
             connect_timeout: u.connect_timeout,
             server_name,
@@ -342,16 +341,17 @@ impl AuthClient {
         Value::Object(m)
     }
 
-    /// A POST to FinHub with the compliance headers every auth call carries.
+    /// A POST to FinHub with the compliance headers every auth call carries (the API path's,
+    /// [`ComplianceHeaders`], with the origin IP as `X-Forwarded-For`) and the tenant's id.
     fn post(&self, path: &str, tenant: &TenantConfig) -> http::request::Builder {
-        http::Request::post(path)
+        let mut builder = http::Request::post(path)
             .header(http::header::HOST, self.authority.clone())
             .header(http::header::ACCEPT, "*/*")
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::USER_AGENT, self.user_agent.clone())
-            .header("sec-ch-ua-platform", self.platform.clone())
-            .header("X-Forwarded-For", self.origin_ip.as_str())
-            .header("X-Tenant-ID", tenant.id_header.clone())
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(h) = builder.headers_mut() {
+            let Ok(()) = self.compliance.apply(h, self.compliance.origin_ip());
+        }
+        builder.header(names::X_TENANT_ID, tenant.id_header.clone())
     }
 
     /// `builder` with `body` as its JSON body.
@@ -399,8 +399,8 @@ impl AuthClient {
         let builder = self
             .post(&self.refresh_path, tenant)
             .header(http::header::AUTHORIZATION, current.authorization.clone())
-            .header("X-Session-Active", "true")
-            .header("X-User-Session-Token", current.session_token.clone());
+            .header(names::X_SESSION_ACTIVE, "true")
+            .header(names::X_USER_SESSION_TOKEN, current.session_token.clone());
         let req = Self::finish(builder, &body)?;
         let sent = SystemTime::now();
         let resp = self.send(req, self.timeout).await?;

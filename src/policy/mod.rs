@@ -2,7 +2,9 @@
 //! FinHub gets. Pure functions over parsed values, each tested on its own; `proxy/` calls them.
 
 pub mod allow;
+pub mod compliance;
 pub mod headers;
+pub mod names;
 pub mod path;
 pub mod ratelimit;
 pub mod redis_limit;

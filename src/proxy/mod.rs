@@ -42,7 +42,9 @@ use crate::audit::AuditRecord;
 use crate::error::{self, ProxyError};
 use crate::lifecycle::InFlight;
 use crate::metrics::{Outcome, RequestSeries};
-use crate::policy::headers::{self, names};
+use crate::policy::compliance::ComplianceHeaders;
+use crate::policy::headers;
+use crate::policy::names;
 use crate::policy::ratelimit::{self, Check, Decision};
 use crate::state::AppState;
 use crate::telemetry::{self, RequestTrace};
@@ -58,6 +60,8 @@ pub struct FinHubProxy {
     no_tenant: RequestSeries,
     /// `upstream_connections_total{reused}`: `[new, reused]`.
     connections: [IntCounter; 2],
+    /// The compliance headers every request to FinHub carries.
+    compliance: ComplianceHeaders,
 }
 
 /// Headers the rewrite may add to the app's (session, ids, compliance, host, content type).
@@ -108,6 +112,7 @@ impl FinHubProxy {
                 .with_label_values(&[reused])
         });
         FinHubProxy {
+            compliance: ComplianceHeaders::new(&state.config.headers),
             state,
             no_tenant,
             connections,
@@ -202,7 +207,6 @@ impl FinHubProxy {
             // The app got its `100 Continue` from the sidecar; FinHub gets the body whole.
             req.remove_header(&http::header::EXPECT);
         }
-        let h = &self.state.config.headers;
         let set = |req: &mut RequestHeader| -> pingora::Result<()> {
             headers::apply_session(req, &a.session, &a.tenant.slot.tenant.id_header)?;
             req.insert_header(
@@ -217,13 +221,7 @@ impl FinHubProxy {
             if let Some(key) = &a.idempotency_key {
                 req.insert_header(names::X_IDEMPOTENCY_KEY, key.clone())?;
             }
-            let ua = headers::user_agent(req.headers.get(http::header::USER_AGENT), &h.user_agent);
-            req.insert_header(http::header::USER_AGENT, ua)?;
-            req.insert_header(names::SEC_CH_UA_PLATFORM, h.sec_ch_ua_platform.clone())?;
-            req.insert_header(names::X_FORWARDED_FOR, a.forwarded_for.clone())?;
-            if h.v21_headers {
-                headers::apply_request_source(req, &h.forwarded_from, &h.platform, &h.device_id)?;
-            }
+            self.compliance.apply(req, &a.forwarded_for)?;
             if headers::needs_default_content_type(req) {
                 req.insert_header(http::header::CONTENT_TYPE, "application/json")?;
             }
