@@ -152,15 +152,12 @@ impl FinHubProxy {
             Some(ck) => HttpPeer::new_mtls(addr, u.host.clone(), ck.clone()),
             None => HttpPeer::new(addr, true, u.host.clone()),
         };
-        peer.options.connection_timeout = Some(u.connect_timeout);
-        // The TLS handshake too: an address that accepts and never answers must not hang.
-        peer.options.total_connection_timeout = Some(u.connect_timeout.saturating_mul(2));
+        // Connect timeouts and the egress tunnel: how FinHub is dialled (`upstream.rs`).
+        self.state.upstream.dial_options(&mut peer.options);
         peer.options.read_timeout = Some(u.read_timeout);
         peer.options.write_timeout = Some(u.write_timeout);
         peer.options.idle_timeout = Some(u.idle_timeout);
         peer.options.ca = tls.ca.clone();
-        // Through the egress proxy: a CONNECT tunnel to FinHub, TLS inside it.
-        peer.options.custom_l4 = self.state.upstream.tunnel().cloned();
         // Second line behind admission's refusal: no upgrade handshake ever goes upstream.
         peer.options.http_upstream_request_policy = HttpUpstreamRequestPolicy::deny_upgrades();
         // A new certificate set means new connections: old pooled ones idle out (idle_timeout).
