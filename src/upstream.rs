@@ -22,11 +22,10 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use pingora::connectors::L4Connect;
 use pingora::upstreams::peer::PeerOptions;
-use prometheus::IntCounterVec;
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
-use crate::egress::{EgressError, Tunnel};
+use crate::egress::{EgressError, EgressMetrics, EgressPath, Tunnel};
 
 /// How long an address that failed to connect is tried only after the others.
 pub const BREAKER_BASE: Duration = Duration::from_secs(5);
@@ -210,24 +209,18 @@ impl UpstreamAddrs {
     }
 
     /// What `u` says to dial: the egress proxy (tunnels to FinHub, failures counted in
-    /// `egress_errors`), the fixed `connect_to` addresses, or FinHub's host.
-    pub fn for_config(u: &UpstreamConfig, egress_errors: IntCounterVec) -> Self {
+    /// `egress`), the fixed `connect_to` addresses, or FinHub's host.
+    pub fn for_config(u: &UpstreamConfig, egress: EgressMetrics) -> Self {
         if let Some(p) = &u.egress_proxy {
             let tunnel = Tunnel::new(
                 &u.host,
                 u.port,
                 p.auth.clone(),
                 u.connect_timeout,
-                egress_errors.clone(),
+                egress.clone(),
             );
-            let auth = Tunnel::new(
-                &u.host,
-                u.port,
-                p.auth.clone(),
-                u.connect_timeout,
-                egress_errors,
-            )
-            .for_path("auth");
+            let auth = Tunnel::new(&u.host, u.port, p.auth.clone(), u.connect_timeout, egress)
+                .for_path(EgressPath::Auth);
             let mut a = UpstreamAddrs::new(&p.host, p.port);
             a.connect_timeout = u.connect_timeout;
             a.tunnel = Some(Arc::new(tunnel));

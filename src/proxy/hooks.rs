@@ -33,9 +33,9 @@ use pingora::Error;
 use prometheus::IntCounter;
 
 use crate::error::{self, ProxyError};
-use crate::metrics::RequestSeries;
 use crate::policy::compliance::ComplianceHeaders;
 use crate::proxy::ctx::RequestCtx;
+use crate::proxy::metrics::{Connection, RequestSeries};
 use crate::state::AppState;
 
 /// The data path: the application state and a few series resolved once.
@@ -52,13 +52,9 @@ pub struct FinHubProxy {
 impl FinHubProxy {
     /// The proxy over the application state.
     pub fn new(state: Arc<AppState>) -> Self {
-        let no_tenant = state.metrics.request_series("-");
-        let connections = ["false", "true"].map(|reused| {
-            state
-                .metrics
-                .upstream_connections
-                .with_label_values(&[reused])
-        });
+        let no_tenant = state.metrics.proxy.request_series("-");
+        let connections =
+            [Connection::Opened, Connection::Reused].map(|c| state.metrics.proxy.connections(c));
         FinHubProxy {
             compliance: ComplianceHeaders::new(&state.config.headers),
             state,

@@ -11,6 +11,7 @@ mod ctx;
 mod failure;
 mod hooks;
 mod inbound;
+pub mod metrics;
 mod outbound;
 mod record;
 pub mod retry;

@@ -82,8 +82,8 @@ impl FinHubProxy {
         if let Some(t) = ctx.upstream_start.take() {
             self.state
                 .metrics
-                .upstream_duration
-                .observe(t.elapsed().as_secs_f64());
+                .proxy
+                .observe_upstream(t.elapsed().as_secs_f64());
         }
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);

@@ -7,9 +7,10 @@ use pingora::Error;
 
 use crate::audit::{Audit, AuditRecord, Timestamp};
 use crate::error::ProxyError;
-use crate::metrics::{Outcome, RequestSeries};
+use crate::metrics::Outcome;
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::hooks::FinHubProxy;
+use crate::proxy::metrics::{GiveUp, RequestSeries, RetryOutcome};
 use crate::telemetry::{SpanIdHex, TraceIdHex};
 
 impl FinHubProxy {
@@ -74,34 +75,30 @@ impl FinHubProxy {
             return;
         }
         let finhub_gateway = match ctx.upstream_status {
-            Some(502) => Some("finhub_502"),
-            Some(503) => Some("finhub_503"),
-            Some(504) => Some("finhub_504"),
+            Some(status @ 502..=504) => Some(GiveUp::FinHubGateway(status)),
             _ => None,
         };
         let upstream_failure = ctx
             .failure
             .as_ref()
             .filter(|f| f.status() >= 500)
-            .map(ProxyError::code);
+            .map(|f| GiveUp::Failed(f.code()));
         let gave_up = upstream_failure.or(if ctx.failure.is_none() {
             finhub_gateway
         } else {
             None
         });
-        let m = &self.state.metrics;
+        let m = &self.state.metrics.proxy;
         let outcome = if gave_up.is_some() {
-            "gave_up"
+            RetryOutcome::GaveUp
         } else {
-            "answered"
+            RetryOutcome::Answered
         };
         for (reason, n) in r.made() {
-            m.upstream_retries
-                .with_label_values(&[reason.label(), outcome])
-                .inc_by(u64::from(n));
+            m.count_retries(reason, outcome, n);
         }
         if let Some(code) = gave_up {
-            m.upstream_give_ups.with_label_values(&[code]).inc();
+            m.count_give_up(code);
         }
     }
 
