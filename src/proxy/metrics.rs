@@ -65,18 +65,32 @@ impl RetryOutcome {
 pub enum GiveUp {
     /// The sidecar's own upstream failure, by its stable code (`ProxyError::code`).
     Failed(&'static str),
-    /// FinHub's own gateway answer (502, 503 or 504), passed on.
-    FinHubGateway(u16),
+    /// FinHub's own gateway 502, passed on.
+    FinHub502,
+    /// FinHub's own gateway 503, passed on.
+    FinHub503,
+    /// FinHub's own gateway 504, passed on.
+    FinHub504,
 }
 
 impl GiveUp {
-    /// The label value (`finhub_502`/`finhub_503`/`finhub_504` for FinHub's gateway).
+    /// FinHub's gateway answer `status` as a give-up, if it is one (502, 503, 504).
+    pub fn finhub_gateway(status: u16) -> Option<GiveUp> {
+        match status {
+            502 => Some(GiveUp::FinHub502),
+            503 => Some(GiveUp::FinHub503),
+            504 => Some(GiveUp::FinHub504),
+            _ => None,
+        }
+    }
+
+    /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
             GiveUp::Failed(code) => code,
-            GiveUp::FinHubGateway(502) => "finhub_502",
-            GiveUp::FinHubGateway(503) => "finhub_503",
-            GiveUp::FinHubGateway(_) => "finhub_504",
+            GiveUp::FinHub502 => "finhub_502",
+            GiveUp::FinHub503 => "finhub_503",
+            GiveUp::FinHub504 => "finhub_504",
         }
     }
 }
@@ -347,7 +361,11 @@ mod tests {
         assert_eq!(Connection::Opened.as_str(), "false");
         assert_eq!(Connection::Reused.as_str(), "true");
         assert_eq!(RetryOutcome::GaveUp.as_str(), "gave_up");
-        assert_eq!(GiveUp::FinHubGateway(503).as_str(), "finhub_503");
+        assert_eq!(
+            GiveUp::finhub_gateway(503).map(GiveUp::as_str),
+            Some("finhub_503")
+        );
+        assert_eq!(GiveUp::finhub_gateway(500), None);
         assert_eq!(
             GiveUp::Failed("upstream_timeout").as_str(),
             "upstream_timeout"

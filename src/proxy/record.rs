@@ -74,10 +74,7 @@ impl FinHubProxy {
         if !r.retried() && r.refused().is_none() {
             return;
         }
-        let finhub_gateway = match ctx.upstream_status {
-            Some(status @ 502..=504) => Some(GiveUp::FinHubGateway(status)),
-            _ => None,
-        };
+        let finhub_gateway = ctx.upstream_status.and_then(GiveUp::finhub_gateway);
         let upstream_failure = ctx
             .failure
             .as_ref()
