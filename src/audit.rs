@@ -15,7 +15,6 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::config::AuditOutput;
-use crate::proxy::RequestCtx;
 use crate::telemetry::{SpanIdHex, TraceIdHex};
 
 /// One request's audit record.
@@ -78,61 +77,6 @@ pub struct Timestamp(pub std::time::SystemTime);
 impl Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.collect_str(&humantime::format_rfc3339_millis(self.0))
-    }
-}
-
-impl<'a> AuditRecord<'a> {
-    /// The record of a finished request: what the app asked (`session`), what admission
-    /// learnt and decided (`ctx`), the status sent and the decision label.
-    pub fn of(
-        session: &'a pingora::proxy::Session,
-        ctx: &'a RequestCtx,
-        audit: &Audit,
-        status: u16,
-        decision: &'static str,
-    ) -> AuditRecord<'a> {
-        let req = session.req_header();
-        let a = ctx.admitted.as_ref();
-        let ids = ctx.trace.as_ref().map(|t| t.ids());
-        let path_and_query = a
-            .map_or(ctx.refused_uri.as_ref(), |a| a.upstream_uri.as_ref())
-            .and_then(|u| u.path_and_query())
-            .or(req.uri.path_and_query())
-            .map_or("/", |p| p.as_str());
-        AuditRecord {
-            kind: "audit",
-            ts: Timestamp(std::time::SystemTime::now()),
-            request_id: a.and_then(|a| a.request_id.to_str().ok()),
-            activity_id: a.and_then(|a| a.activity_id.to_str().ok()),
-            tenant: ctx.tenant.as_ref().map(|t| t.id()),
-            client_ip: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
-            forwarded_for: a
-                .map_or(ctx.refused_forwarded_for.as_ref(), |a| {
-                    Some(&a.forwarded_for)
-                })
-                .and_then(|v| v.to_str().ok()),
-            user_agent: req
-                .headers
-                .get(http::header::USER_AGENT)
-                .and_then(|v| v.to_str().ok()),
-            method: req.method.as_str(),
-            path: audit.path(path_and_query),
-            status,
-            decision,
-            reason: ctx.failure.as_ref().map(crate::error::ProxyError::code),
-            upstream_status: ctx.upstream_status,
-            duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
-            bytes_in: session.body_bytes_read(),
-            bytes_out: session.body_bytes_sent(),
-            replayed: a.is_some_and(|a| a.retry.replayed()),
-            attempts: a.map_or(0, |a| a.retry.attempts()),
-            retry_reason: a.and_then(|a| a.retry.last_reason()).map(|r| r.label()),
-            trace_id: ids.map(|i| TraceIdHex(i.trace_id)),
-            span_id: ids.map(|i| SpanIdHex(i.span_id)),
-        }
     }
 }
 

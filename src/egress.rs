@@ -9,7 +9,7 @@
 //!
 //! A refusal is typed ([`EgressError`]) and travels as the cause of the Pingora error, so
 //! `error.rs` classifies it by walking the cause chain; each failure is counted in
-//! `finhub_sidecar_egress_proxy_errors_total{reason}`.
+//! `finhub_sidecar_egress_proxy_errors_total{path, reason}` ([`EgressMetrics`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use pingora::connectors::L4Connect;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::protocols::l4::stream::Stream;
 use pingora::{Error, ErrorType};
-use prometheus::IntCounterVec;
+use prometheus::{IntCounterVec, Opts, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -67,6 +67,81 @@ impl EgressError {
     pub const REASONS: [&'static str; 4] = ["unreachable", "refused", "malformed", "timeout"];
 }
 
+/// The `path` label of `finhub_sidecar_egress_proxy_errors_total`: whose tunnel failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EgressPath {
+    /// Pingora's pool (the API path).
+    Api,
+    /// Login, refresh and logout.
+    Auth,
+}
+
+impl EgressPath {
+    /// Every path, to create the series at 0.
+    pub const ALL: [EgressPath; 2] = [EgressPath::Api, EgressPath::Auth];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressPath::Api => "api",
+            EgressPath::Auth => "auth",
+        }
+    }
+}
+
+/// The egress proxy's metrics; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct EgressMetrics {
+    /// `finhub_sidecar_egress_proxy_errors_total{path="api|auth", reason="unreachable|refused|malformed|timeout"}`:
+    /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened, for the API
+    /// pool or for login/refresh/logout.
+    errors: IntCounterVec,
+}
+
+impl EgressMetrics {
+    /// The egress metrics, registered in `registry` (a fresh one: each name once), every
+    /// series created at 0.
+    pub fn register(registry: &Registry) -> Self {
+        let m = EgressMetrics::unregistered();
+        registry
+            .register(Box::new(m.errors.clone()))
+            .expect("each metric is registered once in a fresh registry");
+        m
+    }
+
+    /// The metrics without a registry (counted, never exported: tests and tools).
+    pub fn unregistered() -> Self {
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_egress_proxy_errors_total",
+                "CONNECT tunnels through the egress proxy that could not be opened, by path and reason",
+            ),
+            &["path", "reason"],
+        )
+        .expect("static metric definition is valid");
+        for path in EgressPath::ALL {
+            for reason in EgressError::REASONS {
+                errors.with_label_values(&[path.as_str(), reason]);
+            }
+        }
+        EgressMetrics { errors }
+    }
+
+    /// Counts a tunnel on `path` that could not be opened because of `e`.
+    pub fn count(&self, path: EgressPath, e: &EgressError) {
+        self.errors
+            .with_label_values(&[path.as_str(), e.reason()])
+            .inc();
+    }
+
+    /// How many tunnels on `path` failed with `reason` so far.
+    pub fn errors(&self, path: EgressPath, reason: &str) -> u64 {
+        self.errors
+            .with_label_values(&[path.as_str(), reason])
+            .get()
+    }
+}
+
 /// Opens CONNECT tunnels to one target through the proxy at the address Pingora dials.
 #[derive(Debug)]
 pub struct Tunnel {
@@ -76,21 +151,20 @@ pub struct Tunnel {
     /// Bound on TCP connect plus the CONNECT exchange (Pingora does not bound custom
     /// connectors itself).
     timeout: Duration,
-    errors: IntCounterVec,
-    /// The `path` label of the failures counted: `api` (Pingora's pool) or `auth` (login,
-    /// refresh, logout).
-    path: &'static str,
+    metrics: EgressMetrics,
+    /// Whose tunnel this is, for the failures counted: the API pool's or the auth client's.
+    path: EgressPath,
 }
 
 impl Tunnel {
-    /// Tunnels to `host:port` with `auth`, each within `timeout`, counting failures in `errors`
-    /// under `path="api"` (see [`Tunnel::for_path`]).
+    /// Tunnels to `host:port` with `auth`, each within `timeout`, counting failures in
+    /// `metrics` under `path="api"` (see [`Tunnel::for_path`]).
     pub fn new(
         host: &str,
         port: u16,
         auth: Option<ProxyAuth>,
         timeout: Duration,
-        errors: IntCounterVec,
+        metrics: EgressMetrics,
     ) -> Tunnel {
         let target = if host.contains(':') {
             format!("[{host}]:{port}")
@@ -101,13 +175,13 @@ impl Tunnel {
             target,
             auth,
             timeout,
-            errors,
-            path: "api",
+            metrics,
+            path: EgressPath::Api,
         }
     }
 
-    /// The same tunnel, its failures counted under `path` (`"api"` or `"auth"`).
-    pub fn for_path(mut self, path: &'static str) -> Tunnel {
+    /// The same tunnel, its failures counted under `path`.
+    pub fn for_path(mut self, path: EgressPath) -> Tunnel {
         self.path = path;
         self
     }
@@ -119,16 +193,14 @@ impl Tunnel {
         let r = self.open_uncounted(proxy).await;
         if let Err(e) = &r {
             self.count(e);
-            tracing::debug!(path = self.path, reason = e.reason(), error = %e, %proxy, "egress proxy tunnel failed");
+            tracing::debug!(path = self.path.as_str(), reason = e.reason(), error = %e, %proxy, "egress proxy tunnel failed");
         }
         r
     }
 
     /// Counts `e` (a tunnel that could not be opened) under this tunnel's path.
     pub fn count(&self, e: &EgressError) {
-        self.errors
-            .with_label_values(&[self.path, e.reason()])
-            .inc();
+        self.metrics.count(self.path, e);
     }
 
     async fn open_uncounted(&self, proxy: SocketAddr) -> Result<TcpStream, EgressError> {
@@ -302,7 +374,7 @@ mod tests {
             443,
             None,
             Duration::from_secs(1),
-            IntCounterVec::new(prometheus::Opts::new("x", "x"), &["path", "reason"]).unwrap(),
+            EgressMetrics::unregistered(),
         );
         assert_eq!(t.target, "[::1]:443");
     }
@@ -323,9 +395,14 @@ mod tests {
     }
 
     fn tunnel() -> Tunnel {
-        let errors =
-            IntCounterVec::new(prometheus::Opts::new("e", "e"), &["path", "reason"]).unwrap();
-        Tunnel::new("finhub.test", 443, None, Duration::from_millis(500), errors)
+        let metrics = EgressMetrics::unregistered();
+        Tunnel::new(
+            "finhub.test",
+            443,
+            None,
+            Duration::from_millis(500),
+            metrics,
+        )
     }
 
     #[tokio::test]
@@ -397,10 +474,10 @@ mod tests {
             EgressError::Unreachable(std::io::ErrorKind::ConnectionReset)
         );
         // Every failure above is counted under the tunnel's path.
-        assert_eq!(t.errors.with_label_values(&["api", "malformed"]).get(), 2);
-        let auth = tunnel().for_path("auth");
+        assert_eq!(t.metrics.errors(EgressPath::Api, "malformed"), 2);
+        let auth = tunnel().for_path(EgressPath::Auth);
         let denied = fake_proxy(b"HTTP/1.1 407 No\r\n\r\n").await;
         assert!(auth.open(denied).await.is_err());
-        assert_eq!(auth.errors.with_label_values(&["auth", "refused"]).get(), 1);
+        assert_eq!(auth.metrics.errors(EgressPath::Auth, "refused"), 1);
     }
 }

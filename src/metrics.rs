@@ -3,13 +3,15 @@
 //!
 //! The README's metrics table lists the same names; keep them in step.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use prometheus::{
-    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::egress::EgressMetrics;
+use crate::proxy::metrics::ProxyMetrics;
 use crate::redis_pool::PoolViews;
 
 /// The `decision` label of `finhub_sidecar_requests_total` and the audit line: `allow`, or why
@@ -86,51 +88,6 @@ impl Outcome {
     }
 }
 
-/// Every `status_class` label value, in [`Metrics::status_class`] order of index.
-const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
-
-/// One tenant's per-request series (or the `-` pseudo-tenant's), resolved once: the request path
-/// does no label lookup. A `requests_total` series is created on first use, as before.
-pub struct RequestSeries {
-    tenant: String,
-    requests: IntCounterVec,
-    /// `[outcome][status class index]`.
-    cells: [[OnceLock<IntCounter>; 6]; Outcome::ALL.len()],
-    /// `request_duration_seconds{tenant}`.
-    pub duration: Histogram,
-    /// `rate_limited_total{tenant}`.
-    pub rate_limited: IntCounter,
-    /// `upstream_401_replays_total{tenant}`.
-    pub replays: IntCounter,
-    /// `upstream_retry_budget_exhausted_total{tenant}`.
-    pub budget_exhausted: IntCounter,
-}
-
-impl RequestSeries {
-    /// Counts one request in `requests_total{tenant, decision, status_class}` for a response
-    /// `status` (0: none).
-    pub fn count_request(&self, outcome: Outcome, status: u16) {
-        let class = match status {
-            100..=599 => usize::from(status / 100),
-            _ => 0,
-        };
-        self.cells[outcome as usize][class]
-            .get_or_init(|| {
-                self.requests.with_label_values(&[
-                    self.tenant.as_str(),
-                    outcome.label(),
-                    STATUS_CLASSES[class],
-                ])
-            })
-            .inc();
-    }
-}
-
-/// Latency buckets (seconds) for request and upstream durations.
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-];
-
 /// Buckets (seconds) for Redis round trips: sub-millisecond on a healthy network.
 const REDIS_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
@@ -140,6 +97,10 @@ const REDIS_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// The data path's metrics (requests, retries, connections; `proxy/metrics.rs`).
+    pub proxy: ProxyMetrics,
+    /// The egress proxy's metrics (`egress.rs`).
+    pub egress: EgressMetrics,
     /// `finhub_sidecar_client_cert_expiration_timestamp_seconds`: `notAfter` of the published
     /// client certificate (0 when none).
     pub cert_expiration: IntGauge,
@@ -158,40 +119,10 @@ pub struct Metrics {
     /// `finhub_sidecar_finhub_clock_offset_seconds`: estimated offset of FinHub's clock from
     /// ours (positive: FinHub ahead), from its `Date` headers; 0 until the first answer.
     pub finhub_clock_offset: Gauge,
-    /// `finhub_sidecar_upstream_401_replays_total{tenant}`: requests replayed once with a
-    /// renewed session after FinHub answered 401.
-    pub upstream_401_replays: IntCounterVec,
-    /// `finhub_sidecar_upstream_retries_total{reason,outcome}`: attempts sent again, by why
-    /// (`connect`, `reset`, `status_502`/`503`/`504`, `timeout`, `unauthorized`) and how the
-    /// request ended (`answered`: FinHub's answer reached the app; `gave_up`: it did not).
-    pub upstream_retries: IntCounterVec,
-    /// `finhub_sidecar_upstream_retry_budget_exhausted_total{tenant}`: retries not made because
-    /// the tenant's retry budget was spent.
-    pub upstream_retry_budget_exhausted: IntCounterVec,
-    /// `finhub_sidecar_upstream_give_ups_total{code}`: requests that ended in an upstream
-    /// failure although a retry was wanted or made, by the code the app got (FinHub's own
-    /// gateway answers as `finhub_502`/`finhub_503`/`finhub_504`).
-    pub upstream_give_ups: IntCounterVec,
-    /// `finhub_sidecar_requests_total{tenant,decision,status_class}`: every request the proxy
-    /// handled; `decision` is `allow` or why the sidecar answered itself, `tenant` is `-` when
-    /// the request never got that far.
-    pub requests: IntCounterVec,
-    /// `finhub_sidecar_request_duration_seconds{tenant}`: time from request to the end of the
-    /// response, as the app sees it.
-    pub request_duration: HistogramVec,
-    /// `finhub_sidecar_upstream_duration_seconds`: time from choosing FinHub to its response
-    /// header (one observation per attempt).
-    pub upstream_duration: Histogram,
     /// `finhub_sidecar_requests_in_flight`: requests being handled now.
     pub requests_in_flight: IntGauge,
-    /// `finhub_sidecar_upstream_connections_total{reused}`: upstream connections used, new
-    /// (`false`) or reused from the keep-alive pool (`true`).
-    pub upstream_connections: IntCounterVec,
     /// `finhub_sidecar_build_info{version}`: always 1.
     pub build_info: IntGaugeVec,
-    /// `finhub_sidecar_rate_limited_total{tenant}`: requests refused with 429 by the rate limit
-    /// (local or Redis bucket) or by a hold after FinHub's own 429.
-    pub rate_limited: IntCounterVec,
     /// `finhub_sidecar_audit_lines_dropped`: audit lines dropped since start because the audit
     /// output could not keep up (the proxy never waits on it).
     pub audit_dropped: IntGauge,
@@ -246,10 +177,6 @@ pub struct Metrics {
     /// `finhub_sidecar_session_decrypt_errors_total{key_id}`: shared records this replica could
     /// not decrypt, by the key id the record names.
     pub session_decrypt_errors: IntCounterVec,
-    /// `finhub_sidecar_egress_proxy_errors_total{path="api|auth", reason="unreachable|refused|malformed|timeout"}`:
-    /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened, for the API
-    /// pool or for login/refresh/logout.
-    pub egress_proxy_errors: IntCounterVec,
     /// `finhub_sidecar_pkcs11_errors_total{kind="timeout|busy|skipped|login|not_found|error"}`: calls
     /// into the PKCS#11 token holding the client key that failed (signatures, probes, loads).
     pub pkcs11_errors: IntCounterVec,
@@ -303,74 +230,9 @@ impl Metrics {
             "Estimated offset of FinHub's clock from the sidecar's (positive: FinHub ahead), from its Date headers",
         )
         .expect("static metric definition is valid");
-        let upstream_401_replays = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_upstream_401_replays_total",
-                "Requests replayed once with a renewed session after FinHub answered 401",
-            ),
-            &["tenant"],
-        )
-        .expect("static metric definition is valid");
-        let upstream_retries = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_upstream_retries_total",
-                "Attempts sent to FinHub again, by reason and by how the request ended",
-            ),
-            &["reason", "outcome"],
-        )
-        .expect("static metric definition is valid");
-        let upstream_retry_budget_exhausted = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_upstream_retry_budget_exhausted_total",
-                "Retries not made because the tenant's retry budget was spent",
-            ),
-            &["tenant"],
-        )
-        .expect("static metric definition is valid");
-        let upstream_give_ups = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_upstream_give_ups_total",
-                "Requests that ended in an upstream failure although a retry was wanted or made, by the code the app got",
-            ),
-            &["code"],
-        )
-        .expect("static metric definition is valid");
-        let requests = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_requests_total",
-                "Requests handled by the proxy, by tenant, decision and status class",
-            ),
-            &["tenant", "decision", "status_class"],
-        )
-        .expect("static metric definition is valid");
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
-                "finhub_sidecar_request_duration_seconds",
-                "Time from request to the end of the response",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["tenant"],
-        )
-        .expect("static metric definition is valid");
-        let upstream_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "finhub_sidecar_upstream_duration_seconds",
-                "Time from choosing FinHub to its response header, per attempt",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .expect("static metric definition is valid");
         let requests_in_flight = IntGauge::new(
             "finhub_sidecar_requests_in_flight",
             "Requests being handled now",
-        )
-        .expect("static metric definition is valid");
-        let upstream_connections = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_upstream_connections_total",
-                "Upstream connections used, new (reused=false) or from the pool (reused=true)",
-            ),
-            &["reused"],
         )
         .expect("static metric definition is valid");
         let build_info = IntGaugeVec::new(
@@ -381,14 +243,6 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let rate_limited = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_rate_limited_total",
-                "Requests refused with 429 by the rate limit (local or Redis bucket) or a FinHub 429 hold",
-            ),
-            &["tenant"],
-        )
-        .expect("static metric definition is valid");
         let audit_dropped = IntGauge::new(
             "finhub_sidecar_audit_lines_dropped",
             "Audit lines dropped since start because the audit output could not keep up",
@@ -471,22 +325,6 @@ impl Metrics {
         let app_connections =
             IntGauge::new("finhub_sidecar_app_connections", "App connections open now")
                 .expect("static metric definition is valid");
-        for reused in ["true", "false"] {
-            upstream_connections.with_label_values(&[reused]);
-        }
-        let egress_proxy_errors = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_egress_proxy_errors_total",
-                "CONNECT tunnels through the egress proxy that could not be opened, by path and reason",
-            ),
-            &["path", "reason"],
-        )
-        .expect("static metric definition is valid");
-        for path in ["api", "auth"] {
-            for reason in crate::egress::EgressError::REASONS {
-                egress_proxy_errors.with_label_values(&[path, reason]);
-            }
-        }
         let pkcs11_errors = IntCounterVec::new(
             Opts::new(
                 "finhub_sidecar_pkcs11_errors_total",
@@ -562,15 +400,10 @@ impl Metrics {
         )
         .expect("static metric definition is valid");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(trace_spans_dropped.clone()),
+            Box::new(trace_spans_dropped.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(trace_spans_exported.clone()),
-            Box::new(request_duration.clone()),
-            Box::new(upstream_duration.clone()),
             Box::new(requests_in_flight.clone()),
-            Box::new(upstream_connections.clone()),
             Box::new(build_info.clone()),
-            Box::new(rate_limited.clone()),
             Box::new(audit_dropped.clone()),
             Box::new(rate_limit_decisions.clone()),
             Box::new(redis_errors.clone()),
@@ -588,10 +421,6 @@ impl Metrics {
             Box::new(session_expiration.clone()),
             Box::new(auth_requests.clone()),
             Box::new(finhub_clock_offset.clone()),
-            Box::new(upstream_401_replays.clone()),
-            Box::new(upstream_retries.clone()),
-            Box::new(upstream_retry_budget_exhausted.clone()),
-            Box::new(upstream_give_ups.clone()),
             Box::new(session_store_up.clone()),
             Box::new(session_store_errors.clone()),
             Box::new(session_store_connections.clone()),
@@ -599,7 +428,6 @@ impl Metrics {
             Box::new(session_source.clone()),
             Box::new(session_adopted.clone()),
             Box::new(session_decrypt_errors.clone()),
-            Box::new(egress_proxy_errors.clone()),
             Box::new(pkcs11_errors.clone()),
         ] {
             registry
@@ -611,6 +439,8 @@ impl Metrics {
             cert_reloads.with_label_values(&[result]);
         }
         Metrics {
+            proxy: ProxyMetrics::register(&registry),
+            egress: EgressMetrics::register(&registry),
             registry,
             cert_expiration,
             cert_reloads,
@@ -618,17 +448,8 @@ impl Metrics {
             session_expiration,
             auth_requests,
             finhub_clock_offset,
-            upstream_401_replays,
-            upstream_retries,
-            upstream_retry_budget_exhausted,
-            upstream_give_ups,
-            requests,
-            request_duration,
-            upstream_duration,
             requests_in_flight,
-            upstream_connections,
             build_info,
-            rate_limited,
             audit_dropped,
             rate_limit_decisions,
             redis_errors,
@@ -648,7 +469,6 @@ impl Metrics {
             listener_refusals,
             listener_evictions,
             app_connections,
-            egress_proxy_errors,
             pkcs11_errors,
             trace_spans_dropped,
             trace_spans_exported,
@@ -667,37 +487,7 @@ impl Metrics {
             self.auth_requests
                 .with_label_values(&[tenant, "logout", result]);
         }
-        self.upstream_401_replays.with_label_values(&[tenant]);
-        self.upstream_retry_budget_exhausted
-            .with_label_values(&[tenant]);
-        self.rate_limited.with_label_values(&[tenant]);
-    }
-
-    /// The per-request series of `tenant` (`-` for requests refused before a tenant was chosen).
-    pub fn request_series(&self, tenant: &str) -> RequestSeries {
-        RequestSeries {
-            tenant: tenant.to_string(),
-            requests: self.requests.clone(),
-            cells: Default::default(),
-            duration: self.request_duration.with_label_values(&[tenant]),
-            rate_limited: self.rate_limited.with_label_values(&[tenant]),
-            replays: self.upstream_401_replays.with_label_values(&[tenant]),
-            budget_exhausted: self
-                .upstream_retry_budget_exhausted
-                .with_label_values(&[tenant]),
-        }
-    }
-
-    /// `2xx`..`5xx` for a status code; `none` when no response was sent.
-    pub fn status_class(status: u16) -> &'static str {
-        match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            500..=599 => "5xx",
-            _ => "none",
-        }
+        self.proxy.init_tenant(tenant);
     }
 
     /// The text exposition of every metric.
@@ -718,35 +508,6 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn request_series_count_into_the_labelled_series() {
-        let m = Metrics::new();
-        let s = m.request_series("t1");
-        s.count_request(Outcome::Allow, 204);
-        s.count_request(Outcome::Allow, 200);
-        s.count_request(Outcome::RateLimited, 429);
-        s.count_request(Outcome::InternalError, 0);
-        s.duration.observe(0.01);
-        let text = String::from_utf8(m.render()).unwrap();
-        for line in [
-            r#"finhub_sidecar_requests_total{decision="allow",status_class="2xx",tenant="t1"} 2"#,
-            r#"finhub_sidecar_requests_total{decision="rate_limited",status_class="4xx",tenant="t1"} 1"#,
-            r#"finhub_sidecar_requests_total{decision="internal_error",status_class="none",tenant="t1"} 1"#,
-            r#"finhub_sidecar_request_duration_seconds_count{tenant="t1"} 1"#,
-        ] {
-            assert!(text.contains(line), "{line} missing:\n{text}");
-        }
-        for status in [0, 99, 100, 199, 200, 599, 600, 1000] {
-            assert_eq!(
-                STATUS_CLASSES[match status {
-                    100..=599 => usize::from(status / 100),
-                    _ => 0,
-                }],
-                Metrics::status_class(status)
-            );
-        }
-    }
 
     #[test]
     fn renders_every_metric_name() {

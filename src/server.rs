@@ -113,7 +113,7 @@ impl Sidecar {
         let sessions = Arc::new(SessionTable::new(&config));
         let upstream = Arc::new(UpstreamAddrs::for_config(
             &config.upstream,
-            metrics.egress_proxy_errors.clone(),
+            metrics.egress.clone(),
         ));
         sessions
             .clock()

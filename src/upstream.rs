@@ -6,7 +6,14 @@
 //! What is dialled depends on `[upstream]`: FinHub's host (resolved), the fixed
 //! `upstream.connect_to` addresses (no DNS), or the egress proxy's host (resolved), in which
 //! case every connection is a CONNECT tunnel to FinHub's host and port ([`crate::egress`]).
+//!
+//! This is the one dialler to FinHub: the API path hands Pingora [`UpstreamAddrs::pick`] and
+//! [`UpstreamAddrs::dial_options`]; the auth client dials with [`UpstreamAddrs::dial`] (TCP or
+//! tunnel, then its TLS handshake, each address bounded by `upstream.connect_timeout`), over
+//! the same addresses in the same order ([`UpstreamAddrs::order`]).
 
+use std::fmt::Display;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,10 +21,11 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use pingora::connectors::L4Connect;
-use prometheus::IntCounterVec;
+use pingora::upstreams::peer::PeerOptions;
+use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
-use crate::egress::{EgressError, Tunnel};
+use crate::egress::{EgressError, EgressMetrics, EgressPath, Tunnel};
 
 /// How long an address that failed to connect is tried only after the others.
 pub const BREAKER_BASE: Duration = Duration::from_secs(5);
@@ -27,6 +35,32 @@ pub const BREAKER_MAX: Duration = Duration::from_secs(300);
 
 /// A failure this long after an address's breaker closed again starts the count over.
 pub const BREAKER_RESET: Duration = Duration::from_secs(60);
+
+/// The bound on one connection attempt (and on its TLS handshake) when `[upstream]` does not
+/// say: `upstream.connect_timeout`'s default.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why [`UpstreamAddrs::dial`] found no connection to FinHub. Carries no credential.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    /// FinHub's host did not resolve.
+    #[error("resolving {host}: {error}")]
+    Unresolved {
+        /// The host looked up.
+        host: String,
+        /// Why it did not resolve.
+        error: std::io::Error,
+    },
+    /// No address accepted a connection and finished the handshake: one line per address.
+    #[error("could not connect to FinHub ({})", .0.join("; "))]
+    Unreachable(Vec<String>),
+    /// The last address tried accepted the connection and failed the TLS handshake.
+    #[error("TLS with FinHub: {0}")]
+    Handshake(String),
+    /// No tunnel through `upstream.egress_proxy` (counted under `path="auth"`).
+    #[error("{0}")]
+    Egress(EgressError),
+}
 
 /// The known addresses, each with its circuit breaker, and the preferred one.
 struct Table {
@@ -143,6 +177,8 @@ pub struct UpstreamAddrs {
     table: ArcSwap<Table>,
     /// The zero of the breakers' clock.
     epoch: Instant,
+    /// `upstream.connect_timeout`: bounds each TCP connect (or tunnel) and each TLS handshake.
+    connect_timeout: Duration,
     /// The addresses are fixed (`upstream.connect_to`): never resolved.
     fixed: bool,
     tunnel: Option<Arc<dyn L4Connect + Send + Sync>>,
@@ -164,6 +200,7 @@ impl UpstreamAddrs {
             port,
             table: ArcSwap::from_pointee(Table::new(initial, None)),
             epoch: Instant::now(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             fixed: false,
             tunnel: None,
             auth_tunnel: None,
@@ -172,25 +209,20 @@ impl UpstreamAddrs {
     }
 
     /// What `u` says to dial: the egress proxy (tunnels to FinHub, failures counted in
-    /// `egress_errors`), the fixed `connect_to` addresses, or FinHub's host.
-    pub fn for_config(u: &UpstreamConfig, egress_errors: IntCounterVec) -> Self {
+    /// `egress`), the fixed `connect_to` addresses, or FinHub's host.
+    pub fn for_config(u: &UpstreamConfig, egress: EgressMetrics) -> Self {
         if let Some(p) = &u.egress_proxy {
             let tunnel = Tunnel::new(
                 &u.host,
                 u.port,
                 p.auth.clone(),
                 u.connect_timeout,
-                egress_errors.clone(),
+                egress.clone(),
             );
-            let auth = Tunnel::new(
-                &u.host,
-                u.port,
-                p.auth.clone(),
-                u.connect_timeout,
-                egress_errors,
-            )
-            .for_path("auth");
+            let auth = Tunnel::new(&u.host, u.port, p.auth.clone(), u.connect_timeout, egress)
+                .for_path(EgressPath::Auth);
             let mut a = UpstreamAddrs::new(&p.host, p.port);
+            a.connect_timeout = u.connect_timeout;
             a.tunnel = Some(Arc::new(tunnel));
             a.auth_tunnel = Some(Arc::new(auth));
             return a;
@@ -198,25 +230,116 @@ impl UpstreamAddrs {
         if !u.connect_to.is_empty() {
             let mut a = UpstreamAddrs::new(&u.host, u.port);
             a.table = ArcSwap::from_pointee(Table::new(u.connect_to.clone(), None));
+            a.connect_timeout = u.connect_timeout;
             a.fixed = true;
             return a;
         }
-        UpstreamAddrs::new(&u.host, u.port)
+        let mut a = UpstreamAddrs::new(&u.host, u.port);
+        a.connect_timeout = u.connect_timeout;
+        a
     }
 
-    /// The connector Pingora opens new connections with (`PeerOptions::custom_l4`): the
-    /// CONNECT tunnel when an egress proxy is configured.
-    pub fn tunnel(&self) -> Option<&Arc<dyn L4Connect + Send + Sync>> {
-        self.tunnel.as_ref()
+    /// Sets how Pingora dials FinHub for the API path: each connect bounded by
+    /// `upstream.connect_timeout`, connect plus TLS handshake by twice that (an address that
+    /// accepts and never answers must not hang), through the egress tunnel when there is one.
+    pub fn dial_options(&self, options: &mut PeerOptions) {
+        options.connection_timeout = Some(self.connect_timeout);
+        options.total_connection_timeout = Some(self.connect_timeout.saturating_mul(2));
+        options.custom_l4 = self.tunnel.clone();
     }
 
-    /// The tunnel login, refresh and logout open through the egress proxy, if there is one.
-    pub fn auth_tunnel(&self) -> Option<&Arc<Tunnel>> {
-        self.auth_tunnel.as_ref()
+    /// The known addresses in dial order: from the preferred one on, those whose breaker is
+    /// open last.
+    pub fn order(&self) -> Vec<SocketAddr> {
+        let t = self.table.load();
+        let n = t.addrs.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let now = self.now_ms();
+        let p = t.preferred.load(Ordering::Relaxed) % n;
+        let mut order: Vec<usize> = (0..n).map(|k| (p + k) % n).collect();
+        order.sort_by_key(|&i| t.is_open(i, now));
+        order.into_iter().map(|i| t.addrs[i]).collect()
+    }
+
+    /// A connection to FinHub for a call outside Pingora (the auth client): each address in
+    /// [`UpstreamAddrs::order`] (resolved now if none is known yet) gets a TCP connection, or a
+    /// tunnel through the egress proxy, and then `handshake` (TLS), each bounded by
+    /// `upstream.connect_timeout`; the first that completes is returned. A proxy's refusal is
+    /// its answer and is not tried on its other addresses. How the tunnel went is published
+    /// for `/ready` ([`UpstreamAddrs::auth_egress_failure`]).
+    pub async fn dial<S, E, F, Fut>(&self, handshake: F) -> Result<S, DialError>
+    where
+        F: Fn(TcpStream) -> Fut,
+        Fut: Future<Output = Result<S, E>>,
+        E: Display,
+    {
+        if self.count() == 0 {
+            if let Err(error) = self.resolve().await {
+                return Err(self.unresolved(error));
+            }
+        }
+        let each = self.connect_timeout;
+        let mut failures = Vec::new();
+        let mut last = None;
+        for addr in self.order() {
+            let tcp = match &self.auth_tunnel {
+                Some(tunnel) => {
+                    let opened = tunnel.open(addr).await;
+                    self.note_auth_egress(opened.as_ref().err().cloned());
+                    match opened {
+                        Ok(s) => s,
+                        Err(e @ EgressError::Refused(_)) => return Err(DialError::Egress(e)),
+                        Err(e) => {
+                            last = Some(DialError::Egress(e));
+                            continue;
+                        }
+                    }
+                }
+                None => match tokio::time::timeout(each, TcpStream::connect(addr)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        failures.push(format!("{addr}: {e}"));
+                        last = None;
+                        continue;
+                    }
+                    Err(_) => {
+                        failures.push(format!("{addr}: no connection within {each:?}"));
+                        last = None;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let e = match tokio::time::timeout(each, handshake(tcp)).await {
+                Ok(Ok(s)) => return Ok(s),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no handshake within {each:?}"),
+            };
+            failures.push(format!("{addr}: TLS: {e}"));
+            last = Some(DialError::Handshake(e));
+        }
+        Err(last.unwrap_or(DialError::Unreachable(failures)))
+    }
+
+    /// The failure of a dial whose host did not resolve: through the egress proxy, a tunnel
+    /// that could not be opened (counted and published like one).
+    fn unresolved(&self, error: std::io::Error) -> DialError {
+        let Some(tunnel) = &self.auth_tunnel else {
+            return DialError::Unresolved {
+                host: self.host.clone(),
+                error,
+            };
+        };
+        let e = EgressError::Unreachable(error.kind());
+        tunnel.count(&e);
+        self.note_auth_egress(Some(e.clone()));
+        DialError::Egress(e)
     }
 
     /// Records how the auth client's last tunnel went (`None`: it opened).
-    pub fn note_auth_egress(&self, failure: Option<EgressError>) {
+    fn note_auth_egress(&self, failure: Option<EgressError>) {
         if let Ok(mut slot) = self.auth_egress.lock() {
             *slot = failure;
         }
@@ -388,5 +511,64 @@ mod tests {
         assert_eq!(new.pick(6), Some(addr(2)), "still preferred");
         new.failed(addr(2), 7);
         assert_eq!(new.pick(8), Some(addr(3)), "addr 1 is still cooling down");
+    }
+
+    #[test]
+    fn the_dial_order_starts_at_the_preferred_address_and_puts_open_breakers_last() {
+        let a = UpstreamAddrs::new("finhub.test", 443);
+        a.table
+            .store(Arc::new(Table::new(vec![addr(1), addr(2), addr(3)], None)));
+        assert_eq!(a.order(), [addr(1), addr(2), addr(3)]);
+        a.connect_failed(addr(1));
+        assert_eq!(a.order(), [addr(2), addr(3), addr(1)]);
+        a.connect_failed(addr(3));
+        assert_eq!(
+            a.order(),
+            [addr(2), addr(3), addr(1)],
+            "open ones in turn, after"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_dial_moves_on_after_a_dead_address_and_a_failed_handshake() {
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let l1 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let l2 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (bad, good) = (l1.local_addr().unwrap(), l2.local_addr().unwrap());
+        tokio::spawn(async move {
+            let keep = (l1.accept().await, l2.accept().await);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(keep);
+        });
+        let mut a = UpstreamAddrs::new("finhub.test", 443);
+        a.table = ArcSwap::from_pointee(Table::new(vec![dead, bad, good], None));
+        a.fixed = true;
+        a.connect_timeout = Duration::from_millis(500);
+        let dialled = a
+            .dial(|tcp| async move {
+                let peer = tcp.peer_addr()?;
+                if peer == bad {
+                    return Err(std::io::Error::other("bad certificate"));
+                }
+                Ok(peer)
+            })
+            .await
+            .unwrap();
+        assert_eq!(dialled, good);
+        // Every address fails: the last failure says what went wrong there.
+        let e = a
+            .dial(|_tcp| async { Err::<(), _>(std::io::Error::other("bad certificate")) })
+            .await
+            .unwrap_err();
+        assert_eq!(e.to_string(), "TLS with FinHub: bad certificate");
+        // A handshake that never ends is bounded per address.
+        let e = a
+            .dial(|_tcp| std::future::pending::<Result<(), std::io::Error>>())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DialError::Handshake(_)), "{e}");
     }
 }

@@ -4,7 +4,6 @@
 //! agree, and only the second says anything about a token.
 
 use std::hash::{BuildHasher, RandomState};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -13,15 +12,16 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use serde_json::{json, Map, Value};
-use tokio::net::TcpStream;
 
 use super::clock::ClockOffset;
 use super::grant::{Grant, GrantError};
 use super::FinHubSession;
 use crate::config::{Config, EnvRules, TenantConfig};
-use crate::egress::{EgressError, Tunnel};
+use crate::egress::EgressError;
+use crate::policy::compliance::ComplianceHeaders;
+use crate::policy::names;
 use crate::tls::TlsStore;
-use crate::upstream::UpstreamAddrs;
+use crate::upstream::{DialError, UpstreamAddrs};
 
 /// The largest auth answer body read (FinHub's are a few KiB); a longer one is an error,
 /// and nothing beyond this is buffered.
@@ -60,6 +60,16 @@ pub enum AuthError {
     Timeout,
 }
 
+impl From<DialError> for AuthError {
+    /// A failed dial as the auth call's failure: the egress tunnel's own error, else transport.
+    fn from(e: DialError) -> Self {
+        match e {
+            DialError::Egress(e) => AuthError::Egress(e),
+            other => AuthError::Transport(other.to_string()),
+        }
+    }
+}
+
 impl AuthError {
     /// How long FinHub asked us to wait (`Retry-After` on a 429 or 503), if it said.
     pub fn retry_after(&self) -> Option<Duration> {
@@ -87,18 +97,13 @@ pub struct AuthClient {
     account_type: String,
     grant_type: String,
     timeout: Duration,
-    origin_ip: String,
-    user_agent: http::HeaderValue,
-    platform: http::HeaderValue,
-    /// How each auth call reaches FinHub.
-    route: Route,
-    /// `upstream.connect_timeout`: each address attempt (and each tunnel) is bounded by it.
-    connect_timeout: Duration,
+    /// The compliance headers every FinHub call carries.
+    compliance: ComplianceHeaders,
     /// FinHub's host for SNI and certificate verification.
     server_name: ServerName<'static>,
     /// The base URL's authority, sent as `Host` (`host` alone on port 443).
     authority: http::HeaderValue,
-    /// Where the last auth tunnel failure is published for `/ready`.
+    /// How FinHub is dialled (the API path's addresses, `connect_to` or egress tunnel).
     upstream: Arc<UpstreamAddrs>,
     /// Keys [`AuthClient::credentials_fingerprint`] (random per process).
     hasher: RandomState,
@@ -120,27 +125,10 @@ pub enum Refreshed {
     },
 }
 
-/// How an auth call reaches FinHub: DNS, the fixed `connect_to` addresses, or a CONNECT
-/// tunnel through the egress proxy. Each call opens its own connection (auth calls are a few
-/// per tenant per token lifetime), dialled exactly as configured: reqwest's resolver override
-/// keeps the URL's port, so a `connect_to` port would be ignored on a non-443 base URL.
-enum Route {
-    /// FinHub's host, resolved per call, addresses tried in order.
-    Dns { host: String, port: u16 },
-    /// `upstream.connect_to`, tried in order.
-    Fixed(Vec<SocketAddr>),
-    /// A tunnel through the proxy at `host:port` (resolved per call).
-    Egress {
-        host: String,
-        port: u16,
-        tunnel: Arc<Tunnel>,
-    },
-}
-
 impl AuthClient {
     /// A client for the upstream and auth settings in `config`; FinHub's `Date` headers go
-    /// into `date_clock` (the token clock is the client's own, [`AuthClient::clock`]); tunnel
-    /// failures are counted and published through `upstream`.
+    /// into `date_clock` (the token clock is the client's own, [`AuthClient::clock`]); FinHub is
+    /// dialled through `upstream`, as the API path dials it.
     pub fn new(
         config: &Config,
         tls: Arc<TlsStore>,
@@ -158,18 +146,6 @@ impl AuthClient {
         } else {
             format!("{host}:{}", u.port)
         };
-        let route = match (&u.egress_proxy, upstream.auth_tunnel()) {
-            (Some(p), Some(tunnel)) => Route::Egress {
-                host: p.host.clone(),
-                port: p.port,
-                tunnel: tunnel.clone(),
-            },
-            _ if !u.connect_to.is_empty() => Route::Fixed(u.connect_to.clone()),
-            _ => Route::Dns {
-                host: u.host.clone(),
-                port: u.port,
-            },
-        };
         // The config layer validated the host as a DNS name or an IP literal.
         let server_name = ServerName::try_from(u.host.clone())
             .unwrap_or_else(|_| ServerName::try_from("invalid.invalid").expect("static name"));
@@ -184,11 +160,7 @@ impl AuthClient {
             account_type: config.auth.account_type.clone(),
             grant_type: config.auth.grant_type.clone(),
             timeout: config.auth.request_timeout,
-            origin_ip: config.headers.origin_ip.to_string(),
-            user_agent: config.headers.user_agent.clone(),
-            platform: config.headers.sec_ch_ua_platform.clone(),
-            route,
-            connect_timeout: u.connect_timeout,
+            compliance: ComplianceHeaders::new(&config.headers),
             server_name,
             authority: http::HeaderValue::from_str(&authority)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("invalid.invalid")),
@@ -224,51 +196,6 @@ impl AuthClient {
         ))
     }
 
-    /// A TCP connection to FinHub (or a tunnel to it), dialled as `[upstream]` says.
-    async fn dial(&self) -> Result<TcpStream, AuthError> {
-        match &self.route {
-            Route::Dns { host, port } => {
-                let addrs = lookup(host, *port)
-                    .await
-                    .map_err(|e| AuthError::Transport(format!("resolving {host}: {e}")))?;
-                connect_any(&addrs, self.connect_timeout).await
-            }
-            Route::Fixed(addrs) => connect_any(addrs, self.connect_timeout).await,
-            Route::Egress { host, port, tunnel } => {
-                let r = self.tunnel(host, *port, tunnel).await;
-                self.upstream.note_auth_egress(r.as_ref().err().cloned());
-                r.map_err(AuthError::Egress)
-            }
-        }
-    }
-
-    /// A tunnel through the first of the proxy's addresses that opens one; a refusal is the
-    /// proxy's answer and is not retried on its other addresses.
-    async fn tunnel(
-        &self,
-        host: &str,
-        port: u16,
-        tunnel: &Tunnel,
-    ) -> Result<TcpStream, EgressError> {
-        let addrs = match lookup(host, port).await {
-            Ok(a) => a,
-            Err(e) => {
-                let e = EgressError::Unreachable(e.kind());
-                tunnel.count(&e);
-                return Err(e);
-            }
-        };
-        let mut last = EgressError::Unreachable(std::io::ErrorKind::NotFound);
-        for a in addrs {
-            match tunnel.open(a).await {
-                Ok(s) => return Ok(s),
-                Err(e @ EgressError::Refused(_)) => return Err(e),
-                Err(e) => last = e,
-            }
-        }
-        Err(last)
-    }
-
     /// Sends `req` on a new TLS connection (client certificate, SNI the base URL's host) and
     /// reads the answer, all within `within`.
     async fn send(
@@ -289,12 +216,11 @@ impl AuthClient {
                 "no client certificate set yet (see /ready)".into(),
             ));
         }
-        let tcp = self.dial().await?;
-        let _ = tcp.set_nodelay(true);
-        let stream = tokio_rustls::TlsConnector::from(tls.rustls.clone())
-            .connect(self.server_name.clone(), tcp)
-            .await
-            .map_err(|e| AuthError::Transport(format!("TLS with FinHub: {e}")))?;
+        let tls = tokio_rustls::TlsConnector::from(tls.rustls.clone());
+        let stream = self
+            .upstream
+            .dial(|tcp| tls.connect(self.server_name.clone(), tcp))
+            .await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| AuthError::Transport(format!("HTTP/1.1 with FinHub: {e}")))?;
@@ -342,16 +268,17 @@ impl AuthClient {
         Value::Object(m)
     }
 
-    /// A POST to FinHub with the compliance headers every auth call carries.
+    /// A POST to FinHub with the compliance headers every auth call carries (the API path's,
+    /// [`ComplianceHeaders`], with the origin IP as `X-Forwarded-For`) and the tenant's id.
     fn post(&self, path: &str, tenant: &TenantConfig) -> http::request::Builder {
-        http::Request::post(path)
+        let mut builder = http::Request::post(path)
             .header(http::header::HOST, self.authority.clone())
             .header(http::header::ACCEPT, "*/*")
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::USER_AGENT, self.user_agent.clone())
-            .header("sec-ch-ua-platform", self.platform.clone())
-            .header("X-Forwarded-For", self.origin_ip.as_str())
-            .header("X-Tenant-ID", tenant.id_header.clone())
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(h) = builder.headers_mut() {
+            let Ok(()) = self.compliance.apply(h, self.compliance.origin_ip());
+        }
+        builder.header(names::X_TENANT_ID, tenant.id_header.clone())
     }
 
     /// `builder` with `body` as its JSON body.
@@ -399,8 +326,8 @@ impl AuthClient {
         let builder = self
             .post(&self.refresh_path, tenant)
             .header(http::header::AUTHORIZATION, current.authorization.clone())
-            .header("X-Session-Active", "true")
-            .header("X-User-Session-Token", current.session_token.clone());
+            .header(names::X_SESSION_ACTIVE, "true")
+            .header(names::X_USER_SESSION_TOKEN, current.session_token.clone());
         let req = Self::finish(builder, &body)?;
         let sent = SystemTime::now();
         let resp = self.send(req, self.timeout).await?;
@@ -492,36 +419,6 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-/// `host:port`'s addresses (IPv4 first, like the API path).
-async fn lookup(host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
-    let mut list: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
-    list.sort_by_key(|a| a.is_ipv6());
-    if list.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no addresses",
-        ));
-    }
-    Ok(list)
-}
-
-/// A connection to the first of `addrs` that accepts one, each attempt bounded by `each` (a
-/// dead or blackholed address costs at most `each` before the next is tried).
-async fn connect_any(addrs: &[SocketAddr], each: Duration) -> Result<TcpStream, AuthError> {
-    let mut failures = Vec::new();
-    for a in addrs {
-        match tokio::time::timeout(each, TcpStream::connect(a)).await {
-            Ok(Ok(s)) => return Ok(s),
-            Ok(Err(e)) => failures.push(format!("{a}: {e}")),
-            Err(_) => failures.push(format!("{a}: no connection within {each:?}")),
-        }
-    }
-    Err(AuthError::Transport(format!(
-        "could not connect to FinHub ({})",
-        failures.join("; ")
-    )))
 }
 
 /// `Retry-After` as delay-seconds or an HTTP-date (taken relative to the answer's own `Date`,

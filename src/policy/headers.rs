@@ -11,43 +11,8 @@ pub use crate::policy::strip::{
     Reflections, APP_CREDENTIAL_HEADERS,
 };
 
-/// Header names the sidecar looks up on every request, parsed once.
-pub mod names {
-    use super::HeaderName;
-
-    /// `x-tenant-id`.
-    pub const X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
-    /// `x-forwarded-for`.
-    pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-    /// `x-request-id`.
-    pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-    /// `x-activity-id`.
-    pub const X_ACTIVITY_ID: HeaderName = HeaderName::from_static("x-activity-id");
-    /// `x-idempotency-key`.
-    pub const X_IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("x-idempotency-key");
-    /// `x-correlation-id`.
-    pub const X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
-    /// `x-forwarded-from` (v2.1 request source).
-    pub const X_FORWARDED_FROM: HeaderName = HeaderName::from_static("x-forwarded-from");
-    /// `platform` (v2.1 request source).
-    pub const PLATFORM: HeaderName = HeaderName::from_static("platform");
-    /// `deviceid` (v2.1 request source).
-    pub const DEVICE_ID: HeaderName = HeaderName::from_static("deviceid");
-    /// `x-device-id` (alias of `deviceId`).
-    pub const X_DEVICE_ID: HeaderName = HeaderName::from_static("x-device-id");
-    /// `device-id` (alias of `deviceId`).
-    pub const DEVICE_ID_DASHED: HeaderName = HeaderName::from_static("device-id");
-    /// `x-user-session-token`.
-    pub const X_USER_SESSION_TOKEN: HeaderName = HeaderName::from_static("x-user-session-token");
-    /// `x-session-active`.
-    pub const X_SESSION_ACTIVE: HeaderName = HeaderName::from_static("x-session-active");
-    /// `x-session-id`.
-    pub const X_SESSION_ID: HeaderName = HeaderName::from_static("x-session-id");
-    /// `upgrade`.
-    pub const UPGRADE: HeaderName = HeaderName::from_static("upgrade");
-    /// `sec-ch-ua-platform`.
-    pub const SEC_CH_UA_PLATFORM: HeaderName = HeaderName::from_static("sec-ch-ua-platform");
-}
+/// Header names the sidecar looks up on every request (re-exported from [`crate::policy::names`]).
+pub use crate::policy::names;
 
 /// Sets the session headers for `session` (A12: `Authorization`, `X-User-Session-Token`,
 /// `X-Session-Active` carry the same token) and the tenant and session ids.
@@ -261,41 +226,6 @@ pub fn malformed_header(req: &RequestHeader) -> Option<&'static str> {
         .map(HeaderName::as_str)
 }
 
-/// The v2.1 request-source headers (`X-Forwarded-From`, `platform`, `deviceId`, §2.6, A18):
-/// set to the configured values unless the app sent its own, under any documented alias
-/// (`X-Device-Id` and `device-id` for `deviceId`).
-pub fn apply_request_source(
-    req: &mut RequestHeader,
-    forwarded_from: &HeaderValue,
-    platform: &HeaderValue,
-    device_id: &HeaderValue,
-) -> pingora::Result<()> {
-    for (name, aliases, value) in [
-        (names::X_FORWARDED_FROM, &[][..], forwarded_from),
-        (names::PLATFORM, &[][..], platform),
-        (
-            names::DEVICE_ID,
-            &[names::X_DEVICE_ID, names::DEVICE_ID_DASHED][..],
-            device_id,
-        ),
-    ] {
-        let app_sent =
-            req.headers.contains_key(&name) || aliases.iter().any(|a| req.headers.contains_key(a));
-        if !app_sent {
-            req.insert_header(name, value.clone())?;
-        }
-    }
-    Ok(())
-}
-
-/// The app's `User-Agent` if non-empty and printable, else the configured default (§8).
-pub fn user_agent(app: Option<&HeaderValue>, default: &HeaderValue) -> HeaderValue {
-    match app {
-        Some(v) if !v.is_empty() && v.to_str().is_ok() => v.clone(),
-        _ => default.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,40 +404,6 @@ mod tests {
     }
 
     #[test]
-    fn request_source_headers_respect_the_apps_own_under_any_alias() {
-        let (from, platform, device) = (
-            HeaderValue::from_static("finhub-sidecar"),
-            HeaderValue::from_static("server"),
-            HeaderValue::from_static("dev-1"),
-        );
-        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
-        apply_request_source(&mut req, &from, &platform, &device).unwrap();
-        assert_eq!(req.headers["x-forwarded-from"], "finhub-sidecar");
-        assert_eq!(req.headers["platform"], "server");
-        assert_eq!(req.headers["deviceid"], "dev-1");
-        for alias in ["X-Device-Id", "device-id", "deviceId"] {
-            let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
-            req.insert_header(alias, "app-device").unwrap();
-            req.insert_header("Platform", "web").unwrap();
-            apply_request_source(&mut req, &from, &platform, &device).unwrap();
-            assert!(
-                req.headers
-                    .get("deviceid")
-                    .is_none_or(|v| v == "app-device"),
-                "{alias}"
-            );
-            assert_eq!(
-                req.headers.get_all("deviceid").iter().count()
-                    + req.headers.get_all("x-device-id").iter().count()
-                    + req.headers.get_all("device-id").iter().count(),
-                1,
-                "{alias}"
-            );
-            assert_eq!(req.headers["platform"], "web");
-        }
-    }
-
-    #[test]
     fn content_length_is_one_run_of_digits() {
         let mut req = RequestHeader::build("POST", b"/x", None).unwrap();
         assert!(content_length_ok(&req));
@@ -520,14 +416,5 @@ mod tests {
         req.insert_header("Content-Length", "5").unwrap();
         req.append_header("Content-Length", "5").unwrap();
         assert!(!content_length_ok(&req), "two field lines");
-    }
-
-    #[test]
-    fn user_agent_falls_back_to_default() {
-        let d = HeaderValue::from_static("finhub-sidecar/0.1.0");
-        assert_eq!(user_agent(None, &d), d);
-        assert_eq!(user_agent(Some(&HeaderValue::from_static("")), &d), d);
-        let app = HeaderValue::from_static("legacy-app/3.2");
-        assert_eq!(user_agent(Some(&app), &d), app);
     }
 }

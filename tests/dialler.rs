@@ -1,0 +1,54 @@
+//! The one dialler to FinHub (`upstream.rs`): the auth client and the API path dial the same
+//! addresses the same way, each connection and each TLS handshake bounded by
+//! `upstream.connect_timeout` per address.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use finhub_testkit::emulator::Emulator;
+
+/// A TCP listener that accepts every connection and never says a word (a TLS handshake to it
+/// never ends), holding the connections open until dropped.
+async fn silent_server() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_address_that_never_finishes_the_tls_handshake_is_skipped_by_login_and_api() {
+    let world = World::new();
+    let server = world.pki.server_cert(&["finhub.invalid"], &[]).unwrap();
+    let emu = Emulator::start(world.emulator_config(&server))
+        .await
+        .unwrap();
+    let port = emu.addr().port();
+    let (silent, task) = silent_server().await;
+    let config = world
+        .config(port)
+        .set("upstream.base_url", "https://finhub.invalid")
+        .set("upstream.connect_timeout", "1s")
+        .set(
+            "upstream.connect_to",
+            vec![silent.to_string(), format!("127.0.0.1:{port}")],
+        );
+    // Ready means the login's handshake with the silent address was given up in time.
+    let sc = world.sidecar(config).await;
+    assert!(emu.controls().stats().logins >= 1);
+    let r = client_with_timeout(Duration::from_secs(10))
+        .get(sc.url("/api/v2/accounts"))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json(r).await;
+    assert_eq!(status, 200, "{body}\n{}", sc.log());
+    task.abort();
+}
