@@ -9,6 +9,7 @@
 mod common;
 
 mod cert_rotation;
+mod dialler;
 mod egress;
 mod hsm;
 mod operations;

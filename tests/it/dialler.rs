@@ -2,11 +2,9 @@
 //! addresses the same way, each connection and each TLS handshake bounded by
 //! `upstream.connect_timeout` per address.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use finhub_testkit::emulator::Emulator;
 
 /// A TCP listener that accepts every connection and never says a word (a TLS handshake to it
