@@ -10,81 +10,8 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::error::Outcome;
 use crate::redis_pool::PoolViews;
-
-/// The `decision` label of `finhub_sidecar_requests_total` and the audit line: `allow`, or why
-/// the sidecar answered itself. Each refusal maps to one ([`crate::error::ProxyError::meta`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Forwarded to FinHub.
-    Allow,
-    /// The TCP peer is not allowed.
-    DenyClient,
-    /// An absolute-form target named a foreign host.
-    DenyDestination,
-    /// The auth and session surface.
-    DenyReserved,
-    /// A malformed or refused request (method, upgrade, path, header, body).
-    BadRequest,
-    /// A trusted forwarder's `X-Forwarded-For` is unusable.
-    InvalidForwardedFor,
-    /// A bucket or FinHub's 429 hold refused it.
-    RateLimited,
-    /// The shared limiter could not decide.
-    RateLimitUnavailable,
-    /// `X-Tenant-ID` names no tenant.
-    UnknownTenant,
-    /// No usable session.
-    SessionUnavailable,
-    /// FinHub could not be reached or broke the exchange.
-    UpstreamError,
-    /// FinHub did not answer in time.
-    UpstreamTimeout,
-    /// A sidecar bug.
-    InternalError,
-    /// The connection cap refused it.
-    TooManyConnections,
-}
-
-impl Outcome {
-    /// Every outcome, in label order (the index of each is its metric cell).
-    pub const ALL: [Outcome; 14] = [
-        Outcome::Allow,
-        Outcome::DenyClient,
-        Outcome::DenyDestination,
-        Outcome::DenyReserved,
-        Outcome::BadRequest,
-        Outcome::InvalidForwardedFor,
-        Outcome::RateLimited,
-        Outcome::RateLimitUnavailable,
-        Outcome::UnknownTenant,
-        Outcome::SessionUnavailable,
-        Outcome::UpstreamError,
-        Outcome::UpstreamTimeout,
-        Outcome::InternalError,
-        Outcome::TooManyConnections,
-    ];
-
-    /// The label value.
-    pub fn label(self) -> &'static str {
-        match self {
-            Outcome::Allow => "allow",
-            Outcome::DenyClient => "deny_client",
-            Outcome::DenyDestination => "deny_destination",
-            Outcome::DenyReserved => "deny_reserved",
-            Outcome::BadRequest => "bad_request",
-            Outcome::InvalidForwardedFor => "invalid_forwarded_for",
-            Outcome::RateLimited => "rate_limited",
-            Outcome::RateLimitUnavailable => "rate_limit_unavailable",
-            Outcome::UnknownTenant => "unknown_tenant",
-            Outcome::SessionUnavailable => "session_unavailable",
-            Outcome::UpstreamError => "upstream_error",
-            Outcome::UpstreamTimeout => "upstream_timeout",
-            Outcome::InternalError => "internal_error",
-            Outcome::TooManyConnections => "too_many_connections",
-        }
-    }
-}
 
 /// Every `status_class` label value, in [`Metrics::status_class`] order of index.
 const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];

@@ -3,7 +3,8 @@
 
 pub mod allow;
 pub mod headers;
-pub mod path;
 pub mod ratelimit;
 pub mod redis_limit;
 pub mod strip;
+
+pub use crate::request_path as path;

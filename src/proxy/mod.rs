@@ -39,9 +39,9 @@ use pingora::{Error, ErrorSource, ErrorType};
 use prometheus::IntCounter;
 
 use crate::audit::AuditRecord;
-use crate::error::{self, ProxyError};
+use crate::error::{self, Outcome, ProxyError};
 use crate::lifecycle::InFlight;
-use crate::metrics::{Outcome, RequestSeries};
+use crate::metrics::RequestSeries;
 use crate::policy::headers::{self, names};
 use crate::policy::ratelimit::{self, Check, Decision};
 use crate::state::AppState;

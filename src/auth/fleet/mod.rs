@@ -27,9 +27,7 @@
 //!   error metric and a log line naming the key id, own login, and it never takes the lease (so
 //!   never overwrites a record the others can read) while that record lives.
 
-mod crypto;
-
-pub use crypto::{KeyRing, OpenError, Sealed, SessionKey};
+pub use crate::sealing::{KeyRing, OpenError, Sealed, SessionKey};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
