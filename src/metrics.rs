@@ -12,6 +12,7 @@ use prometheus::{
 
 use crate::error::Outcome;
 use crate::redis_pool::PoolViews;
+use crate::tls::metrics::TlsMetrics;
 
 /// Every `status_class` label value, in [`Metrics::status_class`] order of index.
 const STATUS_CLASSES: [&str; 6] = ["none", "1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -67,14 +68,8 @@ const REDIS_BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// `finhub_sidecar_client_cert_expiration_timestamp_seconds`: `notAfter` of the published
-    /// client certificate (0 when none).
-    pub cert_expiration: IntGauge,
-    /// `finhub_sidecar_cert_reloads_total{result="published|rejected"}`: certificate sets
-    /// published or rejected by the reloader (unchanged polls are not counted).
-    pub cert_reloads: IntCounterVec,
-    /// `finhub_sidecar_cert_last_reload_timestamp_seconds`: when a set was last published.
-    pub cert_last_reload: IntGauge,
+    /// The client certificate and its PKCS#11 token.
+    pub tls: TlsMetrics,
     /// `finhub_sidecar_session_expiration_timestamp_seconds{tenant}`: expiry of the tenant's
     /// current FinHub session.
     pub session_expiration: IntGaugeVec,
@@ -177,9 +172,6 @@ pub struct Metrics {
     /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened, for the API
     /// pool or for login/refresh/logout.
     pub egress_proxy_errors: IntCounterVec,
-    /// `finhub_sidecar_pkcs11_errors_total{kind="timeout|busy|skipped|login|not_found|error"}`: calls
-    /// into the PKCS#11 token holding the client key that failed (signatures, probes, loads).
-    pub pkcs11_errors: IntCounterVec,
     /// `finhub_sidecar_trace_spans_dropped_total{reason="queue_full|export_failed"}`: spans
     /// not delivered to the collector (the export queue was full, or the export failed).
     pub trace_spans_dropped: IntCounterVec,
@@ -191,24 +183,7 @@ impl Metrics {
     /// A fresh registry with every metric registered.
     pub fn new() -> Metrics {
         let registry = Registry::new();
-        let cert_expiration = IntGauge::new(
-            "finhub_sidecar_client_cert_expiration_timestamp_seconds",
-            "notAfter of the client certificate in use, Unix seconds",
-        )
-        .expect("static metric definition is valid");
-        let cert_reloads = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_cert_reloads_total",
-                "Client certificate sets published or rejected by the reloader",
-            ),
-            &["result"],
-        )
-        .expect("static metric definition is valid");
-        let cert_last_reload = IntGauge::new(
-            "finhub_sidecar_cert_last_reload_timestamp_seconds",
-            "When a client certificate set was last published, Unix seconds",
-        )
-        .expect("static metric definition is valid");
+        let tls = TlsMetrics::register(&registry);
         let session_expiration = IntGaugeVec::new(
             Opts::new(
                 "finhub_sidecar_session_expiration_timestamp_seconds",
@@ -414,17 +389,6 @@ impl Metrics {
                 egress_proxy_errors.with_label_values(&[path, reason]);
             }
         }
-        let pkcs11_errors = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_pkcs11_errors_total",
-                "Calls into the PKCS#11 token holding the client key that failed, by kind",
-            ),
-            &["kind"],
-        )
-        .expect("static metric definition is valid");
-        for kind in crate::tls::pkcs11::TokenError::KINDS {
-            pkcs11_errors.with_label_values(&[kind]);
-        }
         let session_store_up = IntGauge::new(
             "finhub_sidecar_session_store_up",
             "1 while the shared session store answered its last call",
@@ -509,9 +473,6 @@ impl Metrics {
             Box::new(listener_refusals.clone()),
             Box::new(listener_evictions.clone()),
             Box::new(app_connections.clone()),
-            Box::new(cert_expiration.clone()),
-            Box::new(cert_reloads.clone()),
-            Box::new(cert_last_reload.clone()),
             Box::new(session_expiration.clone()),
             Box::new(auth_requests.clone()),
             Box::new(finhub_clock_offset.clone()),
@@ -527,21 +488,14 @@ impl Metrics {
             Box::new(session_adopted.clone()),
             Box::new(session_decrypt_errors.clone()),
             Box::new(egress_proxy_errors.clone()),
-            Box::new(pkcs11_errors.clone()),
         ] {
             registry
                 .register(c)
                 .expect("each metric is registered once in a fresh registry");
         }
-        // Expose both results from the start, so a scrape shows 0 rather than nothing.
-        for result in ["published", "rejected"] {
-            cert_reloads.with_label_values(&[result]);
-        }
         Metrics {
             registry,
-            cert_expiration,
-            cert_reloads,
-            cert_last_reload,
+            tls,
             session_expiration,
             auth_requests,
             finhub_clock_offset,
@@ -576,7 +530,6 @@ impl Metrics {
             listener_evictions,
             app_connections,
             egress_proxy_errors,
-            pkcs11_errors,
             trace_spans_dropped,
             trace_spans_exported,
         }
@@ -645,6 +598,7 @@ impl Default for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::metrics::ReloadResult;
 
     #[test]
     fn request_series_count_into_the_labelled_series() {
@@ -678,7 +632,7 @@ mod tests {
     #[test]
     fn renders_every_metric_name() {
         let m = Metrics::new();
-        m.cert_reloads.with_label_values(&["published"]).inc();
+        m.tls.reload(ReloadResult::Published);
         let text = String::from_utf8(m.render()).unwrap();
         for name in [
             "finhub_sidecar_build_info",

@@ -78,12 +78,12 @@ impl Sidecar {
     /// Loads the TLS material and binds the admin port; fails before anything is served.
     pub fn build(config: Config) -> Result<Sidecar, StartError> {
         let metrics = Metrics::new();
-        let tls_files = TlsFiles::from_config(&config, &metrics);
+        let tls_files = TlsFiles::from_config(&config, &metrics.tls);
         let tls = match tls_files.load(unix_now()) {
             Ok(tls) => tls,
             // Exiting would restart the pod into another PIN attempt, and tokens lock the user
             // after a few: stay up, unready, until pin_file holds a PIN the token takes.
-            Err(e) if crate::tls::ClientTls::is_pin_refusal(&e) => {
+            Err(e) if e.is_pin_refusal() => {
                 tracing::error!(error = %e, "the client key token refused the PIN (client_cert.pin_file); not ready until the file changes");
                 crate::tls::ClientTls::waiting_for_pin(&tls_files, &e)?
             }
@@ -92,7 +92,9 @@ impl Sidecar {
         for w in &tls.warnings {
             tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
         }
-        if config.rules.requires_client_cert && tls.cert_key.is_none() && tls.unavailable.is_none()
+        if config.rules.requires_client_cert
+            && tls.cert_key.is_none()
+            && tls.availability.is_ready()
         {
             // Config conversion already refuses this; keep the invariant local too.
             return Err(StartError::Tls(TlsError::MissingClientCert));
@@ -303,7 +305,7 @@ impl BackgroundService for ControlPlane {
         let reloader = Reloader::new(
             self.tls_files.clone(),
             sh.tls.clone(),
-            sh.metrics.clone(),
+            sh.metrics.tls.clone(),
             sh.config.expiry_warning(),
         );
         tasks.spawn(reloader.run(sh.config.tls_reload_interval()));

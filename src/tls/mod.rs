@@ -8,6 +8,7 @@
 //! key panics at connect time), so everything handed to it is parsed and verified here first.
 
 pub mod identity;
+pub mod metrics;
 pub mod pkcs11;
 pub mod reload;
 pub mod rules;
@@ -22,8 +23,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::config::{Config, KeySource};
-use crate::metrics::Metrics;
 pub use identity::{cert_identity, CertIdentity};
+use metrics::TlsMetrics;
 use pkcs11::{cert_key_alg, kinds_agree, TokenError, TokenKey};
 pub use rules::{check_leaf, Finding};
 
@@ -137,6 +138,15 @@ pub enum KeyRef {
     Token(Arc<TokenKey>),
 }
 
+impl TlsError {
+    /// Whether this is the token refusing to log the user in (wrong, locked or last-try PIN):
+    /// `run` then keeps running unready ([`ClientTls::waiting_for_pin`]) instead of exiting
+    /// and being restarted into another PIN attempt.
+    pub fn is_pin_refusal(&self) -> bool {
+        matches!(self, TlsError::Token { error, .. } if error.is_pin_refusal())
+    }
+}
+
 /// Which files make up the TLS set.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
@@ -159,14 +169,12 @@ pub struct Material {
 impl TlsFiles {
     /// The files named by `config`; rules are enforced in production. A token key starts its
     /// thread here (it opens the token on first use), counting failures in `metrics`.
-    pub fn from_config(config: &Config, metrics: &Metrics) -> TlsFiles {
+    pub fn from_config(config: &Config, metrics: &TlsMetrics) -> TlsFiles {
         TlsFiles {
             cert_key: config.client_cert.as_ref().map(|c| {
                 let key = match &c.key {
                     KeySource::File(p) => KeyRef::File(p.clone()),
-                    KeySource::Pkcs11(k) => {
-                        KeyRef::Token(TokenKey::start(k, metrics.pkcs11_errors.clone()))
-                    }
+                    KeySource::Pkcs11(k) => KeyRef::Token(TokenKey::start(k, metrics.token())),
                 };
                 (c.cert_file.clone(), key)
             }),
@@ -241,10 +249,30 @@ pub struct ClientTls {
     /// The PKCS#11 token that holds the key, when it is not in a file (its health is a
     /// readiness reason).
     pub token: Option<Arc<TokenKey>>,
-    /// Set only on the stand-in published while the token refuses the PIN at start
-    /// ([`ClientTls::waiting_for_pin`]): why there is no client certificate set yet. Nothing
-    /// is sent to FinHub with it; `/ready` reports it.
-    pub unavailable: Option<String>,
+    /// Whether FinHub can be called with this set: [`Availability::WaitingForPin`] only on the
+    /// stand-in published while the token refuses the PIN at start
+    /// ([`ClientTls::waiting_for_pin`]).
+    pub availability: Availability,
+}
+
+/// Whether a [`ClientTls`] set can be used to call FinHub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Availability {
+    /// A set read from the files: usable.
+    Ready,
+    /// A stand-in without a client identity, published while the token refuses the PIN at
+    /// start. Nothing is sent to FinHub with it; `/ready` reports `reason`.
+    WaitingForPin {
+        /// Why there is no client certificate set yet, and what to fix (no secret).
+        reason: String,
+    },
+}
+
+impl Availability {
+    /// Whether FinHub can be called with the set.
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Availability::Ready)
+    }
 }
 
 impl std::fmt::Debug for ClientTls {
@@ -268,7 +296,8 @@ pub fn unix_now() -> i64 {
 impl ClientTls {
     /// Reads and checks the files named by `config`.
     pub fn load(config: &Config) -> Result<ClientTls, TlsError> {
-        TlsFiles::from_config(config, &Metrics::new()).load(unix_now())
+        TlsFiles::from_config(config, &TlsMetrics::register(&prometheus::Registry::new()))
+            .load(unix_now())
     }
 
     /// Parses and checks `m` (read from `files`) at Unix time `now`.
@@ -425,15 +454,8 @@ impl ClientTls {
             warnings: Vec::new(),
             fingerprint: 0,
             token,
-            unavailable: None,
+            availability: Availability::Ready,
         })
-    }
-
-    /// Whether `e` is the token refusing to log the user in (wrong, locked or last-try PIN):
-    /// `run` then keeps running unready ([`ClientTls::waiting_for_pin`]) instead of exiting
-    /// and being restarted into another PIN attempt.
-    pub fn is_pin_refusal(e: &TlsError) -> bool {
-        matches!(e, TlsError::Token { error, .. } if error.kind() == "login")
     }
 
     /// A stand-in set without a client identity, published while the token refuses the PIN
@@ -458,9 +480,11 @@ impl ClientTls {
             // No material hashes to this (a content hash of 0 is as likely as any other).
             fingerprint: 0,
             token,
-            unavailable: Some(format!(
-                "client key token refused the login: {refusal} (fix client_cert.pin_file; it is re-read every client_cert.reload_interval)"
-            )),
+            availability: Availability::WaitingForPin {
+                reason: format!(
+                    "client key token refused the login: {refusal} (fix client_cert.pin_file; it is re-read every client_cert.reload_interval)"
+                ),
+            },
         })
     }
 }
