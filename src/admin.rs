@@ -159,7 +159,7 @@ impl AppState {
             "finhub_clock": self.sessions.clock().report(),
             "tenants": tenants,
             "rate_limits": null,
-            "redis": self.metrics.redis_pools.report(),
+            "redis": self.metrics.redis.views().report(),
         })
     }
 }

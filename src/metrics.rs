@@ -3,15 +3,15 @@
 //!
 //! The README's metrics table lists the same names; keep them in step.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
 use prometheus::{
-    CounterVec, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::error::Outcome;
-use crate::redis_pool::PoolViews;
+use crate::redis_pool::RedisPoolMetrics;
 use crate::tls::metrics::TlsMetrics;
 
 /// Every `status_class` label value, in [`Metrics::status_class`] order of index.
@@ -70,6 +70,8 @@ pub struct Metrics {
     registry: Registry,
     /// The client certificate and its PKCS#11 token.
     pub tls: TlsMetrics,
+    /// The Redis pools (primary, failovers, time without a connection, `/status` views).
+    pub redis: RedisPoolMetrics,
     /// `finhub_sidecar_session_expiration_timestamp_seconds{tenant}`: expiry of the tenant's
     /// current FinHub session.
     pub session_expiration: IntGaugeVec,
@@ -129,17 +131,6 @@ pub struct Metrics {
     /// `finhub_sidecar_redis_connections`: pooled Redis connections held (each checked with
     /// `PING` every second).
     pub redis_connections: IntGauge,
-    /// `finhub_sidecar_redis_primary{pool="rate_limit|session_store",mode="single|sentinel|cluster",address}`:
-    /// 1 for the Redis server the pool last connected to (the resolved primary with Sentinel,
-    /// `cluster` with Cluster).
-    pub redis_primary: IntGaugeVec,
-    /// `finhub_sidecar_redis_failovers_total{pool}`: new primaries followed (Sentinel).
-    pub redis_failovers: IntCounterVec,
-    /// `finhub_sidecar_redis_fallback_seconds_total{pool}`: time the pool had no usable
-    /// connection (its users decided by their failure policy meanwhile).
-    pub redis_fallback_seconds: CounterVec,
-    /// Every Redis pool's `/status` view.
-    pub redis_pools: Arc<PoolViews>,
     /// `finhub_sidecar_listener_refusals_total{reason}`: app connections the listener refused
     /// before Pingora read a request (`client_not_allowed`, `too_many_connections`,
     /// `header_timeout`, `header_too_large`).
@@ -184,6 +175,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let tls = TlsMetrics::register(&registry);
+        let redis = RedisPoolMetrics::register(&registry);
         let session_expiration = IntGaugeVec::new(
             Opts::new(
                 "finhub_sidecar_session_expiration_timestamp_seconds",
@@ -325,30 +317,6 @@ impl Metrics {
             "Pooled Redis connections held (each checked with PING every second)",
         )
         .expect("static metric definition is valid");
-        let redis_primary = IntGaugeVec::new(
-            Opts::new(
-                "finhub_sidecar_redis_primary",
-                "1 for the Redis server each pool last connected to (the primary with Sentinel)",
-            ),
-            &["pool", "mode", "address"],
-        )
-        .expect("static metric definition is valid");
-        let redis_failovers = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_redis_failovers_total",
-                "New Redis primaries followed after a failover, by pool",
-            ),
-            &["pool"],
-        )
-        .expect("static metric definition is valid");
-        let redis_fallback_seconds = CounterVec::new(
-            Opts::new(
-                "finhub_sidecar_redis_fallback_seconds_total",
-                "Time each Redis pool had no usable connection (its users followed their failure policy)",
-            ),
-            &["pool"],
-        )
-        .expect("static metric definition is valid");
         let listener_refusals = IntCounterVec::new(
             Opts::new(
                 "finhub_sidecar_listener_refusals_total",
@@ -467,9 +435,6 @@ impl Metrics {
             Box::new(redis_errors.clone()),
             Box::new(redis_call_duration.clone()),
             Box::new(redis_connections.clone()),
-            Box::new(redis_primary.clone()),
-            Box::new(redis_failovers.clone()),
-            Box::new(redis_fallback_seconds.clone()),
             Box::new(listener_refusals.clone()),
             Box::new(listener_evictions.clone()),
             Box::new(app_connections.clone()),
@@ -496,6 +461,7 @@ impl Metrics {
         Metrics {
             registry,
             tls,
+            redis,
             session_expiration,
             auth_requests,
             finhub_clock_offset,
@@ -515,10 +481,6 @@ impl Metrics {
             redis_errors,
             redis_call_duration,
             redis_connections,
-            redis_primary,
-            redis_failovers,
-            redis_fallback_seconds,
-            redis_pools: Arc::new(PoolViews::default()),
             session_store_up,
             session_store_errors,
             session_store_connections,

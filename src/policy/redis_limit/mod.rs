@@ -30,7 +30,7 @@ use super::ratelimit::{
 };
 use crate::config::{Backend, Limit, OnRedisError, RateLimitConfig, RedisSettings, RouteLimit};
 use crate::metrics::Metrics;
-use crate::redis_pool::{Failure, Pool, PoolSpec};
+use crate::redis_pool::{Failure, Pool, PoolName, PoolSpec};
 pub use crate::redis_pool::{BREAK_AFTER_TIMEOUTS, HEALTH_INTERVAL, MAX_RECONNECT, MIN_RECONNECT};
 
 /// GCRA (the generic cell rate algorithm, a token bucket stored as one timestamp).
@@ -161,8 +161,8 @@ impl RedisLimiter {
             pool: Arc::new(Pool::new(PoolSpec {
                 connection: settings.connection.clone(),
                 topology: settings.topology.clone(),
-                name: "rate_limit",
-                metrics: metrics.clone(),
+                name: PoolName::RateLimit,
+                metrics: metrics.redis.clone(),
                 password: settings.password.clone(),
                 ca_pem: settings.ca_pem.clone(),
                 connect_timeout: settings.connect_timeout,
