@@ -11,7 +11,10 @@ use prometheus::{
 };
 
 use crate::error::Outcome;
+use crate::listener::metrics::ListenerMetrics;
+use crate::policy::ratelimit::RateLimitMetrics;
 use crate::redis_pool::RedisPoolMetrics;
+use crate::telemetry::metrics::TraceMetrics;
 use crate::tls::metrics::TlsMetrics;
 
 /// Every `status_class` label value, in [`Metrics::status_class`] order of index.
@@ -59,11 +62,6 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Buckets (seconds) for Redis round trips: sub-millisecond on a healthy network.
-const REDIS_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-];
-
 /// Metric handles; cheap to clone (each is an `Arc` inside).
 #[derive(Clone)]
 pub struct Metrics {
@@ -72,6 +70,12 @@ pub struct Metrics {
     pub tls: TlsMetrics,
     /// The Redis pools (primary, failovers, time without a connection, `/status` views).
     pub redis: RedisPoolMetrics,
+    /// Tracing's export (spans exported and dropped).
+    pub trace: TraceMetrics,
+    /// The app listener (refusals at accept, evictions, connections open).
+    pub listener: ListenerMetrics,
+    /// Rate limiting (decisions by backend, the Redis limiter's calls and connections).
+    pub rate_limit: RateLimitMetrics,
     /// `finhub_sidecar_session_expiration_timestamp_seconds{tenant}`: expiry of the tenant's
     /// current FinHub session.
     pub session_expiration: IntGaugeVec,
@@ -119,27 +123,6 @@ pub struct Metrics {
     /// `finhub_sidecar_audit_lines_dropped`: audit lines dropped since start because the audit
     /// output could not keep up (the proxy never waits on it).
     pub audit_dropped: IntGauge,
-    /// `finhub_sidecar_rate_limit_decisions_total{backend="local|redis|fallback",decision="allow|deny"}`:
-    /// rate-limit decisions by who made them (`fallback`: `on_redis_error` while Redis failed).
-    pub rate_limit_decisions: IntCounterVec,
-    /// `finhub_sidecar_redis_errors_total{kind="timeout|connection|unavailable|response"}`:
-    /// Redis rate-limit calls that failed (`unavailable`: no connection, decided without waiting).
-    pub redis_errors: IntCounterVec,
-    /// `finhub_sidecar_redis_call_duration_seconds`: time of each Redis rate-limit call,
-    /// including failed ones.
-    pub redis_call_duration: Histogram,
-    /// `finhub_sidecar_redis_connections`: pooled Redis connections held (each checked with
-    /// `PING` every second).
-    pub redis_connections: IntGauge,
-    /// `finhub_sidecar_listener_refusals_total{reason}`: app connections the listener refused
-    /// before Pingora read a request (`client_not_allowed`, `too_many_connections`,
-    /// `header_timeout`, `header_too_large`).
-    pub listener_refusals: IntCounterVec,
-    /// `finhub_sidecar_listener_idle_evictions_total`: idle keep-alive app connections closed
-    /// to make room for a new one when every slot was taken.
-    pub listener_evictions: IntCounter,
-    /// `finhub_sidecar_app_connections`: app connections open now.
-    pub app_connections: IntGauge,
     /// `finhub_sidecar_session_store_up`: 1 while the shared session store answered its last
     /// call, 0 when it did not (or no shared store is configured).
     pub session_store_up: IntGauge,
@@ -163,11 +146,6 @@ pub struct Metrics {
     /// CONNECT tunnels through `upstream.egress_proxy` that could not be opened, for the API
     /// pool or for login/refresh/logout.
     pub egress_proxy_errors: IntCounterVec,
-    /// `finhub_sidecar_trace_spans_dropped_total{reason="queue_full|export_failed"}`: spans
-    /// not delivered to the collector (the export queue was full, or the export failed).
-    pub trace_spans_dropped: IntCounterVec,
-    /// `finhub_sidecar_trace_spans_exported_total`: spans the collector accepted.
-    pub trace_spans_exported: IntCounter,
 }
 
 impl Metrics {
@@ -176,6 +154,9 @@ impl Metrics {
         let registry = Registry::new();
         let tls = TlsMetrics::register(&registry);
         let redis = RedisPoolMetrics::register(&registry);
+        let trace = TraceMetrics::register(&registry);
+        let listener = ListenerMetrics::register(&registry);
+        let rate_limit = RateLimitMetrics::register(&registry);
         let session_expiration = IntGaugeVec::new(
             Opts::new(
                 "finhub_sidecar_session_expiration_timestamp_seconds",
@@ -288,59 +269,6 @@ impl Metrics {
             "Audit lines dropped since start because the audit output could not keep up",
         )
         .expect("static metric definition is valid");
-        let rate_limit_decisions = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_rate_limit_decisions_total",
-                "Rate-limit decisions by backend (local, redis, or the on_redis_error fallback)",
-            ),
-            &["backend", "decision"],
-        )
-        .expect("static metric definition is valid");
-        let redis_errors = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_redis_errors_total",
-                "Redis rate-limit calls that failed, by kind",
-            ),
-            &["kind"],
-        )
-        .expect("static metric definition is valid");
-        let redis_call_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "finhub_sidecar_redis_call_duration_seconds",
-                "Time of each Redis rate-limit call, failed ones included",
-            )
-            .buckets(REDIS_BUCKETS.to_vec()),
-        )
-        .expect("static metric definition is valid");
-        let redis_connections = IntGauge::new(
-            "finhub_sidecar_redis_connections",
-            "Pooled Redis connections held (each checked with PING every second)",
-        )
-        .expect("static metric definition is valid");
-        let listener_refusals = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_listener_refusals_total",
-                "App connections refused by the listener before a request was read, by reason",
-            ),
-            &["reason"],
-        )
-        .expect("static metric definition is valid");
-        for reason in [
-            "client_not_allowed",
-            "too_many_connections",
-            "header_timeout",
-            "header_too_large",
-        ] {
-            listener_refusals.with_label_values(&[reason]);
-        }
-        let listener_evictions = IntCounter::new(
-            "finhub_sidecar_listener_idle_evictions_total",
-            "Idle keep-alive app connections closed to make room for a new connection",
-        )
-        .expect("static metric definition is valid");
-        let app_connections =
-            IntGauge::new("finhub_sidecar_app_connections", "App connections open now")
-                .expect("static metric definition is valid");
         for reused in ["true", "false"] {
             upstream_connections.with_label_values(&[reused]);
         }
@@ -407,23 +335,8 @@ impl Metrics {
             &["key_id"],
         )
         .expect("static metric definition is valid");
-        let trace_spans_dropped = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_trace_spans_dropped_total",
-                "Spans not delivered to the OTLP collector: export queue full, or export failed",
-            ),
-            &["reason"],
-        )
-        .expect("static metric definition is valid");
-        let trace_spans_exported = IntCounter::new(
-            "finhub_sidecar_trace_spans_exported_total",
-            "Spans the OTLP collector accepted",
-        )
-        .expect("static metric definition is valid");
         for c in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(trace_spans_dropped.clone()),
-            Box::new(trace_spans_exported.clone()),
             Box::new(request_duration.clone()),
             Box::new(upstream_duration.clone()),
             Box::new(requests_in_flight.clone()),
@@ -431,13 +344,6 @@ impl Metrics {
             Box::new(build_info.clone()),
             Box::new(rate_limited.clone()),
             Box::new(audit_dropped.clone()),
-            Box::new(rate_limit_decisions.clone()),
-            Box::new(redis_errors.clone()),
-            Box::new(redis_call_duration.clone()),
-            Box::new(redis_connections.clone()),
-            Box::new(listener_refusals.clone()),
-            Box::new(listener_evictions.clone()),
-            Box::new(app_connections.clone()),
             Box::new(session_expiration.clone()),
             Box::new(auth_requests.clone()),
             Box::new(finhub_clock_offset.clone()),
@@ -462,6 +368,9 @@ impl Metrics {
             registry,
             tls,
             redis,
+            trace,
+            listener,
+            rate_limit,
             session_expiration,
             auth_requests,
             finhub_clock_offset,
@@ -477,10 +386,6 @@ impl Metrics {
             build_info,
             rate_limited,
             audit_dropped,
-            rate_limit_decisions,
-            redis_errors,
-            redis_call_duration,
-            redis_connections,
             session_store_up,
             session_store_errors,
             session_store_connections,
@@ -488,12 +393,7 @@ impl Metrics {
             session_source,
             session_adopted,
             session_decrypt_errors,
-            listener_refusals,
-            listener_evictions,
-            app_connections,
             egress_proxy_errors,
-            trace_spans_dropped,
-            trace_spans_exported,
         }
     }
 

@@ -18,7 +18,7 @@ use crate::config::{Backend, Config, SessionStore};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
 use crate::listener::{AppListener, Limits};
 use crate::metrics::Metrics;
-use crate::policy::ratelimit::{DecisionCounters, Limiter, LocalLimiter};
+use crate::policy::ratelimit::{DecidedBy, Limiter, LocalLimiter};
 use crate::policy::redis_limit::RedisLimiter;
 use crate::proxy::FinHubProxy;
 use crate::state::AppState;
@@ -134,13 +134,14 @@ impl Sidecar {
             Backend::Redis(settings) => Some(RedisLimiter::new(
                 &config.policy.rate_limit,
                 settings,
-                &metrics,
+                &metrics.rate_limit,
+                &metrics.redis,
             )),
         };
         let telemetry = config
             .tracing
             .as_ref()
-            .map(|t| Telemetry::install(t, &metrics))
+            .map(|t| Telemetry::install(t, &metrics.trace))
             .transpose()?;
         Ok(Sidecar {
             telemetry,
@@ -166,7 +167,7 @@ impl Sidecar {
             Some(redis) => Box::new(redis.clone()),
             None => Box::new(
                 LocalLimiter::new(self.config.policy.rate_limit.clone())
-                    .counting(DecisionCounters::new(&self.metrics, "local")),
+                    .counting(self.metrics.rate_limit.decisions(DecidedBy::Local)),
             ),
         }
     }
@@ -238,7 +239,7 @@ impl Sidecar {
                 max_header_bytes: c.policy.max_header_bytes,
             },
             c.threads,
-            &self.metrics,
+            &self.metrics.listener,
         );
 
         let control = ControlPlane {

@@ -42,21 +42,22 @@ use pingora::protocols::{
 };
 use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
-use prometheus::{IntCounter, IntGauge};
+use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 mod guard;
+pub mod metrics;
 mod stream;
 
 pub(crate) use guard::LineState;
 use guard::{HeaderGuard, Phase};
+use metrics::{ListenerMetrics, Refusal};
 pub use stream::GuardedStream;
 
 use crate::error::{raw_response, ProxyError};
-use crate::metrics::Metrics;
 use crate::policy::allow;
 use crate::proxy::FinHubProxy;
 
@@ -188,38 +189,13 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
-/// Counters of the refusals made here.
-#[derive(Clone)]
-struct Counters {
-    not_allowed: IntCounter,
-    too_many: IntCounter,
-    timeout: IntCounter,
-    too_large: IntCounter,
-    evicted: IntCounter,
-    open: IntGauge,
-}
-
-impl Counters {
-    fn new(m: &Metrics) -> Self {
-        let r = |reason: &str| m.listener_refusals.with_label_values(&[reason]);
-        Counters {
-            not_allowed: r("client_not_allowed"),
-            too_many: r("too_many_connections"),
-            timeout: r("header_timeout"),
-            too_large: r("header_too_large"),
-            evicted: m.listener_evictions.clone(),
-            open: m.app_connections.clone(),
-        }
-    }
-}
-
 /// The app listener service: accept loop, connection cap, guarded streams, Pingora's proxy.
 pub struct AppListener {
     listener: Option<std::net::TcpListener>,
     app: Arc<HttpProxy<FinHubProxy>>,
     limits: Arc<Limits>,
     threads: usize,
-    counters: Counters,
+    counters: ListenerMetrics,
 }
 
 impl AppListener {
@@ -229,14 +205,14 @@ impl AppListener {
         app: HttpProxy<FinHubProxy>,
         limits: Limits,
         threads: usize,
-        metrics: &Metrics,
+        metrics: &ListenerMetrics,
     ) -> Self {
         AppListener {
             listener: Some(listener),
             app: Arc::new(app),
             limits: Arc::new(limits),
             threads,
-            counters: Counters::new(metrics),
+            counters: metrics.clone(),
         }
     }
 
@@ -296,7 +272,7 @@ impl pingora::services::Service for AppListener {
             };
             if !allow::client_allowed(&self.limits.allowed_clients, peer.ip()) {
                 // Closed before a byte is read: nothing is buffered, nothing is answered.
-                self.counters.not_allowed.inc();
+                self.counters.refused(Refusal::ClientNotAllowed);
                 drop(tcp);
                 continue;
             }
@@ -315,11 +291,11 @@ impl pingora::services::Service for AppListener {
                     if idle.waiting.load(Ordering::Relaxed) < self.limits.max_connections
                         && idle.evict_oldest_idle() =>
                 {
-                    self.counters.evicted.inc();
+                    self.counters.evicted();
                     None
                 }
                 Err(_) => {
-                    self.counters.too_many.inc();
+                    self.counters.refused(Refusal::TooManyConnections);
                     refuse_at_accept(tcp, &ProxyError::TooManyConnections);
                     continue;
                 }
@@ -335,14 +311,14 @@ impl pingora::services::Service for AppListener {
                         match p {
                             Ok(Ok(p)) => p,
                             _ => {
-                                counters.too_many.inc();
+                                counters.refused(Refusal::TooManyConnections);
                                 refuse_at_accept(tcp, &ProxyError::TooManyConnections);
                                 return;
                             }
                         }
                     }
                 };
-                let _open = OpenGuard::new(&counters.open);
+                let _open = OpenGuard::new(counters.open());
                 let registered = idle.register();
                 serve(tcp, peer, app, &limits, &counters, &shutdown, &registered).await;
                 drop(registered);
@@ -391,7 +367,7 @@ async fn serve(
     peer: SocketAddr,
     app: Arc<HttpProxy<FinHubProxy>>,
     limits: &Limits,
-    counters: &Counters,
+    counters: &ListenerMetrics,
     shutdown: &ShutdownWatch,
     registered: &Registered,
 ) {

@@ -9,7 +9,7 @@ pub struct GuardedStream {
     pub(super) guard: HeaderGuard,
     pub(super) digest: Arc<SocketDigest>,
     pub(super) established: SystemTime,
-    pub(super) counters: Counters,
+    pub(super) counters: ListenerMetrics,
     /// Response bytes not yet written, and how many of them are.
     pub(super) wbuf: Vec<u8>,
     pub(super) written: usize,
@@ -29,7 +29,7 @@ impl GuardedStream {
         tcp: TcpStream,
         peer: SocketAddr,
         limits: &Limits,
-        counters: Counters,
+        counters: ListenerMetrics,
     ) -> Self {
         use std::os::unix::io::AsRawFd;
         let digest = SocketDigest::from_raw_fd(tcp.as_raw_fd());
@@ -49,8 +49,8 @@ impl GuardedStream {
     pub(super) fn refuse(&mut self, err: &ProxyError) -> io::Error {
         self.guard.phase = Phase::Refused;
         match err {
-            ProxyError::HeaderTimeout => self.counters.timeout.inc(),
-            _ => self.counters.too_large.inc(),
+            ProxyError::HeaderTimeout => self.counters.refused(Refusal::HeaderTimeout),
+            _ => self.counters.refused(Refusal::HeaderTooLarge),
         }
         let _ = self.tcp.try_write(&raw_response(err));
         io::Error::new(io::ErrorKind::ConnectionAborted, err.code())

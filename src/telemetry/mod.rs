@@ -16,6 +16,7 @@
 //!   ([`BackgroundSpan`]).
 
 pub mod context;
+pub mod metrics;
 pub mod request;
 
 use std::fmt;
@@ -39,7 +40,7 @@ use prometheus::IntCounter;
 use serde::Serialize;
 
 use crate::config::{ParentRoot, Sampler, TracingConfig};
-use crate::metrics::Metrics;
+use metrics::{DropReason, TraceMetrics};
 pub use request::{end_wait, RequestTrace, TraceIds};
 
 /// The tracer the data path holds (cheap to clone).
@@ -64,7 +65,10 @@ static BACKGROUND: OnceLock<Tracer> = OnceLock::new();
 
 impl Telemetry {
     /// Builds the exporter, the bounded batch processor and the tracer provider.
-    pub fn install(config: &TracingConfig, metrics: &Metrics) -> Result<Telemetry, TelemetryError> {
+    pub fn install(
+        config: &TracingConfig,
+        metrics: &TraceMetrics,
+    ) -> Result<Telemetry, TelemetryError> {
         let client = collector_client(config)?;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
@@ -75,12 +79,11 @@ impl Telemetry {
             .build()
             .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
         let queued = Arc::new(AtomicUsize::new(0));
-        let dropped = |reason: &str| metrics.trace_spans_dropped.with_label_values(&[reason]);
         let exporter = CountingExporter {
             inner: exporter,
             queued: queued.clone(),
-            exported: metrics.trace_spans_exported.clone(),
-            failed: dropped("export_failed"),
+            exported: metrics.exported(),
+            failed: metrics.dropped(DropReason::ExportFailed),
             failing: AtomicBool::new(false),
         };
         // The SDK's own queue is larger than ours, so only `BoundedQueue` ever drops (and counts).
@@ -93,7 +96,7 @@ impl Telemetry {
             inner: BatchSpanProcessor::new(exporter, batch),
             queued,
             limit: config.max_queue_size,
-            dropped: dropped("queue_full"),
+            dropped: metrics.dropped(DropReason::QueueFull),
         };
         let resource = Resource::builder_empty()
             .with_service_name(config.service_name.clone())
