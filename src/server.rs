@@ -16,7 +16,7 @@ use crate::auth::fleet::FleetStore;
 use crate::auth::{self, SessionTable};
 use crate::config::{Backend, Config, SessionStore};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
-use crate::listener::{AppListener, Limits};
+use crate::listener::{self, AppListener, Limits};
 use crate::metrics::Metrics;
 use crate::policy::ratelimit::{DecidedBy, Limiter, LocalLimiter};
 use crate::policy::redis_limit::RedisLimiter;
@@ -107,7 +107,7 @@ impl Sidecar {
                     source,
                 }
             })?;
-        let app_listener = AppListener::bind(config.listen).map_err(|source| StartError::Bind {
+        let app_listener = listener::bind(config.listen).map_err(|source| StartError::Bind {
             what: "listener",
             addr: config.listen,
             source,

@@ -40,7 +40,6 @@ use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
     TimingDigest, UniqueID, UniqueIDType,
 };
-use pingora::proxy::HttpProxy;
 use pingora::server::ShutdownWatch;
 use prometheus::IntGauge;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -59,7 +58,6 @@ pub use stream::GuardedStream;
 
 use crate::error::{raw_response, ProxyError};
 use crate::policy::allow;
-use crate::proxy::FinHubProxy;
 
 /// Response bytes buffered before a write reaches the socket: a response header and a body of a
 /// few KiB leave in one segment.
@@ -189,20 +187,21 @@ pub struct Limits {
     pub max_header_bytes: usize,
 }
 
-/// The app listener service: accept loop, connection cap, guarded streams, Pingora's proxy.
-pub struct AppListener {
+/// The app listener service: accept loop, connection cap, guarded streams, and the HTTP app
+/// that serves each request (Pingora's proxy with the sidecar's hooks).
+pub struct AppListener<A> {
     listener: Option<std::net::TcpListener>,
-    app: Arc<HttpProxy<FinHubProxy>>,
+    app: Arc<A>,
     limits: Arc<Limits>,
     threads: usize,
     counters: ListenerMetrics,
 }
 
-impl AppListener {
+impl<A> AppListener<A> {
     /// A listener serving `app` on the already bound `listener`.
     pub fn new(
         listener: std::net::TcpListener,
-        app: HttpProxy<FinHubProxy>,
+        app: A,
         limits: Limits,
         threads: usize,
         metrics: &ListenerMetrics,
@@ -215,24 +214,28 @@ impl AppListener {
             counters: metrics.clone(),
         }
     }
+}
 
-    /// Binds `addr` with a large backlog (connection bursts from many app threads).
-    pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(4096)?;
-        Ok(socket.into())
-    }
+/// Binds `addr` for an [`AppListener`], with a large backlog (connection bursts from many app
+/// threads).
+pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
 
 #[async_trait]
-impl pingora::services::Service for AppListener {
+impl<A> pingora::services::Service for AppListener<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
     async fn start_service(
         &mut self,
         #[cfg(unix)] _fds: Option<pingora::server::ListenFds>,
@@ -362,10 +365,10 @@ fn refuse_at_accept(tcp: TcpStream, err: &ProxyError) {
 /// before each. Between requests the connection holds only its socket and this small future:
 /// Pingora's session (and its boxed request future) is created when the next request's first
 /// bytes arrive, so idle keep-alive connections cost little memory.
-async fn serve(
+async fn serve<A: HttpServerApp + Send + Sync + 'static>(
     tcp: TcpStream,
     peer: SocketAddr,
-    app: Arc<HttpProxy<FinHubProxy>>,
+    app: Arc<A>,
     limits: &Limits,
     counters: &ListenerMetrics,
     shutdown: &ShutdownWatch,
