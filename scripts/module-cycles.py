@@ -95,9 +95,10 @@ def drop_test_code(text):
 
 
 def expand_use_tree(tree):
-    """`a::{b, c::{d as e}}` -> [`a::b`, `a::c::d`] (aliases and a trailing `self` dropped)."""
-    tree = re.sub(r"\s+as\s+" + IDENT, "", tree)
-    tree = re.sub(r"\s+", "", tree)
+    """`a::{b, c::{d as e}}` -> [(`a::b`, `b`), (`a::c::d`, `e`)]: each path and the name it
+    binds (`None` for a glob)."""
+    tree = re.sub(r"\s+", " ", tree)
+    tree = re.sub(r"\s*(::|,|\{|\})\s*", r"\1", tree).strip()
     out = []
 
     def walk(prefix, s):
@@ -112,21 +113,31 @@ def expand_use_tree(tree):
                 cur = ""
             else:
                 cur += ch
-        if cur:
+        if cur.strip():
             parts.append(cur)
         for p in parts:
+            p = p.strip()
             if "{" in p:
                 head, rest = p.split("{", 1)
                 walk(prefix + head, rest[:-1])
-            else:
-                out.append(re.sub(r"::(self|\*)$", "", prefix + p))
+                continue
+            alias = None
+            m = re.match(r"(.*?)\s+as\s+(" + IDENT + r")$", p)
+            if m:
+                p, alias = m.group(1), m.group(2)
+            full = prefix + p
+            if full.endswith("::*"):
+                out.append((full[:-3], None))
+                continue
+            full = re.sub(r"::self$", "", full)
+            out.append((full, alias or full.rsplit("::", 1)[-1]))
 
     walk("", tree)
     return out
 
 
 class Crate:
-    def __init__(self, src):
+    def __init__(self, src, with_tests=False):
         self.src = src
         self.files = {}  # module path tuple -> file path
         for root, _, names in os.walk(src):
@@ -141,48 +152,73 @@ class Crate:
                 if parts[-1] in ("mod", "lib"):
                     parts = parts[:-1]
                 self.files[tuple(parts)] = path
+        self.texts = {}
+        for module, path in self.files.items():
+            text = strip_comments_and_strings(open(path, encoding="utf-8").read())
+            self.texts[module] = text if with_tests else drop_test_code(text)
+        # What each module's `use` items bind: name -> absolute path (re-exports included).
+        self.bindings = {m: {} for m in self.files}
+        for module, text in self.texts.items():
+            for m in re.finditer(r"\buse\s+([^;]*);", text):
+                for path, name in expand_use_tree(m.group(1)):
+                    absolute = self.absolute(module, path)
+                    if absolute is not None and name is not None:
+                        self.bindings[module][name] = absolute
 
-    def resolve(self, module, segments):
-        """The module tuple of the longest file-backed prefix of an absolute path."""
-        best = None
-        for k in range(len(segments), -1, -1):
-            if tuple(segments[:k]) in self.files:
-                best = tuple(segments[:k])
-                break
-        return best
-
-    def references(self, module, path, with_tests):
-        """Every module tuple the file `path` (module `module`) names."""
-        text = open(path, encoding="utf-8").read()
-        text = strip_comments_and_strings(text)
-        if not with_tests:
-            text = drop_test_code(text)
-        is_mod_rs = os.path.basename(path) in ("mod.rs", "lib.rs")
-        # `self::` and `super::` are relative to the module the file defines.
+    def children(self, module):
         here = list(module)
-        parent = here[:-1] if not is_mod_rs or here else here
-        if is_mod_rs:
-            parent = here[:-1]
+        return [k[-1] for k in self.files if len(k) == len(here) + 1 and list(k[:-1]) == here]
+
+    def absolute(self, module, path):
+        """`path` as named in `module`, from the crate root; `None` for std and external crates."""
+        segs = path.split("::")
+        here = list(module)
+        if segs[0] == "crate":
+            return segs[1:]
+        if segs[0] == "self":
+            return here + segs[1:]
+        if segs[0] == "super":
+            base = here
+            while segs and segs[0] == "super":
+                base = base[:-1]
+                segs = segs[1:]
+            return base + segs
+        if segs[0] in self.children(module):
+            return here + segs
+        return None
+
+    def resolve(self, segments, depth=0):
+        """The file that defines what an absolute path names: its longest file-backed prefix,
+        through the `use` items of that file (a `mod.rs` re-exporting a child's item)."""
+        for k in range(len(segments), -1, -1):
+            module = tuple(segments[:k])
+            if module in self.files:
+                rest = segments[k:]
+                if rest and depth < 8 and rest[0] in self.bindings[module]:
+                    target = self.bindings[module][rest[0]] + rest[1:]
+                    return self.resolve(target, depth + 1) or module
+                return module
+        return None
+
+    def references(self, module):
+        """Every module tuple the file of `module` names."""
+        text = self.texts[module]
         paths = []
-        for m in re.finditer(r"\buse\s+((?:crate|super|self)\s*::[^;]*);", text):
-            paths.extend(expand_use_tree(m.group(1)))
+        for m in re.finditer(r"\buse\s+([^;]*);", text):
+            paths.extend(p for p, _ in expand_use_tree(m.group(1)))
         for m in re.finditer(r"(?<![:\w])((?:crate|super|self)(?:\s*::\s*" + IDENT + r")+)", text):
             paths.append(re.sub(r"\s+", "", m.group(1)))
+        children = self.children(module)
+        if children:
+            child = "|".join(re.escape(c) for c in children)
+            for m in re.finditer(r"(?<![:\w])((?:" + child + r")(?:\s*::\s*" + IDENT + r")+)", text):
+                paths.append(re.sub(r"\s+", "", m.group(1)))
         found = set()
         for p in paths:
-            segs = p.split("::")
-            if segs[0] == "crate":
-                absolute = segs[1:]
-            elif segs[0] == "self":
-                absolute = here + segs[1:]
-            else:
-                base = list(parent)
-                segs = segs[1:]
-                while segs and segs[0] == "super":
-                    base = base[:-1]
-                    segs = segs[1:]
-                absolute = base + segs
-            target = self.resolve(module, absolute)
+            absolute = self.absolute(module, p)
+            if absolute is None:
+                continue
+            target = self.resolve(absolute)
             if target is not None and target != module:
                 found.add(target)
         return found
@@ -270,10 +306,8 @@ def main():
     ap.add_argument("--tests", action="store_true", help="include #[cfg(test)] code")
     ap.add_argument("--top-only", action="store_true", help="fail only on top-level cycles")
     args = ap.parse_args()
-    crate = Crate(os.path.normpath(args.src))
-    files = {}
-    for module, path in crate.files.items():
-        files[module] = crate.references(module, path, args.tests)
+    crate = Crate(os.path.normpath(args.src), args.tests)
+    files = {module: crate.references(module) for module in crate.files}
     top = {}
     for module, refs in files.items():
         if not module:

@@ -22,46 +22,33 @@
 //! Every refusal here is counted in `finhub_sidecar_listener_refusals_total{reason}`.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::protocols::http::ServerSession;
-use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
-use pingora::protocols::raw_connect::ProxyDigest;
-use pingora::protocols::{
-    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
-    TimingDigest, UniqueID, UniqueIDType,
-};
+use pingora::protocols::Stream;
 use pingora::server::ShutdownWatch;
 use prometheus::IntGauge;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, Semaphore};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 mod guard;
 pub mod metrics;
 mod stream;
 
+use guard::HeaderGuard;
 pub(crate) use guard::LineState;
-use guard::{HeaderGuard, Phase};
 use metrics::{ListenerMetrics, Refusal};
 pub use stream::GuardedStream;
 
 use crate::error::{raw_response, ProxyError};
 use crate::policy::allow;
-
-/// Response bytes buffered before a write reaches the socket: a response header and a body of a
-/// few KiB leave in one segment.
-const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Keep-alive: how long an idle app connection waits for its next request (Pingora's value).
 const KEEPALIVE_SECS: u64 = 60;
@@ -375,7 +362,12 @@ async fn serve<A: HttpServerApp + Send + Sync + 'static>(
     registered: &Registered,
 ) {
     let _ = tcp.set_nodelay(true);
-    let mut stream = Box::new(GuardedStream::new(tcp, peer, limits, counters.clone()));
+    let mut stream = Box::new(GuardedStream::new(
+        tcp,
+        peer,
+        HeaderGuard::new(limits.header_timeout, limits.max_header_bytes),
+        counters.clone(),
+    ));
     let mut shutdown = shutdown.clone();
     let mut settings: Option<HttpPersistentSettings> = None;
     let mut first = true;

@@ -1,7 +1,30 @@
 //! [`GuardedStream`]: an app connection as Pingora reads and writes it (the header guard in its
 //! reads, response writes buffered until a flush).
 
-use super::*;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::guard::{HeaderGuard, Phase};
+use super::metrics::{ListenerMetrics, Refusal};
+use crate::error::{raw_response, ProxyError};
+
+/// Response bytes buffered before a write reaches the socket: a response header and a body of a
+/// few KiB leave in one segment.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 /// An app connection as Pingora reads it: the TCP stream with the header guard in its reads.
 pub struct GuardedStream {
@@ -28,7 +51,7 @@ impl GuardedStream {
     pub(super) fn new(
         tcp: TcpStream,
         peer: SocketAddr,
-        limits: &Limits,
+        guard: HeaderGuard,
         counters: ListenerMetrics,
     ) -> Self {
         use std::os::unix::io::AsRawFd;
@@ -36,7 +59,7 @@ impl GuardedStream {
         let _ = digest.peer_addr.set(Some(PingoraAddr::Inet(peer)));
         GuardedStream {
             tcp,
-            guard: HeaderGuard::new(limits.header_timeout, limits.max_header_bytes),
+            guard,
             digest: Arc::new(digest),
             established: SystemTime::now(),
             counters,
