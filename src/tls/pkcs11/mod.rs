@@ -2,10 +2,11 @@
 //! through it.
 //!
 //! One dedicated thread per token owns the PKCS#11 context and its session (PKCS#11 calls
-//! block, and a session is not to be shared between threads). Callers — rustls' [`Signer`]
-//! during a handshake, the reloader, `check` — send it a job over a bounded queue and wait at
-//! most `client_cert.pkcs11_timeout` for the answer: an HSM that hangs costs a handshake that
-//! much and fails it, it never blocks a runtime thread for longer nor crashes the process. Each
+//! block, and a session is not to be shared between threads). Callers — rustls'
+//! [`rustls::sign::Signer`] during a handshake, the reloader, `check` — send it a job over a
+//! bounded queue and wait at most `client_cert.pkcs11_timeout` for the answer: an HSM that
+//! hangs costs a handshake that much and fails it, it never blocks a runtime thread for longer
+//! nor crashes the process. Each
 //! failure is counted (`finhub_sidecar_pkcs11_errors_total{kind}`) and kept as the token's
 //! health, which `/ready` reports until a call succeeds again (the reloader probes the token
 //! every `reload_interval`). While the last call timed out (or found the queue full),
