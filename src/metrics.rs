@@ -1,5 +1,12 @@
-//! Every Prometheus metric the sidecar exports, named in one place (OpenMetrics naming: `_total`,
-//! `_seconds`, `_timestamp_seconds`; low-cardinality labels only — never paths, ids or secrets).
+//! The sidecar's Prometheus registry and [`Metrics`], which holds every component's metrics
+//! (OpenMetrics naming: `_total`, `_seconds`, `_timestamp_seconds`; low-cardinality labels only
+//! — never paths, ids or secrets).
+//!
+//! A component owns its metrics in its own `metrics` module or file (`tls::metrics`,
+//! `redis_pool::metrics`, `listener::metrics`, `telemetry::metrics`, rate limiting in
+//! `policy::ratelimit`): typed label enums with `as_str`, and a `register(&Registry)`
+//! constructor called from [`Metrics::new`]. The fields still defined here are the proxy's,
+//! auth's, egress's and the audit's.
 //!
 //! The README's metrics table lists the same names; keep them in step.
 
