@@ -87,3 +87,35 @@ pub(super) fn ck(what: &str, e: CkError) -> TokenError {
         other => TokenError::Failed(format!("{what}: {other}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_refusals_are_counted_as_login_and_nothing_else_is() {
+        for e in [
+            TokenError::PinIncorrect,
+            TokenError::PinLocked,
+            TokenError::PinFinalTry,
+        ] {
+            assert!(e.is_pin_refusal(), "{e}");
+            assert_eq!(e.kind(), TokenFailure::Login);
+            assert_eq!(e.config_key(), Some("client_cert.pin_file"));
+        }
+        for (e, kind) in [
+            (
+                TokenError::Timeout(Duration::from_secs(1)),
+                TokenFailure::Timeout,
+            ),
+            (TokenError::Busy, TokenFailure::Busy),
+            (TokenError::Module("m".into()), TokenFailure::NotFound),
+            (TokenError::Token("t".into()), TokenFailure::NotFound),
+            (TokenError::Key("k".into()), TokenFailure::NotFound),
+            (TokenError::Failed("f".into()), TokenFailure::Error),
+        ] {
+            assert!(!e.is_pin_refusal(), "{e}");
+            assert_eq!(e.kind(), kind, "{e}");
+        }
+    }
+}
