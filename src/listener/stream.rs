@@ -143,7 +143,7 @@ impl GuardedStream {
     }
 }
 
-/// Response bytes are buffered up to [`WRITE_BUFFER`] until Pingora flushes, as its own
+/// Response bytes are buffered up to `WRITE_BUFFER` until Pingora flushes, as its own
 /// listener does, so a response header and a small body leave in one segment.
 impl AsyncWrite for GuardedStream {
     fn poll_write(

@@ -50,7 +50,7 @@ impl Decision {
 /// A decision still being made (a network round trip); owns everything it needs.
 pub type PendingDecision = Pin<Box<dyn Future<Output = Decision> + Send>>;
 
-/// What [`Limiter::check`] returns: a decision now, or one to await.
+/// What [`TenantLimiter::check`] returns: a decision now, or one to await.
 pub enum Check {
     /// Decided without waiting (local buckets, no bucket configured).
     Ready(Decision),
