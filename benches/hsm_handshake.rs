@@ -15,6 +15,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion};
 use finhub_sidecar::config::{Pkcs11Key, Pkcs11Uri};
 use finhub_sidecar::secret::{Secret, SecretSource};
+use finhub_sidecar::tls::metrics::TlsMetrics;
 use finhub_sidecar::tls::pkcs11::TokenKey;
 use finhub_sidecar::tls::{unix_now, KeyRef, RulePolicy, TlsFiles};
 use finhub_testkit::emulator::{Emulator, EmulatorConfig, MtlsMode};
@@ -133,8 +134,7 @@ fn hsm_handshake(c: &mut Criterion) {
             pin: SecretSource::fixed(Secret::new(PIN)),
             timeout: Duration::from_secs(2),
         };
-        let errors = prometheus::IntCounterVec::new(prometheus::Opts::new("e", "e"), &["kind"])
-            .expect("counter");
+        let errors = TlsMetrics::register(&prometheus::Registry::new()).token();
         TokenKey::start(&cfg, errors)
     };
 

@@ -96,7 +96,7 @@ fn ratelimit(c: &mut Criterion) {
         on_error: OnRedisError::Deny,
     };
     let metrics = Metrics::new();
-    let shared = RedisLimiter::new(&config(), &settings, &metrics);
+    let shared = RedisLimiter::new(&config(), &settings, &metrics.rate_limit, &metrics.redis);
     let tenant: std::sync::Arc<dyn TenantLimiter> = shared.tenant("bench-tenant").into();
     rt.spawn(shared.clone().keep_connected());
     let deadline = Instant::now() + Duration::from_secs(10);

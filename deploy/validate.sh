@@ -57,7 +57,7 @@ python3 "$here/validate.py" \
   --proxy-toml "$here/proxy.toml" \
   --example "$repo/proxy.toml.example" \
   --dashboard "$here/grafana-dashboard.json" \
-  --metrics-rs "$repo/src/metrics.rs" \
+  --metrics-rs "$repo/src" \
   --k8s-version "$k8s_version" \
   --promql-dir "$work" || status=1
 
@@ -84,7 +84,7 @@ for dir in "$here"/components/*/; do
     --proxy-toml "$dir/proxy.toml" \
     --example "$repo/proxy.toml.example" \
     --dashboard "$here/grafana-dashboard.json" \
-    --metrics-rs "$repo/src/metrics.rs" \
+    --metrics-rs "$repo/src" \
     --k8s-version "$k8s_version" \
     --promql-dir "$overlay" \
     --component "$name" || status=1

@@ -39,7 +39,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::listener::LineState;
 use crate::state::AppState;
-use crate::tls::unix_now;
+use crate::tls::{unix_now, Availability};
 
 /// Admin connections kept open; a new one beyond this closes one of the largest source's.
 pub const MAX_ADMIN_CONNECTIONS: usize = 256;
@@ -79,8 +79,8 @@ impl AppState {
         }
         if self.config.client_cert.is_some() {
             let tls = self.tls.current();
-            if let Some(why) = &tls.unavailable {
-                return Some(why.clone());
+            if let Availability::WaitingForPin { reason } = &tls.availability {
+                return Some(reason.clone());
             }
             match &tls.identity {
                 None => return Some("client certificate not loaded".into()),
@@ -159,7 +159,7 @@ impl AppState {
             "finhub_clock": self.sessions.clock().report(),
             "tenants": tenants,
             "rate_limits": null,
-            "redis": self.metrics.redis_pools.report(),
+            "redis": self.metrics.redis.views().report(),
         })
     }
 }

@@ -20,6 +20,8 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod redis_pool;
+pub mod request_path;
+pub mod sealing;
 pub mod secret;
 pub mod server;
 pub mod state;

@@ -16,9 +16,9 @@ use crate::auth::fleet::FleetStore;
 use crate::auth::{self, SessionTable};
 use crate::config::{Backend, Config, SessionStore};
 use crate::lifecycle::{DrainingSignal, Lifecycle};
-use crate::listener::{AppListener, Limits};
+use crate::listener::{self, AppListener, Limits};
 use crate::metrics::Metrics;
-use crate::policy::ratelimit::{DecisionCounters, Limiter, LocalLimiter};
+use crate::policy::ratelimit::{DecidedBy, Limiter, LocalLimiter};
 use crate::policy::redis_limit::RedisLimiter;
 use crate::proxy::FinHubProxy;
 use crate::state::AppState;
@@ -78,12 +78,12 @@ impl Sidecar {
     /// Loads the TLS material and binds the admin port; fails before anything is served.
     pub fn build(config: Config) -> Result<Sidecar, StartError> {
         let metrics = Metrics::new();
-        let tls_files = TlsFiles::from_config(&config, &metrics);
+        let tls_files = TlsFiles::from_config(&config, &metrics.tls);
         let tls = match tls_files.load(unix_now()) {
             Ok(tls) => tls,
             // Exiting would restart the pod into another PIN attempt, and tokens lock the user
             // after a few: stay up, unready, until pin_file holds a PIN the token takes.
-            Err(e) if crate::tls::ClientTls::is_pin_refusal(&e) => {
+            Err(e) if e.is_pin_refusal() => {
                 tracing::error!(error = %e, "the client key token refused the PIN (client_cert.pin_file); not ready until the file changes");
                 crate::tls::ClientTls::waiting_for_pin(&tls_files, &e)?
             }
@@ -92,7 +92,9 @@ impl Sidecar {
         for w in &tls.warnings {
             tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
         }
-        if config.rules.requires_client_cert && tls.cert_key.is_none() && tls.unavailable.is_none()
+        if config.rules.requires_client_cert
+            && tls.cert_key.is_none()
+            && tls.availability.is_ready()
         {
             // Config conversion already refuses this; keep the invariant local too.
             return Err(StartError::Tls(TlsError::MissingClientCert));
@@ -105,7 +107,7 @@ impl Sidecar {
                     source,
                 }
             })?;
-        let app_listener = AppListener::bind(config.listen).map_err(|source| StartError::Bind {
+        let app_listener = listener::bind(config.listen).map_err(|source| StartError::Bind {
             what: "listener",
             addr: config.listen,
             source,
@@ -132,13 +134,14 @@ impl Sidecar {
             Backend::Redis(settings) => Some(RedisLimiter::new(
                 &config.policy.rate_limit,
                 settings,
-                &metrics,
+                &metrics.rate_limit,
+                &metrics.redis,
             )),
         };
         let telemetry = config
             .tracing
             .as_ref()
-            .map(|t| Telemetry::install(t, &metrics))
+            .map(|t| Telemetry::install(t, &metrics.trace))
             .transpose()?;
         Ok(Sidecar {
             telemetry,
@@ -164,7 +167,7 @@ impl Sidecar {
             Some(redis) => Box::new(redis.clone()),
             None => Box::new(
                 LocalLimiter::new(self.config.policy.rate_limit.clone())
-                    .counting(DecisionCounters::new(&self.metrics, "local")),
+                    .counting(self.metrics.rate_limit.decisions(DecidedBy::Local)),
             ),
         }
     }
@@ -236,7 +239,7 @@ impl Sidecar {
                 max_header_bytes: c.policy.max_header_bytes,
             },
             c.threads,
-            &self.metrics,
+            &self.metrics.listener,
         );
 
         let control = ControlPlane {
@@ -303,7 +306,7 @@ impl BackgroundService for ControlPlane {
         let reloader = Reloader::new(
             self.tls_files.clone(),
             sh.tls.clone(),
-            sh.metrics.clone(),
+            sh.metrics.tls.clone(),
             sh.config.expiry_warning(),
         );
         tasks.spawn(reloader.run(sh.config.tls_reload_interval()));

@@ -210,7 +210,7 @@ impl AuthClient {
 
     async fn send_now(&self, req: http::Request<Full<Bytes>>) -> Result<Answer, AuthError> {
         let tls = self.tls.current();
-        if tls.unavailable.is_some() {
+        if !tls.availability.is_ready() {
             // No client certificate set yet (the token refuses the PIN): nothing to send with.
             return Err(AuthError::Transport(
                 "no client certificate set yet (see /ready)".into(),

@@ -32,6 +32,7 @@ mod log;
 mod policy;
 mod rate_limit;
 mod redis;
+mod redis_url;
 mod retry;
 mod session_store;
 mod shutdown;

@@ -58,7 +58,7 @@ impl Convert<'_> {
         }
         let mut reserved_paths = Vec::new();
         for (i, raw) in p.reserved_paths.iter().enumerate() {
-            match crate::policy::path::normalise_prefix(raw) {
+            match crate::request_path::normalise_prefix(raw) {
                 Some(prefix) => reserved_paths.push(prefix),
                 None => self.err(
                     format!("policy.reserved_paths[{i}]"),

@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::convert::{secs, Convert};
 use super::redis::{FileEndpoint, RedisTopology};
-use crate::auth::fleet::{KeyRing, SessionKey};
+use crate::sealing::{KeyRing, SessionKey};
 use crate::secret::SecretSource;
 
 /// Where the tenants' sessions live.

@@ -1,7 +1,12 @@
 //! The header guard of one connection: the header block must arrive whole within the deadline
 //! and within the size cap; where one request's header ends is found by its empty line.
 
-use super::*;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Context;
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
 
 /// Where the guard is in the current request's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

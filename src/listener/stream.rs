@@ -1,7 +1,30 @@
 //! [`GuardedStream`]: an app connection as Pingora reads and writes it (the header guard in its
 //! reads, response writes buffered until a flush).
 
-use super::*;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use pingora::protocols::l4::socket::SocketAddr as PingoraAddr;
+use pingora::protocols::raw_connect::ProxyDigest;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
+    TimingDigest, UniqueID, UniqueIDType,
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use super::guard::{HeaderGuard, Phase};
+use super::metrics::{ListenerMetrics, Refusal};
+use crate::error::{raw_response, ProxyError};
+
+/// Response bytes buffered before a write reaches the socket: a response header and a body of a
+/// few KiB leave in one segment.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 /// An app connection as Pingora reads it: the TCP stream with the header guard in its reads.
 pub struct GuardedStream {
@@ -9,7 +32,7 @@ pub struct GuardedStream {
     pub(super) guard: HeaderGuard,
     pub(super) digest: Arc<SocketDigest>,
     pub(super) established: SystemTime,
-    pub(super) counters: Counters,
+    pub(super) counters: ListenerMetrics,
     /// Response bytes not yet written, and how many of them are.
     pub(super) wbuf: Vec<u8>,
     pub(super) written: usize,
@@ -28,15 +51,15 @@ impl GuardedStream {
     pub(super) fn new(
         tcp: TcpStream,
         peer: SocketAddr,
-        limits: &Limits,
-        counters: Counters,
+        guard: HeaderGuard,
+        counters: ListenerMetrics,
     ) -> Self {
         use std::os::unix::io::AsRawFd;
         let digest = SocketDigest::from_raw_fd(tcp.as_raw_fd());
         let _ = digest.peer_addr.set(Some(PingoraAddr::Inet(peer)));
         GuardedStream {
             tcp,
-            guard: HeaderGuard::new(limits.header_timeout, limits.max_header_bytes),
+            guard,
             digest: Arc::new(digest),
             established: SystemTime::now(),
             counters,
@@ -49,8 +72,8 @@ impl GuardedStream {
     pub(super) fn refuse(&mut self, err: &ProxyError) -> io::Error {
         self.guard.phase = Phase::Refused;
         match err {
-            ProxyError::HeaderTimeout => self.counters.timeout.inc(),
-            _ => self.counters.too_large.inc(),
+            ProxyError::HeaderTimeout => self.counters.refused(Refusal::HeaderTimeout),
+            _ => self.counters.refused(Refusal::HeaderTooLarge),
         }
         let _ = self.tcp.try_write(&raw_response(err));
         io::Error::new(io::ErrorKind::ConnectionAborted, err.code())
@@ -120,7 +143,7 @@ impl GuardedStream {
     }
 }
 
-/// Response bytes are buffered up to [`WRITE_BUFFER`] until Pingora flushes, as its own
+/// Response bytes are buffered up to `WRITE_BUFFER` until Pingora flushes, as its own
 /// listener does, so a response header and a small body leave in one segment.
 impl AsyncWrite for GuardedStream {
     fn poll_write(

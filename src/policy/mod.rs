@@ -7,7 +7,8 @@ pub mod allow;
 pub mod compliance;
 pub mod headers;
 pub mod names;
-pub mod path;
 pub mod ratelimit;
 pub mod redis_limit;
 pub mod strip;
+
+pub use crate::request_path as path;

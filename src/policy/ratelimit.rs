@@ -15,10 +15,10 @@ use std::time::{Duration, Instant, SystemTime};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::Method;
-use prometheus::IntCounter;
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::config::{Limit, RateLimitConfig};
-use crate::metrics::Metrics;
+use crate::redis_pool::Failure;
 
 /// The outcome of a rate-limit check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,7 +50,7 @@ impl Decision {
 /// A decision still being made (a network round trip); owns everything it needs.
 pub type PendingDecision = Pin<Box<dyn Future<Output = Decision> + Send>>;
 
-/// What [`Limiter::check`] returns: a decision now, or one to await.
+/// What [`TenantLimiter::check`] returns: a decision now, or one to await.
 pub enum Check {
     /// Decided without waiting (local buckets, no bucket configured).
     Ready(Decision),
@@ -78,24 +78,132 @@ pub struct DecisionCounters {
 }
 
 impl DecisionCounters {
-    /// `finhub_sidecar_rate_limit_decisions_total{backend}` for both decisions.
-    pub fn new(metrics: &Metrics, backend: &str) -> Self {
-        DecisionCounters {
-            allow: metrics
-                .rate_limit_decisions
-                .with_label_values(&[backend, "allow"]),
-            deny: metrics
-                .rate_limit_decisions
-                .with_label_values(&[backend, "deny"]),
-        }
-    }
-
     /// Counts one decision.
     pub fn count(&self, decision: &Decision) {
         match decision {
             Decision::Allow => self.allow.inc(),
             Decision::Deny { .. } | Decision::Unavailable => self.deny.inc(),
         }
+    }
+}
+
+/// Who made a rate-limit decision: the `backend` label of
+/// `finhub_sidecar_rate_limit_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecidedBy {
+    /// The in-process buckets.
+    Local,
+    /// The shared buckets in Redis.
+    Redis,
+    /// `on_redis_error` while Redis failed.
+    Fallback,
+}
+
+impl DecidedBy {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecidedBy::Local => "local",
+            DecidedBy::Redis => "redis",
+            DecidedBy::Fallback => "fallback",
+        }
+    }
+}
+
+/// Buckets (seconds) for Redis round trips: sub-millisecond on a healthy network.
+const REDIS_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+
+/// Rate-limiting metric handles; cheap to clone. Series appear as the limiters are built.
+#[derive(Clone)]
+pub struct RateLimitMetrics {
+    /// `finhub_sidecar_rate_limit_decisions_total{backend="local|redis|fallback",decision="allow|deny"}`:
+    /// rate-limit decisions by who made them (`fallback`: `on_redis_error` while Redis failed).
+    decisions: IntCounterVec,
+    /// `finhub_sidecar_redis_errors_total{kind="timeout|connection|unavailable|response"}`:
+    /// Redis rate-limit calls that failed (`unavailable`: no connection, decided without waiting).
+    redis_errors: IntCounterVec,
+    /// `finhub_sidecar_redis_call_duration_seconds`: time of each Redis rate-limit call,
+    /// including failed ones.
+    redis_call_duration: Histogram,
+    /// `finhub_sidecar_redis_connections`: pooled Redis connections held (each checked with
+    /// `PING` every second).
+    redis_connections: IntGauge,
+}
+
+impl RateLimitMetrics {
+    /// Creates the rate-limiting metrics in `registry`.
+    pub fn register(registry: &Registry) -> RateLimitMetrics {
+        // Each definition is static and each name is registered once per registry.
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_rate_limit_decisions_total",
+                "Rate-limit decisions by backend (local, redis, or the on_redis_error fallback)",
+            ),
+            &["backend", "decision"],
+        )
+        .expect("static metric definition is valid");
+        let redis_errors = IntCounterVec::new(
+            Opts::new(
+                "finhub_sidecar_redis_errors_total",
+                "Redis rate-limit calls that failed, by kind",
+            ),
+            &["kind"],
+        )
+        .expect("static metric definition is valid");
+        let redis_call_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "finhub_sidecar_redis_call_duration_seconds",
+                "Time of each Redis rate-limit call, failed ones included",
+            )
+            .buckets(REDIS_BUCKETS.to_vec()),
+        )
+        .expect("static metric definition is valid");
+        let redis_connections = IntGauge::new(
+            "finhub_sidecar_redis_connections",
+            "Pooled Redis connections held (each checked with PING every second)",
+        )
+        .expect("static metric definition is valid");
+        for c in [
+            Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(redis_errors.clone()),
+            Box::new(redis_call_duration.clone()),
+            Box::new(redis_connections.clone()),
+        ] {
+            registry
+                .register(c)
+                .expect("each metric is registered once in a fresh registry");
+        }
+        RateLimitMetrics {
+            decisions,
+            redis_errors,
+            redis_call_duration,
+            redis_connections,
+        }
+    }
+
+    /// The decision counters of `by`, both decisions resolved.
+    pub fn decisions(&self, by: DecidedBy) -> DecisionCounters {
+        DecisionCounters {
+            allow: self.decisions.with_label_values(&[by.as_str(), "allow"]),
+            deny: self.decisions.with_label_values(&[by.as_str(), "deny"]),
+        }
+    }
+
+    /// The counter of Redis rate-limit calls that failed with `failure`.
+    pub fn redis_errors(&self, failure: Failure) -> IntCounter {
+        self.redis_errors.with_label_values(&[failure.label()])
+    }
+
+    /// The histogram of Redis rate-limit call times.
+    pub fn redis_call_duration(&self) -> Histogram {
+        self.redis_call_duration.clone()
+    }
+
+    /// The gauge of the rate-limit pool's connections.
+    pub fn redis_connections(&self) -> IntGauge {
+        self.redis_connections.clone()
     }
 }
 

@@ -137,7 +137,7 @@ impl Admission<'_> {
             })
         };
         let path = path::canonical(if raw_path.is_empty() { b"/" } else { raw_path })
-            .map_err(|e| refused(e, None, None))?;
+            .map_err(|e| refused(e.into(), None, None))?;
         if path::is_reserved(&path, &policy.reserved_paths) {
             return Err(refused(ProxyError::ReservedPath, None, None));
         }
@@ -365,7 +365,11 @@ password = "${PW}"
                 APP,
                 ProxyError::DestinationNotAllowed("evil.example".into()),
             ),
-            (req("GET", "/api/v2/./x", &[]), APP, ProxyError::InvalidPath),
+            (
+                req("GET", "/api/v2/./x", &[]),
+                APP,
+                ProxyError::InvalidPath(path::PathError),
+            ),
             (
                 req("POST", "/api/v2/auth/logout", &[]),
                 APP,

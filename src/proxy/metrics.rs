@@ -11,7 +11,7 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 
-use crate::metrics::Outcome;
+use crate::error::Outcome;
 use crate::proxy::retry::Reason;
 
 /// Latency buckets (seconds) for request and upstream durations.

@@ -6,8 +6,8 @@ use pingora::proxy::Session;
 use pingora::Error;
 
 use crate::audit::{Audit, AuditRecord, Timestamp};
+use crate::error::Outcome;
 use crate::error::ProxyError;
-use crate::metrics::Outcome;
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::hooks::FinHubProxy;
 use crate::proxy::metrics::{GiveUp, RequestSeries, RetryOutcome};

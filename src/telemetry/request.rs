@@ -15,6 +15,7 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_sdk::trace::{SdkTracer, Span};
 use pingora::http::RequestHeader;
+use serde::Serialize;
 
 use super::context::{
     format_traceparent, parse_traceparent, sanitize_tracestate, TRACEPARENT, TRACESTATE,
@@ -249,6 +250,33 @@ fn status_text(status: u16) -> Cow<'static, str> {
         503 => "503".into(),
         504 => "504".into(),
         s => s.to_string().into(),
+    }
+}
+
+/// The span state of a new app request, when tracing is on.
+pub fn start_request(
+    tracer: Option<&SdkTracer>,
+    req: &pingora::http::RequestHeader,
+) -> Option<Box<RequestTrace>> {
+    tracer.map(|t| Box::new(RequestTrace::start(t, req)))
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TraceIdHex(pub opentelemetry::trace::TraceId);
+
+impl Serialize for TraceIdHex {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
+    }
+}
+
+/// A span id written as 16 lowercase hex digits (the audit line's `span_id`).
+#[derive(Debug, Clone, Copy)]
+pub struct SpanIdHex(pub opentelemetry::trace::SpanId);
+
+impl Serialize for SpanIdHex {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&self.0)
     }
 }
 

@@ -11,8 +11,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::metrics::{ReloadResult, TlsMetrics};
 use super::{unix_now, ClientTls, TlsError, TlsFiles, TlsStore};
-use crate::metrics::Metrics;
 
 /// What one poll did.
 #[derive(Debug)]
@@ -33,7 +33,7 @@ pub enum Poll {
 pub struct Reloader {
     files: TlsFiles,
     store: Arc<TlsStore>,
-    metrics: Metrics,
+    metrics: TlsMetrics,
     expiry_warning: Duration,
     last_rejected: Mutex<Option<u64>>,
     last_read: Mutex<Option<u64>>,
@@ -45,7 +45,7 @@ impl Reloader {
     pub fn new(
         files: TlsFiles,
         store: Arc<TlsStore>,
-        metrics: Metrics,
+        metrics: TlsMetrics,
         expiry_warning: Duration,
     ) -> Self {
         let r = Reloader {
@@ -114,10 +114,7 @@ impl Reloader {
                 for w in &tls.warnings {
                     tracing::warn!(finding = %w, "client certificate breaks a FinHub rule (enforced in production)");
                 }
-                self.metrics
-                    .cert_reloads
-                    .with_label_values(&["published"])
-                    .inc();
+                self.metrics.reload(ReloadResult::Published);
                 self.record_published(&tls);
                 self.store.publish(tls.clone());
                 self.warn_if_expiring(&tls, now);
@@ -127,20 +124,15 @@ impl Reloader {
             Err(e) => {
                 *last_rejected = Some(fingerprint);
                 tracing::warn!(error = %e, "client certificate set rejected; keeping the last good set");
-                self.metrics
-                    .cert_reloads
-                    .with_label_values(&["rejected"])
-                    .inc();
+                self.metrics.reload(ReloadResult::Rejected);
                 Poll::Rejected(e)
             }
         }
     }
 
     fn record_published(&self, tls: &ClientTls) {
-        self.metrics
-            .cert_expiration
-            .set(tls.identity.as_ref().map(|i| i.not_after_unix).unwrap_or(0));
-        self.metrics.cert_last_reload.set(unix_now());
+        let not_after = tls.identity.as_ref().map(|i| i.not_after_unix).unwrap_or(0);
+        self.metrics.published(not_after, unix_now());
     }
 
     /// Warns (at most hourly per certificate) when the certificate expires within the window.

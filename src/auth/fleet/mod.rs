@@ -27,9 +27,7 @@
 //!   error metric and a log line naming the key id, own login, and it never takes the lease (so
 //!   never overwrites a record the others can read) while that record lives.
 
-mod crypto;
-
-pub use crypto::{KeyRing, OpenError, Sealed, SessionKey};
+pub use crate::sealing::{KeyRing, OpenError, Sealed, SessionKey};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -42,7 +40,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 use super::renew::{unix_secs, Renewer};
 use super::*;
 use crate::config::{OnStoreError, SharedSessionSettings};
-use crate::redis_pool::{Failure, Pool, PoolSpec};
+use crate::redis_pool::{Failure, Pool, PoolName, PoolSpec};
 
 /// Takes or extends the lease. `KEYS`: lease, fence. `ARGV`: replica id, ttl ms, the highest
 /// fence of an authenticated record this replica has seen. Returns `{1, fence}` when this
@@ -307,8 +305,8 @@ impl FleetStore {
         let pool = Pool::new(PoolSpec {
             connection: settings.connection.clone(),
             topology: settings.topology.clone(),
-            name: "session_store",
-            metrics: metrics.clone(),
+            name: PoolName::SessionStore,
+            metrics: metrics.redis.clone(),
             password: settings.password.clone(),
             ca_pem: settings.ca_pem.clone(),
             connect_timeout: settings.connect_timeout,

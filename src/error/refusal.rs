@@ -1,17 +1,8 @@
-//! Every refusal the sidecar answers itself, and the one place it becomes an HTTP response.
-//!
-//! Each [`ProxyError`] has a status, a stable machine-readable `error` code and a message for
-//! people. The body is always `{"error": "<code>", "message": "..."}` with
-//! `Content-Type: application/json`. Messages never contain a secret; upstream TLS details are
-//! reduced to the reason (unknown CA, wrong name, certificate refused).
+//! The refusal table: each [`ProxyError`] with its status, stable code and metric [`Outcome`].
 
 use bytes::Bytes;
-use pingora::http::ResponseHeader;
-use pingora::proxy::Session;
-use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::egress::EgressError;
-use crate::metrics::Outcome;
+use crate::request_path::PathError;
 
 /// Why a TLS handshake with FinHub failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,8 +54,8 @@ pub enum ProxyError {
     ReservedPath,
     /// The path is not in canonical form (dot or empty segments, needless or separator
     /// percent-encoding, control bytes), so servers could read it differently.
-    #[error("request path is not in canonical form (dot or empty segments, encoded unreserved characters or separators)")]
-    InvalidPath,
+    #[error(transparent)]
+    InvalidPath(#[from] PathError),
     /// `TRACE` / `TRACK`: they would reflect the sidecar's credentials back to the app.
     #[error("method is not allowed through the sidecar")]
     MethodNotAllowed,
@@ -178,6 +169,80 @@ fn tls_code(f: TlsFailure) -> &'static str {
     }
 }
 
+/// The `decision` label of `finhub_sidecar_requests_total` and the audit line: `allow`, or why
+/// the sidecar answered itself. Each refusal maps to one ([`ProxyError::meta`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Forwarded to FinHub.
+    Allow,
+    /// The TCP peer is not allowed.
+    DenyClient,
+    /// An absolute-form target named a foreign host.
+    DenyDestination,
+    /// The auth and session surface.
+    DenyReserved,
+    /// A malformed or refused request (method, upgrade, path, header, body).
+    BadRequest,
+    /// A trusted forwarder's `X-Forwarded-For` is unusable.
+    InvalidForwardedFor,
+    /// A bucket or FinHub's 429 hold refused it.
+    RateLimited,
+    /// The shared limiter could not decide.
+    RateLimitUnavailable,
+    /// `X-Tenant-ID` names no tenant.
+    UnknownTenant,
+    /// No usable session.
+    SessionUnavailable,
+    /// FinHub could not be reached or broke the exchange.
+    UpstreamError,
+    /// FinHub did not answer in time.
+    UpstreamTimeout,
+    /// A sidecar bug.
+    InternalError,
+    /// The connection cap refused it.
+    TooManyConnections,
+}
+
+impl Outcome {
+    /// Every outcome, in label order (the index of each is its metric cell).
+    pub const ALL: [Outcome; 14] = [
+        Outcome::Allow,
+        Outcome::DenyClient,
+        Outcome::DenyDestination,
+        Outcome::DenyReserved,
+        Outcome::BadRequest,
+        Outcome::InvalidForwardedFor,
+        Outcome::RateLimited,
+        Outcome::RateLimitUnavailable,
+        Outcome::UnknownTenant,
+        Outcome::SessionUnavailable,
+        Outcome::UpstreamError,
+        Outcome::UpstreamTimeout,
+        Outcome::InternalError,
+        Outcome::TooManyConnections,
+    ];
+
+    /// The label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Allow => "allow",
+            Outcome::DenyClient => "deny_client",
+            Outcome::DenyDestination => "deny_destination",
+            Outcome::DenyReserved => "deny_reserved",
+            Outcome::BadRequest => "bad_request",
+            Outcome::InvalidForwardedFor => "invalid_forwarded_for",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::RateLimitUnavailable => "rate_limit_unavailable",
+            Outcome::UnknownTenant => "unknown_tenant",
+            Outcome::SessionUnavailable => "session_unavailable",
+            Outcome::UpstreamError => "upstream_error",
+            Outcome::UpstreamTimeout => "upstream_timeout",
+            Outcome::InternalError => "internal_error",
+            Outcome::TooManyConnections => "too_many_connections",
+        }
+    }
+}
+
 impl ProxyError {
     /// Everything an answer is made of, in one table: status, stable code, metric outcome.
     /// A new refusal is one variant, its message (`#[error]`) and one row here.
@@ -192,7 +257,7 @@ impl ProxyError {
             E::UnknownTenant(_) => (400, "unknown_tenant", UnknownTenant),
             E::InvalidForwardedFor => (400, "invalid_forwarded_for", InvalidForwardedFor),
             E::InvalidHeader(_) => (400, "invalid_header", BadRequest),
-            E::InvalidPath => (400, "invalid_path", BadRequest),
+            E::InvalidPath(_) => (400, "invalid_path", BadRequest),
             E::UpgradeNotSupported => (400, "upgrade_not_supported", BadRequest),
             E::InvalidRequest => (400, "invalid_request", BadRequest),
             E::ExpectationFailed => (417, "expectation_failed", BadRequest),
@@ -259,197 +324,6 @@ impl ProxyError {
         let v = serde_json::json!({ "error": self.code(), "message": self.to_string() });
         Bytes::from(v.to_string())
     }
-
-    /// Classifies a Pingora error raised while connecting to or talking with FinHub.
-    pub fn from_upstream(e: &Error) -> ProxyError {
-        if e.esource() == &ErrorSource::Downstream {
-            // The app was too slow with its body, or its own bytes were wrong (header or body
-            // framing, chunk encoding): FinHub is not at fault.
-            return match e.etype() {
-                ErrorType::ReadTimedout => ProxyError::BodyTimeout,
-                _ => ProxyError::InvalidRequest,
-            };
-        }
-        if let Some(egress) = causes(e).find_map(|c| c.downcast_ref::<EgressError>()) {
-            return match egress {
-                EgressError::Unreachable(_) => ProxyError::EgressProxyUnreachable,
-                EgressError::Refused(status) => ProxyError::EgressProxyRefused(*status),
-                EgressError::Malformed => ProxyError::EgressProxyMalformed,
-                EgressError::Timeout => ProxyError::EgressProxyTimeout,
-            };
-        }
-        let tls = || {
-            ProxyError::UpstreamTls(
-                tls_cause(e).unwrap_or_else(|| classify_tls(&error_chain_text(e))),
-            )
-        };
-        match e.etype() {
-            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert | ErrorType::HandshakeError => {
-                tls()
-            }
-            ErrorType::ConnectTimedout
-            | ErrorType::ReadTimedout
-            | ErrorType::WriteTimedout
-            | ErrorType::TLSHandshakeTimedout => ProxyError::UpstreamTimeout,
-            ErrorType::ConnectRefused | ErrorType::ConnectNoRoute | ErrorType::ConnectError => {
-                ProxyError::UpstreamUnreachable
-            }
-            _ if tls_cause(e).is_some() || error_chain_text(e).contains("alert") => tls(),
-            _ => ProxyError::UpstreamFailed,
-        }
-    }
-}
-
-/// `e`'s causes, outermost first: through nested Pingora errors (whose `source()` is empty)
-/// by their `cause`, through other errors by `source()`.
-fn causes(e: &Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
-    let first = e
-        .cause
-        .as_deref()
-        .map(|c| c as &(dyn std::error::Error + 'static));
-    std::iter::successors(first, |c| {
-        let nested = c
-            .downcast_ref::<Error>()
-            .or_else(|| c.downcast_ref::<Box<Error>>().map(|b| &**b));
-        match nested {
-            Some(inner) => inner
-                .cause
-                .as_deref()
-                .map(|c| c as &(dyn std::error::Error + 'static)),
-            None => c.source(),
-        }
-    })
-}
-
-/// The TLS failure named by a `rustls::Error` in `e`'s cause chain (directly or inside an
-/// `io::Error`, as tokio-rustls reports it).
-///
-/// Pingora 0.9.1's client handshake (`protocols/tls/rustls/client.rs`) keeps only the text of
-/// its cause (`Error::e_explain(.., format!(".. {e}"))`), so today a handshake failure reaches
-/// here without one and [`classify_tls`] reads the text instead; failures on an established
-/// connection (alerts after the handshake) keep their cause.
-fn tls_cause(e: &Error) -> Option<TlsFailure> {
-    use rustls::{CertificateError, Error as Tls};
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = e
-        .cause
-        .as_deref()
-        .map(|c| c as &(dyn std::error::Error + 'static));
-    while let Some(c) = cause {
-        let found = c.downcast_ref::<Tls>().or_else(|| {
-            c.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|inner| inner.downcast_ref::<Tls>())
-        });
-        if let Some(t) = found {
-            return Some(match t {
-                Tls::InvalidCertificate(CertificateError::UnknownIssuer) => TlsFailure::UnknownCa,
-                Tls::InvalidCertificate(
-                    CertificateError::NotValidForName
-                    | CertificateError::NotValidForNameContext { .. },
-                ) => TlsFailure::NameMismatch,
-                Tls::InvalidCertificate(
-                    CertificateError::Expired
-                    | CertificateError::ExpiredContext { .. }
-                    | CertificateError::NotValidYet
-                    | CertificateError::NotValidYetContext { .. },
-                ) => TlsFailure::ServerCertExpired,
-                Tls::AlertReceived(_) => TlsFailure::ClientCertRejected,
-                _ => TlsFailure::Other,
-            });
-        }
-        cause = c.source();
-    }
-    None
-}
-
-/// The error, its context and its causes as one string (for the text fallback only).
-fn error_chain_text(e: &Error) -> String {
-    let mut s = e.to_string();
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = e
-        .cause
-        .as_deref()
-        .map(|c| c as &(dyn std::error::Error + 'static));
-    while let Some(c) = cause {
-        s.push_str(" | ");
-        s.push_str(&c.to_string());
-        cause = c.source();
-    }
-    s
-}
-
-/// Maps rustls' error text to the reason an operator can act on.
-pub fn classify_tls(text: &str) -> TlsFailure {
-    if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
-        TlsFailure::UnknownCa
-    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
-        TlsFailure::NameMismatch
-    } else if text.contains("Expired") || text.contains("NotValidYet") {
-        TlsFailure::ServerCertExpired
-    } else if text.contains("alert") {
-        // Fatal alerts from the server during/after the handshake: BadCertificate,
-        // CertificateRequired, UnknownCA, CertificateUnknown, AccessDenied, ...
-        TlsFailure::ClientCertRejected
-    } else {
-        TlsFailure::Other
-    }
-}
-
-/// `err` as a complete HTTP/1.1 response that closes the connection, for answers written
-/// straight to a socket before Pingora has a request (connection cap, header deadline or cap).
-pub fn raw_response(err: &ProxyError) -> Vec<u8> {
-    let body = err.body();
-    let status = err.status();
-    let reason = http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("Error");
-    let mut out = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n",
-        body.len()
-    );
-    if let Some(secs) = err.retry_after() {
-        out.push_str(&format!("retry-after: {secs}\r\n"));
-    }
-    out.push_str("\r\n");
-    let mut bytes = out.into_bytes();
-    bytes.extend_from_slice(&body);
-    bytes
-}
-
-/// `err` as a response header and JSON body.
-pub fn response(err: &ProxyError) -> pingora::Result<(ResponseHeader, Bytes)> {
-    let body = err.body();
-    let mut resp = ResponseHeader::build(err.status(), Some(4))?;
-    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
-    resp.insert_header(http::header::CACHE_CONTROL, "no-store")?;
-    if let Some(secs) = err.retry_after() {
-        resp.insert_header(http::header::RETRY_AFTER, secs.to_string())?;
-    }
-    Ok((resp, body))
-}
-
-/// Writes `err` as the complete response (header and JSON body) and keeps the connection usable.
-pub async fn respond(session: &mut Session, err: &ProxyError) -> pingora::Result<()> {
-    respond_keyed(session, err, None).await
-}
-
-/// As [`respond`], with the request's `X-Idempotency-Key` (sending the request again with it
-/// cannot execute it twice).
-pub async fn respond_keyed(
-    session: &mut Session,
-    err: &ProxyError,
-    idempotency_key: Option<&http::HeaderValue>,
-) -> pingora::Result<()> {
-    let (mut resp, body) = response(err)?;
-    if let Some(key) = idempotency_key {
-        resp.insert_header(
-            crate::policy::headers::names::X_IDEMPOTENCY_KEY,
-            key.clone(),
-        )?;
-    }
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
 }
 
 impl ProxyError {
@@ -484,23 +358,6 @@ mod tests {
             .retry_after(),
             Some(2)
         );
-    }
-
-    #[test]
-    fn tls_reasons_are_told_apart() {
-        assert_eq!(
-            classify_tls("TLS connect() failed: invalid peer certificate: UnknownIssuer"),
-            TlsFailure::UnknownCa
-        );
-        assert_eq!(
-            classify_tls("invalid peer certificate: NotValidForName"),
-            TlsFailure::NameMismatch
-        );
-        assert_eq!(
-            classify_tls("received fatal alert: CertificateRequired"),
-            TlsFailure::ClientCertRejected
-        );
-        assert_eq!(classify_tls("eof"), TlsFailure::Other);
     }
 
     #[test]
@@ -541,7 +398,7 @@ mod tests {
             ProxyError::HeaderTimeout,
             ProxyError::BodyTimeout,
             ProxyError::ReservedPath,
-            ProxyError::InvalidPath,
+            ProxyError::InvalidPath(PathError),
             ProxyError::MethodNotAllowed,
             ProxyError::UpgradeNotSupported,
             ProxyError::TooManyConnections,
@@ -582,96 +439,12 @@ mod tests {
     }
 
     #[test]
-    fn raw_responses_are_complete_and_close() {
-        let r = String::from_utf8(raw_response(&ProxyError::HeadersTooLarge)).unwrap();
-        assert!(r.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
-        assert!(r.contains("connection: close\r\n"));
-        let (head, body) = r.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("content-length: {}", body.len())));
-        let v: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(v["error"], "request_headers_too_large");
-        let r = String::from_utf8(raw_response(&ProxyError::TooManyConnections)).unwrap();
-        assert!(r.contains("retry-after: 1\r\n"));
-    }
-
-    #[test]
-    fn downstream_failures_are_the_apps_fault() {
-        let mut e = Error::new(ErrorType::new("InvalidChunk"));
-        e.as_down();
-        assert_eq!(ProxyError::from_upstream(&e), ProxyError::InvalidRequest);
-        let mut e = Error::new(ErrorType::InvalidHTTPHeader);
-        e.as_down();
-        assert_eq!(ProxyError::from_upstream(&e).code(), "invalid_request");
-    }
-
-    #[test]
-    fn tls_failures_are_read_from_the_cause_chain() {
-        let cases = [
-            (
-                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
-                "upstream_tls_unknown_ca",
-            ),
-            (
-                rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
-                "upstream_tls_name_mismatch",
-            ),
-            (
-                rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
-                "upstream_tls_server_cert_invalid",
-            ),
-            (
-                rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
-                "upstream_tls_client_cert_rejected",
-            ),
-        ];
-        for (cause, code) in cases {
-            // As tokio-rustls reports it: an io::Error carrying the rustls::Error.
-            let io = std::io::Error::new(std::io::ErrorKind::InvalidData, cause);
-            let e = Error::because(ErrorType::TLSHandshakeFailure, "tls connect error", io);
-            assert_eq!(ProxyError::from_upstream(&e).code(), code);
-        }
-        // An alert on an established connection is a TLS failure whatever Pingora calls it.
-        let io = std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            rustls::Error::AlertReceived(rustls::AlertDescription::BadCertificate),
-        );
-        let e = Error::because(ErrorType::ReadError, "reading response", io);
+    fn an_invalid_path_keeps_its_answer() {
+        let e = ProxyError::from(PathError);
+        assert_eq!((e.status(), e.code()), (400, "invalid_path"));
         assert_eq!(
-            ProxyError::from_upstream(&e).code(),
-            "upstream_tls_client_cert_rejected"
-        );
-    }
-
-    #[test]
-    fn egress_failures_are_read_from_the_cause_chain_even_when_wrapped() {
-        let cases = [
-            (EgressError::Refused(407), "egress_proxy_refused", 502),
-            (
-                EgressError::Unreachable(std::io::ErrorKind::ConnectionRefused),
-                "egress_proxy_unreachable",
-                502,
-            ),
-            (EgressError::Malformed, "egress_proxy_failed", 502),
-            (EgressError::Timeout, "egress_proxy_timeout", 504),
-        ];
-        for (cause, code, status) in cases {
-            let inner = Error::because(ErrorType::ConnectProxyFailure, "tunnel", cause);
-            let outer = Error::because(ErrorType::ConnectError, "connecting", inner);
-            let got = ProxyError::from_upstream(&outer);
-            assert_eq!((got.code(), got.status()), (code, status));
-        }
-        let e = ProxyError::EgressProxyRefused(407);
-        assert!(e.to_string().contains("407"), "{e}");
-    }
-
-    #[test]
-    fn timeouts_map_to_504() {
-        let e = Error::new(ErrorType::ReadTimedout);
-        assert_eq!(ProxyError::from_upstream(&e).status(), 504);
-        let e = Error::new(ErrorType::TLSHandshakeFailure).more_context("UnknownIssuer");
-        assert_eq!(
-            ProxyError::from_upstream(&e).code(),
-            "upstream_tls_unknown_ca"
+            e.to_string(),
+            "request path is not in canonical form (dot or empty segments, encoded unreserved characters or separators)"
         );
     }
 }

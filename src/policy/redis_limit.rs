@@ -26,11 +26,11 @@ use prometheus::{Histogram, IntCounter};
 use redis::Script;
 
 use super::ratelimit::{
-    Check, Decision, DecisionCounters, Limiter, LocalBuckets, LocalLimiter, TenantLimiter,
+    Check, DecidedBy, Decision, DecisionCounters, Limiter, LocalBuckets, LocalLimiter,
+    RateLimitMetrics, TenantLimiter,
 };
 use crate::config::{Backend, Limit, OnRedisError, RateLimitConfig, RedisSettings, RouteLimit};
-use crate::metrics::Metrics;
-use crate::redis_pool::{Failure, Pool, PoolSpec};
+use crate::redis_pool::{Failure, Pool, PoolName, PoolSpec, RedisPoolMetrics};
 pub use crate::redis_pool::{BREAK_AFTER_TIMEOUTS, HEALTH_INTERVAL, MAX_RECONNECT, MIN_RECONNECT};
 
 /// GCRA (the generic cell rate algorithm, a token bucket stored as one timestamp).
@@ -134,7 +134,12 @@ impl RedisMetrics {
 impl RedisLimiter {
     /// The shared limiter for `config`'s limits. Connections are made by
     /// [`RedisLimiter::keep_connected`]; until then every decision is the failure mode's.
-    pub fn new(config: &RateLimitConfig, settings: &RedisSettings, metrics: &Metrics) -> Self {
+    pub fn new(
+        config: &RateLimitConfig,
+        settings: &RedisSettings,
+        metrics: &RateLimitMetrics,
+        pools: &RedisPoolMetrics,
+    ) -> Self {
         let fallback = match settings.on_error {
             OnRedisError::Allow => Fallback::Allow,
             OnRedisError::Deny => Fallback::Deny,
@@ -154,35 +159,34 @@ impl RedisLimiter {
                 Fallback::Local(LocalLimiter::new(shared))
             }
         };
-        let errors = &metrics.redis_errors;
         let inner = Inner {
             config: config.clone(),
             key_prefix: settings.key_prefix.clone(),
             pool: Arc::new(Pool::new(PoolSpec {
                 connection: settings.connection.clone(),
                 topology: settings.topology.clone(),
-                name: "rate_limit",
-                metrics: metrics.clone(),
+                name: PoolName::RateLimit,
+                metrics: pools.clone(),
                 password: settings.password.clone(),
                 ca_pem: settings.ca_pem.clone(),
                 connect_timeout: settings.connect_timeout,
                 timeout: settings.timeout,
                 connections: settings.connections.get(),
                 scripts: vec![Script::new(GCRA_SCRIPT)],
-                gauge: metrics.redis_connections.clone(),
+                gauge: metrics.redis_connections(),
                 purpose: "rate limits",
                 meanwhile: "rate-limit decisions follow on_redis_error",
             })),
             fallback,
             script: Script::new(GCRA_SCRIPT),
             metrics: RedisMetrics {
-                redis: DecisionCounters::new(metrics, "redis"),
-                fallback: DecisionCounters::new(metrics, "fallback"),
-                unavailable: errors.with_label_values(&["unavailable"]),
-                timeout: errors.with_label_values(&["timeout"]),
-                connection: errors.with_label_values(&["connection"]),
-                response: errors.with_label_values(&["response"]),
-                duration: metrics.redis_call_duration.clone(),
+                redis: metrics.decisions(DecidedBy::Redis),
+                fallback: metrics.decisions(DecidedBy::Fallback),
+                unavailable: metrics.redis_errors(Failure::Unavailable),
+                timeout: metrics.redis_errors(Failure::Timeout),
+                connection: metrics.redis_errors(Failure::Connection),
+                response: metrics.redis_errors(Failure::Response),
+                duration: metrics.redis_call_duration(),
             },
         };
         RedisLimiter {
@@ -327,6 +331,7 @@ mod tests {
     use std::num::NonZeroUsize;
 
     use super::*;
+    use crate::metrics::Metrics;
 
     fn limit(per_second: u32, burst: u32) -> Limit {
         Limit {
@@ -381,7 +386,7 @@ mod tests {
     fn keys_name_tenant_and_route_stably() {
         let c = config();
         let m = Metrics::new();
-        let single = RedisLimiter::new(&c, &settings(OnRedisError::Deny), &m);
+        let single = RedisLimiter::new(&c, &settings(OnRedisError::Deny), &m.rate_limit, &m.redis);
         let pool = &single.inner.pool;
         assert_eq!(bucket_key(pool, "p:", "acme", &c, 0), "p:acme:default");
         assert_eq!(
@@ -393,7 +398,7 @@ mod tests {
         s.topology = crate::config::RedisTopology::Cluster {
             seeds: vec![("127.0.0.1".into(), 1)],
         };
-        let cluster = RedisLimiter::new(&c, &s, &m);
+        let cluster = RedisLimiter::new(&c, &s, &m.rate_limit, &m.redis);
         let pool = &cluster.inner.pool;
         assert_eq!(bucket_key(pool, "p:", "acme", &c, 0), "p:{acme}:default");
         assert_eq!(
@@ -405,12 +410,22 @@ mod tests {
     #[test]
     fn without_a_connection_the_failure_mode_decides_at_once() {
         let m = Metrics::new();
-        let deny = RedisLimiter::new(&config(), &settings(OnRedisError::Deny), &m);
+        let deny = RedisLimiter::new(
+            &config(),
+            &settings(OnRedisError::Deny),
+            &m.rate_limit,
+            &m.redis,
+        );
         assert_eq!(
             ready(deny.tenant("a").check(&Method::GET, "/api/v2/x")),
             Decision::Unavailable
         );
-        let allow = RedisLimiter::new(&config(), &settings(OnRedisError::Allow), &m);
+        let allow = RedisLimiter::new(
+            &config(),
+            &settings(OnRedisError::Allow),
+            &m.rate_limit,
+            &m.redis,
+        );
         let allow = allow.tenant("a");
         for _ in 0..10 {
             assert_eq!(
@@ -423,7 +438,8 @@ mod tests {
             &settings(OnRedisError::Local {
                 replicas: NonZeroU32::new(2).unwrap(),
             }),
-            &m,
+            &m.rate_limit,
+            &m.redis,
         );
         // Route bucket 3/3 shared by 2 replicas: 2 at once here.
         let a = local.tenant("a");
@@ -443,7 +459,7 @@ mod tests {
             default: None,
             ..config()
         };
-        let l = RedisLimiter::new(&c, &settings(OnRedisError::Deny), &m);
+        let l = RedisLimiter::new(&c, &settings(OnRedisError::Deny), &m.rate_limit, &m.redis);
         assert_eq!(
             ready(l.tenant("a").check(&Method::GET, "/api/v2/x")),
             Decision::Allow

@@ -13,10 +13,17 @@
 //! differently to different servers is not forwarded at all (Spring's `StrictHttpFirewall`
 //! refuses the same). A canonical path is then matched case-insensitively against prefixes that
 //! end at a segment boundary.
+//!
+//! A leaf (no crate imports): `config` checks configured reserved prefixes with it, `proxy`
+//! checks each request (`policy::path` names the same module).
 
 use std::borrow::Cow;
 
-use crate::error::ProxyError;
+/// A path that is not in canonical form: servers could read it differently, so it is not
+/// forwarded (`ProxyError::InvalidPath` answers it with 400 `invalid_path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("request path is not in canonical form (dot or empty segments, encoded unreserved characters or separators)")]
+pub struct PathError;
 
 /// The FinHub auth and session surface (protocol notes §2, §4, §5), lower case, no trailing
 /// slash: a request under one of these never goes upstream.
@@ -43,13 +50,13 @@ const ANY_SEGMENTS: &[&str] = &["sessions", "logout", "logoutall"];
 
 /// Checks that `raw` (the path of an origin-form request target, query included or not) is
 /// canonical and returns the form rules match against: lower case, matrix parameters removed.
-pub fn canonical(raw: &[u8]) -> Result<Cow<'_, str>, ProxyError> {
+pub fn canonical(raw: &[u8]) -> Result<Cow<'_, str>, PathError> {
     let path = match raw.iter().position(|&b| b == b'?') {
         Some(q) => &raw[..q],
         None => raw,
     };
     if path.first() != Some(&b'/') {
-        return Err(ProxyError::InvalidPath);
+        return Err(PathError);
     }
     let mut needs_rewrite = false;
     let mut i = 0;
@@ -57,31 +64,31 @@ pub fn canonical(raw: &[u8]) -> Result<Cow<'_, str>, ProxyError> {
         let b = path[i];
         match b {
             b'%' => {
-                let hex = path.get(i + 1..i + 3).ok_or(ProxyError::InvalidPath)?;
-                let decoded = hex_byte(hex).ok_or(ProxyError::InvalidPath)?;
+                let hex = path.get(i + 1..i + 3).ok_or(PathError)?;
+                let decoded = hex_byte(hex).ok_or(PathError)?;
                 if is_unreserved(decoded)
                     || matches!(decoded, b'/' | b'\\' | b';' | b'%')
                     || !(0x20..0x7f).contains(&decoded)
                 {
-                    return Err(ProxyError::InvalidPath);
+                    return Err(PathError);
                 }
                 i += 3;
                 continue;
             }
-            b'\\' | b'#' | b';' => return Err(ProxyError::InvalidPath),
-            0..=0x20 | 0x7f.. => return Err(ProxyError::InvalidPath),
+            b'\\' | b'#' | b';' => return Err(PathError),
+            0..=0x20 | 0x7f.. => return Err(PathError),
             b'A'..=b'Z' => needs_rewrite = true,
             _ => {}
         }
         i += 1;
     }
     // Every byte is visible ASCII now.
-    let text = std::str::from_utf8(path).map_err(|_| ProxyError::InvalidPath)?;
+    let text = std::str::from_utf8(path).map_err(|_| PathError)?;
     let segments = &text[1..];
     let mut rest = segments.split('/').peekable();
     while let Some(seg) = rest.next() {
         if (seg.is_empty() && rest.peek().is_some()) || seg == "." || seg == ".." {
-            return Err(ProxyError::InvalidPath);
+            return Err(PathError);
         }
     }
     if !needs_rewrite {
@@ -202,12 +209,7 @@ mod tests {
             b"api/v2/x",
             b"",
         ] {
-            assert_eq!(
-                canonical(bad),
-                Err(ProxyError::InvalidPath),
-                "{}",
-                bad.escape_ascii()
-            );
+            assert_eq!(canonical(bad), Err(PathError), "{}", bad.escape_ascii());
         }
     }
 

@@ -1,26 +1,6 @@
-//! A small pool of multiplexed Redis connections, shared by the Redis users (the fleet-wide
-//! rate limit, `policy::redis_limit`, and the fleet-shared session store, `auth::fleet`).
-//!
-//! - Each pooled connection lives in an `ArcSwapOption` slot kept by one background task
-//!   ([`Pool::keep_connected`]): connect with a timeout (the password as it is now, TLS with the
-//!   configured CA), load the pool's scripts, check the connection with `PING` every
-//!   [`HEALTH_INTERVAL`], discard a broken or hung one and reconnect with backoff and jitter
-//!   ([`MIN_RECONNECT`] to [`MAX_RECONNECT`]).
-//! - A caller never connects and never takes a lock: [`Pool::call`] picks a connected slot
-//!   round robin, or fails at once with [`Failure::Unavailable`]. Every call is bounded by the
-//!   pool's timeout; a connection that drops, or times out [`BREAK_AFTER_TIMEOUTS`] calls in a
-//!   row, is discarded and re-established in the background.
-//! - **High availability** is owned here, for every user at once (`RedisTopology`):
-//!   - *Sentinel*: each connect asks the Sentinels in turn (`SENTINEL get-master-addr-by-name`),
-//!     connects to the address named and checks with `ROLE` that it is a primary before any
-//!     call uses it (a replica is never written to). A connection is discarded, and the next
-//!     connect resolves again, on a dropped connection, `READONLY`, `MASTERDOWN`, a health
-//!     check whose `ROLE` is no longer `master`, and on Sentinel's `+switch-master` (one
-//!     subscribed Sentinel connection per pool, [`Pool::keep_connected`]). The `redis` crate's
-//!     `SentinelClient` is not used: it does not follow a failover (redis-rs #1438).
-//!   - *Cluster*: the crate's cluster client (`MOVED`/`ASK`, slot refresh); the users put
-//!     every key of one tenant under one hash tag ([`Pool::tenant_key`]) so each script
-//!     touches one slot.
+//! The pool: slots of connections kept by background tasks (connect, `PING`/`ROLE` health
+//! checks, backoff), calls bounded by the timeout and never waiting for a connection, and the
+//! primary each connection reaches (failovers followed).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -29,18 +9,14 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use futures_util::StreamExt;
-use prometheus::{Counter, IntCounter, IntGauge};
-use redis::aio::{ConnectionLike, MultiplexedConnection};
-use redis::cluster::ClusterClientBuilder;
-use redis::cluster_async::ClusterConnection;
-use redis::{
-    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, ConnectionInfo, Pipeline, RedisError,
-    RedisFuture, RedisResult, Script, TlsCertificates, Value,
-};
+use prometheus::IntGauge;
+use redis::{AsyncConnectionConfig, ConnectionInfo, RedisResult, Script, Value};
 use tokio::sync::Notify;
 
+use super::connector::{role_of, switched_primary, Conn, Connected, Connector};
+use super::metrics::{PoolName, PoolSeries, RedisPoolMetrics};
+use super::view::{PoolView, ViewState};
 use crate::config::{RedisTopology, SentinelTopology};
-use crate::metrics::Metrics;
 use crate::secret::SecretSource;
 
 /// A connection that times out this many calls in a row is discarded and re-established.
@@ -55,9 +31,6 @@ pub const MAX_RECONNECT: Duration = Duration::from_secs(1);
 /// How often each pooled connection is checked with `PING` (`ROLE` with Sentinel), bounded
 /// by `connect_timeout`.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
-
-/// Tries of one cluster call (redirections and retries included) before it fails.
-pub const CLUSTER_RETRIES: u32 = 3;
 
 /// Resolution of `finhub_sidecar_redis_fallback_seconds_total`.
 const FALLBACK_TICK: Duration = Duration::from_millis(100);
@@ -87,102 +60,6 @@ impl Failure {
     }
 }
 
-/// A connection handed to [`Pool::call`]: one server's multiplexed connection (single or
-/// Sentinel mode) or the cluster client. Cheap to clone; use it as any
-/// `redis::aio::ConnectionLike`.
-#[derive(Clone)]
-pub enum Conn {
-    /// One server (the resolved primary with Sentinel).
-    Single(MultiplexedConnection),
-    /// Redis Cluster: routes each command by its keys' slot, follows `MOVED` and `ASK`.
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-/// What one pool shows on `/status`: its mode, the primary in use and its role.
-pub struct PoolView {
-    /// `rate_limit` or `session_store`.
-    pub pool: &'static str,
-    /// `single`, `sentinel` or `cluster`.
-    pub mode: &'static str,
-    state: Mutex<ViewState>,
-    connected: AtomicUsize,
-}
-
-#[derive(Default, Clone)]
-struct ViewState {
-    primary: Option<String>,
-    role: Option<String>,
-    failovers: u64,
-}
-
-impl PoolView {
-    /// The `/status` entry: mode, primary address, its role as last checked, connections,
-    /// failovers followed. Addresses and roles only, never a credential.
-    pub fn report(&self) -> serde_json::Value {
-        let st = match self.state.lock() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        };
-        serde_json::json!({
-            "pool": self.pool,
-            "mode": self.mode,
-            "primary": st.primary,
-            "role": st.role,
-            "connections": self.connected.load(Ordering::Relaxed),
-            "failovers_followed": st.failovers,
-        })
-    }
-}
-
-/// Every pool's view, for `/status` (held by [`Metrics`]).
-#[derive(Default)]
-pub struct PoolViews(Mutex<Vec<Arc<PoolView>>>);
-
-impl PoolViews {
-    /// Every pool's `/status` entry.
-    pub fn report(&self) -> Vec<serde_json::Value> {
-        match self.0.lock() {
-            Ok(v) => v.iter().map(|p| p.report()).collect(),
-            Err(p) => p.into_inner().iter().map(|p| p.report()).collect(),
-        }
-    }
-
-    fn add(&self, view: Arc<PoolView>) {
-        match self.0.lock() {
-            Ok(mut v) => v.push(view),
-            Err(p) => p.into_inner().push(view),
-        }
-    }
-}
-
 /// How to reach Redis and how large the pool is.
 pub struct PoolSpec {
     /// Address, TLS, database and user name (never a password); with Sentinel or Cluster the
@@ -190,10 +67,10 @@ pub struct PoolSpec {
     pub connection: ConnectionInfo,
     /// One server, Sentinel or Cluster.
     pub topology: RedisTopology,
-    /// `rate_limit` or `session_store`: the `pool` label of the pool's metrics.
-    pub name: &'static str,
+    /// Which pool: the `pool` label of its metrics.
+    pub name: PoolName,
     /// Where the pool's primary, failover and fallback metrics and its `/status` view go.
-    pub metrics: Metrics,
+    pub metrics: RedisPoolMetrics,
     /// Password, re-read at each connect.
     pub password: Option<SecretSource>,
     /// PEM CA bundle for `rediss://` (system roots otherwise).
@@ -227,14 +104,7 @@ pub struct Pool {
     purpose: &'static str,
     meanwhile: &'static str,
     view: Arc<PoolView>,
-    pool_metrics: PoolMetrics,
-}
-
-struct PoolMetrics {
-    metrics: Metrics,
-    name: &'static str,
-    failovers: IntCounter,
-    fallback_seconds: Counter,
+    series: PoolSeries,
 }
 
 struct Slot {
@@ -247,18 +117,6 @@ struct Slot {
     served: AtomicBool,
     /// Whether a Redis error answer was logged for the current connection.
     error_logged: AtomicBool,
-}
-
-struct Connector {
-    topology: RedisTopology,
-    /// The Sentinel that answered last (asked first next time).
-    sentinel_next: AtomicUsize,
-    connection: ConnectionInfo,
-    password: Option<SecretSource>,
-    ca_pem: Option<Vec<u8>>,
-    connect_timeout: Duration,
-    response_timeout: Duration,
-    options: AsyncConnectionConfig,
 }
 
 impl Pool {
@@ -275,27 +133,18 @@ impl Pool {
             })
             .collect();
         let view = Arc::new(PoolView {
-            pool: spec.name,
+            pool: spec.name.as_str(),
             mode: spec.topology.mode(),
             state: Mutex::new(ViewState::default()),
             connected: AtomicUsize::new(0),
         });
-        spec.metrics.redis_pools.add(view.clone());
-        let pool_metrics = PoolMetrics {
-            failovers: spec.metrics.redis_failovers.with_label_values(&[spec.name]),
-            fallback_seconds: spec
-                .metrics
-                .redis_fallback_seconds
-                .with_label_values(&[spec.name]),
-            metrics: spec.metrics,
-            name: spec.name,
-        };
+        let series = spec.metrics.pool(spec.name, view.clone());
         Pool {
             slots,
             next: AtomicUsize::new(0),
             timeout: spec.timeout,
             view,
-            pool_metrics,
+            series,
             connector: Connector {
                 topology: spec.topology,
                 sentinel_next: AtomicUsize::new(0),
@@ -475,12 +324,13 @@ impl Pool {
         if st.primary.as_deref() == Some(primary) {
             return;
         }
-        let gauge = &self.pool_metrics.metrics.redis_primary;
-        if let Some(old) = st.primary.take() {
-            let _ = gauge.remove_label_values(&[self.pool_metrics.name, self.view.mode, &old]);
+        let old = st.primary.take();
+        self.series
+            .primary_changed(self.view.mode, old.as_deref(), primary);
+        if let Some(old) = old {
             if self.view.mode == "sentinel" {
                 st.failovers += 1;
-                self.pool_metrics.failovers.inc();
+                self.series.failover();
                 tracing::warn!(
                     purpose = self.purpose,
                     from = %old,
@@ -489,9 +339,6 @@ impl Pool {
                 );
             }
         }
-        gauge
-            .with_label_values(&[self.pool_metrics.name, self.view.mode, primary])
-            .set(1);
         st.primary = Some(primary.to_string());
     }
 
@@ -502,9 +349,7 @@ impl Pool {
             tokio::time::sleep(FALLBACK_TICK).await;
             let now = Instant::now();
             if self.connected() == 0 {
-                self.pool_metrics
-                    .fallback_seconds
-                    .inc_by((now - last).as_secs_f64());
+                self.series.without_connection(now - last);
             }
             last = now;
         }
@@ -668,353 +513,6 @@ impl Pool {
     }
 }
 
-/// A new connection and what it reaches.
-struct Connected {
-    conn: Conn,
-    /// `host:port` of the server (the resolved primary with Sentinel; `cluster` with Cluster).
-    primary: String,
-    /// Its `ROLE` as checked at connect (`None` when it could not be asked).
-    role: Option<String>,
-}
-
-/// Why a connect failed, for a log line: never a password, never wire bytes.
-#[derive(Debug, thiserror::Error)]
-enum ConnectError {
-    #[error("{}", describe(.0))]
-    Redis(RedisError),
-    #[error("{0}")]
-    Sentinel(String),
-}
-
-fn describe(e: &RedisError) -> String {
-    if e.kind() == redis::ErrorKind::Parse {
-        return "answered bytes that are not the Redis protocol".into();
-    }
-    format!(
-        "{:?}{}",
-        e.kind(),
-        e.code().map(|c| format!(" ({c})")).unwrap_or_default()
-    )
-}
-
-impl From<RedisError> for ConnectError {
-    fn from(e: RedisError) -> Self {
-        ConnectError::Redis(e)
-    }
-}
-
-impl Connector {
-    /// A fresh connection, with the password as it is now: to the server, to the primary the
-    /// Sentinels name (checked with `ROLE`), or to the cluster.
-    async fn connect(&self) -> Result<Connected, ConnectError> {
-        match &self.topology {
-            RedisTopology::Single => {
-                let mut conn = self.connect_node(self.connection.clone()).await?;
-                let primary = address_of(self.connection.addr());
-                // Shown on /status only: an ACL may forbid ROLE.
-                let role = tokio::time::timeout(
-                    self.connect_timeout,
-                    redis::cmd("ROLE").query_async::<Value>(&mut conn),
-                )
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .and_then(|v| role_of(&v));
-                Ok(Connected {
-                    conn: Conn::Single(conn),
-                    primary,
-                    role,
-                })
-            }
-            RedisTopology::Sentinel(s) => self.connect_via_sentinels(s).await,
-            RedisTopology::Cluster { seeds } => self.connect_cluster(seeds).await,
-        }
-    }
-
-    /// Asks each Sentinel in turn (the last one that answered first) for the primary, connects
-    /// to it and checks its role; the first primary confirmed wins.
-    async fn connect_via_sentinels(&self, s: &SentinelTopology) -> Result<Connected, ConnectError> {
-        let n = s.sentinels.len();
-        let first = self.sentinel_next.load(Ordering::Relaxed);
-        let mut why = Vec::new();
-        for i in 0..n {
-            let index = (first + i) % n;
-            let sentinel = &s.sentinels[index];
-            let name = format!("{}:{}", sentinel.0, sentinel.1);
-            let (host, port) = match self.ask_sentinel(sentinel, s).await {
-                Ok(addr) => addr,
-                Err(e) => {
-                    why.push(format!("sentinel {name}: {e}"));
-                    continue;
-                }
-            };
-            let primary = format!("{host}:{port}");
-            let info = self.connection.clone().set_addr(self.node_addr(host, port));
-            let mut conn = match self.connect_node(info).await {
-                Ok(c) => c,
-                Err(e) => {
-                    why.push(format!(
-                        "primary {primary} (named by {name}): {}",
-                        describe(&e)
-                    ));
-                    continue;
-                }
-            };
-            let role = tokio::time::timeout(
-                self.connect_timeout,
-                redis::cmd("ROLE").query_async::<Value>(&mut conn),
-            )
-            .await;
-            match role {
-                Ok(Ok(v)) if role_of(&v).as_deref() == Some("master") => {
-                    self.sentinel_next.store(index, Ordering::Relaxed);
-                    return Ok(Connected {
-                        conn: Conn::Single(conn),
-                        primary,
-                        role: Some("master".into()),
-                    });
-                }
-                Ok(Ok(v)) => why.push(format!(
-                    "{primary} (named by {name}) is not a primary (ROLE {}); not used",
-                    role_of(&v).unwrap_or_else(|| "unreadable".into())
-                )),
-                Ok(Err(e)) => why.push(format!("{primary}: ROLE failed: {}", describe(&e))),
-                Err(_) => why.push(format!("{primary}: ROLE timed out")),
-            }
-        }
-        Err(ConnectError::Sentinel(format!(
-            "no primary for master {:?} through {n} sentinel(s): {}",
-            s.master_name,
-            why.join("; ")
-        )))
-    }
-
-    /// `SENTINEL get-master-addr-by-name` on one Sentinel, bounded by the connect timeout.
-    async fn ask_sentinel(
-        &self,
-        sentinel: &(String, u16),
-        s: &SentinelTopology,
-    ) -> Result<(String, u16), String> {
-        let ask = async {
-            let mut conn = self
-                .connect_node_with(self.sentinel_info(sentinel, s), false)
-                .await
-                .map_err(|e| describe(&e))?;
-            let v = redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg(&s.master_name)
-                .query_async::<Value>(&mut conn)
-                .await
-                .map_err(|e| describe(&e))?;
-            master_addr(&v)
-        };
-        match tokio::time::timeout(self.connect_timeout, ask).await {
-            Ok(r) => r,
-            Err(_) => Err("no answer within connect_timeout".into()),
-        }
-    }
-
-    /// A pub/sub connection to one Sentinel, subscribed to `+switch-master`.
-    async fn subscribe(
-        &self,
-        sentinel: &(String, u16),
-        s: &SentinelTopology,
-    ) -> RedisResult<redis::aio::PubSub> {
-        let client = self.client(self.sentinel_info(sentinel, s))?;
-        let subscribe = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe("+switch-master").await?;
-            Ok(pubsub)
-        };
-        match tokio::time::timeout(self.connect_timeout, subscribe).await {
-            Ok(r) => r,
-            Err(_) => Err(timed_out()),
-        }
-    }
-
-    /// One Sentinel's connection: TLS and CA as the nodes', database 0, no user, the
-    /// Sentinels' password as it is now.
-    fn sentinel_info(&self, sentinel: &(String, u16), s: &SentinelTopology) -> ConnectionInfo {
-        let mut settings = redis::RedisConnectionInfo::default();
-        if let Some(p) = &s.password {
-            settings = settings.set_password(p.current().expose());
-        }
-        self.connection
-            .clone()
-            .set_addr(self.node_addr(sentinel.0.clone(), sentinel.1))
-            .set_redis_settings(settings)
-    }
-
-    /// `host:port` with the template's TLS.
-    fn node_addr(&self, host: String, port: u16) -> ConnectionAddr {
-        match self.connection.addr() {
-            ConnectionAddr::TcpTls { .. } => ConnectionAddr::TcpTls {
-                host,
-                port,
-                insecure: false,
-                tls_params: None,
-            },
-            _ => ConnectionAddr::Tcp(host, port),
-        }
-    }
-
-    /// The cluster client, from the seeds (each with the template's user and database).
-    async fn connect_cluster(&self, seeds: &[(String, u16)]) -> Result<Connected, ConnectError> {
-        let nodes: Vec<ConnectionInfo> = seeds
-            .iter()
-            .map(|(h, p)| {
-                self.connection
-                    .clone()
-                    .set_addr(self.node_addr(h.clone(), *p))
-            })
-            .collect();
-        let mut builder = ClusterClientBuilder::new(nodes)
-            .connection_timeout(self.connect_timeout)
-            .response_timeout(self.response_timeout)
-            // A node answering MOVED in a loop, or a slot without a primary, fails the call
-            // after a few tries instead of waiting out the crate's default 16.
-            .retries(CLUSTER_RETRIES)
-            .min_retry_wait(10)
-            .max_retry_wait(100)
-            .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        if let Some(u) = self.connection.redis_settings().username() {
-            builder = builder.username(u);
-        }
-        if let Some(p) = &self.password {
-            builder = builder.password(p.current().expose());
-        }
-        let client = builder.build()?;
-        match tokio::time::timeout(self.connect_timeout, client.get_async_connection()).await {
-            Ok(Ok(conn)) => Ok(Connected {
-                conn: Conn::Cluster(conn),
-                primary: "cluster".into(),
-                role: Some("cluster".into()),
-            }),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(timed_out().into()),
-        }
-    }
-
-    fn client(&self, info: ConnectionInfo) -> RedisResult<Client> {
-        match &self.ca_pem {
-            Some(pem) => Client::build_with_tls(
-                info,
-                TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(pem.clone()),
-                },
-            ),
-            None => Client::open(info),
-        }
-    }
-
-    /// A node's connection with the nodes' password as it is now.
-    async fn connect_node(&self, info: ConnectionInfo) -> RedisResult<MultiplexedConnection> {
-        self.connect_node_with(info, true).await
-    }
-
-    async fn connect_node_with(
-        &self,
-        mut info: ConnectionInfo,
-        node_password: bool,
-    ) -> RedisResult<MultiplexedConnection> {
-        if let (true, Some(p)) = (node_password, &self.password) {
-            let settings = info
-                .redis_settings()
-                .clone()
-                .set_password(p.current().expose());
-            info = info.set_redis_settings(settings);
-        }
-        let client = self.client(info)?;
-        match tokio::time::timeout(
-            self.connect_timeout,
-            client.get_multiplexed_async_connection_with_config(&self.options),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(timed_out()),
-        }
-    }
-}
-
-fn timed_out() -> RedisError {
-    RedisError::from(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        "connect timed out",
-    ))
-}
-
-/// `host:port` of a configured address (the metric label and `/status`).
-fn address_of(addr: &ConnectionAddr) -> String {
-    match addr {
-        ConnectionAddr::Tcp(h, p)
-        | ConnectionAddr::TcpTls {
-            host: h, port: p, ..
-        } => {
-            format!("{h}:{p}")
-        }
-        ConnectionAddr::Unix(p) => p.display().to_string(),
-        _ => "unknown".into(),
-    }
-}
-
-/// The first element of a `ROLE` answer (`master`, `slave`, `sentinel`), if it is one.
-fn role_of(v: &Value) -> Option<String> {
-    match v {
-        Value::Array(items) => match items.first() {
-            Some(Value::BulkString(b)) if b.len() <= 16 => {
-                std::str::from_utf8(b).ok().map(str::to_string)
-            }
-            Some(Value::SimpleString(s)) if s.len() <= 16 => Some(s.clone()),
-            _ => None,
-        },
-        _ => None,
-    }
-}
-
-/// The primary's address in a `SENTINEL get-master-addr-by-name` answer; a clear reason for
-/// anything else (the bytes are not quoted).
-fn master_addr(v: &Value) -> Result<(String, u16), String> {
-    let text = |v: &Value| match v {
-        Value::BulkString(b) => std::str::from_utf8(b).ok().map(str::to_string),
-        Value::SimpleString(s) => Some(s.clone()),
-        _ => None,
-    };
-    match v {
-        Value::Nil => Err("knows no master by that name (check the master name in url)".into()),
-        Value::Array(items) if items.len() == 2 => {
-            let host = text(&items[0]).filter(|h| {
-                !h.is_empty()
-                    && h.len() <= 255
-                    && h.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || ".-:_".contains(c))
-            });
-            let port = text(&items[1])
-                .and_then(|p| p.parse::<u16>().ok())
-                .filter(|p| *p > 0);
-            match (host, port) {
-                (Some(h), Some(p)) => Ok((h, p)),
-                _ => Err("answered a malformed address".into()),
-            }
-        }
-        _ => Err("answered something other than an address".into()),
-    }
-}
-
-/// The new primary `ip:port` in a `+switch-master` message
-/// (`<master-name> <old-ip> <old-port> <new-ip> <new-port>`) for `master`; `None` for
-/// another master or a malformed message.
-fn switched_primary(payload: &str, master: &str) -> Option<String> {
-    let parts: Vec<&str> = payload.split(' ').collect();
-    match parts.as_slice() {
-        [name, _, _, ip, port] if *name == master && port.parse::<u16>().is_ok() => {
-            Some(format!("{ip}:{port}"))
-        }
-        _ => None,
-    }
-}
-
 /// `<prefix><tenant>:<what>`, or with `cluster` `<prefix>{<tenant>}:<what>`: the hash tag puts
 /// every key of one tenant in one slot (Lua scripts may only touch one slot). Only Cluster
 /// needs it, so single and Sentinel deployments keep their keys across this change. The
@@ -1028,7 +526,7 @@ pub fn tenant_key(prefix: &str, tenant: &str, what: &str, cluster: bool) -> Stri
 }
 
 /// Sleeps the current backoff (with jitter) and doubles it up to [`MAX_RECONNECT`].
-async fn sleep_backoff(backoff: &mut Duration) {
+pub(super) async fn sleep_backoff(backoff: &mut Duration) {
     let jitter = rand::random_range(0.5..1.0);
     tokio::time::sleep(backoff.mul_f64(jitter)).await;
     *backoff = (*backoff * 2).min(MAX_RECONNECT);
@@ -1065,55 +563,6 @@ mod tests {
     }
 
     #[test]
-    fn sentinel_answers_are_an_address_or_a_clear_reason() {
-        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
-        assert_eq!(
-            master_addr(&Value::Array(vec![bulk("10.0.0.7"), bulk("6379")])),
-            Ok(("10.0.0.7".to_string(), 6379))
-        );
-        let unknown = master_addr(&Value::Nil).unwrap_err();
-        assert!(unknown.contains("knows no master"), "{unknown}");
-        for hostile in [
-            Value::Array(vec![bulk("10.0.0.7"), bulk("0")]),
-            Value::Array(vec![bulk("10.0.0.7"), bulk("99999")]),
-            Value::Array(vec![bulk("evil host\r\n"), bulk("6379")]),
-            Value::Array(vec![bulk(""), bulk("6379")]),
-            Value::Array(vec![bulk("a"), bulk("1"), bulk("2")]),
-            Value::Int(7),
-            bulk("10.0.0.7:6379"),
-        ] {
-            let why = master_addr(&hostile).unwrap_err();
-            assert!(!why.contains("evil"), "{why}");
-        }
-        assert_eq!(
-            role_of(&Value::Array(vec![bulk("master"), Value::Int(0)])),
-            Some("master".into())
-        );
-        assert_eq!(
-            role_of(&Value::Array(vec![bulk("slave")])),
-            Some("slave".into())
-        );
-        assert_eq!(role_of(&bulk("master")), None);
-    }
-
-    #[test]
-    fn switch_master_names_the_new_primary_of_our_master_only() {
-        assert_eq!(
-            switched_primary("mymaster 127.0.0.1 7001 127.0.0.1 7002", "mymaster"),
-            Some("127.0.0.1:7002".into())
-        );
-        assert_eq!(
-            switched_primary("other 127.0.0.1 7001 127.0.0.1 7002", "mymaster"),
-            None
-        );
-        assert_eq!(switched_primary("mymaster garbage", "mymaster"), None);
-        assert_eq!(
-            switched_primary("mymaster 1 2 3 notaport", "mymaster"),
-            None
-        );
-    }
-
-    #[test]
     fn cluster_keys_of_one_tenant_share_a_hash_tag() {
         assert_eq!(tenant_key("p:", "acme", "session", false), "p:acme:session");
         assert_eq!(
@@ -1129,8 +578,8 @@ mod tests {
             connection: redis::IntoConnectionInfo::into_connection_info("redis://127.0.0.1:1/")
                 .unwrap(),
             topology: RedisTopology::Single,
-            name: "rate_limit",
-            metrics: Metrics::new(),
+            name: PoolName::RateLimit,
+            metrics: RedisPoolMetrics::register(&prometheus::Registry::new()),
             password: None,
             ca_pem: None,
             connect_timeout: Duration::from_millis(100),
