@@ -1,11 +1,32 @@
 //! The per-tenant renewal task ([`run_tenant`]): login, refresh, recovery, and the logout of
 //! every session at shutdown ([`logout_all`]).
 
-use super::*;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use tokio::sync::watch;
+
+use super::client::{AuthClient, AuthError, Refreshed};
+use super::clock::{unix_us, us, OffsetBounds};
+use super::fleet::{self, FleetState, FleetStore};
+use super::grant;
+use super::plan::{
+    can_refresh, forced_spacing, plan, rejected_wait, renewal_not_before, retry_wait, Planned, Step,
+};
+use super::session::FinHubSession;
+use super::slot::{SessionSlot, SessionTable};
+use crate::config::AuthConfig;
+use crate::metrics::Metrics;
 use crate::telemetry::BackgroundSpan;
 
+/// "Not refreshed, still valid" answers accepted for one session; then it is replaced by a
+/// login before it becomes unusable (FinHub's window is not where the sidecar thinks).
+const MAX_EARLY_REFRESHES: u32 = 8;
+
 /// Label value of an auth outcome for metrics and `/status`.
-pub(super) fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'static str {
+fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'static str {
     match r {
         Ok(_) if not_yet => "not_refreshed",
         Ok(_) => "ok",
@@ -13,7 +34,7 @@ pub(super) fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'stat
     }
 }
 
-pub(super) fn error_label(e: &AuthError) -> &'static str {
+fn error_label(e: &AuthError) -> &'static str {
     match e {
         AuthError::Rejected(_) | AuthError::NotRefreshable => "rejected",
         AuthError::RateLimited { .. } => "rate_limited",
@@ -22,14 +43,14 @@ pub(super) fn error_label(e: &AuthError) -> &'static str {
 }
 
 /// Resolves once `ending` is set (or its sender is gone).
-pub(super) async fn ended(ending: &mut watch::Receiver<bool>) {
+async fn ended(ending: &mut watch::Receiver<bool>) {
     // The guard returned by `wait_for` is not `Send`; drop it right here.
     let _ = ending.wait_for(|e| *e).await.map(|_| ());
 }
 
 /// Why the session task woke up.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Wake {
+enum Wake {
     Due,
     End,
 }
@@ -37,7 +58,7 @@ pub(super) enum Wake {
 /// Sleeps until `at_us` (our clock), a forced renewal (unless `backing_off`: a backoff is
 /// never shortened, so rejected credentials are not hammered; a forced renewal waits until
 /// `forced_earliest`, see [`forced_spacing`]), or the end.
-pub(super) async fn sleep_until(
+async fn sleep_until(
     slot: &SessionSlot,
     ending: &mut watch::Receiver<bool>,
     at_us: i64,
@@ -70,12 +91,12 @@ pub(super) async fn sleep_until(
 
 /// How long before a token becomes unusable a renewal starts, for a smoothed auth round trip
 /// of `rtt_us`: three round trips (a refresh, then a login if FinHub refuses it) and 20 ms.
-pub(super) fn lead_for(rtt_us: i64) -> i64 {
+fn lead_for(rtt_us: i64) -> i64 {
     rtt_us.saturating_mul(3).saturating_add(20_000)
 }
 
 /// Smoothed auth round trip: rises at once, decays slowly.
-pub(super) fn next_rtt(rtt_us: i64, sent: SystemTime, received: SystemTime) -> i64 {
+fn next_rtt(rtt_us: i64, sent: SystemTime, received: SystemTime) -> i64 {
     let last = unix_us(received) - unix_us(sent);
     if last >= rtt_us {
         last
@@ -105,7 +126,7 @@ pub(super) struct Renewer {
     /// Forced renewals in quick succession (each within 4 spacings of the one before).
     pub(super) forced_streak: u32,
     /// The tenant's view of the shared store (`auth.session_store = "redis"`).
-    pub(super) fleet: Option<super::fleet::FleetState>,
+    pub(super) fleet: Option<FleetState>,
     /// Whether the last failed auth call failed on this replica's own path (connect, TLS,
     /// egress, no answer) rather than with an answer from FinHub.
     pub(super) last_failure_local: bool,
@@ -128,13 +149,13 @@ impl Renewer {
 
     /// When to renew `s` (and how), not before `not_before_us`. A shared session's lease
     /// owner plans its renewal to land the owner's grace earlier than alone
-    /// ([`super::fleet::owner_grace_us`]): the followers take a renewal over only after that
+    /// ([`fleet::owner_grace_us`]): the followers take a renewal over only after that
     /// grace, before their own last moment, so the owner must leave it to them.
     pub(super) fn plan_for(&self, s: &FinHubSession, not_before_us: i64) -> Planned {
         let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
         let lead = if self.fleet.as_ref().is_some_and(|f| f.owns()) {
             self.lead_us()
-                .saturating_add(super::fleet::owner_grace_us(s.validity))
+                .saturating_add(fleet::owner_grace_us(s.validity))
         } else {
             self.lead_us()
         };
@@ -170,7 +191,7 @@ impl Renewer {
             s.timing(),
             writer.unwrap_or_else(|| s.clock.bounds()),
             self.auth.refresh_at,
-            lead_for(0).saturating_add(super::fleet::owner_grace_us(s.validity)),
+            lead_for(0).saturating_add(fleet::owner_grace_us(s.validity)),
             refreshable,
             0,
         )
@@ -242,7 +263,7 @@ impl Renewer {
                 self.leave().await;
                 return;
             }
-            if self.fleet.is_some() && self.look(&mut next).await == super::fleet::Turn::Wait {
+            if self.fleet.is_some() && self.look(&mut next).await == fleet::Turn::Wait {
                 continue;
             }
             let forced = self.slot.forced_pending();
@@ -541,7 +562,7 @@ pub async fn run_tenant(
     client: Arc<AuthClient>,
     auth: AuthConfig,
     metrics: Metrics,
-    store: Option<Arc<super::fleet::FleetStore>>,
+    store: Option<Arc<FleetStore>>,
 ) {
     let tenant_id = slot.tenant.id.clone();
     Renewer {
@@ -557,7 +578,7 @@ pub async fn run_tenant(
         rtt_us: 0,
         last_forced: None,
         forced_streak: 0,
-        fleet: store.map(super::fleet::FleetState::new),
+        fleet: store.map(FleetState::new),
         last_failure_local: false,
         hot: 0,
     }
@@ -633,4 +654,104 @@ pub(super) fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::auth::clock::{from_unix_us, unix_us, us, ClockOffset};
+    use crate::auth::plan::{plan, Step};
+    use crate::auth::session::tests::{at, issued, BASE, S};
+
+    /// FinHub (clock `offset` ahead, 10 % rule, whole-second times) against the plan and the
+    /// clock estimate, as the session task drives them: for `lifetimes` renewals, the new token
+    /// always arrives while the old one is usable and before FinHub's exp, logins never
+    /// happen after the first, and early "not refreshed" answers stop once the offset is
+    /// learnt.
+    fn simulate(offset: i64, life_s: i64, rtt: i64, lifetimes: usize) -> Vec<u32> {
+        let clock = Arc::new(ClockOffset::new());
+        let mut s = issued(&clock, offset, 0, rtt, life_s);
+        let mut rtt_us = rtt;
+        let mut not_yets = Vec::new();
+        for _ in 0..lifetimes {
+            let mut early = 0u32;
+            let mut not_before = unix_us(s.received_at) - BASE;
+            loop {
+                let lead = 3 * rtt_us + 20_000;
+                let p = plan(
+                    s.timing(),
+                    clock.bounds_at(at(not_before)),
+                    0.92,
+                    lead,
+                    true,
+                    BASE + not_before,
+                );
+                assert_eq!(
+                    p.step,
+                    Step::Refresh,
+                    "offset {offset}: logged in after {early} early answers"
+                );
+                let sent = p.at_us - BASE;
+                let finhub = BASE + sent + rtt / 2 + offset;
+                let exp = s.finhub_expiry().map(unix_us).unwrap();
+                assert!(finhub < exp, "the refresh reached FinHub after exp");
+                let date = HeaderValue::from_str(&httpdate::fmt_http_date(from_unix_us(
+                    finhub.div_euclid(S) * S,
+                )))
+                .unwrap();
+                clock.observe(Some(&date), at(sent), at(sent + rtt));
+                let opens = s.window_opens_us().unwrap();
+                if exp - finhub > us(s.validity) / 10 {
+                    early += 1;
+                    assert!(
+                        early < MAX_EARLY_REFRESHES,
+                        "offset {offset}: never in the window"
+                    );
+                    clock.infer(None, Some(opens - unix_us(at(sent))), at(sent + rtt));
+                    s.note_remaining(
+                        Duration::from_secs(((exp - finhub) / S) as u64),
+                        at(sent),
+                        at(sent + rtt),
+                    );
+                    not_before = sent + 20_000;
+                    rtt_us = next_rtt(rtt_us, at(sent), at(sent + rtt));
+                    continue;
+                }
+                let new = issued(&clock, offset, sent, rtt, life_s);
+                clock.infer(
+                    Some(opens - unix_us(new.received_at)),
+                    None,
+                    new.received_at,
+                );
+                assert!(
+                    s.is_usable(new.received_at),
+                    "offset {offset}: the old token became unusable before the new one arrived"
+                );
+                s = new;
+                break;
+            }
+            not_yets.push(early);
+        }
+        not_yets
+    }
+
+    #[test]
+    fn renewals_converge_into_fin_hubs_window_whatever_the_offset() {
+        for offset in [0, 3_000_000, -3_000_000, 437_000, -2_999_999, 61_250_000] {
+            for life_s in [3, 6, 1800] {
+                let early = simulate(offset, life_s, 4_000, 20);
+                let total: u32 = early.iter().sum();
+                assert!(total <= 8, "offset {offset}, {life_s} s: {early:?}");
+                assert!(
+                    early[10..].iter().all(|n| *n == 0),
+                    "offset {offset}, {life_s} s: still early after 10 lifetimes: {early:?}"
+                );
+            }
+        }
+    }
 }

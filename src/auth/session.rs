@@ -1,7 +1,21 @@
 //! A FinHub session token and what the sidecar derives from it: its expiry (the JWT `exp` on
 //! FinHub's clock, `expires_in` as fallback and bound), the header values built once.
 
-use super::*;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+
+use super::clock::{self, from_unix_us, unix_us, us, ClockOffset, OffsetBounds};
+use super::grant::{self, Claims, Grant};
+use crate::secret::Secret;
+
+/// Lifetime assumed when FinHub states none (neither `exp` nor `expires_in`).
+const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
+/// A token with less than this left (or 2 % of its lifetime, if smaller) is treated as expired,
+/// so that it does not expire while a request is on the way.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(500);
 
 /// One FinHub session token and what the sidecar derived from it.
 pub struct FinHubSession {
@@ -55,7 +69,7 @@ impl std::fmt::Debug for FinHubSession {
 
 /// Where a session's expiry comes from (pure; [`FinHubSession::from_grant`] uses it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Expiry {
+struct Expiry {
     /// µs since the epoch.
     pub(super) at_us: i64,
     /// On FinHub's token clock (JWT `exp`) rather than ours (`expires_in`).
@@ -72,7 +86,7 @@ pub(super) struct Expiry {
 /// What a token's claims say about its issuer's clock, read against when the answer that
 /// carried it was sent and received (our clock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Reading {
+enum Reading {
     /// No `exp`: nothing about the issuer's clock.
     Silent,
     /// The offset of the issuer's clock lies in these bounds: `exp` minus `expires_in` (whole
@@ -87,7 +101,7 @@ pub(super) enum Reading {
 /// Reads `claims` and `expires_in` of an answer sent at `sent` and received at `received`
 /// (issue 22.1, 28.3): `exp - expires_in` and `iat` are two readings of the token issuer's
 /// clock; they must agree (within the whole-second rounding and the round trip).
-pub(super) fn read_claims(
+fn read_claims(
     claims: &Claims,
     expires_in: Option<Duration>,
     sent: SystemTime,
@@ -138,7 +152,7 @@ const MAX_OFFSET: i64 = 366 * 86_400 * 1_000_000;
 /// estimate of that clock after this token's own reading). Claims that contradict `expires_in`
 /// are not believed: `expires_in` is FinHub's own count and wins, from the moment the request
 /// was sent. Without `exp`, `expires_in` from then; without either, a fallback lifetime.
-pub(super) fn choose_expiry(
+fn choose_expiry(
     claims: &Claims,
     expires_in: Option<Duration>,
     reading: Reading,
@@ -189,7 +203,7 @@ pub(super) fn choose_expiry(
 
 /// Logs a warning about FinHub's token timing at most once per [`ANOMALY_LOG_EVERY`] (then at
 /// debug): a FinHub that keeps sending odd claims must not fill the log, one line per renewal.
-pub(super) fn warn_rarely(last_us: &AtomicI64, message: &'static str) {
+fn warn_rarely(last_us: &AtomicI64, message: &'static str) {
     let now = unix_us(SystemTime::now());
     let last = last_us.load(Ordering::Relaxed);
     if now.saturating_sub(last) >= us(ANOMALY_LOG_EVERY)
@@ -439,5 +453,285 @@ impl Timing {
     /// FinHub's 10 % window opens here (on the expiry's clock).
     pub(super) fn window_opens_us(&self) -> i64 {
         self.expiry_us - self.validity_us / 10
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::auth::clock::{from_unix_us, unix_us, us, ClockOffset, OffsetBounds};
+    use crate::auth::grant::{self, Claims, Grant};
+    use crate::auth::plan::plan;
+    use crate::secret::Secret;
+
+    pub(crate) const S: i64 = 1_000_000;
+    /// A whole second, far from the epoch.
+    pub(crate) const BASE: i64 = 1_700_000_000 * S;
+
+    pub(crate) fn at(us: i64) -> SystemTime {
+        from_unix_us(BASE + us)
+    }
+
+    pub(crate) fn jwt(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"finhub-only"),
+        )
+        .unwrap()
+    }
+
+    pub(crate) fn grant(token: String, expires_in: Option<u64>) -> Grant {
+        Grant {
+            token: Secret::new(token),
+            expires_in: expires_in.map(Duration::from_secs),
+            refresh_token: None,
+            session_id: None,
+        }
+    }
+
+    /// A session as FinHub (clock `offset` µs ahead) would issue it for a request sent at
+    /// local `sent` and answered `rtt` later (FinHub answering halfway), with the answer's
+    /// `Date` observed into `clock` first.
+    pub(crate) fn issued(
+        clock: &Arc<ClockOffset>,
+        offset: i64,
+        sent: i64,
+        rtt: i64,
+        life_s: i64,
+    ) -> FinHubSession {
+        let finhub_now = BASE + sent + rtt / 2 + offset;
+        let iat = finhub_now.div_euclid(S);
+        let exp = iat + life_s;
+        let date = HeaderValue::from_str(&httpdate::fmt_http_date(from_unix_us(iat * S))).unwrap();
+        clock.observe(Some(&date), at(sent), at(sent + rtt));
+        let token = jwt(serde_json::json!({"iat": iat, "exp": exp, "internalTokenKey": "k"}));
+        let left = (exp * S - finhub_now) / S;
+        FinHubSession::from_grant(
+            grant(token, Some(left as u64)),
+            at(sent),
+            at(sent + rtt),
+            clock,
+        )
+    }
+
+    fn claims_of(exp: Option<i64>, iat: Option<i64>) -> Claims {
+        Claims {
+            exp: exp.map(|s| from_unix_us(BASE + s)),
+            iat: iat.map(|s| from_unix_us(BASE + s)),
+            internal_token_key: None,
+            session_id: None,
+        }
+    }
+
+    /// `choose_expiry` after `read_claims`, as `FinHubSession::from_grant` runs them.
+    fn expiry_of(
+        claims: &Claims,
+        expires_in: Option<u64>,
+        sent: i64,
+        received: i64,
+        offset: OffsetBounds,
+    ) -> Expiry {
+        let e = expires_in.map(Duration::from_secs);
+        let reading = read_claims(claims, e, at(sent), at(received));
+        choose_expiry(claims, e, reading, at(sent), at(received), offset)
+    }
+
+    #[test]
+    fn exp_agreeing_with_expires_in_is_the_truth_else_expires_in_wins() {
+        let zero = OffsetBounds::ZERO;
+        // exp 6 s after iat; expires_in floored to 5 while 5.7 s were left: exp wins.
+        let e = expiry_of(
+            &claims_of(Some(6 * S), Some(0)),
+            Some(5),
+            300_000,
+            310_000,
+            zero,
+        );
+        assert_eq!(e.at_us, BASE + 6 * S);
+        assert!(e.on_finhub_clock && e.window_known && !e.distrusted);
+        assert_eq!(e.validity_us, 6 * S);
+        // exp far beyond what iat + expires_in allow (a 10-year exp): expires_in wins, from
+        // when the request was sent, on our clock.
+        let e = expiry_of(
+            &claims_of(Some(10 * 365 * 86_400 * S), Some(0)),
+            Some(60),
+            0,
+            1_000,
+            zero,
+        );
+        assert!(e.distrusted && !e.on_finhub_clock && !e.window_known);
+        assert_eq!((e.at_us, e.validity_us), (BASE + 60 * S, 60 * S));
+        // exp before iat (already past when issued): expires_in wins.
+        let e = expiry_of(&claims_of(Some(-8 * S), Some(0)), Some(8), 0, 1_000, zero);
+        assert!(e.distrusted);
+        assert_eq!(e.at_us, BASE + 8 * S);
+        // Without exp: expires_in from when the request was sent, on our clock.
+        let e = expiry_of(&claims_of(None, None), Some(60), 5, 9, zero);
+        assert_eq!((e.at_us, e.on_finhub_clock), (BASE + 5 + 60 * S, false));
+        // Neither: the fallback.
+        let e = expiry_of(&claims_of(None, None), None, 0, 0, zero);
+        assert_eq!(e.validity_us, us(FALLBACK_LIFETIME));
+        // exp without iat or expires_in: validity counted from the request on FinHub's clock.
+        let skew = OffsetBounds {
+            lo_us: 2 * S,
+            hi_us: 2 * S,
+        };
+        let e = expiry_of(&claims_of(Some(10 * S), None), None, 0, 0, skew);
+        assert_eq!(e.validity_us, 8 * S);
+    }
+
+    #[test]
+    fn a_tokens_claims_are_a_reading_of_its_issuers_clock() {
+        // Issued an hour behind our clock: iat and exp - expires_in agree on -3600 s.
+        let claims = claims_of(Some(-3600 * S + 8 * S), Some(-3600 * S));
+        let r = read_claims(
+            &claims,
+            Some(Duration::from_secs(7)),
+            at(300_000),
+            at(310_000),
+        );
+        let Reading::Sample(b) = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            b.lo_us <= -3600 * S + 1 && b.hi_us >= -3600 * S - 300_000,
+            "{b:?}"
+        );
+        assert!(b.hi_us - b.lo_us <= S + 10_000, "{b:?}");
+        // A token handed out again long after its iat: the two readings disagree.
+        let old = claims_of(Some(600 * S), Some(-1200 * S));
+        assert_eq!(
+            read_claims(&old, Some(Duration::from_secs(600)), at(0), at(1_000)),
+            Reading::Contradicts
+        );
+        // Claims beyond a year from our clock are not a clock.
+        let far = claims_of(Some(400 * 86_400 * S + 8 * S), Some(400 * 86_400 * S));
+        assert_eq!(read_claims(&far, None, at(0), at(0)), Reading::Contradicts);
+        assert_eq!(
+            read_claims(&claims_of(None, Some(0)), None, at(0), at(0)),
+            Reading::Silent
+        );
+    }
+
+    #[test]
+    fn a_token_clock_ahead_of_date_is_read_from_the_token_not_from_date() {
+        // Issue 22.1: the gateway's Date agrees with our clock, the issuer runs 2 s ahead.
+        let clock = Arc::new(ClockOffset::new());
+        let s = issued(&clock, 2_000_000, 0, 10_000, 8);
+        let b = clock.bounds_at(at(0));
+        assert!(b.lo_us <= 2_005_000 && 2_005_000 <= b.hi_us, "{b:?}");
+        // iat is FinHub's second 2 (our 0 + 2.005 s, floored), exp its second 10: our 8 s.
+        // The sidecar never sends it past then, and uses it until shortly before.
+        assert!(!s.is_usable(at(8 * S)));
+        assert!(s.is_usable(at(6_800_000)));
+    }
+
+    #[test]
+    fn a_far_off_date_never_expires_a_token_finhub_said_has_time_left() {
+        // The session is issued with FinHub's clock agreeing with ours; then one answer's Date
+        // (an API answer, or a cached one) is 30 days ahead or behind.
+        for skew_s in [30 * 86_400_i64, -30 * 86_400] {
+            let clock = Arc::new(ClockOffset::new());
+            let s = issued(&clock, 0, 0, 10_000, 3600);
+            let date = HeaderValue::from_str(&httpdate::fmt_http_date(from_unix_us(
+                BASE + 20 * S + skew_s * S,
+            )))
+            .unwrap();
+            // An API answer only narrows: it cannot move the estimate; a cached one (with
+            // `Age`) is not read at all.
+            let before = clock.bounds_at(at(20 * S));
+            let now_date = HeaderValue::from_str(&httpdate::fmt_http_date(at(20 * S))).unwrap();
+            assert!(!clock.observe_api(Some(&now_date), true, at(20 * S), at(20 * S + 1000)));
+            assert!(!clock.observe_api(Some(&date), false, at(20 * S), at(20 * S + 1000)));
+            assert_eq!(clock.bounds_at(at(20 * S)), before);
+            // Even an auth answer that starts the estimate over cannot expire it early, nor keep
+            // it past what FinHub counted (3599 s left, floored, when it answered).
+            clock.observe(Some(&date), at(20 * S), at(20 * S + 1000));
+            assert!(s.is_usable(at(30 * S)), "skew {skew_s}");
+            assert!(s.is_usable(at(3598 * S)), "skew {skew_s}");
+            assert!(!s.is_usable(at(3601 * S)), "skew {skew_s}");
+        }
+    }
+
+    #[test]
+    fn usable_judges_fin_hubs_expiry_with_the_offsets_upper_bound() {
+        let clock = Arc::new(ClockOffset::new());
+        // FinHub 3.5 s ahead.
+        let s = issued(&clock, 3_500_000, 0, 10_000, 6);
+        let hi = clock.bounds_at(at(0)).hi_us;
+        let exp = s.finhub_expiry().map(unix_us).unwrap();
+        let last = exp - hi - s.timing().margin_us();
+        // (The bounds widen by 100 ppm of their age: 0.6 ms after 6 s.)
+        assert!(s.is_usable(from_unix_us(last - 1_000)));
+        assert!(!s.is_usable(from_unix_us(last + 1_000)));
+        // The upper bound is within a second above the true 3.5 s.
+        assert!((3_500_000..=4_510_000).contains(&hi), "{hi}");
+        assert!(!format!("{s:?}").contains("finhub-only"));
+    }
+
+    #[test]
+    fn absurd_times_from_fin_hub_never_panic() {
+        let clock = Arc::new(ClockOffset::new());
+        let now = SystemTime::now();
+        for (claims, expires_in) in [
+            (
+                serde_json::json!({"exp": u64::MAX, "iat": 0, "internalTokenKey": "k"}),
+                Some(u64::MAX),
+            ),
+            (
+                serde_json::json!({"exp": 0, "iat": u64::MAX, "internalTokenKey": "k"}),
+                Some(0),
+            ),
+            (serde_json::json!({"exp": 1, "internalTokenKey": "k"}), None),
+            (serde_json::json!({"exp": i64::MAX as u64 / 1000}), Some(1)),
+        ] {
+            let g = Grant::parse(
+                serde_json::json!({"userSessionToken": jwt(claims), "expires_in": expires_in})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap();
+            let s = FinHubSession::from_grant(g, now, now, &clock);
+            let _ = s.is_usable(now);
+            let _ = s.expires_at();
+            assert!(s.lifetime() <= grant::MAX_LIFETIME);
+            for refreshable in [true, false] {
+                let _ = plan(
+                    s.timing(),
+                    clock.bounds(),
+                    0.97,
+                    i64::MAX,
+                    refreshable,
+                    i64::MAX,
+                );
+                let _ = plan(s.timing(), clock.bounds(), 0.5, 0, refreshable, i64::MIN);
+            }
+            s.note_remaining(Duration::from_secs(u64::MAX / 2), now, now);
+        }
+    }
+
+    #[test]
+    fn session_header_values_are_sensitive() {
+        let clock = Arc::new(ClockOffset::new());
+        let g = grant("tok-zzz-never-in-a-uuid".into(), Some(60));
+        let s = FinHubSession::from_grant(g, SystemTime::now(), SystemTime::now(), &clock);
+        assert!(s.authorization.is_sensitive());
+        assert!(!format!("{s:?}").contains("zzz"));
+        assert_eq!(s.lifetime().as_secs(), 60);
+        assert!(s.finhub_expiry().is_none());
+    }
+
+    #[test]
+    fn not_yet_updates_an_opaque_tokens_validity() {
+        let clock = Arc::new(ClockOffset::new());
+        let s = FinHubSession::from_grant(grant("opaque".into(), Some(60)), at(0), at(0), &clock);
+        s.note_remaining(Duration::from_secs(100), at(10 * S), at(10 * S + 5));
+        assert_eq!(unix_us(s.expires_at()), BASE + 110 * S);
     }
 }

@@ -1,7 +1,21 @@
 //! One tenant's session slot (the published session, renewal requests from the request path,
 //! the outcome for `/status`) and the table of all slots with FinHub's clock.
 
-use super::*;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::{watch, Notify};
+
+use super::clock::{unix_us, us, ClockOffset};
+use super::fleet::FleetStatus;
+use super::session::FinHubSession;
+use crate::config::{Config, TenantConfig};
+
+/// A request FinHub answered 401 is held for a renewal only if one can start within this;
+/// otherwise (forced renewals are spaced, or a backoff runs) the 401 goes to the app at once.
+const FORCED_HOLD: Duration = Duration::from_millis(1500);
 
 /// One tenant's session slot.
 pub struct SessionSlot {
@@ -37,7 +51,7 @@ pub struct TenantStatus {
     /// Consecutive failures.
     pub failures: u32,
     /// The shared store's view (`auth.session_store = "redis"` only).
-    pub fleet: Option<super::fleet::FleetStatus>,
+    pub fleet: Option<FleetStatus>,
 }
 
 impl SessionSlot {
@@ -123,7 +137,7 @@ impl SessionSlot {
     }
 
     /// Whether a renewal is in flight, or a forced one may start within `within` of `now`.
-    pub(super) fn renewal_starts_within(&self, within: Duration, now: SystemTime) -> bool {
+    fn renewal_starts_within(&self, within: Duration, now: SystemTime) -> bool {
         self.renewing.load(Ordering::SeqCst)
             || self.forced_earliest_us.load(Ordering::SeqCst)
                 <= unix_us(now).saturating_add(us(within))

@@ -32,17 +32,29 @@ mod crypto;
 pub use crypto::{KeyRing, OpenError, Sealed, SessionKey};
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use redis::Script;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
+use http::HeaderValue;
+
+use super::clock::{from_unix_us, unix_us, us, ClockOffset, OffsetBounds};
+use super::grant::{self, Claims};
+use super::plan::{
+    forced_spacing, window_surely_open_us, Planned, Step, MAX_RETRY_AFTER, REJECTED_MAX,
+};
 use super::renew::{unix_secs, Renewer};
-use super::*;
-use crate::config::{OnStoreError, SharedSessionSettings};
+use super::session::{sensitive, FinHubSession};
+use super::slot::SessionTable;
+use crate::config::{OnStoreError, SharedSessionSettings, TenantConfig};
+use crate::metrics::Metrics;
 use crate::redis_pool::{Failure, Pool, PoolSpec};
+use crate::secret::Secret;
 
 /// Takes or extends the lease. `KEYS`: lease, fence. `ARGV`: replica id, ttl ms, the highest
 /// fence of an authenticated record this replica has seen. Returns `{1, fence}` when this
@@ -1855,6 +1867,7 @@ impl Renewer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::grant::Grant;
 
     fn fields(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
