@@ -5,7 +5,7 @@
 //! token inside FinHub's refresh window (refresh endpoint with the JWT's `internalTokenKey`, or
 //! a fresh login when that is not possible or fails), and retries failures: quickly while the
 //! tenant has no usable session, with exponential backoff while it still has one. At graceful
-//! shutdown [`logout_all`] ends every session. The request path only loads the snapshot and
+//! shutdown [`end_all`] ends every session (logout, or giving the fleet lease up). The request path only loads the snapshot and
 //! checks its expiry; it never waits on a lock and never sends a token it knows is expired.
 //!
 //! Times: a session's expiry is the JWT `exp`, on FinHub's clock; `expires_in` is only a
@@ -16,13 +16,17 @@
 
 pub mod client;
 pub mod clock;
+mod coordination;
+mod expiry;
 pub mod fleet;
 pub mod grant;
 mod plan;
 mod renew;
 mod session;
+mod shutdown;
 mod slot;
 
-pub use renew::{logout_all, run_tenant};
+pub use renew::run_tenant;
 pub use session::FinHubSession;
+pub use shutdown::{end_all, Ending};
 pub use slot::{SessionSlot, SessionTable, TenantStatus};

@@ -215,11 +215,13 @@ mod tests {
 
     use super::*;
     use crate::auth::client::AuthError;
-    use crate::auth::clock::{unix_us, ClockOffset, OffsetBounds};
+    use crate::auth::clock::{from_unix_us, unix_us, us, ClockOffset, OffsetBounds};
     use crate::auth::grant;
+    use crate::auth::renew::{next_rtt, MAX_EARLY_REFRESHES};
     use crate::auth::session::tests::{at, grant, issued, BASE, S};
     use crate::auth::session::{FinHubSession, Timing};
     use crate::config::Environment;
+    use http::HeaderValue;
 
     #[test]
     fn forced_renewals_that_keep_coming_are_spaced_out() {
@@ -465,5 +467,92 @@ mod tests {
         // Five rejections take more than 7 minutes: no lockout from a burst of retries.
         let five: Duration = (1..=4).map(rejected_wait).sum();
         assert!(five >= Duration::from_secs(7 * 60));
+    }
+
+    /// FinHub (clock `offset` ahead, 10 % rule, whole-second times) against the plan and the
+    /// clock estimate, as the session task drives them: for `lifetimes` renewals, the new token
+    /// always arrives while the old one is usable and before FinHub's exp, logins never
+    /// happen after the first, and early "not refreshed" answers stop once the offset is
+    /// learnt.
+    fn simulate(offset: i64, life_s: i64, rtt: i64, lifetimes: usize) -> Vec<u32> {
+        let clock = Arc::new(ClockOffset::new());
+        let mut s = issued(&clock, offset, 0, rtt, life_s);
+        let mut rtt_us = rtt;
+        let mut not_yets = Vec::new();
+        for _ in 0..lifetimes {
+            let mut early = 0u32;
+            let mut not_before = unix_us(s.received_at) - BASE;
+            loop {
+                let lead = 3 * rtt_us + 20_000;
+                let p = plan(
+                    s.timing(),
+                    clock.bounds_at(at(not_before)),
+                    0.92,
+                    lead,
+                    true,
+                    BASE + not_before,
+                );
+                assert_eq!(
+                    p.step,
+                    Step::Refresh,
+                    "offset {offset}: logged in after {early} early answers"
+                );
+                let sent = p.at_us - BASE;
+                let finhub = BASE + sent + rtt / 2 + offset;
+                let exp = s.finhub_expiry().map(unix_us).unwrap();
+                assert!(finhub < exp, "the refresh reached FinHub after exp");
+                let date = HeaderValue::from_str(&httpdate::fmt_http_date(from_unix_us(
+                    finhub.div_euclid(S) * S,
+                )))
+                .unwrap();
+                clock.observe(Some(&date), at(sent), at(sent + rtt));
+                let opens = s.window_opens_us().unwrap();
+                if exp - finhub > us(s.validity) / 10 {
+                    early += 1;
+                    assert!(
+                        early < MAX_EARLY_REFRESHES,
+                        "offset {offset}: never in the window"
+                    );
+                    clock.infer(None, Some(opens - unix_us(at(sent))), at(sent + rtt));
+                    s.note_remaining(
+                        Duration::from_secs(((exp - finhub) / S) as u64),
+                        at(sent),
+                        at(sent + rtt),
+                    );
+                    not_before = sent + 20_000;
+                    rtt_us = next_rtt(rtt_us, at(sent), at(sent + rtt));
+                    continue;
+                }
+                let new = issued(&clock, offset, sent, rtt, life_s);
+                clock.infer(
+                    Some(opens - unix_us(new.received_at)),
+                    None,
+                    new.received_at,
+                );
+                assert!(
+                    s.is_usable(new.received_at),
+                    "offset {offset}: the old token became unusable before the new one arrived"
+                );
+                s = new;
+                break;
+            }
+            not_yets.push(early);
+        }
+        not_yets
+    }
+
+    #[test]
+    fn renewals_converge_into_fin_hubs_window_whatever_the_offset() {
+        for offset in [0, 3_000_000, -3_000_000, 437_000, -2_999_999, 61_250_000] {
+            for life_s in [3, 6, 1800] {
+                let early = simulate(offset, life_s, 4_000, 20);
+                let total: u32 = early.iter().sum();
+                assert!(total <= 8, "offset {offset}, {life_s} s: {early:?}");
+                assert!(
+                    early[10..].iter().all(|n| *n == 0),
+                    "offset {offset}, {life_s} s: still early after 10 lifetimes: {early:?}"
+                );
+            }
+        }
     }
 }

@@ -1,7 +1,6 @@
-//! The per-tenant renewal task ([`run_tenant`]): login, refresh, recovery, and the logout of
-//! every session at shutdown ([`logout_all`]).
+//! The per-tenant renewal task ([`run_tenant`]): login, refresh, recovery; other replicas are
+//! met through its [`Coordination`].
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -10,20 +9,21 @@ use tokio::sync::watch;
 
 use super::client::{AuthClient, AuthError, Refreshed};
 use super::clock::{unix_us, us, OffsetBounds};
-use super::fleet::{self, FleetState, FleetStore};
+use super::coordination::{Coordination, Turn};
+use super::fleet::{owner_grace_us, FleetStore};
 use super::grant;
 use super::plan::{
     can_refresh, forced_spacing, plan, rejected_wait, renewal_not_before, retry_wait, Planned, Step,
 };
 use super::session::FinHubSession;
-use super::slot::{SessionSlot, SessionTable};
+use super::slot::SessionSlot;
 use crate::config::AuthConfig;
 use crate::metrics::Metrics;
 use crate::telemetry::BackgroundSpan;
 
 /// "Not refreshed, still valid" answers accepted for one session; then it is replaced by a
 /// login before it becomes unusable (FinHub's window is not where the sidecar thinks).
-const MAX_EARLY_REFRESHES: u32 = 8;
+pub(super) const MAX_EARLY_REFRESHES: u32 = 8;
 
 /// Label value of an auth outcome for metrics and `/status`.
 fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'static str {
@@ -34,7 +34,7 @@ fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'static str {
     }
 }
 
-fn error_label(e: &AuthError) -> &'static str {
+pub(super) fn error_label(e: &AuthError) -> &'static str {
     match e {
         AuthError::Rejected(_) | AuthError::NotRefreshable => "rejected",
         AuthError::RateLimited { .. } => "rate_limited",
@@ -74,7 +74,7 @@ async fn sleep_until(
         tokio::select! {
             _ = ended(ending) => return Wake::End,
             _ = tokio::time::sleep_until(deadline.into()) => return Wake::Due,
-            _ = slot.renew_now.notified() => {
+            _ = slot.renewal_requested() => {
                 if backing_off || !slot.forced_pending() {
                     continue;
                 }
@@ -96,7 +96,7 @@ fn lead_for(rtt_us: i64) -> i64 {
 }
 
 /// Smoothed auth round trip: rises at once, decays slowly.
-fn next_rtt(rtt_us: i64, sent: SystemTime, received: SystemTime) -> i64 {
+pub(super) fn next_rtt(rtt_us: i64, sent: SystemTime, received: SystemTime) -> i64 {
     let last = unix_us(received) - unix_us(sent);
     if last >= rtt_us {
         last
@@ -125,8 +125,12 @@ pub(super) struct Renewer {
     pub(super) last_forced: Option<Instant>,
     /// Forced renewals in quick succession (each within 4 spacings of the one before).
     pub(super) forced_streak: u32,
-    /// The tenant's view of the shared store (`auth.session_store = "redis"`).
-    pub(super) fleet: Option<FleetState>,
+    /// Whether this replica holds the tenant's renewal lease (kept by the fleet coordination):
+    /// a lease owner plans its renewals early ([`Renewer::plan_for`]).
+    pub(super) lease_held: bool,
+    /// The fleet's rejected-credentials marker as of the last look that read the store (kept
+    /// by the fleet coordination): this replica's credentials' fingerprint and the retry time.
+    pub(super) fleet_rejected: Option<(u64, i64)>,
     /// Whether the last failed auth call failed on this replica's own path (connect, TLS,
     /// egress, no answer) rather than with an answer from FinHub.
     pub(super) last_failure_local: bool,
@@ -149,13 +153,12 @@ impl Renewer {
 
     /// When to renew `s` (and how), not before `not_before_us`. A shared session's lease
     /// owner plans its renewal to land the owner's grace earlier than alone
-    /// ([`fleet::owner_grace_us`]): the followers take a renewal over only after that
+    /// ([`owner_grace_us`]): the followers take a renewal over only after that
     /// grace, before their own last moment, so the owner must leave it to them.
     pub(super) fn plan_for(&self, s: &FinHubSession, not_before_us: i64) -> Planned {
         let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
-        let lead = if self.fleet.as_ref().is_some_and(|f| f.owns()) {
-            self.lead_us()
-                .saturating_add(fleet::owner_grace_us(s.validity))
+        let lead = if self.lease_held {
+            self.lead_us().saturating_add(owner_grace_us(s.validity))
         } else {
             self.lead_us()
         };
@@ -191,7 +194,7 @@ impl Renewer {
             s.timing(),
             writer.unwrap_or_else(|| s.clock.bounds()),
             self.auth.refresh_at,
-            lead_for(0).saturating_add(fleet::owner_grace_us(s.validity)),
+            lead_for(0).saturating_add(owner_grace_us(s.validity)),
             refreshable,
             0,
         )
@@ -221,34 +224,52 @@ impl Renewer {
         rand::rng().random_range(0.0..1.0)
     }
 
-    pub(super) async fn run(mut self) {
-        let mut ending = self.slot.ending.subscribe();
+    /// The credentials FinHub rejected and until when they are not tried again: this
+    /// replica's own rejected login, or the fleet's marker as of the last look, whichever
+    /// ends later.
+    pub(super) fn rejected_now(&self) -> Option<(u64, i64)> {
+        match (self.rejected, self.fleet_rejected) {
+            (Some(own), Some(m)) => Some(if m.1 > own.1 { m } else { own }),
+            (own, m) => own.or(m),
+        }
+    }
+
+    /// Whether this replica holds credentials FinHub rejected ([`Renewer::rejected_now`]) and
+    /// may not try them yet.
+    pub(super) fn held_back(&self) -> bool {
+        let now_us = unix_us(SystemTime::now());
+        self.rejected_now().is_some_and(|(fingerprint, until)| {
+            until > now_us && fingerprint == self.client.credentials_fingerprint(&self.slot.tenant)
+        })
+    }
+
+    /// Whether a forced renewal asked for by another replica may go now (the same spacing as
+    /// this replica's own).
+    pub(super) fn forced_allowed(&self) -> bool {
+        self.last_forced
+            .is_none_or(|t| t.elapsed() >= forced_spacing(self.forced_streak))
+    }
+
+    /// The renewal loop: sleeps until the plan (or a forced renewal, or the end), asks the
+    /// coordination whether to renew, renews, and tells the coordination how it went.
+    async fn run(mut self, mut coord: Coordination) {
+        let mut ending = self.slot.ending_watch();
         let mut next = Planned {
             step: Step::Login,
             at_us: unix_us(SystemTime::now()),
         };
-        if self.fleet.is_some() {
-            self.init_fleet().await;
-        }
+        coord.start(&mut self).await;
         loop {
-            self.slot
-                .next_attempt_us
-                .store(next.at_us, Ordering::SeqCst);
+            self.slot.set_next_attempt(next.at_us);
             let backing_off = self.failures > 0 || self.rejected_now().is_some();
-            self.slot.forced_earliest_us.store(
-                if backing_off {
-                    // Forced renewals wait for the backoff.
-                    next.at_us
-                } else {
-                    self.forced_earliest_us()
-                },
-                Ordering::SeqCst,
-            );
+            self.slot.set_forced_earliest(if backing_off {
+                // Forced renewals wait for the backoff.
+                next.at_us
+            } else {
+                self.forced_earliest_us()
+            });
             // With a shared store, also wake to look at it.
-            let wake_us = match &self.fleet {
-                Some(f) => f.wake_us(next.at_us),
-                None => next.at_us,
-            };
+            let wake_us = coord.wake_us(next.at_us);
             if sleep_until(
                 &self.slot,
                 &mut ending,
@@ -260,14 +281,13 @@ impl Renewer {
             .await
                 == Wake::End
             {
-                self.leave().await;
+                coord.leave(&mut self).await;
                 return;
             }
-            if self.fleet.is_some() && self.look(&mut next).await == fleet::Turn::Wait {
+            if coord.look(&mut self, &mut next).await == Turn::Wait {
                 continue;
             }
-            let forced = self.slot.forced_pending();
-            self.slot.forced.store(0, Ordering::SeqCst);
+            let forced = self.slot.take_forced();
             if forced {
                 let now = Instant::now();
                 self.forced_streak = match self.last_forced {
@@ -280,10 +300,8 @@ impl Renewer {
                 // The next forced renewal is spaced from this one: requests refused on the
                 // session it brings are answered at once (see `SessionSlot::newer_than`),
                 // those refused before it wait for it (`renewing`).
-                self.slot.renewing.store(true, Ordering::SeqCst);
-                self.slot
-                    .forced_earliest_us
-                    .store(self.forced_earliest_us(), Ordering::SeqCst);
+                self.slot.set_renewing(true);
+                self.slot.set_forced_earliest(self.forced_earliest_us());
             }
             let now = SystemTime::now();
             if let Some((fingerprint, until)) = self.rejected_now() {
@@ -293,20 +311,19 @@ impl Renewer {
                     // Same credentials as the rejected ones: keep waiting (looking again
                     // every recovery step for a rotated secret).
                     next.at_us = until.min(unix_us(now) + us(self.auth.recovery_interval));
-                    self.slot.renewing.store(false, Ordering::SeqCst);
+                    self.slot.set_renewing(false);
                     continue;
                 }
             }
             let slot = self.slot.clone();
-            let guard = slot.flight.lock().await;
+            let guard = slot.flight().await;
             if slot.is_ending() {
                 drop(guard);
-                self.leave().await;
+                coord.leave(&mut self).await;
                 return;
             }
-            self.before_renewal();
-            let beat = self.heartbeat();
-            self.slot.renewing.store(true, Ordering::SeqCst);
+            let beat = coord.before_renewal(&mut self);
+            self.slot.set_renewing(true);
             let current = self.slot.current();
             next = match current.as_deref() {
                 Some(s)
@@ -320,10 +337,10 @@ impl Renewer {
                 }
                 _ => self.login(current.as_deref()).await,
             };
-            self.slot.renewing.store(false, Ordering::SeqCst);
-            self.heartbeat_done(beat);
+            self.slot.set_renewing(false);
+            coord.renewed(&mut self, beat);
             drop(guard);
-            self.after_renewal(&next).await;
+            coord.after_renewal(&mut self, &next).await;
         }
     }
 
@@ -517,7 +534,7 @@ impl Renewer {
             .with_label_values(&[self.tenant_id.as_str()])
             .set(unix_secs(s.expires_at()));
         // Requests refused on the new session no longer wait for this renewal.
-        self.slot.renewing.store(false, Ordering::SeqCst);
+        self.slot.set_renewing(false);
         self.slot.publish(s);
         let now_us = unix_us(SystemTime::now());
         match self.slot.current() {
@@ -578,180 +595,17 @@ pub async fn run_tenant(
         rtt_us: 0,
         last_forced: None,
         forced_streak: 0,
-        fleet: store.map(FleetState::new),
+        lease_held: false,
+        fleet_rejected: None,
         last_failure_local: false,
         hot: 0,
     }
-    .run()
+    .run(Coordination::new(store))
     .await
-}
-
-/// Ends every tenant's session at FinHub (graceful shutdown, after the drain): stops the
-/// renewals, waits for a renewal in flight, unpublishes the session (requests arriving from
-/// now on get 503 `session_unavailable` rather than a token being revoked) and calls logout.
-/// Best-effort and bounded: everything together gives up after `within`; each outcome is
-/// logged and counted (`auth_requests_total{kind="logout"}`).
-pub async fn logout_all(
-    table: Arc<SessionTable>,
-    client: Arc<AuthClient>,
-    metrics: Metrics,
-    within: Duration,
-) {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut tasks = tokio::task::JoinSet::new();
-    for slot in table.tenants().iter().cloned() {
-        let (client, metrics) = (client.clone(), metrics.clone());
-        tasks.spawn(async move {
-            slot.ending.send_replace(true);
-            let started = Instant::now();
-            let tenant = slot.tenant.id.as_str();
-            let span = BackgroundSpan::start("finhub.auth.logout", tenant);
-            let ended = tokio::time::timeout_at(deadline, async {
-                let _flight = slot.flight.lock().await;
-                let session = slot.current.swap(None)?;
-                if !session.may_be_valid(SystemTime::now()) {
-                    return None;
-                }
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                Some(client.logout(&slot.tenant, &session, left).await)
-            })
-            .await;
-            let took_ms = started.elapsed().as_millis() as u64;
-            let result = match &ended {
-                Ok(None) => {
-                    tracing::info!(tenant, "no valid session to log out");
-                    span.end("no_session");
-                    return;
-                }
-                Ok(Some(Ok(cleared))) => {
-                    tracing::info!(tenant, took_ms, cleared = ?cleared, "session logged out");
-                    "ok"
-                }
-                Ok(Some(Err(e))) if !matches!(e, AuthError::Timeout) => {
-                    tracing::warn!(tenant, took_ms, error = %e, "logout failed; stopping anyway");
-                    error_label(e)
-                }
-                _ => {
-                    tracing::warn!(
-                        tenant,
-                        took_ms,
-                        "logout did not finish within auth.logout_timeout; stopping anyway"
-                    );
-                    "timeout"
-                }
-            };
-            span.end(result);
-            metrics
-                .auth_requests
-                .with_label_values(&[tenant, "logout", result])
-                .inc();
-        });
-    }
-    while tasks.join_next().await.is_some() {}
 }
 
 pub(super) fn unix_secs(t: SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use http::HeaderValue;
-
-    use super::*;
-    use crate::auth::clock::{from_unix_us, unix_us, us, ClockOffset};
-    use crate::auth::plan::{plan, Step};
-    use crate::auth::session::tests::{at, issued, BASE, S};
-
-    /// FinHub (clock `offset` ahead, 10 % rule, whole-second times) against the plan and the
-    /// clock estimate, as the session task drives them: for `lifetimes` renewals, the new token
-    /// always arrives while the old one is usable and before FinHub's exp, logins never
-    /// happen after the first, and early "not refreshed" answers stop once the offset is
-    /// learnt.
-    fn simulate(offset: i64, life_s: i64, rtt: i64, lifetimes: usize) -> Vec<u32> {
-        let clock = Arc::new(ClockOffset::new());
-        let mut s = issued(&clock, offset, 0, rtt, life_s);
-        let mut rtt_us = rtt;
-        let mut not_yets = Vec::new();
-        for _ in 0..lifetimes {
-            let mut early = 0u32;
-            let mut not_before = unix_us(s.received_at) - BASE;
-            loop {
-                let lead = 3 * rtt_us + 20_000;
-                let p = plan(
-                    s.timing(),
-                    clock.bounds_at(at(not_before)),
-                    0.92,
-                    lead,
-                    true,
-                    BASE + not_before,
-                );
-                assert_eq!(
-                    p.step,
-                    Step::Refresh,
-                    "offset {offset}: logged in after {early} early answers"
-                );
-                let sent = p.at_us - BASE;
-                let finhub = BASE + sent + rtt / 2 + offset;
-                let exp = s.finhub_expiry().map(unix_us).unwrap();
-                assert!(finhub < exp, "the refresh reached FinHub after exp");
-                let date = HeaderValue::from_str(&httpdate::fmt_http_date(from_unix_us(
-                    finhub.div_euclid(S) * S,
-                )))
-                .unwrap();
-                clock.observe(Some(&date), at(sent), at(sent + rtt));
-                let opens = s.window_opens_us().unwrap();
-                if exp - finhub > us(s.validity) / 10 {
-                    early += 1;
-                    assert!(
-                        early < MAX_EARLY_REFRESHES,
-                        "offset {offset}: never in the window"
-                    );
-                    clock.infer(None, Some(opens - unix_us(at(sent))), at(sent + rtt));
-                    s.note_remaining(
-                        Duration::from_secs(((exp - finhub) / S) as u64),
-                        at(sent),
-                        at(sent + rtt),
-                    );
-                    not_before = sent + 20_000;
-                    rtt_us = next_rtt(rtt_us, at(sent), at(sent + rtt));
-                    continue;
-                }
-                let new = issued(&clock, offset, sent, rtt, life_s);
-                clock.infer(
-                    Some(opens - unix_us(new.received_at)),
-                    None,
-                    new.received_at,
-                );
-                assert!(
-                    s.is_usable(new.received_at),
-                    "offset {offset}: the old token became unusable before the new one arrived"
-                );
-                s = new;
-                break;
-            }
-            not_yets.push(early);
-        }
-        not_yets
-    }
-
-    #[test]
-    fn renewals_converge_into_fin_hubs_window_whatever_the_offset() {
-        for offset in [0, 3_000_000, -3_000_000, 437_000, -2_999_999, 61_250_000] {
-            for life_s in [3, 6, 1800] {
-                let early = simulate(offset, life_s, 4_000, 20);
-                let total: u32 = early.iter().sum();
-                assert!(total <= 8, "offset {offset}, {life_s} s: {early:?}");
-                assert!(
-                    early[10..].iter().all(|n| *n == 0),
-                    "offset {offset}, {life_s} s: still early after 10 lifetimes: {early:?}"
-                );
-            }
-        }
-    }
 }
