@@ -5,14 +5,19 @@
 //! token inside FinHub's refresh window (refresh endpoint with the JWT's `internalTokenKey`, or
 //! a fresh login when that is not possible or fails), and retries failures: quickly while the
 //! tenant has no usable session, with exponential backoff while it still has one. At graceful
-//! shutdown [`end_all`] ends every session (logout, or giving the fleet lease up). The request path only loads the snapshot and
-//! checks its expiry; it never waits on a lock and never sends a token it knows is expired.
+//! shutdown [`end_all`] ends every session (a logout, or, in a fleet, giving the leases up).
+//! The request path only loads the snapshot and checks its expiry; it never waits on a lock
+//! and never sends a token it knows is expired.
 //!
 //! Times: a session's expiry is the JWT `exp`, on FinHub's clock; `expires_in` is only a
 //! fallback (opaque tokens) and a sanity bound. FinHub's clock offset is estimated from its
 //! `Date` headers ([`clock::ClockOffset`]) as an interval; the expiry check uses its upper
 //! bound (never send a token FinHub may consider expired), the refresh plan both bounds
-//! ([`plan`]).
+//! (`plan.rs`).
+//!
+//! The renewal loop (`renew.rs`) meets other replicas through one seam, `coordination.rs`:
+//! `Solo`, or `Fleet` over the Redis store ([`fleet`]), whose role decision is a pure function
+//! (`fleet/role.rs`).
 
 pub mod client;
 pub mod clock;

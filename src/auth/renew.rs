@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rand::Rng;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::client::{AuthClient, AuthError, Refreshed};
 use super::clock::{unix_us, us, OffsetBounds};
@@ -357,7 +358,9 @@ impl Renewer {
             Ok(Refreshed::NotYet { .. }) if forced => {
                 // FinHub refused the token on an API call but the refresh endpoint still
                 // considers it current: only a fresh login helps.
-                tracing::warn!(tenant = %self.tenant_id, "FinHub refused the session but would not refresh it; logging in again");
+                tracing::warn!(
+                    "FinHub refused the session but would not refresh it; logging in again"
+                );
                 None
             }
             Ok(Refreshed::NotYet {
@@ -379,7 +382,6 @@ impl Renewer {
                 let min_step = (us(s.validity) / 200).max(20_000);
                 let p = self.plan_for(s, unix_us(now) + min_step);
                 tracing::debug!(
-                    tenant = %self.tenant_id,
                     next = ?p.step,
                     in_ms = (p.at_us - unix_us(now)) / 1000,
                     "FinHub kept the current token (its refresh window had not opened)"
@@ -391,7 +393,7 @@ impl Renewer {
             {
                 // As for a login: a token unusable on arrival is not published; the current one
                 // serves on and a login follows (spaced, see `retry_wait`).
-                tracing::warn!(tenant = %self.tenant_id, "the refreshed token is unusable on arrival; logging in instead");
+                tracing::warn!("the refreshed token is unusable on arrival; logging in instead");
                 None
             }
             Ok(Refreshed::New(new)) => {
@@ -407,7 +409,7 @@ impl Renewer {
                 Some(self.publish(*new, Step::Refresh))
             }
             Err(e @ (AuthError::Rejected(_) | AuthError::NotRefreshable)) => {
-                tracing::warn!(tenant = %self.tenant_id, error = %e, "refresh refused; logging in again");
+                tracing::warn!(error = %e, "refresh refused; logging in again");
                 None
             }
             Err(e) => {
@@ -461,7 +463,6 @@ impl Renewer {
                     until,
                 ));
                 tracing::error!(
-                    tenant = %self.tenant_id,
                     error = %e,
                     retry_in_ms = wait.as_millis() as u64,
                     "FinHub rejected the login: check this tenant's credentials (retried sooner if they change)"
@@ -502,7 +503,6 @@ impl Renewer {
             Self::jitter(),
         );
         tracing::warn!(
-            tenant = %self.tenant_id,
             call = what,
             error = %e,
             attempt = self.failures,
@@ -521,7 +521,6 @@ impl Renewer {
         self.slot.record("ok", true);
         let offset = self.client.clock().bounds();
         tracing::info!(
-            tenant = %self.tenant_id,
             via = ?via,
             lifetime_ms = s.lifetime().as_millis() as u64,
             refreshable = s.internal_token_key.is_some(),
@@ -551,7 +550,10 @@ impl Renewer {
                     0
                 };
                 if self.hot > 0 {
-                    tracing::debug!(tenant = %self.tenant_id, in_a_row = self.hot, "the new token's renewal was due on arrival; spacing renewals out");
+                    tracing::debug!(
+                        in_a_row = self.hot,
+                        "the new token's renewal was due on arrival; spacing renewals out"
+                    );
                 }
                 let not_before =
                     renewal_not_before(now_us, s.validity, self.hot.saturating_sub(1), latest);
@@ -582,6 +584,8 @@ pub async fn run_tenant(
     store: Option<Arc<FleetStore>>,
 ) {
     let tenant_id = slot.tenant.id.clone();
+    // The task's span carries the tenant for every line it (and the tasks it spawns) logs.
+    let span = tracing::info_span!("renewal", tenant = %tenant_id);
     Renewer {
         slot,
         client,
@@ -601,6 +605,7 @@ pub async fn run_tenant(
         hot: 0,
     }
     .run(Coordination::new(store))
+    .instrument(span)
     .await
 }
 

@@ -6,6 +6,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use tracing::Instrument;
+
 use super::client::{AuthClient, AuthError};
 use super::fleet::FleetStore;
 use super::renew::error_label;
@@ -79,51 +81,54 @@ async fn logout_all(
     let mut tasks = tokio::task::JoinSet::new();
     for slot in table.tenants().iter().cloned() {
         let (client, metrics) = (client.clone(), metrics.clone());
-        tasks.spawn(async move {
-            slot.begin_ending();
-            let started = Instant::now();
-            let tenant = slot.tenant.id.as_str();
-            let span = BackgroundSpan::start("finhub.auth.logout", tenant);
-            let ended = tokio::time::timeout_at(deadline, async {
-                let _flight = slot.flight().await;
-                let session = slot.take_current()?;
-                if !session.may_be_valid(SystemTime::now()) {
-                    return None;
-                }
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                Some(client.logout(&slot.tenant, &session, left).await)
-            })
-            .await;
-            let took_ms = started.elapsed().as_millis() as u64;
-            let result = match &ended {
-                Ok(None) => {
-                    tracing::info!(tenant, "no valid session to log out");
-                    span.end("no_session");
-                    return;
-                }
-                Ok(Some(Ok(cleared))) => {
-                    tracing::info!(tenant, took_ms, cleared = ?cleared, "session logged out");
-                    "ok"
-                }
-                Ok(Some(Err(e))) if !matches!(e, AuthError::Timeout) => {
-                    tracing::warn!(tenant, took_ms, error = %e, "logout failed; stopping anyway");
-                    error_label(e)
-                }
-                _ => {
-                    tracing::warn!(
-                        tenant,
-                        took_ms,
-                        "logout did not finish within auth.logout_timeout; stopping anyway"
-                    );
-                    "timeout"
-                }
-            };
-            span.end(result);
-            metrics
-                .auth_requests
-                .with_label_values(&[tenant, "logout", result])
-                .inc();
-        });
+        let span = tracing::info_span!("logout", tenant = %slot.tenant.id);
+        tasks.spawn(
+            async move {
+                slot.begin_ending();
+                let started = Instant::now();
+                let tenant = slot.tenant.id.as_str();
+                let span = BackgroundSpan::start("finhub.auth.logout", tenant);
+                let ended = tokio::time::timeout_at(deadline, async {
+                    let _flight = slot.flight().await;
+                    let session = slot.take_current()?;
+                    if !session.may_be_valid(SystemTime::now()) {
+                        return None;
+                    }
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    Some(client.logout(&slot.tenant, &session, left).await)
+                })
+                .await;
+                let took_ms = started.elapsed().as_millis() as u64;
+                let result = match &ended {
+                    Ok(None) => {
+                        tracing::info!("no valid session to log out");
+                        span.end("no_session");
+                        return;
+                    }
+                    Ok(Some(Ok(cleared))) => {
+                        tracing::info!(took_ms, cleared = ?cleared, "session logged out");
+                        "ok"
+                    }
+                    Ok(Some(Err(e))) if !matches!(e, AuthError::Timeout) => {
+                        tracing::warn!(took_ms, error = %e, "logout failed; stopping anyway");
+                        error_label(e)
+                    }
+                    _ => {
+                        tracing::warn!(
+                            took_ms,
+                            "logout did not finish within auth.logout_timeout; stopping anyway"
+                        );
+                        "timeout"
+                    }
+                };
+                span.end(result);
+                metrics
+                    .auth_requests
+                    .with_label_values(&[tenant, "logout", result])
+                    .inc();
+            }
+            .instrument(span),
+        );
     }
     while tasks.join_next().await.is_some() {}
 }

@@ -40,7 +40,7 @@ impl FleetState {
             Err(failure) => self.store_failed(r, failure),
             Ok(snap) => {
                 if !self.store_up {
-                    tracing::info!(tenant = %tenant, "session store answering again");
+                    tracing::info!("session store answering again");
                 }
                 self.store_up = true;
                 renew_requested = snap.renew_requested;
@@ -82,14 +82,14 @@ impl FleetState {
                         Ok(Lease::Other) => {
                             self.set_owner(r, None);
                             if self.stranded(backoff.is_some()) {
-                                self.fallback(r, "no usable session and no newer shared record for longer than auth.shared.lease_ttl; the lease holder is not renewing")
+                                self.fallback("no usable session and no newer shared record for longer than auth.shared.lease_ttl; the lease holder is not renewing")
                             } else {
                                 Role::Follower
                             }
                         }
                         Ok(Lease::Corrupt) => {
                             self.set_owner(r, None);
-                            self.fallback(r, "the renewal lease or fence in Redis is not one a sidecar writes (garbage, no TTL, another type, or a fence beyond 2^53)")
+                            self.fallback("the renewal lease or fence in Redis is not one a sidecar writes (garbage, no TTL, another type, or a fence beyond 2^53)")
                         }
                         Err(failure) => self.store_failed(r, failure),
                     },
@@ -204,7 +204,7 @@ impl FleetState {
             Decision::Yield => {
                 // This replica cannot reach FinHub (connect, TLS, egress: its own path): give
                 // the lease to another replica for a turn.
-                tracing::warn!(tenant = %tenant, failures = r.failures, "no session after repeated failures; giving the renewal lease to another replica");
+                tracing::warn!(failures = r.failures, "no session after repeated failures; giving the renewal lease to another replica");
                 store.release(&tenant).await;
                 self.set_owner(r, None);
                 r.failures = 0;
@@ -215,18 +215,24 @@ impl FleetState {
                 Turn::Wait
             }
             Decision::Honour(request) => {
-                tracing::info!(tenant = %tenant, generation = request.generation, "another replica's request was refused by FinHub: renewing the shared session");
+                tracing::info!(
+                    generation = request.generation,
+                    "another replica's request was refused by FinHub: renewing the shared session"
+                );
                 self.honoured = Some(request);
                 r.slot.force_renewal();
                 Turn::Renew
             }
             Decision::OwnerSilent { generation } => {
-                tracing::warn!(tenant = %tenant, generation, "the owner did not renew the refused shared session within auth.shared.follow_timeout; renewing on our own");
+                tracing::warn!(generation, "the owner did not renew the refused shared session within auth.shared.follow_timeout; renewing on our own");
                 self.asked = None;
                 Turn::Renew
             }
             Decision::AskOwner { generation } => {
-                tracing::info!(tenant = %tenant, generation, "FinHub refused the shared session here; asking the owner to renew it");
+                tracing::info!(
+                    generation,
+                    "FinHub refused the shared session here; asking the owner to renew it"
+                );
                 let ok = store.ask_renewal(&tenant, generation).await.is_ok();
                 self.asked = Some((Instant::now(), generation));
                 if !ok {
@@ -238,7 +244,7 @@ impl FleetState {
             Decision::TakeOver => {
                 let generation = self.adopted.map(|a| a.0);
                 self.renewed_alone = generation;
-                tracing::warn!(tenant = %tenant, generation = generation.unwrap_or(0), "no newer shared session after its refresh point; renewing on our own before the token becomes unusable");
+                tracing::warn!(generation = generation.unwrap_or(0), "no newer shared session after its refresh point; renewing on our own before the token becomes unusable");
                 if let Some((planned, _)) = owners {
                     *next = planned;
                 }

@@ -21,11 +21,17 @@
 //! - **Steering values** (`:renew`, `:backoff`, `:rejected`) carry an HMAC tag under a key
 //!   derived from the session key ([`KeyRing::sign`]) and are bounded by what a sidecar writes;
 //!   they are re-read at every look and never kept, and none keeps a follower from renewing its
-//!   own session before it becomes unusable ([`own_renewal_at`]).
+//!   own session before it becomes unusable (`role::own_renewal_at`).
 //! - **Failures**: store unavailable → keep the last good session, renew on its own when due
 //!   (`on_store_error = "local"`) or never (`"wait"`); a record this replica cannot decrypt →
 //!   error metric and a log line naming the key id, own login, and it never takes the lease (so
 //!   never overwrites a record the others can read) while that record lives.
+//!
+//! Layout: `store.rs` the Redis I/O ([`FleetStore`]), `record.rs` what is stored (parsing,
+//! steering values, the encrypted payload), `crypto.rs` the keys, `role.rs` the pure role
+//! decision (`decide`), `state.rs` one tenant's [`FleetState`] and its bookkeeping, `look.rs`
+//! a look at the store (read, decide, apply): the fleet side of
+//! [`crate::auth::coordination`]'s seam.
 
 mod crypto;
 mod look;

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use tracing::Instrument;
+
 use super::crypto::OpenError;
 use super::record::{sanitize_id, session_of, Backoff, Lease, Marker, RawRecord, RenewRequest};
 use super::role::{adoptable, Role, Source};
@@ -162,16 +164,20 @@ impl FleetState {
             let loud = lines < LEASE_LINES_PER_MINUTE;
             match (fence, loud) {
                 (Some(n), true) => {
-                    tracing::info!(tenant = %tenant, fence = n, replica = self.store.replica(), "took the tenant's renewal lease: this replica renews the shared session")
+                    tracing::info!(
+                        fence = n,
+                        replica = self.store.replica(),
+                        "took the tenant's renewal lease: this replica renews the shared session"
+                    )
                 }
                 (Some(n), false) => {
-                    tracing::debug!(tenant = %tenant, fence = n, "took the tenant's renewal lease")
+                    tracing::debug!(fence = n, "took the tenant's renewal lease")
                 }
                 (None, true) => {
-                    tracing::info!(tenant = %tenant, "gave up the tenant's renewal lease")
+                    tracing::info!("gave up the tenant's renewal lease")
                 }
                 (None, false) => {
-                    tracing::debug!(tenant = %tenant, "gave up the tenant's renewal lease")
+                    tracing::debug!("gave up the tenant's renewal lease")
                 }
             }
         }
@@ -229,10 +235,10 @@ impl FleetState {
 
     /// The role when the lease cannot be followed: renew on its own (`on_store_error =
     /// "local"`) or wait; logged once per episode.
-    pub(super) fn fallback(&mut self, r: &Renewer, why: &str) -> Role {
+    pub(super) fn fallback(&mut self, why: &str) -> Role {
         let mode = self.store.settings.on_store_error;
         if !self.fallback_logged {
-            tracing::warn!(tenant = %r.tenant_id, on_store_error = ?mode, "{why}; renewing per auth.shared.on_store_error");
+            tracing::warn!(on_store_error = ?mode, "{why}; renewing per auth.shared.on_store_error");
             self.fallback_logged = true;
         }
         super::role::on_store_error(mode)
@@ -254,7 +260,6 @@ impl FleetState {
         if let Some(m) = hold {
             if was.is_none() && m.until_us > own_until {
                 tracing::warn!(
-                    tenant = %r.tenant_id,
                     retry_in_ms = (m.until_us - now_us) / 1000,
                     "FinHub rejected another replica's login with the credentials this replica holds; not trying them before then (retried sooner if they change)"
                 );
@@ -277,7 +282,7 @@ impl FleetState {
             };
             let _ = store.mark_rejected(&tenant, &marker).await;
         }
-        tracing::warn!(tenant = %tenant, "FinHub rejected this replica's credentials; giving the renewal lease to a replica with other credentials (replicas with the same ones hold back until the retry)");
+        tracing::warn!("FinHub rejected this replica's credentials; giving the renewal lease to a replica with other credentials (replicas with the same ones hold back until the retry)");
         store.release(&tenant).await;
         self.set_owner(r, None);
     }
@@ -297,12 +302,13 @@ impl FleetState {
                     Ok(Lease::Held(f)) if f == fence => {}
                     _ => {
                         flag.store(true, Ordering::SeqCst);
-                        tracing::warn!(tenant = %tenant, "could not extend the renewal lease during a renewal: its result is kept here, not shared");
+                        tracing::warn!("could not extend the renewal lease during a renewal: its result is kept here, not shared");
                         return;
                     }
                 }
             }
-        });
+        // In the renewal task's span (its tenant).
+        }.in_current_span());
         Some(Heartbeat { task, lost })
     }
 
@@ -321,7 +327,7 @@ impl FleetState {
     pub(super) fn store_failed(&mut self, r: &mut Renewer, failure: Failure) -> Role {
         let mode = Some(self.store.settings.on_store_error);
         if self.store_up {
-            tracing::warn!(tenant = %r.tenant_id, kind = failure.label(), on_store_error = ?mode, "session store unavailable; serving the last good session, renewing per auth.shared.on_store_error");
+            tracing::warn!(kind = failure.label(), on_store_error = ?mode, "session store unavailable; serving the last good session, renewing per auth.shared.on_store_error");
         }
         self.store_up = false;
         self.set_owner(r, None);
@@ -366,7 +372,7 @@ impl FleetState {
                 if !adoptable(payload.obtained_us, newest, current_usable) {
                     // Older than a shared session already seen (a replayed record, or a
                     // failover that lost the last write): the current one serves on.
-                    tracing::warn!(tenant = %tenant, generation, "the shared record holds an older session than one already seen; not adopted");
+                    tracing::warn!(generation, "the shared record holds an older session than one already seen; not adopted");
                     return true;
                 }
                 self.adopted = Some((generation, fence));
@@ -378,7 +384,11 @@ impl FleetState {
                 };
                 self.asked = None;
                 self.newest_obtained_us = self.newest_obtained_us.max(payload.obtained_us);
-                tracing::info!(tenant = %tenant, generation, lifetime_ms = session.lifetime().as_millis() as u64, "adopted the shared session");
+                tracing::info!(
+                    generation,
+                    lifetime_ms = session.lifetime().as_millis() as u64,
+                    "adopted the shared session"
+                );
                 r.metrics
                     .session_expiration
                     .with_label_values(&[tenant.as_str()])
@@ -403,7 +413,6 @@ impl FleetState {
                     // Once per record (key id and generation), not per read.
                     store.count_decrypt_error(&kid);
                     tracing::error!(
-                        tenant = %tenant,
                         key_id = %kid,
                         generation,
                         this_replica_key_id = store.settings.keys.current_id(),
@@ -462,7 +471,7 @@ impl FleetState {
                 self.writer_offset = None;
                 self.newest_obtained_us = self.newest_obtained_us.max(unix_us(s.obtained_at));
                 self.set_source(r, Source::Shared);
-                tracing::debug!(tenant = %tenant, generation, "shared session written");
+                tracing::debug!(generation, "shared session written");
             }
             Ok(false) => {
                 // Refused (the lease or the record belongs to another owner, or the lease's
@@ -475,7 +484,10 @@ impl FleetState {
                     .refused_logged
                     .is_none_or(|t| now - t >= REFUSED_LOG_EVERY)
                 {
-                    tracing::info!(tenant = %tenant, refused = self.refused, "the shared record belongs to a newer owner; not written, following it");
+                    tracing::info!(
+                        refused = self.refused,
+                        "the shared record belongs to a newer owner; not written, following it"
+                    );
                     self.refused_logged = Some(now);
                     self.refused = 0;
                 }

@@ -279,7 +279,7 @@ impl FleetStore {
                 .session_store_errors
                 .with_label_values(&["malformed"])
                 .inc();
-            tracing::debug!(tenant, why = kind, "the shared record key holds no record");
+            tracing::debug!(why = kind, "the shared record key holds no record");
         }
         Ok(snap)
     }
