@@ -3,8 +3,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::clock::{self, unix_us, us, OffsetBounds};
+use super::clock::{self, OffsetBounds};
+
 use super::grant::{self, Claims};
+use super::time::{unix_us, us};
 
 /// Lifetime assumed when FinHub states none (neither `exp` nor `expires_in`).
 const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
@@ -148,8 +150,9 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::auth::clock::{from_unix_us, OffsetBounds};
+    use crate::auth::clock::OffsetBounds;
     use crate::auth::session::tests::{at, BASE, S};
+    use crate::auth::time::from_unix_us;
 
     fn claims_of(exp: Option<i64>, iat: Option<i64>) -> Claims {
         Claims {

@@ -4,9 +4,10 @@
 use std::time::{Duration, SystemTime};
 
 use super::client::AuthError;
-use super::clock::{us, OffsetBounds};
+use super::clock::OffsetBounds;
 use super::grant;
 use super::session::{FinHubSession, Timing};
+use super::time::us;
 
 /// The longest `Retry-After` from the auth endpoint that is honoured.
 pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
@@ -215,11 +216,12 @@ mod tests {
 
     use super::*;
     use crate::auth::client::AuthError;
-    use crate::auth::clock::{from_unix_us, unix_us, us, ClockOffset, OffsetBounds};
+    use crate::auth::clock::{ClockOffset, OffsetBounds};
     use crate::auth::grant;
     use crate::auth::renew::{next_rtt, MAX_EARLY_REFRESHES};
     use crate::auth::session::tests::{at, grant, issued, BASE, S};
     use crate::auth::session::{FinHubSession, Timing};
+    use crate::auth::time::{from_unix_us, unix_us, us};
     use crate::config::Environment;
     use http::HeaderValue;
 

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use super::client::{AuthClient, AuthError, Refreshed};
-use super::clock::{unix_us, us, OffsetBounds};
+use super::clock::OffsetBounds;
 use super::coordination::{Coordination, Turn};
 use super::fleet::{owner_grace_us, FleetStore};
 use super::grant;
@@ -18,6 +18,7 @@ use super::plan::{
 };
 use super::session::FinHubSession;
 use super::slot::SessionSlot;
+use super::time::{unix_secs, unix_us, us};
 use crate::config::AuthConfig;
 use crate::metrics::Metrics;
 use crate::telemetry::BackgroundSpan;
@@ -607,10 +608,4 @@ pub async fn run_tenant(
     .run(Coordination::new(store))
     .instrument(span)
     .await
-}
-
-pub(super) fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

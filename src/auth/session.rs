@@ -7,9 +7,11 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 
-use super::clock::{from_unix_us, unix_us, us, ClockOffset, OffsetBounds};
+use super::clock::{ClockOffset, OffsetBounds};
+
 use super::expiry::{choose_expiry, read_claims, Reading};
 use super::grant::{Claims, Grant};
+use super::time::{from_unix_us, unix_us, us};
 use crate::secret::Secret;
 
 /// A token with less than this left (or 2 % of its lifetime, if smaller) is treated as expired,
@@ -329,9 +331,10 @@ pub(super) mod tests {
     use http::HeaderValue;
 
     use super::*;
-    use crate::auth::clock::{from_unix_us, unix_us, ClockOffset};
+    use crate::auth::clock::ClockOffset;
     use crate::auth::grant::{self, Grant};
     use crate::auth::plan::plan;
+    use crate::auth::time::{from_unix_us, unix_us};
     use crate::secret::Secret;
 
     pub(crate) const S: i64 = 1_000_000;

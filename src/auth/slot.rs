@@ -8,9 +8,11 @@ use std::time::{Duration, SystemTime};
 use arc_swap::ArcSwapOption;
 use tokio::sync::{watch, Notify};
 
-use super::clock::{unix_us, us, ClockOffset};
+use super::clock::ClockOffset;
+
 use super::fleet::FleetStatus;
 use super::session::FinHubSession;
+use super::time::{unix_us, us};
 use crate::config::{Config, TenantConfig};
 
 /// A request FinHub answered 401 is held for a renewal only if one can start within this;

@@ -10,10 +10,10 @@ use super::role::{
     Source,
 };
 use super::state::FleetState;
-use crate::auth::clock::{unix_us, us};
 use crate::auth::coordination::Turn;
 use crate::auth::plan::{window_surely_open_us, Planned, Step};
 use crate::auth::renew::Renewer;
+use crate::auth::time::{unix_us, us};
 
 /// While waiting for the owner's renewal after a 401, the record is read this often.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);

@@ -13,10 +13,11 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::crypto::{KeyRing, Sealed};
-use crate::auth::clock::{from_unix_us, unix_us, us, ClockOffset, OffsetBounds};
+use crate::auth::clock::{ClockOffset, OffsetBounds};
 use crate::auth::grant::{self, Claims};
 use crate::auth::plan::{MAX_RETRY_AFTER, REJECTED_MAX};
 use crate::auth::session::{sensitive, FinHubSession};
+use crate::auth::time::{from_unix_us, unix_us, us};
 use crate::secret::Secret;
 
 /// The longest fleet backoff a replica honours: the longest wait the sidecar itself ever

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use super::record::RenewRequest;
-use crate::auth::clock::us;
 use crate::auth::plan::{Planned, Step};
+use crate::auth::time::us;
 use crate::config::OnStoreError;
 
 /// The shortest grace a follower gives the owner's planned renewal ([`owner_grace_us`]).

@@ -12,9 +12,11 @@ use super::crypto::OpenError;
 use super::record::{sanitize_id, session_of, Backoff, Lease, Marker, RawRecord, RenewRequest};
 use super::role::{adoptable, Role, Source};
 use super::store::FleetStore;
-use crate::auth::clock::{unix_us, OffsetBounds};
+use crate::auth::clock::OffsetBounds;
 use crate::auth::plan::Planned;
-use crate::auth::renew::{unix_secs, Renewer};
+use crate::auth::renew::Renewer;
+use crate::auth::time::unix_secs;
+use crate::auth::time::unix_us;
 use crate::config::OnStoreError;
 use crate::redis_pool::Failure;
 

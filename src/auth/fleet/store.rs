@@ -14,8 +14,8 @@ use super::record::{
     aad, parse_snapshot, payload_of, record_ttl_us, verified_backoff, verified_marker,
     verified_renew, Backoff, Lease, Marker, Payload, RawRecord, Snapshot,
 };
-use crate::auth::clock::unix_us;
 use crate::auth::session::FinHubSession;
+use crate::auth::time::unix_us;
 use crate::config::{SharedSessionSettings, TenantConfig};
 use crate::metrics::Metrics;
 use crate::redis_pool::{Failure, Pool, PoolSpec};
