@@ -585,8 +585,10 @@ pub async fn run_tenant(
     store: Option<Arc<FleetStore>>,
 ) {
     let tenant_id = slot.tenant.id.clone();
-    // The task's span carries the tenant for every line it (and the tasks it spawns) logs.
-    let span = tracing::info_span!("renewal", tenant = %tenant_id);
+    // The task's span carries the tenant for every line it (and the tasks it spawns) logs. At
+    // the error level so that it is enabled whatever the configured level: a `warn` line with
+    // `log.level = "warn"` still names its tenant.
+    let span = tracing::error_span!("renewal", tenant = %tenant_id);
     Renewer {
         slot,
         client,

@@ -81,7 +81,8 @@ async fn logout_all(
     let mut tasks = tokio::task::JoinSet::new();
     for slot in table.tenants().iter().cloned() {
         let (client, metrics) = (client.clone(), metrics.clone());
-        let span = tracing::info_span!("logout", tenant = %slot.tenant.id);
+        // Enabled at every level, as the renewal task's (`run_tenant`): it names the tenant.
+        let span = tracing::error_span!("logout", tenant = %slot.tenant.id);
         tasks.spawn(
             async move {
                 slot.begin_ending();
