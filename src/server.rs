@@ -328,37 +328,25 @@ impl BackgroundService for ControlPlane {
             sh.sessions.clock().clone(),
             sh.upstream.clone(),
         ));
-        if let Some(store) = &store {
+        if store.is_some() && sh.config.auth.logout_on_shutdown {
             // The session is the fleet's: one replica stopping (a rollout always has another)
             // must not end it for the others, and no replica can know it is the last one. After
             // the drain it only gives its leases up, so another replica takes over at once.
-            if sh.config.auth.logout_on_shutdown {
-                tracing::info!("auth.session_store = \"redis\": sessions are shared with other replicas and are not logged out at shutdown");
-            }
-            let (sessions, store) = (sh.sessions.clone(), store.clone());
-            let runtime = tokio::runtime::Handle::current();
-            sh.lifecycle.on_drained(
-                std::time::Duration::from_secs(1),
-                Box::new(move || {
-                    Box::pin(async move {
-                        let _ = runtime.spawn(auth::fleet::leave_all(sessions, store)).await;
-                    })
-                }),
-            );
+            tracing::info!("auth.session_store = \"redis\": sessions are shared with other replicas and are not logged out at shutdown");
         }
-        if sh.config.auth.logout_on_shutdown && store.is_none() {
+        let ending = auth::Ending::of(&sh.config.auth, store.clone());
+        if let Some(budget) = ending.budget() {
             // Runs from the drain (Pingora's signal task); the calls go out on this runtime,
             // which lives until the drain is over.
             let (sessions, client, metrics) =
                 (sh.sessions.clone(), client.clone(), sh.metrics.clone());
-            let within = sh.config.auth.logout_timeout;
             let runtime = tokio::runtime::Handle::current();
             sh.lifecycle.on_drained(
-                within + std::time::Duration::from_millis(250),
+                budget,
                 Box::new(move || {
                     Box::pin(async move {
                         let _ = runtime
-                            .spawn(auth::logout_all(sessions, client, metrics, within))
+                            .spawn(auth::end_all(sessions, client, metrics, ending))
                             .await;
                     })
                 }),

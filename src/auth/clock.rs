@@ -26,10 +26,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Mutex, OnceLock, TryLockError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use http::HeaderValue;
 use prometheus::Gauge;
+
+use super::time::unix_us;
 
 /// How fast an interval widens with age: 100 ppm (µs per second, each side).
 const DRIFT_US_PER_S: i64 = 100;
@@ -37,31 +39,6 @@ const DRIFT_US_PER_S: i64 = 100;
 const MAX_OFFSET_US: i64 = 366 * 86_400 * 1_000_000;
 /// A `Date` is whole seconds.
 const DATE_RESOLUTION_US: i64 = 1_000_000;
-
-/// Microseconds since the Unix epoch (negative before it).
-pub fn unix_us(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
-        Err(e) => i64::try_from(e.duration().as_micros())
-            .map(|v| -v)
-            .unwrap_or(i64::MIN),
-    }
-}
-
-/// The time `us` microseconds after the Unix epoch.
-pub fn from_unix_us(us: i64) -> SystemTime {
-    let d = Duration::from_micros(us.unsigned_abs());
-    if us >= 0 {
-        UNIX_EPOCH.checked_add(d).unwrap_or(UNIX_EPOCH)
-    } else {
-        UNIX_EPOCH.checked_sub(d).unwrap_or(UNIX_EPOCH)
-    }
-}
-
-/// Duration in whole microseconds, saturating.
-pub fn us(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
-}
 
 /// What is known about FinHub's clock offset (`finhub = local + offset`), microseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -382,6 +359,7 @@ pub fn second_sample(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::time::from_unix_us;
 
     fn t(us: i64) -> SystemTime {
         from_unix_us(1_700_000_000_000_000 + us)

@@ -1,11 +1,34 @@
-//! The per-tenant renewal task ([`run_tenant`]): login, refresh, recovery, and the logout of
-//! every session at shutdown ([`logout_all`]).
+//! The per-tenant renewal task ([`run_tenant`]): login, refresh, recovery; other replicas are
+//! met through its [`Coordination`].
 
-use super::*;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use rand::Rng;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use super::client::{AuthClient, AuthError, Refreshed};
+use super::clock::OffsetBounds;
+use super::coordination::{Coordination, Turn};
+use super::fleet::{owner_grace_us, FleetStore};
+use super::grant;
+use super::plan::{
+    can_refresh, forced_spacing, plan, rejected_wait, renewal_not_before, retry_wait, Planned, Step,
+};
+use super::session::FinHubSession;
+use super::slot::SessionSlot;
+use super::time::{unix_secs, unix_us, us};
+use crate::config::AuthConfig;
+use crate::metrics::Metrics;
 use crate::telemetry::BackgroundSpan;
 
+/// "Not refreshed, still valid" answers accepted for one session; then it is replaced by a
+/// login before it becomes unusable (FinHub's window is not where the sidecar thinks).
+pub(super) const MAX_EARLY_REFRESHES: u32 = 8;
+
 /// Label value of an auth outcome for metrics and `/status`.
-pub(super) fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'static str {
+fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'static str {
     match r {
         Ok(_) if not_yet => "not_refreshed",
         Ok(_) => "ok",
@@ -22,14 +45,14 @@ pub(super) fn error_label(e: &AuthError) -> &'static str {
 }
 
 /// Resolves once `ending` is set (or its sender is gone).
-pub(super) async fn ended(ending: &mut watch::Receiver<bool>) {
+async fn ended(ending: &mut watch::Receiver<bool>) {
     // The guard returned by `wait_for` is not `Send`; drop it right here.
     let _ = ending.wait_for(|e| *e).await.map(|_| ());
 }
 
 /// Why the session task woke up.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Wake {
+enum Wake {
     Due,
     End,
 }
@@ -37,7 +60,7 @@ pub(super) enum Wake {
 /// Sleeps until `at_us` (our clock), a forced renewal (unless `backing_off`: a backoff is
 /// never shortened, so rejected credentials are not hammered; a forced renewal waits until
 /// `forced_earliest`, see [`forced_spacing`]), or the end.
-pub(super) async fn sleep_until(
+async fn sleep_until(
     slot: &SessionSlot,
     ending: &mut watch::Receiver<bool>,
     at_us: i64,
@@ -53,7 +76,7 @@ pub(super) async fn sleep_until(
         tokio::select! {
             _ = ended(ending) => return Wake::End,
             _ = tokio::time::sleep_until(deadline.into()) => return Wake::Due,
-            _ = slot.renew_now.notified() => {
+            _ = slot.renewal_requested() => {
                 if backing_off || !slot.forced_pending() {
                     continue;
                 }
@@ -70,7 +93,7 @@ pub(super) async fn sleep_until(
 
 /// How long before a token becomes unusable a renewal starts, for a smoothed auth round trip
 /// of `rtt_us`: three round trips (a refresh, then a login if FinHub refuses it) and 20 ms.
-pub(super) fn lead_for(rtt_us: i64) -> i64 {
+fn lead_for(rtt_us: i64) -> i64 {
     rtt_us.saturating_mul(3).saturating_add(20_000)
 }
 
@@ -104,8 +127,12 @@ pub(super) struct Renewer {
     pub(super) last_forced: Option<Instant>,
     /// Forced renewals in quick succession (each within 4 spacings of the one before).
     pub(super) forced_streak: u32,
-    /// The tenant's view of the shared store (`auth.session_store = "redis"`).
-    pub(super) fleet: Option<super::fleet::FleetState>,
+    /// Whether this replica holds the tenant's renewal lease (kept by the fleet coordination):
+    /// a lease owner plans its renewals early ([`Renewer::plan_for`]).
+    pub(super) lease_held: bool,
+    /// The fleet's rejected-credentials marker as of the last look that read the store (kept
+    /// by the fleet coordination): this replica's credentials' fingerprint and the retry time.
+    pub(super) fleet_rejected: Option<(u64, i64)>,
     /// Whether the last failed auth call failed on this replica's own path (connect, TLS,
     /// egress, no answer) rather than with an answer from FinHub.
     pub(super) last_failure_local: bool,
@@ -128,13 +155,12 @@ impl Renewer {
 
     /// When to renew `s` (and how), not before `not_before_us`. A shared session's lease
     /// owner plans its renewal to land the owner's grace earlier than alone
-    /// ([`super::fleet::owner_grace_us`]): the followers take a renewal over only after that
+    /// ([`owner_grace_us`]): the followers take a renewal over only after that
     /// grace, before their own last moment, so the owner must leave it to them.
     pub(super) fn plan_for(&self, s: &FinHubSession, not_before_us: i64) -> Planned {
         let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
-        let lead = if self.fleet.as_ref().is_some_and(|f| f.owns()) {
-            self.lead_us()
-                .saturating_add(super::fleet::owner_grace_us(s.validity))
+        let lead = if self.lease_held {
+            self.lead_us().saturating_add(owner_grace_us(s.validity))
         } else {
             self.lead_us()
         };
@@ -170,7 +196,7 @@ impl Renewer {
             s.timing(),
             writer.unwrap_or_else(|| s.clock.bounds()),
             self.auth.refresh_at,
-            lead_for(0).saturating_add(super::fleet::owner_grace_us(s.validity)),
+            lead_for(0).saturating_add(owner_grace_us(s.validity)),
             refreshable,
             0,
         )
@@ -200,34 +226,52 @@ impl Renewer {
         rand::rng().random_range(0.0..1.0)
     }
 
-    pub(super) async fn run(mut self) {
-        let mut ending = self.slot.ending.subscribe();
+    /// The credentials FinHub rejected and until when they are not tried again: this
+    /// replica's own rejected login, or the fleet's marker as of the last look, whichever
+    /// ends later.
+    pub(super) fn rejected_now(&self) -> Option<(u64, i64)> {
+        match (self.rejected, self.fleet_rejected) {
+            (Some(own), Some(m)) => Some(if m.1 > own.1 { m } else { own }),
+            (own, m) => own.or(m),
+        }
+    }
+
+    /// Whether this replica holds credentials FinHub rejected ([`Renewer::rejected_now`]) and
+    /// may not try them yet.
+    pub(super) fn held_back(&self) -> bool {
+        let now_us = unix_us(SystemTime::now());
+        self.rejected_now().is_some_and(|(fingerprint, until)| {
+            until > now_us && fingerprint == self.client.credentials_fingerprint(&self.slot.tenant)
+        })
+    }
+
+    /// Whether a forced renewal asked for by another replica may go now (the same spacing as
+    /// this replica's own).
+    pub(super) fn forced_allowed(&self) -> bool {
+        self.last_forced
+            .is_none_or(|t| t.elapsed() >= forced_spacing(self.forced_streak))
+    }
+
+    /// The renewal loop: sleeps until the plan (or a forced renewal, or the end), asks the
+    /// coordination whether to renew, renews, and tells the coordination how it went.
+    async fn run(mut self, mut coord: Coordination) {
+        let mut ending = self.slot.ending_watch();
         let mut next = Planned {
             step: Step::Login,
             at_us: unix_us(SystemTime::now()),
         };
-        if self.fleet.is_some() {
-            self.init_fleet().await;
-        }
+        coord.start(&mut self).await;
         loop {
-            self.slot
-                .next_attempt_us
-                .store(next.at_us, Ordering::SeqCst);
+            self.slot.set_next_attempt(next.at_us);
             let backing_off = self.failures > 0 || self.rejected_now().is_some();
-            self.slot.forced_earliest_us.store(
-                if backing_off {
-                    // Forced renewals wait for the backoff.
-                    next.at_us
-                } else {
-                    self.forced_earliest_us()
-                },
-                Ordering::SeqCst,
-            );
+            self.slot.set_forced_earliest(if backing_off {
+                // Forced renewals wait for the backoff.
+                next.at_us
+            } else {
+                self.forced_earliest_us()
+            });
             // With a shared store, also wake to look at it.
-            let wake_us = match &self.fleet {
-                Some(f) => f.wake_us(next.at_us),
-                None => next.at_us,
-            };
+            let wake_us = coord.wake_us(next.at_us);
             if sleep_until(
                 &self.slot,
                 &mut ending,
@@ -239,14 +283,13 @@ impl Renewer {
             .await
                 == Wake::End
             {
-                self.leave().await;
+                coord.leave(&mut self).await;
                 return;
             }
-            if self.fleet.is_some() && self.look(&mut next).await == super::fleet::Turn::Wait {
+            if coord.look(&mut self, &mut next).await == Turn::Wait {
                 continue;
             }
-            let forced = self.slot.forced_pending();
-            self.slot.forced.store(0, Ordering::SeqCst);
+            let forced = self.slot.take_forced();
             if forced {
                 let now = Instant::now();
                 self.forced_streak = match self.last_forced {
@@ -259,10 +302,8 @@ impl Renewer {
                 // The next forced renewal is spaced from this one: requests refused on the
                 // session it brings are answered at once (see `SessionSlot::newer_than`),
                 // those refused before it wait for it (`renewing`).
-                self.slot.renewing.store(true, Ordering::SeqCst);
-                self.slot
-                    .forced_earliest_us
-                    .store(self.forced_earliest_us(), Ordering::SeqCst);
+                self.slot.set_renewing(true);
+                self.slot.set_forced_earliest(self.forced_earliest_us());
             }
             let now = SystemTime::now();
             if let Some((fingerprint, until)) = self.rejected_now() {
@@ -272,20 +313,19 @@ impl Renewer {
                     // Same credentials as the rejected ones: keep waiting (looking again
                     // every recovery step for a rotated secret).
                     next.at_us = until.min(unix_us(now) + us(self.auth.recovery_interval));
-                    self.slot.renewing.store(false, Ordering::SeqCst);
+                    self.slot.set_renewing(false);
                     continue;
                 }
             }
             let slot = self.slot.clone();
-            let guard = slot.flight.lock().await;
+            let guard = slot.flight().await;
             if slot.is_ending() {
                 drop(guard);
-                self.leave().await;
+                coord.leave(&mut self).await;
                 return;
             }
-            self.before_renewal();
-            let beat = self.heartbeat();
-            self.slot.renewing.store(true, Ordering::SeqCst);
+            let beat = coord.before_renewal(&mut self);
+            self.slot.set_renewing(true);
             let current = self.slot.current();
             next = match current.as_deref() {
                 Some(s)
@@ -299,10 +339,10 @@ impl Renewer {
                 }
                 _ => self.login(current.as_deref()).await,
             };
-            self.slot.renewing.store(false, Ordering::SeqCst);
-            self.heartbeat_done(beat);
+            self.slot.set_renewing(false);
+            coord.renewed(&mut self, beat);
             drop(guard);
-            self.after_renewal(&next).await;
+            coord.after_renewal(&mut self, &next).await;
         }
     }
 
@@ -319,7 +359,9 @@ impl Renewer {
             Ok(Refreshed::NotYet { .. }) if forced => {
                 // FinHub refused the token on an API call but the refresh endpoint still
                 // considers it current: only a fresh login helps.
-                tracing::warn!(tenant = %self.tenant_id, "FinHub refused the session but would not refresh it; logging in again");
+                tracing::warn!(
+                    "FinHub refused the session but would not refresh it; logging in again"
+                );
                 None
             }
             Ok(Refreshed::NotYet {
@@ -341,7 +383,6 @@ impl Renewer {
                 let min_step = (us(s.validity) / 200).max(20_000);
                 let p = self.plan_for(s, unix_us(now) + min_step);
                 tracing::debug!(
-                    tenant = %self.tenant_id,
                     next = ?p.step,
                     in_ms = (p.at_us - unix_us(now)) / 1000,
                     "FinHub kept the current token (its refresh window had not opened)"
@@ -353,7 +394,7 @@ impl Renewer {
             {
                 // As for a login: a token unusable on arrival is not published; the current one
                 // serves on and a login follows (spaced, see `retry_wait`).
-                tracing::warn!(tenant = %self.tenant_id, "the refreshed token is unusable on arrival; logging in instead");
+                tracing::warn!("the refreshed token is unusable on arrival; logging in instead");
                 None
             }
             Ok(Refreshed::New(new)) => {
@@ -369,7 +410,7 @@ impl Renewer {
                 Some(self.publish(*new, Step::Refresh))
             }
             Err(e @ (AuthError::Rejected(_) | AuthError::NotRefreshable)) => {
-                tracing::warn!(tenant = %self.tenant_id, error = %e, "refresh refused; logging in again");
+                tracing::warn!(error = %e, "refresh refused; logging in again");
                 None
             }
             Err(e) => {
@@ -423,7 +464,6 @@ impl Renewer {
                     until,
                 ));
                 tracing::error!(
-                    tenant = %self.tenant_id,
                     error = %e,
                     retry_in_ms = wait.as_millis() as u64,
                     "FinHub rejected the login: check this tenant's credentials (retried sooner if they change)"
@@ -464,7 +504,6 @@ impl Renewer {
             Self::jitter(),
         );
         tracing::warn!(
-            tenant = %self.tenant_id,
             call = what,
             error = %e,
             attempt = self.failures,
@@ -483,7 +522,6 @@ impl Renewer {
         self.slot.record("ok", true);
         let offset = self.client.clock().bounds();
         tracing::info!(
-            tenant = %self.tenant_id,
             via = ?via,
             lifetime_ms = s.lifetime().as_millis() as u64,
             refreshable = s.internal_token_key.is_some(),
@@ -496,7 +534,7 @@ impl Renewer {
             .with_label_values(&[self.tenant_id.as_str()])
             .set(unix_secs(s.expires_at()));
         // Requests refused on the new session no longer wait for this renewal.
-        self.slot.renewing.store(false, Ordering::SeqCst);
+        self.slot.set_renewing(false);
         self.slot.publish(s);
         let now_us = unix_us(SystemTime::now());
         match self.slot.current() {
@@ -513,7 +551,10 @@ impl Renewer {
                     0
                 };
                 if self.hot > 0 {
-                    tracing::debug!(tenant = %self.tenant_id, in_a_row = self.hot, "the new token's renewal was due on arrival; spacing renewals out");
+                    tracing::debug!(
+                        in_a_row = self.hot,
+                        "the new token's renewal was due on arrival; spacing renewals out"
+                    );
                 }
                 let not_before =
                     renewal_not_before(now_us, s.validity, self.hot.saturating_sub(1), latest);
@@ -541,9 +582,13 @@ pub async fn run_tenant(
     client: Arc<AuthClient>,
     auth: AuthConfig,
     metrics: Metrics,
-    store: Option<Arc<super::fleet::FleetStore>>,
+    store: Option<Arc<FleetStore>>,
 ) {
     let tenant_id = slot.tenant.id.clone();
+    // The task's span carries the tenant for every line it (and the tasks it spawns) logs. At
+    // the error level so that it is enabled whatever the configured level: a `warn` line with
+    // `log.level = "warn"` still names its tenant.
+    let span = tracing::error_span!("renewal", tenant = %tenant_id);
     Renewer {
         slot,
         client,
@@ -557,80 +602,12 @@ pub async fn run_tenant(
         rtt_us: 0,
         last_forced: None,
         forced_streak: 0,
-        fleet: store.map(super::fleet::FleetState::new),
+        lease_held: false,
+        fleet_rejected: None,
         last_failure_local: false,
         hot: 0,
     }
-    .run()
+    .run(Coordination::new(store))
+    .instrument(span)
     .await
-}
-
-/// Ends every tenant's session at FinHub (graceful shutdown, after the drain): stops the
-/// renewals, waits for a renewal in flight, unpublishes the session (requests arriving from
-/// now on get 503 `session_unavailable` rather than a token being revoked) and calls logout.
-/// Best-effort and bounded: everything together gives up after `within`; each outcome is
-/// logged and counted (`auth_requests_total{kind="logout"}`).
-pub async fn logout_all(
-    table: Arc<SessionTable>,
-    client: Arc<AuthClient>,
-    metrics: Metrics,
-    within: Duration,
-) {
-    let deadline = tokio::time::Instant::now() + within;
-    let mut tasks = tokio::task::JoinSet::new();
-    for slot in table.tenants().iter().cloned() {
-        let (client, metrics) = (client.clone(), metrics.clone());
-        tasks.spawn(async move {
-            slot.ending.send_replace(true);
-            let started = Instant::now();
-            let tenant = slot.tenant.id.as_str();
-            let span = BackgroundSpan::start("finhub.auth.logout", tenant);
-            let ended = tokio::time::timeout_at(deadline, async {
-                let _flight = slot.flight.lock().await;
-                let session = slot.current.swap(None)?;
-                if !session.may_be_valid(SystemTime::now()) {
-                    return None;
-                }
-                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                Some(client.logout(&slot.tenant, &session, left).await)
-            })
-            .await;
-            let took_ms = started.elapsed().as_millis() as u64;
-            let result = match &ended {
-                Ok(None) => {
-                    tracing::info!(tenant, "no valid session to log out");
-                    span.end("no_session");
-                    return;
-                }
-                Ok(Some(Ok(cleared))) => {
-                    tracing::info!(tenant, took_ms, cleared = ?cleared, "session logged out");
-                    "ok"
-                }
-                Ok(Some(Err(e))) if !matches!(e, AuthError::Timeout) => {
-                    tracing::warn!(tenant, took_ms, error = %e, "logout failed; stopping anyway");
-                    error_label(e)
-                }
-                _ => {
-                    tracing::warn!(
-                        tenant,
-                        took_ms,
-                        "logout did not finish within auth.logout_timeout; stopping anyway"
-                    );
-                    "timeout"
-                }
-            };
-            span.end(result);
-            metrics
-                .auth_requests
-                .with_label_values(&[tenant, "logout", result])
-                .inc();
-        });
-    }
-    while tasks.join_next().await.is_some() {}
-}
-
-pub(super) fn unix_secs(t: SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }

@@ -1,7 +1,22 @@
 //! A FinHub session token and what the sidecar derives from it: its expiry (the JWT `exp` on
 //! FinHub's clock, `expires_in` as fallback and bound), the header values built once.
 
-use super::*;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderValue;
+
+use super::clock::{ClockOffset, OffsetBounds};
+
+use super::expiry::{choose_expiry, read_claims, Reading};
+use super::grant::{Claims, Grant};
+use super::time::{from_unix_us, unix_us, us};
+use crate::secret::Secret;
+
+/// A token with less than this left (or 2 % of its lifetime, if smaller) is treated as expired,
+/// so that it does not expire while a request is on the way.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(500);
 
 /// One FinHub session token and what the sidecar derived from it.
 pub struct FinHubSession {
@@ -53,143 +68,9 @@ impl std::fmt::Debug for FinHubSession {
     }
 }
 
-/// Where a session's expiry comes from (pure; [`FinHubSession::from_grant`] uses it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Expiry {
-    /// µs since the epoch.
-    pub(super) at_us: i64,
-    /// On FinHub's token clock (JWT `exp`) rather than ours (`expires_in`).
-    pub(super) on_finhub_clock: bool,
-    /// FinHub's validity (`exp - iat`, else `expires_in`), µs.
-    pub(super) validity_us: i64,
-    /// `iat` and `exp` agree with each other and with `expires_in`: FinHub's refresh window
-    /// (the last tenth of `exp - iat`) is known on its token clock.
-    pub(super) window_known: bool,
-    /// The claims contradicted `expires_in` (or each other) and were not believed.
-    pub(super) distrusted: bool,
-}
-
-/// What a token's claims say about its issuer's clock, read against when the answer that
-/// carried it was sent and received (our clock).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Reading {
-    /// No `exp`: nothing about the issuer's clock.
-    Silent,
-    /// The offset of the issuer's clock lies in these bounds: `exp` minus `expires_in` (whole
-    /// seconds left when FinHub answered, floored) and, for a fresh token, `iat` (the second
-    /// it was issued), intersected.
-    Sample(OffsetBounds),
-    /// The claims contradict `expires_in` or each other (`iat` after `exp`, `exp` ten years
-    /// past `iat + expires_in`, claims beyond a year from our clock): not believed.
-    Contradicts,
-}
-
-/// Reads `claims` and `expires_in` of an answer sent at `sent` and received at `received`
-/// (issue 22.1, 28.3): `exp - expires_in` and `iat` are two readings of the token issuer's
-/// clock; they must agree (within the whole-second rounding and the round trip).
-pub(super) fn read_claims(
-    claims: &Claims,
-    expires_in: Option<Duration>,
-    sent: SystemTime,
-    received: SystemTime,
-) -> Reading {
-    let Some(exp) = claims.exp else {
-        return Reading::Silent;
-    };
-    let iat = claims.iat;
-    if iat.is_some_and(|iat| iat >= exp) {
-        return Reading::Contradicts;
-    }
-    let from_count = expires_in.map(|e| {
-        // FinHub's clock read `exp - e - 1 s .. exp - e` when it answered (e floored).
-        let at = unix_us(exp).saturating_sub(us(e));
-        OffsetBounds {
-            lo_us: at
-                .saturating_sub(1_000_000)
-                .saturating_sub(unix_us(received)),
-            hi_us: at.saturating_sub(unix_us(sent)),
-        }
-    });
-    let from_iat = iat.and_then(|iat| clock::second_sample(iat, sent, received));
-    let sample = match (from_count, from_iat, iat) {
-        (Some(a), Some(b), _) => a.intersect(&b),
-        (Some(a), None, None) => Some(a),
-        // An `iat` beyond a year from our clock (milliseconds read as seconds, garbage).
-        (Some(_), None, Some(_)) => None,
-        (None, Some(b), _) => Some(b),
-        (None, None, Some(_)) => None,
-        (None, None, None) => return Reading::Silent,
-    };
-    let plausible = |b: &OffsetBounds| {
-        b.lo_us.unsigned_abs() <= MAX_OFFSET.unsigned_abs()
-            && b.hi_us.unsigned_abs() <= MAX_OFFSET.unsigned_abs()
-    };
-    match sample.filter(plausible) {
-        Some(b) => Reading::Sample(b),
-        None => Reading::Contradicts,
-    }
-}
-
-/// Offsets of FinHub's token clock beyond this are taken as garbage, not as a clock.
-const MAX_OFFSET: i64 = 366 * 86_400 * 1_000_000;
-
-/// The expiry rule (§4.3, issues 14, 22.1, 28.3). A JWT `exp` whose claims agree with
-/// `expires_in` ([`read_claims`]) is the truth, on FinHub's token clock (`offset`, the
-/// estimate of that clock after this token's own reading). Claims that contradict `expires_in`
-/// are not believed: `expires_in` is FinHub's own count and wins, from the moment the request
-/// was sent. Without `exp`, `expires_in` from then; without either, a fallback lifetime.
-pub(super) fn choose_expiry(
-    claims: &Claims,
-    expires_in: Option<Duration>,
-    reading: Reading,
-    sent: SystemTime,
-    received: SystemTime,
-    offset: OffsetBounds,
-) -> Expiry {
-    let (sent, received) = (unix_us(sent), unix_us(received));
-    let counted = |e: i64, distrusted: bool| Expiry {
-        at_us: sent.saturating_add(e),
-        on_finhub_clock: false,
-        validity_us: e,
-        window_known: false,
-        distrusted,
-    };
-    let fallback = |distrusted: bool| Expiry {
-        validity_us: us(FALLBACK_LIFETIME),
-        ..counted(us(FALLBACK_LIFETIME), distrusted)
-    };
-    match (claims.exp.map(unix_us), expires_in.map(us), reading) {
-        (Some(_), Some(e), Reading::Contradicts) => counted(e, true),
-        (Some(_), None, Reading::Contradicts) => fallback(true),
-        (Some(exp), e, _) => {
-            // Like every lifetime believed from FinHub, at most a day from now.
-            let latest = received
-                .saturating_add(offset.hi_us)
-                .saturating_add(us(grant::MAX_LIFETIME));
-            let at_us = exp.min(latest);
-            let validity_us = match (claims.iat.map(unix_us), e) {
-                (Some(iat), _) if iat < exp => exp - iat,
-                (_, Some(e)) => e,
-                _ => exp - sent.saturating_add(offset.mid_us()),
-            };
-            Expiry {
-                at_us,
-                on_finhub_clock: true,
-                validity_us: validity_us.clamp(0, us(grant::MAX_LIFETIME)),
-                window_known: claims.iat.is_some()
-                    && matches!(reading, Reading::Sample(_))
-                    && at_us == exp,
-                distrusted: false,
-            }
-        }
-        (None, Some(e), _) => counted(e, false),
-        (None, None, _) => fallback(false),
-    }
-}
-
 /// Logs a warning about FinHub's token timing at most once per [`ANOMALY_LOG_EVERY`] (then at
 /// debug): a FinHub that keeps sending odd claims must not fill the log, one line per renewal.
-pub(super) fn warn_rarely(last_us: &AtomicI64, message: &'static str) {
+fn warn_rarely(last_us: &AtomicI64, message: &'static str) {
     let now = unix_us(SystemTime::now());
     let last = last_us.load(Ordering::Relaxed);
     if now.saturating_sub(last) >= us(ANOMALY_LOG_EVERY)
@@ -439,5 +320,187 @@ impl Timing {
     /// FinHub's 10 % window opens here (on the expiry's clock).
     pub(super) fn window_opens_us(&self) -> i64 {
         self.expiry_us - self.validity_us / 10
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, SystemTime};
+
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::auth::clock::ClockOffset;
+    use crate::auth::grant::{self, Grant};
+    use crate::auth::plan::plan;
+    use crate::auth::time::{from_unix_us, unix_us};
+    use crate::secret::Secret;
+
+    pub(crate) const S: i64 = 1_000_000;
+    /// A whole second, far from the epoch.
+    pub(crate) const BASE: i64 = 1_700_000_000 * S;
+
+    pub(crate) fn at(us: i64) -> SystemTime {
+        from_unix_us(BASE + us)
+    }
+
+    pub(crate) fn jwt(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(b"finhub-only"),
+        )
+        .unwrap()
+    }
+
+    pub(crate) fn grant(token: String, expires_in: Option<u64>) -> Grant {
+        Grant {
+            token: Secret::new(token),
+            expires_in: expires_in.map(Duration::from_secs),
+            refresh_token: None,
+            session_id: None,
+        }
+    }
+
+    /// A session as FinHub (clock `offset` µs ahead) would issue it for a request sent at
+    /// local `sent` and answered `rtt` later (FinHub answering halfway), with the answer's
+    /// `Date` observed into `clock` first.
+    pub(crate) fn issued(
+        clock: &Arc<ClockOffset>,
+        offset: i64,
+        sent: i64,
+        rtt: i64,
+        life_s: i64,
+    ) -> FinHubSession {
+        let finhub_now = BASE + sent + rtt / 2 + offset;
+        let iat = finhub_now.div_euclid(S);
+        let exp = iat + life_s;
+        let date = HeaderValue::from_str(&httpdate::fmt_http_date(from_unix_us(iat * S))).unwrap();
+        clock.observe(Some(&date), at(sent), at(sent + rtt));
+        let token = jwt(serde_json::json!({"iat": iat, "exp": exp, "internalTokenKey": "k"}));
+        let left = (exp * S - finhub_now) / S;
+        FinHubSession::from_grant(
+            grant(token, Some(left as u64)),
+            at(sent),
+            at(sent + rtt),
+            clock,
+        )
+    }
+
+    #[test]
+    fn a_token_clock_ahead_of_date_is_read_from_the_token_not_from_date() {
+        // Issue 22.1: the gateway's Date agrees with our clock, the issuer runs 2 s ahead.
+        let clock = Arc::new(ClockOffset::new());
+        let s = issued(&clock, 2_000_000, 0, 10_000, 8);
+        let b = clock.bounds_at(at(0));
+        assert!(b.lo_us <= 2_005_000 && 2_005_000 <= b.hi_us, "{b:?}");
+        // iat is FinHub's second 2 (our 0 + 2.005 s, floored), exp its second 10: our 8 s.
+        // The sidecar never sends it past then, and uses it until shortly before.
+        assert!(!s.is_usable(at(8 * S)));
+        assert!(s.is_usable(at(6_800_000)));
+    }
+
+    #[test]
+    fn a_far_off_date_never_expires_a_token_finhub_said_has_time_left() {
+        // The session is issued with FinHub's clock agreeing with ours; then one answer's Date
+        // (an API answer, or a cached one) is 30 days ahead or behind.
+        for skew_s in [30 * 86_400_i64, -30 * 86_400] {
+            let clock = Arc::new(ClockOffset::new());
+            let s = issued(&clock, 0, 0, 10_000, 3600);
+            let date = HeaderValue::from_str(&httpdate::fmt_http_date(from_unix_us(
+                BASE + 20 * S + skew_s * S,
+            )))
+            .unwrap();
+            // An API answer only narrows: it cannot move the estimate; a cached one (with
+            // `Age`) is not read at all.
+            let before = clock.bounds_at(at(20 * S));
+            let now_date = HeaderValue::from_str(&httpdate::fmt_http_date(at(20 * S))).unwrap();
+            assert!(!clock.observe_api(Some(&now_date), true, at(20 * S), at(20 * S + 1000)));
+            assert!(!clock.observe_api(Some(&date), false, at(20 * S), at(20 * S + 1000)));
+            assert_eq!(clock.bounds_at(at(20 * S)), before);
+            // Even an auth answer that starts the estimate over cannot expire it early, nor keep
+            // it past what FinHub counted (3599 s left, floored, when it answered).
+            clock.observe(Some(&date), at(20 * S), at(20 * S + 1000));
+            assert!(s.is_usable(at(30 * S)), "skew {skew_s}");
+            assert!(s.is_usable(at(3598 * S)), "skew {skew_s}");
+            assert!(!s.is_usable(at(3601 * S)), "skew {skew_s}");
+        }
+    }
+
+    #[test]
+    fn usable_judges_fin_hubs_expiry_with_the_offsets_upper_bound() {
+        let clock = Arc::new(ClockOffset::new());
+        // FinHub 3.5 s ahead.
+        let s = issued(&clock, 3_500_000, 0, 10_000, 6);
+        let hi = clock.bounds_at(at(0)).hi_us;
+        let exp = s.finhub_expiry().map(unix_us).unwrap();
+        let last = exp - hi - s.timing().margin_us();
+        // (The bounds widen by 100 ppm of their age: 0.6 ms after 6 s.)
+        assert!(s.is_usable(from_unix_us(last - 1_000)));
+        assert!(!s.is_usable(from_unix_us(last + 1_000)));
+        // The upper bound is within a second above the true 3.5 s.
+        assert!((3_500_000..=4_510_000).contains(&hi), "{hi}");
+        assert!(!format!("{s:?}").contains("finhub-only"));
+    }
+
+    #[test]
+    fn absurd_times_from_fin_hub_never_panic() {
+        let clock = Arc::new(ClockOffset::new());
+        let now = SystemTime::now();
+        for (claims, expires_in) in [
+            (
+                serde_json::json!({"exp": u64::MAX, "iat": 0, "internalTokenKey": "k"}),
+                Some(u64::MAX),
+            ),
+            (
+                serde_json::json!({"exp": 0, "iat": u64::MAX, "internalTokenKey": "k"}),
+                Some(0),
+            ),
+            (serde_json::json!({"exp": 1, "internalTokenKey": "k"}), None),
+            (serde_json::json!({"exp": i64::MAX as u64 / 1000}), Some(1)),
+        ] {
+            let g = Grant::parse(
+                serde_json::json!({"userSessionToken": jwt(claims), "expires_in": expires_in})
+                    .to_string()
+                    .as_bytes(),
+            )
+            .unwrap();
+            let s = FinHubSession::from_grant(g, now, now, &clock);
+            let _ = s.is_usable(now);
+            let _ = s.expires_at();
+            assert!(s.lifetime() <= grant::MAX_LIFETIME);
+            for refreshable in [true, false] {
+                let _ = plan(
+                    s.timing(),
+                    clock.bounds(),
+                    0.97,
+                    i64::MAX,
+                    refreshable,
+                    i64::MAX,
+                );
+                let _ = plan(s.timing(), clock.bounds(), 0.5, 0, refreshable, i64::MIN);
+            }
+            s.note_remaining(Duration::from_secs(u64::MAX / 2), now, now);
+        }
+    }
+
+    #[test]
+    fn session_header_values_are_sensitive() {
+        let clock = Arc::new(ClockOffset::new());
+        let g = grant("tok-zzz-never-in-a-uuid".into(), Some(60));
+        let s = FinHubSession::from_grant(g, SystemTime::now(), SystemTime::now(), &clock);
+        assert!(s.authorization.is_sensitive());
+        assert!(!format!("{s:?}").contains("zzz"));
+        assert_eq!(s.lifetime().as_secs(), 60);
+        assert!(s.finhub_expiry().is_none());
+    }
+
+    #[test]
+    fn not_yet_updates_an_opaque_tokens_validity() {
+        let clock = Arc::new(ClockOffset::new());
+        let s = FinHubSession::from_grant(grant("opaque".into(), Some(60)), at(0), at(0), &clock);
+        s.note_remaining(Duration::from_secs(100), at(10 * S), at(10 * S + 5));
+        assert_eq!(unix_us(s.expires_at()), BASE + 110 * S);
     }
 }

@@ -1,30 +1,46 @@
 //! One tenant's session slot (the published session, renewal requests from the request path,
 //! the outcome for `/status`) and the table of all slots with FinHub's clock.
 
-use super::*;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use tokio::sync::{watch, Notify};
+
+use super::clock::ClockOffset;
+
+use super::fleet::FleetStatus;
+use super::session::FinHubSession;
+use super::time::{unix_us, us};
+use crate::config::{Config, TenantConfig};
+
+/// A request FinHub answered 401 is held for a renewal only if one can start within this;
+/// otherwise (forced renewals are spaced, or a backoff runs) the 401 goes to the app at once.
+const FORCED_HOLD: Duration = Duration::from_millis(1500);
 
 /// One tenant's session slot.
 pub struct SessionSlot {
     /// The tenant.
     pub tenant: TenantConfig,
-    pub(super) current: ArcSwapOption<FinHubSession>,
-    pub(super) renew_now: Notify,
+    current: ArcSwapOption<FinHubSession>,
+    renew_now: Notify,
     /// Generation of the session FinHub refused (0: none), set by the request path.
-    pub(super) forced: AtomicU64,
+    forced: AtomicU64,
     /// Bumped on every publish; request paths waiting for a renewal watch it.
-    pub(super) published: watch::Sender<u64>,
-    pub(super) status: Mutex<TenantStatus>,
+    published: watch::Sender<u64>,
+    status: Mutex<TenantStatus>,
     /// Set once logout begins: the session task stops renewing.
-    pub(super) ending: watch::Sender<bool>,
+    ending: watch::Sender<bool>,
     /// Held for each login/refresh call and by logout (so logout ends what was renewed last).
-    pub(super) flight: tokio::sync::Mutex<()>,
+    flight: tokio::sync::Mutex<()>,
     /// When the session task next calls FinHub (µs since the epoch, our clock; 0: unknown).
-    pub(super) next_attempt_us: AtomicI64,
+    next_attempt_us: AtomicI64,
     /// The earliest a forced renewal may start (µs since the epoch, our clock; 0: now), set by
     /// the session task: forced renewals are spaced and wait for a running backoff.
-    pub(super) forced_earliest_us: AtomicI64,
+    forced_earliest_us: AtomicI64,
     /// Whether a login or refresh is in flight (its session will be published, or it failed).
-    pub(super) renewing: AtomicBool,
+    renewing: AtomicBool,
 }
 
 /// What `/status` shows about a tenant (no secrets).
@@ -37,7 +53,7 @@ pub struct TenantStatus {
     /// Consecutive failures.
     pub failures: u32,
     /// The shared store's view (`auth.session_store = "redis"` only).
-    pub fleet: Option<super::fleet::FleetStatus>,
+    pub fleet: Option<FleetStatus>,
 }
 
 impl SessionSlot {
@@ -123,7 +139,7 @@ impl SessionSlot {
     }
 
     /// Whether a renewal is in flight, or a forced one may start within `within` of `now`.
-    pub(super) fn renewal_starts_within(&self, within: Duration, now: SystemTime) -> bool {
+    fn renewal_starts_within(&self, within: Duration, now: SystemTime) -> bool {
         self.renewing.load(Ordering::SeqCst)
             || self.forced_earliest_us.load(Ordering::SeqCst)
                 <= unix_us(now).saturating_add(us(within))
@@ -161,6 +177,70 @@ impl SessionSlot {
             .ok()
             .map(|d| d.as_secs());
         s.failures = if ok { 0 } else { s.failures.saturating_add(1) };
+    }
+
+    /// The renewal loop's watch on the end (set once logout begins, see
+    /// [`SessionSlot::begin_ending`]).
+    pub(super) fn ending_watch(&self) -> watch::Receiver<bool> {
+        self.ending.subscribe()
+    }
+
+    /// Logout (or leaving the fleet) begins: the renewal loop stops renewing.
+    pub(super) fn begin_ending(&self) {
+        self.ending.send_replace(true);
+    }
+
+    /// Held for each login/refresh call and by logout (so logout ends what was renewed last).
+    pub(super) async fn flight(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.flight.lock().await
+    }
+
+    /// Unpublishes the current session (logout): requests from now on find none.
+    pub(super) fn take_current(&self) -> Option<Arc<FinHubSession>> {
+        self.current.swap(None)
+    }
+
+    /// Resolves when the request path asks for a renewal ([`SessionSlot::request_renewal`]).
+    pub(super) fn renewal_requested(&self) -> tokio::sync::futures::Notified<'_> {
+        self.renew_now.notified()
+    }
+
+    /// Whether a renewal request for the current session is pending, clearing it (the renewal
+    /// loop takes it up).
+    pub(super) fn take_forced(&self) -> bool {
+        let forced = self.forced_pending();
+        self.forced.store(0, Ordering::SeqCst);
+        forced
+    }
+
+    /// Whether a login or refresh is in flight (its session will be published, or it failed).
+    pub(super) fn set_renewing(&self, renewing: bool) {
+        self.renewing.store(renewing, Ordering::SeqCst);
+    }
+
+    /// When the renewal loop next calls FinHub (µs since the epoch, our clock).
+    pub(super) fn set_next_attempt(&self, at_us: i64) {
+        self.next_attempt_us.store(at_us, Ordering::SeqCst);
+    }
+
+    /// The earliest a forced renewal may start (µs since the epoch, our clock; 0: now).
+    pub(super) fn set_forced_earliest(&self, at_us: i64) {
+        self.forced_earliest_us.store(at_us, Ordering::SeqCst);
+    }
+
+    /// Shows the shared store's view of this tenant in `/status`.
+    pub(super) fn show_fleet(&self, fleet: FleetStatus) {
+        let mut s = match self.status.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        s.fleet = Some(fleet);
+    }
+
+    /// Forces a renewal of the current session (another replica's request, honoured by the
+    /// lease owner): the renewal loop treats it as a refusal seen here.
+    pub(super) fn force_renewal(&self) {
+        self.forced.store(self.generation(), Ordering::SeqCst);
     }
 
     /// Publishes `s` as the current session (unit tests of the request path).

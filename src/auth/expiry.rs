@@ -1,0 +1,255 @@
+//! What a token's claims and FinHub's `expires_in` say about its expiry and its issuer's
+//! clock (issues 14, 22.1, 28.3): pure readings, used by [`super::FinHubSession::from_grant`].
+
+use std::time::{Duration, SystemTime};
+
+use super::clock::{self, OffsetBounds};
+
+use super::grant::{self, Claims};
+use super::time::{unix_us, us};
+
+/// Lifetime assumed when FinHub states none (neither `exp` nor `expires_in`).
+const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Where a session's expiry comes from (pure; [`FinHubSession::from_grant`] uses it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Expiry {
+    /// µs since the epoch.
+    pub(super) at_us: i64,
+    /// On FinHub's token clock (JWT `exp`) rather than ours (`expires_in`).
+    pub(super) on_finhub_clock: bool,
+    /// FinHub's validity (`exp - iat`, else `expires_in`), µs.
+    pub(super) validity_us: i64,
+    /// `iat` and `exp` agree with each other and with `expires_in`: FinHub's refresh window
+    /// (the last tenth of `exp - iat`) is known on its token clock.
+    pub(super) window_known: bool,
+    /// The claims contradicted `expires_in` (or each other) and were not believed.
+    pub(super) distrusted: bool,
+}
+
+/// What a token's claims say about its issuer's clock, read against when the answer that
+/// carried it was sent and received (our clock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Reading {
+    /// No `exp`: nothing about the issuer's clock.
+    Silent,
+    /// The offset of the issuer's clock lies in these bounds: `exp` minus `expires_in` (whole
+    /// seconds left when FinHub answered, floored) and, for a fresh token, `iat` (the second
+    /// it was issued), intersected.
+    Sample(OffsetBounds),
+    /// The claims contradict `expires_in` or each other (`iat` after `exp`, `exp` ten years
+    /// past `iat + expires_in`, claims beyond a year from our clock): not believed.
+    Contradicts,
+}
+
+/// Reads `claims` and `expires_in` of an answer sent at `sent` and received at `received`
+/// (issue 22.1, 28.3): `exp - expires_in` and `iat` are two readings of the token issuer's
+/// clock; they must agree (within the whole-second rounding and the round trip).
+pub(super) fn read_claims(
+    claims: &Claims,
+    expires_in: Option<Duration>,
+    sent: SystemTime,
+    received: SystemTime,
+) -> Reading {
+    let Some(exp) = claims.exp else {
+        return Reading::Silent;
+    };
+    let iat = claims.iat;
+    if iat.is_some_and(|iat| iat >= exp) {
+        return Reading::Contradicts;
+    }
+    let from_count = expires_in.map(|e| {
+        // FinHub's clock read `exp - e - 1 s .. exp - e` when it answered (e floored).
+        let at = unix_us(exp).saturating_sub(us(e));
+        OffsetBounds {
+            lo_us: at
+                .saturating_sub(1_000_000)
+                .saturating_sub(unix_us(received)),
+            hi_us: at.saturating_sub(unix_us(sent)),
+        }
+    });
+    let from_iat = iat.and_then(|iat| clock::second_sample(iat, sent, received));
+    let sample = match (from_count, from_iat, iat) {
+        (Some(a), Some(b), _) => a.intersect(&b),
+        (Some(a), None, None) => Some(a),
+        // An `iat` beyond a year from our clock (milliseconds read as seconds, garbage).
+        (Some(_), None, Some(_)) => None,
+        (None, Some(b), _) => Some(b),
+        (None, None, Some(_)) => None,
+        (None, None, None) => return Reading::Silent,
+    };
+    let plausible = |b: &OffsetBounds| {
+        b.lo_us.unsigned_abs() <= MAX_OFFSET.unsigned_abs()
+            && b.hi_us.unsigned_abs() <= MAX_OFFSET.unsigned_abs()
+    };
+    match sample.filter(plausible) {
+        Some(b) => Reading::Sample(b),
+        None => Reading::Contradicts,
+    }
+}
+
+/// Offsets of FinHub's token clock beyond this are taken as garbage, not as a clock.
+const MAX_OFFSET: i64 = 366 * 86_400 * 1_000_000;
+
+/// The expiry rule (§4.3, issues 14, 22.1, 28.3). A JWT `exp` whose claims agree with
+/// `expires_in` ([`read_claims`]) is the truth, on FinHub's token clock (`offset`, the
+/// estimate of that clock after this token's own reading). Claims that contradict `expires_in`
+/// are not believed: `expires_in` is FinHub's own count and wins, from the moment the request
+/// was sent. Without `exp`, `expires_in` from then; without either, a fallback lifetime.
+pub(super) fn choose_expiry(
+    claims: &Claims,
+    expires_in: Option<Duration>,
+    reading: Reading,
+    sent: SystemTime,
+    received: SystemTime,
+    offset: OffsetBounds,
+) -> Expiry {
+    let (sent, received) = (unix_us(sent), unix_us(received));
+    let counted = |e: i64, distrusted: bool| Expiry {
+        at_us: sent.saturating_add(e),
+        on_finhub_clock: false,
+        validity_us: e,
+        window_known: false,
+        distrusted,
+    };
+    let fallback = |distrusted: bool| Expiry {
+        validity_us: us(FALLBACK_LIFETIME),
+        ..counted(us(FALLBACK_LIFETIME), distrusted)
+    };
+    match (claims.exp.map(unix_us), expires_in.map(us), reading) {
+        (Some(_), Some(e), Reading::Contradicts) => counted(e, true),
+        (Some(_), None, Reading::Contradicts) => fallback(true),
+        (Some(exp), e, _) => {
+            // Like every lifetime believed from FinHub, at most a day from now.
+            let latest = received
+                .saturating_add(offset.hi_us)
+                .saturating_add(us(grant::MAX_LIFETIME));
+            let at_us = exp.min(latest);
+            let validity_us = match (claims.iat.map(unix_us), e) {
+                (Some(iat), _) if iat < exp => exp - iat,
+                (_, Some(e)) => e,
+                _ => exp - sent.saturating_add(offset.mid_us()),
+            };
+            Expiry {
+                at_us,
+                on_finhub_clock: true,
+                validity_us: validity_us.clamp(0, us(grant::MAX_LIFETIME)),
+                window_known: claims.iat.is_some()
+                    && matches!(reading, Reading::Sample(_))
+                    && at_us == exp,
+                distrusted: false,
+            }
+        }
+        (None, Some(e), _) => counted(e, false),
+        (None, None, _) => fallback(false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::auth::clock::OffsetBounds;
+    use crate::auth::session::tests::{at, BASE, S};
+    use crate::auth::time::from_unix_us;
+
+    fn claims_of(exp: Option<i64>, iat: Option<i64>) -> Claims {
+        Claims {
+            exp: exp.map(|s| from_unix_us(BASE + s)),
+            iat: iat.map(|s| from_unix_us(BASE + s)),
+            internal_token_key: None,
+            session_id: None,
+        }
+    }
+
+    /// `choose_expiry` after `read_claims`, as `FinHubSession::from_grant` runs them.
+    fn expiry_of(
+        claims: &Claims,
+        expires_in: Option<u64>,
+        sent: i64,
+        received: i64,
+        offset: OffsetBounds,
+    ) -> Expiry {
+        let e = expires_in.map(Duration::from_secs);
+        let reading = read_claims(claims, e, at(sent), at(received));
+        choose_expiry(claims, e, reading, at(sent), at(received), offset)
+    }
+
+    #[test]
+    fn exp_agreeing_with_expires_in_is_the_truth_else_expires_in_wins() {
+        let zero = OffsetBounds::ZERO;
+        // exp 6 s after iat; expires_in floored to 5 while 5.7 s were left: exp wins.
+        let e = expiry_of(
+            &claims_of(Some(6 * S), Some(0)),
+            Some(5),
+            300_000,
+            310_000,
+            zero,
+        );
+        assert_eq!(e.at_us, BASE + 6 * S);
+        assert!(e.on_finhub_clock && e.window_known && !e.distrusted);
+        assert_eq!(e.validity_us, 6 * S);
+        // exp far beyond what iat + expires_in allow (a 10-year exp): expires_in wins, from
+        // when the request was sent, on our clock.
+        let e = expiry_of(
+            &claims_of(Some(10 * 365 * 86_400 * S), Some(0)),
+            Some(60),
+            0,
+            1_000,
+            zero,
+        );
+        assert!(e.distrusted && !e.on_finhub_clock && !e.window_known);
+        assert_eq!((e.at_us, e.validity_us), (BASE + 60 * S, 60 * S));
+        // exp before iat (already past when issued): expires_in wins.
+        let e = expiry_of(&claims_of(Some(-8 * S), Some(0)), Some(8), 0, 1_000, zero);
+        assert!(e.distrusted);
+        assert_eq!(e.at_us, BASE + 8 * S);
+        // Without exp: expires_in from when the request was sent, on our clock.
+        let e = expiry_of(&claims_of(None, None), Some(60), 5, 9, zero);
+        assert_eq!((e.at_us, e.on_finhub_clock), (BASE + 5 + 60 * S, false));
+        // Neither: the fallback.
+        let e = expiry_of(&claims_of(None, None), None, 0, 0, zero);
+        assert_eq!(e.validity_us, us(FALLBACK_LIFETIME));
+        // exp without iat or expires_in: validity counted from the request on FinHub's clock.
+        let skew = OffsetBounds {
+            lo_us: 2 * S,
+            hi_us: 2 * S,
+        };
+        let e = expiry_of(&claims_of(Some(10 * S), None), None, 0, 0, skew);
+        assert_eq!(e.validity_us, 8 * S);
+    }
+
+    #[test]
+    fn a_tokens_claims_are_a_reading_of_its_issuers_clock() {
+        // Issued an hour behind our clock: iat and exp - expires_in agree on -3600 s.
+        let claims = claims_of(Some(-3600 * S + 8 * S), Some(-3600 * S));
+        let r = read_claims(
+            &claims,
+            Some(Duration::from_secs(7)),
+            at(300_000),
+            at(310_000),
+        );
+        let Reading::Sample(b) = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            b.lo_us <= -3600 * S + 1 && b.hi_us >= -3600 * S - 300_000,
+            "{b:?}"
+        );
+        assert!(b.hi_us - b.lo_us <= S + 10_000, "{b:?}");
+        // A token handed out again long after its iat: the two readings disagree.
+        let old = claims_of(Some(600 * S), Some(-1200 * S));
+        assert_eq!(
+            read_claims(&old, Some(Duration::from_secs(600)), at(0), at(1_000)),
+            Reading::Contradicts
+        );
+        // Claims beyond a year from our clock are not a clock.
+        let far = claims_of(Some(400 * 86_400 * S + 8 * S), Some(400 * 86_400 * S));
+        assert_eq!(read_claims(&far, None, at(0), at(0)), Reading::Contradicts);
+        assert_eq!(
+            read_claims(&claims_of(None, Some(0)), None, at(0), at(0)),
+            Reading::Silent
+        );
+    }
+}
