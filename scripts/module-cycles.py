@@ -203,6 +203,8 @@ class Crate:
     def references(self, module):
         """Every module tuple the file of `module` names."""
         text = self.texts[module]
+        # A visibility path (`pub(in crate::auth)`) names who may see an item, not a use.
+        text = re.sub(r"\bpub\s*\(\s*in\s+[^)]*\)", "pub", text)
         paths = []
         for m in re.finditer(r"\buse\s+([^;]*);", text):
             paths.extend(p for p, _ in expand_use_tree(m.group(1)))

@@ -500,15 +500,6 @@ password = "${PW}"
         .unwrap();
         let metrics = Metrics::new();
         let sessions = Arc::new(SessionTable::new(&config));
-        let limiter = crate::policy::ratelimit::LocalLimiter::new(config.policy.rate_limit.clone());
-        let tenants = crate::tenant::Tenants::new(
-            &sessions,
-            0,
-            &metrics,
-            &limiter,
-            &crate::config::RetryConfig::default(),
-        )
-        .unwrap();
         let (audit, _guard) = crate::audit::Audit::open(
             &crate::config::AuditOutput::Off,
             false,
@@ -518,7 +509,6 @@ password = "${PW}"
         AppState {
             upstream: Arc::new(crate::upstream::UpstreamAddrs::new("api.finhub.cloud", 443)),
             sessions,
-            tenants,
             config: Arc::new(config),
             tls: Arc::new(crate::tls::TlsStore::new(tls)),
             lifecycle: Lifecycle::new(Duration::ZERO, Duration::ZERO, metrics.clone()),

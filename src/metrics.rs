@@ -17,7 +17,6 @@ use prometheus::{
 use crate::egress::EgressMetrics;
 use crate::listener::metrics::ListenerMetrics;
 use crate::policy::ratelimit::RateLimitMetrics;
-use crate::proxy::metrics::ProxyMetrics;
 use crate::redis_pool::RedisPoolMetrics;
 use crate::telemetry::metrics::TraceMetrics;
 use crate::tls::metrics::TlsMetrics;
@@ -36,8 +35,6 @@ pub struct Metrics {
     pub listener: ListenerMetrics,
     /// Rate limiting (decisions by backend, the Redis limiter's calls and connections).
     pub rate_limit: RateLimitMetrics,
-    /// The data path's metrics (requests, retries, connections; `proxy/metrics.rs`).
-    pub proxy: ProxyMetrics,
     /// The egress proxy's metrics (`egress.rs`).
     pub egress: EgressMetrics,
     /// `finhub_sidecar_session_expiration_timestamp_seconds{tenant}`: expiry of the tenant's
@@ -87,7 +84,6 @@ impl Metrics {
         let trace = TraceMetrics::register(&registry);
         let listener = ListenerMetrics::register(&registry);
         let rate_limit = RateLimitMetrics::register(&registry);
-        let proxy = ProxyMetrics::register(&registry);
         let egress = EgressMetrics::register(&registry);
         let session_expiration = IntGaugeVec::new(
             Opts::new(
@@ -204,7 +200,6 @@ impl Metrics {
             trace,
             listener,
             rate_limit,
-            proxy,
             egress,
             session_expiration,
             auth_requests,
@@ -234,7 +229,12 @@ impl Metrics {
             self.auth_requests
                 .with_label_values(&[tenant, "logout", result]);
         }
-        self.proxy.init_tenant(tenant);
+    }
+
+    /// The registry, for a component that registers its own metrics after start-up wiring
+    /// (the data path's: `proxy::metrics::ProxyMetrics::register`).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// The text exposition of every metric.
@@ -260,6 +260,8 @@ mod tests {
     #[test]
     fn renders_every_metric_name() {
         let m = Metrics::new();
+        // The data path registers its own families (`proxy::metrics`) in the same registry.
+        let _proxy = crate::proxy::metrics::ProxyMetrics::register(m.registry());
         m.tls.reload(ReloadResult::Published);
         let text = String::from_utf8(m.render()).unwrap();
         for name in [

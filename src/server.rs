@@ -20,11 +20,12 @@ use crate::listener::{self, AppListener, Limits};
 use crate::metrics::Metrics;
 use crate::policy::ratelimit::{DecidedBy, Limiter, LocalLimiter};
 use crate::policy::redis_limit::RedisLimiter;
+use crate::proxy::metrics::ProxyMetrics;
+use crate::proxy::tenant::Tenants;
 use crate::proxy::FinHubProxy;
 use crate::state::AppState;
 use crate::supervise::supervise;
 use crate::telemetry::Telemetry;
-use crate::tenant::Tenants;
 use crate::tls::reload::Reloader;
 use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
 use crate::upstream::UpstreamAddrs;
@@ -66,6 +67,8 @@ pub struct Sidecar {
     admin_listener_addr: Option<std::net::SocketAddr>,
     tls_files: TlsFiles,
     metrics: Metrics,
+    /// The data path's metrics (`proxy::metrics`), registered in `metrics`' registry.
+    proxy_metrics: ProxyMetrics,
     audit: Audit,
     audit_guard: Option<crate::audit::AuditGuard>,
     /// The shared limiter, when `backend = "redis"` (its connections live in the control plane).
@@ -78,6 +81,7 @@ impl Sidecar {
     /// Loads the TLS material and binds the admin port; fails before anything is served.
     pub fn build(config: Config) -> Result<Sidecar, StartError> {
         let metrics = Metrics::new();
+        let proxy_metrics = ProxyMetrics::register(metrics.registry());
         let tls_files = TlsFiles::from_config(&config, &metrics.tls);
         let tls = match tls_files.load(unix_now()) {
             Ok(tls) => tls,
@@ -122,6 +126,7 @@ impl Sidecar {
             .set_gauge(metrics.finhub_clock_offset.clone());
         for t in &config.tenants {
             metrics.init_tenant(&t.id);
+            proxy_metrics.init_tenant(&t.id);
         }
         let (audit, audit_guard) = Audit::open(
             &config.audit.output,
@@ -158,6 +163,7 @@ impl Sidecar {
             app_listener,
             tls_files,
             metrics,
+            proxy_metrics,
         })
     }
 
@@ -201,7 +207,7 @@ impl Sidecar {
         let Some(tenants) = Tenants::new(
             &self.sessions,
             c.default_tenant,
-            &self.metrics,
+            &self.proxy_metrics,
             &*limiter,
             &c.retry,
         ) else {
@@ -213,14 +219,13 @@ impl Sidecar {
             tls: self.tls.clone(),
             upstream: self.upstream.clone(),
             sessions: self.sessions.clone(),
-            tenants,
             metrics: self.metrics.clone(),
             lifecycle: lifecycle.clone(),
             audit: self.audit.clone(),
             started: std::time::Instant::now(),
             tracer: self.telemetry.as_ref().map(Telemetry::tracer),
         });
-        let proxy = FinHubProxy::new(state.clone());
+        let proxy = FinHubProxy::new(state.clone(), tenants, &self.proxy_metrics);
         // CONNECT reaches request_filter (instead of Pingora's bare 405) so that it gets the
         // same JSON refusal as every other request; it is never tunnelled.
         let mut server_options = pingora::apps::HttpServerOptions::default();

@@ -10,7 +10,6 @@ use crate::auth::SessionTable;
 use crate::config::Config;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::Metrics;
-use crate::tenant::Tenants;
 use crate::tls::TlsStore;
 use crate::upstream::UpstreamAddrs;
 
@@ -25,8 +24,6 @@ pub struct AppState {
     pub upstream: Arc<UpstreamAddrs>,
     /// Session slots and FinHub's clock (the control plane renews them).
     pub sessions: Arc<SessionTable>,
-    /// The tenants as the data path sees them.
-    pub tenants: Tenants,
     /// Metrics.
     pub metrics: Metrics,
     /// Readiness latch, in-flight count, drain.

@@ -134,6 +134,26 @@ impl Table {
             .map(|i| self.addrs[i])
     }
 
+    /// Every address in dial order at `now`: from the preferred one on, those whose breaker is
+    /// open last, the one that failed longest ago first among those (as [`Table::pick`]).
+    fn order(&self, now: u64) -> Vec<SocketAddr> {
+        let n = self.addrs.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let p = self.preferred.load(Ordering::Relaxed) % n;
+        let mut order: Vec<usize> = (0..n).map(|k| (p + k) % n).collect();
+        // Stable: closed addresses keep their rotation; open ones go by when they last failed.
+        order.sort_by_key(|&i| {
+            let open = self.is_open(i, now);
+            (
+                open,
+                open.then(|| self.last_failure[i].load(Ordering::Relaxed)),
+            )
+        });
+        order.into_iter().map(|i| self.addrs[i]).collect()
+    }
+
     /// Records that connecting to `addr` failed; the cool-down it gets, if it is known.
     fn failed(&self, addr: SocketAddr, now: u64) -> Option<Duration> {
         let n = self.addrs.len();
@@ -248,27 +268,22 @@ impl UpstreamAddrs {
         options.custom_l4 = self.tunnel.clone();
     }
 
-    /// The known addresses in dial order: from the preferred one on, those whose breaker is
-    /// open last.
+    /// The known addresses in dial order, as [`UpstreamAddrs::pick`] chooses: from the
+    /// preferred one on, those whose breaker is open last, the one that failed longest ago first
+    /// among those.
     pub fn order(&self) -> Vec<SocketAddr> {
-        let t = self.table.load();
-        let n = t.addrs.len();
-        if n == 0 {
-            return Vec::new();
-        }
-        let now = self.now_ms();
-        let p = t.preferred.load(Ordering::Relaxed) % n;
-        let mut order: Vec<usize> = (0..n).map(|k| (p + k) % n).collect();
-        order.sort_by_key(|&i| t.is_open(i, now));
-        order.into_iter().map(|i| t.addrs[i]).collect()
+        self.table.load().order(self.now_ms())
     }
 
     /// A connection to FinHub for a call outside Pingora (the auth client): each address in
     /// [`UpstreamAddrs::order`] (resolved now if none is known yet) gets a TCP connection, or a
-    /// tunnel through the egress proxy, and then `handshake` (TLS), each bounded by
-    /// `upstream.connect_timeout`; the first that completes is returned. A proxy's refusal is
-    /// its answer and is not tried on its other addresses. How the tunnel went is published
-    /// for `/ready` ([`UpstreamAddrs::auth_egress_failure`]).
+    /// tunnel through the egress proxy, and then `handshake` (TLS): the connect bounded by
+    /// `upstream.connect_timeout` and connect plus handshake by twice that, as Pingora bounds
+    /// the API path's ([`UpstreamAddrs::dial_options`]); the first that completes is returned.
+    /// An address that fails opens its breaker ([`UpstreamAddrs::connect_failed`]), so the next
+    /// call (and the API path) starts at another one. A proxy's refusal is its answer and is
+    /// not tried on its other addresses. How the tunnel went is published for `/ready`
+    /// ([`UpstreamAddrs::auth_egress_failure`]).
     pub async fn dial<S, E, F, Fut>(&self, handshake: F) -> Result<S, DialError>
     where
         F: Fn(TcpStream) -> Fut,
@@ -284,14 +299,30 @@ impl UpstreamAddrs {
         let mut failures = Vec::new();
         let mut last = None;
         for addr in self.order() {
+            // Marks `addr` failed unless the attempt succeeds, also when the caller's own
+            // deadline (`auth.request_timeout`) cuts it short after it had its connect time:
+            // the next call starts elsewhere.
+            let mut attempt = Attempt {
+                addrs: self,
+                addr,
+                failed: true,
+                started: Instant::now(),
+                fair: each,
+            };
+            let deadline = tokio::time::Instant::now() + each.saturating_mul(2);
             let tcp = match &self.auth_tunnel {
                 Some(tunnel) => {
                     let opened = tunnel.open(addr).await;
                     self.note_auth_egress(opened.as_ref().err().cloned());
                     match opened {
                         Ok(s) => s,
-                        Err(e @ EgressError::Refused(_)) => return Err(DialError::Egress(e)),
+                        Err(e @ EgressError::Refused(_)) => {
+                            // The proxy's answer, not this address's fault.
+                            attempt.failed = false;
+                            return Err(DialError::Egress(e));
+                        }
                         Err(e) => {
+                            attempt.fail();
                             last = Some(DialError::Egress(e));
                             continue;
                         }
@@ -300,11 +331,13 @@ impl UpstreamAddrs {
                 None => match tokio::time::timeout(each, TcpStream::connect(addr)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
+                        attempt.fail();
                         failures.push(format!("{addr}: {e}"));
                         last = None;
                         continue;
                     }
                     Err(_) => {
+                        attempt.fail();
                         failures.push(format!("{addr}: no connection within {each:?}"));
                         last = None;
                         continue;
@@ -312,11 +345,18 @@ impl UpstreamAddrs {
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let e = match tokio::time::timeout(each, handshake(tcp)).await {
-                Ok(Ok(s)) => return Ok(s),
+            let e = match tokio::time::timeout_at(deadline, handshake(tcp)).await {
+                Ok(Ok(s)) => {
+                    attempt.failed = false;
+                    return Ok(s);
+                }
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no handshake within {each:?}"),
+                Err(_) => format!(
+                    "no handshake within {:?} of connecting",
+                    each.saturating_mul(2)
+                ),
             };
+            attempt.fail();
             failures.push(format!("{addr}: TLS: {e}"));
             last = Some(DialError::Handshake(e));
         }
@@ -436,6 +476,33 @@ impl UpstreamAddrs {
     }
 }
 
+/// One address being dialled by [`UpstreamAddrs::dial`]: opens its breaker when dropped while
+/// `failed` (a failed or unfinished connect, tunnel or handshake, however the dial ended),
+/// unless the dial was cut short before the address had `fair` time (its connect timeout):
+/// then it is not the address's fault.
+struct Attempt<'a> {
+    addrs: &'a UpstreamAddrs,
+    addr: SocketAddr,
+    failed: bool,
+    started: Instant,
+    fair: Duration,
+}
+
+impl Attempt<'_> {
+    /// This address failed on its own (refused, reset, a bound of ours ran out).
+    fn fail(&mut self) {
+        self.fair = Duration::ZERO;
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.failed && self.started.elapsed() >= self.fair {
+            self.addrs.connect_failed(self.addr);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -519,14 +586,19 @@ mod tests {
         a.table
             .store(Arc::new(Table::new(vec![addr(1), addr(2), addr(3)], None)));
         assert_eq!(a.order(), [addr(1), addr(2), addr(3)]);
-        a.connect_failed(addr(1));
-        assert_eq!(a.order(), [addr(2), addr(3), addr(1)]);
-        a.connect_failed(addr(3));
+        let t = Table::new(vec![addr(1), addr(2), addr(3)], None);
+        t.failed(addr(1), 1);
+        assert_eq!(t.order(2), [addr(2), addr(3), addr(1)]);
+        t.failed(addr(3), 5);
         assert_eq!(
-            a.order(),
-            [addr(2), addr(3), addr(1)],
-            "open ones in turn, after"
+            t.order(6),
+            [addr(2), addr(1), addr(3)],
+            "open ones after, the one that failed longest ago first, as pick() chooses"
         );
+        assert_eq!(t.pick(6), Some(addr(2)));
+        t.failed(addr(2), 7);
+        assert_eq!(t.order(8), [addr(1), addr(3), addr(2)]);
+        assert_eq!(t.pick(8), Some(addr(1)), "pick and order agree");
     }
 
     #[tokio::test]

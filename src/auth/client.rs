@@ -18,8 +18,8 @@ use super::grant::{Grant, GrantError};
 use super::FinHubSession;
 use crate::config::{Config, EnvRules, TenantConfig};
 use crate::egress::EgressError;
+use crate::names;
 use crate::policy::compliance::ComplianceHeaders;
-use crate::policy::names;
 use crate::tls::TlsStore;
 use crate::upstream::{DialError, UpstreamAddrs};
 

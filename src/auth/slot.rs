@@ -258,7 +258,7 @@ impl SessionSlot {
 }
 
 /// All tenants' session slots (configuration order) and FinHub's clock. Requests find their
-/// tenant through `tenant::Tenants`.
+/// tenant through `proxy::tenant::Tenants`.
 pub struct SessionTable {
     pub(super) all: Vec<Arc<SessionSlot>>,
     pub(super) clock: Arc<ClockOffset>,

@@ -15,7 +15,6 @@
 //!
 //! [`Secret`]: crate::secret::Secret
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +24,7 @@ mod auth;
 mod client_cert;
 mod convert;
 mod environment;
+mod error;
 mod file;
 mod headers;
 mod listener;
@@ -45,6 +45,7 @@ pub use audit::{AuditConfig, AuditOutput, DEFAULT_AUDIT_FLUSH_INTERVAL};
 pub use auth::AuthConfig;
 pub use client_cert::{ClientCertFiles, KeySource, Pkcs11Key, Pkcs11Uri};
 pub use environment::{EnvRules, Environment};
+pub use error::{ConfigError, ConfigErrors};
 pub use headers::HeaderConfig;
 pub use listener::ListenerConfig;
 pub use log::{LogConfig, LogFormat, DEFAULT_LOG_LEVEL};
@@ -107,34 +108,6 @@ pub struct Config {
     /// What is allowed but unwise (a secret file other users can read), one line each naming
     /// the key and the file, never a secret: logged by `run`, printed by `check`.
     pub warnings: Vec<String>,
-}
-
-/// One thing wrong with the configuration: which file, which key, what.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}: {key}: {message}", file.display())]
-pub struct ConfigError {
-    /// The configuration file (or the file a key names, for file-content errors).
-    pub file: PathBuf,
-    /// Dotted key, e.g. `upstream.base_url` or `tenants[0].password_file`.
-    pub key: String,
-    /// What is wrong, never containing a secret.
-    pub message: String,
-}
-
-/// Everything wrong with a configuration (at least one entry).
-#[derive(Debug, Clone, thiserror::Error)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
 }
 
 impl Config {

@@ -56,10 +56,7 @@ pub async fn respond_keyed(
 ) -> pingora::Result<()> {
     let (mut resp, body) = response(err)?;
     if let Some(key) = idempotency_key {
-        resp.insert_header(
-            crate::policy::headers::names::X_IDEMPOTENCY_KEY,
-            key.clone(),
-        )?;
+        resp.insert_header(crate::names::X_IDEMPOTENCY_KEY, key.clone())?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await

@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderValue};
 use pingora::http::RequestHeader;
 
 use crate::config::HeaderConfig;
-use crate::policy::names;
+use crate::names;
 
 /// A request whose headers [`ComplianceHeaders::apply`] can read and set: Pingora's
 /// `RequestHeader` on the API path, a plain `HeaderMap` on the auth client's.

@@ -5,29 +5,11 @@ use http::header::HeaderName;
 use http::HeaderValue;
 use pingora::http::RequestHeader;
 
-use crate::auth::FinHubSession;
+use crate::names;
 pub use crate::policy::strip::{
     is_stripped, strip_response_credentials, token_fingerprint, without_app_credentials,
     Reflections, APP_CREDENTIAL_HEADERS,
 };
-
-/// Header names the sidecar looks up on every request (re-exported from [`crate::policy::names`]).
-pub use crate::policy::names;
-
-/// Sets the session headers for `session` (A12: `Authorization`, `X-User-Session-Token`,
-/// `X-Session-Active` carry the same token) and the tenant and session ids.
-pub fn apply_session(
-    req: &mut RequestHeader,
-    session: &FinHubSession,
-    tenant_id: &HeaderValue,
-) -> pingora::Result<()> {
-    req.insert_header(http::header::AUTHORIZATION, session.authorization.clone())?;
-    req.insert_header(names::X_USER_SESSION_TOKEN, session.session_token.clone())?;
-    req.insert_header(names::X_SESSION_ACTIVE, HeaderValue::from_static("true"))?;
-    req.insert_header(names::X_TENANT_ID, tenant_id.clone())?;
-    req.insert_header(names::X_SESSION_ID, session.session_id.clone())?;
-    Ok(())
-}
 
 /// Refuses methods the sidecar never forwards: `CONNECT` (a tunnel, 405
 /// `connect_not_supported`) and `TRACE` / `TRACK`, which reflect the request's headers, the

@@ -58,7 +58,7 @@ pub enum Check {
     Wait(PendingDecision),
 }
 
-/// One tenant's buckets (owned by its `tenant::Tenant`): decides for one of its requests.
+/// One tenant's buckets (owned by its `proxy::tenant::Tenant`): decides for one of its requests.
 pub trait TenantLimiter: Send + Sync {
     /// Checks and, if allowed, consumes one token of the bucket of the request's route.
     fn check(&self, method: &Method, path: &str) -> Check;

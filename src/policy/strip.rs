@@ -6,7 +6,7 @@
 use http::header::HeaderName;
 use pingora::http::{RequestHeader, ResponseHeader};
 
-use super::headers::names;
+use crate::names;
 
 /// Request headers an app must never get through to FinHub, lower case with `-`: the sidecar
 /// owns authentication, the client-IP claim, and the method and URL FinHub acts on.

@@ -29,11 +29,11 @@ use super::retry::Retry;
 use crate::auth::{FinHubSession, SessionSlot};
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::names;
 use crate::policy::headers;
-use crate::policy::names;
 use crate::policy::ratelimit::Decision;
 use crate::policy::{allow, path};
-use crate::tenant::{Tenant, Tenants};
+use crate::proxy::tenant::{Tenant, Tenants};
 
 /// Seconds an app is told to wait when its tenant has no session and no attempt is planned.
 pub const SESSION_RETRY_AFTER_SECS: u64 = 1;
@@ -229,6 +229,7 @@ pub fn origin_uri(path_and_query: &[u8]) -> Result<Uri, ProxyError> {
 mod tests {
     use super::*;
     use crate::auth::grant::Grant;
+    use crate::proxy::metrics::ProxyMetrics;
     use crate::secret::Secret;
 
     const TOML: &str = r#"
@@ -265,7 +266,7 @@ password = "${PW}"
             })
             .unwrap();
             let sessions = crate::auth::SessionTable::new(&config);
-            let metrics = crate::metrics::Metrics::new();
+            let metrics = ProxyMetrics::register(&prometheus::Registry::new());
             let limiter =
                 crate::policy::ratelimit::LocalLimiter::new(config.policy.rate_limit.clone());
             let tenants = Tenants::new(

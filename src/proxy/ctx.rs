@@ -8,8 +8,8 @@ use crate::error::ProxyError;
 use crate::lifecycle::InFlight;
 use crate::proxy::admission::Admitted;
 use crate::proxy::body::Body;
+use crate::proxy::tenant::Tenant;
 use crate::telemetry::RequestTrace;
-use crate::tenant::Tenant;
 
 /// Per-request state shared between hooks.
 pub struct RequestCtx {

@@ -35,7 +35,8 @@ use prometheus::IntCounter;
 use crate::error::{self, ProxyError};
 use crate::policy::compliance::ComplianceHeaders;
 use crate::proxy::ctx::RequestCtx;
-use crate::proxy::metrics::{Connection, RequestSeries};
+use crate::proxy::metrics::{Connection, ProxyMetrics, RequestSeries};
+use crate::proxy::tenant::Tenants;
 use crate::state::AppState;
 
 /// The data path: the application state and a few series resolved once.
@@ -47,19 +48,24 @@ pub struct FinHubProxy {
     pub(super) connections: [IntCounter; 2],
     /// The compliance headers every request to FinHub carries.
     pub(super) compliance: ComplianceHeaders,
+    /// Every tenant as the data path sees it.
+    pub(super) tenants: Tenants,
+    /// The data path's metrics.
+    pub(super) metrics: ProxyMetrics,
 }
 
 impl FinHubProxy {
-    /// The proxy over the application state.
-    pub fn new(state: Arc<AppState>) -> Self {
-        let no_tenant = state.metrics.proxy.request_series("-");
-        let connections =
-            [Connection::Opened, Connection::Reused].map(|c| state.metrics.proxy.connections(c));
+    /// The proxy over the application state, serving `tenants`, counting into `metrics`.
+    pub fn new(state: Arc<AppState>, tenants: Tenants, metrics: &ProxyMetrics) -> Self {
+        let no_tenant = metrics.request_series("-");
+        let connections = [Connection::Opened, Connection::Reused].map(|c| metrics.connections(c));
         FinHubProxy {
             compliance: ComplianceHeaders::new(&state.config.headers),
             state,
             no_tenant,
             connections,
+            tenants,
+            metrics: metrics.clone(),
         }
     }
 }

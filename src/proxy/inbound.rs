@@ -9,8 +9,8 @@ use pingora::proxy::Session;
 use pingora::{Error, ErrorType};
 
 use crate::error::{self, ProxyError};
+use crate::names;
 use crate::policy::headers;
-use crate::policy::names;
 use crate::policy::ratelimit::{Check, Decision};
 use crate::proxy::admission::Admission;
 use crate::proxy::body::{Body, BodyError};
@@ -112,7 +112,7 @@ impl FinHubProxy {
             .map(|a| a.ip());
         let admission = Admission {
             config: &self.state.config,
-            tenants: &self.state.tenants,
+            tenants: &self.tenants,
         };
         match admission.admit(req, peer, SystemTime::now()) {
             Ok((admitted, path)) => {

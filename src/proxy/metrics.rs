@@ -330,7 +330,7 @@ mod tests {
     #[test]
     fn request_series_count_into_the_labelled_series() {
         let m = Metrics::new();
-        let s = m.proxy.request_series("t1");
+        let s = ProxyMetrics::register(m.registry()).request_series("t1");
         s.count_request(Outcome::Allow, 204);
         s.count_request(Outcome::Allow, 200);
         s.count_request(Outcome::RateLimited, 429);

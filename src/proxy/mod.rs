@@ -3,7 +3,8 @@
 //! refusal, the answer's headers — (`inbound.rs`, `admission.rs`, `body.rs`), toward FinHub —
 //! peer, request rewrite, FinHub's answer — (`outbound.rs`), what is retried and the JSON error
 //! (`failure.rs`, `retry.rs`), the metrics and audit line of a finished request (`record.rs`),
-//! the per-request context (`ctx.rs`). The hook order is in `hooks.rs`.
+//! the per-request context (`ctx.rs`), the tenants as the data path sees them (`tenant.rs`).
+//! The hook order is in `hooks.rs`.
 
 pub mod admission;
 pub mod body;
@@ -15,6 +16,7 @@ pub mod metrics;
 mod outbound;
 mod record;
 pub mod retry;
+pub mod tenant;
 
 pub use ctx::RequestCtx;
 pub use hooks::FinHubProxy;

@@ -5,22 +5,24 @@
 
 use std::time::{Instant, SystemTime};
 
+use http::HeaderValue;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpUpstreamRequestPolicy;
 use pingora::{Error, ErrorType};
 
+use crate::auth::FinHubSession;
 use crate::error::ProxyError;
+use crate::names;
 use crate::policy::headers;
-use crate::policy::names;
 use crate::policy::ratelimit;
 use crate::proxy::admission::{session_retry_after, Admitted};
 use crate::proxy::ctx::RequestCtx;
 use crate::proxy::failure::RETRY;
 use crate::proxy::hooks::FinHubProxy;
+use crate::proxy::tenant::Tenant;
 use crate::telemetry;
-use crate::tenant::Tenant;
 
 /// Headers the rewrite may add to the app's (session, ids, compliance, host, content type).
 const REWRITE_HEADERS: usize = 16;
@@ -80,10 +82,7 @@ impl FinHubProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if let Some(t) = ctx.upstream_start.take() {
-            self.state
-                .metrics
-                .proxy
-                .observe_upstream(t.elapsed().as_secs_f64());
+            self.metrics.observe_upstream(t.elapsed().as_secs_f64());
         }
         let status = upstream_response.status.as_u16();
         ctx.upstream_status = Some(status);
@@ -197,7 +196,7 @@ impl FinHubProxy {
             req.remove_header(&http::header::EXPECT);
         }
         let set = |req: &mut RequestHeader| -> pingora::Result<()> {
-            headers::apply_session(req, &a.session, &a.tenant.slot.tenant.id_header)?;
+            apply_session(req, &a.session, &a.tenant.slot.tenant.id_header)?;
             req.insert_header(
                 http::header::HOST,
                 self.state.config.upstream.host_header.clone(),
@@ -254,4 +253,19 @@ impl FinHubProxy {
         a.tenant.series.replays.inc();
         true
     }
+}
+
+/// Sets the session headers for `session` (A12: `Authorization`, `X-User-Session-Token`,
+/// `X-Session-Active` carry the same token) and the tenant and session ids.
+fn apply_session(
+    req: &mut RequestHeader,
+    session: &FinHubSession,
+    tenant_id: &HeaderValue,
+) -> pingora::Result<()> {
+    req.insert_header(http::header::AUTHORIZATION, session.authorization.clone())?;
+    req.insert_header(names::X_USER_SESSION_TOKEN, session.session_token.clone())?;
+    req.insert_header(names::X_SESSION_ACTIVE, HeaderValue::from_static("true"))?;
+    req.insert_header(names::X_TENANT_ID, tenant_id.clone())?;
+    req.insert_header(names::X_SESSION_ID, session.session_id.clone())?;
+    Ok(())
 }

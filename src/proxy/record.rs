@@ -85,7 +85,7 @@ impl FinHubProxy {
         } else {
             None
         });
-        let m = &self.state.metrics.proxy;
+        let m = &self.metrics;
         let outcome = if gave_up.is_some() {
             RetryOutcome::GaveUp
         } else {

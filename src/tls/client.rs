@@ -13,11 +13,11 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::error::TlsError;
 use super::files::{KeyRef, Material, RulePolicy, TlsFiles};
-use super::identity::{cert_identity, CertIdentity};
 use super::metrics::TlsMetrics;
 use super::pkcs11::{cert_key_alg, kinds_agree, TokenKey};
 use super::rules::{check_leaf, Finding};
 use crate::config::Config;
+use cert_identity::{cert_identity, CertIdentity};
 
 /// One consistent set of client TLS material, ready for Pingora and for the auth client.
 pub struct ClientTls {

@@ -50,3 +50,32 @@ async fn a_first_address_that_never_finishes_the_tls_handshake_is_skipped_by_log
     assert_eq!(status, 200, "{body}\n{}", sc.log());
     task.abort();
 }
+
+/// Two addresses that accept and never finish a handshake, ahead of FinHub's, with the
+/// handshake bound (twice `connect_timeout`) equal to the whole auth call's time
+/// (`auth.request_timeout`): each login attempt is cut short on a silent address, and that
+/// address is then tried last, so a later attempt reaches FinHub and the sidecar gets ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_cut_short_on_silent_addresses_move_on_to_finhubs() {
+    let world = World::new();
+    let server = world.pki.server_cert(&["finhub.invalid"], &[]).unwrap();
+    let emu = Emulator::start(world.emulator_config(&server))
+        .await
+        .unwrap();
+    let port = emu.addr().port();
+    let (s1, t1) = silent_server().await;
+    let (s2, t2) = silent_server().await;
+    let config = world
+        .config(port)
+        .set("upstream.base_url", "https://finhub.invalid")
+        .set("upstream.connect_timeout", "1s")
+        .set("auth.request_timeout", "2s")
+        .set(
+            "upstream.connect_to",
+            vec![s1.to_string(), s2.to_string(), format!("127.0.0.1:{port}")],
+        );
+    let sc = world.sidecar(config).await;
+    assert!(emu.controls().stats().logins >= 1, "{}", sc.log());
+    t1.abort();
+    t2.abort();
+}

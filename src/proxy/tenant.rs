@@ -11,9 +11,8 @@ use http::HeaderValue;
 use crate::auth::{SessionSlot, SessionTable};
 use crate::config::RetryConfig;
 use crate::error::ProxyError;
-use crate::metrics::Metrics;
 use crate::policy::ratelimit::{Limiter, TenantLimiter, UpstreamHold};
-use crate::proxy::metrics::RequestSeries;
+use crate::proxy::metrics::{ProxyMetrics, RequestSeries};
 use crate::proxy::retry::RetryBudget;
 
 /// One tenant: configuration, session, FinHub's 429 hold, metric series.
@@ -51,7 +50,7 @@ impl Tenants {
     pub fn new(
         sessions: &SessionTable,
         default: usize,
-        metrics: &Metrics,
+        metrics: &ProxyMetrics,
         limiter: &dyn Limiter,
         retry: &RetryConfig,
     ) -> Option<Tenants> {
@@ -60,7 +59,7 @@ impl Tenants {
             .iter()
             .map(|s| {
                 Arc::new(Tenant {
-                    series: metrics.proxy.request_series(&s.tenant.id),
+                    series: metrics.request_series(&s.tenant.id),
                     limits: limiter.tenant(&s.tenant.id),
                     hold: UpstreamHold::default(),
                     retry_budget: RetryBudget::new(retry),
