@@ -54,6 +54,10 @@ pub enum DialError {
     /// No address accepted a connection and finished the handshake: one line per address.
     #[error("could not connect to FinHub ({})", .0.join("; "))]
     Unreachable(Vec<String>),
+    /// Every address ran out of time (connect or handshake), none refused: one line per
+    /// address. The auth call counts it as a timeout, as when its own deadline ends it.
+    #[error("no connection to FinHub in time ({})", .0.join("; "))]
+    TimedOut(Vec<String>),
     /// The last address tried accepted the connection and failed the TLS handshake.
     #[error("TLS with FinHub: {0}")]
     Handshake(String),
@@ -298,6 +302,8 @@ impl UpstreamAddrs {
         let each = self.connect_timeout;
         let mut failures = Vec::new();
         let mut last = None;
+        // Whether every address tried so far ran out of time (none refused or failed).
+        let mut only_timeouts = true;
         for addr in self.order() {
             // Marks `addr` failed unless the attempt succeeds, also when the caller's own
             // deadline (`auth.request_timeout`) cuts it short after it had its connect time:
@@ -323,6 +329,7 @@ impl UpstreamAddrs {
                         }
                         Err(e) => {
                             attempt.fail();
+                            only_timeouts = false;
                             last = Some(DialError::Egress(e));
                             continue;
                         }
@@ -332,6 +339,7 @@ impl UpstreamAddrs {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
                         attempt.fail();
+                        only_timeouts = false;
                         failures.push(format!("{addr}: {e}"));
                         last = None;
                         continue;
@@ -350,7 +358,10 @@ impl UpstreamAddrs {
                     attempt.failed = false;
                     return Ok(s);
                 }
-                Ok(Err(e)) => e.to_string(),
+                Ok(Err(e)) => {
+                    only_timeouts = false;
+                    e.to_string()
+                }
                 Err(_) => format!(
                     "no handshake within {:?} of connecting",
                     each.saturating_mul(2)
@@ -360,7 +371,13 @@ impl UpstreamAddrs {
             failures.push(format!("{addr}: TLS: {e}"));
             last = Some(DialError::Handshake(e));
         }
-        Err(last.unwrap_or(DialError::Unreachable(failures)))
+        match last {
+            Some(DialError::Handshake(_)) | None if only_timeouts && !failures.is_empty() => {
+                Err(DialError::TimedOut(failures))
+            }
+            Some(last) => Err(last),
+            None => Err(DialError::Unreachable(failures)),
+        }
     }
 
     /// The failure of a dial whose host did not resolve: through the egress proxy, a tunnel
@@ -642,5 +659,28 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, DialError::Handshake(_)), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_dial_where_every_address_ran_out_of_time_is_a_timeout_and_opens_their_breakers() {
+        // Bound and never accepted: the kernel completes the TCP handshake, TLS never starts.
+        let l1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let l2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (s1, s2) = (l1.local_addr().unwrap(), l2.local_addr().unwrap());
+        let mut a = UpstreamAddrs::new("finhub.test", 443);
+        a.table = ArcSwap::from_pointee(Table::new(vec![s1, s2], None));
+        a.fixed = true;
+        a.connect_timeout = Duration::from_millis(50);
+        let e = a
+            .dial(|_tcp| std::future::pending::<Result<(), std::io::Error>>())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, DialError::TimedOut(ref lines) if lines.len() == 2),
+            "{e}"
+        );
+        let now = a.now_ms();
+        let t = a.table.load();
+        assert!(t.is_open(0, now) && t.is_open(1, now), "both breakers open");
     }
 }

@@ -61,10 +61,12 @@ pub enum AuthError {
 }
 
 impl From<DialError> for AuthError {
-    /// A failed dial as the auth call's failure: the egress tunnel's own error, else transport.
+    /// A failed dial as the auth call's failure: the egress tunnel's own error, a timeout when
+    /// every address ran out of time, else transport.
     fn from(e: DialError) -> Self {
         match e {
             DialError::Egress(e) => AuthError::Egress(e),
+            DialError::TimedOut(_) => AuthError::Timeout,
             other => AuthError::Transport(other.to_string()),
         }
     }
