@@ -25,6 +25,7 @@ mod coordination;
 mod expiry;
 pub mod fleet;
 pub mod grant;
+pub mod metrics;
 mod plan;
 mod renew;
 mod session;

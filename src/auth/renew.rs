@@ -13,6 +13,7 @@ use super::clock::OffsetBounds;
 use super::coordination::{Coordination, Turn};
 use super::fleet::{owner_grace_us, FleetStore};
 use super::grant;
+use super::metrics::{AuthCall, AuthMetrics, AuthResult};
 use super::plan::{
     can_refresh, forced_spacing, plan, rejected_wait, renewal_not_before, retry_wait, Planned, Step,
 };
@@ -20,7 +21,6 @@ use super::session::FinHubSession;
 use super::slot::SessionSlot;
 use super::time::{unix_secs, unix_us, us};
 use crate::config::AuthConfig;
-use crate::metrics::Metrics;
 use crate::telemetry::BackgroundSpan;
 
 /// "Not refreshed, still valid" answers accepted for one session; then it is replaced by a
@@ -28,19 +28,11 @@ use crate::telemetry::BackgroundSpan;
 pub(super) const MAX_EARLY_REFRESHES: u32 = 8;
 
 /// Label value of an auth outcome for metrics and `/status`.
-fn result_label<T>(r: &Result<T, AuthError>, not_yet: bool) -> &'static str {
+fn result_of<T>(r: &Result<T, AuthError>, not_yet: bool) -> AuthResult {
     match r {
-        Ok(_) if not_yet => "not_refreshed",
-        Ok(_) => "ok",
-        Err(e) => error_label(e),
-    }
-}
-
-pub(super) fn error_label(e: &AuthError) -> &'static str {
-    match e {
-        AuthError::Rejected(_) | AuthError::NotRefreshable => "rejected",
-        AuthError::RateLimited { .. } => "rate_limited",
-        _ => "error",
+        Ok(_) if not_yet => AuthResult::NotRefreshed,
+        Ok(_) => AuthResult::Ok,
+        Err(e) => AuthResult::of_error(e),
     }
 }
 
@@ -112,7 +104,7 @@ pub(super) struct Renewer {
     pub(super) slot: Arc<SessionSlot>,
     pub(super) client: Arc<AuthClient>,
     pub(super) auth: AuthConfig,
-    pub(super) metrics: Metrics,
+    pub(super) metrics: AuthMetrics,
     pub(super) tenant_id: String,
     /// Transient failures in a row.
     pub(super) failures: u32,
@@ -142,13 +134,6 @@ pub(super) struct Renewer {
 }
 
 impl Renewer {
-    pub(super) fn count(&self, kind: &str, result: &str) {
-        self.metrics
-            .auth_requests
-            .with_label_values(&[self.tenant_id.as_str(), kind, result])
-            .inc();
-    }
-
     pub(super) fn lead_us(&self) -> i64 {
         lead_for(self.rtt_us)
     }
@@ -351,9 +336,10 @@ impl Renewer {
         let span = BackgroundSpan::start("finhub.auth.refresh", &self.tenant_id);
         let r = self.client.refresh(&self.slot.tenant, s).await;
         let not_yet = matches!(r, Ok(Refreshed::NotYet { .. }));
-        let label = result_label(&r, not_yet);
-        span.end(label);
-        self.count("refresh", label);
+        let result = result_of(&r, not_yet);
+        span.end(result.as_str());
+        self.metrics
+            .called(&self.tenant_id, AuthCall::Refresh, result);
         let now = SystemTime::now();
         match r {
             Ok(Refreshed::NotYet { .. }) if forced => {
@@ -379,7 +365,7 @@ impl Renewer {
                 }
                 self.early += 1;
                 self.failures = 0;
-                self.slot.record(label, true);
+                self.slot.record(result.as_str(), true);
                 let min_step = (us(s.validity) / 200).max(20_000);
                 let p = self.plan_for(s, unix_us(now) + min_step);
                 tracing::debug!(
@@ -415,7 +401,7 @@ impl Renewer {
             }
             Err(e) => {
                 let usable_for = self.usable_for(Some(s), now);
-                let wait = self.failed("refresh", label, &e, usable_for);
+                let wait = self.failed(AuthCall::Refresh, result, &e, usable_for);
                 let at = unix_us(now) + us(wait);
                 Some(match usable_for {
                     Some(left) if wait <= left => Planned {
@@ -446,16 +432,17 @@ impl Renewer {
                 Ok(s)
             }
         });
-        let label = result_label(&r, false);
-        span.end(label);
-        self.count("login", label);
+        let result = result_of(&r, false);
+        span.end(result.as_str());
+        self.metrics
+            .called(&self.tenant_id, AuthCall::Login, result);
         match r {
             Ok(s) => {
                 self.rtt_us = next_rtt(self.rtt_us, s.obtained_at, s.received_at);
                 self.publish(s, Step::Login)
             }
             Err(e @ AuthError::Rejected(_)) => {
-                self.slot.record(label, false);
+                self.slot.record(result.as_str(), false);
                 self.rejections = self.rejections.saturating_add(1);
                 let wait = rejected_wait(self.rejections);
                 let until = unix_us(now) + us(wait);
@@ -475,7 +462,7 @@ impl Renewer {
             }
             Err(e) => {
                 let usable_for = self.usable_for(current, now);
-                let wait = self.failed("login", label, &e, usable_for);
+                let wait = self.failed(AuthCall::Login, result, &e, usable_for);
                 Planned {
                     step: Step::Login,
                     at_us: unix_us(now) + us(wait),
@@ -484,18 +471,18 @@ impl Renewer {
         }
     }
 
-    /// Records a failed `what` (login or refresh) and returns how long to wait before the
+    /// Records a failed `call` (login or refresh) and returns how long to wait before the
     /// next attempt ([`retry_wait`]).
     pub(super) fn failed(
         &mut self,
-        what: &'static str,
-        label: &'static str,
+        call: AuthCall,
+        result: AuthResult,
         e: &AuthError,
         usable_for: Option<Duration>,
     ) -> Duration {
         self.failures = self.failures.saturating_add(1);
         self.last_failure_local = matches!(e, AuthError::Transport(_) | AuthError::Timeout);
-        self.slot.record(label, false);
+        self.slot.record(result.as_str(), false);
         let wait = retry_wait(
             self.failures,
             e,
@@ -504,7 +491,7 @@ impl Renewer {
             Self::jitter(),
         );
         tracing::warn!(
-            call = what,
+            call = call.as_str(),
             error = %e,
             attempt = self.failures,
             retry_in_ms = wait.as_millis() as u64,
@@ -519,7 +506,7 @@ impl Renewer {
         self.rejections = 0;
         self.rejected = None;
         self.early = 0;
-        self.slot.record("ok", true);
+        self.slot.record(AuthResult::Ok.as_str(), true);
         let offset = self.client.clock().bounds();
         tracing::info!(
             via = ?via,
@@ -530,9 +517,7 @@ impl Renewer {
             "session renewed"
         );
         self.metrics
-            .session_expiration
-            .with_label_values(&[self.tenant_id.as_str()])
-            .set(unix_secs(s.expires_at()));
+            .expires(&self.tenant_id, unix_secs(s.expires_at()));
         // Requests refused on the new session no longer wait for this renewal.
         self.slot.set_renewing(false);
         self.slot.publish(s);
@@ -581,7 +566,7 @@ pub async fn run_tenant(
     slot: Arc<SessionSlot>,
     client: Arc<AuthClient>,
     auth: AuthConfig,
-    metrics: Metrics,
+    metrics: AuthMetrics,
     store: Option<Arc<FleetStore>>,
 ) {
     let tenant_id = slot.tenant.id.clone();

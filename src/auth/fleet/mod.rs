@@ -31,15 +31,18 @@
 //! steering values, the encrypted payload), the keys in `crate::sealing`, `role.rs` the pure role
 //! decision (`decide`), `state.rs` one tenant's [`FleetState`] and its bookkeeping, `look.rs`
 //! a look at the store (read, decide, apply): the fleet side of
-//! [`crate::auth::coordination`]'s seam.
+//! [`crate::auth::coordination`]'s seam; `metrics.rs` the store's and the fleet's metrics
+//! ([`FleetMetrics`]).
 
 mod look;
+pub mod metrics;
 mod record;
 mod role;
 mod state;
 mod store;
 
 pub use crate::sealing::{KeyRing, OpenError, Sealed, SessionKey};
+pub use metrics::FleetMetrics;
 pub(in crate::auth) use role::owner_grace_us;
 pub use state::FleetStatus;
 pub(in crate::auth) use state::{FleetState, Heartbeat};
