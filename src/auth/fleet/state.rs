@@ -11,10 +11,11 @@ use tracing::Instrument;
 use super::metrics::Origin;
 use super::record::{sanitize_id, session_of, Backoff, Lease, Marker, RawRecord, RenewRequest};
 use super::role::{adoptable, Role, Source};
+use super::status::FleetStatus;
 use super::store::FleetStore;
 use crate::auth::clock::OffsetBounds;
 use crate::auth::plan::Planned;
-use crate::auth::renew::Renewer;
+use crate::auth::renewer::Renewer;
 use crate::auth::time::unix_secs;
 use crate::auth::time::unix_us;
 use crate::config::OnStoreError;
@@ -25,23 +26,6 @@ use crate::sealing::OpenError;
 const REFUSED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// Lease changes logged at info per minute (more are logged at debug).
 const LEASE_LINES_PER_MINUTE: u32 = 6;
-
-/// What `/status` shows about a tenant's shared session (no secret).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct FleetStatus {
-    /// `ok` or `unavailable`.
-    pub store: &'static str,
-    /// Whether this replica holds the renewal lease.
-    pub lease_owner: bool,
-    /// `shared` (from the store), `local` (this replica's own login or renewal) or `none`.
-    pub source: &'static str,
-    /// Generation of the shared record last seen or written.
-    pub generation: u64,
-    /// The key id of a live record this replica cannot decrypt.
-    pub undecryptable_key_id: Option<String>,
-    /// This replica's id in the lease.
-    pub replica: String,
-}
 
 /// The lease extension running while an owner renews ([`FleetState::heartbeat`]).
 pub(in crate::auth) struct Heartbeat {
