@@ -251,7 +251,7 @@ impl Renewer {
                 }
                 self.early += 1;
                 self.failures = 0;
-                self.slot.record(result.as_str(), true);
+                self.slot.record(result, true);
                 let min_step = (us(s.validity) / 200).max(20_000);
                 let p = self.plan_for(s, unix_us(now) + min_step);
                 tracing::debug!(
@@ -328,7 +328,7 @@ impl Renewer {
                 self.publish(s, Step::Login)
             }
             Err(e @ AuthError::Rejected(_)) => {
-                self.slot.record(result.as_str(), false);
+                self.slot.record(result, false);
                 self.rejections = self.rejections.saturating_add(1);
                 let wait = rejected_wait(self.rejections);
                 let until = unix_us(now) + us(wait);
@@ -368,7 +368,7 @@ impl Renewer {
     ) -> Duration {
         self.failures = self.failures.saturating_add(1);
         self.last_failure_local = matches!(e, AuthError::Transport(_) | AuthError::Timeout);
-        self.slot.record(result.as_str(), false);
+        self.slot.record(result, false);
         let wait = retry_wait(
             self.failures,
             e,
@@ -392,7 +392,7 @@ impl Renewer {
         self.rejections = 0;
         self.rejected = None;
         self.early = 0;
-        self.slot.record(AuthResult::Ok.as_str(), true);
+        self.slot.record(AuthResult::Ok, true);
         let offset = self.client.clock().bounds();
         tracing::info!(
             via = ?via,

@@ -249,7 +249,7 @@ impl FleetMetrics {
     }
 
     /// Counts one shared record this replica could not decrypt, by the key id it names (the
-    /// first [`MAX_KEY_ID_LABELS`] distinct ids; later ones count as `other`).
+    /// first `MAX_KEY_ID_LABELS` distinct ids; later ones count as `other`).
     pub fn decrypt_failed(&self, key_id: &str) {
         let label = {
             let mut seen = match self.key_id_labels.lock() {
