@@ -3,17 +3,18 @@
 //! — never paths, ids or secrets).
 //!
 //! A component owns its metrics in its own `metrics` module or file (`tls::metrics`,
-//! `redis_pool::metrics`, `listener::metrics`, `telemetry::metrics`, rate limiting in
-//! `policy::ratelimit`): typed label enums with `as_str`, and a `register(&Registry)`
-//! constructor called from [`Metrics::new`]. The fields still defined here are auth's, the
-//! session store's and the audit's.
+//! `redis_pool::metrics`, `listener::metrics`, `telemetry::metrics`, `auth::metrics`,
+//! `auth::fleet::metrics`, rate limiting in `policy::ratelimit`): typed label enums with
+//! `as_str`, and a `register(&Registry)` constructor called from [`Metrics::new`]. The fields
+//! still defined here are the process's own (build info, requests in flight, the audit's
+//! dropped lines).
 //!
 //! The README's metrics table lists the same names; keep them in step.
 
-use prometheus::{
-    Encoder, Gauge, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use crate::auth::fleet::FleetMetrics;
+use crate::auth::metrics::AuthMetrics;
 use crate::egress::EgressMetrics;
 use crate::listener::metrics::ListenerMetrics;
 use crate::policy::ratelimit::RateLimitMetrics;
@@ -37,16 +38,10 @@ pub struct Metrics {
     pub rate_limit: RateLimitMetrics,
     /// The egress proxy's metrics (`egress.rs`).
     pub egress: EgressMetrics,
-    /// `finhub_sidecar_session_expiration_timestamp_seconds{tenant}`: expiry of the tenant's
-    /// current FinHub session.
-    pub session_expiration: IntGaugeVec,
-    /// `finhub_sidecar_auth_requests_total{tenant,kind="login|refresh|logout",result}`: calls
-    /// to FinHub's auth endpoints by outcome (`ok`, `not_refreshed`, `rejected`,
-    /// `rate_limited`, `error`; logout also `timeout`).
-    pub auth_requests: IntCounterVec,
-    /// `finhub_sidecar_finhub_clock_offset_seconds`: estimated offset of FinHub's clock from
-    /// ours (positive: FinHub ahead), from its `Date` headers; 0 until the first answer.
-    pub finhub_clock_offset: Gauge,
+    /// Auth's (calls to FinHub's auth endpoints, session expiry, FinHub's clock offset).
+    pub auth: AuthMetrics,
+    /// The fleet's (the shared session store, leases, adoptions).
+    pub fleet: FleetMetrics,
     /// `finhub_sidecar_requests_in_flight`: requests being handled now.
     pub requests_in_flight: IntGauge,
     /// `finhub_sidecar_build_info{version}`: always 1.
@@ -54,25 +49,6 @@ pub struct Metrics {
     /// `finhub_sidecar_audit_lines_dropped`: audit lines dropped since start because the audit
     /// output could not keep up (the proxy never waits on it).
     pub audit_dropped: IntGauge,
-    /// `finhub_sidecar_session_store_up`: 1 while the shared session store answered its last
-    /// call, 0 when it did not (or no shared store is configured).
-    pub session_store_up: IntGauge,
-    /// `finhub_sidecar_session_store_errors_total{kind="timeout|connection|unavailable|response"}`:
-    /// shared session store calls that failed.
-    pub session_store_errors: IntCounterVec,
-    /// `finhub_sidecar_session_store_connections`: pooled connections to the session store.
-    pub session_store_connections: IntGauge,
-    /// `finhub_sidecar_session_lease_owner{tenant}`: 1 while this replica holds the tenant's
-    /// renewal lease.
-    pub session_lease_owner: IntGaugeVec,
-    /// `finhub_sidecar_session_source{tenant,source="shared|local"}`: 1 for where the tenant's
-    /// current session came from.
-    pub session_source: IntGaugeVec,
-    /// `finhub_sidecar_session_adopted_total{tenant}`: sessions taken from the shared store.
-    pub session_adopted: IntCounterVec,
-    /// `finhub_sidecar_session_decrypt_errors_total{key_id}`: shared records this replica could
-    /// not decrypt, by the key id the record names.
-    pub session_decrypt_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -85,27 +61,8 @@ impl Metrics {
         let listener = ListenerMetrics::register(&registry);
         let rate_limit = RateLimitMetrics::register(&registry);
         let egress = EgressMetrics::register(&registry);
-        let session_expiration = IntGaugeVec::new(
-            Opts::new(
-                "finhub_sidecar_session_expiration_timestamp_seconds",
-                "Expiry of the tenant's current FinHub session, Unix seconds",
-            ),
-            &["tenant"],
-        )
-        .expect("static metric definition is valid");
-        let auth_requests = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_auth_requests_total",
-                "Calls to FinHub's login and refresh endpoints by outcome",
-            ),
-            &["tenant", "kind", "result"],
-        )
-        .expect("static metric definition is valid");
-        let finhub_clock_offset = Gauge::new(
-            "finhub_sidecar_finhub_clock_offset_seconds",
-            "Estimated offset of FinHub's clock from the sidecar's (positive: FinHub ahead), from its Date headers",
-        )
-        .expect("static metric definition is valid");
+        let auth = AuthMetrics::register(&registry);
+        let fleet = FleetMetrics::register(&registry);
         let requests_in_flight = IntGauge::new(
             "finhub_sidecar_requests_in_flight",
             "Requests being handled now",
@@ -124,70 +81,10 @@ impl Metrics {
             "Audit lines dropped since start because the audit output could not keep up",
         )
         .expect("static metric definition is valid");
-        let session_store_up = IntGauge::new(
-            "finhub_sidecar_session_store_up",
-            "1 while the shared session store answered its last call",
-        )
-        .expect("static metric definition is valid");
-        let session_store_errors = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_session_store_errors_total",
-                "Shared session store calls that failed, by kind",
-            ),
-            &["kind"],
-        )
-        .expect("static metric definition is valid");
-        let session_store_connections = IntGauge::new(
-            "finhub_sidecar_session_store_connections",
-            "Pooled connections to the shared session store",
-        )
-        .expect("static metric definition is valid");
-        let session_lease_owner = IntGaugeVec::new(
-            Opts::new(
-                "finhub_sidecar_session_lease_owner",
-                "1 while this replica holds the tenant's renewal lease in the shared store",
-            ),
-            &["tenant"],
-        )
-        .expect("static metric definition is valid");
-        let session_source = IntGaugeVec::new(
-            Opts::new(
-                "finhub_sidecar_session_source",
-                "1 for where the tenant's current session came from (shared store or this replica's own login)",
-            ),
-            &["tenant", "source"],
-        )
-        .expect("static metric definition is valid");
-        let session_adopted = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_session_adopted_total",
-                "Sessions taken from the shared store",
-            ),
-            &["tenant"],
-        )
-        .expect("static metric definition is valid");
-        let session_decrypt_errors = IntCounterVec::new(
-            Opts::new(
-                "finhub_sidecar_session_decrypt_errors_total",
-                "Shared session records this replica could not decrypt, by the record's key id",
-            ),
-            &["key_id"],
-        )
-        .expect("static metric definition is valid");
         for c in [
             Box::new(requests_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(build_info.clone()),
             Box::new(audit_dropped.clone()),
-            Box::new(session_expiration.clone()),
-            Box::new(auth_requests.clone()),
-            Box::new(finhub_clock_offset.clone()),
-            Box::new(session_store_up.clone()),
-            Box::new(session_store_errors.clone()),
-            Box::new(session_store_connections.clone()),
-            Box::new(session_lease_owner.clone()),
-            Box::new(session_source.clone()),
-            Box::new(session_adopted.clone()),
-            Box::new(session_decrypt_errors.clone()),
         ] {
             registry
                 .register(c)
@@ -201,33 +98,11 @@ impl Metrics {
             listener,
             rate_limit,
             egress,
-            session_expiration,
-            auth_requests,
-            finhub_clock_offset,
+            auth,
+            fleet,
             requests_in_flight,
             build_info,
             audit_dropped,
-            session_store_up,
-            session_store_errors,
-            session_store_connections,
-            session_lease_owner,
-            session_source,
-            session_adopted,
-            session_decrypt_errors,
-        }
-    }
-
-    /// Creates every per-tenant series at 0, so a first failure is visible to `increase()`.
-    pub fn init_tenant(&self, tenant: &str) {
-        for kind in ["login", "refresh"] {
-            for result in ["ok", "not_refreshed", "rejected", "rate_limited", "error"] {
-                self.auth_requests
-                    .with_label_values(&[tenant, kind, result]);
-            }
-        }
-        for result in ["ok", "rejected", "rate_limited", "error", "timeout"] {
-            self.auth_requests
-                .with_label_values(&[tenant, "logout", result]);
         }
     }
 

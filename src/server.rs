@@ -121,11 +121,9 @@ impl Sidecar {
             &config.upstream,
             metrics.egress.clone(),
         ));
-        sessions
-            .clock()
-            .set_gauge(metrics.finhub_clock_offset.clone());
+        sessions.clock().set_gauge(metrics.auth.clock_offset());
         for t in &config.tenants {
-            metrics.init_tenant(&t.id);
+            metrics.auth.init_tenant(&t.id);
             proxy_metrics.init_tenant(&t.id);
         }
         let (audit, audit_guard) = Audit::open(
@@ -322,7 +320,7 @@ impl BackgroundService for ControlPlane {
         let store = match &sh.config.auth.session_store {
             SessionStore::Local => None,
             SessionStore::Redis(settings) => {
-                let store = FleetStore::new(settings, &sh.metrics);
+                let store = FleetStore::new(settings, &sh.metrics.fleet, &sh.metrics.redis);
                 tasks.spawn(store.clone().keep_connected());
                 Some(store)
             }
@@ -344,7 +342,7 @@ impl BackgroundService for ControlPlane {
             // Runs from the drain (Pingora's signal task); the calls go out on this runtime,
             // which lives until the drain is over.
             let (sessions, client, metrics) =
-                (sh.sessions.clone(), client.clone(), sh.metrics.clone());
+                (sh.sessions.clone(), client.clone(), sh.metrics.auth.clone());
             let runtime = tokio::runtime::Handle::current();
             sh.lifecycle.on_drained(
                 budget,
@@ -362,7 +360,7 @@ impl BackgroundService for ControlPlane {
                 slot.clone(),
                 client.clone(),
                 sh.config.auth.clone(),
-                sh.metrics.clone(),
+                sh.metrics.auth.clone(),
                 store.clone(),
             );
             // Supervised: a bug that panics the session task must not end renewals for good.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::fleet::{FleetState, FleetStore, Heartbeat};
 use super::plan::Planned;
-use super::renew::Renewer;
+use super::renewer::Renewer;
 
 /// What the renewal loop does after a look at the other replicas.
 #[derive(Debug, PartialEq, Eq)]

@@ -15,9 +15,12 @@
 //! bound (never send a token FinHub may consider expired), the refresh plan both bounds
 //! (`plan.rs`).
 //!
-//! The renewal loop (`renew.rs`) meets other replicas through one seam, `coordination.rs`:
-//! `Solo`, or `Fleet` over the Redis store ([`fleet`]), whose role decision is a pure function
-//! (`fleet/role.rs`).
+//! The renewal loop (`renew.rs`) holds two things: the tenant's renewal state and calls
+//! (`renewer.rs`: login, refresh, publish, plan) and its seam to other replicas,
+//! `coordination.rs`: `Solo`, or `Fleet` over the Redis store ([`fleet`]), whose role decision
+//! is a pure function (`fleet/role.rs`). The seam edits the state; the state does not know the
+//! seam. Auth's metrics are in `metrics.rs` ([`metrics::AuthMetrics`]), the fleet's in
+//! `fleet/metrics.rs`.
 
 pub mod client;
 pub mod clock;
@@ -25,8 +28,10 @@ mod coordination;
 mod expiry;
 pub mod fleet;
 pub mod grant;
+pub mod metrics;
 mod plan;
 mod renew;
+mod renewer;
 mod session;
 mod shutdown;
 mod slot;

@@ -218,7 +218,7 @@ mod tests {
     use crate::auth::client::AuthError;
     use crate::auth::clock::{ClockOffset, OffsetBounds};
     use crate::auth::grant;
-    use crate::auth::renew::{next_rtt, MAX_EARLY_REFRESHES};
+    use crate::auth::renewer::{next_rtt, MAX_EARLY_REFRESHES};
     use crate::auth::session::tests::{at, grant, issued, BASE, S};
     use crate::auth::session::{FinHubSession, Timing};
     use crate::auth::time::{from_unix_us, unix_us, us};

@@ -10,10 +10,9 @@ use tracing::Instrument;
 
 use super::client::{AuthClient, AuthError};
 use super::fleet::FleetStore;
-use super::renew::error_label;
+use super::metrics::{AuthCall, AuthMetrics, AuthResult};
 use super::slot::SessionTable;
 use crate::config::AuthConfig;
-use crate::metrics::Metrics;
 use crate::telemetry::BackgroundSpan;
 
 /// How the sessions end at graceful shutdown.
@@ -56,7 +55,7 @@ impl Ending {
 pub async fn end_all(
     table: Arc<SessionTable>,
     client: Arc<AuthClient>,
-    metrics: Metrics,
+    metrics: AuthMetrics,
     ending: Ending,
 ) {
     match ending {
@@ -74,7 +73,7 @@ pub async fn end_all(
 async fn logout_all(
     table: Arc<SessionTable>,
     client: Arc<AuthClient>,
-    metrics: Metrics,
+    metrics: AuthMetrics,
     within: Duration,
 ) {
     let deadline = tokio::time::Instant::now() + within;
@@ -108,25 +107,22 @@ async fn logout_all(
                     }
                     Ok(Some(Ok(cleared))) => {
                         tracing::info!(took_ms, cleared = ?cleared, "session logged out");
-                        "ok"
+                        AuthResult::Ok
                     }
                     Ok(Some(Err(e))) if !matches!(e, AuthError::Timeout) => {
                         tracing::warn!(took_ms, error = %e, "logout failed; stopping anyway");
-                        error_label(e)
+                        AuthResult::of_error(e)
                     }
                     _ => {
                         tracing::warn!(
                             took_ms,
                             "logout did not finish within auth.logout_timeout; stopping anyway"
                         );
-                        "timeout"
+                        AuthResult::Timeout
                     }
                 };
-                span.end(result);
-                metrics
-                    .auth_requests
-                    .with_label_values(&[tenant, "logout", result])
-                    .inc();
+                span.end(result.as_str());
+                metrics.called(tenant, AuthCall::Logout, result);
             }
             .instrument(span),
         );

@@ -11,6 +11,7 @@ use tokio::sync::{watch, Notify};
 use super::clock::ClockOffset;
 
 use super::fleet::FleetStatus;
+use super::metrics::AuthResult;
 use super::session::FinHubSession;
 use super::time::{unix_us, us};
 use crate::config::{Config, TenantConfig};
@@ -166,12 +167,14 @@ impl SessionSlot {
         }
     }
 
-    pub(super) fn record(&self, result: &'static str, ok: bool) {
+    /// Records the last login or refresh's `result` for `/status` (`ok`: the failures in a
+    /// row start again at 0).
+    pub(super) fn record(&self, result: AuthResult, ok: bool) {
         let mut s = match self.status.lock() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        s.last_result = Some(result);
+        s.last_result = Some(result.as_str());
         s.last_attempt_unix = SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .ok()

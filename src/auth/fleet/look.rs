@@ -12,7 +12,7 @@ use super::role::{
 use super::state::FleetState;
 use crate::auth::coordination::Turn;
 use crate::auth::plan::{window_surely_open_us, Planned, Step};
-use crate::auth::renew::Renewer;
+use crate::auth::renewer::Renewer;
 use crate::auth::time::{unix_us, us};
 
 /// While waiting for the owner's renewal after a 401, the record is read this often.

@@ -29,20 +29,25 @@
 //!
 //! Layout: `store.rs` the Redis I/O ([`FleetStore`]), `record.rs` what is stored (parsing,
 //! steering values, the encrypted payload), the keys in `crate::sealing`, `role.rs` the pure role
-//! decision (`decide`), `state.rs` one tenant's [`FleetState`] and its bookkeeping, `look.rs`
+//! decision (`decide`), `state.rs` one tenant's [`FleetState`] and its bookkeeping, `status.rs` what
+//! `/status` shows of it ([`FleetStatus`]), `look.rs`
 //! a look at the store (read, decide, apply): the fleet side of
-//! [`crate::auth::coordination`]'s seam.
+//! [`crate::auth::coordination`]'s seam; `metrics.rs` the store's and the fleet's metrics
+//! ([`FleetMetrics`]).
 
 mod look;
+pub mod metrics;
 mod record;
 mod role;
 mod state;
+mod status;
 mod store;
 
 pub use crate::sealing::{KeyRing, OpenError, Sealed, SessionKey};
+pub use metrics::FleetMetrics;
 pub(in crate::auth) use role::owner_grace_us;
-pub use state::FleetStatus;
 pub(in crate::auth) use state::{FleetState, Heartbeat};
+pub use status::FleetStatus;
 pub use store::{
     FleetStore, ACQUIRE_SCRIPT, MAX_FIELD_BYTES, READ_SCRIPT, RELEASE_SCRIPT, WRITE_SCRIPT,
 };

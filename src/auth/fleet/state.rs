@@ -8,12 +8,14 @@ use std::time::{Instant, SystemTime};
 
 use tracing::Instrument;
 
+use super::metrics::Origin;
 use super::record::{sanitize_id, session_of, Backoff, Lease, Marker, RawRecord, RenewRequest};
 use super::role::{adoptable, Role, Source};
+use super::status::FleetStatus;
 use super::store::FleetStore;
 use crate::auth::clock::OffsetBounds;
 use crate::auth::plan::Planned;
-use crate::auth::renew::Renewer;
+use crate::auth::renewer::Renewer;
 use crate::auth::time::unix_secs;
 use crate::auth::time::unix_us;
 use crate::config::OnStoreError;
@@ -24,23 +26,6 @@ use crate::sealing::OpenError;
 const REFUSED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// Lease changes logged at info per minute (more are logged at debug).
 const LEASE_LINES_PER_MINUTE: u32 = 6;
-
-/// What `/status` shows about a tenant's shared session (no secret).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct FleetStatus {
-    /// `ok` or `unavailable`.
-    pub store: &'static str,
-    /// Whether this replica holds the renewal lease.
-    pub lease_owner: bool,
-    /// `shared` (from the store), `local` (this replica's own login or renewal) or `none`.
-    pub source: &'static str,
-    /// Generation of the shared record last seen or written.
-    pub generation: u64,
-    /// The key id of a live record this replica cannot decrypt.
-    pub undecryptable_key_id: Option<String>,
-    /// This replica's id in the lease.
-    pub replica: String,
-}
 
 /// The lease extension running while an owner renews ([`FleetState::heartbeat`]).
 pub(in crate::auth) struct Heartbeat {
@@ -139,12 +124,12 @@ impl FleetState {
 
     pub(super) fn set_source(&mut self, r: &Renewer, source: Source) {
         self.source = source;
-        for s in [Source::Shared, Source::Local] {
-            r.metrics
-                .session_source
-                .with_label_values(&[r.tenant_id.as_str(), s.label()])
-                .set(i64::from(s == source));
-        }
+        let origin = match source {
+            Source::Shared => Some(Origin::Shared),
+            Source::Local => Some(Origin::Local),
+            Source::None => None,
+        };
+        self.store.metrics().source(&r.tenant_id, origin);
         self.show(r);
     }
 
@@ -183,10 +168,7 @@ impl FleetState {
                 }
             }
         }
-        r.metrics
-            .session_lease_owner
-            .with_label_values(&[tenant.as_str()])
-            .set(i64::from(fence.is_some()));
+        self.store.metrics().lease_held(&tenant, fence.is_some());
     }
 
     /// Shows the fleet's view in the tenant's `/status`.
@@ -206,9 +188,7 @@ impl FleetState {
     /// connection (bounded).
     pub(in crate::auth) async fn start(&mut self, r: &mut Renewer) {
         self.store.connected().await;
-        r.metrics
-            .session_adopted
-            .with_label_values(&[r.tenant_id.as_str()]);
+        self.store.metrics().tenant_started(&r.tenant_id);
         self.set_owner(r, None);
         self.set_source(r, Source::None);
     }
@@ -391,14 +371,8 @@ impl FleetState {
                     lifetime_ms = session.lifetime().as_millis() as u64,
                     "adopted the shared session"
                 );
-                r.metrics
-                    .session_expiration
-                    .with_label_values(&[tenant.as_str()])
-                    .set(unix_secs(session.expires_at()));
-                r.metrics
-                    .session_adopted
-                    .with_label_values(&[tenant.as_str()])
-                    .inc();
+                r.metrics.expires(&tenant, unix_secs(session.expires_at()));
+                self.store.metrics().adopted(&tenant);
                 r.early = 0;
                 r.failures = 0;
                 r.slot.publish(session);
@@ -413,7 +387,7 @@ impl FleetState {
                 let logged = self.unreadable.as_ref() == Some(&(kid.clone(), generation));
                 if !logged {
                     // Once per record (key id and generation), not per read.
-                    store.count_decrypt_error(&kid);
+                    store.metrics().decrypt_failed(&kid);
                     tracing::error!(
                         key_id = %kid,
                         generation,

@@ -1,14 +1,14 @@
 //! The shared store's I/O: the Redis scripts and [`FleetStore`], one per process (snapshot,
 //! lease, write, release, steering markers, backoff).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine;
 use redis::Script;
 use zeroize::Zeroizing;
 
+use super::metrics::FleetMetrics;
 use super::record::{
     aad, parse_snapshot, payload_of, record_ttl_us, verified_backoff, verified_marker,
     verified_renew, Backoff, Lease, Marker, Payload, RawRecord, Snapshot,
@@ -16,8 +16,7 @@ use super::record::{
 use crate::auth::session::FinHubSession;
 use crate::auth::time::unix_us;
 use crate::config::{SharedSessionSettings, TenantConfig};
-use crate::metrics::Metrics;
-use crate::redis_pool::{Failure, Pool, PoolName, PoolSpec};
+use crate::redis_pool::{Failure, Pool, PoolName, PoolSpec, RedisPoolMetrics};
 use crate::sealing::OpenError;
 
 /// Takes or extends the lease. `KEYS`: lease, fence. `ARGV`: replica id, ttl ms, the highest
@@ -138,10 +137,6 @@ return 0
 /// The largest record field read (the ciphertext of a session is about 2 KiB).
 pub const MAX_FIELD_BYTES: usize = 16 * 1024;
 
-/// At most this many distinct key ids are metric labels (a hostile store cannot grow the
-/// exposition without bound); others count as `other`.
-const MAX_KEY_ID_LABELS: usize = 16;
-
 /// The shared store: the Redis pool, the scripts and the keys. One per process.
 pub struct FleetStore {
     pool: Arc<Pool>,
@@ -151,38 +146,34 @@ pub struct FleetStore {
     write: Script,
     read: Script,
     release: Script,
-    metrics: Metrics,
-    key_id_labels: Mutex<HashSet<String>>,
+    metrics: FleetMetrics,
 }
 
 impl FleetStore {
-    /// The store for `settings` (connections are made by [`FleetStore::keep_connected`]).
-    pub fn new(settings: &SharedSessionSettings, metrics: &Metrics) -> Arc<FleetStore> {
+    /// The store for `settings` (connections are made by [`FleetStore::keep_connected`]),
+    /// counted in `metrics` and its pool in `redis`.
+    pub fn new(
+        settings: &SharedSessionSettings,
+        metrics: &FleetMetrics,
+        redis: &RedisPoolMetrics,
+    ) -> Arc<FleetStore> {
         let scripts = [ACQUIRE_SCRIPT, WRITE_SCRIPT, READ_SCRIPT, RELEASE_SCRIPT];
         let pool = Pool::new(PoolSpec {
             connection: settings.connection.clone(),
             topology: settings.topology.clone(),
             name: PoolName::SessionStore,
-            metrics: metrics.redis.clone(),
+            metrics: redis.clone(),
             password: settings.password.clone(),
             ca_pem: settings.ca_pem.clone(),
             connect_timeout: settings.connect_timeout,
             timeout: settings.timeout,
             connections: 1,
             scripts: scripts.iter().map(|s| Script::new(s)).collect(),
-            gauge: metrics.session_store_connections.clone(),
+            gauge: metrics.store_connections(),
             purpose: "session store",
             meanwhile: "sessions follow auth.shared.on_store_error",
         });
-        for kind in [
-            "timeout",
-            "connection",
-            "unavailable",
-            "response",
-            "malformed",
-        ] {
-            metrics.session_store_errors.with_label_values(&[kind]);
-        }
+        metrics.store_configured();
         Arc::new(FleetStore {
             pool: Arc::new(pool),
             settings: settings.clone(),
@@ -192,7 +183,6 @@ impl FleetStore {
             read: Script::new(READ_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
             metrics: metrics.clone(),
-            key_id_labels: Mutex::new(HashSet::new()),
         })
     }
 
@@ -223,16 +213,12 @@ impl FleetStore {
     }
 
     fn failed(&self, f: Failure) -> Failure {
-        self.metrics
-            .session_store_errors
-            .with_label_values(&[f.label()])
-            .inc();
-        self.metrics.session_store_up.set(0);
+        self.metrics.store_failed(f.into());
         f
     }
 
     fn answered(&self) {
-        self.metrics.session_store_up.set(1);
+        self.metrics.store_answered();
     }
 
     /// The record, a pending renewal request, the rejected-credentials marker and the fleet's
@@ -275,10 +261,7 @@ impl FleetStore {
             )
         });
         if let Some(kind) = snap.malformed {
-            self.metrics
-                .session_store_errors
-                .with_label_values(&["malformed"])
-                .inc();
+            self.metrics.malformed();
             tracing::debug!(why = kind, "the shared record key holds no record");
         }
         Ok(snap)
@@ -458,23 +441,9 @@ impl FleetStore {
         serde_json::from_slice(&plain).map_err(|_| OpenError::Corrupt)
     }
 
-    pub(super) fn count_decrypt_error(&self, key_id: &str) {
-        let label = {
-            let mut seen = match self.key_id_labels.lock() {
-                Ok(s) => s,
-                Err(p) => p.into_inner(),
-            };
-            if seen.contains(key_id) || seen.len() < MAX_KEY_ID_LABELS {
-                seen.insert(key_id.to_string());
-                key_id.to_string()
-            } else {
-                "other".to_string()
-            }
-        };
-        self.metrics
-            .session_decrypt_errors
-            .with_label_values(&[label.as_str()])
-            .inc();
+    /// The fleet's metrics.
+    pub(super) fn metrics(&self) -> &FleetMetrics {
+        &self.metrics
     }
 }
 
