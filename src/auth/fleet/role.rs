@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::record::RenewRequest;
+use super::record::{Lease, RenewRequest};
 use crate::auth::plan::{Planned, Step};
 use crate::auth::time::us;
 use crate::config::OnStoreError;
@@ -40,6 +40,15 @@ pub(super) fn lease_step(readable: bool, held_back: bool, yielded: bool, owns: b
     } else {
         LeaseStep::Acquire
     }
+}
+
+/// Whether an owner's renewal still holds the lease it started with, from what extending it
+/// found (`None`: the store did not answer). Only this replica's lease with the same `fence`
+/// keeps it; another replica's lease, a new fence (the lease was lost and taken again), a
+/// corrupt lease or no answer is a fence loss: the renewal's result is kept here and never
+/// written to the shared record (a write with a lost fence is what fencing refuses).
+pub(super) fn fence_kept(extended: Option<Lease>, fence: u64) -> bool {
+    matches!(extended, Some(Lease::Held(f)) if f == fence)
 }
 
 /// The role when the store cannot be read or the lease cannot be followed
@@ -289,6 +298,22 @@ pub(super) enum Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owner_that_lost_its_fence_mid_renewal_keeps_the_result_to_itself() {
+        assert!(
+            fence_kept(Some(Lease::Held(7)), 7),
+            "still ours, same fence"
+        );
+        for (extended, why) in [
+            (Some(Lease::Held(8)), "ours again, but under a new fence"),
+            (Some(Lease::Other), "another replica's lease"),
+            (Some(Lease::Corrupt), "a lease no sidecar writes"),
+            (None, "the store did not answer"),
+        ] {
+            assert!(!fence_kept(extended, 7), "{why}");
+        }
+    }
 
     #[test]
     fn an_older_record_is_adopted_only_when_the_current_session_is_unusable() {

@@ -9,8 +9,8 @@ use std::time::{Instant, SystemTime};
 use tracing::Instrument;
 
 use super::metrics::Origin;
-use super::record::{sanitize_id, session_of, Backoff, Lease, Marker, RawRecord, RenewRequest};
-use super::role::{adoptable, Role, Source};
+use super::record::{sanitize_id, session_of, Backoff, Marker, RawRecord, RenewRequest};
+use super::role::{adoptable, fence_kept, Role, Source};
 use super::status::FleetStatus;
 use super::store::FleetStore;
 use crate::auth::clock::OffsetBounds;
@@ -280,13 +280,10 @@ impl FleetState {
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
-                match store.acquire(&tenant, fence).await {
-                    Ok(Lease::Held(f)) if f == fence => {}
-                    _ => {
-                        flag.store(true, Ordering::SeqCst);
-                        tracing::warn!("could not extend the renewal lease during a renewal: its result is kept here, not shared");
-                        return;
-                    }
+                if !fence_kept(store.acquire(&tenant, fence).await.ok(), fence) {
+                    flag.store(true, Ordering::SeqCst);
+                    tracing::warn!("could not extend the renewal lease during a renewal: its result is kept here, not shared");
+                    return;
                 }
             }
         // In the renewal task's span (its tenant).
