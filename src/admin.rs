@@ -138,7 +138,7 @@ impl AppState {
                     "default": &t.tenant.id == default_id,
                     "session_valid": t.usable(SystemTime::now()).is_some(),
                     "session_expires_unix": session.as_ref().map(|s| unix(s.expires_at())),
-                    "finhub_exp_unix": session.as_ref().and_then(|s| s.finhub_expiry()).map(unix),
+                    "finhub_exp_unix": session.as_ref().and_then(|s| s.finhub_expiry()).map(|t| unix(t.to_system())),
                     "refreshable": session.as_ref().map(|s| s.internal_token_key.is_some()),
                     "last_result": st.last_result,
                     "last_attempt_unix": st.last_attempt_unix,

@@ -31,7 +31,7 @@ use std::time::SystemTime;
 use http::HeaderValue;
 use prometheus::Gauge;
 
-use super::time::unix_us;
+use super::time::{unix_us, FinHubTime, Local};
 
 /// How fast an interval widens with age: 100 ppm (µs per second, each side).
 const DRIFT_US_PER_S: i64 = 100;
@@ -71,6 +71,45 @@ impl OffsetBounds {
             lo_us: lo,
             hi_us: hi,
         })
+    }
+
+    /// FinHub's instant `t` on our clock at the earliest the offset allows (`t - hi`).
+    pub fn earliest_local(&self, t: FinHubTime) -> Local {
+        Local::from_micros(t.micros()).minus_us(self.hi_us)
+    }
+
+    /// FinHub's instant `t` on our clock at the latest the offset allows (`t - lo`).
+    pub fn latest_local(&self, t: FinHubTime) -> Local {
+        Local::from_micros(t.micros()).minus_us(self.lo_us)
+    }
+
+    /// FinHub's instant `t` on our clock by the estimate (`t - mid`).
+    pub fn to_local(&self, t: FinHubTime) -> Local {
+        Local::from_micros(t.micros()).minus_us(self.mid_us())
+    }
+
+    /// Our instant `t` on FinHub's clock at the latest the offset allows (`t + hi`).
+    pub fn latest_finhub(&self, t: Local) -> FinHubTime {
+        FinHubTime::from_micros(t.micros()).plus_us(self.hi_us)
+    }
+
+    /// Our instant `t` on FinHub's clock by the estimate (`t + mid`).
+    pub fn to_finhub(&self, t: Local) -> FinHubTime {
+        FinHubTime::from_micros(t.micros()).plus_us(self.mid_us())
+    }
+
+    /// The offset from FinHub's count of whole seconds (floored) `left_us` remaining until its
+    /// instant `end`, answered between `sent` and `received` on our clock: FinHub's clock read
+    /// `end - left - 1 s ..= end - left` at some moment in between.
+    pub fn from_count(end: FinHubTime, left_us: i64, sent: Local, received: Local) -> OffsetBounds {
+        let at = end.minus_us(left_us);
+        OffsetBounds {
+            lo_us: at
+                .minus_us(DATE_RESOLUTION_US)
+                .micros()
+                .saturating_sub(received.micros()),
+            hi_us: at.micros().saturating_sub(sent.micros()),
+        }
     }
 
     fn widened(&self, by_us: i64) -> OffsetBounds {
@@ -197,7 +236,13 @@ impl ClockOffset {
         let Some(sample) = date
             .and_then(|v| v.to_str().ok())
             .and_then(|v| httpdate::parse_http_date(v).ok())
-            .and_then(|date| second_sample(date, sent, received))
+            .and_then(|date| {
+                second_sample(
+                    FinHubTime::from_system(date),
+                    Local::from_system(sent),
+                    Local::from_system(received),
+                )
+            })
         else {
             return false;
         };
@@ -314,11 +359,6 @@ impl ClockOffset {
         Some(b.widened(age_s.saturating_mul(DRIFT_US_PER_S)))
     }
 
-    /// Upper bound of the offset at `now` (lock-free, for the request path's expiry check).
-    pub fn hi_us(&self, now: SystemTime) -> i64 {
-        self.bounds_at(now).hi_us
-    }
-
     /// For `/status`: `None` before the first `Date`.
     pub fn report(&self) -> Option<OffsetReport> {
         let s = match self.state.lock() {
@@ -335,21 +375,24 @@ impl ClockOffset {
     }
 }
 
+/// The offset (`finhub - local`) at which FinHub's clock reads `finhub` when ours reads
+/// `local`: a bound of the offset when one is known to be before or after the other.
+pub fn offset_between(finhub: FinHubTime, local: Local) -> i64 {
+    finhub.micros().saturating_sub(local.micros())
+}
+
 /// The offset interval from one whole-second reading `second` of a FinHub clock, taken between
 /// `sent` and `received` (our clock); `None` when out of order or beyond a year.
-pub fn second_sample(
-    second: SystemTime,
-    sent: SystemTime,
-    received: SystemTime,
-) -> Option<OffsetBounds> {
-    let (sent, received) = (unix_us(sent), unix_us(received));
+pub fn second_sample(second: FinHubTime, sent: Local, received: Local) -> Option<OffsetBounds> {
     if received < sent {
         return None;
     }
-    let d = unix_us(second);
     let b = OffsetBounds {
-        lo_us: d.saturating_sub(received),
-        hi_us: d.saturating_add(DATE_RESOLUTION_US).saturating_sub(sent),
+        lo_us: second.micros().saturating_sub(received.micros()),
+        hi_us: second
+            .plus_us(DATE_RESOLUTION_US)
+            .micros()
+            .saturating_sub(sent.micros()),
     };
     (b.lo_us.unsigned_abs() <= MAX_OFFSET_US.unsigned_abs()
         && b.hi_us.unsigned_abs() <= MAX_OFFSET_US.unsigned_abs())
