@@ -31,7 +31,7 @@ use std::time::SystemTime;
 use http::HeaderValue;
 use prometheus::Gauge;
 
-use super::time::{unix_us, FinHubTime, Local};
+use super::time::{FinHubTime, Local};
 
 /// How fast an interval widens with age: 100 ppm (µs per second, each side).
 const DRIFT_US_PER_S: i64 = 100;
@@ -137,15 +137,15 @@ pub struct OffsetReport {
 struct State {
     bounds: Option<OffsetBounds>,
     /// Our time of the last change (for drift).
-    updated_us: i64,
+    updated: Local,
     samples: u64,
     resets: u64,
 }
 
 impl State {
     /// The current interval, widened for the drift since it was last narrowed.
-    fn current(&self, now_us: i64) -> Option<OffsetBounds> {
-        let age_s = (now_us - self.updated_us).max(0) / 1_000_000;
+    fn current(&self, now: Local) -> Option<OffsetBounds> {
+        let age_s = now.since(self.updated).max(0) / 1_000_000;
         self.bounds
             .map(|b| b.widened(age_s.saturating_mul(DRIFT_US_PER_S)))
     }
@@ -246,7 +246,7 @@ impl ClockOffset {
         else {
             return false;
         };
-        let at = unix_us(received);
+        let at = Local::from_system(received);
         match self.state.try_lock() {
             Ok(mut s) => self.apply(&mut s, sample, at, measured),
             Err(TryLockError::WouldBlock) => false,
@@ -268,7 +268,7 @@ impl ClockOffset {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        self.apply(&mut s, sample, unix_us(at), true)
+        self.apply(&mut s, sample, Local::from_system(at), true)
     }
 
     /// A bound inferred from FinHub's behaviour rather than read from its clock: narrows the
@@ -282,14 +282,14 @@ impl ClockOffset {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        self.apply(&mut s, sample, unix_us(at), false)
+        self.apply(&mut s, sample, Local::from_system(at), false)
     }
 
-    fn apply(&self, s: &mut State, sample: OffsetBounds, at_us: i64, measured: bool) -> bool {
+    fn apply(&self, s: &mut State, sample: OffsetBounds, at: Local, measured: bool) -> bool {
         if measured {
             s.samples = s.samples.saturating_add(1);
         }
-        let next = match s.current(at_us) {
+        let next = match s.current(at) {
             None if measured => sample,
             // Nothing to narrow yet: an inferred bound alone is one-sided.
             None => return false,
@@ -311,10 +311,10 @@ impl ClockOffset {
             return false;
         }
         s.bounds = Some(next);
-        s.updated_us = at_us;
+        s.updated = at;
         self.lo_us.store(next.lo_us, Ordering::SeqCst);
         self.hi_us.store(next.hi_us, Ordering::SeqCst);
-        self.updated_us.store(at_us, Ordering::SeqCst);
+        self.updated_us.store(at.micros(), Ordering::SeqCst);
         self.known.store(true, Ordering::SeqCst);
         if let Some(g) = self.gauge.get() {
             g.set(next.mid_us() as f64 / 1e6);
@@ -334,7 +334,7 @@ impl ClockOffset {
             Err(p) => p.into_inner(),
         };
         let measured = s.bounds.is_none();
-        self.apply(&mut s, b, unix_us(at), measured)
+        self.apply(&mut s, b, Local::from_system(at), measured)
     }
 
     /// The bounds now (lock-free): [`OffsetBounds::ZERO`] before FinHub's first `Date`.
@@ -355,7 +355,8 @@ impl ClockOffset {
             lo_us: self.lo_us.load(Ordering::SeqCst),
             hi_us: self.hi_us.load(Ordering::SeqCst),
         };
-        let age_s = (unix_us(now) - self.updated_us.load(Ordering::SeqCst)).max(0) / 1_000_000;
+        let updated = Local::from_micros(self.updated_us.load(Ordering::SeqCst));
+        let age_s = Local::from_system(now).since(updated).max(0) / 1_000_000;
         Some(b.widened(age_s.saturating_mul(DRIFT_US_PER_S)))
     }
 
@@ -365,7 +366,7 @@ impl ClockOffset {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        let b = s.current(unix_us(SystemTime::now()))?;
+        let b = s.current(Local::now())?;
         Some(OffsetReport {
             offset_seconds: b.mid_us() as f64 / 1e6,
             uncertainty_seconds: b.uncertainty_us() as f64 / 1e6,
@@ -499,7 +500,7 @@ mod tests {
         c.infer(Some(0), Some(10), t(0));
         // An hour later the interval has widened by 0.36 s each side.
         let s = c.state.lock().unwrap();
-        let b = s.current(unix_us(t(3_600_000_000))).unwrap();
+        let b = s.current(Local::from_system(t(3_600_000_000))).unwrap();
         assert_eq!(b.lo_us, -360_000);
         assert_eq!(b.hi_us, 10 + 360_000);
     }

@@ -30,7 +30,7 @@ mod renew;
 mod session;
 mod shutdown;
 mod slot;
-mod time;
+pub mod time;
 
 pub use renew::run_tenant;
 pub use session::FinHubSession;
