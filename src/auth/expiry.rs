@@ -1,6 +1,7 @@
 //! What a token's claims and FinHub's `expires_in` say about its expiry and its issuer's
 //! clock (issues 14, 22.1, 28.3): pure readings, used by [`super::FinHubSession::from_grant`].
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::clock::{self, OffsetBounds};
@@ -65,6 +66,36 @@ impl Expiry {
         match self {
             Expiry::FinHub(t) => offset.latest_local(t),
             Expiry::Local(t) => t,
+        }
+    }
+}
+
+/// A session's [`Expiry`], updated in place: one on our clock moves with FinHub's counts, one
+/// on FinHub's clock never moves (its clock never changes).
+#[derive(Debug)]
+pub(super) struct AtomicExpiry {
+    us: AtomicI64,
+    on_finhub_clock: bool,
+}
+
+impl AtomicExpiry {
+    /// Holds `e`.
+    pub(super) fn new(e: Expiry) -> AtomicExpiry {
+        AtomicExpiry {
+            us: AtomicI64::new(e.micros()),
+            on_finhub_clock: e.on_finhub_clock(),
+        }
+    }
+
+    /// The expiry held.
+    pub(super) fn load(&self) -> Expiry {
+        Expiry::from_parts(self.us.load(Ordering::SeqCst), self.on_finhub_clock)
+    }
+
+    /// Moves an expiry on our clock to `t`; one on FinHub's clock is left as it is.
+    pub(super) fn move_local(&self, t: Local) {
+        if !self.on_finhub_clock {
+            self.us.store(t.micros(), Ordering::SeqCst);
         }
     }
 }

@@ -9,9 +9,9 @@ use http::HeaderValue;
 
 use super::clock::{ClockOffset, OffsetBounds};
 
-use super::expiry::{choose_expiry, read_claims, Expiry, Reading};
+use super::expiry::{choose_expiry, read_claims, AtomicExpiry, Expiry, Reading};
 use super::grant::{Claims, Grant};
-use super::time::{us, FinHubTime, Local};
+use super::time::{us, AtomicLocal, FinHubTime, Local};
 use crate::secret::Secret;
 
 /// A token with less than this left (or 2 % of its lifetime, if smaller) is treated as expired,
@@ -43,19 +43,17 @@ pub struct FinHubSession {
     pub refresh_token: Option<Secret>,
     /// Publication number within its tenant (1 for the first session), set when published.
     pub generation: u64,
-    /// Expiry, µs since the epoch: on FinHub's clock if `on_finhub_clock`, else on ours
-    /// (read as one [`Expiry`] by [`FinHubSession::timing`]).
-    pub(super) expiry_us: AtomicI64,
-    /// Whether `expiry_us` is FinHub's `exp` (JWT) rather than `expires_in` from our clock.
-    pub(super) on_finhub_clock: bool,
+    /// Expiry: FinHub's `exp` (JWT) on its clock, or `expires_in` from ours.
+    pub(super) expiry: AtomicExpiry,
     /// Whether the JWT has both `iat` and `exp`, so FinHub's window is known exactly.
     pub(super) window_known: bool,
-    /// Valid at least until here, our clock, µs, whatever FinHub's clock says: FinHub's own
-    /// count of what was left (`expires_in`, a "not refreshed" answer) from before it answered.
-    pub(super) valid_until_at_least_us: AtomicI64,
-    /// Valid at most until here, our clock, µs: that count (floored to whole seconds) plus a
-    /// second from when its answer arrived.
-    pub(super) valid_until_at_most_us: AtomicI64,
+    /// Valid at least until here, our clock, whatever FinHub's clock says: FinHub's own count
+    /// of what was left (`expires_in`, a "not refreshed" answer) from before it answered
+    /// ([`Local::MIN`]: no count).
+    pub(super) valid_until_at_least: AtomicLocal,
+    /// Valid at most until here, our clock: that count (floored to whole seconds) plus a
+    /// second from when its answer arrived ([`Local::MAX`]: no count).
+    pub(super) valid_until_at_most: AtomicLocal,
     pub(super) clock: Arc<ClockOffset>,
 }
 
@@ -143,23 +141,16 @@ impl FinHubSession {
             internal_token_key: claims.internal_token_key,
             refresh_token: grant.refresh_token,
             generation: 0,
-            expiry_us: AtomicI64::new(expiry.at.micros()),
-            on_finhub_clock: expiry.at.on_finhub_clock(),
+            expiry: AtomicExpiry::new(expiry.at),
             window_known: expiry.window_known,
-            valid_until_at_least_us: AtomicI64::new(
+            valid_until_at_least: AtomicLocal::new(
                 grant
                     .expires_in
-                    .map_or(Local::MIN, |e| Local::from_system(sent) + e)
-                    .micros(),
+                    .map_or(Local::MIN, |e| Local::from_system(sent) + e),
             ),
-            valid_until_at_most_us: AtomicI64::new(
-                grant
-                    .expires_in
-                    .map_or(Local::MAX, |e| {
-                        Local::from_system(received) + e + COUNT_RESOLUTION
-                    })
-                    .micros(),
-            ),
+            valid_until_at_most: AtomicLocal::new(grant.expires_in.map_or(Local::MAX, |e| {
+                Local::from_system(received) + e + COUNT_RESOLUTION
+            })),
             clock: clock.clone(),
         }
     }
@@ -167,10 +158,10 @@ impl FinHubSession {
     /// The session's times, typed (one load of each atomic).
     pub(super) fn timing(&self) -> Timing {
         Timing {
-            expiry: Expiry::from_parts(self.expiry_us.load(Ordering::SeqCst), self.on_finhub_clock),
+            expiry: self.expiry.load(),
             validity_us: us(self.validity),
-            at_least: Local::from_micros(self.valid_until_at_least_us.load(Ordering::SeqCst)),
-            at_most: Local::from_micros(self.valid_until_at_most_us.load(Ordering::SeqCst)),
+            at_least: self.valid_until_at_least.load(),
+            at_most: self.valid_until_at_most.load(),
         }
     }
 
@@ -243,10 +234,8 @@ impl FinHubSession {
             );
             (lo, hi)
         };
-        self.valid_until_at_least_us
-            .store(lo.micros(), Ordering::SeqCst);
-        self.valid_until_at_most_us
-            .store(hi.micros(), Ordering::SeqCst);
+        self.valid_until_at_least.store(lo);
+        self.valid_until_at_most.store(hi);
         match t.expiry {
             Expiry::FinHub(exp) => {
                 // FinHub's token clock read `exp - r - 1 s .. exp - r` when it answered: a
@@ -257,7 +246,7 @@ impl FinHubSession {
                     received.to_system(),
                 );
             }
-            Expiry::Local(_) => self.expiry_us.store(lo.micros(), Ordering::SeqCst),
+            Expiry::Local(_) => self.expiry.move_local(lo),
         }
     }
 }

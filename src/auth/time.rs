@@ -9,6 +9,7 @@
 //! numbers are converted.
 
 use std::ops::{Add, Sub};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Defines an instant type: a `Copy` newtype over µs since the epoch of its clock.
@@ -99,6 +100,27 @@ impl Local {
     /// Now, on our clock.
     pub fn now() -> Local {
         Local::from_system(SystemTime::now())
+    }
+}
+
+/// A [`Local`] updated in place (sequentially consistent).
+#[derive(Debug)]
+pub struct AtomicLocal(AtomicI64);
+
+impl AtomicLocal {
+    /// Holds `t`.
+    pub fn new(t: Local) -> AtomicLocal {
+        AtomicLocal(AtomicI64::new(t.micros()))
+    }
+
+    /// The instant held.
+    pub fn load(&self) -> Local {
+        Local::from_micros(self.0.load(Ordering::SeqCst))
+    }
+
+    /// Holds `t` from now on.
+    pub fn store(&self, t: Local) {
+        self.0.store(t.micros(), Ordering::SeqCst);
     }
 }
 

@@ -3,7 +3,6 @@
 //! values, and the encrypted [`Payload`] a session travels in.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -13,10 +12,11 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::auth::clock::{ClockOffset, OffsetBounds};
+use crate::auth::expiry::{AtomicExpiry, Expiry};
 use crate::auth::grant::{self, Claims};
 use crate::auth::plan::{MAX_RETRY_AFTER, REJECTED_MAX};
 use crate::auth::session::{sensitive, FinHubSession};
-use crate::auth::time::{from_unix_us, unix_us, us, Local};
+use crate::auth::time::{from_unix_us, unix_us, us, AtomicLocal, Local};
 use crate::sealing::{KeyRing, Sealed};
 use crate::secret::Secret;
 
@@ -330,11 +330,10 @@ pub(super) fn session_of(p: &Payload, clock: &Arc<ClockOffset>) -> FinHubSession
         internal_token_key: claims.internal_token_key,
         refresh_token: p.refresh_token.clone().map(Secret::new),
         generation: 0,
-        expiry_us: AtomicI64::new(p.expiry_us),
-        on_finhub_clock: p.on_finhub_clock,
+        expiry: AtomicExpiry::new(Expiry::from_parts(p.expiry_us, p.on_finhub_clock)),
         window_known: p.window_known,
-        valid_until_at_least_us: AtomicI64::new(p.at_least_us),
-        valid_until_at_most_us: AtomicI64::new(p.at_most_us),
+        valid_until_at_least: AtomicLocal::new(Local::from_micros(p.at_least_us)),
+        valid_until_at_most: AtomicLocal::new(Local::from_micros(p.at_most_us)),
         clock: clock.clone(),
     }
 }
