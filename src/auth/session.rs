@@ -265,14 +265,19 @@ const COUNT_RESOLUTION: Duration = Duration::from_secs(1);
 /// A session's times, for the planning arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Timing {
+    /// When the token expires, on the clock that states it.
     pub(super) expiry: Expiry,
+    /// The validity FinHub granted, µs.
     pub(super) validity_us: i64,
-    /// Our-clock bounds from FinHub's own counts ([`Local::MIN`] / [`Local::MAX`]: none).
+    /// Valid at least until here by FinHub's own counts, our clock ([`Local::MIN`]: none).
     pub(super) at_least: Local,
+    /// Valid at most until here by FinHub's own counts, our clock ([`Local::MAX`]: none).
     pub(super) at_most: Local,
 }
 
 impl Timing {
+    /// How long before its end a token is no longer sent, µs: [`EXPIRY_MARGIN`] or 2 % of
+    /// its validity, the smaller.
     pub(super) fn margin_us(&self) -> i64 {
         us(EXPIRY_MARGIN).min(self.validity_us / 50)
     }
