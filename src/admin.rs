@@ -37,6 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::auth::time::{FinHubTime, Local};
 use crate::listener::LineState;
 use crate::state::AppState;
 use crate::tls::{unix_now, Availability};
@@ -137,8 +138,8 @@ impl AppState {
                     "id": t.tenant.id,
                     "default": &t.tenant.id == default_id,
                     "session_valid": t.usable(SystemTime::now()).is_some(),
-                    "session_expires_unix": session.as_ref().map(|s| unix(s.expires_at())),
-                    "finhub_exp_unix": session.as_ref().and_then(|s| s.finhub_expiry()).map(unix),
+                    "session_expires_unix": session.as_ref().map(|s| Local::from_system(s.expires_at()).secs()),
+                    "finhub_exp_unix": session.as_ref().and_then(|s| s.finhub_expiry()).map(FinHubTime::secs),
                     "refreshable": session.as_ref().map(|s| s.internal_token_key.is_some()),
                     "last_result": st.last_result,
                     "last_attempt_unix": st.last_attempt_unix,
@@ -162,12 +163,6 @@ impl AppState {
             "redis": self.metrics.redis.views().report(),
         })
     }
-}
-
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {

@@ -31,7 +31,7 @@ use std::time::SystemTime;
 use http::HeaderValue;
 use prometheus::Gauge;
 
-use super::time::unix_us;
+use super::time::{FinHubTime, Local};
 
 /// How fast an interval widens with age: 100 ppm (µs per second, each side).
 const DRIFT_US_PER_S: i64 = 100;
@@ -73,6 +73,45 @@ impl OffsetBounds {
         })
     }
 
+    /// FinHub's instant `t` on our clock at the earliest the offset allows (`t - hi`).
+    pub fn earliest_local(&self, t: FinHubTime) -> Local {
+        Local::from_micros(t.micros()).minus_us(self.hi_us)
+    }
+
+    /// FinHub's instant `t` on our clock at the latest the offset allows (`t - lo`).
+    pub fn latest_local(&self, t: FinHubTime) -> Local {
+        Local::from_micros(t.micros()).minus_us(self.lo_us)
+    }
+
+    /// FinHub's instant `t` on our clock by the estimate (`t - mid`).
+    pub fn to_local(&self, t: FinHubTime) -> Local {
+        Local::from_micros(t.micros()).minus_us(self.mid_us())
+    }
+
+    /// Our instant `t` on FinHub's clock at the latest the offset allows (`t + hi`).
+    pub fn latest_finhub(&self, t: Local) -> FinHubTime {
+        FinHubTime::from_micros(t.micros()).plus_us(self.hi_us)
+    }
+
+    /// Our instant `t` on FinHub's clock by the estimate (`t + mid`).
+    pub fn to_finhub(&self, t: Local) -> FinHubTime {
+        FinHubTime::from_micros(t.micros()).plus_us(self.mid_us())
+    }
+
+    /// The offset from FinHub's count of whole seconds (floored) `left_us` remaining until its
+    /// instant `end`, answered between `sent` and `received` on our clock: FinHub's clock read
+    /// `end - left - 1 s ..= end - left` at some moment in between.
+    pub fn from_count(end: FinHubTime, left_us: i64, sent: Local, received: Local) -> OffsetBounds {
+        let at = end.minus_us(left_us);
+        OffsetBounds {
+            lo_us: at
+                .minus_us(DATE_RESOLUTION_US)
+                .micros()
+                .saturating_sub(received.micros()),
+            hi_us: at.micros().saturating_sub(sent.micros()),
+        }
+    }
+
     fn widened(&self, by_us: i64) -> OffsetBounds {
         OffsetBounds {
             lo_us: self.lo_us.saturating_sub(by_us),
@@ -98,15 +137,15 @@ pub struct OffsetReport {
 struct State {
     bounds: Option<OffsetBounds>,
     /// Our time of the last change (for drift).
-    updated_us: i64,
+    updated: Local,
     samples: u64,
     resets: u64,
 }
 
 impl State {
     /// The current interval, widened for the drift since it was last narrowed.
-    fn current(&self, now_us: i64) -> Option<OffsetBounds> {
-        let age_s = (now_us - self.updated_us).max(0) / 1_000_000;
+    fn current(&self, now: Local) -> Option<OffsetBounds> {
+        let age_s = now.since(self.updated).max(0) / 1_000_000;
         self.bounds
             .map(|b| b.widened(age_s.saturating_mul(DRIFT_US_PER_S)))
     }
@@ -197,11 +236,17 @@ impl ClockOffset {
         let Some(sample) = date
             .and_then(|v| v.to_str().ok())
             .and_then(|v| httpdate::parse_http_date(v).ok())
-            .and_then(|date| second_sample(date, sent, received))
+            .and_then(|date| {
+                second_sample(
+                    FinHubTime::from_system(date),
+                    Local::from_system(sent),
+                    Local::from_system(received),
+                )
+            })
         else {
             return false;
         };
-        let at = unix_us(received);
+        let at = Local::from_system(received);
         match self.state.try_lock() {
             Ok(mut s) => self.apply(&mut s, sample, at, measured),
             Err(TryLockError::WouldBlock) => false,
@@ -223,7 +268,7 @@ impl ClockOffset {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        self.apply(&mut s, sample, unix_us(at), true)
+        self.apply(&mut s, sample, Local::from_system(at), true)
     }
 
     /// A bound inferred from FinHub's behaviour rather than read from its clock: narrows the
@@ -237,14 +282,14 @@ impl ClockOffset {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        self.apply(&mut s, sample, unix_us(at), false)
+        self.apply(&mut s, sample, Local::from_system(at), false)
     }
 
-    fn apply(&self, s: &mut State, sample: OffsetBounds, at_us: i64, measured: bool) -> bool {
+    fn apply(&self, s: &mut State, sample: OffsetBounds, at: Local, measured: bool) -> bool {
         if measured {
             s.samples = s.samples.saturating_add(1);
         }
-        let next = match s.current(at_us) {
+        let next = match s.current(at) {
             None if measured => sample,
             // Nothing to narrow yet: an inferred bound alone is one-sided.
             None => return false,
@@ -266,10 +311,10 @@ impl ClockOffset {
             return false;
         }
         s.bounds = Some(next);
-        s.updated_us = at_us;
+        s.updated = at;
         self.lo_us.store(next.lo_us, Ordering::SeqCst);
         self.hi_us.store(next.hi_us, Ordering::SeqCst);
-        self.updated_us.store(at_us, Ordering::SeqCst);
+        self.updated_us.store(at.micros(), Ordering::SeqCst);
         self.known.store(true, Ordering::SeqCst);
         if let Some(g) = self.gauge.get() {
             g.set(next.mid_us() as f64 / 1e6);
@@ -289,7 +334,7 @@ impl ClockOffset {
             Err(p) => p.into_inner(),
         };
         let measured = s.bounds.is_none();
-        self.apply(&mut s, b, unix_us(at), measured)
+        self.apply(&mut s, b, Local::from_system(at), measured)
     }
 
     /// The bounds now (lock-free): [`OffsetBounds::ZERO`] before FinHub's first `Date`.
@@ -310,13 +355,9 @@ impl ClockOffset {
             lo_us: self.lo_us.load(Ordering::SeqCst),
             hi_us: self.hi_us.load(Ordering::SeqCst),
         };
-        let age_s = (unix_us(now) - self.updated_us.load(Ordering::SeqCst)).max(0) / 1_000_000;
+        let updated = Local::from_micros(self.updated_us.load(Ordering::SeqCst));
+        let age_s = Local::from_system(now).since(updated).max(0) / 1_000_000;
         Some(b.widened(age_s.saturating_mul(DRIFT_US_PER_S)))
-    }
-
-    /// Upper bound of the offset at `now` (lock-free, for the request path's expiry check).
-    pub fn hi_us(&self, now: SystemTime) -> i64 {
-        self.bounds_at(now).hi_us
     }
 
     /// For `/status`: `None` before the first `Date`.
@@ -325,7 +366,7 @@ impl ClockOffset {
             Ok(s) => s,
             Err(p) => p.into_inner(),
         };
-        let b = s.current(unix_us(SystemTime::now()))?;
+        let b = s.current(Local::now())?;
         Some(OffsetReport {
             offset_seconds: b.mid_us() as f64 / 1e6,
             uncertainty_seconds: b.uncertainty_us() as f64 / 1e6,
@@ -335,21 +376,24 @@ impl ClockOffset {
     }
 }
 
+/// The offset (`finhub - local`) at which FinHub's clock reads `finhub` when ours reads
+/// `local`: a bound of the offset when one is known to be before or after the other.
+pub fn offset_between(finhub: FinHubTime, local: Local) -> i64 {
+    finhub.micros().saturating_sub(local.micros())
+}
+
 /// The offset interval from one whole-second reading `second` of a FinHub clock, taken between
 /// `sent` and `received` (our clock); `None` when out of order or beyond a year.
-pub fn second_sample(
-    second: SystemTime,
-    sent: SystemTime,
-    received: SystemTime,
-) -> Option<OffsetBounds> {
-    let (sent, received) = (unix_us(sent), unix_us(received));
+pub fn second_sample(second: FinHubTime, sent: Local, received: Local) -> Option<OffsetBounds> {
     if received < sent {
         return None;
     }
-    let d = unix_us(second);
     let b = OffsetBounds {
-        lo_us: d.saturating_sub(received),
-        hi_us: d.saturating_add(DATE_RESOLUTION_US).saturating_sub(sent),
+        lo_us: second.micros().saturating_sub(received.micros()),
+        hi_us: second
+            .plus_us(DATE_RESOLUTION_US)
+            .micros()
+            .saturating_sub(sent.micros()),
     };
     (b.lo_us.unsigned_abs() <= MAX_OFFSET_US.unsigned_abs()
         && b.hi_us.unsigned_abs() <= MAX_OFFSET_US.unsigned_abs())
@@ -456,7 +500,7 @@ mod tests {
         c.infer(Some(0), Some(10), t(0));
         // An hour later the interval has widened by 0.36 s each side.
         let s = c.state.lock().unwrap();
-        let b = s.current(unix_us(t(3_600_000_000))).unwrap();
+        let b = s.current(Local::from_system(t(3_600_000_000))).unwrap();
         assert_eq!(b.lo_us, -360_000);
         assert_eq!(b.hi_us, 10 + 360_000);
     }

@@ -1,23 +1,111 @@
 //! What a token's claims and FinHub's `expires_in` say about its expiry and its issuer's
 //! clock (issues 14, 22.1, 28.3): pure readings, used by [`super::FinHubSession::from_grant`].
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use super::clock::{self, OffsetBounds};
 
 use super::grant::{self, Claims};
-use super::time::{unix_us, us};
+use super::time::{us, FinHubTime, Local};
 
 /// Lifetime assumed when FinHub states none (neither `exp` nor `expires_in`).
 const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
 
-/// Where a session's expiry comes from (pure; [`FinHubSession::from_grant`] uses it).
+/// When a session expires, on the clock that states it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Expiry {
-    /// µs since the epoch.
-    pub(super) at_us: i64,
-    /// On FinHub's token clock (JWT `exp`) rather than ours (`expires_in`).
-    pub(super) on_finhub_clock: bool,
+pub(super) enum Expiry {
+    /// A JWT `exp` that was believed: on FinHub's token clock.
+    FinHub(FinHubTime),
+    /// FinHub's count (`expires_in`, a fallback) from when the request was sent: on our clock.
+    Local(Local),
+}
+
+impl Expiry {
+    /// The expiry as stored (a shared session's record, an atomic): its clock's µs and
+    /// whether that clock is FinHub's.
+    pub(super) fn from_parts(us: i64, on_finhub_clock: bool) -> Expiry {
+        if on_finhub_clock {
+            Expiry::FinHub(FinHubTime::from_micros(us))
+        } else {
+            Expiry::Local(Local::from_micros(us))
+        }
+    }
+
+    /// µs since the epoch on its own clock (for storage; see [`Expiry::from_parts`]).
+    pub(super) fn micros(self) -> i64 {
+        match self {
+            Expiry::FinHub(t) => t.micros(),
+            Expiry::Local(t) => t.micros(),
+        }
+    }
+
+    /// Whether it is FinHub's `exp`.
+    pub(super) fn on_finhub_clock(self) -> bool {
+        matches!(self, Expiry::FinHub(_))
+    }
+
+    /// `us` earlier on its own clock, saturating.
+    pub(super) fn minus_us(self, us: i64) -> Expiry {
+        match self {
+            Expiry::FinHub(t) => Expiry::FinHub(t.minus_us(us)),
+            Expiry::Local(t) => Expiry::Local(t.minus_us(us)),
+        }
+    }
+
+    /// On our clock, at the earliest FinHub's offset `offset` allows (as is, if ours).
+    pub(super) fn earliest_local(self, offset: OffsetBounds) -> Local {
+        match self {
+            Expiry::FinHub(t) => offset.earliest_local(t),
+            Expiry::Local(t) => t,
+        }
+    }
+
+    /// On our clock, at the latest FinHub's offset `offset` allows (as is, if ours).
+    pub(super) fn latest_local(self, offset: OffsetBounds) -> Local {
+        match self {
+            Expiry::FinHub(t) => offset.latest_local(t),
+            Expiry::Local(t) => t,
+        }
+    }
+}
+
+/// A session's [`Expiry`], updated in place: one on our clock moves with FinHub's counts, one
+/// on FinHub's clock never moves (its clock never changes).
+#[derive(Debug)]
+pub(super) struct AtomicExpiry {
+    us: AtomicI64,
+    on_finhub_clock: bool,
+}
+
+impl AtomicExpiry {
+    /// Holds `e`.
+    pub(super) fn new(e: Expiry) -> AtomicExpiry {
+        AtomicExpiry {
+            us: AtomicI64::new(e.micros()),
+            on_finhub_clock: e.on_finhub_clock(),
+        }
+    }
+
+    /// The expiry held.
+    pub(super) fn load(&self) -> Expiry {
+        Expiry::from_parts(self.us.load(Ordering::SeqCst), self.on_finhub_clock)
+    }
+
+    /// Moves an expiry on our clock to `t`; one on FinHub's clock is left as it is.
+    pub(super) fn move_local(&self, t: Local) {
+        if !self.on_finhub_clock {
+            self.us.store(t.micros(), Ordering::SeqCst);
+        }
+    }
+}
+
+/// The expiry a token's answer gives ([`choose_expiry`]; [`super::FinHubSession::from_grant`]
+/// keeps it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Chosen {
+    /// The expiry, on FinHub's token clock (JWT `exp`) or ours (`expires_in`).
+    pub(super) at: Expiry,
     /// FinHub's validity (`exp - iat`, else `expires_in`), µs.
     pub(super) validity_us: i64,
     /// `iat` and `exp` agree with each other and with `expires_in`: FinHub's refresh window
@@ -58,16 +146,9 @@ pub(super) fn read_claims(
     if iat.is_some_and(|iat| iat >= exp) {
         return Reading::Contradicts;
     }
-    let from_count = expires_in.map(|e| {
-        // FinHub's clock read `exp - e - 1 s .. exp - e` when it answered (e floored).
-        let at = unix_us(exp).saturating_sub(us(e));
-        OffsetBounds {
-            lo_us: at
-                .saturating_sub(1_000_000)
-                .saturating_sub(unix_us(received)),
-            hi_us: at.saturating_sub(unix_us(sent)),
-        }
-    });
+    let (sent, received) = (Local::from_system(sent), Local::from_system(received));
+    // FinHub's clock read `exp - e - 1 s .. exp - e` when it answered (e floored).
+    let from_count = expires_in.map(|e| OffsetBounds::from_count(exp, us(e), sent, received));
     let from_iat = iat.and_then(|iat| clock::second_sample(iat, sent, received));
     let sample = match (from_count, from_iat, iat) {
         (Some(a), Some(b), _) => a.intersect(&b),
@@ -103,40 +184,36 @@ pub(super) fn choose_expiry(
     sent: SystemTime,
     received: SystemTime,
     offset: OffsetBounds,
-) -> Expiry {
-    let (sent, received) = (unix_us(sent), unix_us(received));
-    let counted = |e: i64, distrusted: bool| Expiry {
-        at_us: sent.saturating_add(e),
-        on_finhub_clock: false,
+) -> Chosen {
+    let (sent, received) = (Local::from_system(sent), Local::from_system(received));
+    let counted = |e: i64, distrusted: bool| Chosen {
+        at: Expiry::Local(sent.plus_us(e)),
         validity_us: e,
         window_known: false,
         distrusted,
     };
-    let fallback = |distrusted: bool| Expiry {
+    let fallback = |distrusted: bool| Chosen {
         validity_us: us(FALLBACK_LIFETIME),
         ..counted(us(FALLBACK_LIFETIME), distrusted)
     };
-    match (claims.exp.map(unix_us), expires_in.map(us), reading) {
+    match (claims.exp, expires_in.map(us), reading) {
         (Some(_), Some(e), Reading::Contradicts) => counted(e, true),
         (Some(_), None, Reading::Contradicts) => fallback(true),
         (Some(exp), e, _) => {
             // Like every lifetime believed from FinHub, at most a day from now.
-            let latest = received
-                .saturating_add(offset.hi_us)
-                .saturating_add(us(grant::MAX_LIFETIME));
-            let at_us = exp.min(latest);
-            let validity_us = match (claims.iat.map(unix_us), e) {
-                (Some(iat), _) if iat < exp => exp - iat,
+            let latest = offset.latest_finhub(received) + grant::MAX_LIFETIME;
+            let at = exp.min(latest);
+            let validity_us = match (claims.iat, e) {
+                (Some(iat), _) if iat < exp => exp.since(iat),
                 (_, Some(e)) => e,
-                _ => exp - sent.saturating_add(offset.mid_us()),
+                _ => exp.since(offset.to_finhub(sent)),
             };
-            Expiry {
-                at_us,
-                on_finhub_clock: true,
+            Chosen {
+                at: Expiry::FinHub(at),
                 validity_us: validity_us.clamp(0, us(grant::MAX_LIFETIME)),
                 window_known: claims.iat.is_some()
                     && matches!(reading, Reading::Sample(_))
-                    && at_us == exp,
+                    && at == exp,
                 distrusted: false,
             }
         }
@@ -152,12 +229,12 @@ mod tests {
     use super::*;
     use crate::auth::clock::OffsetBounds;
     use crate::auth::session::tests::{at, BASE, S};
-    use crate::auth::time::from_unix_us;
+    use crate::auth::time::{FinHubTime, Local};
 
     fn claims_of(exp: Option<i64>, iat: Option<i64>) -> Claims {
         Claims {
-            exp: exp.map(|s| from_unix_us(BASE + s)),
-            iat: iat.map(|s| from_unix_us(BASE + s)),
+            exp: exp.map(|s| FinHubTime::from_micros(BASE + s)),
+            iat: iat.map(|s| FinHubTime::from_micros(BASE + s)),
             internal_token_key: None,
             session_id: None,
         }
@@ -170,7 +247,7 @@ mod tests {
         sent: i64,
         received: i64,
         offset: OffsetBounds,
-    ) -> Expiry {
+    ) -> Chosen {
         let e = expires_in.map(Duration::from_secs);
         let reading = read_claims(claims, e, at(sent), at(received));
         choose_expiry(claims, e, reading, at(sent), at(received), offset)
@@ -187,8 +264,8 @@ mod tests {
             310_000,
             zero,
         );
-        assert_eq!(e.at_us, BASE + 6 * S);
-        assert!(e.on_finhub_clock && e.window_known && !e.distrusted);
+        assert_eq!(e.at, Expiry::FinHub(FinHubTime::from_micros(BASE + 6 * S)));
+        assert!(e.at.on_finhub_clock() && e.window_known && !e.distrusted);
         assert_eq!(e.validity_us, 6 * S);
         // exp far beyond what iat + expires_in allow (a 10-year exp): expires_in wins, from
         // when the request was sent, on our clock.
@@ -199,15 +276,21 @@ mod tests {
             1_000,
             zero,
         );
-        assert!(e.distrusted && !e.on_finhub_clock && !e.window_known);
-        assert_eq!((e.at_us, e.validity_us), (BASE + 60 * S, 60 * S));
+        assert!(e.distrusted && !e.at.on_finhub_clock() && !e.window_known);
+        assert_eq!(
+            (e.at, e.validity_us),
+            (Expiry::Local(Local::from_micros(BASE + 60 * S)), 60 * S)
+        );
         // exp before iat (already past when issued): expires_in wins.
         let e = expiry_of(&claims_of(Some(-8 * S), Some(0)), Some(8), 0, 1_000, zero);
         assert!(e.distrusted);
-        assert_eq!(e.at_us, BASE + 8 * S);
+        assert_eq!(e.at, Expiry::Local(Local::from_micros(BASE + 8 * S)));
         // Without exp: expires_in from when the request was sent, on our clock.
         let e = expiry_of(&claims_of(None, None), Some(60), 5, 9, zero);
-        assert_eq!((e.at_us, e.on_finhub_clock), (BASE + 5 + 60 * S, false));
+        assert_eq!(
+            (e.at.micros(), e.at.on_finhub_clock()),
+            (BASE + 5 + 60 * S, false)
+        );
         // Neither: the fallback.
         let e = expiry_of(&claims_of(None, None), None, 0, 0, zero);
         assert_eq!(e.validity_us, us(FALLBACK_LIFETIME));

@@ -4,10 +4,11 @@
 //! `access_token`, and a `{code, message, data}` envelope. [`Grant::parse`] accepts all of them;
 //! an answer with no usable token is an error to retry, never fatal.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use super::time::FinHubTime;
 use crate::secret::Secret;
 
 /// The longest session lifetime believed from FinHub's answers (docs say 1800–10000 s).
@@ -42,10 +43,10 @@ pub struct Grant {
 /// are read, never trusted for authorization.
 #[derive(Debug, Clone, Default)]
 pub struct Claims {
-    /// `exp`, if present.
-    pub exp: Option<SystemTime>,
-    /// `iat`, if present.
-    pub iat: Option<SystemTime>,
+    /// `exp`, if present (FinHub's token clock).
+    pub exp: Option<FinHubTime>,
+    /// `iat`, if present (FinHub's token clock).
+    pub iat: Option<FinHubTime>,
     /// `internalTokenKey`, needed for the refresh call.
     pub internal_token_key: Option<Secret>,
     /// `sessionId` claim, if present.
@@ -176,8 +177,9 @@ fn payload(token: &str) -> Option<serde_json::Map<String, Value>> {
     }
 }
 
-/// A NumericDate (RFC 7519: seconds, fractions allowed) as a time; milliseconds tolerated.
-fn numeric_date(v: &Value) -> Option<SystemTime> {
+/// A NumericDate (RFC 7519: seconds, fractions allowed) as an instant on FinHub's clock;
+/// milliseconds tolerated.
+fn numeric_date(v: &Value) -> Option<FinHubTime> {
     let mut s = v.as_f64().filter(|s| s.is_finite() && *s >= 0.0)?;
     if s > MAX_SECONDS_DATE {
         s /= 1000.0;
@@ -185,7 +187,9 @@ fn numeric_date(v: &Value) -> Option<SystemTime> {
     if s > MAX_SECONDS_DATE {
         return None;
     }
-    UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(s).ok()?)
+    UNIX_EPOCH
+        .checked_add(Duration::try_from_secs_f64(s).ok()?)
+        .map(FinHubTime::from_system)
 }
 
 #[cfg(test)]
@@ -260,7 +264,10 @@ mod tests {
         )
         .unwrap();
         let c = Claims::of(&token);
-        assert_eq!(c.exp, Some(UNIX_EPOCH + Duration::from_secs(2_000_000_000)));
+        assert_eq!(
+            c.exp.map(FinHubTime::to_system),
+            Some(UNIX_EPOCH + Duration::from_secs(2_000_000_000))
+        );
         assert_eq!(c.internal_token_key.unwrap().expose(), "k-1");
         assert!(Claims::of("opaque").exp.is_none());
     }

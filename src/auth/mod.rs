@@ -35,7 +35,7 @@ mod renewer;
 mod session;
 mod shutdown;
 mod slot;
-mod time;
+pub mod time;
 
 pub use renew::run_tenant;
 pub use session::FinHubSession;

@@ -5,9 +5,10 @@ use std::time::{Duration, SystemTime};
 
 use super::client::AuthError;
 use super::clock::OffsetBounds;
+use super::expiry::Expiry;
 use super::grant;
 use super::session::{FinHubSession, Timing};
-use super::time::us;
+use super::time::{us, Local};
 
 /// The longest `Retry-After` from the auth endpoint that is honoured.
 pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
@@ -38,7 +39,8 @@ pub(super) enum Step {
     Refresh,
 }
 
-/// A renewal step and when to take it (our clock, µs).
+/// A renewal step and when to take it (our clock, µs: the renewal loop's and the fleet's
+/// boundary, where instants are still bare `i64`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Planned {
     pub(super) step: Step,
@@ -58,45 +60,40 @@ pub(super) struct Planned {
 ///   for the next step, and so on until the window surely opens;
 /// - when no refresh can land before the token becomes unusable (or without `refreshable`),
 ///   a login, timed to land before then;
-/// - never before `not_before_us`.
+/// - never before `not_before`.
 pub(super) fn plan(
     t: Timing,
     offset: OffsetBounds,
     refresh_at: f64,
     lead_us: i64,
     refreshable: bool,
-    not_before_us: i64,
+    not_before: Local,
 ) -> Planned {
-    let own = t.count_bounds();
-    let (lo, hi) = if t.on_finhub_clock {
-        (offset.lo_us, offset.hi_us)
-    } else {
-        (own.lo_us, own.hi_us)
-    };
-    let mid = lo + (hi - lo) / 2;
+    let end = End::of(&t, offset);
     let l = t.validity_us.max(1);
     let margin = t.margin_us();
     let lead = lead_us.clamp(0, l / 20);
-    let unusable = t.usable_until_us(if t.on_finhub_clock { hi } else { 0 });
-    let latest = unusable - lead;
+    let unusable = t.usable_until(offset);
+    let latest = unusable.minus_us(lead);
     let tail = ((1.0 - refresh_at) * l as f64).round() as i64;
-    let login = |at: i64| Planned {
+    let login = |at: Local| Planned {
         step: Step::Login,
-        at_us: at.max(not_before_us),
+        at_us: at.max(not_before).micros(),
     };
     if !refreshable {
         // At `refresh_at` on the earliest reading of FinHub's clock, and at least 3 % of the
         // validity before the token becomes unusable.
         return login(
-            (t.expiry_us - hi - tail)
-                .min(unusable - l * 3 / 100)
+            end.earliest
+                .minus_us(tail)
+                .min(unusable.minus_us(l * 3 / 100))
                 .min(latest),
         );
     }
     let window = l / 10;
-    let surely_open = t.window_opens_us() - lo;
+    let surely_open = end.latest.minus_us(t.validity_us / 10);
     let at = if surely_open <= latest {
-        (t.expiry_us - mid - tail).clamp(surely_open, latest)
+        end.mid.minus_us(tail).clamp(surely_open, latest)
     } else {
         // A "not refreshed" answer to a request sent at `p` proves the offset is below
         // `opens - p`, which moves `latest` to `p + step`: probes `step` apart end where the
@@ -105,29 +102,52 @@ pub(super) fn plan(
         if step <= 0 {
             return login(latest);
         }
-        let n = (surely_open - latest + step - 1) / step;
-        surely_open - n * step
+        let n = (surely_open.since(latest) + step - 1) / step;
+        surely_open.minus_us(n * step)
     };
-    let at = at.max(not_before_us);
+    let at = at.max(not_before);
     if at > latest {
         login(latest)
     } else {
         Planned {
             step: Step::Refresh,
-            at_us: at,
+            at_us: at.micros(),
         }
     }
 }
 
-/// When FinHub's refresh window of a token with times `t` is surely open (our clock, µs)
+/// A session's expiry carried onto our clock: through FinHub's offset for its `exp`, through
+/// FinHub's own count of what was left for an expiry on our clock.
+struct End {
+    earliest: Local,
+    mid: Local,
+    latest: Local,
+}
+
+impl End {
+    fn of(t: &Timing, offset: OffsetBounds) -> End {
+        match t.expiry {
+            Expiry::FinHub(e) => End {
+                earliest: offset.earliest_local(e),
+                mid: offset.to_local(e),
+                latest: offset.latest_local(e),
+            },
+            Expiry::Local(e) => {
+                let own = t.count_bounds();
+                End {
+                    earliest: e.minus_us(own.hi_us),
+                    mid: e.minus_us(own.mid_us()),
+                    latest: e.minus_us(own.lo_us),
+                }
+            }
+        }
+    }
+}
+
+/// When FinHub's refresh window of a token with times `t` is surely open (our clock)
 /// given the offset `offset` of FinHub's clock ([`plan`]'s early probes end there).
-pub(super) fn window_surely_open_us(t: Timing, offset: OffsetBounds) -> i64 {
-    let lo = if t.on_finhub_clock {
-        offset.lo_us
-    } else {
-        t.count_bounds().lo_us
-    };
-    t.window_opens_us() - lo
+pub(super) fn window_surely_open(t: Timing, offset: OffsetBounds) -> Local {
+    End::of(&t, offset).latest.minus_us(t.validity_us / 10)
 }
 
 /// Whether `session` can be refreshed (A3, A6): it carries the key, the environment has
@@ -181,16 +201,16 @@ pub(super) fn retry_wait(
     base.max(recovery).max(asked)
 }
 
-/// The earliest next renewal after a successful one at `now_us` (issue 28.3): at least a tenth
+/// The earliest next renewal after a successful one at `now` (issue 28.3): at least a tenth
 /// of the granted validity (and [`MIN_RENEWAL_SPACING`]) later, so FinHub's token timing can
 /// never drive a renewal storm. When tokens keep arriving with their renewal already due
 /// (`hot` in a row), the spacing doubles each time, but only up to the last moment a renewal
-/// still lands in time (`latest_us`): the floor itself is never undercut.
-pub(super) fn renewal_not_before(now_us: i64, validity: Duration, hot: u32, latest_us: i64) -> i64 {
+/// still lands in time (`latest`): the floor itself is never undercut.
+pub(super) fn renewal_not_before(now: Local, validity: Duration, hot: u32, latest: Local) -> Local {
     let floor = us((validity / 10).max(MIN_RENEWAL_SPACING));
     let backed_off = floor.saturating_mul(1i64 << hot.min(6));
-    let backed_off = backed_off.min(latest_us.saturating_sub(now_us));
-    now_us.saturating_add(backed_off.max(floor))
+    let backed_off = backed_off.min(latest.since(now));
+    now.plus_us(backed_off.max(floor))
 }
 
 /// Wait after the `rejections`-th rejected login in a row: 30 s doubling to 5 min. FinHub locks
@@ -217,11 +237,12 @@ mod tests {
     use super::*;
     use crate::auth::client::AuthError;
     use crate::auth::clock::{ClockOffset, OffsetBounds};
+    use crate::auth::expiry::Expiry;
     use crate::auth::grant;
     use crate::auth::renewer::{next_rtt, MAX_EARLY_REFRESHES};
     use crate::auth::session::tests::{at, grant, issued, BASE, S};
     use crate::auth::session::{FinHubSession, Timing};
-    use crate::auth::time::{from_unix_us, unix_us, us};
+    use crate::auth::time::{from_unix_us, unix_us, us, FinHubTime, Local};
     use crate::config::Environment;
     use http::HeaderValue;
 
@@ -247,11 +268,10 @@ mod tests {
 
     fn timing(exp_s: i64, validity_s: i64) -> Timing {
         Timing {
-            expiry_us: BASE + exp_s * S,
-            on_finhub_clock: true,
+            expiry: Expiry::FinHub(FinHubTime::from_micros(BASE + exp_s * S)),
             validity_us: validity_s * S,
-            at_least_us: i64::MIN,
-            at_most_us: i64::MAX,
+            at_least: Local::MIN,
+            at_most: Local::MAX,
         }
     }
 
@@ -263,12 +283,12 @@ mod tests {
             lo_us: -5 * S,
             hi_us: -5 * S,
         };
-        let p = plan(t, off, 0.92, 50_000, true, 0);
+        let p = plan(t, off, 0.92, 50_000, true, Local::from_micros(0));
         assert_eq!(p.step, Step::Refresh);
         // 92 % of 1800 s on FinHub's clock = 1656 s; 5 s later on ours.
         assert_eq!(p.at_us, BASE + 1656 * S + 5 * S);
         // Without the key: a login at the same point.
-        let p = plan(t, off, 0.92, 50_000, false, 0);
+        let p = plan(t, off, 0.92, 50_000, false, Local::from_micros(0));
         assert_eq!((p.step, p.at_us), (Step::Login, BASE + 1661 * S));
     }
 
@@ -280,12 +300,12 @@ mod tests {
             lo_us: -50_000,
             hi_us: 50_000,
         };
-        let p = plan(t, off, 0.5, 30_000, true, 0);
+        let p = plan(t, off, 0.5, 30_000, true, Local::from_micros(0));
         assert_eq!(p.step, Step::Refresh);
         // The window opens at 5.4 s on FinHub's clock; surely open at 5.45 s on ours.
         assert_eq!(p.at_us, BASE + 5_450_000);
         // And 0.99 is clamped to the last moment a refresh still lands in time.
-        let p = plan(t, off, 0.99, 30_000, true, 0);
+        let p = plan(t, off, 0.99, 30_000, true, Local::from_micros(0));
         let latest = BASE + 6 * S - 50_000 - 120_000 - 30_000;
         assert_eq!(p.at_us, latest);
     }
@@ -296,7 +316,7 @@ mod tests {
         let t = timing(6, 6);
         let off = OffsetBounds { lo_us: 0, hi_us: S };
         let lead = 30_000;
-        let p = plan(t, off, 0.92, lead, true, 0);
+        let p = plan(t, off, 0.92, lead, true, Local::from_micros(0));
         assert_eq!(p.step, Step::Refresh);
         let step = 600_000 - 120_000 - lead;
         let surely_open = BASE + 5_400_000;
@@ -312,7 +332,7 @@ mod tests {
             0.92,
             lead,
             true,
-            p.at_us + 20_000,
+            Local::from_micros(p.at_us + 20_000),
         );
         assert_eq!(next.step, Step::Refresh);
         assert!(next.at_us > p.at_us);
@@ -328,17 +348,16 @@ mod tests {
         };
         // Asked not before the last moment a renewal lands in time: login at once.
         let late = BASE + 6 * S;
-        let p = plan(t, off, 0.92, 30_000, true, late);
+        let p = plan(t, off, 0.92, 30_000, true, Local::from_micros(late));
         assert_eq!((p.step, p.at_us), (Step::Login, late));
         // Opaque token on our clock, no key: login at refresh_at.
         let t = Timing {
-            expiry_us: BASE + 100 * S,
-            on_finhub_clock: false,
+            expiry: Expiry::Local(Local::from_micros(BASE + 100 * S)),
             validity_us: 100 * S,
-            at_least_us: i64::MIN,
-            at_most_us: i64::MAX,
+            at_least: Local::MIN,
+            at_most: Local::MAX,
         };
-        let p = plan(t, off, 0.92, 30_000, false, 0);
+        let p = plan(t, off, 0.92, 30_000, false, Local::from_micros(0));
         assert_eq!((p.step, p.at_us), (Step::Login, BASE + 92 * S));
     }
 
@@ -419,15 +438,36 @@ mod tests {
         let v = Duration::from_secs(8);
         // A tenth of the lifetime (at least a second), doubling while tokens arrive due, but
         // not past the last moment a renewal lands in time; the floor itself always holds.
-        assert_eq!(renewal_not_before(0, v, 0, 100 * S), S);
         assert_eq!(
-            renewal_not_before(0, Duration::from_secs(1800), 0, 3600 * S),
+            renewal_not_before(Local::from_micros(0), v, 0, Local::from_micros(100 * S)).micros(),
+            S
+        );
+        assert_eq!(
+            renewal_not_before(
+                Local::from_micros(0),
+                Duration::from_secs(1800),
+                0,
+                Local::from_micros(3600 * S)
+            )
+            .micros(),
             180 * S
         );
-        assert_eq!(renewal_not_before(0, v, 2, 100 * S), 4 * S);
-        assert_eq!(renewal_not_before(0, v, 20, 100 * S), 64 * S);
-        assert_eq!(renewal_not_before(0, v, 3, 5 * S), 5 * S);
-        assert_eq!(renewal_not_before(0, v, 3, 0), S);
+        assert_eq!(
+            renewal_not_before(Local::from_micros(0), v, 2, Local::from_micros(100 * S)).micros(),
+            4 * S
+        );
+        assert_eq!(
+            renewal_not_before(Local::from_micros(0), v, 20, Local::from_micros(100 * S)).micros(),
+            64 * S
+        );
+        assert_eq!(
+            renewal_not_before(Local::from_micros(0), v, 3, Local::from_micros(5 * S)).micros(),
+            5 * S
+        );
+        assert_eq!(
+            renewal_not_before(Local::from_micros(0), v, 3, Local::from_micros(0)).micros(),
+            S
+        );
     }
 
     #[test]
@@ -446,15 +486,15 @@ mod tests {
                 hi_us: 0
             }
         );
-        let p = plan(t, clock.bounds(), 0.92, 30_000, true, 0);
+        let p = plan(t, clock.bounds(), 0.92, 30_000, true, Local::from_micros(0));
         assert_eq!(p.step, Step::Refresh);
         assert!(p.at_us < BASE + 7 * S - 140_000 - 30_000, "{p:?}");
         // "Not refreshed": 1 s left at 7.2 s. The counts intersect: the end is within
         // [8.2 s, 8.01 s] ∩ … = it narrows, it does not move past the first count's end.
         s.note_remaining(Duration::from_secs(0), at(7_200_000), at(7_210_000));
         let t = s.timing();
-        assert_eq!(t.at_least_us, BASE + 7_200_000);
-        assert_eq!(t.at_most_us, BASE + 8_010_000);
+        assert_eq!(t.at_least, Local::from_micros(BASE + 7_200_000));
+        assert_eq!(t.at_most, Local::from_micros(BASE + 8_010_000));
         assert!(s.is_usable(at(7_000_000)));
         assert!(!s.is_usable(at(7_200_000)));
     }
@@ -492,7 +532,7 @@ mod tests {
                     0.92,
                     lead,
                     true,
-                    BASE + not_before,
+                    Local::from_micros(BASE + not_before),
                 );
                 assert_eq!(
                     p.step,
@@ -501,14 +541,14 @@ mod tests {
                 );
                 let sent = p.at_us - BASE;
                 let finhub = BASE + sent + rtt / 2 + offset;
-                let exp = s.finhub_expiry().map(unix_us).unwrap();
+                let exp = s.finhub_expiry().map(FinHubTime::micros).unwrap();
                 assert!(finhub < exp, "the refresh reached FinHub after exp");
                 let date = HeaderValue::from_str(&httpdate::fmt_http_date(from_unix_us(
                     finhub.div_euclid(S) * S,
                 )))
                 .unwrap();
                 clock.observe(Some(&date), at(sent), at(sent + rtt));
-                let opens = s.window_opens_us().unwrap();
+                let opens = s.window_opens().map(FinHubTime::micros).unwrap();
                 if exp - finhub > us(s.validity) / 10 {
                     early += 1;
                     assert!(

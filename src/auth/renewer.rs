@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::Rng;
 
 use super::client::{AuthClient, AuthError, Refreshed};
-use super::clock::OffsetBounds;
+use super::clock::{offset_between, OffsetBounds};
 use super::fleet::owner_grace_us;
 use super::grant;
 use super::metrics::{AuthCall, AuthMetrics, AuthResult};
@@ -18,7 +18,7 @@ use super::plan::{
 };
 use super::session::FinHubSession;
 use super::slot::SessionSlot;
-use super::time::{unix_secs, unix_us, us};
+use super::time::{unix_secs, unix_us, us, Local};
 use crate::config::AuthConfig;
 use crate::telemetry::BackgroundSpan;
 
@@ -135,7 +135,7 @@ impl Renewer {
             self.auth.refresh_at,
             lead,
             refreshable,
-            not_before_us,
+            Local::from_micros(not_before_us),
         );
         if p.step == Step::Refresh && self.early >= MAX_EARLY_REFRESHES {
             // FinHub keeps saying "not yet": log in before the token becomes unusable.
@@ -145,7 +145,7 @@ impl Renewer {
                 self.auth.refresh_at,
                 lead,
                 false,
-                not_before_us,
+                Local::from_micros(not_before_us),
             );
         }
         p
@@ -163,7 +163,7 @@ impl Renewer {
             self.auth.refresh_at,
             lead_for(0).saturating_add(owner_grace_us(s.validity)),
             refreshable,
-            0,
+            Local::from_micros(0),
         )
     }
 
@@ -174,7 +174,7 @@ impl Renewer {
         now: SystemTime,
     ) -> Option<Duration> {
         let s = current.filter(|s| s.is_usable(now))?;
-        let latest = s.timing().usable_until_us(s.clock.hi_us(now)) - self.lead_us();
+        let latest = s.usable_until(now).micros() - self.lead_us();
         Some(Duration::from_micros((latest - unix_us(now)).max(0) as u64))
     }
 
@@ -242,9 +242,10 @@ impl Renewer {
                 received,
             }) => {
                 self.rtt_us = next_rtt(self.rtt_us, sent, received);
-                if let Some(opens) = s.window_opens_us() {
+                if let Some(opens) = s.window_opens() {
                     // FinHub's window had not opened when it answered.
-                    s.clock.infer(None, Some(opens - unix_us(sent)), received);
+                    let hi = offset_between(opens, Local::from_system(sent));
+                    s.clock.infer(None, Some(hi), received);
                 }
                 if let Some(r) = remaining {
                     s.note_remaining(r, sent, received);
@@ -270,11 +271,11 @@ impl Renewer {
                 None
             }
             Ok(Refreshed::New(new)) => {
-                if let Some(opens) = s.window_opens_us() {
+                if let Some(opens) = s.window_opens() {
                     // FinHub's window was open when it answered (on the token clock the old
                     // token was read on).
                     s.clock.infer(
-                        Some(opens - unix_us(new.received_at)),
+                        Some(offset_between(opens, Local::from_system(new.received_at))),
                         None,
                         new.received_at,
                     );
@@ -411,9 +412,9 @@ impl Renewer {
         match self.slot.current() {
             Some(s) => {
                 let due = self.plan_for(&s, now_us);
-                let latest =
-                    s.timing().usable_until_us(s.clock.hi_us(SystemTime::now())) - self.lead_us();
-                let floor = renewal_not_before(now_us, s.validity, 0, latest);
+                let latest = s.usable_until(SystemTime::now()).minus_us(self.lead_us());
+                let now = Local::from_micros(now_us);
+                let floor = renewal_not_before(now, s.validity, 0, latest).micros();
                 // A token whose renewal is due on arrival (odd claims, a clock far off): space
                 // the renewals out, more each time it happens again.
                 self.hot = if due.at_us < floor {
@@ -428,7 +429,8 @@ impl Renewer {
                     );
                 }
                 let not_before =
-                    renewal_not_before(now_us, s.validity, self.hot.saturating_sub(1), latest);
+                    renewal_not_before(now, s.validity, self.hot.saturating_sub(1), latest)
+                        .micros();
                 self.plan_for(&s, not_before)
             }
             None => Planned {

@@ -9,9 +9,9 @@ use http::HeaderValue;
 
 use super::clock::{ClockOffset, OffsetBounds};
 
-use super::expiry::{choose_expiry, read_claims, Reading};
+use super::expiry::{choose_expiry, read_claims, AtomicExpiry, Expiry, Reading};
 use super::grant::{Claims, Grant};
-use super::time::{from_unix_us, unix_us, us};
+use super::time::{us, AtomicLocal, FinHubTime, Local};
 use crate::secret::Secret;
 
 /// A token with less than this left (or 2 % of its lifetime, if smaller) is treated as expired,
@@ -43,18 +43,17 @@ pub struct FinHubSession {
     pub refresh_token: Option<Secret>,
     /// Publication number within its tenant (1 for the first session), set when published.
     pub generation: u64,
-    /// Expiry, µs since the epoch: on FinHub's clock if `on_finhub_clock`, else on ours.
-    pub(super) expiry_us: AtomicI64,
-    /// Whether `expiry_us` is FinHub's `exp` (JWT) rather than `expires_in` from our clock.
-    pub(super) on_finhub_clock: bool,
+    /// Expiry: FinHub's `exp` (JWT) on its clock, or `expires_in` from ours.
+    pub(super) expiry: AtomicExpiry,
     /// Whether the JWT has both `iat` and `exp`, so FinHub's window is known exactly.
     pub(super) window_known: bool,
-    /// Valid at least until here, our clock, µs, whatever FinHub's clock says: FinHub's own
-    /// count of what was left (`expires_in`, a "not refreshed" answer) from before it answered.
-    pub(super) valid_until_at_least_us: AtomicI64,
-    /// Valid at most until here, our clock, µs: that count (floored to whole seconds) plus a
-    /// second from when its answer arrived.
-    pub(super) valid_until_at_most_us: AtomicI64,
+    /// Valid at least until here, our clock, whatever FinHub's clock says: FinHub's own count
+    /// of what was left (`expires_in`, a "not refreshed" answer) from before it answered
+    /// ([`Local::MIN`]: no count).
+    pub(super) valid_until_at_least: AtomicLocal,
+    /// Valid at most until here, our clock: that count (floored to whole seconds) plus a
+    /// second from when its answer arrived ([`Local::MAX`]: no count).
+    pub(super) valid_until_at_most: AtomicLocal,
     pub(super) clock: Arc<ClockOffset>,
 }
 
@@ -71,7 +70,7 @@ impl std::fmt::Debug for FinHubSession {
 /// Logs a warning about FinHub's token timing at most once per [`ANOMALY_LOG_EVERY`] (then at
 /// debug): a FinHub that keeps sending odd claims must not fill the log, one line per renewal.
 fn warn_rarely(last_us: &AtomicI64, message: &'static str) {
-    let now = unix_us(SystemTime::now());
+    let now = Local::now().micros();
     let last = last_us.load(Ordering::Relaxed);
     if now.saturating_sub(last) >= us(ANOMALY_LOG_EVERY)
         && last_us
@@ -142,55 +141,55 @@ impl FinHubSession {
             internal_token_key: claims.internal_token_key,
             refresh_token: grant.refresh_token,
             generation: 0,
-            expiry_us: AtomicI64::new(expiry.at_us),
-            on_finhub_clock: expiry.on_finhub_clock,
+            expiry: AtomicExpiry::new(expiry.at),
             window_known: expiry.window_known,
-            valid_until_at_least_us: AtomicI64::new(
+            valid_until_at_least: AtomicLocal::new(
                 grant
                     .expires_in
-                    .map_or(i64::MIN, |e| unix_us(sent).saturating_add(us(e))),
+                    .map_or(Local::MIN, |e| Local::from_system(sent) + e),
             ),
-            valid_until_at_most_us: AtomicI64::new(grant.expires_in.map_or(i64::MAX, |e| {
-                unix_us(received)
-                    .saturating_add(us(e))
-                    .saturating_add(1_000_000)
+            valid_until_at_most: AtomicLocal::new(grant.expires_in.map_or(Local::MAX, |e| {
+                Local::from_system(received) + e + COUNT_RESOLUTION
             })),
             clock: clock.clone(),
         }
     }
 
+    /// The session's times, typed (one load of each atomic).
     pub(super) fn timing(&self) -> Timing {
         Timing {
-            expiry_us: self.expiry_us.load(Ordering::SeqCst),
-            on_finhub_clock: self.on_finhub_clock,
+            expiry: self.expiry.load(),
             validity_us: us(self.validity),
-            at_least_us: self.valid_until_at_least_us.load(Ordering::SeqCst),
-            at_most_us: self.valid_until_at_most_us.load(Ordering::SeqCst),
+            at_least: self.valid_until_at_least.load(),
+            at_most: self.valid_until_at_most.load(),
         }
     }
 
     /// Whether the token may still be sent at `now`: it is valid at FinHub for at least the
     /// expiry margin more, whatever FinHub's clock offset within its known bounds.
     pub fn is_usable(&self, now: SystemTime) -> bool {
-        let t = self.timing();
-        unix_us(now) < t.usable_until_us(self.clock.hi_us(now))
+        Local::from_system(now) < self.usable_until(now)
+    }
+
+    /// The last moment (our clock) the token may be sent, on the offset's bounds at `now`.
+    pub(super) fn usable_until(&self, now: SystemTime) -> Local {
+        self.timing().usable_until(self.clock.bounds_at(now))
     }
 
     /// When FinHub considers the token expired, on our clock (earliest estimate).
     pub fn expires_at(&self) -> SystemTime {
-        let t = self.timing();
-        let hi = if t.on_finhub_clock {
-            self.clock.hi_us(SystemTime::now())
-        } else {
-            0
-        };
-        from_unix_us(t.expiry_us.saturating_sub(hi))
+        self.timing()
+            .expiry
+            .earliest_local(self.clock.bounds())
+            .to_system()
     }
 
     /// The JWT's `exp` (on FinHub's clock), if the expiry comes from it.
-    pub fn finhub_expiry(&self) -> Option<SystemTime> {
-        self.on_finhub_clock
-            .then(|| from_unix_us(self.expiry_us.load(Ordering::SeqCst)))
+    pub fn finhub_expiry(&self) -> Option<FinHubTime> {
+        match self.timing().expiry {
+            Expiry::FinHub(t) => Some(t),
+            Expiry::Local(_) => None,
+        }
     }
 
     /// The validity FinHub granted (see [`FinHubSession::validity`]).
@@ -198,20 +197,17 @@ impl FinHubSession {
         self.validity
     }
 
-    /// FinHub's refresh window opens here, on FinHub's clock (µs), when that is known exactly.
-    pub(super) fn window_opens_us(&self) -> Option<i64> {
-        self.window_known.then(|| self.timing().window_opens_us())
+    /// FinHub's refresh window opens here, on FinHub's clock, when that is known exactly.
+    pub(super) fn window_opens(&self) -> Option<FinHubTime> {
+        match self.timing().window_opens() {
+            Expiry::FinHub(t) if self.window_known => Some(t),
+            _ => None,
+        }
     }
 
     /// Whether FinHub may still consider the token valid at `now` (something to log out).
     pub(super) fn may_be_valid(&self, now: SystemTime) -> bool {
-        let t = self.timing();
-        let lo = if t.on_finhub_clock {
-            self.clock.bounds_at(now).lo_us
-        } else {
-            0
-        };
-        unix_us(now) < t.expiry_us.saturating_sub(lo)
+        Local::from_system(now) < self.timing().expiry.latest_local(self.clock.bounds_at(now))
     }
 
     /// A "not refreshed, still valid" answer said `remaining` (whole seconds, floored) was
@@ -225,17 +221,10 @@ impl FinHubSession {
         sent: SystemTime,
         received: SystemTime,
     ) {
-        let r = us(remaining);
-        let (lo, hi) = (
-            unix_us(sent).saturating_add(r),
-            unix_us(received)
-                .saturating_add(r)
-                .saturating_add(1_000_000),
-        );
-        let (old_lo, old_hi) = (
-            self.valid_until_at_least_us.load(Ordering::SeqCst),
-            self.valid_until_at_most_us.load(Ordering::SeqCst),
-        );
+        let (sent, received) = (Local::from_system(sent), Local::from_system(received));
+        let (lo, hi) = (sent + remaining, received + remaining + COUNT_RESOLUTION);
+        let t = self.timing();
+        let (old_lo, old_hi) = (t.at_least, t.at_most);
         let (lo, hi) = if lo.max(old_lo) <= hi.min(old_hi) {
             (lo.max(old_lo), hi.min(old_hi))
         } else {
@@ -245,23 +234,19 @@ impl FinHubSession {
             );
             (lo, hi)
         };
-        self.valid_until_at_least_us.store(lo, Ordering::SeqCst);
-        self.valid_until_at_most_us.store(hi, Ordering::SeqCst);
-        if self.on_finhub_clock {
-            // FinHub's token clock read `exp - r - 1 s .. exp - r` when it answered: a reading
-            // like the `expires_in` at login, which wins over an older estimate (a clock step).
-            let at = self.expiry_us.load(Ordering::SeqCst).saturating_sub(r);
-            self.clock.measure(
-                OffsetBounds {
-                    lo_us: at
-                        .saturating_sub(1_000_000)
-                        .saturating_sub(unix_us(received)),
-                    hi_us: at.saturating_sub(unix_us(sent)),
-                },
-                received,
-            );
-        } else {
-            self.expiry_us.store(lo, Ordering::SeqCst);
+        self.valid_until_at_least.store(lo);
+        self.valid_until_at_most.store(hi);
+        match t.expiry {
+            Expiry::FinHub(exp) => {
+                // FinHub's token clock read `exp - r - 1 s .. exp - r` when it answered: a
+                // reading like the `expires_in` at login, which wins over an older estimate (a
+                // clock step).
+                self.clock.measure(
+                    OffsetBounds::from_count(exp, us(remaining), sent, received),
+                    received.to_system(),
+                );
+            }
+            Expiry::Local(_) => self.expiry.move_local(lo),
         }
     }
 }
@@ -274,52 +259,59 @@ pub(super) fn sensitive(v: &str) -> HeaderValue {
     h
 }
 
-/// A session's times, for the planning arithmetic (µs).
+/// FinHub counts what is left of a token in whole seconds, floored.
+const COUNT_RESOLUTION: Duration = Duration::from_secs(1);
+
+/// A session's times, for the planning arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Timing {
-    pub(super) expiry_us: i64,
-    pub(super) on_finhub_clock: bool,
+    /// When the token expires, on the clock that states it.
+    pub(super) expiry: Expiry,
+    /// The validity FinHub granted, µs.
     pub(super) validity_us: i64,
-    /// Our-clock bounds from FinHub's own counts (`i64::MIN` / `i64::MAX`: none).
-    pub(super) at_least_us: i64,
-    pub(super) at_most_us: i64,
+    /// Valid at least until here by FinHub's own counts, our clock ([`Local::MIN`]: none).
+    pub(super) at_least: Local,
+    /// Valid at most until here by FinHub's own counts, our clock ([`Local::MAX`]: none).
+    pub(super) at_most: Local,
 }
 
 impl Timing {
+    /// How long before its end a token is no longer sent, µs: [`EXPIRY_MARGIN`] or 2 % of
+    /// its validity, the smaller.
     pub(super) fn margin_us(&self) -> i64 {
         us(EXPIRY_MARGIN).min(self.validity_us / 50)
     }
 
-    /// The last moment (our clock) the token may be sent, given the offset's upper bound,
-    /// kept within what FinHub's own count of the remaining validity guarantees: a `Date` far
-    /// off (a stepped clock, a cached answer) can neither expire a token FinHub said has time
-    /// left nor keep one past what it said.
-    pub(super) fn usable_until_us(&self, hi_us: i64) -> i64 {
-        let hi = if self.on_finhub_clock { hi_us } else { 0 };
-        let margin = self.margin_us();
-        self.expiry_us
-            .saturating_sub(hi)
-            .max(self.at_least_us)
-            .min(self.at_most_us)
-            .saturating_sub(margin)
+    /// The last moment (our clock) the token may be sent, given FinHub's offset `offset`
+    /// (its upper bound), kept within what FinHub's own count of the remaining validity
+    /// guarantees: a `Date` far off (a stepped clock, a cached answer) can neither expire a
+    /// token FinHub said has time left nor keep one past what it said.
+    pub(super) fn usable_until(&self, offset: OffsetBounds) -> Local {
+        self.expiry
+            .earliest_local(offset)
+            .max(self.at_least)
+            .min(self.at_most)
+            .minus_us(self.margin_us())
     }
 
-    /// The offset bounds to plan a token whose expiry is on our clock with: `expiry_us` is the
-    /// earliest end FinHub's count allows and the latest is `at_most_us`, so the true end lies
-    /// `[0, at_most - at_least]` after it (zero width without a count).
+    /// The offset bounds to plan a token whose expiry is on our clock with: that expiry is
+    /// the earliest end FinHub's count allows and the latest is `at_most`, so the true end lies
+    /// `[0, at_most - at_least]` after it (zero width without a count, or for FinHub's `exp`).
     pub(super) fn count_bounds(&self) -> OffsetBounds {
-        if self.at_least_us == i64::MIN || self.at_most_us == i64::MAX {
-            return OffsetBounds::ZERO;
-        }
-        OffsetBounds {
-            lo_us: self.expiry_us.saturating_sub(self.at_most_us).min(0),
-            hi_us: self.expiry_us.saturating_sub(self.at_least_us).max(0),
+        match self.expiry {
+            Expiry::Local(e) if self.at_least != Local::MIN && self.at_most != Local::MAX => {
+                OffsetBounds {
+                    lo_us: e.since(self.at_most).min(0),
+                    hi_us: e.since(self.at_least).max(0),
+                }
+            }
+            _ => OffsetBounds::ZERO,
         }
     }
 
     /// FinHub's 10 % window opens here (on the expiry's clock).
-    pub(super) fn window_opens_us(&self) -> i64 {
-        self.expiry_us - self.validity_us / 10
+    pub(super) fn window_opens(&self) -> Expiry {
+        self.expiry.minus_us(self.validity_us / 10)
     }
 }
 
@@ -334,7 +326,7 @@ pub(super) mod tests {
     use crate::auth::clock::ClockOffset;
     use crate::auth::grant::{self, Grant};
     use crate::auth::plan::plan;
-    use crate::auth::time::{from_unix_us, unix_us};
+    use crate::auth::time::{from_unix_us, unix_us, FinHubTime, Local};
     use crate::secret::Secret;
 
     pub(crate) const S: i64 = 1_000_000;
@@ -434,7 +426,7 @@ pub(super) mod tests {
         // FinHub 3.5 s ahead.
         let s = issued(&clock, 3_500_000, 0, 10_000, 6);
         let hi = clock.bounds_at(at(0)).hi_us;
-        let exp = s.finhub_expiry().map(unix_us).unwrap();
+        let exp = s.finhub_expiry().map(FinHubTime::micros).unwrap();
         let last = exp - hi - s.timing().margin_us();
         // (The bounds widen by 100 ppm of their age: 0.6 ms after 6 s.)
         assert!(s.is_usable(from_unix_us(last - 1_000)));
@@ -477,9 +469,9 @@ pub(super) mod tests {
                     0.97,
                     i64::MAX,
                     refreshable,
-                    i64::MAX,
+                    Local::MAX,
                 );
-                let _ = plan(s.timing(), clock.bounds(), 0.5, 0, refreshable, i64::MIN);
+                let _ = plan(s.timing(), clock.bounds(), 0.5, 0, refreshable, Local::MIN);
             }
             s.note_remaining(Duration::from_secs(u64::MAX / 2), now, now);
         }

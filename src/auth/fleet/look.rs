@@ -11,7 +11,7 @@ use super::role::{
 };
 use super::state::FleetState;
 use crate::auth::coordination::Turn;
-use crate::auth::plan::{window_surely_open_us, Planned, Step};
+use crate::auth::plan::{window_surely_open, Planned, Step};
 use crate::auth::renewer::Renewer;
 use crate::auth::time::{unix_us, us};
 
@@ -170,10 +170,11 @@ impl FleetState {
                 let latest = r
                     .usable_for(Some(s), now)
                     .map_or(now_us, |l| now_us + us(l));
-                let opens = window_surely_open_us(
+                let opens = window_surely_open(
                     s.timing(),
                     self.writer_offset.unwrap_or_else(|| s.clock.bounds()),
-                );
+                )
+                .micros();
                 let at = follower_takeover_us(
                     planned,
                     opens,

@@ -3,7 +3,6 @@
 //! values, and the encrypted [`Payload`] a session travels in.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicI64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -13,10 +12,11 @@ use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use crate::auth::clock::{ClockOffset, OffsetBounds};
+use crate::auth::expiry::{AtomicExpiry, Expiry};
 use crate::auth::grant::{self, Claims};
 use crate::auth::plan::{MAX_RETRY_AFTER, REJECTED_MAX};
 use crate::auth::session::{sensitive, FinHubSession};
-use crate::auth::time::{from_unix_us, unix_us, us};
+use crate::auth::time::{from_unix_us, unix_us, us, AtomicLocal, Local};
 use crate::sealing::{KeyRing, Sealed};
 use crate::secret::Secret;
 
@@ -116,15 +116,10 @@ pub(super) struct Payload {
 /// estimate narrowed later extends the usable time).
 pub(super) fn record_ttl_us(s: &FinHubSession, now: SystemTime) -> i64 {
     let t = s.timing();
-    let lo = if t.on_finhub_clock {
-        s.clock.bounds_at(now).lo_us
-    } else {
-        0
-    };
-    t.expiry_us
-        .saturating_sub(lo)
-        .min(t.at_most_us)
-        .saturating_sub(unix_us(now))
+    t.expiry
+        .latest_local(s.clock.bounds_at(now))
+        .min(t.at_most)
+        .since(Local::from_system(now))
         .saturating_add(1_000_000)
 }
 
@@ -301,11 +296,11 @@ pub(super) fn payload_of(s: &FinHubSession) -> Payload {
         obtained_us: unix_us(s.obtained_at),
         received_us: unix_us(s.received_at),
         validity_us: t.validity_us,
-        expiry_us: t.expiry_us,
-        on_finhub_clock: t.on_finhub_clock,
+        expiry_us: t.expiry.micros(),
+        on_finhub_clock: t.expiry.on_finhub_clock(),
         window_known: s.window_known,
-        at_least_us: t.at_least_us,
-        at_most_us: t.at_most_us,
+        at_least_us: t.at_least.micros(),
+        at_most_us: t.at_most.micros(),
         offset_lo_us: offset.map(|o| o.lo_us),
         offset_hi_us: offset.map(|o| o.hi_us),
     }
@@ -335,11 +330,10 @@ pub(super) fn session_of(p: &Payload, clock: &Arc<ClockOffset>) -> FinHubSession
         internal_token_key: claims.internal_token_key,
         refresh_token: p.refresh_token.clone().map(Secret::new),
         generation: 0,
-        expiry_us: AtomicI64::new(p.expiry_us),
-        on_finhub_clock: p.on_finhub_clock,
+        expiry: AtomicExpiry::new(Expiry::from_parts(p.expiry_us, p.on_finhub_clock)),
         window_known: p.window_known,
-        valid_until_at_least_us: AtomicI64::new(p.at_least_us),
-        valid_until_at_most_us: AtomicI64::new(p.at_most_us),
+        valid_until_at_least: AtomicLocal::new(Local::from_micros(p.at_least_us)),
+        valid_until_at_most: AtomicLocal::new(Local::from_micros(p.at_most_us)),
         clock: clock.clone(),
     }
 }
@@ -535,6 +529,6 @@ mod tests {
         assert_eq!(back.session_id, "sess-1");
         assert_eq!(back.timing(), s.timing());
         assert!(back.is_usable(now));
-        assert_eq!(back.window_opens_us(), s.window_opens_us());
+        assert_eq!(back.window_opens(), s.window_opens());
     }
 }
