@@ -21,6 +21,11 @@ import sys
 IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
+def starts_token(text, i):
+    """Whether a token can start at `i` (nothing of an identifier right before it)."""
+    return i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")
+
+
 def strip_comments_and_strings(text):
     """Blanks out comments, string and char literals, keeping newlines and offsets."""
     out = []
@@ -43,7 +48,7 @@ def strip_comments_and_strings(text):
                     j += 1
             out.append(re.sub(r"[^\n]", " ", text[i:j]))
             i = j
-        elif c == "r" and re.match(r'r#*"', text[i:i + 20]) and (i == 0 or not text[i - 1].isalnum() and text[i - 1] != "_"):
+        elif c == "r" and re.match(r'r#*"', text[i:i + 20]) and starts_token(text, i - 1 if i and text[i - 1] == "b" else i):
             m = re.match(r'r(#*)"', text[i:])
             end = '"' + m.group(1)
             j = text.find(end, i + len(m.group(0)))
@@ -156,13 +161,19 @@ class Crate:
         for module, path in self.files.items():
             text = strip_comments_and_strings(open(path, encoding="utf-8").read())
             self.texts[module] = text if with_tests else drop_test_code(text)
-        # What each module's `use` items bind: name -> absolute path (re-exports included).
+        # What each module's `use` items bind: name -> absolute path (re-exports included),
+        # and the modules it glob-imports (`use super::*`).
         self.bindings = {m: {} for m in self.files}
+        self.globs = {m: [] for m in self.files}
         for module, text in self.texts.items():
             for m in re.finditer(r"\buse\s+([^;]*);", text):
                 for path, name in expand_use_tree(m.group(1)):
                     absolute = self.absolute(module, path)
-                    if absolute is not None and name is not None:
+                    if absolute is None:
+                        continue
+                    if name is None:
+                        self.globs[module].append(absolute)
+                    else:
                         self.bindings[module][name] = absolute
 
     def children(self, module):
@@ -215,7 +226,26 @@ class Crate:
             child = "|".join(re.escape(c) for c in children)
             for m in re.finditer(r"(?<![:\w])((?:" + child + r")(?:\s*::\s*" + IDENT + r")+)", text):
                 paths.append(re.sub(r"\s+", "", m.group(1)))
+        # Names that stand for a path here: what `use` bound, and what a glob import brought
+        # (the glob target's child modules and its own bindings).
+        named = dict(self.bindings[module])
+        for target in self.globs[module]:
+            t = tuple(target)
+            for c in self.children(t) if t in self.files else []:
+                named.setdefault(c, list(target) + [c])
+            for name, absolute in self.bindings.get(t, {}).items():
+                named.setdefault(name, absolute)
+        absolute_paths = []
+        if named:
+            alt = "|".join(re.escape(n) for n in sorted(named, key=len, reverse=True))
+            for m in re.finditer(r"(?<![:\w])(" + alt + r")((?:\s*::\s*" + IDENT + r")+)", text):
+                rest = re.sub(r"\s+", "", m.group(2)).split("::")[1:]
+                absolute_paths.append(named[m.group(1)] + rest)
         found = set()
+        for absolute in absolute_paths:
+            target = self.resolve(absolute)
+            if target is not None and target != module:
+                found.add(target)
         for p in paths:
             absolute = self.absolute(module, p)
             if absolute is None:

@@ -58,9 +58,9 @@ impl FleetState {
                 self.note_staleness(r);
                 self.apply_marker(r, snap.rejected.as_ref());
                 let yielded = self.yielded_until.is_some_and(|t| Instant::now() < t);
-                match lease_step(readable, r.held_back(), yielded, self.fence.is_some()) {
+                match lease_step(readable, r.held_back(), yielded, self.owns_lease()) {
                     LeaseStep::Shun => {
-                        if self.fence.is_some() {
+                        if self.owns_lease() {
                             store.release(&tenant).await;
                             self.set_owner(r, None);
                         }

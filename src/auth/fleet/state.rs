@@ -16,9 +16,7 @@ use super::store::FleetStore;
 use crate::auth::clock::OffsetBounds;
 use crate::auth::plan::Planned;
 use crate::auth::renewer::Renewer;
-use crate::auth::time::unix_secs;
-use crate::auth::time::unix_us;
-use crate::config::OnStoreError;
+use crate::auth::time::{unix_secs, unix_us};
 use crate::redis_pool::Failure;
 use crate::sealing::OpenError;
 
@@ -37,7 +35,7 @@ pub(in crate::auth) struct Heartbeat {
 pub(in crate::auth) struct FleetState {
     pub(super) store: Arc<FleetStore>,
     /// Fence of the lease this replica holds.
-    pub(super) fence: Option<u64>,
+    fence: Option<u64>,
     /// Highest record generation seen or written.
     pub(super) last_generation: u64,
     /// `(generation, fence)` of the record whose session is published here.
@@ -114,6 +112,11 @@ impl FleetState {
             writer_offset: None,
             lease_lines: (Instant::now(), 0),
         }
+    }
+
+    /// Whether this replica holds the lease now (a fence from its last acquire).
+    pub(super) fn owns_lease(&self) -> bool {
+        self.fence.is_some()
     }
 
     /// When the renewal loop wakes next for a plan due at `at_us`: not before the fleet's
@@ -277,6 +280,7 @@ impl FleetState {
         let lost = Arc::new(AtomicBool::new(false));
         let flag = lost.clone();
         let period = store.settings.lease_ttl / 3;
+        // In the renewal task's span (its tenant).
         let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
@@ -286,7 +290,6 @@ impl FleetState {
                     return;
                 }
             }
-        // In the renewal task's span (its tenant).
         }.in_current_span());
         Some(Heartbeat { task, lost })
     }
@@ -310,10 +313,7 @@ impl FleetState {
         }
         self.store_up = false;
         self.set_owner(r, None);
-        match mode {
-            Some(OnStoreError::Wait) => Role::Waiting,
-            _ => Role::Alone,
-        }
+        super::role::on_store_error(self.store.settings.on_store_error)
     }
 
     /// A record was read: adopt it if it is readable, usable and not the one published here.
