@@ -103,9 +103,7 @@ impl EgressMetrics {
     /// series created at 0.
     pub fn register(registry: &Registry) -> Self {
         let m = EgressMetrics::unregistered();
-        registry
-            .register(Box::new(m.errors.clone()))
-            .expect("each metric is registered once in a fresh registry");
+        crate::registry::register_all(registry, [Box::new(m.errors.clone()) as _]);
         m
     }
 

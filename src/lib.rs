@@ -21,6 +21,7 @@ pub mod names;
 pub mod policy;
 pub mod proxy;
 pub mod redis_pool;
+pub mod registry;
 pub mod request_path;
 pub mod sealing;
 pub mod secret;

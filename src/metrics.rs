@@ -11,7 +11,7 @@
 //!
 //! The README's metrics table lists the same names; keep them in step.
 
-use prometheus::{Encoder, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::auth::fleet::FleetMetrics;
 use crate::auth::metrics::AuthMetrics;
@@ -81,15 +81,14 @@ impl Metrics {
             "Audit lines dropped since start because the audit output could not keep up",
         )
         .expect("static metric definition is valid");
-        for c in [
-            Box::new(requests_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(build_info.clone()),
-            Box::new(audit_dropped.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("each metric is registered once in a fresh registry");
-        }
+        crate::registry::register_all(
+            &registry,
+            [
+                Box::new(requests_in_flight.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(build_info.clone()),
+                Box::new(audit_dropped.clone()),
+            ],
+        );
         Metrics {
             registry,
             tls,
@@ -114,10 +113,7 @@ impl Metrics {
 
     /// The text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
-        let mut buf = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metric families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        buf
+        crate::registry::text(&self.registry)
     }
 }
 

@@ -141,15 +141,14 @@ impl AuthMetrics {
             "Estimated offset of FinHub's clock from the sidecar's (positive: FinHub ahead), from its Date headers",
         )
         .expect("static metric definition is valid");
-        for c in [
-            Box::new(expiration.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(requests.clone()),
-            Box::new(clock_offset.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("each metric is registered once in a fresh registry");
-        }
+        crate::registry::register_all(
+            registry,
+            [
+                Box::new(expiration.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(requests.clone()),
+                Box::new(clock_offset.clone()),
+            ],
+        );
         AuthMetrics {
             expiration,
             requests,
@@ -191,14 +190,7 @@ mod tests {
     use super::*;
 
     fn render(registry: &Registry) -> String {
-        let mut text = Vec::new();
-        prometheus::Encoder::encode(
-            &prometheus::TextEncoder::new(),
-            &registry.gather(),
-            &mut text,
-        )
-        .unwrap();
-        String::from_utf8(text).unwrap()
+        String::from_utf8(crate::registry::text(registry)).unwrap()
     }
 
     #[test]

@@ -69,15 +69,14 @@ impl ListenerMetrics {
         .expect("static metric definition is valid");
         let open = IntGauge::new("finhub_sidecar_app_connections", "App connections open now")
             .expect("static metric definition is valid");
-        for c in [
-            Box::new(refusals.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(evictions.clone()),
-            Box::new(open.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("each metric is registered once in a fresh registry");
-        }
+        crate::registry::register_all(
+            registry,
+            [
+                Box::new(refusals.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(evictions.clone()),
+                Box::new(open.clone()),
+            ],
+        );
         ListenerMetrics {
             refusals: Refusal::ALL.map(|r| refusals.with_label_values(&[r.as_str()])),
             evictions,
@@ -110,14 +109,7 @@ mod tests {
         let registry = Registry::new();
         let m = ListenerMetrics::register(&registry);
         m.refused(Refusal::HeaderTooLarge);
-        let mut text = Vec::new();
-        prometheus::Encoder::encode(
-            &prometheus::TextEncoder::new(),
-            &registry.gather(),
-            &mut text,
-        )
-        .unwrap();
-        let text = String::from_utf8(text).unwrap();
+        let text = String::from_utf8(crate::registry::text(&registry)).unwrap();
         for line in [
             r#"finhub_sidecar_listener_refusals_total{reason="header_too_large"} 1"#,
             r#"finhub_sidecar_listener_refusals_total{reason="client_not_allowed"} 0"#,

@@ -165,16 +165,15 @@ impl RateLimitMetrics {
             "Pooled Redis connections held (each checked with PING every second)",
         )
         .expect("static metric definition is valid");
-        for c in [
-            Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(redis_errors.clone()),
-            Box::new(redis_call_duration.clone()),
-            Box::new(redis_connections.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("each metric is registered once in a fresh registry");
-        }
+        crate::registry::register_all(
+            registry,
+            [
+                Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(redis_errors.clone()),
+                Box::new(redis_call_duration.clone()),
+                Box::new(redis_connections.clone()),
+            ],
+        );
         RateLimitMetrics {
             decisions,
             redis_errors,

@@ -198,11 +198,7 @@ impl ProxyMetrics {
             budget_exhausted,
             give_ups,
         };
-        for c in m.collectors() {
-            registry
-                .register(c)
-                .expect("each metric is registered once in a fresh registry");
-        }
+        crate::registry::register_all(registry, m.collectors());
         m
     }
 

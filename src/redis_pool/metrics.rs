@@ -71,15 +71,14 @@ impl RedisPoolMetrics {
             &["pool"],
         )
         .expect("static metric definition is valid");
-        for c in [
-            Box::new(primary.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(failovers.clone()),
-            Box::new(fallback_seconds.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("each metric is registered once in a fresh registry");
-        }
+        crate::registry::register_all(
+            registry,
+            [
+                Box::new(primary.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(failovers.clone()),
+                Box::new(fallback_seconds.clone()),
+            ],
+        );
         RedisPoolMetrics {
             primary,
             failovers,

@@ -50,14 +50,13 @@ impl TraceMetrics {
             "Spans the OTLP collector accepted",
         )
         .expect("static metric definition is valid");
-        for c in [
-            Box::new(dropped.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(exported.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("each metric is registered once in a fresh registry");
-        }
+        crate::registry::register_all(
+            registry,
+            [
+                Box::new(dropped.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(exported.clone()),
+            ],
+        );
         TraceMetrics { dropped, exported }
     }
 

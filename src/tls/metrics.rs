@@ -119,16 +119,15 @@ impl TlsMetrics {
             &["kind"],
         )
         .expect("static metric definition is valid");
-        for c in [
-            Box::new(expiration.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(reloads.clone()),
-            Box::new(last_reload.clone()),
-            Box::new(errors.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("each metric is registered once in a fresh registry");
-        }
+        crate::registry::register_all(
+            registry,
+            [
+                Box::new(expiration.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(reloads.clone()),
+                Box::new(last_reload.clone()),
+                Box::new(errors.clone()),
+            ],
+        );
         // Expose every series from the start, so a scrape shows 0 rather than nothing.
         for result in ReloadResult::ALL {
             reloads.with_label_values(&[result.as_str()]);
@@ -183,14 +182,7 @@ mod tests {
         let registry = Registry::new();
         let m = TlsMetrics::register(&registry);
         m.reload(ReloadResult::Published);
-        let mut text = Vec::new();
-        prometheus::Encoder::encode(
-            &prometheus::TextEncoder::new(),
-            &registry.gather(),
-            &mut text,
-        )
-        .unwrap();
-        let text = String::from_utf8(text).unwrap();
+        let text = String::from_utf8(crate::registry::text(&registry)).unwrap();
         for line in [
             r#"finhub_sidecar_cert_reloads_total{result="published"} 1"#,
             r#"finhub_sidecar_cert_reloads_total{result="rejected"} 0"#,

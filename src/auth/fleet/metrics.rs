@@ -167,19 +167,18 @@ impl FleetMetrics {
             &["key_id"],
         )
         .expect("static metric definition is valid");
-        for c in [
-            Box::new(store_up.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(store_errors.clone()),
-            Box::new(store_connections.clone()),
-            Box::new(lease_owner.clone()),
-            Box::new(source.clone()),
-            Box::new(adopted.clone()),
-            Box::new(decrypt_errors.clone()),
-        ] {
-            registry
-                .register(c)
-                .expect("each metric is registered once in a fresh registry");
-        }
+        crate::registry::register_all(
+            registry,
+            [
+                Box::new(store_up.clone()) as Box<dyn prometheus::core::Collector>,
+                Box::new(store_errors.clone()),
+                Box::new(store_connections.clone()),
+                Box::new(lease_owner.clone()),
+                Box::new(source.clone()),
+                Box::new(adopted.clone()),
+                Box::new(decrypt_errors.clone()),
+            ],
+        );
         FleetMetrics {
             store_up,
             store_errors,
@@ -274,14 +273,7 @@ mod tests {
     use super::*;
 
     fn render(registry: &Registry) -> String {
-        let mut text = Vec::new();
-        prometheus::Encoder::encode(
-            &prometheus::TextEncoder::new(),
-            &registry.gather(),
-            &mut text,
-        )
-        .unwrap();
-        String::from_utf8(text).unwrap()
+        String::from_utf8(crate::registry::text(registry)).unwrap()
     }
 
     #[test]
