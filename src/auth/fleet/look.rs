@@ -13,7 +13,7 @@ use super::state::FleetState;
 use crate::auth::coordination::Turn;
 use crate::auth::plan::{window_surely_open, Planned, Step};
 use crate::auth::renewer::Renewer;
-use crate::auth::time::{unix_us, us};
+use crate::auth::time::{unix_us, us, Local};
 
 /// While waiting for the owner's renewal after a 401, the record is read this often.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
@@ -114,10 +114,10 @@ impl FleetState {
         {
             // Taking over: plan from the session as it is.
             *next = match &usable {
-                Some(s) => r.plan_for(s, now_us),
+                Some(s) => r.plan_for(s, Local::from_micros(now_us)),
                 None => Planned {
                     step: Step::Login,
-                    at_us: now_us,
+                    at: Local::from_micros(now_us),
                 },
             };
         }
@@ -129,8 +129,8 @@ impl FleetState {
             // its plan left the followers no grace ([`Renewer::plan_for`]); an earlier one
             // does (a backoff is not shortened: no failures).
             if let Some(s) = &usable {
-                let p = r.plan_for(s, now_us);
-                if p.step == next.step && p.at_us < next.at_us {
+                let p = r.plan_for(s, Local::from_micros(now_us));
+                if p.step == next.step && p.at < next.at {
                     *next = p;
                 }
             }
@@ -189,7 +189,7 @@ impl FleetState {
             usable: usable.is_some(),
             forced,
             renew_requested,
-            next_at_us: next.at_us,
+            next_at_us: next.at.micros(),
             takeover_us: owners.map_or(i64::MAX, |o| o.1),
             now_us,
             ..self.facts(r)
@@ -198,7 +198,7 @@ impl FleetState {
             Decision::Renew => Turn::Renew,
             Decision::Wait { plan_at_us } => {
                 if let Some(at) = plan_at_us {
-                    next.at_us = at;
+                    next.at = Local::from_micros(at);
                 }
                 Turn::Wait
             }
@@ -211,7 +211,7 @@ impl FleetState {
                 r.failures = 0;
                 self.role = Some(Role::Follower);
                 self.yielded_until = Some(Instant::now() + store.settings.poll_interval * 3);
-                next.at_us = self.next_look_us;
+                next.at = Local::from_micros(self.next_look_us);
                 self.show(r);
                 Turn::Wait
             }
@@ -257,7 +257,7 @@ impl FleetState {
     /// Looks again shortly for the owner's renewal of a refused session.
     fn await_owner(&mut self, next: &mut Planned, now_us: i64) -> Turn {
         self.next_look_us = now_us + us(FOLLOW_POLL);
-        next.at_us = self.next_look_us;
+        next.at = Local::from_micros(self.next_look_us);
         Turn::Wait
     }
 

@@ -82,10 +82,11 @@ pub(super) fn follower_takeover_us(
     backoff_us: i64,
 ) -> i64 {
     let owners_at =
-        if planned.step == Step::Refresh && planned.at_us < opens_us && opens_us <= latest_us {
+        if planned.step == Step::Refresh && planned.at.micros() < opens_us && opens_us <= latest_us
+        {
             opens_us
         } else {
-            planned.at_us
+            planned.at.micros()
         };
     takeover_at(owners_at, latest_us, grace_us)
         .max(backoff_us)
@@ -298,6 +299,7 @@ pub(super) enum Role {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::time::Local;
 
     #[test]
     fn an_owner_that_lost_its_fence_mid_renewal_keeps_the_result_to_itself() {
@@ -449,9 +451,9 @@ mod tests {
     #[test]
     fn the_takeover_point_gives_the_owner_its_grace_and_the_fleets_backoff_within_the_last_moment()
     {
-        let refresh = |at_us| Planned {
+        let refresh = |at| Planned {
             step: Step::Refresh,
-            at_us,
+            at: Local::from_micros(at),
         };
         // The owner's plan at 1 s, the follower's last moment 1.1 s: the grace (80 ms).
         assert_eq!(
@@ -471,7 +473,7 @@ mod tests {
         // A login plan is taken as it is.
         let login = Planned {
             step: Step::Login,
-            at_us: 500_000,
+            at: Local::from_micros(500_000),
         };
         assert_eq!(
             follower_takeover_us(login, 900_000, 3_000_000, 80_000, 0),

@@ -16,7 +16,7 @@ use super::store::FleetStore;
 use crate::auth::clock::OffsetBounds;
 use crate::auth::plan::Planned;
 use crate::auth::renewer::Renewer;
-use crate::auth::time::{unix_secs, unix_us};
+use crate::auth::time::{unix_secs, unix_us, Local};
 use crate::redis_pool::Failure;
 use crate::sealing::OpenError;
 
@@ -119,10 +119,11 @@ impl FleetState {
         self.fence.is_some()
     }
 
-    /// When the renewal loop wakes next for a plan due at `at_us`: not before the fleet's
+    /// When the renewal loop wakes next for a plan due at `at`: not before the fleet's
     /// backoff (as of the last look), and never after the next look.
-    pub(in crate::auth) fn wake_us(&self, at_us: i64) -> i64 {
-        at_us.max(self.hold_until_us).min(self.next_look_us)
+    pub(in crate::auth) fn wake(&self, at: Local) -> Local {
+        at.max(Local::from_micros(self.hold_until_us))
+            .min(Local::from_micros(self.next_look_us))
     }
 
     pub(super) fn set_source(&mut self, r: &Renewer, source: Source) {
@@ -239,9 +240,9 @@ impl FleetState {
                 && m.fingerprint == self.store.credentials_fingerprint(&r.slot.tenant)
         });
         let fingerprint = r.client.credentials_fingerprint(&r.slot.tenant);
-        let own_until = r.rejected.map_or(0, |(_, until)| until);
+        let own_until = r.rejected.map_or(0, |(_, until)| until.micros());
         let was = r.fleet_rejected;
-        r.fleet_rejected = hold.map(|m| (fingerprint, m.until_us));
+        r.fleet_rejected = hold.map(|m| (fingerprint, Local::from_micros(m.until_us)));
         if let Some(m) = hold {
             if was.is_none() && m.until_us > own_until {
                 tracing::warn!(
@@ -259,10 +260,10 @@ impl FleetState {
     pub(super) async fn give_way_rejected(&mut self, r: &mut Renewer) {
         let store = self.store.clone();
         let tenant = r.tenant_id.clone();
-        if let Some((_, until_us)) = r.rejected_now() {
+        if let Some((_, until)) = r.rejected_now() {
             let marker = Marker {
                 fingerprint: store.credentials_fingerprint(&r.slot.tenant),
-                until_us,
+                until_us: until.micros(),
                 rejections: r.rejections,
             };
             let _ = store.mark_rejected(&tenant, &marker).await;
@@ -375,7 +376,7 @@ impl FleetState {
                 r.slot.publish(session);
                 self.set_source(r, Source::Shared);
                 if let Some(s) = r.slot.current() {
-                    *next = r.plan_for(&s, unix_us(now));
+                    *next = r.plan_for(&s, Local::from_system(now));
                 }
                 true
             }
@@ -412,7 +413,7 @@ impl FleetState {
         if g == self.generation_before {
             if owner && r.failures > 0 {
                 let b = Backoff {
-                    until_us: next.at_us,
+                    until_us: next.at.micros(),
                     failures: r.failures,
                     generation: self.last_generation,
                 };
