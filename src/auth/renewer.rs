@@ -18,7 +18,7 @@ use super::plan::{
 };
 use super::session::FinHubSession;
 use super::slot::SessionSlot;
-use super::time::{unix_secs, unix_us, us, Local};
+use super::time::{unix_secs, us, Local};
 use crate::config::AuthConfig;
 use crate::telemetry::BackgroundSpan;
 
@@ -43,7 +43,7 @@ fn lead_for(rtt_us: i64) -> i64 {
 
 /// Smoothed auth round trip: rises at once, decays slowly.
 pub(super) fn next_rtt(rtt_us: i64, sent: SystemTime, received: SystemTime) -> i64 {
-    let last = unix_us(received) - unix_us(sent);
+    let last = Local::from_system(received).since(Local::from_system(sent));
     if last >= rtt_us {
         last
     } else {
@@ -174,8 +174,10 @@ impl Renewer {
         now: SystemTime,
     ) -> Option<Duration> {
         let s = current.filter(|s| s.is_usable(now))?;
-        let latest = s.usable_until(now).micros() - self.lead_us();
-        Some(Duration::from_micros((latest - unix_us(now)).max(0) as u64))
+        let latest = s.usable_until(now).minus_us(self.lead_us());
+        Some(Duration::from_micros(
+            latest.since(Local::from_system(now)).max(0) as u64,
+        ))
     }
 
     /// When the next forced renewal may start: spaced from the last one (the epoch if there

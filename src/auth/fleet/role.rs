@@ -249,7 +249,7 @@ fn own_renewal_at(planned: Local, latest: Local) -> Local {
 /// never sooner than `grace_us` after the owner's planned renewal (the owner's call, its
 /// write and the follower's read of the record: with short tokens half of the span can be a
 /// few ms, and a follower renewing the same token as the owner is a second refresh), and
-/// never after `latest_us`, its own last moment.
+/// never after `latest`, its own last moment.
 pub(super) fn takeover_at(planned: Local, latest: Local, grace_us: i64) -> Local {
     own_renewal_at(planned, latest)
         .max(planned.plus_us(grace_us))
