@@ -9,6 +9,7 @@ use std::sync::Arc;
 use super::fleet::{FleetState, FleetStore, Heartbeat};
 use super::plan::Planned;
 use super::renewer::Renewer;
+use super::time::Local;
 
 /// What the renewal loop does after a look at the other replicas.
 #[derive(Debug, PartialEq, Eq)]
@@ -43,11 +44,11 @@ impl Coordination {
         }
     }
 
-    /// When the loop wakes next for a plan due at `at_us` (a fleet also wakes to look).
-    pub(super) fn wake_us(&self, at_us: i64) -> i64 {
+    /// When the loop wakes next for a plan due at `at` (a fleet also wakes to look).
+    pub(super) fn wake(&self, at: Local) -> Local {
         match self {
-            Coordination::Solo => at_us,
-            Coordination::Fleet(f) => f.wake_us(at_us),
+            Coordination::Solo => at,
+            Coordination::Fleet(f) => f.wake(at),
         }
     }
 

@@ -39,12 +39,11 @@ pub(super) enum Step {
     Refresh,
 }
 
-/// A renewal step and when to take it (our clock, µs: the renewal loop's and the fleet's
-/// boundary, where instants are still bare `i64`).
+/// A renewal step and when to take it (on our clock).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Planned {
     pub(super) step: Step,
-    pub(super) at_us: i64,
+    pub(super) at: Local,
 }
 
 /// Plans the renewal of a session with times `t`, given FinHub's clock offset `offset`:
@@ -78,7 +77,7 @@ pub(super) fn plan(
     let tail = ((1.0 - refresh_at) * l as f64).round() as i64;
     let login = |at: Local| Planned {
         step: Step::Login,
-        at_us: at.max(not_before).micros(),
+        at: at.max(not_before),
     };
     if !refreshable {
         // At `refresh_at` on the earliest reading of FinHub's clock, and at least 3 % of the
@@ -111,7 +110,7 @@ pub(super) fn plan(
     } else {
         Planned {
             step: Step::Refresh,
-            at_us: at.micros(),
+            at,
         }
     }
 }
@@ -286,10 +285,10 @@ mod tests {
         let p = plan(t, off, 0.92, 50_000, true, Local::from_micros(0));
         assert_eq!(p.step, Step::Refresh);
         // 92 % of 1800 s on FinHub's clock = 1656 s; 5 s later on ours.
-        assert_eq!(p.at_us, BASE + 1656 * S + 5 * S);
+        assert_eq!(p.at.micros(), BASE + 1656 * S + 5 * S);
         // Without the key: a login at the same point.
         let p = plan(t, off, 0.92, 50_000, false, Local::from_micros(0));
-        assert_eq!((p.step, p.at_us), (Step::Login, BASE + 1661 * S));
+        assert_eq!((p.step, p.at.micros()), (Step::Login, BASE + 1661 * S));
     }
 
     #[test]
@@ -303,11 +302,11 @@ mod tests {
         let p = plan(t, off, 0.5, 30_000, true, Local::from_micros(0));
         assert_eq!(p.step, Step::Refresh);
         // The window opens at 5.4 s on FinHub's clock; surely open at 5.45 s on ours.
-        assert_eq!(p.at_us, BASE + 5_450_000);
+        assert_eq!(p.at.micros(), BASE + 5_450_000);
         // And 0.99 is clamped to the last moment a refresh still lands in time.
         let p = plan(t, off, 0.99, 30_000, true, Local::from_micros(0));
         let latest = BASE + 6 * S - 50_000 - 120_000 - 30_000;
-        assert_eq!(p.at_us, latest);
+        assert_eq!(p.at.micros(), latest);
     }
 
     #[test]
@@ -320,9 +319,9 @@ mod tests {
         assert_eq!(p.step, Step::Refresh);
         let step = 600_000 - 120_000 - lead;
         let surely_open = BASE + 5_400_000;
-        assert_eq!((surely_open - p.at_us) % step, 0);
+        assert_eq!((surely_open - p.at.micros()) % step, 0);
         // "Not refreshed" at p: the offset is below opens - p; the next plan is feasible.
-        let hi = BASE + 5_400_000 - p.at_us;
+        let hi = BASE + 5_400_000 - p.at.micros();
         let next = plan(
             t,
             OffsetBounds {
@@ -332,11 +331,11 @@ mod tests {
             0.92,
             lead,
             true,
-            Local::from_micros(p.at_us + 20_000),
+            Local::from_micros(p.at.micros() + 20_000),
         );
         assert_eq!(next.step, Step::Refresh);
-        assert!(next.at_us > p.at_us);
-        assert!(next.at_us <= BASE + 6 * S - hi - 120_000 - lead);
+        assert!(next.at.micros() > p.at.micros());
+        assert!(next.at.micros() <= BASE + 6 * S - hi - 120_000 - lead);
     }
 
     #[test]
@@ -349,7 +348,7 @@ mod tests {
         // Asked not before the last moment a renewal lands in time: login at once.
         let late = BASE + 6 * S;
         let p = plan(t, off, 0.92, 30_000, true, Local::from_micros(late));
-        assert_eq!((p.step, p.at_us), (Step::Login, late));
+        assert_eq!((p.step, p.at.micros()), (Step::Login, late));
         // Opaque token on our clock, no key: login at refresh_at.
         let t = Timing {
             expiry: Expiry::Local(Local::from_micros(BASE + 100 * S)),
@@ -358,7 +357,7 @@ mod tests {
             at_most: Local::MAX,
         };
         let p = plan(t, off, 0.92, 30_000, false, Local::from_micros(0));
-        assert_eq!((p.step, p.at_us), (Step::Login, BASE + 92 * S));
+        assert_eq!((p.step, p.at.micros()), (Step::Login, BASE + 92 * S));
     }
 
     #[test]
@@ -488,7 +487,7 @@ mod tests {
         );
         let p = plan(t, clock.bounds(), 0.92, 30_000, true, Local::from_micros(0));
         assert_eq!(p.step, Step::Refresh);
-        assert!(p.at_us < BASE + 7 * S - 140_000 - 30_000, "{p:?}");
+        assert!(p.at.micros() < BASE + 7 * S - 140_000 - 30_000, "{p:?}");
         // "Not refreshed": 1 s left at 7.2 s. The counts intersect: the end is within
         // [8.2 s, 8.01 s] ∩ … = it narrows, it does not move past the first count's end.
         s.note_remaining(Duration::from_secs(0), at(7_200_000), at(7_210_000));
@@ -539,7 +538,7 @@ mod tests {
                     Step::Refresh,
                     "offset {offset}: logged in after {early} early answers"
                 );
-                let sent = p.at_us - BASE;
+                let sent = p.at.micros() - BASE;
                 let finhub = BASE + sent + rtt / 2 + offset;
                 let exp = s.finhub_expiry().map(FinHubTime::micros).unwrap();
                 assert!(finhub < exp, "the refresh reached FinHub after exp");

@@ -15,7 +15,7 @@ use super::metrics::AuthMetrics;
 use super::plan::{can_refresh, forced_spacing, Planned, Step};
 use super::renewer::Renewer;
 use super::slot::SessionSlot;
-use super::time::{unix_us, us};
+use super::time::Local;
 use crate::config::AuthConfig;
 
 /// Keeps `slot`'s session alive until the process ends or logout begins. This task is the
@@ -52,24 +52,27 @@ async fn run(mut r: Renewer, mut coord: Coordination) {
     let mut ending = r.slot.ending_watch();
     let mut next = Planned {
         step: Step::Login,
-        at_us: unix_us(SystemTime::now()),
+        at: Local::now(),
     };
     coord.start(&mut r).await;
     loop {
-        r.slot.set_next_attempt(next.at_us);
+        r.slot.set_next_attempt(next.at.micros());
         let backing_off = r.failures > 0 || r.rejected_now().is_some();
-        r.slot.set_forced_earliest(if backing_off {
-            // Forced renewals wait for the backoff.
-            next.at_us
-        } else {
-            r.forced_earliest_us()
-        });
+        r.slot.set_forced_earliest(
+            if backing_off {
+                // Forced renewals wait for the backoff.
+                next.at
+            } else {
+                r.forced_earliest()
+            }
+            .micros(),
+        );
         // With a shared store, also wake to look at it.
-        let wake_us = coord.wake_us(next.at_us);
+        let wake = coord.wake(next.at);
         if sleep_until(
             &r.slot,
             &mut ending,
-            wake_us,
+            wake,
             backing_off,
             r.last_forced.map(|t| t + forced_spacing(r.forced_streak)),
         )
@@ -96,16 +99,16 @@ async fn run(mut r: Renewer, mut coord: Coordination) {
             // session it brings are answered at once (see `SessionSlot::newer_than`),
             // those refused before it wait for it (`renewing`).
             r.slot.set_renewing(true);
-            r.slot.set_forced_earliest(r.forced_earliest_us());
+            r.slot.set_forced_earliest(r.forced_earliest().micros());
         }
         let now = SystemTime::now();
         if let Some((fingerprint, until)) = r.rejected_now() {
-            if unix_us(now) < until
+            if Local::from_system(now) < until
                 && r.client.credentials_fingerprint(&r.slot.tenant) == fingerprint
             {
                 // Same credentials as the rejected ones: keep waiting (looking again
                 // every recovery step for a rotated secret).
-                next.at_us = until.min(unix_us(now) + us(r.auth.recovery_interval));
+                next.at = until.min(Local::from_system(now) + r.auth.recovery_interval);
                 r.slot.set_renewing(false);
                 continue;
             }
@@ -152,20 +155,19 @@ enum Wake {
     End,
 }
 
-/// Sleeps until `at_us` (our clock), a forced renewal (unless `backing_off`: a backoff is
+/// Sleeps until `at`, a forced renewal (unless `backing_off`: a backoff is
 /// never shortened, so rejected credentials are not hammered; a forced renewal waits until
 /// `forced_earliest`, see [`forced_spacing`]), or the end.
 async fn sleep_until(
     slot: &SessionSlot,
     ending: &mut watch::Receiver<bool>,
-    at_us: i64,
+    at: Local,
     backing_off: bool,
     forced_earliest: Option<Instant>,
 ) -> Wake {
     // Plans are at most a lifetime (a day) away; the cap only keeps `Instant` arithmetic sane.
     let wait =
-        Duration::from_micros(at_us.saturating_sub(unix_us(SystemTime::now())).max(0) as u64)
-            .min(2 * grant::MAX_LIFETIME);
+        Duration::from_micros(at.since(Local::now()).max(0) as u64).min(2 * grant::MAX_LIFETIME);
     let mut deadline = Instant::now() + wait;
     loop {
         tokio::select! {

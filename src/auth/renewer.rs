@@ -18,7 +18,7 @@ use super::plan::{
 };
 use super::session::FinHubSession;
 use super::slot::SessionSlot;
-use super::time::{unix_secs, unix_us, us, Local};
+use super::time::{unix_secs, us, Local};
 use crate::config::AuthConfig;
 use crate::telemetry::BackgroundSpan;
 
@@ -43,7 +43,7 @@ fn lead_for(rtt_us: i64) -> i64 {
 
 /// Smoothed auth round trip: rises at once, decays slowly.
 pub(super) fn next_rtt(rtt_us: i64, sent: SystemTime, received: SystemTime) -> i64 {
-    let last = unix_us(received) - unix_us(sent);
+    let last = Local::from_system(received).since(Local::from_system(sent));
     if last >= rtt_us {
         last
     } else {
@@ -62,8 +62,8 @@ pub(super) struct Renewer {
     pub(super) failures: u32,
     /// Rejected logins in a row.
     pub(super) rejections: u32,
-    /// After a rejected login: the credentials' fingerprint and the earliest retry (µs).
-    pub(super) rejected: Option<(u64, i64)>,
+    /// After a rejected login: the credentials' fingerprint and the earliest retry.
+    pub(super) rejected: Option<(u64, Local)>,
     /// "Not refreshed" answers for the current session.
     pub(super) early: u32,
     /// Smoothed auth round trip, µs.
@@ -76,7 +76,7 @@ pub(super) struct Renewer {
     pub(super) lease_held: bool,
     /// The fleet's rejected-credentials marker as of the last look that read the store (kept
     /// by the fleet coordination): this replica's credentials' fingerprint and the retry time.
-    pub(super) fleet_rejected: Option<(u64, i64)>,
+    pub(super) fleet_rejected: Option<(u64, Local)>,
     /// Whether the last failed auth call failed on this replica's own path (connect, TLS,
     /// egress, no answer) rather than with an answer from FinHub.
     pub(super) last_failure_local: bool,
@@ -118,11 +118,11 @@ impl Renewer {
         lead_for(self.rtt_us)
     }
 
-    /// When to renew `s` (and how), not before `not_before_us`. A shared session's lease
+    /// When to renew `s` (and how), not before `not_before`. A shared session's lease
     /// owner plans its renewal to land the owner's grace earlier than alone
     /// ([`owner_grace_us`]): the followers take a renewal over only after that
     /// grace, before their own last moment, so the owner must leave it to them.
-    pub(super) fn plan_for(&self, s: &FinHubSession, not_before_us: i64) -> Planned {
+    pub(super) fn plan_for(&self, s: &FinHubSession, not_before: Local) -> Planned {
         let refreshable = can_refresh(self.client.rules().refresh_supported, s, SystemTime::now());
         let lead = if self.lease_held {
             self.lead_us().saturating_add(owner_grace_us(s.validity))
@@ -135,7 +135,7 @@ impl Renewer {
             self.auth.refresh_at,
             lead,
             refreshable,
-            Local::from_micros(not_before_us),
+            not_before,
         );
         if p.step == Step::Refresh && self.early >= MAX_EARLY_REFRESHES {
             // FinHub keeps saying "not yet": log in before the token becomes unusable.
@@ -145,7 +145,7 @@ impl Renewer {
                 self.auth.refresh_at,
                 lead,
                 false,
-                Local::from_micros(not_before_us),
+                not_before,
             );
         }
         p
@@ -174,16 +174,19 @@ impl Renewer {
         now: SystemTime,
     ) -> Option<Duration> {
         let s = current.filter(|s| s.is_usable(now))?;
-        let latest = s.usable_until(now).micros() - self.lead_us();
-        Some(Duration::from_micros((latest - unix_us(now)).max(0) as u64))
+        let latest = s.usable_until(now).minus_us(self.lead_us());
+        Some(Duration::from_micros(
+            latest.since(Local::from_system(now)).max(0) as u64,
+        ))
     }
 
-    /// When the next forced renewal may start (µs, our clock): spaced from the last one.
-    pub(super) fn forced_earliest_us(&self) -> i64 {
-        self.last_forced.map_or(0, |t| {
+    /// When the next forced renewal may start: spaced from the last one (the epoch if there
+    /// was none).
+    pub(super) fn forced_earliest(&self) -> Local {
+        self.last_forced.map_or(Local::from_micros(0), |t| {
             let wait =
                 (t + forced_spacing(self.forced_streak)).saturating_duration_since(Instant::now());
-            unix_us(SystemTime::now()).saturating_add(us(wait))
+            Local::now() + wait
         })
     }
 
@@ -194,7 +197,7 @@ impl Renewer {
     /// The credentials FinHub rejected and until when they are not tried again: this
     /// replica's own rejected login, or the fleet's marker as of the last look, whichever
     /// ends later.
-    pub(super) fn rejected_now(&self) -> Option<(u64, i64)> {
+    pub(super) fn rejected_now(&self) -> Option<(u64, Local)> {
         match (self.rejected, self.fleet_rejected) {
             (Some(own), Some(m)) => Some(if m.1 > own.1 { m } else { own }),
             (own, m) => own.or(m),
@@ -204,9 +207,9 @@ impl Renewer {
     /// Whether this replica holds credentials FinHub rejected ([`Renewer::rejected_now`]) and
     /// may not try them yet.
     pub(super) fn held_back(&self) -> bool {
-        let now_us = unix_us(SystemTime::now());
+        let now = Local::now();
         self.rejected_now().is_some_and(|(fingerprint, until)| {
-            until > now_us && fingerprint == self.client.credentials_fingerprint(&self.slot.tenant)
+            until > now && fingerprint == self.client.credentials_fingerprint(&self.slot.tenant)
         })
     }
 
@@ -254,10 +257,10 @@ impl Renewer {
                 self.failures = 0;
                 self.slot.record(result, true);
                 let min_step = (us(s.validity) / 200).max(20_000);
-                let p = self.plan_for(s, unix_us(now) + min_step);
+                let p = self.plan_for(s, Local::from_system(now).plus_us(min_step));
                 tracing::debug!(
                     next = ?p.step,
-                    in_ms = (p.at_us - unix_us(now)) / 1000,
+                    in_ms = p.at.since(Local::from_system(now)) / 1000,
                     "FinHub kept the current token (its refresh window had not opened)"
                 );
                 Some(p)
@@ -289,16 +292,16 @@ impl Renewer {
             Err(e) => {
                 let usable_for = self.usable_for(Some(s), now);
                 let wait = self.failed(AuthCall::Refresh, result, &e, usable_for);
-                let at = unix_us(now) + us(wait);
+                let at = Local::from_system(now) + wait;
                 Some(match usable_for {
                     Some(left) if wait <= left => Planned {
                         step: Step::Refresh,
-                        at_us: at,
+                        at,
                     },
                     // No refresh can land in time any more: log in instead.
                     _ => Planned {
                         step: Step::Login,
-                        at_us: at,
+                        at,
                     },
                 })
             }
@@ -332,7 +335,7 @@ impl Renewer {
                 self.slot.record(result, false);
                 self.rejections = self.rejections.saturating_add(1);
                 let wait = rejected_wait(self.rejections);
-                let until = unix_us(now) + us(wait);
+                let until = Local::from_system(now) + wait;
                 self.rejected = Some((
                     self.client.credentials_fingerprint(&self.slot.tenant),
                     until,
@@ -344,7 +347,7 @@ impl Renewer {
                 );
                 Planned {
                     step: Step::Login,
-                    at_us: until.min(unix_us(now) + us(self.auth.recovery_interval)),
+                    at: until.min(Local::from_system(now) + self.auth.recovery_interval),
                 }
             }
             Err(e) => {
@@ -352,7 +355,7 @@ impl Renewer {
                 let wait = self.failed(AuthCall::Login, result, &e, usable_for);
                 Planned {
                     step: Step::Login,
-                    at_us: unix_us(now) + us(wait),
+                    at: Local::from_system(now) + wait,
                 }
             }
         }
@@ -408,16 +411,15 @@ impl Renewer {
         // Requests refused on the new session no longer wait for this renewal.
         self.slot.set_renewing(false);
         self.slot.publish(s);
-        let now_us = unix_us(SystemTime::now());
+        let now = Local::now();
         match self.slot.current() {
             Some(s) => {
-                let due = self.plan_for(&s, now_us);
+                let due = self.plan_for(&s, now);
                 let latest = s.usable_until(SystemTime::now()).minus_us(self.lead_us());
-                let now = Local::from_micros(now_us);
-                let floor = renewal_not_before(now, s.validity, 0, latest).micros();
+                let floor = renewal_not_before(now, s.validity, 0, latest);
                 // A token whose renewal is due on arrival (odd claims, a clock far off): space
                 // the renewals out, more each time it happens again.
-                self.hot = if due.at_us < floor {
+                self.hot = if due.at < floor {
                     self.hot.saturating_add(1)
                 } else {
                     0
@@ -429,13 +431,12 @@ impl Renewer {
                     );
                 }
                 let not_before =
-                    renewal_not_before(now, s.validity, self.hot.saturating_sub(1), latest)
-                        .micros();
+                    renewal_not_before(now, s.validity, self.hot.saturating_sub(1), latest);
                 self.plan_for(&s, not_before)
             }
             None => Planned {
                 step: Step::Login,
-                at_us: now_us,
+                at: now,
             },
         }
     }

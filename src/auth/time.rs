@@ -3,10 +3,10 @@
 //! through the estimate of FinHub's offset ([`super::clock::OffsetBounds`]): there is no
 //! `From` between them. Arithmetic saturates (FinHub's claims can be absurd) and never panics.
 //!
-//! Code that still keeps instants as bare `i64` (`_us` names: the renewal loop, the fleet
-//! store) crosses into these types with [`Local::from_micros`] / [`Local::micros`] and the
-//! helpers at the end of this file, the one place where `SystemTime`, `Duration` and those
-//! numbers are converted.
+//! Code that still keeps instants as bare `i64` (`_us` names: the fleet's Redis record, the
+//! slot's atomics) crosses into these types with [`Local::from_micros`] / [`Local::micros`]
+//! and the helpers at the end of this file, the one place where `SystemTime`, `Duration` and
+//! those numbers are converted.
 
 use std::ops::{Add, Sub};
 use std::sync::atomic::{AtomicI64, Ordering};

@@ -6,14 +6,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::record::Lease;
 use super::role::{
-    decide, follower_takeover_us, lease_step, owner_grace_us, Decision, LeaseStep, Look, Role,
-    Source,
+    decide, follower_takeover, lease_step, owner_grace_us, Decision, LeaseStep, Look, Role, Source,
 };
 use super::state::FleetState;
 use crate::auth::coordination::Turn;
 use crate::auth::plan::{window_surely_open, Planned, Step};
 use crate::auth::renewer::Renewer;
-use crate::auth::time::{unix_us, us};
+use crate::auth::time::{us, Local};
 
 /// While waiting for the owner's renewal after a 401, the record is read this often.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
@@ -29,9 +28,8 @@ impl FleetState {
         }
         let tenant = r.tenant_id.clone();
         let store = self.store.clone();
-        let now_us = unix_us(SystemTime::now());
-        self.next_look_us = now_us + us(store.settings.poll_interval);
-        self.hold_until_us = 0;
+        self.next_look = Local::now() + store.settings.poll_interval;
+        self.hold_until = Local::from_micros(0);
         let mut renew_requested = None;
         let mut backoff = None;
         let role = match store.snapshot(&tenant).await {
@@ -97,14 +95,14 @@ impl FleetState {
             }
         };
         let now = SystemTime::now();
-        let now_us = unix_us(now);
+        let now_local = Local::from_system(now);
         let usable = r.slot.usable(now);
         let previous = self.role;
         self.role = Some(role);
         if role == Role::Owner {
             // Extend the lease well before it ends.
-            let extend = now_us + us(store.settings.lease_ttl) / 3;
-            self.next_look_us = self.next_look_us.min(extend);
+            let extend = now_local.plus_us(us(store.settings.lease_ttl) / 3);
+            self.next_look = self.next_look.min(extend);
         }
         self.show(r);
         let acts = matches!(role, Role::Owner | Role::Alone);
@@ -114,10 +112,10 @@ impl FleetState {
         {
             // Taking over: plan from the session as it is.
             *next = match &usable {
-                Some(s) => r.plan_for(s, now_us),
+                Some(s) => r.plan_for(s, now_local),
                 None => Planned {
                     step: Step::Login,
-                    at_us: now_us,
+                    at: now_local,
                 },
             };
         }
@@ -129,8 +127,8 @@ impl FleetState {
             // its plan left the followers no grace ([`Renewer::plan_for`]); an earlier one
             // does (a backoff is not shortened: no failures).
             if let Some(s) = &usable {
-                let p = r.plan_for(s, now_us);
-                if p.step == next.step && p.at_us < next.at_us {
+                let p = r.plan_for(s, now_local);
+                if p.step == next.step && p.at < next.at {
                     *next = p;
                 }
             }
@@ -139,12 +137,12 @@ impl FleetState {
             // The fleet's backoff (an earlier owner's failures): FinHub asked the fleet, not
             // one replica, to slow down. Held for this look only, and never past the moment
             // this replica's own session must be renewed.
-            let mut until = b.until_us;
+            let mut until = Local::from_micros(b.until_us);
             if let Some(left) = r.usable_for(usable.as_deref(), now) {
-                until = until.min(now_us + us(left));
+                until = until.min(now_local + left);
             }
             r.failures = r.failures.max(b.failures);
-            self.hold_until_us = until;
+            self.hold_until = until;
         }
         let forced = r.slot.forced_pending();
         if role == Role::Owner && usable.is_some() && self.source == Source::Local {
@@ -169,18 +167,17 @@ impl FleetState {
                 let planned = r.owner_plan(s, self.writer_offset);
                 let latest = r
                     .usable_for(Some(s), now)
-                    .map_or(now_us, |l| now_us + us(l));
+                    .map_or(now_local, |l| now_local + l);
                 let opens = window_surely_open(
                     s.timing(),
                     self.writer_offset.unwrap_or_else(|| s.clock.bounds()),
-                )
-                .micros();
-                let at = follower_takeover_us(
+                );
+                let at = follower_takeover(
                     planned,
                     opens,
                     latest,
                     owner_grace_us(s.validity),
-                    backoff.map_or(0, |b| b.until_us),
+                    backoff.map_or(Local::from_micros(0), |b| Local::from_micros(b.until_us)),
                 );
                 (planned, at)
             });
@@ -189,16 +186,16 @@ impl FleetState {
             usable: usable.is_some(),
             forced,
             renew_requested,
-            next_at_us: next.at_us,
-            takeover_us: owners.map_or(i64::MAX, |o| o.1),
-            now_us,
+            next_at: next.at,
+            takeover: owners.map_or(Local::MAX, |o| o.1),
+            now: now_local,
             ..self.facts(r)
         };
         match decide(&look) {
             Decision::Renew => Turn::Renew,
-            Decision::Wait { plan_at_us } => {
-                if let Some(at) = plan_at_us {
-                    next.at_us = at;
+            Decision::Wait { plan_at } => {
+                if let Some(at) = plan_at {
+                    next.at = at;
                 }
                 Turn::Wait
             }
@@ -211,7 +208,7 @@ impl FleetState {
                 r.failures = 0;
                 self.role = Some(Role::Follower);
                 self.yielded_until = Some(Instant::now() + store.settings.poll_interval * 3);
-                next.at_us = self.next_look_us;
+                next.at = self.next_look;
                 self.show(r);
                 Turn::Wait
             }
@@ -239,9 +236,9 @@ impl FleetState {
                 if !ok {
                     return Turn::Renew;
                 }
-                self.await_owner(next, now_us)
+                self.await_owner(next, now_local)
             }
-            Decision::AwaitOwner => self.await_owner(next, now_us),
+            Decision::AwaitOwner => self.await_owner(next, now_local),
             Decision::TakeOver => {
                 let generation = self.adopted.map(|a| a.0);
                 self.renewed_alone = generation;
@@ -255,9 +252,9 @@ impl FleetState {
     }
 
     /// Looks again shortly for the owner's renewal of a refused session.
-    fn await_owner(&mut self, next: &mut Planned, now_us: i64) -> Turn {
-        self.next_look_us = now_us + us(FOLLOW_POLL);
-        next.at_us = self.next_look_us;
+    fn await_owner(&mut self, next: &mut Planned, now: Local) -> Turn {
+        self.next_look = now + FOLLOW_POLL;
+        next.at = self.next_look;
         Turn::Wait
     }
 
@@ -277,15 +274,15 @@ impl FleetState {
             adopted: generation,
             forced_allowed: r.forced_allowed(),
             held_back: r.held_back(),
-            next_at_us: 0,
-            hold_until_us: self.hold_until_us,
-            next_look_us: self.next_look_us,
+            next_at: Local::from_micros(0),
+            hold_until: self.hold_until,
+            next_look: self.next_look,
             asked: self
                 .asked
                 .map(|(since, g)| (g, since.elapsed() >= self.store.settings.follow_timeout)),
             renewed_alone: self.renewed_alone.is_some() && self.renewed_alone == generation,
-            takeover_us: i64::MAX,
-            now_us: 0,
+            takeover: Local::MAX,
+            now: Local::from_micros(0),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::record::{Lease, RenewRequest};
 use crate::auth::plan::{Planned, Step};
-use crate::auth::time::us;
+use crate::auth::time::{us, Local};
 use crate::config::OnStoreError;
 
 /// The shortest grace a follower gives the owner's planned renewal ([`owner_grace_us`]).
@@ -68,31 +68,30 @@ pub(super) fn stranded(stale_for: Option<Duration>, patience: Duration, backoff:
 }
 
 /// When a follower holding the shared session renews it itself: `planned` is the owner's plan
-/// as the follower works it out, `opens_us` where FinHub's window surely opens, `latest_us`
-/// the follower's last moment to renew in time, `grace_us` the owner's grace, `backoff_us`
-/// the fleet's backoff (0: none). An owner whose plan is an early probe ("not refreshed"
+/// as the follower works it out, `opens` where FinHub's window surely opens, `latest` the
+/// follower's last moment to renew in time, `grace_us` the owner's grace, `backoff` the
+/// fleet's backoff (the epoch: none). An owner whose plan is an early probe ("not refreshed"
 /// answers are not shared) refreshes at the latest where the window surely opens: when that
 /// is still in time here, it is the owner's renewal point. The fleet's backoff may delay the
-/// takeover, never past `latest_us`.
-pub(super) fn follower_takeover_us(
+/// takeover, never past `latest`.
+pub(super) fn follower_takeover(
     planned: Planned,
-    opens_us: i64,
-    latest_us: i64,
+    opens: Local,
+    latest: Local,
     grace_us: i64,
-    backoff_us: i64,
-) -> i64 {
-    let owners_at =
-        if planned.step == Step::Refresh && planned.at_us < opens_us && opens_us <= latest_us {
-            opens_us
-        } else {
-            planned.at_us
-        };
-    takeover_at(owners_at, latest_us, grace_us)
-        .max(backoff_us)
-        .min(latest_us)
+    backoff: Local,
+) -> Local {
+    let owners_at = if planned.step == Step::Refresh && planned.at < opens && opens <= latest {
+        opens
+    } else {
+        planned.at
+    };
+    takeover_at(owners_at, latest, grace_us)
+        .max(backoff)
+        .min(latest)
 }
 
-/// What a look found, as plain values (times on our clock, µs): the input of [`decide`].
+/// What a look found, as plain values (times on our clock): the input of [`decide`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Look {
     /// This replica's role after the lease step.
@@ -115,19 +114,19 @@ pub(super) struct Look {
     pub(super) forced_allowed: bool,
     /// Credentials FinHub rejected, not to be tried yet.
     pub(super) held_back: bool,
-    /// The renewal plan, the fleet's backoff (0: none) and the next look.
-    pub(super) next_at_us: i64,
-    pub(super) hold_until_us: i64,
-    pub(super) next_look_us: i64,
+    /// The renewal plan, the fleet's backoff (the epoch: none) and the next look.
+    pub(super) next_at: Local,
+    pub(super) hold_until: Local,
+    pub(super) next_look: Local,
     /// A follower's request to the owner: the generation asked for, and whether
     /// `follow_timeout` has passed since.
     pub(super) asked: Option<(u64, bool)>,
     /// A follower renewed the adopted generation on its own already.
     pub(super) renewed_alone: bool,
     /// When a follower with a usable shared session takes its renewal over
-    /// ([`follower_takeover_us`]).
-    pub(super) takeover_us: i64,
-    pub(super) now_us: i64,
+    /// ([`follower_takeover`]).
+    pub(super) takeover: Local,
+    pub(super) now: Local,
 }
 
 /// What this replica does after a look.
@@ -135,8 +134,8 @@ pub(super) struct Look {
 pub(super) enum Decision {
     /// Renew now (the plan is due, or a renewal was forced).
     Renew,
-    /// Nothing to do now; `plan_at_us`: the plan moves there (`None`: it stays).
-    Wait { plan_at_us: Option<i64> },
+    /// Nothing to do now; `plan_at`: the plan moves there (`None`: it stays).
+    Wait { plan_at: Option<Local> },
     /// Owner without a session after repeated failures on its own path (connect, TLS,
     /// egress): give the lease to another replica for a turn.
     Yield,
@@ -158,9 +157,9 @@ pub(super) enum Decision {
 /// once, renew when due and not held by the fleet's backoff. Alone: renew when due. Waiting:
 /// nothing until the next look. Follower: on a refusal ask the owner and wait for it up to
 /// `follow_timeout`; with its own session (from an outage) renew when due; with the shared
-/// session take over once the owner is late ([`follower_takeover_us`]); else wait.
+/// session take over once the owner is late ([`follower_takeover`]); else wait.
 pub(super) fn decide(l: &Look) -> Decision {
-    let now = l.now_us;
+    let now = l.now;
     match l.role {
         Role::Owner => {
             if !l.usable && l.failures >= YIELD_AFTER_FAILURES && l.last_failure_local {
@@ -173,21 +172,21 @@ pub(super) fn decide(l: &Look) -> Decision {
                     return Decision::Honour(r);
                 }
             }
-            if l.forced || now >= l.next_at_us.max(l.hold_until_us) {
+            if l.forced || now >= l.next_at.max(l.hold_until) {
                 Decision::Renew
             } else {
-                Decision::Wait { plan_at_us: None }
+                Decision::Wait { plan_at: None }
             }
         }
         Role::Alone => {
-            if l.forced || now >= l.next_at_us {
+            if l.forced || now >= l.next_at {
                 Decision::Renew
             } else {
-                Decision::Wait { plan_at_us: None }
+                Decision::Wait { plan_at: None }
             }
         }
         Role::Waiting => Decision::Wait {
-            plan_at_us: Some(l.next_look_us),
+            plan_at: Some(l.next_look),
         },
         Role::Follower => {
             if l.forced {
@@ -200,61 +199,61 @@ pub(super) fn decide(l: &Look) -> Decision {
             }
             if l.source == Source::Local && l.usable {
                 // Our own session (from an outage), no shared one yet: keep it renewed.
-                return if now >= l.next_at_us {
+                return if now >= l.next_at {
                     Decision::Renew
                 } else {
-                    Decision::Wait { plan_at_us: None }
+                    Decision::Wait { plan_at: None }
                 };
             }
             if !l.usable {
                 return Decision::Wait {
-                    plan_at_us: Some(l.next_look_us),
+                    plan_at: Some(l.next_look),
                 };
             }
             if l.renewed_alone {
                 // Renewed on its own already and got no new token ("not refreshed" or a
                 // failure): its own plan from that answer, as for one replica.
-                return if now >= l.next_at_us && !l.held_back {
+                return if now >= l.next_at && !l.held_back {
                     Decision::Renew
                 } else {
-                    Decision::Wait { plan_at_us: None }
+                    Decision::Wait { plan_at: None }
                 };
             }
-            if now >= l.takeover_us && !l.held_back {
+            if now >= l.takeover && !l.held_back {
                 Decision::TakeOver
             } else {
                 Decision::Wait {
-                    plan_at_us: Some(l.takeover_us.min(l.next_look_us)),
+                    plan_at: Some(l.takeover.min(l.next_look)),
                 }
             }
         }
     }
 }
 
-/// Whether a readable, usable shared session obtained at `obtained_us` may replace the current
-/// one: it must be newer than every shared session seen (`newest_us`), unless the current one
-/// is unusable anyway.
-pub(super) fn adoptable(obtained_us: i64, newest_us: i64, current_usable: bool) -> bool {
-    obtained_us > newest_us || !current_usable
+/// Whether a readable, usable shared session obtained at `obtained` may replace the current
+/// one: it must be newer than every shared session seen (`newest`), unless the current one is
+/// unusable anyway.
+pub(super) fn adoptable(obtained: Local, newest: Local, current_usable: bool) -> bool {
+    obtained > newest || !current_usable
 }
 
 /// When a follower whose session came from the store renews it on its own: the owner's
-/// renewal was planned at `planned_us` and the token can be renewed in time until
-/// `latest_us`; half of the time between is the owner's (its renewal and a poll to see it),
+/// renewal was planned at `planned` and the token can be renewed in time until `latest`;
+/// half of the time between is the owner's (its renewal and a poll to see it),
 /// the rest the follower's, so that it still renews before its token becomes unusable.
-fn own_renewal_at(planned_us: i64, latest_us: i64) -> i64 {
-    planned_us + (latest_us - planned_us).max(0) / 2
+fn own_renewal_at(planned: Local, latest: Local) -> Local {
+    planned.plus_us(latest.since(planned).max(0) / 2)
 }
 
 /// When a follower takes the renewal of the shared session over ([`own_renewal_at`]), but
 /// never sooner than `grace_us` after the owner's planned renewal (the owner's call, its
 /// write and the follower's read of the record: with short tokens half of the span can be a
 /// few ms, and a follower renewing the same token as the owner is a second refresh), and
-/// never after `latest_us`, its own last moment.
-pub(super) fn takeover_at(planned_us: i64, latest_us: i64, grace_us: i64) -> i64 {
-    own_renewal_at(planned_us, latest_us)
-        .max(planned_us.saturating_add(grace_us))
-        .min(latest_us.max(planned_us))
+/// never after `latest`, its own last moment.
+pub(super) fn takeover_at(planned: Local, latest: Local, grace_us: i64) -> Local {
+    own_renewal_at(planned, latest)
+        .max(planned.plus_us(grace_us))
+        .min(latest.max(planned))
 }
 
 /// The owner's grace before a follower takes a renewal over ([`takeover_at`]): a fiftieth
@@ -299,6 +298,11 @@ pub(super) enum Role {
 mod tests {
     use super::*;
 
+    /// The instant `us` µs after the epoch.
+    fn t(us: i64) -> Local {
+        Local::from_micros(us)
+    }
+
     #[test]
     fn an_owner_that_lost_its_fence_mid_renewal_keeps_the_result_to_itself() {
         assert!(
@@ -318,32 +322,41 @@ mod tests {
     #[test]
     fn an_older_record_is_adopted_only_when_the_current_session_is_unusable() {
         // A replayed record, or one a failover restored: older than what was seen.
-        assert!(!adoptable(1_000, 2_000, true));
-        assert!(!adoptable(2_000, 2_000, true));
-        assert!(adoptable(3_000, 2_000, true));
+        assert!(!adoptable(t(1_000), t(2_000), true));
+        assert!(!adoptable(t(2_000), t(2_000), true));
+        assert!(adoptable(t(3_000), t(2_000), true));
         // Nothing usable here: an older but usable session beats none.
-        assert!(adoptable(1_000, 2_000, false));
+        assert!(adoptable(t(1_000), t(2_000), false));
     }
 
     #[test]
     fn a_follower_renews_on_its_own_halfway_between_the_owners_plan_and_its_last_moment() {
-        assert_eq!(own_renewal_at(1_000, 2_000), 1_500);
-        assert_eq!(own_renewal_at(1_000, 1_000), 1_000);
+        assert_eq!(own_renewal_at(t(1_000), t(2_000)), t(1_500));
+        assert_eq!(own_renewal_at(t(1_000), t(1_000)), t(1_000));
         // Already past the last moment: at once.
-        assert_eq!(own_renewal_at(1_000, 500), 1_000);
+        assert_eq!(own_renewal_at(t(1_000), t(500)), t(1_000));
     }
 
     #[test]
     fn a_follower_gives_the_owners_plan_a_grace_before_taking_over_but_never_past_its_last_moment()
     {
         // A wide span: halfway, as before.
-        assert_eq!(takeover_at(1_000_000, 3_000_000, 80_000), 2_000_000);
+        assert_eq!(
+            takeover_at(t(1_000_000), t(3_000_000), 80_000),
+            t(2_000_000)
+        );
         // A narrow one (4 s tokens, a 0.4 s window): the grace, not a few ms after the plan.
-        assert_eq!(takeover_at(1_000_000, 1_100_000, 80_000), 1_080_000);
+        assert_eq!(
+            takeover_at(t(1_000_000), t(1_100_000), 80_000),
+            t(1_080_000)
+        );
         // Never after its own last moment...
-        assert_eq!(takeover_at(1_000_000, 1_030_000, 80_000), 1_030_000);
+        assert_eq!(
+            takeover_at(t(1_000_000), t(1_030_000), 80_000),
+            t(1_030_000)
+        );
         // ...and a plan already past it stays the plan (the caller caps it).
-        assert_eq!(takeover_at(1_000_000, 900_000, 80_000), 1_000_000);
+        assert_eq!(takeover_at(t(1_000_000), t(900_000), 80_000), t(1_000_000));
         assert_eq!(owner_grace_us(Duration::from_secs(4)), 80_000);
         assert_eq!(owner_grace_us(Duration::from_secs(1)), 50_000);
         assert_eq!(owner_grace_us(Duration::from_secs(3600)), 72_000_000);
@@ -363,13 +376,13 @@ mod tests {
             adopted: Some(4),
             forced_allowed: true,
             held_back: false,
-            next_at_us: 12_000_000,
-            hold_until_us: 0,
-            next_look_us: 11_000_000,
+            next_at: t(12_000_000),
+            hold_until: t(0),
+            next_look: t(11_000_000),
             asked: None,
             renewed_alone: false,
-            takeover_us: 13_000_000,
-            now_us: 10_000_000,
+            takeover: t(13_000_000),
+            now: t(10_000_000),
         }
     }
 
@@ -386,22 +399,22 @@ mod tests {
         assert_eq!(
             decide(&follower()),
             Decision::Wait {
-                plan_at_us: Some(11_000_000)
+                plan_at: Some(t(11_000_000))
             }
         );
         let soon = Look {
-            takeover_us: 10_500_000,
+            takeover: t(10_500_000),
             ..follower()
         };
         assert_eq!(
             decide(&soon),
             Decision::Wait {
-                plan_at_us: Some(10_500_000)
+                plan_at: Some(t(10_500_000))
             }
         );
         // Past it: take over, unless this replica's credentials are held back.
         let late = Look {
-            now_us: 13_000_000,
+            now: t(13_000_000),
             ..follower()
         };
         assert_eq!(decide(&late), Decision::TakeOver);
@@ -411,7 +424,7 @@ mod tests {
                 ..late
             }),
             Decision::Wait {
-                plan_at_us: Some(11_000_000)
+                plan_at: Some(t(11_000_000))
             }
         );
         // Renewed alone already: its own plan from then on, not a takeover per look.
@@ -422,10 +435,10 @@ mod tests {
         assert_eq!(decide(&tried), Decision::Renew);
         assert_eq!(
             decide(&Look {
-                now_us: 11_500_000,
+                now: t(11_500_000),
                 ..tried
             }),
-            Decision::Wait { plan_at_us: None }
+            Decision::Wait { plan_at: None }
         );
         // No usable session: only the next look.
         assert_eq!(
@@ -434,13 +447,13 @@ mod tests {
                 ..late
             }),
             Decision::Wait {
-                plan_at_us: Some(11_000_000)
+                plan_at: Some(t(11_000_000))
             }
         );
         // Its own session (from an outage), not a shared one: renewed at its plan.
         let local = Look {
             source: Source::Local,
-            now_us: 12_000_000,
+            now: t(12_000_000),
             ..follower()
         };
         assert_eq!(decide(&local), Decision::Renew);
@@ -449,33 +462,33 @@ mod tests {
     #[test]
     fn the_takeover_point_gives_the_owner_its_grace_and_the_fleets_backoff_within_the_last_moment()
     {
-        let refresh = |at_us| Planned {
+        let refresh = |at| Planned {
             step: Step::Refresh,
-            at_us,
+            at: t(at),
         };
         // The owner's plan at 1 s, the follower's last moment 1.1 s: the grace (80 ms).
         assert_eq!(
-            follower_takeover_us(refresh(1_000_000), 0, 1_100_000, 80_000, 0),
-            1_080_000
+            follower_takeover(refresh(1_000_000), t(0), t(1_100_000), 80_000, t(0)),
+            t(1_080_000)
         );
         // The fleet's backoff delays it, never past the last moment.
         assert_eq!(
-            follower_takeover_us(refresh(1_000_000), 0, 1_100_000, 80_000, 5_000_000),
-            1_100_000
+            follower_takeover(refresh(1_000_000), t(0), t(1_100_000), 80_000, t(5_000_000)),
+            t(1_100_000)
         );
         // An owner's early probe: its renewal point is where the window surely opens.
         assert_eq!(
-            follower_takeover_us(refresh(500_000), 900_000, 3_000_000, 80_000, 0),
-            1_950_000
+            follower_takeover(refresh(500_000), t(900_000), t(3_000_000), 80_000, t(0)),
+            t(1_950_000)
         );
         // A login plan is taken as it is.
         let login = Planned {
             step: Step::Login,
-            at_us: 500_000,
+            at: t(500_000),
         };
         assert_eq!(
-            follower_takeover_us(login, 900_000, 3_000_000, 80_000, 0),
-            1_750_000
+            follower_takeover(login, t(900_000), t(3_000_000), 80_000, t(0)),
+            t(1_750_000)
         );
     }
 
@@ -494,14 +507,14 @@ mod tests {
                 last_failure_local: false,
                 ..stuck
             }),
-            Decision::Wait { plan_at_us: None }
+            Decision::Wait { plan_at: None }
         );
         assert_eq!(
             decide(&Look {
                 failures: 2,
                 ..stuck
             }),
-            Decision::Wait { plan_at_us: None }
+            Decision::Wait { plan_at: None }
         );
         // With a usable session it keeps the lease.
         assert_eq!(
@@ -509,7 +522,7 @@ mod tests {
                 usable: true,
                 ..stuck
             }),
-            Decision::Wait { plan_at_us: None }
+            Decision::Wait { plan_at: None }
         );
     }
 
@@ -538,15 +551,15 @@ mod tests {
                 ..asked
             },
         ] {
-            assert_eq!(decide(&not), Decision::Wait { plan_at_us: None }, "{not:?}");
+            assert_eq!(decide(&not), Decision::Wait { plan_at: None }, "{not:?}");
         }
         // Due, but the fleet's backoff holds until 14 s; a forced renewal does not wait.
         let due = Look {
-            now_us: 12_500_000,
-            hold_until_us: 14_000_000,
+            now: t(12_500_000),
+            hold_until: t(14_000_000),
             ..owner()
         };
-        assert_eq!(decide(&due), Decision::Wait { plan_at_us: None });
+        assert_eq!(decide(&due), Decision::Wait { plan_at: None });
         assert_eq!(
             decide(&Look {
                 forced: true,
@@ -556,7 +569,7 @@ mod tests {
         );
         assert_eq!(
             decide(&Look {
-                hold_until_us: 0,
+                hold_until: t(0),
                 ..due
             }),
             Decision::Renew
@@ -602,13 +615,13 @@ mod tests {
         let waiting = Look {
             role: Role::Waiting,
             forced: true,
-            now_us: 20_000_000,
+            now: t(20_000_000),
             ..follower()
         };
         assert_eq!(
             decide(&waiting),
             Decision::Wait {
-                plan_at_us: Some(11_000_000)
+                plan_at: Some(t(11_000_000))
             }
         );
         // Alone renews at its own plan, or when forced.
@@ -616,7 +629,7 @@ mod tests {
             role: Role::Alone,
             ..follower()
         };
-        assert_eq!(decide(&alone), Decision::Wait { plan_at_us: None });
+        assert_eq!(decide(&alone), Decision::Wait { plan_at: None });
         assert_eq!(
             decide(&Look {
                 forced: true,

@@ -16,7 +16,7 @@ use super::store::FleetStore;
 use crate::auth::clock::OffsetBounds;
 use crate::auth::plan::Planned;
 use crate::auth::renewer::Renewer;
-use crate::auth::time::{unix_secs, unix_us};
+use crate::auth::time::{unix_secs, Local};
 use crate::redis_pool::Failure;
 use crate::sealing::OpenError;
 
@@ -47,27 +47,27 @@ pub(in crate::auth) struct FleetState {
     pub(super) unreadable: Option<(String, u64)>,
     /// When this replica asked the owner to renew a refused session, and which generation.
     pub(super) asked: Option<(Instant, u64)>,
-    /// When to look at the store next (µs, our clock).
-    pub(super) next_look_us: i64,
+    /// When to look at the store next.
+    pub(super) next_look: Local,
     /// The slot's generation before the renewal step in progress.
     generation_before: u64,
     /// After giving the lease up (repeated failures), not taking it again before this.
     pub(super) yielded_until: Option<Instant>,
     /// Since when this replica has had no usable session (and no newer record came).
     pub(super) stale_since: Option<Instant>,
-    /// `obtained` (unix µs) of the newest shared session adopted or written: an older record
+    /// `obtained` of the newest shared session adopted or written: an older record
     /// (replayed, or restored by a failover that lost the last write) is not adopted while
     /// the current session is usable.
-    newest_obtained_us: i64,
+    newest_obtained: Local,
     /// Whether the fallback (or a corrupt lease) was logged since the last normal look.
     fallback_logged: bool,
     /// The highest fence of an authenticated record seen or written: a lease of this
     /// replica's with a lower one is replaced by a fresh fence
     /// ([`super::store::ACQUIRE_SCRIPT`]).
     pub(super) max_fence: u64,
-    /// Not renewing before this (µs, our clock): the fleet's backoff as of the last look
-    /// (re-derived at every look, 0 for none).
-    pub(super) hold_until_us: i64,
+    /// Not renewing before this: the fleet's backoff as of the last look (re-derived at
+    /// every look, the epoch for none).
+    pub(super) hold_until: Local,
     /// The last renewal request honoured (each is honoured once).
     pub(super) honoured: Option<RenewRequest>,
     /// Writes refused since the last log line about them, and when that was.
@@ -97,14 +97,14 @@ impl FleetState {
             store_up: true,
             unreadable: None,
             asked: None,
-            next_look_us: 0,
+            next_look: Local::from_micros(0),
             generation_before: 0,
             yielded_until: None,
             stale_since: None,
-            newest_obtained_us: 0,
+            newest_obtained: Local::from_micros(0),
             fallback_logged: false,
             max_fence: 0,
-            hold_until_us: 0,
+            hold_until: Local::from_micros(0),
             honoured: None,
             refused: 0,
             refused_logged: None,
@@ -119,10 +119,10 @@ impl FleetState {
         self.fence.is_some()
     }
 
-    /// When the renewal loop wakes next for a plan due at `at_us`: not before the fleet's
+    /// When the renewal loop wakes next for a plan due at `at`: not before the fleet's
     /// backoff (as of the last look), and never after the next look.
-    pub(in crate::auth) fn wake_us(&self, at_us: i64) -> i64 {
-        at_us.max(self.hold_until_us).min(self.next_look_us)
+    pub(in crate::auth) fn wake(&self, at: Local) -> Local {
+        at.max(self.hold_until).min(self.next_look)
     }
 
     pub(super) fn set_source(&mut self, r: &Renewer, source: Source) {
@@ -233,19 +233,19 @@ impl FleetState {
     /// authenticated, or not about this replica's credentials): re-derived at every look,
     /// never kept once the marker is gone.
     pub(super) fn apply_marker(&mut self, r: &mut Renewer, marker: Option<&Marker>) {
-        let now_us = unix_us(SystemTime::now());
+        let now = Local::now();
         let hold = marker.filter(|m| {
-            m.until_us > now_us
+            Local::from_micros(m.until_us) > now
                 && m.fingerprint == self.store.credentials_fingerprint(&r.slot.tenant)
         });
         let fingerprint = r.client.credentials_fingerprint(&r.slot.tenant);
-        let own_until = r.rejected.map_or(0, |(_, until)| until);
+        let own_until = r.rejected.map_or(Local::from_micros(0), |(_, until)| until);
         let was = r.fleet_rejected;
-        r.fleet_rejected = hold.map(|m| (fingerprint, m.until_us));
+        r.fleet_rejected = hold.map(|m| (fingerprint, Local::from_micros(m.until_us)));
         if let Some(m) = hold {
-            if was.is_none() && m.until_us > own_until {
+            if was.is_none() && Local::from_micros(m.until_us) > own_until {
                 tracing::warn!(
-                    retry_in_ms = (m.until_us - now_us) / 1000,
+                    retry_in_ms = Local::from_micros(m.until_us).since(now) / 1000,
                     "FinHub rejected another replica's login with the credentials this replica holds; not trying them before then (retried sooner if they change)"
                 );
             }
@@ -259,10 +259,10 @@ impl FleetState {
     pub(super) async fn give_way_rejected(&mut self, r: &mut Renewer) {
         let store = self.store.clone();
         let tenant = r.tenant_id.clone();
-        if let Some((_, until_us)) = r.rejected_now() {
+        if let Some((_, until)) = r.rejected_now() {
             let marker = Marker {
                 fingerprint: store.credentials_fingerprint(&r.slot.tenant),
-                until_us,
+                until_us: until.micros(),
                 rejections: r.rejections,
             };
             let _ = store.mark_rejected(&tenant, &marker).await;
@@ -341,14 +341,16 @@ impl FleetState {
                 if self.adopted == Some((generation, fence)) {
                     return true;
                 }
-                let newest = self.newest_obtained_us;
+                let newest = self.newest_obtained;
+                // The record's wire field (µs since the epoch on the writer's clock, taken as ours).
+                let obtained = Local::from_micros(payload.obtained_us);
                 let session = session_of(&payload, r.client.clock());
                 let now = SystemTime::now();
                 if !session.is_usable(now) {
                     return true;
                 }
                 let current_usable = r.slot.current().is_some_and(|c| c.is_usable(now));
-                if !adoptable(payload.obtained_us, newest, current_usable) {
+                if !adoptable(obtained, newest, current_usable) {
                     // Older than a shared session already seen (a replayed record, or a
                     // failover that lost the last write): the current one serves on.
                     tracing::warn!(generation, "the shared record holds an older session than one already seen; not adopted");
@@ -362,7 +364,7 @@ impl FleetState {
                     _ => None,
                 };
                 self.asked = None;
-                self.newest_obtained_us = self.newest_obtained_us.max(payload.obtained_us);
+                self.newest_obtained = self.newest_obtained.max(obtained);
                 tracing::info!(
                     generation,
                     lifetime_ms = session.lifetime().as_millis() as u64,
@@ -375,7 +377,7 @@ impl FleetState {
                 r.slot.publish(session);
                 self.set_source(r, Source::Shared);
                 if let Some(s) = r.slot.current() {
-                    *next = r.plan_for(&s, unix_us(now));
+                    *next = r.plan_for(&s, Local::from_system(now));
                 }
                 true
             }
@@ -412,7 +414,7 @@ impl FleetState {
         if g == self.generation_before {
             if owner && r.failures > 0 {
                 let b = Backoff {
-                    until_us: next.at_us,
+                    until_us: next.at.micros(),
                     failures: r.failures,
                     generation: self.last_generation,
                 };
@@ -442,7 +444,7 @@ impl FleetState {
                 self.refused = 0;
                 self.adopted = Some((generation, fence));
                 self.writer_offset = None;
-                self.newest_obtained_us = self.newest_obtained_us.max(unix_us(s.obtained_at));
+                self.newest_obtained = self.newest_obtained.max(Local::from_system(s.obtained_at));
                 self.set_source(r, Source::Shared);
                 tracing::debug!(generation, "shared session written");
             }
