@@ -56,17 +56,14 @@ async fn run(mut r: Renewer, mut coord: Coordination) {
     };
     coord.start(&mut r).await;
     loop {
-        r.slot.set_next_attempt(next.at.micros());
+        r.slot.set_next_attempt(next.at);
         let backing_off = r.failures > 0 || r.rejected_now().is_some();
-        r.slot.set_forced_earliest(
-            if backing_off {
-                // Forced renewals wait for the backoff.
-                next.at
-            } else {
-                r.forced_earliest()
-            }
-            .micros(),
-        );
+        r.slot.set_forced_earliest(if backing_off {
+            // Forced renewals wait for the backoff.
+            next.at
+        } else {
+            r.forced_earliest()
+        });
         // With a shared store, also wake to look at it.
         let wake = coord.wake(next.at);
         if sleep_until(
@@ -99,7 +96,7 @@ async fn run(mut r: Renewer, mut coord: Coordination) {
             // session it brings are answered at once (see `SessionSlot::newer_than`),
             // those refused before it wait for it (`renewing`).
             r.slot.set_renewing(true);
-            r.slot.set_forced_earliest(r.forced_earliest().micros());
+            r.slot.set_forced_earliest(r.forced_earliest());
         }
         let now = SystemTime::now();
         if let Some((fingerprint, until)) = r.rejected_now() {

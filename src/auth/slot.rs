@@ -1,7 +1,7 @@
 //! One tenant's session slot (the published session, renewal requests from the request path,
 //! the outcome for `/status`) and the table of all slots with FinHub's clock.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -13,7 +13,7 @@ use super::clock::ClockOffset;
 use super::fleet::FleetStatus;
 use super::metrics::AuthResult;
 use super::session::FinHubSession;
-use super::time::{unix_us, us};
+use super::time::{AtomicLocal, Local};
 use crate::config::{Config, TenantConfig};
 
 /// A request FinHub answered 401 is held for a renewal only if one can start within this;
@@ -35,11 +35,11 @@ pub struct SessionSlot {
     ending: watch::Sender<bool>,
     /// Held for each login/refresh call and by logout (so logout ends what was renewed last).
     flight: tokio::sync::Mutex<()>,
-    /// When the session task next calls FinHub (µs since the epoch, our clock; 0: unknown).
-    next_attempt_us: AtomicI64,
-    /// The earliest a forced renewal may start (µs since the epoch, our clock; 0: now), set by
-    /// the session task: forced renewals are spaced and wait for a running backoff.
-    forced_earliest_us: AtomicI64,
+    /// When the session task next calls FinHub (the epoch: unknown).
+    next_attempt: AtomicLocal,
+    /// The earliest a forced renewal may start (the epoch: now), set by the session task:
+    /// forced renewals are spaced and wait for a running backoff.
+    forced_earliest: AtomicLocal,
     /// Whether a login or refresh is in flight (its session will be published, or it failed).
     renewing: AtomicBool,
 }
@@ -68,8 +68,8 @@ impl SessionSlot {
             status: Mutex::new(TenantStatus::default()),
             ending: watch::Sender::new(false),
             flight: tokio::sync::Mutex::new(()),
-            next_attempt_us: AtomicI64::new(0),
-            forced_earliest_us: AtomicI64::new(0),
+            next_attempt: AtomicLocal::new(Local::from_micros(0)),
+            forced_earliest: AtomicLocal::new(Local::from_micros(0)),
             renewing: AtomicBool::new(false),
         }
     }
@@ -142,16 +142,15 @@ impl SessionSlot {
     /// Whether a renewal is in flight, or a forced one may start within `within` of `now`.
     fn renewal_starts_within(&self, within: Duration, now: SystemTime) -> bool {
         self.renewing.load(Ordering::SeqCst)
-            || self.forced_earliest_us.load(Ordering::SeqCst)
-                <= unix_us(now).saturating_add(us(within))
+            || self.forced_earliest.load() <= Local::from_system(now) + within
     }
 
     /// How long until the session task next calls FinHub (for an app's `Retry-After` while
     /// the tenant has no usable session); `None` when not known or ending.
     pub fn next_attempt_in(&self, now: SystemTime) -> Option<Duration> {
-        let at = self.next_attempt_us.load(Ordering::SeqCst);
-        (at != 0 && !self.is_ending())
-            .then(|| Duration::from_micros((at - unix_us(now)).max(0) as u64))
+        let at = self.next_attempt.load();
+        (at.micros() != 0 && !self.is_ending())
+            .then(|| Duration::from_micros(at.since(Local::from_system(now)).max(0) as u64))
     }
 
     /// Whether logout has begun (no renewal from then on).
@@ -221,14 +220,14 @@ impl SessionSlot {
         self.renewing.store(renewing, Ordering::SeqCst);
     }
 
-    /// When the renewal loop next calls FinHub (µs since the epoch, our clock).
-    pub(super) fn set_next_attempt(&self, at_us: i64) {
-        self.next_attempt_us.store(at_us, Ordering::SeqCst);
+    /// When the renewal loop next calls FinHub.
+    pub(super) fn set_next_attempt(&self, at: Local) {
+        self.next_attempt.store(at);
     }
 
-    /// The earliest a forced renewal may start (µs since the epoch, our clock; 0: now).
-    pub(super) fn set_forced_earliest(&self, at_us: i64) {
-        self.forced_earliest_us.store(at_us, Ordering::SeqCst);
+    /// The earliest a forced renewal may start (the epoch: now).
+    pub(super) fn set_forced_earliest(&self, at: Local) {
+        self.forced_earliest.store(at);
     }
 
     /// Shows the shared store's view of this tenant in `/status`.
