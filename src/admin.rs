@@ -37,10 +37,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::auth::time::{FinHubTime, Local};
 use crate::listener::LineState;
 use crate::state::AppState;
-use crate::tls::{unix_now, Availability};
+use crate::time::unix_now;
+use crate::time::{FinHubTime, Local};
+use crate::tls::Availability;
 
 /// Admin connections kept open; a new one beyond this closes one of the largest source's.
 pub const MAX_ADMIN_CONNECTIONS: usize = 256;

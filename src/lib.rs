@@ -29,6 +29,7 @@ pub mod server;
 pub mod state;
 pub mod supervise;
 pub mod telemetry;
+pub mod time;
 pub mod tls;
 pub mod trim;
 pub mod upstream;

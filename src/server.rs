@@ -26,8 +26,9 @@ use crate::proxy::FinHubProxy;
 use crate::state::AppState;
 use crate::supervise::supervise;
 use crate::telemetry::Telemetry;
+use crate::time::unix_now;
 use crate::tls::reload::Reloader;
-use crate::tls::{unix_now, TlsError, TlsFiles, TlsStore};
+use crate::tls::{TlsError, TlsFiles, TlsStore};
 use crate::upstream::UpstreamAddrs;
 
 /// Why the sidecar could not start.

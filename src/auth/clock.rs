@@ -31,7 +31,7 @@ use std::time::SystemTime;
 use http::HeaderValue;
 use prometheus::Gauge;
 
-use super::time::{FinHubTime, Local};
+use crate::time::{FinHubTime, Local};
 
 /// How fast an interval widens with age: 100 ppm (µs per second, each side).
 const DRIFT_US_PER_S: i64 = 100;
@@ -403,7 +403,7 @@ pub fn second_sample(second: FinHubTime, sent: Local, received: Local) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::time::from_unix_us;
+    use crate::time::from_unix_us;
 
     fn t(us: i64) -> SystemTime {
         from_unix_us(1_700_000_000_000_000 + us)

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::fleet::{FleetState, FleetStore, Heartbeat};
 use super::plan::Planned;
 use super::renewer::Renewer;
-use super::time::Local;
+use crate::time::Local;
 
 /// What the renewal loop does after a look at the other replicas.
 #[derive(Debug, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 use super::clock::{self, OffsetBounds};
 
 use super::grant::{self, Claims};
-use super::time::{us, FinHubTime, Local};
+use crate::time::{us, FinHubTime, Local};
 
 /// Lifetime assumed when FinHub states none (neither `exp` nor `expires_in`).
 const FALLBACK_LIFETIME: Duration = Duration::from_secs(300);
@@ -229,7 +229,7 @@ mod tests {
     use super::*;
     use crate::auth::clock::OffsetBounds;
     use crate::auth::session::tests::{at, BASE, S};
-    use crate::auth::time::{FinHubTime, Local};
+    use crate::time::{FinHubTime, Local};
 
     fn claims_of(exp: Option<i64>, iat: Option<i64>) -> Claims {
         Claims {

@@ -8,8 +8,8 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use super::time::FinHubTime;
 use crate::secret::Secret;
+use crate::time::FinHubTime;
 
 /// The longest session lifetime believed from FinHub's answers (docs say 1800–10000 s).
 pub const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);

@@ -35,7 +35,6 @@ mod renewer;
 mod session;
 mod shutdown;
 mod slot;
-pub mod time;
 
 pub use renew::run_tenant;
 pub use session::FinHubSession;

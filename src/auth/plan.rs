@@ -8,7 +8,7 @@ use super::clock::OffsetBounds;
 use super::expiry::Expiry;
 use super::grant;
 use super::session::{FinHubSession, Timing};
-use super::time::{us, Local};
+use crate::time::{us, Local};
 
 /// The longest `Retry-After` from the auth endpoint that is honoured.
 pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(15 * 60);
@@ -241,8 +241,8 @@ mod tests {
     use crate::auth::renewer::{next_rtt, MAX_EARLY_REFRESHES};
     use crate::auth::session::tests::{at, grant, issued, BASE, S};
     use crate::auth::session::{FinHubSession, Timing};
-    use crate::auth::time::{from_unix_us, unix_us, us, FinHubTime, Local};
     use crate::config::Environment;
+    use crate::time::{from_unix_us, unix_us, us, FinHubTime, Local};
     use http::HeaderValue;
 
     #[test]

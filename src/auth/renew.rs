@@ -15,8 +15,8 @@ use super::metrics::AuthMetrics;
 use super::plan::{can_refresh, forced_spacing, Planned, Step};
 use super::renewer::Renewer;
 use super::slot::SessionSlot;
-use super::time::Local;
 use crate::config::AuthConfig;
+use crate::time::Local;
 
 /// Keeps `slot`'s session alive until the process ends or logout begins. This task is the
 /// only place a tenant's login or refresh happens, so they are single-flight by construction.

@@ -18,9 +18,9 @@ use super::plan::{
 };
 use super::session::FinHubSession;
 use super::slot::SessionSlot;
-use super::time::{unix_secs, us, Local};
 use crate::config::AuthConfig;
 use crate::telemetry::BackgroundSpan;
+use crate::time::{unix_secs, us, Local};
 
 /// "Not refreshed, still valid" answers accepted for one session; then it is replaced by a
 /// login before it becomes unusable (FinHub's window is not where the sidecar thinks).

@@ -11,8 +11,8 @@ use super::clock::{ClockOffset, OffsetBounds};
 
 use super::expiry::{choose_expiry, read_claims, AtomicExpiry, Expiry, Reading};
 use super::grant::{Claims, Grant};
-use super::time::{us, AtomicLocal, FinHubTime, Local};
 use crate::secret::Secret;
+use crate::time::{us, AtomicLocal, FinHubTime, Local};
 
 /// A token with less than this left (or 2 % of its lifetime, if smaller) is treated as expired,
 /// so that it does not expire while a request is on the way.
@@ -326,8 +326,8 @@ pub(super) mod tests {
     use crate::auth::clock::ClockOffset;
     use crate::auth::grant::{self, Grant};
     use crate::auth::plan::plan;
-    use crate::auth::time::{from_unix_us, unix_us, FinHubTime, Local};
     use crate::secret::Secret;
+    use crate::time::{from_unix_us, unix_us, FinHubTime, Local};
 
     pub(crate) const S: i64 = 1_000_000;
     /// A whole second, far from the epoch.

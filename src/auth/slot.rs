@@ -13,8 +13,8 @@ use super::clock::ClockOffset;
 use super::fleet::FleetStatus;
 use super::metrics::AuthResult;
 use super::session::FinHubSession;
-use super::time::{AtomicLocal, Local};
 use crate::config::{Config, TenantConfig};
+use crate::time::{AtomicLocal, Local};
 
 /// A request FinHub answered 401 is held for a renewal only if one can start within this;
 /// otherwise (forced renewals are spaced, or a backoff runs) the 401 goes to the app at once.

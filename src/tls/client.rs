@@ -19,6 +19,8 @@ use super::rules::{check_leaf, Finding};
 use crate::config::Config;
 use cert_identity::{cert_identity, CertIdentity};
 
+use crate::time::unix_now;
+
 /// One consistent set of client TLS material, ready for Pingora and for the auth client.
 pub struct ClientTls {
     /// mTLS identity for `HttpPeer::new_mtls`; `None` when no client certificate is configured.
@@ -70,14 +72,6 @@ impl std::fmt::Debug for ClientTls {
             .field("warnings", &self.warnings)
             .finish_non_exhaustive()
     }
-}
-
-/// Unix seconds now.
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
 }
 
 impl ClientTls {

@@ -17,7 +17,7 @@ pub mod pkcs11;
 pub mod reload;
 pub mod rules;
 
-pub use client::{unix_now, Availability, ClientTls, TlsStore};
+pub use client::{Availability, ClientTls, TlsStore};
 pub use error::TlsError;
 pub use files::{KeyRef, Material, RulePolicy, TlsFiles};
 pub use identity::{cert_identity, CertIdentity};

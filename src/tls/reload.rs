@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::metrics::{ReloadResult, TlsMetrics};
-use super::{unix_now, ClientTls, TlsError, TlsFiles, TlsStore};
+use super::{ClientTls, TlsError, TlsFiles, TlsStore};
+use crate::time::unix_now;
 
 /// What one poll did.
 #[derive(Debug)]

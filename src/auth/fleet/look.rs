@@ -12,7 +12,7 @@ use super::state::FleetState;
 use crate::auth::coordination::Turn;
 use crate::auth::plan::{window_surely_open, Planned, Step};
 use crate::auth::renewer::Renewer;
-use crate::auth::time::{us, Local};
+use crate::time::{us, Local};
 
 /// While waiting for the owner's renewal after a 401, the record is read this often.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);

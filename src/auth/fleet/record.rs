@@ -16,9 +16,9 @@ use crate::auth::expiry::{AtomicExpiry, Expiry};
 use crate::auth::grant::{self, Claims};
 use crate::auth::plan::{MAX_RETRY_AFTER, REJECTED_MAX};
 use crate::auth::session::{sensitive, FinHubSession};
-use crate::auth::time::{from_unix_us, unix_us, us, AtomicLocal, Local};
 use crate::sealing::{KeyRing, Sealed};
 use crate::secret::Secret;
+use crate::time::{from_unix_us, unix_us, us, AtomicLocal, Local};
 
 /// The longest fleet backoff a replica honours: the longest wait the sidecar itself ever
 /// writes (FinHub's `Retry-After` is honoured up to 15 min; without one the backoff is at most

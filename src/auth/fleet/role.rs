@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use super::record::{Lease, RenewRequest};
 use crate::auth::plan::{Planned, Step};
-use crate::auth::time::{us, Local};
 use crate::config::OnStoreError;
+use crate::time::{us, Local};
 
 /// The shortest grace a follower gives the owner's planned renewal ([`owner_grace_us`]).
 const MIN_OWNER_GRACE: Duration = Duration::from_millis(50);

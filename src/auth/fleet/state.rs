@@ -16,9 +16,9 @@ use super::store::FleetStore;
 use crate::auth::clock::OffsetBounds;
 use crate::auth::plan::Planned;
 use crate::auth::renewer::Renewer;
-use crate::auth::time::{unix_secs, Local};
 use crate::redis_pool::Failure;
 use crate::sealing::OpenError;
+use crate::time::{unix_secs, Local};
 
 /// A refused write (the lease or record belongs to another owner) is logged at most this often.
 const REFUSED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);

@@ -14,10 +14,10 @@ use super::record::{
     verified_renew, Backoff, Lease, Marker, Payload, RawRecord, Snapshot,
 };
 use crate::auth::session::FinHubSession;
-use crate::auth::time::unix_us;
 use crate::config::{SharedSessionSettings, TenantConfig};
 use crate::redis_pool::{Failure, Pool, PoolName, PoolSpec, RedisPoolMetrics};
 use crate::sealing::OpenError;
+use crate::time::unix_us;
 
 /// Takes or extends the lease. `KEYS`: lease, fence. `ARGV`: replica id, ttl ms, the highest
 /// fence of an authenticated record this replica has seen. Returns `{1, fence}` when this

@@ -1,12 +1,13 @@
-//! Time in `auth`: instants on two clocks, ours ([`Local`]) and FinHub's ([`FinHubTime`]),
-//! both microseconds since the Unix epoch as that clock reads it. One becomes the other only
-//! through the estimate of FinHub's offset ([`super::clock::OffsetBounds`]): there is no
-//! `From` between them. Arithmetic saturates (FinHub's claims can be absurd) and never panics.
+//! Time, in one module (a leaf: std only). Instants on two clocks, ours ([`Local`]) and
+//! FinHub's ([`FinHubTime`]), both microseconds since the Unix epoch as that clock reads it.
+//! One becomes the other only through the estimate of FinHub's offset
+//! (`auth::clock::OffsetBounds`): there is no `From` between them. Arithmetic saturates
+//! (FinHub's claims can be absurd) and never panics.
 //!
-//! Code that still keeps instants as bare `i64` (`_us` names: the fleet's Redis record, the
-//! slot's atomics) crosses into these types with [`Local::from_micros`] / [`Local::micros`]
-//! and the helpers at the end of this file, the one place where `SystemTime`, `Duration` and
-//! those numbers are converted.
+//! Code that still keeps instants as bare `i64` (`_us` names: the fleet's Redis record) crosses
+//! into these types with [`Local::from_micros`] / [`Local::micros`] and the helpers at the end
+//! of this file, the one place where `SystemTime`, `Duration` and those numbers are converted
+//! ([`unix_now`]: whole seconds now, for certificate validity).
 
 use std::ops::{Add, Sub};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -152,6 +153,14 @@ pub fn us(d: Duration) -> i64 {
 /// Whole seconds since the Unix epoch (0 before it): the unit of the expiry gauges.
 pub fn unix_secs(t: SystemTime) -> i64 {
     Local::from_system(t).secs()
+}
+
+/// Whole seconds since the Unix epoch now (0 before it): certificate validity is checked in
+/// these.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
