@@ -132,8 +132,9 @@ impl EgressMetrics {
             .inc();
     }
 
-    /// How many tunnels on `path` failed with `reason` so far.
-    pub fn errors(&self, path: EgressPath, reason: &str) -> u64 {
+    /// How many tunnels on `path` failed with `reason` so far (tests read the counter).
+    #[cfg(test)]
+    fn errors(&self, path: EgressPath, reason: &str) -> u64 {
         self.errors
             .with_label_values(&[path.as_str(), reason])
             .get()

@@ -232,7 +232,7 @@ impl Sidecar {
         let mut app = pingora::proxy::http_proxy(&server.configuration, proxy);
         app.server_options = Some(server_options);
         // The sidecar's own accept loop: allowlist at accept, connection cap, header deadline
-        // and cap while reading (listener.rs); Pingora parses and proxies from there.
+        // and cap while reading (`listener/`); Pingora parses and proxies from there.
         let proxy_service = AppListener::new(
             self.app_listener,
             app,

@@ -158,9 +158,7 @@ pub fn unix_secs(t: SystemTime) -> i64 {
 /// Whole seconds since the Unix epoch now (0 before it): certificate validity is checked in
 /// these.
 pub fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    unix_secs(SystemTime::now())
 }
 
 #[cfg(test)]

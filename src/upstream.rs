@@ -311,9 +311,9 @@ impl UpstreamAddrs {
             let mut attempt = Attempt {
                 addrs: self,
                 addr,
-                failed: true,
                 started: Instant::now(),
                 fair: each,
+                fault: Fault::Unknown,
             };
             let deadline = tokio::time::Instant::now() + each.saturating_mul(2);
             let tcp = match &self.auth_tunnel {
@@ -324,11 +324,11 @@ impl UpstreamAddrs {
                         Ok(s) => s,
                         Err(e @ EgressError::Refused(_)) => {
                             // The proxy's answer, not this address's fault.
-                            attempt.failed = false;
+                            attempt.fault = Fault::No;
                             return Err(DialError::Egress(e));
                         }
                         Err(e) => {
-                            attempt.fail();
+                            attempt.fault = Fault::Yes;
                             only_timeouts = false;
                             last = Some(DialError::Egress(e));
                             continue;
@@ -338,14 +338,14 @@ impl UpstreamAddrs {
                 None => match tokio::time::timeout(each, TcpStream::connect(addr)).await {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => {
-                        attempt.fail();
+                        attempt.fault = Fault::Yes;
                         only_timeouts = false;
                         failures.push(format!("{addr}: {e}"));
                         last = None;
                         continue;
                     }
                     Err(_) => {
-                        attempt.fail();
+                        attempt.fault = Fault::Yes;
                         failures.push(format!("{addr}: no connection within {each:?}"));
                         last = None;
                         continue;
@@ -355,7 +355,7 @@ impl UpstreamAddrs {
             let _ = tcp.set_nodelay(true);
             let e = match tokio::time::timeout_at(deadline, handshake(tcp)).await {
                 Ok(Ok(s)) => {
-                    attempt.failed = false;
+                    attempt.fault = Fault::No;
                     return Ok(s);
                 }
                 Ok(Err(e)) => {
@@ -367,7 +367,7 @@ impl UpstreamAddrs {
                     each.saturating_mul(2)
                 ),
             };
-            attempt.fail();
+            attempt.fault = Fault::Yes;
             failures.push(format!("{addr}: TLS: {e}"));
             last = Some(DialError::Handshake(e));
         }
@@ -493,28 +493,32 @@ impl UpstreamAddrs {
     }
 }
 
-/// One address being dialled by [`UpstreamAddrs::dial`]: opens its breaker when dropped while
-/// `failed` (a failed or unfinished connect, tunnel or handshake, however the dial ended),
-/// unless the dial was cut short before the address had `fair` time (its connect timeout):
-/// then it is not the address's fault.
+/// One address being dialled by [`UpstreamAddrs::dial`]: opens its breaker when dropped if
+/// the address failed, or if the dial was cut short (the caller's own deadline) after the
+/// address had had `fair` time (its connect timeout); cut short sooner, it is not at fault.
 struct Attempt<'a> {
     addrs: &'a UpstreamAddrs,
     addr: SocketAddr,
-    failed: bool,
     started: Instant,
     fair: Duration,
+    fault: Fault,
 }
 
-impl Attempt<'_> {
-    /// This address failed on its own (refused, reset, a bound of ours ran out).
-    fn fail(&mut self) {
-        self.fair = Duration::ZERO;
-    }
+/// Whether the address being dialled is at fault.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Undecided: the attempt has not ended on its own (yet).
+    Unknown,
+    /// It refused, reset or ran out of one of the dial's own bounds.
+    Yes,
+    /// It connected, or the egress proxy refused on its own account.
+    No,
 }
 
 impl Drop for Attempt<'_> {
     fn drop(&mut self) {
-        if self.failed && self.started.elapsed() >= self.fair {
+        let cut_short_late = self.fault == Fault::Unknown && self.started.elapsed() >= self.fair;
+        if self.fault == Fault::Yes || cut_short_late {
             self.addrs.connect_failed(self.addr);
         }
     }

@@ -5,7 +5,7 @@
 //!
 //! The steps, in order (README "Request policy"):
 //!
-//! 1. the TCP peer is allowed (also enforced at accept, `listener.rs`);
+//! 1. the TCP peer is allowed (also enforced at accept, `listener/accept.rs`);
 //! 2. the method: no `CONNECT`, `TRACE`, `TRACK`;
 //! 3. no protocol upgrade;
 //! 4. the header block within `policy.max_header_bytes` (also enforced while it is read), the
