@@ -361,9 +361,11 @@ def start_minimal(sup, tmp, binary, up_port, cpu) -> System:
     """The framework floor: examples/pingora_minimal.rs (the smallest ProxyHttp over the same
     vendored Pingora, same mTLS upstream and pool, two static headers)."""
     port = free_port()
+    # SIGINT is Pingora's fast shutdown; SIGTERM would wait for its graceful period.
     proc = sup.start("pingora-minimal",
                      [str(binary), f"127.0.0.1:{port}", str(up_port), str(tmp / "ca.crt"),
-                      str(tmp / "client.crt"), str(tmp / "client.key")], tmp, cpu=cpu)
+                      str(tmp / "client.crt"), str(tmp / "client.key")], tmp,
+                     stop_signal=signal.SIGINT, cpu=cpu)
     try:
         wait_tcp(port, proc.popen)
     except RuntimeError as e:
@@ -587,6 +589,45 @@ def recv_response(s: socket.socket) -> None:
             body += chunk
 
 
+def peer_closed(s: socket.socket) -> bool:
+    """True when the proxy has closed (or answered on) a connection we sent nothing on."""
+    s.settimeout(0)  # a socket with a timeout would wait for data in recv, MSG_DONTWAIT or not
+    try:
+        s.recv(1, socket.MSG_PEEK)
+    except (BlockingIOError, InterruptedError):
+        return False  # open, nothing to read: still held
+    except OSError:
+        return True  # reset
+    return True  # b"" (EOF) or bytes (e.g. a 408/503 refusal)
+
+
+def never_used_conns_rss(system: System, n: int) -> tuple[int, int, int, float]:
+    """Open n connections and send nothing on them; VmRSS, PSS (kB), failures, seconds from the
+    first connect to the reading. Measured within a second or two of opening: the sidecar closes
+    a connection that sends no byte after `listener.header_timeout` (10 s by default, not set in
+    templates/sidecar.toml). A connect that fails, or a connection the proxy has closed or
+    answered by the time of the reading, counts as failed."""
+    socks: list[socket.socket] = []
+    failed = 0
+    t0 = time.monotonic()
+    try:
+        for _ in range(n):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", system.port), timeout=10))
+            except OSError:
+                failed += 1
+        time.sleep(0.5)  # let the proxy accept them all
+        rss = status_kb(system.proc.pids(), "VmRSS")
+        pss = pss_kb(system.proc.pids())
+        age = time.monotonic() - t0
+        failed += sum(1 for s in socks if peer_closed(s))
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.5)
+    return rss, pss, failed, age
+
+
 def idle_conns_rss(system: System, n: int) -> tuple[int, int, int]:
     """Open n keep-alive connections, one request each, keep them open; VmRSS, PSS (kB), failures."""
     socks: list[socket.socket] = []
@@ -595,7 +636,11 @@ def idle_conns_rss(system: System, n: int) -> tuple[int, int, int]:
            f"Connection: keep-alive\r\n\r\n").encode()
     try:
         for _ in range(n):
-            s = socket.create_connection(("127.0.0.1", system.port), timeout=10)
+            try:
+                s = socket.create_connection(("127.0.0.1", system.port), timeout=10)
+            except OSError:
+                failed += 1
+                continue
             socks.append(s)
             try:
                 s.sendall(req)
@@ -725,8 +770,85 @@ def fixed_rate_table(L: list[str], members: list[str], args, fixed) -> None:
         L.append("")
 
 
-def targets_table(L: list[str], args, results, idle, fixed, startup_rss) -> None:
-    """Issue #16's targets against this run (equal-work peers where the target is about work)."""
+def memory_table(L: list[str], systems: list[str], args, idle, never, fresh, startup_rss,
+                 startup_pss) -> None:
+    """Idle RSS and RSS with N app connections: never used, served one request in a fresh
+    process, served one request after all load rounds; PSS beside; ratios vs every other system."""
+    n = args.idle_conns
+    L.append(f"## Memory at rest and with {n:,} keep-alive app connections")
+    L.append("")
+    if n <= 0:
+        L.append("| system | idle RSS MB (fresh start) | idle PSS MB |")
+        L.append("|---|---:|---:|")
+        for s in systems:
+            L.append(f"| {s} | {fmt(startup_rss[s] / 1024, 1)} | {fmt(startup_pss[s] / 1024, 1)} |")
+        L.append("")
+        return
+
+    def one(d: dict, key: str) -> float:
+        return d[key] if d and isinstance(d.get(key), (int, float)) else float("nan")
+
+    def mb(v: float) -> str:
+        return fmt(v / 1024, 1)
+
+    def per_conn(v: float, base: float) -> str:
+        return fmt((v - base) / n, 1)
+
+    def failed(s: str) -> str:
+        rows = idle.get(s, [])
+        parts = [str(never[s]["failed"]) if s in never else "–",
+                 str(fresh[s]["failed"]) if s in fresh else "–",
+                 str(sum(r["failed"] for r in rows)) if rows else "–"]
+        return " / ".join(parts)
+
+    L.append(f"| system | idle RSS MB (fresh start) | RSS MB, {n:,} never-used conns "
+             f"| RSS MB, {n:,} conns that served one request (fresh) "
+             f"| RSS MB, {n:,} conns that served one request (after load, median of rounds) "
+             "| KB per conn, never-used / served (fresh) "
+             "| idle PSS MB | PSS MB, never-used | PSS MB, served (fresh) | PSS MB, served (after load) "
+             "| failed conns (never / fresh / after load) |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for s in systems:
+        rows = idle.get(s, [])
+        base = startup_rss[s]
+        L.append(f"| {s} | {mb(base)} | {mb(one(never.get(s), 'rss_kb'))} "
+                 f"| {mb(one(fresh.get(s), 'rss_kb'))} "
+                 f"| {mb(med(rows, 'rss_kb')) if rows else '–'} "
+                 f"| {per_conn(one(never.get(s), 'rss_kb'), base)} / "
+                 f"{per_conn(one(fresh.get(s), 'rss_kb'), base)} "
+                 f"| {mb(startup_pss[s])} | {mb(one(never.get(s), 'pss_kb'))} "
+                 f"| {mb(one(fresh.get(s), 'pss_kb'))} "
+                 f"| {mb(med(rows, 'pss_kb')) if rows else '–'} | {failed(s)} |")
+    L.append("")
+    L.append(f"Never-used: {n:,} connections opened and held with no request sent, read 0.5 s after "
+             "the last one opened (the sidecar closes such a connection after "
+             "`listener.header_timeout`, 10 s). Served (fresh): right after start-up and the check "
+             f"request, before the warm-up and any load, {n:,} connections each send one keep-alive "
+             "request, read the whole response and stay open. Served (after load): the same after "
+             "all load rounds, once per round. KB per conn: (RSS with the connections − idle RSS) "
+             f"/ {n:,}.")
+    L.append("")
+    for lead in ("sidecar", "pingora-minimal"):
+        if lead not in startup_rss or len(systems) < 2:
+            continue
+        if lead == "pingora-minimal" and "sidecar" in startup_rss:
+            continue  # sidecar / pingora-minimal is in the sidecar's rows
+        L.append("| ratio | idle RSS | RSS, never-used conns | RSS, served (fresh) "
+                 "| RSS, served (after load) | PSS, served (after load) |")
+        L.append("|---|---:|---:|---:|---:|---:|")
+        for other in systems:
+            if other == lead:
+                continue
+            L.append(f"| {lead} / {other} | {ratio(startup_rss[lead], startup_rss[other])} "
+                     f"| {ratio(one(never.get(lead), 'rss_kb'), one(never.get(other), 'rss_kb'))} "
+                     f"| {ratio(one(fresh.get(lead), 'rss_kb'), one(fresh.get(other), 'rss_kb'))} "
+                     f"| {ratio(med(idle.get(lead, []), 'rss_kb'), med(idle.get(other, []), 'rss_kb'))} "
+                     f"| {ratio(med(idle.get(lead, []), 'pss_kb'), med(idle.get(other, []), 'pss_kb'))} |")
+        L.append("")
+
+
+def targets_table(L: list[str], args, results, idle, fresh, fixed, startup_rss) -> None:
+    """Issue #26's targets against this run (equal-work peers where the target is about work)."""
     c = min(args.connections)
     side = results.get(("sidecar", c))
     peer = "nginx-equal" if results.get(("nginx-equal", c)) else "nginx"
@@ -747,19 +869,33 @@ def targets_table(L: list[str], args, results, idle, fixed, startup_rss) -> None
     r = med(side, "rps") / med(ng, "rps")
     rows.append((f"req/s ≥ 0.75× {peer}'s ({c} connections)",
                  f"{fmt(med(side, 'rps'), 0)} vs {fmt(med(ng, 'rps'), 0)} ({r:.2f}×)", r >= 0.75))
-    hp = next((h for h in ("haproxy", "haproxy-equal") if idle.get(h)), None)
+    # Memory with app connections that each served one request: against HAProxy doing the
+    # sidecar's work if it ran, else its cheapest config.
+    n = args.idle_conns
+    hp = next((h for h in ("haproxy-equal", "haproxy") if idle.get(h)), None)
     if idle.get("sidecar") and hp:
         a, b = med(idle["sidecar"], "rss_kb"), med(idle[hp], "rss_kb")
-        rows.append((f"RSS with {args.idle_conns:,} idle app connections ≤ {hp}'s",
+        rows.append((f"RSS with {n:,} app connections that each served one request ≤ {hp}'s "
+                     "(after load)",
                      f"{fmt(a / 1024, 1)} vs {fmt(b / 1024, 1)} MB ({a / b:.2f}×)", a <= b))
-    peers = [s for s in ("nginx", "haproxy") if s in startup_rss]
-    if peers:
-        worst = max(startup_rss[s] for s in peers)
+    hp = next((h for h in ("haproxy-equal", "haproxy") if fresh.get(h)), None)
+    if fresh.get("sidecar") and hp:
+        a, b = fresh["sidecar"]["rss_kb"], fresh[hp]["rss_kb"]
+        rows.append((f"RSS with {n:,} app connections that each served one request ≤ {hp}'s "
+                     "(fresh process)",
+                     f"{fmt(a / 1024, 1)} vs {fmt(b / 1024, 1)} MB ({a / b:.2f}×)", a <= b))
+    peers = [s for s in ("nginx", "haproxy") if s in startup_rss] or [
+        s for s in ("nginx-equal", "haproxy-equal") if s in startup_rss]
+    if peers and "sidecar" in startup_rss:
         best = min(startup_rss[s] for s in peers)
-        rows.append(("idle RSS below both",
+        rows.append((f"idle RSS below {' and '.join(peers)}",
                      f"{fmt(startup_rss['sidecar'] / 1024, 1)} MB vs "
                      + " / ".join(f"{fmt(startup_rss[s] / 1024, 1)}" for s in peers) + " MB",
-                     startup_rss["sidecar"] < best and best <= worst))
+                     startup_rss["sidecar"] < best))
+    if args.baseline_idle_mb is not None and "sidecar" in startup_rss:
+        a = startup_rss["sidecar"] / 1024
+        rows.append((f"idle RSS no worse than the baseline ({fmt(args.baseline_idle_mb, 1)} MB)",
+                     f"{fmt(a, 1)} vs {fmt(args.baseline_idle_mb, 1)} MB", a <= args.baseline_idle_mb))
     fpeer = "nginx-equal" if fixed.get("nginx-equal") else "nginx"
     if fixed.get("sidecar") and fixed.get(fpeer):
         a, b = med(fixed["sidecar"], "p99_ms"), med(fixed[fpeer], "p99_ms")
@@ -771,17 +907,20 @@ def targets_table(L: list[str], args, results, idle, fixed, startup_rss) -> None
             per1k = med(srows, "upstream_conns_per_1k")
             rows.append((f"upstream connection reuse ≥ 99.9 % at {conns} connections",
                          f"{100 - per1k / 10:.3f} % ({fmt(per1k, 3)} new per 1k requests)", per1k <= 1.0))
-    L.append("## Targets (issue #16) against this run")
+    L.append("## Targets (issue #26) against this run")
     L.append("")
     L.append("| target | result | met? |")
     L.append("|---|---|---|")
     for name, res, ok in rows:
         L.append(f"| {name} | {res} | {'**yes**' if ok else 'no'} |")
     L.append("")
+    L.append("Instructions and allocations per request (≤ 95 k, ≤ 40) are counted by "
+             "`benches/e2e/icount.py`, not by this run.")
+    L.append("")
 
 
-def build_report(args, results, idle, fixed, startup_rss, startup_pss, skipped, versions, machine,
-                 started, cmdline, pin_desc) -> str:
+def build_report(args, results, idle, never, fresh, fixed, startup_rss, startup_pss, skipped,
+                 versions, machine, started, cmdline, pin_desc) -> str:
     systems = [s for s in VARIANTS if s in startup_rss]
     L: list[str] = []
     L.append("# Benchmarks: finhub-sidecar vs nginx vs HAProxy (end to end)")
@@ -795,7 +934,10 @@ def build_report(args, results, idle, fixed, startup_rss, startup_pss, skipped, 
              "(A B C A B C …). `nginx-equal` and `haproxy-equal` do the sidecar's per-request work "
              "(its header set with fresh ids, app credentials stripped, the request id echoed, one "
              "JSON access line per request to a file, buffered); `nginx` and `haproxy` are their "
-             "cheapest configurations (two static headers, no access log).")
+             "cheapest configurations (two static headers, no access log). `pingora-minimal` "
+             "(when run) is the framework floor: the smallest `ProxyHttp` over the same vendored "
+             "Pingora, same mTLS upstream and pool, two static headers "
+             "(`examples/pingora_minimal.rs`).")
     L.append("")
     L.append(f"- Date: {started} UTC")
     L.append(f"- Command: `{cmdline}`")
@@ -812,38 +954,18 @@ def build_report(args, results, idle, fixed, startup_rss, startup_pss, skipped, 
         groups.append(("Equal work: nginx and HAProxy doing the sidecar's per-request work",
                        ["sidecar", "pingora-minimal", "nginx-equal", "haproxy-equal"]))
     if any(s in systems for s in ("nginx", "haproxy")):
-        groups.append(("Cheapest configurations of nginx and HAProxy", ["sidecar", "nginx", "haproxy"]))
+        groups.append(("Cheapest configurations of nginx and HAProxy",
+                       ["sidecar", "pingora-minimal", "nginx", "haproxy"]))
     if not groups:
-        groups.append(("The sidecar alone", ["sidecar"]))
+        groups.append(("The sidecar alone", ["sidecar", "pingora-minimal"]))
     for title, members in groups:
         members = [m for m in members if m in systems]
         L.append(f"## {title}")
         L.append("")
         load_tables(L, members, args, results)
         fixed_rate_table(L, members, args, fixed)
-    L.append(f"## Memory at rest and with {args.idle_conns:,} idle keep-alive client connections")
-    L.append("")
-    L.append(f"| system | idle RSS MB (fresh start) | RSS MB with {args.idle_conns:,} idle conns "
-             "(median of rounds) | idle PSS MB | PSS MB with idle conns | failed idle conns |")
-    L.append("|---|---:|---:|---:|---:|---:|")
-    for s in systems:
-        rows = idle.get(s, [])
-        L.append(f"| {s} | {fmt(startup_rss[s] / 1024, 1)} "
-                 f"| {fmt(med(rows, 'rss_kb') / 1024, 1) if rows else '–'} "
-                 f"| {fmt(startup_pss[s] / 1024, 1)} "
-                 f"| {fmt(med(rows, 'pss_kb') / 1024, 1) if rows else '–'} "
-                 f"| {sum(r['failed'] for r in rows) if rows else '–'} |")
-    L.append("")
-    if "sidecar" in startup_rss and len(systems) > 1:
-        L.append("| ratio | idle RSS | RSS with idle conns |")
-        L.append("|---|---:|---:|")
-        for other in systems:
-            if other == "sidecar":
-                continue
-            L.append(f"| sidecar / {other} | {ratio(startup_rss['sidecar'], startup_rss[other])} "
-                     f"| {ratio(med(idle.get('sidecar', []), 'rss_kb'), med(idle.get(other, []), 'rss_kb'))} |")
-        L.append("")
-    targets_table(L, args, results, idle, fixed, startup_rss)
+    memory_table(L, systems, args, idle, never, fresh, startup_rss, startup_pss)
+    targets_table(L, args, results, idle, fresh, fixed, startup_rss)
     if args.attempts:
         L.append(Path(args.attempts).read_text().rstrip())
         L.append("")
@@ -856,8 +978,10 @@ def build_report(args, results, idle, fixed, startup_rss, startup_pss, skipped, 
     L.append("- **peak RSS**: VmHWM summed over the proxy's processes, reset before each run "
              "(`/proc/<pid>/clear_refs` = 5, i.e. to the RSS the process already holds, including "
              "memory kept from the warm-up and earlier runs), read after it. **idle RSS**: VmRSS after start-up and "
-             "one check request, before any load. **RSS with idle conns**: measured after all load "
-             "rounds (once per round count, alternating), with the connections held open. VmRSS summed over nginx's master + worker counts "
+             "one check request, before any load. **RSS with conns**: with the app connections held "
+             "open; never-used and served (fresh) once per system right after start-up, before the "
+             "warm-up; served (after load) after all load rounds (once per round count, "
+             "alternating). VmRSS summed over nginx's master + worker counts "
              "their shared pages twice; **PSS** (`/proc/<pid>/smaps_rollup`) splits them and is the "
              "fairer memory figure for nginx.")
     L.append("- **upstream conns / 1k req**: new TLS connections the upstream nginx accepted during "
@@ -917,7 +1041,10 @@ def parse_args(argv=None):
                     help="the framework floor (cargo build --release --example pingora_minimal)")
     ap.add_argument("--pin", choices=("on", "off"), default="on",
                     help="on: proxies on CPU 0, wrk and the upstream on CPU 1 (default)")
-    ap.add_argument("--idle-conns", type=int, default=1000)
+    ap.add_argument("--idle-conns", type=int, default=1000,
+                    help="app connections held open for the memory table (0 = none)")
+    ap.add_argument("--baseline-idle-mb", type=float, default=None,
+                    help="the sidecar's idle RSS (MB) to be no worse than, a target row (optional)")
     ap.add_argument("--fixed-rate", type=int, default=10000,
                     help="req/s offered by oha per fixed-rate run (0 = none)")
     ap.add_argument("--attempts", default=None,
@@ -985,7 +1112,9 @@ def main(argv=None) -> int:
     tmp.chmod(0o755)
     log(f"temp dir {tmp}")
     results: dict[tuple[str, int], list[dict]] = {}
-    idle: dict[str, list[dict]] = {}
+    idle: dict[str, list[dict]] = {}  # after all load rounds, one per round
+    never: dict[str, dict] = {}  # fresh process, connections that never sent a request
+    fresh: dict[str, dict] = {}  # fresh process, connections that each served one request
     fixed: dict[str, list[dict]] = {}
     startup_rss: dict[str, int] = {}
     startup_pss: dict[str, int] = {}
@@ -995,6 +1124,9 @@ def main(argv=None) -> int:
         binary = tmp / "finhub-sidecar"
         if "sidecar" in args.systems:
             shutil.copy2(args.binary, binary)  # a rebuild during the run cannot change it
+        minimal = tmp / "pingora_minimal"
+        if "pingora-minimal" in args.systems:
+            shutil.copy2(args.minimal_binary, minimal)  # likewise
         versions = {
             "finhub-sidecar": version_of([str(binary), "--version"]) if "sidecar" in args.systems else "not run",
             "nginx": version_of(["nginx", "-v"]),
@@ -1011,7 +1143,7 @@ def main(argv=None) -> int:
 
         systems: dict[str, System] = {}
         starters = {"sidecar": lambda: start_sidecar(sup, tmp, binary, up_port, proxy_cpu),
-                    "pingora-minimal": lambda: start_minimal(sup, tmp, args.minimal_binary, up_port,
+                    "pingora-minimal": lambda: start_minimal(sup, tmp, minimal, up_port,
                                                              proxy_cpu)}
         modes = ("equal", "cheapest") if args.work == "both" else (args.work,)
         for mode in modes:
@@ -1038,6 +1170,24 @@ def main(argv=None) -> int:
             systems[name] = s
             log(f"{name} on 127.0.0.1:{s.port}: check request 200, idle RSS "
                 f"{startup_rss[name] / 1024:.1f} MB (PSS {startup_pss[name] / 1024:.1f} MB)")
+            if args.idle_conns > 0:
+                # In a fresh process, before the warm-up: (a) connections that never send a
+                # request, then (b) connections that each served one request.
+                rss, pss, failed, age = never_used_conns_rss(s, args.idle_conns)
+                never[name] = {"rss_kb": rss, "pss_kb": pss, "failed": failed}
+                csv_rows.append({"system": name, "connections": f"never{args.idle_conns}",
+                                 "round": 1, "rss_before_kb": rss, "pss_kb": pss, "errors": failed,
+                                 "wall_s": age})
+                log(f"{name}: RSS with {args.idle_conns} never-used conns {rss / 1024:.1f} MB "
+                    f"(PSS {pss / 1024:.1f} MB, failed {failed}, read {age:.1f} s after the "
+                    f"first connect)")
+                time.sleep(0.5)
+                rss, pss, failed = idle_conns_rss(s, args.idle_conns)
+                fresh[name] = {"rss_kb": rss, "pss_kb": pss, "failed": failed}
+                csv_rows.append({"system": name, "connections": f"served{args.idle_conns}-fresh",
+                                 "round": 1, "rss_before_kb": rss, "pss_kb": pss, "errors": failed})
+                log(f"{name}: RSS with {args.idle_conns} conns that served one request (fresh) "
+                    f"{rss / 1024:.1f} MB (PSS {pss / 1024:.1f} MB, failed {failed})")
         if not systems:
             raise RuntimeError("no system could be started")
 
@@ -1089,11 +1239,12 @@ def main(argv=None) -> int:
                     csv_rows.append({"system": name, "connections": f"idle{args.idle_conns}",
                                      "round": rnd, "rss_before_kb": rss, "pss_kb": pss,
                                      "errors": failed})
-                    log(f"round {rnd} {name:8s} RSS with {args.idle_conns} idle conns "
+                    log(f"round {rnd} {name:8s} RSS with {args.idle_conns} conns that served one "
+                        f"request (after load) "
                         f"{rss / 1024:.1f} MB (PSS {pss / 1024:.1f} MB, failed {failed})")
 
-        report = build_report(args, results, idle, fixed, startup_rss, startup_pss, skipped, versions,
-                              machine, started, cmdline, pin_desc)
+        report = build_report(args, results, idle, never, fresh, fixed, startup_rss, startup_pss,
+                              skipped, versions, machine, started, cmdline, pin_desc)
         print()
         print(report)
         if args.md:
