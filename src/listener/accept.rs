@@ -7,10 +7,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use async_trait::async_trait;
-use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::Stream;
+use pingora::proxy::{HttpProxy, ProxyHttp};
 use pingora::server::ShutdownWatch;
 use prometheus::IntGauge;
 use tokio::net::TcpStream;
@@ -19,7 +23,7 @@ use tokio::sync::Semaphore;
 use super::guard::HeaderGuard;
 use super::idle::{IdleConnections, Registered};
 use super::metrics::{ListenerMetrics, Refusal};
-use super::stream::GuardedStream;
+use super::stream::{Ahead, GuardedStream};
 use crate::error::{raw_response, ProxyError};
 use crate::policy::allow;
 
@@ -28,6 +32,38 @@ const KEEPALIVE_SECS: u64 = 60;
 
 /// How long a new connection that closed an idle one waits for that one's slot.
 const EVICTION_WAIT: Duration = Duration::from_secs(1);
+
+/// The HTTP app the listener serves each request with.
+pub trait ServeHttp: HttpServerApp + Send + Sync + 'static {
+    /// The future that serves one request on `session` (Pingora's `process_new_http`), built
+    /// directly in its own allocation: the proxy's ~14 KB state machine is never built on the
+    /// stack and copied, and an idle connection holds none of it.
+    fn serve<'a>(
+        self: &'a Arc<Self>,
+        session: ServerSession,
+        shutdown: &'a ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>>;
+}
+
+impl<SV> ServeHttp for HttpProxy<SV>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    SV::CTX: Send + Sync,
+{
+    fn serve<'a>(
+        self: &'a Arc<Self>,
+        session: ServerSession,
+        shutdown: &'a ShutdownWatch,
+    ) -> Pin<Box<dyn Future<Output = Option<ReusedHttpStream>> + Send + 'a>> {
+        in_place(|| self.process_new_http_unboxed(session, shutdown))
+    }
+}
+
+/// `make()`'s future in a new allocation, written there directly: unlike `Box::pin(make())`,
+/// the compiler can build it in place instead of on the stack and then copying it.
+fn in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
 
 /// What the listener enforces before Pingora reads a request.
 #[derive(Debug, Clone)]
@@ -89,7 +125,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 #[async_trait]
 impl<A> pingora::services::Service for AppListener<A>
 where
-    A: HttpServerApp + Send + Sync + 'static,
+    A: ServeHttp,
 {
     async fn start_service(
         &mut self,
@@ -218,9 +254,9 @@ fn refuse_at_accept(tcp: TcpStream, err: &ProxyError) {
 
 /// Serves one app connection: one Pingora HTTP/1 session per request, the header guard re-armed
 /// before each. Between requests the connection holds only its socket and this small future:
-/// Pingora's session (and its boxed request future) is created when the next request's first
-/// bytes arrive, so idle keep-alive connections cost little memory.
-async fn serve<A: HttpServerApp + Send + Sync + 'static>(
+/// Pingora's session (and its boxed request future) is created once the next request's first
+/// bytes are read, so idle keep-alive connections, used or not, cost little memory.
+async fn serve<A: ServeHttp>(
     tcp: TcpStream,
     peer: SocketAddr,
     app: Arc<A>,
@@ -243,30 +279,38 @@ async fn serve<A: HttpServerApp + Send + Sync + 'static>(
     // connection is closed after Pingora's keep-alive time.
     let mut idle_limit = limits.header_timeout;
     loop {
-        tokio::select! {
-            // Readiness first: when the request is already there (the common case) the timer
-            // is never polled, so never registered.
-            biased;
-            ready = stream.tcp.readable() => {
-                if ready.is_err() {
+        let idle_until = tokio::time::Instant::now() + idle_limit;
+        loop {
+            tokio::select! {
+                // Readiness first: when the request is already there (the common case) the
+                // timer is never polled, so never registered.
+                biased;
+                ready = stream.tcp.readable() => {
+                    if ready.is_err() {
+                        return;
+                    }
+                }
+                // Another app needs the slot and this connection has been idle longest.
+                _ = registered.state.close.notified() => return,
+                _ = tokio::time::sleep_until(idle_until) => {
+                    if first {
+                        // Connected, never sent a byte: as a header that did not arrive in time.
+                        let _ = stream.refuse(&ProxyError::HeaderTimeout);
+                    }
                     return;
                 }
-            }
-            // Another app needs the slot and this connection has been idle longest.
-            _ = registered.state.close.notified() => return,
-            _ = tokio::time::sleep(idle_limit) => {
-                if first {
-                    // Connected, never sent a byte: as a header that did not arrive in time.
-                    let _ = stream.refuse(&ProxyError::HeaderTimeout);
+                changed = shutdown.changed() => {
+                    // Shutting down: an idle connection is closed now, not reused.
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                    continue;
                 }
-                return;
             }
-            changed = shutdown.changed() => {
-                // Shutting down: an idle connection is closed now, not reused.
-                if changed.is_err() || *shutdown.borrow() {
-                    return;
-                }
-                continue;
+            match stream.read_ahead() {
+                Ok(Ahead::Begun) => break,
+                Ok(Ahead::NotYet) => continue,
+                Ok(Ahead::Closed) | Err(_) => return,
             }
         }
         registered.busy();
@@ -278,7 +322,7 @@ async fn serve<A: HttpServerApp + Send + Sync + 'static>(
         if *shutdown.borrow() {
             session.set_keepalive(None);
         }
-        let Some(reused) = app.process_new_http(session, &shutdown).await else {
+        let Some(reused) = app.serve(session, &shutdown).await else {
             return;
         };
         let (next, next_settings) = reused.consume();

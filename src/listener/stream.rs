@@ -36,6 +36,25 @@ pub struct GuardedStream {
     /// Response bytes not yet written, and how many of them are.
     pub(super) wbuf: Vec<u8>,
     pub(super) written: usize,
+    /// The next request's first bytes, read while the connection waited for them
+    /// ([`Self::read_ahead`]), and how many of them Pingora has read: served before the socket.
+    pub(super) ahead: Vec<u8>,
+    pub(super) ahead_read: usize,
+}
+
+/// At most this many bytes are read to learn that the next request has begun (on the stack;
+/// what arrived is kept in a buffer of its size).
+const READ_AHEAD: usize = 1024;
+
+/// Whether the next request has begun ([`GuardedStream::read_ahead`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ahead {
+    /// Its first bytes are read and held for Pingora.
+    Begun,
+    /// Nothing to read yet: the readiness was stale.
+    NotYet,
+    /// The app closed the connection.
+    Closed,
 }
 
 impl std::fmt::Debug for GuardedStream {
@@ -65,6 +84,35 @@ impl GuardedStream {
             counters,
             wbuf: Vec::new(),
             written: 0,
+            ahead: Vec::new(),
+            ahead_read: 0,
+        }
+    }
+
+    /// Reads the first bytes of the next request, if they are there. tokio's readiness can be
+    /// stale (a new socket starts out readable, and a request read whole leaves it set); a
+    /// request has begun only once bytes are read. They count against the header guard as
+    /// Pingora's own reads do, and Pingora reads them first.
+    pub(super) fn read_ahead(&mut self) -> io::Result<Ahead> {
+        let room = self
+            .guard
+            .budget()
+            .map_or(READ_AHEAD, |b| b.min(READ_AHEAD));
+        if room == 0 {
+            return Err(self.refuse(&ProxyError::HeadersTooLarge));
+        }
+        let mut buf = [0u8; READ_AHEAD];
+        match self.tcp.try_read(&mut buf[..room]) {
+            Ok(0) => Ok(Ahead::Closed),
+            Ok(n) => {
+                let got = &buf[..n];
+                self.guard.saw(got);
+                self.ahead = got.to_vec();
+                self.ahead_read = 0;
+                Ok(Ahead::Begun)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Ahead::NotYet),
+            Err(e) => Err(e),
         }
     }
 
@@ -87,6 +135,18 @@ impl AsyncRead for GuardedStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.ahead_read < this.ahead.len() {
+            // Read ahead and accounted already: no socket read, no guard.
+            let rest = &this.ahead[this.ahead_read..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.ahead_read += n;
+            if this.ahead_read == this.ahead.len() {
+                this.ahead = Vec::new();
+                this.ahead_read = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
         let Some(budget) = this.guard.budget() else {
             if this.guard.phase == Phase::Refused {
                 return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));

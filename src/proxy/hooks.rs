@@ -11,6 +11,7 @@
 //!                          -> the body read whole (up to the hold limit) before going upstream
 //! request_body_filter      a streamed body: what was read while deciding goes first
 //! upstream_peer            the retry's backoff; resolved FinHub address + SNI + cert + CA
+//! upstream_request_header  the app's headers minus the stripped ones, in a fresh header
 //! upstream_request_filter  strip app credentials, set session + compliance headers, Host, path
 //! upstream_response_filter a 401 renews the session (single flight) and replays once; a gateway
 //!                          502/503/504 is retried (retry.rs: resendable, attempts, deadline,
@@ -115,6 +116,16 @@ impl ProxyHttp for FinHubProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<Box<HttpPeer>> {
         self.start_attempt(ctx).await
+    }
+
+    /// Contract: the request FinHub sees starts from the app's headers minus every one that
+    /// must not cross (credentials, identity claims, overrides), built once per attempt.
+    fn upstream_request_header(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> Option<pingora::Result<RequestHeader>> {
+        self.upstream_header(session.req_header(), ctx)
     }
 
     /// Contract: the request FinHub sees carries the sidecar's session, never the app's.

@@ -52,6 +52,25 @@ impl FinHubProxy {
         })
     }
 
+    /// The header FinHub receives, before the session and ids go in: one fresh header, sized
+    /// for everything the sidecar adds, with the app's headers minus the stripped ones, in one
+    /// pass (no copy of the app's header first, no map growth while ours are inserted).
+    /// `None` for a request that was not admitted (`send_request` refuses it).
+    pub(super) fn upstream_header(
+        &self,
+        app_request: &RequestHeader,
+        ctx: &RequestCtx,
+    ) -> Option<pingora::Result<RequestHeader>> {
+        let a = ctx.admitted.as_ref()?;
+        let path = a.upstream_uri.as_ref().and_then(|u| u.path_and_query());
+        let path = path.map_or(app_request.raw_path(), |p| p.as_str().as_bytes());
+        Some(headers::without_app_credentials(
+            app_request,
+            path,
+            REWRITE_HEADERS,
+        ))
+    }
+
     /// Rewrites the request FinHub receives and marks the attempt as sent.
     pub(super) fn send_request(
         &self,
@@ -185,12 +204,6 @@ impl FinHubProxy {
                     self.state.config.auth.recovery_interval,
                 ),
             })?;
-        // One fresh header, sized for everything the sidecar adds: the app's headers minus the
-        // stripped ones, in one pass (no map growth while ours are inserted).
-        let path = a.upstream_uri.as_ref().and_then(|u| u.path_and_query());
-        let path = path.map_or(req.raw_path(), |p| p.as_str().as_bytes());
-        *req = headers::without_app_credentials(req, path, REWRITE_HEADERS)
-            .map_err(|_| ProxyError::Internal)?;
         if body_read {
             // The app got its `100 Continue` from the sidecar; FinHub gets the body whole.
             req.remove_header(&http::header::EXPECT);

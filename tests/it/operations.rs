@@ -413,3 +413,107 @@ async fn admin_request_headers_are_capped_with_a_json_431() {
         "the admin listener still answers"
     );
 }
+
+/// Issue 26.4: an app connection waiting for its next request holds its socket and a small
+/// future, not Pingora's request state. tokio's readiness is stale on a new socket and after a
+/// request read whole, so the listener used to enter Pingora at once and wait there, holding
+/// its ~15 KB request future and a 4 KiB read buffer per connection (about 19 KB per connection
+/// never used, 25 KB after one request). Both cases are measured: connections that never sent
+/// a byte, then the same connections after each served one request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_app_connections_hold_no_request_state() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const CONNS: usize = 1000;
+    /// Above what a waiting connection holds now (about 3 KB in a release build, 5 to 10 KB in
+    /// this test's debug build), below what one that entered Pingora held (19 to 25 KB in a
+    /// release build, 25 to 30 KB in a debug build).
+    const MAX_KIB_PER_CONN: u64 = 14;
+    let (_world, _emu, sc) = World::start(|c| c).await;
+    let proxy = sc.url("").trim_start_matches("http://").to_string();
+    // Warm: the first request's one-time allocations are not counted.
+    let warm = http_client()
+        .get(sc.url("/api/v2/warm"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 200);
+    let open = |n: usize| {
+        let sc = &sc;
+        async move {
+            eventually(Duration::from_secs(10), || async {
+                let now = sc.metric("finhub_sidecar_app_connections").await?;
+                (now as usize >= n).then_some(())
+            })
+            .await
+            .unwrap_or_else(|| panic!("{n} app connections never open"));
+        }
+    };
+    let rss_before = settled_rss_kib(sc.pid()).await;
+    let mut conns = Vec::new();
+    for _ in 0..CONNS {
+        conns.push(tokio::net::TcpStream::connect(&proxy).await.unwrap());
+    }
+    open(CONNS).await;
+    let rss_never = rss_kib(sc.pid());
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.write_all(format!("GET /api/v2/one-{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1024];
+        // The emulator's answer is small: read until its body's end (Content-Length).
+        while !answer_complete(&head) {
+            let n = c.read(&mut byte).await.unwrap();
+            assert!(n > 0, "connection {i} closed before its answer");
+            head.extend_from_slice(&byte[..n]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 200"), "connection {i}");
+    }
+    let rss_served = rss_kib(sc.pid());
+    println!(
+        "RSS: {rss_before} KiB, {CONNS} connections never used {rss_never} KiB, \
+         after one request each {rss_served} KiB"
+    );
+    let limit = rss_before + CONNS as u64 * MAX_KIB_PER_CONN;
+    assert!(
+        rss_never < limit,
+        "never-used connections: RSS {rss_before} -> {rss_never} KiB (limit {limit})"
+    );
+    assert!(
+        rss_served < limit,
+        "connections that served a request: RSS {rss_before} -> {rss_served} KiB (limit {limit})"
+    );
+    drop(conns);
+}
+
+/// Whether `bytes` hold a whole HTTP answer with a `Content-Length` body.
+fn answer_complete(bytes: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(bytes);
+    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .unwrap_or(0);
+    body.len() >= len
+}
+
+/// VmRSS once it has settled (two readings 200 ms apart within 256 KiB of each other): what
+/// start-up and the first request freed is returned to the system first.
+async fn settled_rss_kib(pid: u32) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = rss_kib(pid);
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = rss_kib(pid);
+        if now.abs_diff(last) < 256 || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}

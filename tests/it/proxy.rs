@@ -720,3 +720,105 @@ async fn what_is_retried_and_what_passes_through() {
     assert_eq!(resp.headers()["x-idempotent-replay"], "true");
     assert_eq!(emu.controls().executions()[&(TENANT.to_string(), key)], 1);
 }
+
+/// The listener reads the first bytes of each request before Pingora does (issue 26.4) and
+/// must hand every byte on, none twice: a request longer than that first read, and one whose
+/// header arrives in two writes, are each answered on the same keep-alive connection and
+/// reach FinHub once. Requests written back to back (pipelined, which Pingora does not serve):
+/// the first is answered, the connection is closed, and the second never reaches FinHub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_read_ahead_reach_finhub_whole_and_once() {
+    let (_world, emu, sc) = World::start(|c| c).await;
+    let proxy = sc.url("").trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    let filler = "f".repeat(1500);
+    conn.write_all(
+        format!("GET /api/v2/long HTTP/1.1\r\nHost: a\r\nX-Filler: {filler}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (status, open) = read_answer(&mut conn).await;
+    assert!(
+        status.starts_with("HTTP/1.1 200") && open,
+        "{status}\n{}",
+        sc.log()
+    );
+    conn.write_all(b"GET /api/v2/split HTTP/1.1\r\nHo")
+        .await
+        .unwrap();
+    conn.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    conn.write_all(b"st: a\r\n\r\n").await.unwrap();
+    let (status, open) = read_answer(&mut conn).await;
+    assert!(
+        status.starts_with("HTTP/1.1 200") && open,
+        "{status}\n{}",
+        sc.log()
+    );
+
+    let mut piped = tokio::net::TcpStream::connect(&proxy).await.unwrap();
+    piped
+        .write_all(
+            b"GET /api/v2/piped-1 HTTP/1.1\r\nHost: a\r\n\r\n\
+              GET /api/v2/piped-2 HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let (status, _) = read_answer(&mut piped).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), piped.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))) && !String::from_utf8_lossy(&rest).contains("HTTP/1.1"),
+        "one answer, then the connection closes: {:?}",
+        String::from_utf8_lossy(&rest)
+    );
+
+    let paths: Vec<String> = emu
+        .controls()
+        .api_requests()
+        .into_iter()
+        .map(|r| r.path_and_query)
+        .collect();
+    for (path, times) in [
+        ("/api/v2/long", 1),
+        ("/api/v2/split", 1),
+        ("/api/v2/piped-1", 1),
+        ("/api/v2/piped-2", 0),
+    ] {
+        let seen = paths.iter().filter(|p| *p == path).count();
+        assert_eq!(seen, times, "{path} reached FinHub {seen} times: {paths:?}");
+    }
+}
+
+/// Reads one answer with a `Content-Length` body: its status line, and whether the connection
+/// stays open (no `Connection: close`).
+async fn read_answer(conn: &mut tokio::net::TcpStream) -> (String, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let lower = head.to_ascii_lowercase();
+            let len = lower
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                let status = head.lines().next().unwrap_or("").to_string();
+                return (status, !lower.contains("connection: close"));
+            }
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole answer: {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+}

@@ -51,6 +51,15 @@ pub trait IntoCaseHeaderName {
             .or_err(InvalidHTTPHeader, "invalid header name")?;
         Ok((header_name, case_header_name))
     }
+
+    /// The header map key alone, for a map that keeps no case: a [`HeaderName`] is its own key
+    /// and needs no case-sensitive spelling built (an allocation for a non-standard name).
+    fn into_header_name(self) -> Result<HeaderName>
+    where
+        Self: Sized,
+    {
+        self.into_header_names().map(|(name, _)| name)
+    }
 }
 
 impl IntoCaseHeaderName for CaseHeaderName {
@@ -80,6 +89,10 @@ impl IntoCaseHeaderName for HeaderName {
         let case_header_name = CaseHeaderName(titled_header_name(&self));
         Ok((self, case_header_name))
     }
+
+    fn into_header_name(self) -> Result<HeaderName> {
+        Ok(self)
+    }
 }
 
 impl IntoCaseHeaderName for &HeaderName {
@@ -89,6 +102,10 @@ impl IntoCaseHeaderName for &HeaderName {
 
     fn into_header_names(self) -> Result<(HeaderName, CaseHeaderName)> {
         Ok((self.clone(), CaseHeaderName(titled_header_name(self))))
+    }
+
+    fn into_header_name(self) -> Result<HeaderName> {
+        Ok(self.clone())
     }
 }
 
@@ -136,5 +153,15 @@ mod tests {
         assert_eq!("FoO".into_case_header_name().as_slice(), b"FoO");
         assert_eq!("FoO".to_string().into_case_header_name().as_slice(), b"FoO");
         assert_eq!(header::SERVER.into_case_header_name().as_slice(), b"Server");
+    }
+
+    #[test]
+    fn test_header_name_without_case() {
+        let custom = HeaderName::from_static("x-custom");
+        assert_eq!(custom.clone().into_header_name().unwrap(), custom);
+        assert_eq!((&custom).into_header_name().unwrap(), custom);
+        assert_eq!("X-Custom".into_header_name().unwrap(), custom);
+        // an invalid name is refused whether or not the map keeps case
+        assert!("bad name".into_header_name().is_err());
     }
 }

@@ -852,16 +852,19 @@ fn append_header_value<T>(
     name: impl IntoCaseHeaderName,
     value: T,
 ) -> Result<bool> {
-    let (header_name, case_header_name) = name.into_header_names()?;
-    // store the original case in the map
-    if let Some(name_map) = name_map {
+    // store the original case in the map; a map without one needs only the key
+    let header_name = if let Some(name_map) = name_map {
+        let (header_name, case_header_name) = name.into_header_names()?;
         // Use the non-panicking `try_append`: the infallible `append` calls
         // `.expect("size overflows MAX_SIZE")` internally, which would abort the
         // process if the case map ever exceeded `http`'s `MAX_SIZE` (1 << 15).
         name_map
             .try_append(header_name.clone(), case_header_name)
             .or_err(InvalidHTTPHeader, "header name map size overflows MAX_SIZE")?;
-    }
+        header_name
+    } else {
+        name.into_header_name()?
+    };
 
     // Non-panicking `try_append` for the same reason as the case map above.
     value_map.try_append(header_name, value).or_err(
@@ -877,11 +880,15 @@ fn insert_header_value<T>(
     name: impl IntoCaseHeaderName,
     value: T,
 ) -> Result<()> {
-    let (header_name, case_header_name) = name.into_header_names()?;
-    if let Some(name_map) = name_map {
+    let header_name = if let Some(name_map) = name_map {
+        let (header_name, case_header_name) = name.into_header_names()?;
         // store the original case in the map
         name_map.insert(header_name.clone(), case_header_name);
-    }
+        header_name
+    } else {
+        // a map without case needs only the key
+        name.into_header_name()?
+    };
     value_map.insert(header_name, value);
     Ok(())
 }

@@ -1555,14 +1555,19 @@ impl SubrequestSpawner {
     }
 }
 
-#[async_trait]
-impl<SV, C> HttpServerApp for HttpProxy<SV, C>
+impl<SV, C> HttpProxy<SV, C>
 where
     SV: ProxyHttp + Send + Sync + 'static,
     <SV as ProxyHttp>::CTX: Send + Sync,
     C: custom::Connector,
 {
-    async fn process_new_http(
+    /// [HttpServerApp::process_new_http] as a plain future, not boxed by `async_trait`.
+    ///
+    /// The future is as large as the whole proxy state machine (about 14 KB). Boxed by the
+    /// trait it is built on the stack and copied into its allocation on every request; a caller
+    /// holding this one can build it in place (`Box::write(Box::new_uninit(), ...)`) or keep it
+    /// inline.
+    pub async fn process_new_http_unboxed(
         self: &Arc<Self>,
         mut session: HttpSession,
         shutdown: &ShutdownWatch,
@@ -1598,6 +1603,22 @@ where
         }
 
         self.process_request(session, ctx).await
+    }
+}
+
+#[async_trait]
+impl<SV, C> HttpServerApp for HttpProxy<SV, C>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    <SV as ProxyHttp>::CTX: Send + Sync,
+    C: custom::Connector,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: HttpSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        self.process_new_http_unboxed(session, shutdown).await
     }
 
     async fn http_cleanup(&self) {

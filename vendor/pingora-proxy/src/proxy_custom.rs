@@ -87,7 +87,11 @@ where
         client_session.set_read_timeout(peer.options.read_timeout);
         client_session.set_write_timeout(peer.options.write_timeout);
 
-        let mut req = session.req_header().clone();
+        let mut req = match self.inner.upstream_request_header(session, ctx) {
+            None => session.req_header().clone(),
+            Some(Ok(req)) => req,
+            Some(Err(e)) => return (false, Some(e)),
+        };
 
         if session.cache.enabled() {
             pingora_cache::filters::upstream::request_filter(

@@ -45,7 +45,11 @@ where
 
         // phase 2 send to upstream
 
-        let mut req = session.req_header().clone();
+        let mut req = match self.inner.upstream_request_header(session, ctx) {
+            None => session.req_header().clone(),
+            Some(Ok(req)) => req,
+            Some(Err(e)) => return (false, true, Some(e)),
+        };
         let authority_policy = AuthorityPolicy::from(session.downstream_session.is_custom());
         let downstream_had_host = req.headers.contains_key(http::header::HOST);
         req.set_version(Version::HTTP_11);

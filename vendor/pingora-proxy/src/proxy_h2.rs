@@ -130,7 +130,11 @@ where
         SV: ProxyHttp + Send + Sync,
         SV::CTX: Send + Sync,
     {
-        let mut req = session.req_header().clone();
+        let mut req = match self.inner.upstream_request_header(session, ctx) {
+            None => session.req_header().clone(),
+            Some(Ok(req)) => req,
+            Some(Err(e)) => return (false, Some(e)),
+        };
         let authority_policy = AuthorityPolicy::from(session.downstream_session.is_custom());
 
         // A patched HTTP/1 parser can preserve non-UTF-8 request-target bytes, but `http::Uri`,

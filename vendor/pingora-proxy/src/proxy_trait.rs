@@ -310,6 +310,20 @@ pub trait ProxyHttp {
         )
     }
 
+    /// Build the request header sent to the upstream, instead of a copy of the downstream one.
+    ///
+    /// By default (`None`) the upstream request starts as a clone of the downstream request
+    /// header. A proxy that rewrites most of the header can build it here once and save that
+    /// clone; the result then goes through the same policy, [Self::upstream_request_filter()]
+    /// and validation as the clone would. Called once per attempt.
+    fn upstream_request_header(
+        &self,
+        _session: &Session,
+        _ctx: &mut Self::CTX,
+    ) -> Option<Result<RequestHeader>> {
+        None
+    }
+
     /// Modify the request before it is sent to the upstream.
     ///
     /// Unlike [Self::request_filter()], this filter allows changing the request headers sent to
