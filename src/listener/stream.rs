@@ -102,17 +102,22 @@ impl GuardedStream {
             return Err(self.refuse(&ProxyError::HeadersTooLarge));
         }
         let mut buf = [0u8; READ_AHEAD];
-        match self.tcp.try_read(&mut buf[..room]) {
-            Ok(0) => Ok(Ahead::Closed),
-            Ok(n) => {
-                let got = &buf[..n];
+        let mut read = ReadBuf::new(&mut buf[..room]);
+        // tokio's own read, not `try_read`: a read shorter than asked for clears the readiness,
+        // so the next wait goes to epoll instead of another read that finds nothing. Pending
+        // (nothing there) is answered at once: the caller waits for readiness itself.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(&mut self.tcp).poll_read(&mut cx, &mut read) {
+            Poll::Ready(Ok(())) if read.filled().is_empty() => Ok(Ahead::Closed),
+            Poll::Ready(Ok(())) => {
+                let got = read.filled();
                 self.guard.saw(got);
                 self.ahead = got.to_vec();
                 self.ahead_read = 0;
                 Ok(Ahead::Begun)
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Ahead::NotYet),
-            Err(e) => Err(e),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(Ahead::NotYet),
         }
     }
 
