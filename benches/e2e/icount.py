@@ -210,7 +210,8 @@ def measure(binary: Path, tmp: Path, up_port: int, requests: int, conns: int, pr
                        f"--callgrind-out-file={out}.%p {binary} \"$@\"\n")
     wrapper.chmod(0o755)
     try:
-        s = run.start_sidecar(sup, tmp, wrapper, up_port, None)
+        start = run.start_minimal if binary.name == "pingora_minimal" else run.start_sidecar
+        s = start(sup, tmp, wrapper, up_port, None)
         load(s.port, max(conns * 20, requests // 10), conns)  # warm: pool, allocator, caches
         pid = s.proc.popen.pid
         callgrind_control("-i", "on", str(pid))
@@ -238,7 +239,8 @@ def measure(binary: Path, tmp: Path, up_port: int, requests: int, conns: int, pr
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--binary", action="append", required=True,
-                    help="NAME=PATH or NAME=PATH@LIB (LIB is LD_PRELOADed, e.g. another malloc); repeat")
+                    help="NAME=PATH or NAME=PATH@LIB (LIB is LD_PRELOADed, e.g. another malloc); "
+                         "NAME=minimal:PATH for examples/pingora_minimal; repeat")
     ap.add_argument("--env", action="append", default=[],
                     help="NAME:KEY=VALUE, an environment variable for binary NAME ({otlp}: the sink)")
     ap.add_argument("--requests", type=int, default=4000)
@@ -256,8 +258,13 @@ def main(argv=None) -> int:
         path, _, preload = path.partition("@")
         d = tmp / name
         d.mkdir()
-        shutil.copy2(path, d / "finhub-sidecar")  # a rebuild during the run cannot change it
-        bins[name] = (d / "finhub-sidecar", preload)
+        # `minimal:PATH` is examples/pingora_minimal.rs (the framework floor), started as run.py
+        # starts it; anything else is a sidecar binary.
+        minimal = path.startswith("minimal:")
+        path = path.removeprefix("minimal:")
+        copy = d / ("pingora_minimal" if minimal else "finhub-sidecar")
+        shutil.copy2(path, copy)  # a rebuild during the run cannot change it
+        bins[name] = (copy, preload)
     sink = OtlpSink()
     envs: dict[str, dict[str, str]] = {n: {} for n in bins}
     for spec in args.env:
