@@ -106,19 +106,21 @@ impl Admission<'_> {
             return Err(ProxyError::ClientNotAllowed.into());
         }
         headers::method_allowed(&req.method)?;
-        if req.headers.contains_key(&names::UPGRADE) {
+        // Every header admission reads, in one pass over the map.
+        let app = headers::scan(req);
+        if app.upgrade {
             return Err(ProxyError::UpgradeNotSupported.into());
         }
-        if headers::header_bytes(req) > policy.max_header_bytes {
+        if app.bytes > policy.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge.into());
         }
-        if let Some(name) = headers::malformed_header(req) {
+        if let Some(name) = app.malformed() {
             return Err(ProxyError::InvalidHeader(name).into());
         }
-        if !headers::content_length_ok(req) {
+        if !app.content_length_ok() {
             return Err(ProxyError::InvalidRequest.into());
         }
-        if !headers::expectation_ok(req) {
+        if !app.expectation_ok() {
             return Err(ProxyError::ExpectationFailed.into());
         }
         let (raw_path, upstream_uri) =
@@ -143,15 +145,18 @@ impl Admission<'_> {
         }
         let tenant = self
             .tenants
-            .select(req.headers.get(&names::X_TENANT_ID))
+            .select(app.tenant)
             .map_err(|e| refused(e, None, None))?;
         let refuse = |error| refused(error, Some(tenant), None);
-        let xff = headers::forwarded_for(
-            peer,
-            &policy.trusted_forwarders,
-            req.headers.get_all(&names::X_FORWARDED_FOR),
-            self.config.headers.origin_ip,
-        )
+        let origin_ip = self.config.headers.origin_ip;
+        let xff = if app.forwarded_for.count > 1 {
+            // Rare (and refused from a trusted forwarder): read every line.
+            let lines = req.headers.get_all(&names::X_FORWARDED_FOR);
+            headers::forwarded_for(peer, &policy.trusted_forwarders, lines, origin_ip)
+        } else {
+            let line = app.forwarded_for.first;
+            headers::forwarded_for(peer, &policy.trusted_forwarders, line, origin_ip)
+        }
         .map_err(refuse)?;
         let forwarded_for = if xff == self.config.headers.origin_ip {
             self.config.headers.origin_ip_header.clone()
@@ -176,20 +181,20 @@ impl Admission<'_> {
             })
         })?;
         let idempotency_key = if self.config.headers.idempotency_keys {
-            headers::idempotency_key(&req.method, req.headers.get(&names::X_IDEMPOTENCY_KEY))
+            headers::idempotency_key(&req.method, app.idempotency_key)
         } else {
-            req.headers.get(&names::X_IDEMPOTENCY_KEY).cloned()
+            app.idempotency_key.cloned()
         };
         let retry = Retry::new(
             &req.method,
             idempotency_key.is_some(),
-            headers::body_fits(req, self.config.auth.replay_body_limit),
+            app.body_fits(self.config.auth.replay_body_limit),
         );
         let admitted = Admitted {
             tenant: tenant.clone(),
             session,
-            request_id: headers::uuid_or_new(req.headers.get(&names::X_REQUEST_ID)),
-            activity_id: headers::uuid_or_new(req.headers.get(&names::X_ACTIVITY_ID)),
+            request_id: headers::uuid_or_new(app.request_id),
+            activity_id: headers::uuid_or_new(app.activity_id),
             idempotency_key,
             forwarded_for,
             upstream_uri,
