@@ -83,6 +83,9 @@ impl Serialize for Timestamp {
 /// Room for a typical audit line, so serialising it does not regrow the buffer.
 const AUDIT_LINE_CAPACITY: usize = 512;
 
+/// A thread's line buffer larger than this (after a huge line) is freed, not kept.
+const AUDIT_LINE_KEEP: usize = 16 * 1024;
+
 /// Queued bytes that wake the writer before its interval (one `write(2)` of about this size).
 const AUDIT_WRITE_BATCH: usize = 64 * 1024;
 
@@ -206,23 +209,46 @@ impl Audit {
     /// Queues one line.
     pub fn write(&self, record: &AuditRecord<'_>) {
         let Some(q) = &self.queue else { return };
-        let mut line = Vec::with_capacity(AUDIT_LINE_CAPACITY);
-        if serde_json::to_writer(&mut line, record).is_err() {
+        thread_local! {
+            /// The line being built, kept per thread so no request allocates one.
+            static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let queued = LINE.try_with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => q.push(&mut line, record),
+            Err(_) => q.push(&mut Vec::new(), record),
+        });
+        if queued.is_err() {
+            // The thread is exiting: build the line in its own buffer.
+            q.push(&mut Vec::new(), record);
+        }
+    }
+}
+
+impl Queue {
+    /// Writes `record` into `line` (emptied first) and appends it to the batch.
+    fn push(&self, line: &mut Vec<u8>, record: &AuditRecord<'_>) {
+        line.clear();
+        if line.capacity() > AUDIT_LINE_KEEP {
+            // A huge line must not stay pinned in every thread.
+            *line = Vec::new();
+        }
+        line.reserve(AUDIT_LINE_CAPACITY);
+        if serde_json::to_writer(&mut *line, record).is_err() {
             return;
         }
         line.push(b'\n');
-        let mut batch = lock(&q.batch);
+        let mut batch = lock(&self.batch);
         if batch.bytes.len() + line.len() > AUDIT_QUEUE_LIMIT {
             drop(batch);
-            q.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let before = batch.bytes.len();
-        batch.bytes.extend_from_slice(&line);
+        batch.bytes.extend_from_slice(line);
         let crossed = before < AUDIT_WRITE_BATCH && batch.bytes.len() >= AUDIT_WRITE_BATCH;
         drop(batch);
         if crossed {
-            q.ready.notify_one();
+            self.ready.notify_one();
         }
     }
 }
