@@ -161,8 +161,7 @@ impl Admission<'_> {
         let forwarded_for = if xff == self.config.headers.origin_ip {
             self.config.headers.origin_ip_header.clone()
         } else {
-            HeaderValue::from_str(&xff.to_string())
-                .map_err(|_| refuse(ProxyError::InvalidForwardedFor))?
+            ip_header(xff).ok_or_else(|| refuse(ProxyError::InvalidForwardedFor))?
         };
         let refuse = |error| refused(error, Some(tenant), Some(&forwarded_for));
         if let Some(left) = tenant.hold.remaining() {
@@ -212,6 +211,17 @@ pub fn session_retry_after(tenant: &SessionSlot, now: SystemTime, recovery: Dura
         .next_attempt_in(now)
         .map_or(SESSION_RETRY_AFTER_SECS, |d| d.as_secs_f64().ceil() as u64)
         .clamp(1, max)
+}
+
+/// An IP address as a header value, formatted without an intermediate `String`.
+pub fn ip_header(ip: IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    // The longest form is an IPv4-embedded IPv6 address: 45 bytes.
+    let mut buf = [0u8; 48];
+    let mut out = std::io::Cursor::new(&mut buf[..]);
+    write!(out, "{ip}").ok()?;
+    let len = usize::try_from(out.position()).ok()?;
+    HeaderValue::from_bytes(buf.get(..len)?).ok()
 }
 
 /// `/path?query` bytes (empty means `/`) as an origin-form URI.
@@ -484,6 +494,19 @@ password = "${PW}"
             )
             .unwrap();
         assert!(!big.retry.resendable());
+    }
+
+    #[test]
+    fn ip_headers_are_the_address_text() {
+        for ip in [
+            "203.0.113.9",
+            "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header(ip).unwrap(), ip.to_string().as_str());
+        }
     }
 
     #[test]
