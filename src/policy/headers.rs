@@ -233,22 +233,31 @@ pub fn scan(req: &RequestHeader) -> AppHeaders<'_> {
             *slot = Some(value);
         }
     }
+    use http::header::{CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
     let mut h = AppHeaders::default();
     for (name, value) in &req.headers {
-        let name = name.as_str();
-        h.bytes += name.len() + value.len() + 4;
-        match name {
-            "upgrade" => h.upgrade = true,
-            "transfer-encoding" => h.transfer_encoding = true,
-            "content-length" => h.content_length.add(value),
-            "expect" => h.expect.add(value),
-            "x-tenant-id" => first(&mut h.tenant, value),
-            "x-forwarded-for" => h.forwarded_for.add(value),
-            "x-request-id" => first(&mut h.request_id, value),
-            "x-activity-id" => first(&mut h.activity_id, value),
-            "x-idempotency-key" => first(&mut h.idempotency_key, value),
-            "x-correlation-id" => first(&mut h.correlation_id, value),
-            _ => {}
+        h.bytes += name.as_str().len() + value.len() + 4;
+        // Standard names compare as enum tags, the others as bytes (length first).
+        if *name == CONTENT_LENGTH {
+            h.content_length.add(value);
+        } else if *name == TRANSFER_ENCODING {
+            h.transfer_encoding = true;
+        } else if *name == EXPECT {
+            h.expect.add(value);
+        } else if *name == names::UPGRADE {
+            h.upgrade = true;
+        } else if *name == names::X_TENANT_ID {
+            first(&mut h.tenant, value);
+        } else if *name == names::X_FORWARDED_FOR {
+            h.forwarded_for.add(value);
+        } else if *name == names::X_REQUEST_ID {
+            first(&mut h.request_id, value);
+        } else if *name == names::X_ACTIVITY_ID {
+            first(&mut h.activity_id, value);
+        } else if *name == names::X_IDEMPOTENCY_KEY {
+            first(&mut h.idempotency_key, value);
+        } else if *name == names::X_CORRELATION_ID {
+            first(&mut h.correlation_id, value);
         }
     }
     h
