@@ -31,9 +31,7 @@ impl FinHubProxy {
             series.rate_limited.inc();
         }
         series.count_request(outcome, status);
-        // One clock read for the histogram and the audit line.
-        let elapsed = ctx.start.elapsed();
-        series.duration.observe(elapsed.as_secs_f64());
+        series.duration.observe(ctx.start.elapsed().as_secs_f64());
         if let Some(e) = e {
             tracing::warn!(
                 tenant = ctx.tenant.as_ref().map(|t| t.id()),
@@ -53,8 +51,7 @@ impl FinHubProxy {
             );
         }
         self.count_retries(ctx);
-        let decision = outcome.label();
-        let record = audit_record(session, ctx, &self.state.audit, status, decision, elapsed);
+        let record = audit_record(session, ctx, &self.state.audit, status, outcome.label());
         self.state.audit.write(&record);
         if let Some(t) = ctx.trace.take() {
             let code = ctx.failure.as_ref().map(ProxyError::code);
@@ -109,14 +106,13 @@ impl FinHubProxy {
 }
 
 /// The audit record of a finished request: what the app asked (`session`), what admission
-/// learnt and decided (`ctx`), the status sent, the decision label and how long it took.
+/// learnt and decided (`ctx`), the status sent and the decision label.
 fn audit_record<'a>(
     session: &'a Session,
     ctx: &'a RequestCtx,
     audit: &Audit,
     status: u16,
     decision: &'static str,
-    elapsed: std::time::Duration,
 ) -> AuditRecord<'a> {
     let req = session.req_header();
     let a = ctx.admitted.as_ref();
@@ -151,7 +147,7 @@ fn audit_record<'a>(
         decision,
         reason: ctx.failure.as_ref().map(crate::error::ProxyError::code),
         upstream_status: ctx.upstream_status,
-        duration_ms: elapsed.as_secs_f64() * 1000.0,
+        duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
         bytes_in: session.body_bytes_read(),
         bytes_out: session.body_bytes_sent(),
         replayed: a.is_some_and(|a| a.retry.replayed()),
