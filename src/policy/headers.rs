@@ -62,33 +62,6 @@ pub fn idempotency_key(method: &http::Method, app: Option<&HeaderValue>) -> Opti
     .then(new_uuid)
 }
 
-/// Whether the request body is absent or declared no larger than `limit` bytes, so it can be
-/// kept for a replay. Chunked bodies of unknown length are not replayed.
-pub fn body_fits(req: &RequestHeader, limit: usize) -> bool {
-    if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
-        return false;
-    }
-    match req.headers.get(http::header::CONTENT_LENGTH) {
-        None => true,
-        Some(v) => v
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<usize>().ok())
-            .is_some_and(|n| n <= limit),
-    }
-}
-
-/// Whether the request's `Expect` (if any) is the one expectation the sidecar meets:
-/// a single `100-continue` (RFC 9110 §10.1.1; anything else is answered 417).
-pub fn expectation_ok(req: &RequestHeader) -> bool {
-    let mut all = req.headers.get_all(http::header::EXPECT).iter();
-    match (all.next(), all.next()) {
-        (None, _) => true,
-        (Some(v), None) => v.as_bytes().eq_ignore_ascii_case(b"100-continue"),
-        (Some(_), Some(_)) => false,
-    }
-}
-
 /// Which single IP goes in `X-Forwarded-For` (§8, A25): a trusted forwarder's single valid IP
 /// (the real end user), else the configured origin IP. An untrusted peer's header is ignored.
 ///
@@ -173,39 +146,162 @@ pub fn needs_default_content_type(req: &RequestHeader) -> bool {
             .is_some_and(|n| n > 0)
 }
 
-/// Whether `Content-Length` is absent or exactly one value of digits. Pingora accepts repeated
-/// equal values (`5, 5`) and forwards them as sent, which FinHub may read differently.
-pub fn content_length_ok(req: &RequestHeader) -> bool {
-    let mut values = req.headers.get_all(http::header::CONTENT_LENGTH).iter();
-    match (values.next(), values.next()) {
-        (None, _) => true,
-        (Some(v), None) => !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit),
-        (Some(_), Some(_)) => false,
+/// The field lines of one header name: the first (what `HeaderMap::get` returns) and how many.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Lines<'r> {
+    /// The first field line, if any.
+    pub first: Option<&'r HeaderValue>,
+    /// How many field lines carry the name.
+    pub count: usize,
+}
+
+impl<'r> Lines<'r> {
+    fn add(&mut self, value: &'r HeaderValue) {
+        if self.first.is_none() {
+            self.first = Some(value);
+        }
+        self.count += 1;
+    }
+
+    /// The one value there is: `None` when absent, `Some(Err(()))` when repeated.
+    fn single(&self) -> Option<Result<&'r HeaderValue, ()>> {
+        match (self.first, self.count) {
+            (None, _) => None,
+            (Some(v), 1) => Some(Ok(v)),
+            (Some(_), _) => Some(Err(())),
+        }
     }
 }
 
-/// Size of the header block (names, values and separators), for the 431 limit.
-pub fn header_bytes(req: &RequestHeader) -> usize {
-    req.headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum()
+/// What admission reads from the app's headers, gathered in one pass over the header map
+/// ([`scan`]) instead of one hashed lookup per name and rule. Names are matched exactly as the
+/// map stores them (lowercase; no `_`/`-` folding, as `HeaderMap::get` did).
+#[derive(Debug, Default)]
+pub struct AppHeaders<'r> {
+    /// Size of the header block (names, values and separators), for the 431 limit.
+    pub bytes: usize,
+    /// Whether `Upgrade` is present.
+    pub upgrade: bool,
+    /// Whether `Transfer-Encoding` is present.
+    pub transfer_encoding: bool,
+    /// `Content-Length`.
+    pub content_length: Lines<'r>,
+    /// `Expect`.
+    pub expect: Lines<'r>,
+    /// `X-Tenant-ID` (first line).
+    pub tenant: Option<&'r HeaderValue>,
+    /// `X-Forwarded-For` (read over all its lines).
+    pub forwarded_for: Lines<'r>,
+    /// `X-Request-ID` (first line).
+    pub request_id: Option<&'r HeaderValue>,
+    /// `X-Activity-ID` (first line).
+    pub activity_id: Option<&'r HeaderValue>,
+    /// `X-Idempotency-Key` (first line).
+    pub idempotency_key: Option<&'r HeaderValue>,
+    /// `X-Correlation-ID` (first line).
+    pub correlation_id: Option<&'r HeaderValue>,
 }
 
-/// The first header among those the sidecar interprets whose value is not visible ASCII.
-pub fn malformed_header(req: &RequestHeader) -> Option<&'static str> {
-    static INTERPRETED: [HeaderName; 6] = [
-        names::X_TENANT_ID,
-        names::X_FORWARDED_FOR,
-        names::X_REQUEST_ID,
-        names::X_ACTIVITY_ID,
-        names::X_IDEMPOTENCY_KEY,
-        names::X_CORRELATION_ID,
-    ];
-    INTERPRETED
-        .iter()
-        .find(|name| req.headers.get(*name).is_some_and(|v| v.to_str().is_err()))
-        .map(HeaderName::as_str)
+/// One pass over `req`'s headers collecting what admission reads ([`AppHeaders`]).
+pub fn scan(req: &RequestHeader) -> AppHeaders<'_> {
+    fn first<'r>(slot: &mut Option<&'r HeaderValue>, value: &'r HeaderValue) {
+        if slot.is_none() {
+            *slot = Some(value);
+        }
+    }
+    use http::header::{CONTENT_LENGTH, EXPECT, TRANSFER_ENCODING};
+    let mut h = AppHeaders::default();
+    for (name, value) in &req.headers {
+        h.bytes += name.as_str().len() + value.len() + 4;
+        // Standard names compare as enum tags, the others as bytes (length first).
+        if *name == CONTENT_LENGTH {
+            h.content_length.add(value);
+        } else if *name == TRANSFER_ENCODING {
+            h.transfer_encoding = true;
+        } else if *name == EXPECT {
+            h.expect.add(value);
+        } else if *name == names::UPGRADE {
+            h.upgrade = true;
+        } else if *name == names::X_TENANT_ID {
+            first(&mut h.tenant, value);
+        } else if *name == names::X_FORWARDED_FOR {
+            h.forwarded_for.add(value);
+        } else if *name == names::X_REQUEST_ID {
+            first(&mut h.request_id, value);
+        } else if *name == names::X_ACTIVITY_ID {
+            first(&mut h.activity_id, value);
+        } else if *name == names::X_IDEMPOTENCY_KEY {
+            first(&mut h.idempotency_key, value);
+        } else if *name == names::X_CORRELATION_ID {
+            first(&mut h.correlation_id, value);
+        }
+    }
+    h
+}
+
+impl AppHeaders<'_> {
+    /// The first header among those the sidecar interprets whose value is not visible ASCII
+    /// (in this order; the first field line of each).
+    pub fn malformed(&self) -> Option<&'static str> {
+        static INTERPRETED: [HeaderName; 6] = [
+            names::X_TENANT_ID,
+            names::X_FORWARDED_FOR,
+            names::X_REQUEST_ID,
+            names::X_ACTIVITY_ID,
+            names::X_IDEMPOTENCY_KEY,
+            names::X_CORRELATION_ID,
+        ];
+        let values = [
+            self.tenant,
+            self.forwarded_for.first,
+            self.request_id,
+            self.activity_id,
+            self.idempotency_key,
+            self.correlation_id,
+        ];
+        INTERPRETED
+            .iter()
+            .zip(values)
+            .find(|(_, v)| v.is_some_and(|v| v.to_str().is_err()))
+            .map(|(name, _)| name.as_str())
+    }
+
+    /// Whether `Content-Length` is absent or exactly one value of digits. Pingora accepts
+    /// repeated equal values (`5, 5`) and forwards them as sent, which FinHub may read
+    /// differently.
+    pub fn content_length_ok(&self) -> bool {
+        match self.content_length.single() {
+            None => true,
+            Some(Ok(v)) => !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit),
+            Some(Err(())) => false,
+        }
+    }
+
+    /// Whether the request's `Expect` (if any) is the one expectation the sidecar meets:
+    /// a single `100-continue` (RFC 9110 §10.1.1; anything else is answered 417).
+    pub fn expectation_ok(&self) -> bool {
+        match self.expect.single() {
+            None => true,
+            Some(Ok(v)) => v.as_bytes().eq_ignore_ascii_case(b"100-continue"),
+            Some(Err(())) => false,
+        }
+    }
+
+    /// Whether the request body is absent or declared no larger than `limit` bytes, so it can
+    /// be kept for a replay. Chunked bodies of unknown length are not replayed.
+    pub fn body_fits(&self, limit: usize) -> bool {
+        if self.transfer_encoding {
+            return false;
+        }
+        match self.content_length.first {
+            None => true,
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<usize>().ok())
+                .is_some_and(|n| n <= limit),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -234,7 +330,7 @@ mod tests {
             for v in values {
                 req.append_header("Expect", *v).unwrap();
             }
-            expectation_ok(&req)
+            scan(&req).expectation_ok()
         };
         assert!(with(&[]));
         assert!(with(&["100-continue"]));
@@ -256,6 +352,24 @@ mod tests {
     }
 
     #[test]
+    fn fresh_uuids_are_distinct_lowercase_v4() {
+        let ids: Vec<HeaderValue> = (0..100).map(|_| new_uuid()).collect();
+        let mut seen = std::collections::HashSet::new();
+        for id in &ids {
+            let text = id.to_str().unwrap();
+            assert_eq!(text.len(), 36);
+            let parsed = uuid::Uuid::try_parse(text).unwrap();
+            assert_eq!(parsed.get_version_num(), 4);
+            assert_eq!(
+                parsed.hyphenated().to_string(),
+                text,
+                "lowercase, hyphenated"
+            );
+            assert!(seen.insert(text.to_owned()), "{text} repeated");
+        }
+    }
+
+    #[test]
     fn idempotency_keys_for_unsafe_methods_only() {
         assert!(idempotency_key(&http::Method::GET, None).is_none());
         assert!(idempotency_key(&http::Method::POST, None).is_some());
@@ -269,14 +383,14 @@ mod tests {
     #[test]
     fn small_and_absent_bodies_fit() {
         let mut req = RequestHeader::build("POST", b"/x", None).unwrap();
-        assert!(body_fits(&req, 65_536));
+        assert!(scan(&req).body_fits(65_536));
         req.insert_header("Content-Length", "65536").unwrap();
-        assert!(body_fits(&req, 65_536));
+        assert!(scan(&req).body_fits(65_536));
         req.insert_header("Content-Length", "65537").unwrap();
-        assert!(!body_fits(&req, 65_536));
+        assert!(!scan(&req).body_fits(65_536));
         req.remove_header("Content-Length");
         req.insert_header("Transfer-Encoding", "chunked").unwrap();
-        assert!(!body_fits(&req, 65_536));
+        assert!(!scan(&req).body_fits(65_536));
     }
 
     #[test]
@@ -375,28 +489,84 @@ mod tests {
     #[test]
     fn malformed_interpreted_headers_are_named() {
         let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
-        assert_eq!(malformed_header(&req), None);
+        assert_eq!(scan(&req).malformed(), None);
         req.insert_header(
             "X-Request-ID",
             HeaderValue::from_bytes(b"\xff\xfe").unwrap(),
         )
         .unwrap();
-        assert_eq!(malformed_header(&req), Some("x-request-id"));
-        assert!(header_bytes(&req) > 10);
+        assert_eq!(scan(&req).malformed(), Some("x-request-id"));
+        // The list's order decides, not the request's; only the first line of a name counts.
+        req.append_header("X-Tenant-ID", HeaderValue::from_bytes(b"t\x80").unwrap())
+            .unwrap();
+        assert_eq!(scan(&req).malformed(), Some("x-tenant-id"));
+        let mut later = RequestHeader::build("GET", b"/x", None).unwrap();
+        later.append_header("X-Tenant-ID", "t1").unwrap();
+        later
+            .append_header("X-Tenant-ID", HeaderValue::from_bytes(b"\xff").unwrap())
+            .unwrap();
+        assert_eq!(scan(&later).malformed(), None);
+        // Spellings with `_` are other headers: not interpreted, not checked.
+        later
+            .append_header("X_Request_ID", HeaderValue::from_bytes(b"\xff").unwrap())
+            .unwrap();
+        assert_eq!(scan(&later).malformed(), None);
+        assert_eq!(scan(&later).tenant.unwrap(), "t1");
+    }
+
+    #[test]
+    fn the_scan_sees_what_per_name_lookups_saw() {
+        let mut req = RequestHeader::build("POST", b"/x", None).unwrap();
+        let pairs = [
+            ("Host", "h"),
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("x-request-id", "r1"),
+            ("X-Forwarded-For", "198.51.100.7"),
+            ("X-Request-ID", "r2"),
+            ("X-Activity-ID", "a"),
+            ("X-Idempotency-Key", "k"),
+            ("X-Correlation-ID", "c"),
+            ("Upgrade", "h2c"),
+            ("Expect", "100-continue"),
+            ("Content-Length", "5"),
+        ];
+        for (k, v) in pairs {
+            req.append_header(k, v).unwrap();
+        }
+        let h = scan(&req);
+        let want: usize = req
+            .headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum();
+        assert_eq!(h.bytes, want);
+        assert!(h.upgrade && !h.transfer_encoding);
+        assert_eq!(h.request_id, req.headers.get("x-request-id"));
+        assert_eq!(h.request_id.unwrap(), "r1");
+        assert_eq!(h.forwarded_for.count, 2);
+        assert_eq!(h.forwarded_for.first.unwrap(), "203.0.113.9");
+        assert_eq!(h.activity_id.unwrap(), "a");
+        assert_eq!(h.idempotency_key.unwrap(), "k");
+        assert_eq!(h.correlation_id.unwrap(), "c");
+        assert!(h.tenant.is_none());
+        assert!(h.expectation_ok() && h.content_length_ok() && h.body_fits(5));
+        assert!(!h.body_fits(4));
+        req.insert_header("Transfer-Encoding", "chunked").unwrap();
+        assert!(scan(&req).transfer_encoding && !scan(&req).body_fits(5));
     }
 
     #[test]
     fn content_length_is_one_run_of_digits() {
         let mut req = RequestHeader::build("POST", b"/x", None).unwrap();
-        assert!(content_length_ok(&req));
+        assert!(scan(&req).content_length_ok());
         req.insert_header("Content-Length", "42").unwrap();
-        assert!(content_length_ok(&req));
+        assert!(scan(&req).content_length_ok());
         for bad in ["5, 5", "+5", " 5", "0x5", ""] {
             req.insert_header("Content-Length", bad).unwrap();
-            assert!(!content_length_ok(&req), "{bad:?}");
+            assert!(!scan(&req).content_length_ok(), "{bad:?}");
         }
         req.insert_header("Content-Length", "5").unwrap();
         req.append_header("Content-Length", "5").unwrap();
-        assert!(!content_length_ok(&req), "two field lines");
+        assert!(!scan(&req).content_length_ok(), "two field lines");
     }
 }

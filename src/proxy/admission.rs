@@ -106,19 +106,21 @@ impl Admission<'_> {
             return Err(ProxyError::ClientNotAllowed.into());
         }
         headers::method_allowed(&req.method)?;
-        if req.headers.contains_key(&names::UPGRADE) {
+        // Every header admission reads, in one pass over the map.
+        let app = headers::scan(req);
+        if app.upgrade {
             return Err(ProxyError::UpgradeNotSupported.into());
         }
-        if headers::header_bytes(req) > policy.max_header_bytes {
+        if app.bytes > policy.max_header_bytes {
             return Err(ProxyError::HeadersTooLarge.into());
         }
-        if let Some(name) = headers::malformed_header(req) {
+        if let Some(name) = app.malformed() {
             return Err(ProxyError::InvalidHeader(name).into());
         }
-        if !headers::content_length_ok(req) {
+        if !app.content_length_ok() {
             return Err(ProxyError::InvalidRequest.into());
         }
-        if !headers::expectation_ok(req) {
+        if !app.expectation_ok() {
             return Err(ProxyError::ExpectationFailed.into());
         }
         let (raw_path, upstream_uri) =
@@ -143,21 +145,23 @@ impl Admission<'_> {
         }
         let tenant = self
             .tenants
-            .select(req.headers.get(&names::X_TENANT_ID))
+            .select(app.tenant)
             .map_err(|e| refused(e, None, None))?;
         let refuse = |error| refused(error, Some(tenant), None);
-        let xff = headers::forwarded_for(
-            peer,
-            &policy.trusted_forwarders,
-            req.headers.get_all(&names::X_FORWARDED_FOR),
-            self.config.headers.origin_ip,
-        )
+        let origin_ip = self.config.headers.origin_ip;
+        let xff = if app.forwarded_for.count > 1 {
+            // Rare (and refused from a trusted forwarder): read every line.
+            let lines = req.headers.get_all(&names::X_FORWARDED_FOR);
+            headers::forwarded_for(peer, &policy.trusted_forwarders, lines, origin_ip)
+        } else {
+            let line = app.forwarded_for.first;
+            headers::forwarded_for(peer, &policy.trusted_forwarders, line, origin_ip)
+        }
         .map_err(refuse)?;
         let forwarded_for = if xff == self.config.headers.origin_ip {
             self.config.headers.origin_ip_header.clone()
         } else {
-            HeaderValue::from_str(&xff.to_string())
-                .map_err(|_| refuse(ProxyError::InvalidForwardedFor))?
+            ip_header(xff).ok_or_else(|| refuse(ProxyError::InvalidForwardedFor))?
         };
         let refuse = |error| refused(error, Some(tenant), Some(&forwarded_for));
         if let Some(left) = tenant.hold.remaining() {
@@ -176,20 +180,20 @@ impl Admission<'_> {
             })
         })?;
         let idempotency_key = if self.config.headers.idempotency_keys {
-            headers::idempotency_key(&req.method, req.headers.get(&names::X_IDEMPOTENCY_KEY))
+            headers::idempotency_key(&req.method, app.idempotency_key)
         } else {
-            req.headers.get(&names::X_IDEMPOTENCY_KEY).cloned()
+            app.idempotency_key.cloned()
         };
         let retry = Retry::new(
             &req.method,
             idempotency_key.is_some(),
-            headers::body_fits(req, self.config.auth.replay_body_limit),
+            app.body_fits(self.config.auth.replay_body_limit),
         );
         let admitted = Admitted {
             tenant: tenant.clone(),
             session,
-            request_id: headers::uuid_or_new(req.headers.get(&names::X_REQUEST_ID)),
-            activity_id: headers::uuid_or_new(req.headers.get(&names::X_ACTIVITY_ID)),
+            request_id: headers::uuid_or_new(app.request_id),
+            activity_id: headers::uuid_or_new(app.activity_id),
             idempotency_key,
             forwarded_for,
             upstream_uri,
@@ -207,6 +211,17 @@ pub fn session_retry_after(tenant: &SessionSlot, now: SystemTime, recovery: Dura
         .next_attempt_in(now)
         .map_or(SESSION_RETRY_AFTER_SECS, |d| d.as_secs_f64().ceil() as u64)
         .clamp(1, max)
+}
+
+/// An IP address as a header value, formatted without an intermediate `String`.
+pub fn ip_header(ip: IpAddr) -> Option<HeaderValue> {
+    use std::io::Write;
+    // The longest form is an IPv4-embedded IPv6 address: 45 bytes.
+    let mut buf = [0u8; 48];
+    let mut out = std::io::Cursor::new(&mut buf[..]);
+    write!(out, "{ip}").ok()?;
+    let len = usize::try_from(out.position()).ok()?;
+    HeaderValue::from_bytes(buf.get(..len)?).ok()
 }
 
 /// `/path?query` bytes (empty means `/`) as an origin-form URI.
@@ -479,6 +494,19 @@ password = "${PW}"
             )
             .unwrap();
         assert!(!big.retry.resendable());
+    }
+
+    #[test]
+    fn ip_headers_are_the_address_text() {
+        for ip in [
+            "203.0.113.9",
+            "2001:db8::1",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
+            "::ffff:255.255.255.255",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_header(ip).unwrap(), ip.to_string().as_str());
+        }
     }
 
     #[test]
