@@ -94,10 +94,12 @@ impl GuardedStream {
     /// request has begun only once bytes are read. They count against the header guard as
     /// Pingora's own reads do, and Pingora reads them first.
     pub(super) fn read_ahead(&mut self) -> io::Result<Ahead> {
-        let room = self
-            .guard
-            .budget()
-            .map_or(READ_AHEAD, |b| b.min(READ_AHEAD));
+        // Only a stream waiting for a header is read ahead: one past its header or refused is
+        // never handed back for another request.
+        let Some(budget) = self.guard.budget() else {
+            return Err(io::ErrorKind::ConnectionAborted.into());
+        };
+        let room = budget.min(READ_AHEAD);
         if room == 0 {
             return Err(self.refuse(&ProxyError::HeadersTooLarge));
         }

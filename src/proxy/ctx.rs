@@ -23,6 +23,9 @@ pub struct RequestCtx {
     pub(super) upstream_sent: Option<SystemTime>,
     /// Failed connection attempts; the next attempt uses the next resolved address.
     pub(super) connect_failures: usize,
+    /// This attempt's upstream header was built from the app's, credentials stripped
+    /// (`upstream_request_header`); nothing is sent upstream without it.
+    pub(super) header_built: bool,
     /// This attempt's request header went to FinHub (it may have been executed).
     pub(super) attempt_sent: bool,
     /// This attempt got FinHub's answer header (no retry after that).
@@ -54,6 +57,7 @@ impl RequestCtx {
             upstream_start: None,
             upstream_sent: None,
             connect_failures: 0,
+            header_built: false,
             attempt_sent: false,
             answered: false,
             body: Body::default(),

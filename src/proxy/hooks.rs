@@ -12,7 +12,8 @@
 //! request_body_filter      a streamed body: what was read while deciding goes first
 //! upstream_peer            the retry's backoff; resolved FinHub address + SNI + cert + CA
 //! upstream_request_header  the app's headers minus the stripped ones, in a fresh header
-//! upstream_request_filter  strip app credentials, set session + compliance headers, Host, path
+//! upstream_request_filter  set session + compliance headers, Host (refused unless the header
+//!                          above was built)
 //! upstream_response_filter a 401 renews the session (single flight) and replays once; a gateway
 //!                          502/503/504 is retried (retry.rs: resendable, attempts, deadline,
 //!                          the tenant's budget)

@@ -39,6 +39,7 @@ impl FinHubProxy {
             }
             a.retry.start_attempt();
         }
+        ctx.header_built = false;
         ctx.attempt_sent = false;
         ctx.answered = false;
         ctx.upstream_start = Some(Instant::now());
@@ -55,20 +56,30 @@ impl FinHubProxy {
     /// The header FinHub receives, before the session and ids go in: one fresh header, sized
     /// for everything the sidecar adds, with the app's headers minus the stripped ones, in one
     /// pass (no copy of the app's header first, no map growth while ours are inserted).
-    /// `None` for a request that was not admitted (`send_request` refuses it).
+    /// `None` for a request that was not admitted (`send_request` refuses it, as it refuses an
+    /// attempt whose header was not built here).
     pub(super) fn upstream_header(
         &self,
         app_request: &RequestHeader,
-        ctx: &RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Option<pingora::Result<RequestHeader>> {
         let a = ctx.admitted.as_ref()?;
         let path = a.upstream_uri.as_ref().and_then(|u| u.path_and_query());
         let path = path.map_or(app_request.raw_path(), |p| p.as_str().as_bytes());
-        Some(headers::without_app_credentials(
-            app_request,
-            path,
-            REWRITE_HEADERS,
-        ))
+        match headers::without_app_credentials(app_request, path, REWRITE_HEADERS) {
+            Ok(built) => {
+                ctx.header_built = true;
+                Some(Ok(built))
+            }
+            Err(_) => {
+                // Our own failure, the same on every attempt: not retried, a 500.
+                ctx.failure = Some(ProxyError::Internal);
+                Some(Error::e_explain(
+                    ErrorType::InternalError,
+                    "upstream request not built",
+                ))
+            }
+        }
     }
 
     /// Rewrites the request FinHub receives and marks the attempt as sent.
@@ -80,6 +91,12 @@ impl FinHubProxy {
         let Some(a) = ctx.admitted.as_mut() else {
             return Error::e_explain(ErrorType::InternalError, "request was not admitted");
         };
+        if !ctx.header_built {
+            // Pingora started from a copy of the app's header (a path that skipped
+            // `upstream_request_header`): it still carries what must never reach FinHub.
+            ctx.failure = Some(ProxyError::Internal);
+            return Error::e_explain(ErrorType::InternalError, "upstream header not built");
+        }
         if let Err(e) = self.rewrite(upstream_request, a, ctx.body.was_read()) {
             ctx.failure = Some(e);
             return Error::e_explain(ErrorType::InternalError, "request not sent");
