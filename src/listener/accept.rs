@@ -1,14 +1,13 @@
 //! The accept loop ([`AppListener`]): allowlist at accept, connection cap with eviction of the
 //! connection idle longest, then one Pingora HTTP/1 session per request on a guarded stream.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
-use std::future::Future;
-use std::pin::Pin;
 
 use async_trait::async_trait;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream, ServerApp};

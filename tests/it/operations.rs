@@ -422,7 +422,7 @@ async fn admin_request_headers_are_capped_with_a_json_431() {
 /// a byte, then the same connections after each served one request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_app_connections_hold_no_request_state() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     const CONNS: usize = 1000;
     /// Above what a waiting connection holds now (about 3 KB in a release build, 5 to 10 KB in
     /// this test's debug build), below what one that entered Pingora held (19 to 25 KB in a
@@ -459,15 +459,10 @@ async fn waiting_app_connections_hold_no_request_state() {
         c.write_all(format!("GET /api/v2/one-{i} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
             .await
             .unwrap();
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1024];
-        // The emulator's answer is small: read until its body's end (Content-Length).
-        while !answer_complete(&head) {
-            let n = c.read(&mut byte).await.unwrap();
-            assert!(n > 0, "connection {i} closed before its answer");
-            head.extend_from_slice(&byte[..n]);
-        }
-        assert!(head.starts_with(b"HTTP/1.1 200"), "connection {i}");
+        let answer = read_response(c)
+            .await
+            .unwrap_or_else(|| panic!("connection {i} closed before its answer"));
+        assert_eq!(answer.status, 200, "connection {i}");
     }
     let rss_served = rss_kib(sc.pid());
     println!(
@@ -484,23 +479,6 @@ async fn waiting_app_connections_hold_no_request_state() {
         "connections that served a request: RSS {rss_before} -> {rss_served} KiB (limit {limit})"
     );
     drop(conns);
-}
-
-/// Whether `bytes` hold a whole HTTP answer with a `Content-Length` body.
-fn answer_complete(bytes: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(bytes);
-    let Some((head, body)) = text.split_once("\r\n\r\n") else {
-        return false;
-    };
-    let len = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse::<usize>().ok())?
-        })
-        .unwrap_or(0);
-    body.len() >= len
 }
 
 /// VmRSS once it has settled (two readings 200 ms apart within 256 KiB of each other): what

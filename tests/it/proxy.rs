@@ -737,24 +737,16 @@ async fn requests_read_ahead_reach_finhub_whole_and_once() {
     )
     .await
     .unwrap();
-    let (status, open) = read_answer(&mut conn).await;
-    assert!(
-        status.starts_with("HTTP/1.1 200") && open,
-        "{status}\n{}",
-        sc.log()
-    );
+    let answer = read_response(&mut conn).await.expect("an answer");
+    assert!(kept_open(&answer), "{answer:?}\n{}", sc.log());
     conn.write_all(b"GET /api/v2/split HTTP/1.1\r\nHo")
         .await
         .unwrap();
     conn.flush().await.unwrap();
     tokio::task::yield_now().await;
     conn.write_all(b"st: a\r\n\r\n").await.unwrap();
-    let (status, open) = read_answer(&mut conn).await;
-    assert!(
-        status.starts_with("HTTP/1.1 200") && open,
-        "{status}\n{}",
-        sc.log()
-    );
+    let answer = read_response(&mut conn).await.expect("an answer");
+    assert!(kept_open(&answer), "{answer:?}\n{}", sc.log());
 
     let mut piped = tokio::net::TcpStream::connect(&proxy).await.unwrap();
     piped
@@ -764,8 +756,12 @@ async fn requests_read_ahead_reach_finhub_whole_and_once() {
         )
         .await
         .unwrap();
-    let (status, _) = read_answer(&mut piped).await;
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let first = read_response(&mut piped).await.expect("an answer");
+    assert_eq!(first.status, 200, "{first:?}");
+    assert!(
+        !String::from_utf8_lossy(&first.body).contains("HTTP/1.1"),
+        "one answer only: {first:?}"
+    );
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), piped.read_to_end(&mut rest)).await;
     assert!(
@@ -791,34 +787,10 @@ async fn requests_read_ahead_reach_finhub_whole_and_once() {
     }
 }
 
-/// Reads one answer with a `Content-Length` body: its status line, and whether the connection
-/// stays open (no `Connection: close`).
-async fn read_answer(conn: &mut tokio::net::TcpStream) -> (String, bool) {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let text = String::from_utf8_lossy(&got).to_string();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let lower = head.to_ascii_lowercase();
-            let len = lower
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            if body.len() >= len {
-                let status = head.lines().next().unwrap_or("").to_string();
-                return (status, !lower.contains("connection: close"));
-            }
-        }
-        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut buf))
-            .await
-            .expect("an answer within 10 s")
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before a whole answer: {:?}",
-            String::from_utf8_lossy(&got)
-        );
-        got.extend_from_slice(&buf[..n]);
-    }
+/// Whether `answer` is a 200 that leaves the connection open (no `Connection: close`).
+fn kept_open(answer: &Raw) -> bool {
+    answer.status == 200
+        && !answer
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
 }

@@ -5,6 +5,7 @@
 //! - [`config`]: the sidecar's config file as a typed builder;
 //! - [`sidecar`]: the real sidecar binary as a child process: readiness, scrape, metric, log;
 //! - [`http`]: HTTP clients and JSON helpers;
+//! - [`raw`]: responses read off a raw socket;
 //! - [`traffic`]: continuous traffic through the sidecar.
 //!
 //! No fixed sleeps: everything waits by polling with a deadline ([`eventually`]).
@@ -15,6 +16,7 @@ pub mod config;
 pub mod egress;
 pub mod hsm;
 pub mod http;
+pub mod raw;
 pub mod redis_server;
 pub mod sidecar;
 pub mod traffic;
@@ -26,6 +28,7 @@ pub use config::*;
 pub use egress::*;
 pub use hsm::*;
 pub use http::*;
+pub use raw::*;
 pub use redis_server::*;
 pub use sidecar::*;
 pub use traffic::*;
